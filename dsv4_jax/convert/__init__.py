@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors reading/validation and conversion to sharded orbax checkpoints."""

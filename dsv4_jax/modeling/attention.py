@@ -1,0 +1,123 @@
+"""Attention of one layer (spec 6): q LoRA, one shared K=V head, sliding window + compressed entries, sinks.
+
+Every query attends to an index list into one KV buffer ``[ring (W) | chunk (S) | compressed cache (Nc)]``:
+  * its window: the ``W`` most recent positions ``(t-W, t]``, found in the ring (positions before the chunk) or in
+    the chunk itself;
+  * for HCA layers (m=128) every complete compressed entry ``w < (t+1)//128``;
+  * for CSA layers (m=4) the indexer's top-k entries.
+This is the official kernel's contract (index lists, -1 = masked) generalised to S tokens at per-row positions, so
+prefill, chunked prefill and decode are one code path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.compressor import compress, write_entries
+from dsv4_jax.modeling.indexer import index_topk
+from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
+from dsv4_jax.modeling.quant import HIGHEST, dequant, fp8_simulate, linear, quantized_input
+from dsv4_jax.modeling.state import LayerState
+from dsv4_jax.modeling.weights import AttentionWeights
+
+
+def sparse_attn(q: jax.Array, kv: jax.Array, idx: jax.Array, sink: jax.Array, scale: float, p_dtype) -> jax.Array:
+    """Attention over gathered index lists with a per-head sink logit in the denominator only.
+
+    q ``[B,S,H,Dh]``, kv ``[B,N,Dh]``, idx ``[B,S,K]`` (-1 = masked), sink ``[H]`` fp32. Scores and sums in fp32;
+    the probabilities are rounded to ``p_dtype`` for the P.V product only (the reference kernel's bf16 P).
+    Returns ``[B,S,H,Dh]`` in ``q.dtype``.
+    """
+    valid = idx >= 0
+    g = jnp.take_along_axis(kv[:, None], jnp.clip(idx, 0)[..., None], axis=2)  # [B,S,K,Dh]
+    g = jnp.where(valid[..., None], g, 0).astype(jnp.float32)
+    s = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), g, precision=HIGHEST) * np.float32(scale)
+    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)  # over the scores only: P is rounded relative to it
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a fully masked row (never the case: a query sees itself)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink[:, None] - m)
+    acc = jnp.einsum("bshk,bskd->bshd", p.astype(p_dtype).astype(jnp.float32), g, precision=HIGHEST)
+    return (acc / denom).astype(q.dtype)
+
+
+def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
+    """``[B,S,W]`` buffer indices of each query's window, oldest first; ring slot ``p % W`` for positions before the
+    chunk, ``W + (p - pos)`` inside it, -1 before position 0."""
+    t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S]
+    kp = t[..., None] - (W - 1) + jnp.arange(W)  # [B,S,W] key positions
+    in_chunk = kp >= pos[:, None, None]
+    idx = jnp.where(in_chunk, W + kp - pos[:, None, None], kp % W)
+    return jnp.where(kp >= 0, idx, -1)
+
+
+def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, pos: jax.Array, n_new: jax.Array,
+              ratio: int, freqs: np.ndarray) -> tuple[jax.Array, LayerState, jax.Array | None]:
+    """One attention layer over a chunk ``x [B,S,D]`` (attn_norm output).
+
+    Returns ``[B,S,D]``, the new layer state and, for CSA layers, the indexer's choice ``[B,S,k]`` (block ids, -1 =
+    none; ``None`` for other layers).
+    """
+    dt, sim = cfg.act_dtype, cfg.simulate
+    B, S, _ = x.shape
+    H, Dh, W, G = cfg.n_heads, cfg.head_dim, cfg.window_size, cfg.o_groups
+    t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S]
+    cos, sin = rope_cos_sin(freqs, t)  # [B,S,rd/2]
+
+    with jax.named_scope("q_proj"):
+        xq = quantized_input(x, sim)  # shared by wq_a and wkv
+        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq), w.q_norm, cfg.norm_eps, dt)  # [B,S,q_lora]
+        q = linear(qr, w.wq_b, dt, sim).reshape(B, S, H, Dh)
+        q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+
+    with jax.named_scope("kv_proj"):
+        kv = rms_norm(linear(x, w.wkv, dt, sim, xq), w.kv_norm, cfg.norm_eps, dt)  # [B,S,Dh]
+        kv = apply_rope(kv, cos, sin)
+        if cfg.kv_fp8_sim:
+            kv = jnp.concatenate([fp8_simulate(kv[..., :cfg.nope_dim], 64), kv[..., cfg.nope_dim:]], axis=-1)
+
+    new = {}
+    comp_idx = chosen = None
+    if ratio:
+        with jax.named_scope("compressor"):
+            e, ids, new["c_kv"], new["c_score"] = compress(cfg, w.compressor, x, ls.c_kv, ls.c_score, pos, n_new,
+                                                           ratio, freqs, indexer=False)
+            new["ckv"] = write_entries(ls.ckv, e, ids)
+        n_c = new["ckv"].shape[1]
+        if ratio == 4:
+            with jax.named_scope("indexer"):
+                e, ids, new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ic_kv,
+                                                                 ls.ic_score, pos, n_new, 4, freqs, indexer=True)
+                new["ikv"] = write_entries(ls.ikv, e, ids)
+                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin)  # [B,S,k]
+        else:
+            j = jnp.arange(n_c)[None, None, :]
+            comp_idx = jnp.where(j < ((t + 1) // ratio)[..., None], j, -1)  # every complete entry
+        comp_idx = jnp.where(comp_idx >= 0, comp_idx + W + S, -1)
+
+    with jax.named_scope("sparse_attn"):
+        idx = window_indices(pos, S, W)
+        if comp_idx is not None:
+            idx = jnp.concatenate([idx, comp_idx], axis=-1)
+        bufs = [ls.kv, kv] + ([new["ckv"]] if ratio else [])
+        o = sparse_attn(q, jnp.concatenate(bufs, axis=1), idx, w.attn_sink, Dh**-0.5, dt)  # [B,S,H,Dh]
+
+    with jax.named_scope("o_proj"):
+        o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+        o = o.reshape(B, S, G, H * Dh // G)
+        wo_a = dequant(w.wo_a).astype(dt).reshape(G, -1, H * Dh // G)  # exact: convert.py's bf16 copy
+        z = jnp.einsum("bsgd,grd->bsgr", o.astype(jnp.float32), wo_a.astype(jnp.float32),
+                       precision=HIGHEST).astype(dt)
+        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim)  # [B,S,D]
+
+    with jax.named_scope("kv_ring_write"):
+        end = pos + n_new
+        keep = (t < end[:, None]) & (t >= end[:, None] - W)  # the last W valid tokens: unique slots
+        slot = jnp.where(keep, t % W, W)
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
+        new["kv"] = ls.kv.at[rows, slot].set(kv, mode="drop")
+    return out, ls.replace(**new), chosen

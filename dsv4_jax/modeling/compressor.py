@@ -1,0 +1,142 @@
+"""The KV compressor (spec 7): gated pooling of every ``m`` tokens into one entry, for any chunk on top of a state.
+
+A compressed entry ``w`` summarises tokens ``[w*m, (w+1)*m)`` and is emitted once its window is complete. With
+``m = 4`` the windows overlap (``c = 2``): each token has two halves A = ``[:d]`` and B = ``[d:]``, and entry ``w``
+gates over the A halves of window ``w-1`` and the B halves of window ``w`` (8 slots). Gating is a softmax over the
+token slots, per channel, in fp32.
+
+Unlike the official code (one prefill at position 0, then single tokens) this handles ``S`` new tokens per row at any
+per-row position: the row's buffered tokens and the chunk are laid out on one window-aligned axis, every window
+that completes inside the chunk is pooled, and the buffers are rebuilt from the same axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.layers import apply_rope, hadamard, rms_norm, rope_cos_sin
+from dsv4_jax.modeling.quant import HIGHEST, fp4_simulate, fp8_simulate
+from dsv4_jax.modeling.weights import CompressorWeights
+
+NEG_INF = -jnp.inf
+
+
+def _gather_tokens(src: jax.Array, idx: jax.Array, valid: jax.Array, fill: float) -> jax.Array:
+    """``src [B, N, C]`` gathered at ``idx [B, L]`` (clamped), ``fill`` where not ``valid``."""
+    g = jnp.take_along_axis(src, jnp.clip(idx, 0, src.shape[1] - 1)[..., None], axis=1)
+    return jnp.where(valid[..., None], g, fill)
+
+
+def _sum_slots(x: jax.Array) -> jax.Array:
+    """Sum over the slot axis 2 in the reference's order: torch reduces a non-innermost axis by accumulating runs of
+    16 rows in sequence and then the partial sums in sequence (``cascade_sum``); fp32 order matters here because
+    the pooled entry is snapped to FP8 afterwards."""
+    n = x.shape[2]
+    chunk = 16 if n % 16 == 0 else n
+    parts = []
+    for c0 in range(0, n, chunk):
+        acc = x[:, :, c0]
+        for i in range(c0 + 1, c0 + chunk):
+            acc = acc + x[:, :, i]
+        parts.append(acc)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array,
+             pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool):
+    """Run the compressor over a chunk.
+
+    Args:
+      x: ``[B, S, D]`` attention input (act dtype). ``kv_buf``/``score_buf``: ``[B, c*m, c*d]`` fp32 buffers.
+      pos: ``[B]`` position of the chunk's first token per row; ``n_new``: ``[B]`` valid tokens per row.
+      indexer: indexer compressor (Hadamard + FP4 snapping) instead of the attention one (FP8 snapping).
+    Returns:
+      ``entries [B, nwin, d]`` (act dtype), ``entry_ids [B, nwin]`` (entry index, or -1 when the window is not
+      complete in this chunk), and the new buffers.
+    """
+    m = ratio
+    overlap = m == 4
+    c = 2 if overlap else 1
+    B, S, _ = x.shape
+    d = w.norm.shape[0]
+    P = m if overlap else 0  # buffer slots holding the previous complete window
+    nwin = (m - 1 + S + m - 1) // m  # windows that can be touched by this chunk
+    L = P + m * nwin
+
+    with jax.named_scope("compressor_proj"):
+        xf = x.astype(jnp.float32)
+        kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
+        sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
+        t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
+        sc = sc + w.ape[t % m]  # position inside its window
+
+    # one window-aligned axis r = 0..L-1 at absolute positions base + r
+    base = (pos // m) * m - P  # [B]
+    off = pos % m  # tokens of the current window already buffered
+    r = jnp.arange(L)[None, :]
+    j = r - P
+    from_prev = r < P
+    from_cur = (~from_prev) & (j < off[:, None])
+    s_idx = j - off[:, None]
+    from_new = (~from_prev) & (~from_cur) & (s_idx < n_new[:, None])
+    src_idx = jnp.where(from_prev | from_cur, r, c * m + s_idx)
+    valid = (from_prev & (base[:, None] >= 0)) | from_cur | from_new
+    kv_all = jnp.concatenate([kv_buf, kv], axis=1)
+    sc_all = jnp.concatenate([score_buf, sc], axis=1)
+    kv_ax = _gather_tokens(kv_all, src_idx, valid, 0.0)  # [B, L, c*d]
+    sc_ax = _gather_tokens(sc_all, src_idx, valid, NEG_INF)
+
+    with jax.named_scope("compressor_pool"):
+        kv_w = kv_ax.reshape(B, L // m, m, c * d)
+        sc_w = sc_ax.reshape(B, L // m, m, c * d)
+        if overlap:  # A halves of the previous window + B halves of this window: 2m slots
+            kv_s = jnp.concatenate([kv_w[:, :-1, :, :d], kv_w[:, 1:, :, d:]], axis=2)
+            sc_s = jnp.concatenate([sc_w[:, :-1, :, :d], sc_w[:, 1:, :, d:]], axis=2)
+        else:
+            kv_s, sc_s = kv_w, sc_w
+        entry_ids = pos[:, None] // m + jnp.arange(nwin)[None, :]  # [B, nwin]
+        complete = (entry_ids + 1) * m <= (pos + n_new)[:, None]
+        safe_sc = jnp.where(complete[:, :, None, None], sc_s, 0.0)
+        gate = jax.nn.softmax(safe_sc, axis=2)
+        pooled = _sum_slots(gate * kv_s)  # [B, nwin, d] fp32
+
+    with jax.named_scope("compressor_post"):
+        e = rms_norm(pooled.astype(cfg.act_dtype), w.norm, cfg.norm_eps, cfg.act_dtype)
+        cos, sin = rope_cos_sin(freqs, entry_ids * m)  # rope position = first token of the window
+        e = apply_rope(e, cos, sin)
+        if indexer:
+            e = hadamard(e, cfg.act_dtype)
+            if cfg.simulate:
+                e = fp4_simulate(e, 32)
+        elif cfg.kv_fp8_sim:
+            nd = cfg.nope_dim
+            e = jnp.concatenate([fp8_simulate(e[..., :nd], 64), e[..., nd:]], axis=-1)
+
+    # rebuild the buffers for the new end position
+    end = pos + n_new
+    cw = (end // m) * m  # start of the new current (partial) window
+    jj = jnp.arange(m)[None, :]
+    r_cur = (cw - base)[:, None] + jj
+    cur_valid = cw[:, None] + jj < end[:, None]
+    new_kv = [_gather_tokens(kv_ax, r_cur, cur_valid, 0.0)]
+    new_sc = [_gather_tokens(sc_ax, r_cur, cur_valid, NEG_INF)]
+    if overlap:
+        r_prev = (cw - m - base)[:, None] + jj
+        prev_valid = jnp.broadcast_to((cw - m >= 0)[:, None], r_prev.shape)
+        new_kv.insert(0, _gather_tokens(kv_ax, r_prev, prev_valid, 0.0))
+        new_sc.insert(0, _gather_tokens(sc_ax, r_prev, prev_valid, NEG_INF))
+    return (e, jnp.where(complete, entry_ids, -1), jnp.concatenate(new_kv, axis=1),
+            jnp.concatenate(new_sc, axis=1))
+
+
+def write_entries(cache: jax.Array, entries: jax.Array, entry_ids: jax.Array) -> jax.Array:
+    """Scatter ``entries [B, n, d]`` into ``cache [B, N, d]`` at ``entry_ids [B, n]``; -1 ids are dropped."""
+    B, N = cache.shape[:2]
+    ids = jnp.where(entry_ids < 0, N, entry_ids)  # out of range -> dropped
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], ids.shape)
+    return cache.at[rows, ids].set(entries.astype(cache.dtype), mode="drop")

@@ -1,0 +1,116 @@
+"""The whole model: blocks, forward over S new tokens per row on top of a state, the head, and the MTP block.
+
+``forward`` is the single entry point for prefill (state at position 0), chunked prefill (several multi-token calls
+in a row) and decode (S = 1); each row has its own position (``state.pos``) and optionally its own number of valid
+tokens in the chunk (``lengths``, right padding), so uneven batches stay aligned with the compression windows.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.attention import attention
+from dsv4_jax.modeling.hyper import hc_head, hc_post, hc_pre
+from dsv4_jax.modeling.layers import rms_norm, rope_freqs
+from dsv4_jax.modeling.moe import moe
+from dsv4_jax.modeling.quant import HIGHEST, linear
+from dsv4_jax.modeling.state import LayerState, State
+from dsv4_jax.modeling.weights import BlockWeights, HcWeights, Weights
+
+
+def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array, ls: LayerState, pos: jax.Array,
+          n_new: jax.Array) -> tuple[jax.Array, LayerState, dict]:
+    """One transformer block on the hc streams ``h [B,S,hc,D]``: mHC around attention, then around the MoE.
+
+    Returns the new streams, the new layer state and the block's discrete decisions (``"indexer"`` top-k block ids
+    ``[B,S,k]`` or None, ``"router"`` expert ids ``[B,S,k]``).
+    """
+    with jax.named_scope("attn"):
+        y, post, comb = hc_pre(cfg, h, w.hc_attn)
+        a, ls, chosen = attention(cfg, w.attn, rms_norm(y, w.attn_norm, cfg.norm_eps, cfg.act_dtype), ls, pos, n_new, ratio,
+                          rope_freqs(cfg, ratio))
+        h = hc_post(cfg, a, h, post, comb)
+    with jax.named_scope("ffn"):
+        y, post, comb = hc_pre(cfg, h, w.hc_ffn)
+        f, experts = moe(cfg, w.ffn, rms_norm(y, w.ffn_norm, cfg.norm_eps, cfg.act_dtype), ids)
+        h = hc_post(cfg, f, h, post, comb)
+    return h, ls, {"indexer": chosen, "router": experts}
+
+
+def head(cfg: Config, head_w: jax.Array, hc_w: HcWeights, norm_w: jax.Array, h: jax.Array) -> jax.Array:
+    """Final streams ``[B,S,hc,D]`` (or ``[B,hc,D]``) -> fp32 logits via hc_head, RMSNorm, fp32 matmul."""
+    squeeze = h.ndim == 3
+    if squeeze:
+        h = h[:, None]
+    y = rms_norm(hc_head(cfg, h, hc_w), norm_w, cfg.norm_eps, cfg.act_dtype)
+    logits = jnp.einsum("bsd,vd->bsv", y.astype(jnp.float32), head_w.astype(jnp.float32), precision=HIGHEST)
+    return logits[:, 0] if squeeze else logits
+
+
+def _last(x: jax.Array, n_new: jax.Array) -> jax.Array:
+    """``x[b, n_new[b]-1]`` for every row."""
+    return jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, *([None] * (x.ndim - 2))], axis=1)[:, 0]
+
+
+def _chunk_lengths(tokens: jax.Array, lengths) -> jax.Array:
+    B, S = tokens.shape
+    if lengths is None:
+        return jnp.full((B,), S, jnp.int32)
+    return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, S)
+
+
+@partial(jax.jit, static_argnames=("cfg", "return_logits", "return_hidden"))
+def forward_jit(weights: Weights, cfg: Config, tokens: jax.Array, state: State, lengths=None,
+                return_logits: str = "all", return_hidden: bool = False):
+    """Jitted :func:`dsv4_jax.forward` (no host-side checks)."""
+    if return_logits not in ("all", "last", "none"):
+        raise ValueError(f"return_logits={return_logits!r}, expected 'all', 'last' or 'none'")
+    n_new = _chunk_lengths(tokens, lengths)
+    pos = state.pos
+    tokens = tokens.astype(jnp.int32)
+    with jax.named_scope("embed"):
+        e = weights.embed[jnp.clip(tokens, 0, cfg.vocab_size - 1)].astype(cfg.act_dtype)  # [B,S,D]
+        h = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], cfg.hc_mult, cfg.dim))
+    layers = []
+    for i, (w, ls) in enumerate(zip(weights.layers, state.layers)):
+        with jax.named_scope(f"layer_{i}"):
+            h, ls, _ = block(cfg, w, cfg.ratio(i), h, tokens, ls, pos, n_new)
+        layers.append(ls)
+    new_state = state.replace(pos=pos + n_new, layers=tuple(layers))
+    logits = None
+    with jax.named_scope("head"):
+        if return_logits == "all":
+            logits = head(cfg, weights.head, weights.hc_head, weights.norm, h)
+        elif return_logits == "last":
+            logits = head(cfg, weights.head, weights.hc_head, weights.norm, _last(h, n_new))
+    if return_hidden:
+        return logits, new_state, h
+    return logits, new_state
+
+
+@partial(jax.jit, static_argnames=("cfg", "return_logits"))
+def mtp_forward_jit(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax.Array, state: State,
+                    lengths=None, return_logits: str = "all"):
+    """Jitted :func:`dsv4_jax.mtp_forward`."""
+    if not weights.mtp:
+        raise ValueError("this config has no MTP layer (n_mtp_layers=0)")
+    w = weights.mtp[0]
+    dt, sim = cfg.act_dtype, cfg.simulate
+    n_new = _chunk_lengths(next_tokens, lengths)
+    pos = state.mtp_pos
+    next_tokens = next_tokens.astype(jnp.int32)
+    with jax.named_scope("mtp"):
+        e = weights.embed[jnp.clip(next_tokens, 0, cfg.vocab_size - 1)].astype(dt)
+        e = rms_norm(e, w.enorm, cfg.norm_eps, dt)
+        x = rms_norm(hidden.astype(dt), w.hnorm, cfg.norm_eps, dt)  # per stream
+        x = (linear(e, w.e_proj, dt, sim)[:, :, None].astype(jnp.float32)
+             + linear(x, w.h_proj, dt, sim).astype(jnp.float32)).astype(dt)
+        h, ls, _ = block(cfg, w.block, cfg.ratio(cfg.n_layers), x, next_tokens, state.mtp[0], pos, n_new)
+        if return_logits == "last":
+            h = _last(h, n_new)
+        logits = head(cfg, weights.head, w.hc_head, w.norm, h)
+    return logits, state.replace(mtp=(ls,) + tuple(state.mtp[1:]), mtp_pos=pos + n_new)

@@ -1,0 +1,75 @@
+"""Mixture of experts (spec 9): sqrt-softplus router in fp32, hash routing on the first layers, SwiGLU experts.
+
+The routing weight multiplies the SwiGLU activation (fp32) before the down projection; expert outputs are summed in
+fp32 in ascending expert id, the shared expert last, and the sum is rounded once. This XLA reference path scans the
+experts one at a time, dequantizing only the expert in hand (never a full bf16 copy) and skipping experts no token
+was routed to.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.quant import HIGHEST, linear, quantized_input
+from dsv4_jax.modeling.weights import MoEWeights
+
+
+def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32)."""
+    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), w.gate.astype(jnp.float32), precision=HIGHEST)
+    scores = jnp.sqrt(jnp.where(logits > 20.0, logits, jnp.log1p(jnp.exp(jnp.minimum(logits, 20.0)))))
+    if w.tid2eid is not None:  # hash routing
+        idx = w.tid2eid[ids]
+    else:  # the bias only influences the selection
+        _, idx = jax.lax.top_k(scores + w.bias, cfg.n_activated_experts)
+    wts = jnp.take_along_axis(scores, idx, axis=-1)
+    wts = wts / jnp.sum(wts, axis=-1, keepdims=True) * np.float32(cfg.route_scale)
+    return idx.astype(jnp.int32), wts
+
+
+def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool):
+    """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs)."""
+    dt, sim = cfg.act_dtype, cfg.simulate
+    g = linear(x, w1, dt, sim, xq).astype(jnp.float32)
+    u = linear(x, w3, dt, sim, xq).astype(jnp.float32)
+    if clamp and cfg.swiglu_limit > 0:
+        lim = np.float32(cfg.swiglu_limit)
+        u = jnp.clip(u, -lim, lim)
+        g = jnp.minimum(g, lim)
+    a = jax.nn.silu(g) * u
+    if weight is not None:
+        a = weight[:, None] * a
+    return linear(a.astype(dt), w2, dt, sim)
+
+
+def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
+
+    Returns ``[B,S,D]`` and the chosen expert ids ``[B,S,k]``.
+    """
+    B, S, D = x.shape
+    xt = x.reshape(B * S, D)
+    idx, wts = route(cfg, w, xt, ids.reshape(-1))
+    xq = quantized_input(xt, cfg.simulate)  # the experts' first GEMMs share one activation quantization
+
+    def expert_step(y, inp):
+        e, w1, w2, w3 = inp
+        hit = idx == e  # [T,k]
+        weight = jnp.sum(jnp.where(hit, wts, 0.0), axis=-1)  # [T]
+        routed = jnp.any(hit, axis=-1)
+
+        def run(_):
+            out = swiglu(cfg, xt, xq, w1, w2, w3, weight, clamp=True)
+            return jnp.where(routed[:, None], out.astype(jnp.float32), 0.0)
+
+        return y + jax.lax.cond(jnp.any(routed), run, lambda _: jnp.zeros_like(y), None), None
+
+    with jax.named_scope("routed_experts"):
+        y0 = jnp.zeros((B * S, D), jnp.float32)
+        y, _ = jax.lax.scan(expert_step, y0, (jnp.arange(cfg.n_routed_experts), w.w1, w.w2, w.w3))
+    with jax.named_scope("shared_expert"):
+        y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp).astype(jnp.float32)
+    return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)

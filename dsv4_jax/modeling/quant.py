@@ -1,0 +1,191 @@
+"""FP8 / FP4 tensor types, the official quantization simulations, and the linear op that dispatches on them.
+
+Weights stay in the checkpoint's formats (spec 12.1):
+  * ``Fp8Tensor``: e4m3 values ``[..., N, K]`` + e8m0 exponents ``[..., ceil(N/128), ceil(K/128)]`` (one per 128x128
+    block, value = q * 2**(e - 127)).
+  * ``Fp4Tensor``: e2m1 codes packed two per byte ``[..., N, K/2]`` (LOW nibble = even k) + e8m0 exponents
+    ``[..., N, K/32]`` (one per 1x32 block).
+e8m0 exponents are kept as raw ``uint8`` bytes: portable across XLA backends and what Triton kernels consume.
+
+Activation simulations (spec 3): scales are powers of two rounded UP (``ceil(log2(amax * fp32(1/QMAX)))`` from the
+IEEE bits), values are rounded to nearest-even on the e4m3 / e2m1 grid. Every dequantization here is exact in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP8_FLOOR = np.float32(1e-4)
+FP4_FLOOR = np.float32(6 * 2.0**-126)
+E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@struct.dataclass
+class Fp8Tensor:
+    """FP8 e4m3 weight with 128x128 block e8m0 scales (raw exponent bytes)."""
+
+    q: jax.Array  # e4m3 [..., N, K]
+    scale: jax.Array  # uint8 [..., ceil(N/128), ceil(K/128)]
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+@struct.dataclass
+class Fp4Tensor:
+    """FP4 e2m1 weight, two codes per byte (low nibble first), with 1x32 block e8m0 scales (raw bytes)."""
+
+    packed: jax.Array  # uint8 [..., N, K/2]
+    scale: jax.Array  # uint8 [..., N, K/32]
+
+    @property
+    def shape(self):
+        return (*self.packed.shape[:-1], self.packed.shape[-1] * 2)
+
+
+# ---------------------------------------------------------------------------------------------- scales
+def e8m0_to_f32(e: jax.Array) -> jax.Array:
+    """2**(e - 127) in fp32 for raw e8m0 bytes (exact; 0 -> 2**-127 denormal, 255 -> NaN)."""
+    e = e.astype(jnp.int32)
+    return jnp.where(e == 255, jnp.nan, jnp.ldexp(jnp.ones(e.shape, jnp.float32), e - 127))
+
+
+def pow2_scale(amax: jax.Array, qmax: float, floor: np.float32) -> jax.Array:
+    """Power-of-two scale rounded up, bit-exact with TileLang ``fast_log2_ceil``/``fast_pow2`` (spec 3.1)."""
+    a = jnp.maximum(amax.astype(jnp.float32), floor)
+    t = a * np.float32(1.0 / qmax)  # one fp32 multiply, not a division
+    bits = jax.lax.bitcast_convert_type(t, jnp.uint32)
+    e = ((bits >> 23) & 0xFF).astype(jnp.int32) - 127 + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type(((e + 127) << 23).astype(jnp.uint32), jnp.float32)
+
+
+def round_e4m3(v: jax.Array) -> jax.Array:
+    """Round fp32 values (already clamped to +-448) to the e4m3 grid, ties to even; returns fp32."""
+    return v.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+
+
+def round_e2m1(v: jax.Array) -> jax.Array:
+    """Round fp32 values (already clamped to +-6) to the e2m1 grid {0,.5,1,1.5,2,3,4,6}, ties to even."""
+    a = jnp.abs(v)
+    step = jnp.where(a < 2.0, 0.5, jnp.where(a < 4.0, 1.0, 2.0))
+    return jnp.sign(v) * jnp.round(a / step) * step  # jnp.round is half-to-even; grid parity == mantissa parity
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    if x.shape[-1] % block:
+        raise ValueError(f"last dim {x.shape[-1]} is not a multiple of the quantization block {block}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def fp8_act_quant(x: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """``act_quant`` (not in place): e4m3 values (as fp32) and per-block power-of-two scales ``[..., K/block, 1]``."""
+    xb = _blocks(x.astype(jnp.float32), block)
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), FP8_MAX, FP8_FLOOR)
+    return round_e4m3(jnp.clip(xb / s, -FP8_MAX, FP8_MAX)), s
+
+
+def fp8_simulate(x: jax.Array, block: int) -> jax.Array:
+    """In-place FP8 QAT simulation: snap ``x`` to the e4m3 grid scaled per block; same dtype as ``x`` (spec 3.2)."""
+    q, s = fp8_act_quant(x, block)
+    return (q * s).reshape(x.shape).astype(x.dtype)
+
+
+def fp4_simulate(x: jax.Array, block: int = 32) -> jax.Array:
+    """In-place FP4 QAT simulation: snap ``x`` to the e2m1 grid scaled per block of 32 (spec 3.3)."""
+    xb = _blocks(x.astype(jnp.float32), block)
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), FP4_MAX, FP4_FLOOR)
+    return (round_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX)) * s).reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def dequant_fp8(w: Fp8Tensor) -> jax.Array:
+    """Exact fp32 value of an FP8 block-scaled weight ``[..., N, K]``."""
+    n, k = w.q.shape[-2:]
+    s = e8m0_to_f32(w.scale)
+    s = jnp.repeat(jnp.repeat(s, 128, axis=-2)[..., :n, :], 128, axis=-1)[..., :k]
+    return w.q.astype(jnp.float32) * s
+
+
+def unpack_fp4(packed: jax.Array) -> jax.Array:
+    """e2m1 codes ``[..., N, K/2]`` bytes -> fp32 values ``[..., N, K]`` (low nibble = even element)."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    codes = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
+
+
+def dequant_fp4(w: Fp4Tensor) -> jax.Array:
+    """Exact fp32 value of an FP4 1x32-block-scaled weight ``[..., N, K]``."""
+    v = unpack_fp4(w.packed)
+    return v * jnp.repeat(e8m0_to_f32(w.scale), 32, axis=-1)
+
+
+def dequant(w) -> jax.Array:
+    """fp32 value of any weight (Fp8Tensor, Fp4Tensor or a plain array)."""
+    if isinstance(w, Fp8Tensor):
+        return dequant_fp8(w)
+    if isinstance(w, Fp4Tensor):
+        return dequant_fp4(w)
+    return w.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------- linear
+def quantized_input(x: jax.Array, simulate: bool) -> jax.Array:
+    """The GEMM input as the FP8 kernels see it: fp32 value of ``act_quant(x, 128)`` (or plain fp32 when off)."""
+    if not simulate:
+        return x.astype(jnp.float32)
+    q, s = fp8_act_quant(x, 128)
+    return (q * s).reshape(x.shape)
+
+
+def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: jax.Array | None = None) -> jax.Array:
+    """``y = x @ W.T`` with the official dispatch on the weight type (spec 3.4).
+
+    FP8/FP4 weights: the activation is FP8-quantized per 1x128 block (``simulate``), both operands are dequantized
+    exactly to fp32, multiplied at HIGHEST precision and rounded once to ``out_dtype``. Plain weights: a matmul in
+    fp32 of the (already rounded) operands. ``xq`` may pass a precomputed ``quantized_input(x)``.
+    """
+    if isinstance(w, (Fp8Tensor, Fp4Tensor)):
+        xf = quantized_input(x, simulate) if xq is None else xq
+    else:
+        xf = x.astype(jnp.float32)
+    y = jnp.einsum("...k,nk->...n", xf, dequant(w), precision=HIGHEST, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- numpy packing
+def quantize_fp8_weight_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 ``[N, K]`` -> (e4m3 ``[N, K]``, e8m0 bytes ``[ceil(N/128), ceil(K/128)]``), scale = ceil-pow2(amax/448)."""
+    import ml_dtypes
+
+    n, k = w.shape
+    nb, kb = -(-n // 128), -(-k // 128)
+    pad = np.zeros((nb * 128, kb * 128), np.float32)
+    pad[:n, :k] = w
+    blocks = np.abs(pad.reshape(nb, 128, kb, 128)).max(axis=(1, 3))
+    e = np.ceil(np.log2(np.maximum(blocks, 1e-30) / 448.0)).astype(np.int32)
+    e = np.clip(e, -127, 127)
+    s = np.repeat(np.repeat(np.exp2(e.astype(np.float32)), 128, 0), 128, 1)[:n, :k]
+    q = np.clip(w / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q, (e + 127).astype(np.uint8)
+
+
+def quantize_fp4_weight_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 ``[..., N, K]`` -> (packed uint8 ``[..., N, K/2]``, e8m0 bytes ``[..., N, K/32]``)."""
+    import ml_dtypes
+
+    *lead, n, k = w.shape
+    wb = w.reshape(*lead, n, k // 32, 32)
+    e = np.ceil(np.log2(np.maximum(np.abs(wb).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    e = np.clip(e, -127, 127)
+    v = np.clip(wb / np.exp2(e.astype(np.float32))[..., None], -6, 6).astype(ml_dtypes.float4_e2m1fn)
+    codes = v.reshape(*lead, n, k).view(np.uint8) & 0x0F
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return packed, (e + 127).astype(np.uint8)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extras if needed and run the whole test suite (CPU; 8 simulated devices where needed).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh" test
+cd "$root"
+"$root/.venv/bin/python" -m ruff check --line-length 120 dsv4_jax scripts tests
+exec "$root/.venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
