@@ -31,8 +31,8 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
     """
     with jax.named_scope("attn"):
         y, post, comb = hc_pre(cfg, h, w.hc_attn)
-        a, ls, chosen = attention(cfg, w.attn, rms_norm(y, w.attn_norm, cfg.norm_eps, cfg.act_dtype), ls, pos, n_new, ratio,
-                          rope_freqs(cfg, ratio))
+        x = rms_norm(y, w.attn_norm, cfg.norm_eps, cfg.act_dtype)
+        a, ls, chosen = attention(cfg, w.attn, x, ls, pos, n_new, ratio, rope_freqs(cfg, ratio))
         h = hc_post(cfg, a, h, post, comb)
     with jax.named_scope("ffn"):
         y, post, comb = hc_pre(cfg, h, w.hc_ffn)
