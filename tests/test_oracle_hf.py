@@ -19,10 +19,12 @@ hf_oracle = pytest.importorskip("hf_oracle", reason="transformers/torch not inst
 CONFIGS = {
     # indexer selects (4*index_topk < S); window 8 << S; two HCA layers; 2 hash layers
     "select": dict(num_hidden_layers=5, compress_ratios=[0, 4, 128, 4, 128, 0], num_hash_layers=2, sliding_window=8,
-                   index_topk=24, index_n_heads=16, hidden_size=256, n_routed_experts=8, num_experts_per_tok=2, vocab_size=512),
+                   index_topk=24, index_n_heads=16, hidden_size=256, n_routed_experts=8, num_experts_per_tok=2,
+                   vocab_size=512),
     # every complete block selected; 3 hash layers incl. a CSA and an HCA layer; batch 2
     "dense": dict(num_hidden_layers=4, compress_ratios=[4, 128, 0, 4, 0], num_hash_layers=3, sliding_window=16,
-                  index_topk=64, index_n_heads=16, hidden_size=256, n_routed_experts=4, num_experts_per_tok=2, vocab_size=384),
+                  index_topk=64, index_n_heads=16, hidden_size=256, n_routed_experts=4, num_experts_per_tok=2,
+                  vocab_size=384),
 }
 
 
