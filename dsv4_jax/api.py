@@ -12,6 +12,7 @@ import numpy as np
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.model import forward_jit, mtp_forward_jit
 from dsv4_jax.modeling.state import State
+from dsv4_jax.sharding import use_mesh_of
 
 
 def _check_chunk(cfg: Config, tokens, state: State, lengths, pos_field: str, what: str) -> None:
@@ -51,11 +52,14 @@ def forward(weights, cfg: Config, tokens, state: State, return_logits: str = "al
     Prefill = a fresh state; chunked prefill = several calls; decode = ``S == 1``. Rows may sit at different positions.
     """
     _check_chunk(cfg, tokens, state, lengths, "pos", "forward")
-    return forward_jit(weights, cfg, tokens, state, lengths, return_logits=return_logits, return_hidden=return_hidden)
+    with use_mesh_of(weights):  # weights placed on a mesh (dsv4_jax.sharding): run under it
+        return forward_jit(weights, cfg, tokens, state, lengths, return_logits=return_logits,
+                           return_hidden=return_hidden)
 
 
 def mtp_forward(weights, cfg: Config, hidden, next_tokens, state: State, return_logits: str = "all", lengths=None):
     """The MTP block: final hc streams of the main model at positions ``p..`` and the tokens at ``p+1..`` ->
     fp32 logits predicting the tokens at ``p+2..``. Uses and advances the state's own MTP window cache."""
     _check_chunk(cfg, next_tokens, state, lengths, "mtp_pos", "mtp_forward")
-    return mtp_forward_jit(weights, cfg, hidden, next_tokens, state, lengths, return_logits=return_logits)
+    with use_mesh_of(weights):
+        return mtp_forward_jit(weights, cfg, hidden, next_tokens, state, lengths, return_logits=return_logits)

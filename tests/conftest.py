@@ -1,10 +1,15 @@
 """Shared fixtures: the golden data folder (``../shared/golden`` next to the repo) and its tiny checkpoint."""
 
+import os
 from pathlib import Path
 
-import pytest
+# 8 simulated CPU devices for the sharding tests; must be set before JAX starts its backends
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import dsv4_jax  # noqa: F401  (sets the XLA flags before any JAX backend starts)
+import pytest  # noqa: E402
+
+import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -11,10 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.quant import HIGHEST, linear, quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
+
+EXPERT_AXES = ("data", "model")  # routed experts are split over every device of the mesh
 
 
 def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,15 +48,9 @@ def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Arr
     return linear(a.astype(dt), w2, dt, sim)
 
 
-def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
-
-    Returns ``[B,S,D]`` and the chosen expert ids ``[B,S,k]``.
-    """
-    B, S, D = x.shape
-    xt = x.reshape(B * S, D)
-    idx, wts = route(cfg, w, xt, ids.reshape(-1))
-    xq = quantized_input(xt, cfg.simulate)  # the experts' first GEMMs share one activation quantization
+def _routed(cfg: Config, xt, xq, idx, wts, w1s, w2s, w3s, first_expert) -> jax.Array:
+    """Sum of the routed experts ``first_expert ..`` (the stacked slices given) over all tokens, fp32 ``[T, D]``,
+    accumulated in ascending expert id; experts no token was routed to are skipped."""
 
     def expert_step(y, inp):
         e, w1, w2, w3 = inp
@@ -67,9 +64,36 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.A
 
         return y + jax.lax.cond(jnp.any(routed), run, lambda _: jnp.zeros_like(y), None), None
 
+    n_local = w1s.packed.shape[0]
+    y0 = jnp.zeros(xt.shape, jnp.float32)
+    y, _ = jax.lax.scan(expert_step, y0, (first_expert + jnp.arange(n_local), w1s, w2s, w3s))
+    return y
+
+
+def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
+
+    Returns ``[B,S,D]`` and the chosen expert ids ``[B,S,k]``.
+    """
+    B, S, D = x.shape
+    xt = x.reshape(B * S, D)
+    idx, wts = route(cfg, w, xt, ids.reshape(-1))
+    xq = quantized_input(xt, cfg.simulate)  # the experts' first GEMMs share one activation quantization
+
     with jax.named_scope("routed_experts"):
-        y0 = jnp.zeros((B * S, D), jnp.float32)
-        y, _ = jax.lax.scan(expert_step, y0, (jnp.arange(cfg.n_routed_experts), w.w1, w.w2, w.w3))
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or all(mesh.shape.get(a, 1) == 1 for a in EXPERT_AXES):
+            y = _routed(cfg, xt, xq, idx, wts, w.w1, w.w2, w.w3, first_expert=0)
+        else:
+            # expert parallelism: every device sees all tokens, runs its own experts, and the partial sums are
+            # reduced (the small-batch strategy: one all-gather of the tokens, one psum of [T, D] fp32)
+            def local(xt, xq, idx, wts, w1, w2, w3):
+                first = jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
+                return jax.lax.psum(_routed(cfg, xt, xq, idx, wts, w1, w2, w3, first), EXPERT_AXES)
+
+            ex = P(EXPERT_AXES)
+            y = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), ex, ex, ex), out_specs=P(),
+                              check_vma=False)(xt, xq, idx, wts, w.w1, w.w2, w.w3)
     with jax.named_scope("shared_expert"):
         y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp).astype(jnp.float32)
     return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)

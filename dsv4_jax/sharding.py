@@ -1,0 +1,137 @@
+"""Device meshes and the one table that maps logical axes to mesh axes.
+
+The mesh has two named axes: ``data`` (batch rows of the decode state) and ``model`` (attention / indexer heads,
+output-LoRA groups, the shared expert's width, the vocabulary). Routed experts are split over ALL devices
+(``("data", "model")``): each device holds and reads only its own experts' FP4 bytes, and the MoE runs inside an
+explicit ``shard_map`` (``dsv4_jax.modeling.moe``). Everything else is partitioned by XLA from the weight and state
+shardings below; the single shared K=V head, compressors, mHC and norms are replicated (they are small).
+
+Weights and state carry no mesh: place them with :func:`shard_weights` / :func:`shard_state` (or
+``load_weights(..., mesh=mesh)``) and call ``dsv4_jax.forward`` as usual; it runs under the mesh of its inputs.
+Several hosts: call ``jax.distributed.initialize()`` first, then build the mesh over ``jax.devices()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.moe import EXPERT_AXES
+from dsv4_jax.modeling.quant import Fp4Tensor
+from dsv4_jax.modeling.weights import abstract_weights, logical_axes
+
+DATA, MODEL = EXPERT_AXES  # "data", "model"
+
+# logical axis -> mesh axis (or tuple of axes); absent = replicated
+RULES: dict[str, Any] = {
+    "batch": DATA,
+    "experts": EXPERT_AXES,
+    "q_heads": MODEL,
+    "heads": MODEL,
+    "o_groups": MODEL,
+    "index_heads": MODEL,
+    "shared_ffn": MODEL,
+    "vocab": MODEL,
+}
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
+    """A ``(data, model)`` mesh over ``devices`` (default: all devices; ``model`` defaults to the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    model = len(devices) // data if model is None else model
+    if data * model != len(devices):
+        raise ValueError(f"mesh ({data} x {model}) needs {data * model} devices, got {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+
+
+def _axis_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def validate_mesh(cfg: Config, mesh) -> None:
+    """Raise ``ValueError`` naming the count that the mesh does not divide."""
+    m, e = mesh.shape[MODEL], _axis_size(mesh, EXPERT_AXES)
+    checks = [("n_heads", cfg.n_heads, m, MODEL), ("o_groups", cfg.o_groups, m, MODEL),
+              ("index_n_heads", cfg.index_n_heads, m, MODEL), ("moe_inter_dim (shared expert)", cfg.moe_inter_dim, m,
+                                                               MODEL),
+              ("vocab_size", cfg.vocab_size, m, MODEL), ("n_routed_experts", cfg.n_routed_experts, e, "data x model")]
+    bad = [f"{name}={n} is not divisible by the {axis} axis ({k})" for name, n, k, axis in checks if n % k]
+    if bad:
+        raise ValueError(f"mesh {dict(mesh.shape)} does not fit this model: " + "; ".join(bad))
+
+
+def spec_for(axes: tuple, shape: tuple[int, ...] | None = None, mesh=None) -> P:
+    """PartitionSpec of logical ``axes``. With ``shape`` and ``mesh``, a dim the mesh axis does not divide (only the
+    tiny per-block scale arrays, e.g. one 128-row scale block shared by several heads) stays replicated."""
+    parts = []
+    for i, a in enumerate(axes):
+        mesh_axes = RULES.get(a) if a is not None else None
+        if mesh_axes is not None and shape is not None and mesh is not None and shape[i] % _axis_size(mesh, mesh_axes):
+            mesh_axes = None
+        parts.append(mesh_axes)
+    return P(*parts)
+
+
+def weight_shardings(cfg: Config, mesh) -> Any:
+    """Pytree of ``NamedSharding`` matching the weights tree of ``cfg``."""
+    validate_mesh(cfg, mesh)
+    axes = logical_axes(cfg)
+    shapes = abstract_weights(cfg)
+    is_leaf = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+    return jax.tree_util.tree_map(lambda ax, sd: NamedSharding(mesh, spec_for(ax, sd.shape, mesh)), axes, shapes,
+                                  is_leaf=is_leaf)
+
+
+def shard_weights(weights, cfg: Config, mesh):
+    """Place an existing weights pytree on ``mesh`` (each device receives only its shards)."""
+    return jax.device_put(weights, weight_shardings(cfg, mesh))
+
+
+def state_shardings(state, mesh):
+    """Batch-major state arrays split over ``data``; positions too. Requires batch % data == 0."""
+    b = state.pos.shape[0]
+    if b % mesh.shape[DATA]:
+        raise ValueError(f"batch size {b} is not divisible by the mesh's data axis ({mesh.shape[DATA]})")
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, P(DATA, *([None] * (x.ndim - 1)))), state)
+
+
+def shard_state(state, mesh):
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the arrays of ``tree`` are placed on (None for single-device / unplaced arrays)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+def use_mesh_of(tree):
+    """Context manager: run under the mesh of ``tree`` (no-op without one)."""
+    mesh = mesh_of(tree)
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def expert_bytes_per_device(w: Fp4Tensor) -> dict:
+    """Bytes of a stacked expert tensor held by each device (packed values + scales)."""
+    out: dict = {}
+    for arr in (w.packed, w.scale):
+        for shard in arr.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+__all__ = ["DATA", "EXPERT_AXES", "MODEL", "RULES", "expert_bytes_per_device", "make_mesh", "mesh_of",
+           "shard_state", "shard_weights", "spec_for", "state_shardings", "use_mesh_of", "validate_mesh",
+           "weight_shardings"]

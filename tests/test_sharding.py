@@ -1,0 +1,87 @@
+"""Sharded forward on 8 simulated CPU devices equals one device (float32 numerics, 1e-5 relative).
+
+``tests/conftest.py`` starts JAX with ``--xla_force_host_platform_device_count=8``. Differences between meshes are
+only fp32 summation orders (the MoE's cross-device psum, the partitioned head and output-projection sums).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsv4_jax as d
+from dsv4_jax import sharding as sh
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+TOL = 1e-5
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    # head, group, index-head and expert counts divide every mesh of 8 devices
+    cfg = d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8, vocab_size=512,
+                        window_size=8, index_topk=4)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_mesh_equals_single_device(model, shape):
+    cfg, w, rng, seed = model
+    B, S = 8, 40
+    toks = rng.integers(0, cfg.vocab_size, (B, S + 2))
+    ref, st = d.forward(w, cfg, jnp.asarray(toks[:, :S]), d.init_state(cfg, B, 64))
+    ref_dec, _ = d.forward(w, cfg, jnp.asarray(toks[:, S:S + 1]), st, return_logits="last")
+    mesh = sh.make_mesh(*shape)
+    ws = sh.shard_weights(w, cfg, mesh)
+    out, st = d.forward(ws, cfg, jnp.asarray(toks[:, :S]), sh.shard_state(d.init_state(cfg, B, 64), mesh))
+    dec, st = d.forward(ws, cfg, jnp.asarray(toks[:, S:S + 1]), st, return_logits="last")
+    assert _rel(out, ref) <= TOL, f"seed {seed} mesh {shape}: prefill rel {_rel(out, ref):.2e}"
+    assert _rel(dec, ref_dec) <= TOL, f"seed {seed} mesh {shape}: decode rel {_rel(dec, ref_dec):.2e}"
+    assert st.layers[1].kv.sharding.spec[0] == (sh.DATA if shape[0] > 1 else None) or shape[0] == 1
+
+
+def test_each_device_holds_its_share_of_experts(model):
+    cfg, w, _, _ = model
+    mesh = sh.make_mesh(2, 4)
+    ws = sh.shard_weights(w, cfg, mesh)
+    for layer in ws.layers:
+        for t in (layer.ffn.w1, layer.ffn.w2, layer.ffn.w3):
+            per_dev = sh.expert_bytes_per_device(t)
+            total = t.packed.nbytes + t.scale.nbytes
+            assert len(per_dev) == 8 and set(per_dev.values()) == {total // 8}
+            # device k holds experts [k*E/8, (k+1)*E/8): exactly one expert each here
+            for shard in t.packed.addressable_shards:
+                assert shard.data.shape[0] == cfg.n_routed_experts // 8
+    # attention heads split over the model axis, the shared KV head replicated
+    wq_b = ws.layers[1].attn.wq_b.q
+    assert wq_b.addressable_shards[0].data.shape[0] == wq_b.shape[0] // 4
+    assert ws.layers[1].attn.wkv.q.addressable_shards[0].data.shape == ws.layers[1].attn.wkv.q.shape
+
+
+def test_mesh_that_does_not_divide_is_a_clear_error():
+    cfg = d.Config.tiny()  # golden tiny: 4 heads, 2 output groups, 8 experts
+    with pytest.raises(ValueError, match=r"o_groups=2 is not divisible by the model axis \(8\)"):
+        sh.weight_shardings(cfg, sh.make_mesh(1, 8))
+    with pytest.raises(ValueError, match="batch size 3 is not divisible"):
+        sh.state_shardings(d.init_state(cfg, 3, 16), sh.make_mesh(2, 4))
+
+
+def test_golden_checkpoint_on_a_mesh(golden_dir):
+    """The golden tiny checkpoint loaded straight onto a (4 x 2) mesh gives the single-device logits."""
+    cfg = d.Config.from_pretrained(golden_dir / "ckpt", numerics="float32")
+    z = np.load(golden_dir / "cases" / "b2_len130.npz")
+    toks = np.concatenate([z["prompt_tokens"]] * 2)  # batch 4: divisible by the data axis
+    w = d.load_weights(golden_dir / "ckpt", cfg)
+    ref, _ = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 4, 160), return_logits="last")
+    mesh = sh.make_mesh(4, 2)
+    ws = d.load_weights(golden_dir / "ckpt", cfg, mesh=mesh)
+    assert ws.layers[0].ffn.w1.packed.sharding.spec[0] == sh.EXPERT_AXES
+    out, _ = d.forward(ws, cfg, jnp.asarray(toks), sh.shard_state(d.init_state(cfg, 4, 160), mesh),
+                       return_logits="last")
+    assert _rel(out, ref) <= TOL
