@@ -68,12 +68,13 @@ def pro_layers(n_layers: int, numerics: str) -> d.Config:
     return full.with_(n_layers=n_layers, compress_ratios=ratios, n_hash_layers=1, numerics=numerics)
 
 
-def check_meshes(meshes) -> list[dict]:
-    cfg = d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
-                        vocab_size=512, window_size=8, index_topk=4)
-    w = d.init_weights(cfg, jax.random.key(0))
-    B = 8
-    toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, 140)))
+def check_meshes(meshes, cfg=None, batch=8) -> list[dict]:
+    """Logits of every mesh vs one device, float32 numerics (default: a small config crossing every boundary)."""
+    cfg = cfg or d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
+                               vocab_size=512, window_size=8, index_topk=4)
+    w = jax.jit(lambda k: d.init_weights(cfg, k))(jax.random.key(0))
+    B, S = batch, (140 if cfg.dim <= 1024 else 24)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, S)))
     ref, _ = d.forward(w, cfg, toks, d.init_state(cfg, B, 160))
     ref = np.asarray(ref)
     out = []
@@ -81,14 +82,32 @@ def check_meshes(meshes) -> list[dict]:
         mesh = sh.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
         got, _ = d.forward(sh.shard_weights(w, cfg, mesh), cfg, toks, sh.shard_state(d.init_state(cfg, B, 160), mesh))
         rel = float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
-        out.append({"mesh": list(shape), "max_rel_err_vs_1_device": rel})
+        out.append({"mesh": list(shape), "max_rel_err_vs_1_device": rel, "layers": cfg.n_layers, "dim": cfg.dim})
         print(f"check mesh {shape}: max rel err vs 1 device {rel:.2e}", flush=True)
     return out
 
 
-def bench(cfg, meshes, batch, max_len, iters, seed=0) -> list[dict]:
+def collective_time(mesh, nbytes: int, iters: int = 20) -> float:
+    """Median time of one psum over the whole mesh of an fp32 array of ``nbytes`` (the MoE combine's size)."""
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.zeros((max(1, nbytes // 4),), jnp.float32)
+    f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, sh.EXPERT_AXES), mesh=mesh, in_specs=P(), out_specs=P()))
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def bench(cfg, meshes, batch, max_len, iters, seed=0, sink=None) -> list[dict]:
     results = []
     for shape in meshes:
+        if batch % shape[0]:
+            print(f"skip mesh {shape}: batch {batch} not divisible by its data axis", flush=True)
+            continue
         n = shape[0] * shape[1]
         devs = jax.devices()[:n]
         mesh = sh.make_mesh(*shape, devices=devs)
@@ -121,12 +140,17 @@ def bench(cfg, meshes, batch, max_len, iters, seed=0) -> list[dict]:
         # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
         per_dev = nbytes["total"] / n
         med = float(np.median(ts))
-        res = {"mesh": list(shape), "devices": n, "device_kind": devs[0].device_kind, "batch": batch,
+        # collectives per step: the MoE psum of [B, D] fp32 and the output-projection all-reduce per layer
+        coll = collective_time(mesh, batch * cfg.dim * 4) if n > 1 else 0.0
+        res = {"collective_psum_BxD_s": coll, "collectives_per_step_est_s": coll * 2 * cfg.n_layers,
+               "mesh": list(shape), "devices": n, "device_kind": devs[0].device_kind, "batch": batch,
                "layers": cfg.n_layers, "median_step_s": med, "min_step_s": float(np.min(ts)), "iters": iters,
                "compile_s": t_compile, "init_s": t_init, "bytes_per_step": nbytes, "bytes_per_device_est": per_dev,
                "copy_bw_GBps": bw / 1e9, "floor_s_per_device": per_dev / bw}
         results.append(res)
         print(json.dumps(res), flush=True)
+        if sink:
+            sink(res)
         del w, state
     return results
 
@@ -141,19 +165,30 @@ def main(argv=None) -> int:
     ap.add_argument("--meshes", default="1x1", help="comma list of DATAxMODEL")
     ap.add_argument("--numerics", default="reference", choices=["reference", "float32"])
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")
+    ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
     meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes.split(",")]
+    jax.config.update("jax_default_prng_impl", "rbg")  # fast random init of GBs of weights
     print(f"devices: {jax.devices()}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "args": vars(args)}
+    def save(_=None):
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
     if args.check:
         out["check"] = check_meshes([m for m in meshes if m != (1, 1)] or [(1, 1)])
+        save()
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num, n_heads=8, o_groups=8, o_lora_rank=128,
                                                  index_n_heads=8, vocab_size=512)}[args.model]
-    out["bench"] = bench(make(args.layers, args.numerics), meshes, args.batch, args.max_len, args.iters)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.check_real:
+        real = make(args.check_real, "float32")
+        out["check_real"] = check_meshes([m for m in meshes if m != (1, 1)], real, batch=2)
+        save()
+    out["bench"] = []
+    bench(make(args.layers, args.numerics), meshes, args.batch, args.max_len, args.iters,
+          sink=lambda r: (out["bench"].append(r), save()))
     return 0
 
 

@@ -9,7 +9,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pytest  # noqa: E402
 
+import jax  # noqa: E402
+
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
+
+# programs compiled by one pytest worker are reused by the other (and by the next run on the same machine)
+jax.config.update("jax_compilation_cache_dir", os.environ.get("DSV4_JAX_CACHE", "/tmp/dsv4-jax-test-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -19,7 +19,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.modeling.compressor import compress, write_entries
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import HIGHEST, dequant, fp8_simulate, linear, quantized_input
+from dsv4_jax.modeling.quant import dequant, dot_f32, fp8_simulate, linear, quantized_input
 from dsv4_jax.modeling.state import LayerState
 from dsv4_jax.modeling.weights import AttentionWeights
 
@@ -33,14 +33,14 @@ def sparse_attn(q: jax.Array, kv: jax.Array, idx: jax.Array, sink: jax.Array, sc
     """
     valid = idx >= 0
     g = jnp.take_along_axis(kv[:, None], jnp.clip(idx, 0)[..., None], axis=2)  # [B,S,K,Dh]
-    g = jnp.where(valid[..., None], g, 0).astype(jnp.float32)
-    s = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), g, precision=HIGHEST) * np.float32(scale)
+    g = jnp.where(valid[..., None], g, jnp.zeros((), g.dtype))
+    s = dot_f32(q, g.astype(q.dtype), "bshd,bskd->bshk") * np.float32(scale)
     s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)  # over the scores only: P is rounded relative to it
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # a fully masked row (never the case: a query sees itself)
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink[:, None] - m)
-    acc = jnp.einsum("bshk,bskd->bshd", p.astype(p_dtype).astype(jnp.float32), g, precision=HIGHEST)
+    acc = dot_f32(p.astype(p_dtype), g.astype(p_dtype), "bshk,bskd->bshd")
     return (acc / denom).astype(q.dtype)
 
 
@@ -110,8 +110,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, S, G, H * Dh // G)
         wo_a = dequant(w.wo_a).astype(dt).reshape(G, -1, H * Dh // G)  # exact: convert.py's bf16 copy
-        z = jnp.einsum("bsgd,grd->bsgr", o.astype(jnp.float32), wo_a.astype(jnp.float32),
-                       precision=HIGHEST).astype(dt)
+        z = dot_f32(o, wo_a, "bsgd,grd->bsgr").astype(dt)
         out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim)  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):

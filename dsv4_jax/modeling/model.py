@@ -17,7 +17,7 @@ from dsv4_jax.modeling.attention import attention
 from dsv4_jax.modeling.hyper import hc_head, hc_post, hc_pre
 from dsv4_jax.modeling.layers import rms_norm, rope_freqs
 from dsv4_jax.modeling.moe import moe
-from dsv4_jax.modeling.quant import HIGHEST, linear
+from dsv4_jax.modeling.quant import dot_f32, linear
 from dsv4_jax.modeling.state import LayerState, State
 from dsv4_jax.modeling.weights import BlockWeights, HcWeights, Weights
 
@@ -47,7 +47,7 @@ def head(cfg: Config, head_w: jax.Array, hc_w: HcWeights, norm_w: jax.Array, h: 
     if squeeze:
         h = h[:, None]
     y = rms_norm(hc_head(cfg, h, hc_w), norm_w, cfg.norm_eps, cfg.act_dtype)
-    logits = jnp.einsum("bsd,vd->bsv", y.astype(jnp.float32), head_w.astype(jnp.float32), precision=HIGHEST)
+    logits = dot_f32(y, head_w.astype(y.dtype), "bsd,vd->bsv")  # fp32 logits (exact bf16 products)
     return logits[:, 0] if squeeze else logits
 
 

@@ -70,6 +70,31 @@ def _routed(cfg: Config, xt, xq, idx, wts, w1s, w2s, w3s, first_expert) -> jax.A
     return y
 
 
+def _routed_gather(cfg: Config, xt, xq, idx, wts, w1s, w2s, w3s, first_expert) -> jax.Array:
+    """Same sum as :func:`_routed` for few tokens (decode): gathers only the (token, expert) pairs' weights, so a
+    step reads ``T*k`` experts instead of looping over all of them. Per token the experts are added in ascending
+    id, as the reference does."""
+    T, k = idx.shape
+    order = jnp.argsort(idx, axis=-1)
+    e_sorted = jnp.take_along_axis(idx, order, axis=-1) - first_expert  # [T,k] local ids
+    w_sorted = jnp.take_along_axis(wts, order, axis=-1)
+    n_local = w1s.packed.shape[0]
+    mine = (e_sorted >= 0) & (e_sorted < n_local)
+    sel = jnp.clip(e_sorted, 0, n_local - 1).reshape(-1)  # [T*k]
+    take = lambda t: jax.tree_util.tree_map(lambda a: a[sel], t)
+    xs, xqs = jnp.repeat(xt, k, axis=0), jnp.repeat(xq, k, axis=0)  # [T*k, D]
+
+    def one(x, xq1, w1, w2, w3, wt):
+        return swiglu(cfg, x[None], xq1[None], w1, w2, w3, wt[None], clamp=True)[0]
+
+    out = jax.vmap(one)(xs, xqs, take(w1s), take(w2s), take(w3s), w_sorted.reshape(-1))  # [T*k, D]
+    out = jnp.where(mine.reshape(-1, 1), out.astype(jnp.float32), 0.0).reshape(T, k, -1)
+    y = out[:, 0]
+    for j in range(1, k):
+        y = y + out[:, j]
+    return y
+
+
 def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
 
@@ -82,14 +107,17 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.A
 
     with jax.named_scope("routed_experts"):
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or all(mesh.shape.get(a, 1) == 1 for a in EXPERT_AXES):
-            y = _routed(cfg, xt, xq, idx, wts, w.w1, w.w2, w.w3, first_expert=0)
+        n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
+        # few (token, expert) pairs per device-local expert set: gather them; otherwise loop over the experts
+        routed = _routed_gather if xt.shape[0] * idx.shape[1] < cfg.n_routed_experts // n_dev else _routed
+        if n_dev == 1:
+            y = routed(cfg, xt, xq, idx, wts, w.w1, w.w2, w.w3, first_expert=0)
         else:
             # expert parallelism: every device sees all tokens, runs its own experts, and the partial sums are
             # reduced (the small-batch strategy: one all-gather of the tokens, one psum of [T, D] fp32)
             def local(xt, xq, idx, wts, w1, w2, w3):
                 first = jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
-                return jax.lax.psum(_routed(cfg, xt, xq, idx, wts, w1, w2, w3, first), EXPERT_AXES)
+                return jax.lax.psum(routed(cfg, xt, xq, idx, wts, w1, w2, w3, first), EXPERT_AXES)
 
             ex = P(EXPERT_AXES)
             y = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), ex, ex, ex), out_specs=P(),
