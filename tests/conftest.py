@@ -7,9 +7,8 @@ from pathlib import Path
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import pytest  # noqa: E402
-
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
