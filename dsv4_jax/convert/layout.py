@@ -1,0 +1,249 @@
+"""On-disk layout of a converted checkpoint: one zarr v3 array per pytree leaf, grouped in units (``top``, one per
+layer, one per MTP block), written with TensorStore and restorable onto any mesh.
+
+Why this layout: the weights pytree (``dsv4_jax.modeling.weights``) is flattened once into :class:`Leaf` records in
+``jax.tree_util`` order, so the converter and both loaders agree on every array by construction. Each leaf is a plain
+zarr v3 array (``bytes`` codec, no compression: FP8/FP4 codes barely compress and decoding would cost more than the
+disk saves) in the ``file`` kvstore, so every chunk is one file whose bytes are the tensor's raw little-endian bytes:
+the output of a conversion is byte-for-byte reproducible, and a restore onto a mesh reads only the chunks that
+overlap the local shards. Chunks never cross an expert (routed experts: one chunk per expert, so expert parallelism
+reads exactly its experts' bytes) and split the other logically shardable axes (heads, vocab, ...) in halves down
+to ``CHUNK_BYTES``, independently of any mesh.
+
+Directory::
+
+    OUT/config.json, generation_config.json, tokenizer*, inference/...  copied from the source (non-weight files)
+    OUT/weights/plan.json                       what this conversion writes and from which source (resume check)
+    OUT/weights/<unit>/<leaf>/zarr.json, c/...  one array per leaf, e.g. weights/layers.3/ffn.w1.packed/
+    OUT/weights/<unit>.done.json                unit committed: crc32 of every source tensor's stored bytes
+    OUT/.dsv4_convert.lock                      empty; locked while a converter writes the directory
+    OUT/dsv4_manifest.json                      written last: the commit marker (absent = incomplete)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.convert.safetensors_io import CheckpointError
+from dsv4_jax.modeling.quant import Fp4Tensor, Fp8Tensor
+from dsv4_jax.modeling.weights import Decl, materialize, storage_shapes, weight_decls
+
+FORMAT = "dsv4-jax/converted-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "dsv4_manifest.json"
+WEIGHTS = "weights"
+PLAN = "plan.json"
+LOCK = ".dsv4_convert.lock"  # held (flock) by the converter writing the directory
+CHUNK_BYTES = 4 << 20  # largest chunk (file) of a non-expert array; experts: one chunk per expert (<= this if split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One array of the weights pytree and where its bytes come from in the official checkpoint."""
+
+    path: str  # pytree path, e.g. "layers.3.ffn.w1.packed"
+    unit: str  # "top" | "layers.3" | "mtp.0": the conversion (and resume) unit
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name as stored: float8_e4m3fn, uint8, bfloat16, float32, int32
+    chunks: tuple[int, ...]
+    sources: tuple[str, ...]  # official tensor names; stacked leaves: one per expert (leading axis)
+    stacked: bool
+    narrow_i64: bool  # tid2eid: I64 on disk, int32 in the pytree
+
+    @property
+    def rel(self) -> str:
+        """Path of the array inside its unit directory."""
+        return self.path[len(self.unit) + 1:] if self.unit != "top" else self.path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def source_index(self, i: int) -> tuple:
+        """Index of source tensor ``i`` inside the leaf (an expert row, or everything)."""
+        return (i,) if self.stacked else ()
+
+
+class _Slot:
+    """Placeholder leaf (not a pytree node) carrying a declaration and its stored component."""
+
+    def __init__(self, decl: Decl, comp: str):
+        self.decl, self.comp = decl, comp
+
+
+def _slots(d: Decl):
+    parts = {k: _Slot(d, k) for k in storage_shapes(d)}
+    if d.kind == "fp8":
+        return Fp8Tensor(q=parts["q"], scale=parts["scale"])
+    if d.kind == "fp4":
+        return Fp4Tensor(packed=parts["packed"], scale=parts["scale"])
+    return parts["value"]
+
+
+def _key_str(k) -> str:
+    for attr in ("name", "idx", "key"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise TypeError(f"unexpected pytree key {k!r}")
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, axes: tuple, stacked: bool,
+                target: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk of one array: one expert per chunk for stacked arrays, then the largest logically shardable axis (a
+    named logical axis; any axis if none is named) halved until the chunk is at most ``target`` bytes."""
+    chunk = list(shape)
+    first = 1 if stacked else 0
+    if stacked:
+        chunk[0] = 1
+    cand = [i for i in range(first, len(shape)) if axes[i] is not None] or list(range(first, len(shape)))
+    while math.prod(chunk) * itemsize > target:
+        splittable = [i for i in cand if chunk[i] > 1]
+        if not splittable:
+            break
+        i = max(splittable, key=lambda j: chunk[j])
+        chunk[i] = -(-chunk[i] // 2)
+    return tuple(max(1, c) for c in chunk)
+
+
+def plan_leaves(cfg: Config) -> tuple[Any, list[Leaf]]:
+    """``(treedef, leaves)`` of the weights pytree of ``cfg`` in ``jax.tree_util`` flatten order."""
+    tree = materialize(weight_decls(cfg), _slots)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for keypath, slot in flat:
+        d, comp = slot.decl, slot.comp
+        path = ".".join(_key_str(k) for k in keypath)
+        parts = path.split(".")
+        unit = ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "top"
+        shape, dt = storage_shapes(d)[comp]
+        dtype = np.dtype(dt).name
+        suffix = {"q": ".weight", "packed": ".weight", "scale": ".scale", "value": ""}[comp]
+        keys = [d.key.format(e=e) for e in range(d.n_stack)] if d.n_stack else [d.key]
+        axes = d.axes if len(d.axes) == len(shape) else (None,) * len(shape)
+        leaves.append(Leaf(path=path, unit=unit, shape=tuple(shape), dtype=dtype,
+                           chunks=chunk_shape(tuple(shape), np.dtype(dtype).itemsize, axes, bool(d.n_stack)),
+                           sources=tuple(k + suffix for k in keys), stacked=bool(d.n_stack),
+                           narrow_i64=d.kind == "i32"))
+    return treedef, leaves
+
+
+def units_of(leaves: list[Leaf]) -> dict[str, list[Leaf]]:
+    """Leaves grouped by unit, units in pytree order (top-level tensors first)."""
+    out: dict[str, list[Leaf]] = {}
+    for leaf in leaves:
+        out.setdefault(leaf.unit, []).append(leaf)
+    return out
+
+
+def leaf_record(leaf: Leaf) -> dict:
+    return {"unit": leaf.unit, "shape": list(leaf.shape), "dtype": leaf.dtype, "chunks": list(leaf.chunks)}
+
+
+def plan_digest(leaves: list[Leaf]) -> str:
+    """sha256 of everything that decides the bytes written (paths, shapes, dtypes, chunks, sources)."""
+    h = hashlib.sha256()
+    for leaf in leaves:
+        h.update(json.dumps(dataclasses.astuple(leaf)).encode())
+    h.update(f"{FORMAT}/{FORMAT_VERSION}".encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- TensorStore specs
+def array_spec(root: Path, leaf: Leaf, create: bool) -> dict:
+    """TensorStore spec of one leaf under the converted directory ``root`` (absolute paths built at open time, so a
+    converted directory can be moved)."""
+    where = str(Path(root).resolve() / WEIGHTS / leaf.unit / leaf.rel) + "/"
+    spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": where},
+                  "recheck_cached_data": False, "recheck_cached_metadata": False}
+    if create:
+        spec["metadata"] = {
+            "shape": list(leaf.shape), "data_type": leaf.dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(leaf.chunks)}},
+            "chunk_key_encoding": {"name": "default"},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}], "fill_value": 0}
+        spec.update(create=True, delete_existing=True, store_data_equal_to_fill_value=True)
+    else:
+        spec["fill_missing_data_reads"] = False  # a missing chunk file is an error, never silent zeros
+    return spec
+
+
+def ts_context(io_sync: bool = True):
+    """TensorStore context: enough file I/O concurrency to keep a disk busy, data copies on every core."""
+    import tensorstore as ts
+
+    return ts.Context({"file_io_sync": io_sync, "file_io_concurrency": {"limit": 32},
+                       "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
+                       "cache_pool": {"total_bytes_limit": 0}})
+
+
+# ------------------------------------------------------------------------------------------- converted directories
+def looks_converted(path: Path) -> bool:
+    """Whether ``path`` is (the start of) a converted checkpoint rather than an official one."""
+    return (path / MANIFEST).is_file() or (path / WEIGHTS / PLAN).is_file() or (path / LOCK).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    """The commit marker of a converted directory; a clear error when the conversion is incomplete or corrupted."""
+    f = path / MANIFEST
+    if not f.is_file():
+        raise CheckpointError(f"{path}: incomplete converted checkpoint (no {MANIFEST}, which is written last): "
+                              "the conversion was interrupted or is still running; rerun `dsv4-convert SRC "
+                              f"{path}` to finish it")
+    try:
+        m = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: corrupted manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not a dsv4-jax converted checkpoint manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{f}: format version {m.get('format_version')}, this dsv4-jax reads "
+                              f"{FORMAT_VERSION}; reconvert the official checkpoint")
+    return m
+
+
+def check_manifest(path: Path, manifest: dict, leaves: list[Leaf]) -> None:
+    """Raise one error listing every leaf of ``cfg`` that the converted directory lacks or stores differently."""
+    stored = manifest.get("leaves", {})
+    problems = []
+    for leaf in leaves:
+        rec = stored.get(leaf.path)
+        if rec is None:
+            problems.append(f"  {leaf.path}: missing")
+        elif rec.get("shape") != list(leaf.shape) or rec.get("dtype") != leaf.dtype:
+            problems.append(f"  {leaf.path}: {rec.get('dtype')}{rec.get('shape')}, expected {leaf.dtype}"
+                            f"{list(leaf.shape)}")
+    extra = sorted(set(stored) - {leaf.path for leaf in leaves})
+    if extra:
+        problems.append(f"  unexpected ({len(extra)}): " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"{path / MANIFEST}: converted checkpoint does not match the config:\n"
+                              + "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON durably: temp file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
