@@ -1,0 +1,322 @@
+"""Generation: chunked prefill, then every decode step on device in one ``lax.while_loop`` (or ``lax.scan`` chunks).
+
+Pipeline (each stage one jitted program, the model state donated from stage to stage so the caches are never copied):
+
+1. **prefill** -- prompts are right-padded into ``[B, L]`` and fed in chunks whose sizes come from a small fixed set
+   (``prefill_chunks``), with per-row ``lengths``: a row whose prompt is shorter takes 0 tokens in later chunks and
+   is left untouched. Each row keeps the logits of its last prompt token from the chunk where its prompt ends. Any
+   prompt length therefore compiles at most ``len(prefill_chunks)`` prefill programs.
+2. **start** -- samples token 0 of every row and builds the :class:`DecodeCarry`.
+3. **decode** -- :func:`generate` runs one ``lax.while_loop`` until every row is done; :func:`generate_stream` runs
+   ``lax.scan`` over ``steps_per_call`` steps per call and yields the new tokens. Both apply the same step function
+   with the same per-row keys (``fold_in(row_key, token_index)``), so they give identical tokens.
+
+A done row (stop token sampled, or ``max_new_tokens`` reached) is fed with length 0: its caches, position and output
+stop changing while the other rows go on. Programs depend on the batch size and ``max_len`` (rounded up to a bucket
+by default), never on the prompt lengths, ``max_new_tokens``, the sampling parameters (only the noise method is
+static) or the stop tokens (up to four share one shape).
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.model import forward_jit
+from dsv4_jax.modeling.state import State, init_state
+from dsv4_jax.modeling.weights import Weights
+from dsv4_jax.sampling import SamplingConfig, row_keys, sample, step_keys
+
+DEFAULT_CHUNKS = (16, 64, 256, 1024)
+PAD = -1  # output buffer entries after a row stopped
+STOP_SLOTS = 4  # the stop-token list is padded to a multiple of this (bounded shapes)
+
+# Number of traces (= compiled programs) per stage. Incremented while tracing, so it counts distinct programs.
+TRACES: collections.Counter = collections.Counter()
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many programs each generation stage has compiled so far in this process (tests bound this)."""
+    return dict(TRACES)
+
+
+@struct.dataclass
+class DecodeCarry:
+    """Everything the decode loop needs, carried through ``lax.while_loop`` / ``lax.scan`` on device."""
+
+    state: State  # all caches (window ring, compressed KV, compressor buffers, indexer keys) + per-row positions
+    last: jax.Array  # int32 [B] the newest token of each row (the next step's input)
+    out: jax.Array  # int32 [B, max_len] generated tokens, PAD after the row stopped
+    n_out: jax.Array  # int32 [B] tokens generated per row
+    step: jax.Array  # int32 [] index of the next token to generate (same for all rows)
+    done: jax.Array  # bool [B]
+    keys: jax.Array  # PRNG keys [B], one stream per row
+    limit: jax.Array  # int32 [] max_new_tokens
+    stop: jax.Array  # int32 [n] stop token ids, padded with -1
+    temperature: jax.Array  # f32 [B]
+    top_k: jax.Array  # int32 [B]
+    top_p: jax.Array  # f32 [B]
+    method: str = struct.field(pytree_node=False, default="gumbel")  # sampling noise (static)
+
+
+def demo_model(seed: int = 0, numerics: str = "float32") -> tuple[Config, Weights]:
+    """The built-in tiny random-weight model of ``scripts/generate.py``, the notebook and the tests.
+
+    Three layers (window-only hash-routed, CSA with indexer, HCA), window 8, vocabulary 512, so every boundary is
+    crossed within a few hundred tokens and a program compiles in seconds on a CPU. The weights are a random
+    checkpoint in the official on-disk format (numpy, written to a temporary directory) read back by
+    :func:`dsv4_jax.load_weights`: much faster than an eager ``init_weights`` on a CPU, and the real loading path.
+    """
+    from dsv4_jax.checkpoint import load_weights
+    from dsv4_jax.convert.synthetic import hf_config_dict, write_random_checkpoint
+
+    hf = hf_config_dict(vocab_size=512, num_hidden_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1,
+                        sliding_window=8, index_topk=4)
+    with tempfile.TemporaryDirectory(prefix="dsv4_demo_") as tmp:
+        write_random_checkpoint(tmp, hf, seed=seed)
+        cfg = Config.from_pretrained(tmp, numerics=numerics)
+        return cfg, load_weights(tmp, cfg)
+
+
+# ------------------------------------------------------------------------------------------ host-side checks
+def bucket_len(n: int) -> int:
+    """Default cache length for ``n`` tokens: a power of two >= 128 up to 8192, then a multiple of 8192. Bounds the
+    number of distinct state shapes (hence programs) while wasting at most 2x (small) or 8191 tokens (large)."""
+    if n <= 8192:
+        return max(128, 1 << (n - 1).bit_length())
+    return -(-n // 8192) * 8192
+
+
+def chunk_plan(length: int, chunks: Sequence[int]) -> list[int]:
+    """Chunk sizes covering ``length`` prompt tokens: the smallest chunk covering the rest when it is at most twice
+    the rest (or nothing smaller fits), else the largest chunk that fits. E.g. (16, 64, 256, 1024): 300 -> 256 + 64,
+    1000 -> 1024, 17 -> 16 + 16."""
+    chunks = sorted(set(int(c) for c in chunks))
+    plan, rem = [], length
+    while rem > 0:
+        cover = [c for c in chunks if c >= rem]
+        fits = [c for c in chunks if c <= rem]
+        c = cover[0] if cover and (cover[0] <= 2 * rem or not fits) else fits[-1]
+        plan.append(c)
+        rem -= c
+    return plan
+
+
+def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunks) -> tuple[list[list[int]], int]:
+    """Validate everything before any compute; return the prompts as int lists and the cache length."""
+    if isinstance(prompts, np.ndarray | jax.Array):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, Sequence) or not prompts or isinstance(prompts, str):
+        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+    rows = []
+    for b, p in enumerate(prompts):
+        if isinstance(p, int | np.integer) or isinstance(p, str):
+            raise ValueError(f"generate: row {b} is {p!r}; prompts must be a list of token-id lists")
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"generate: row {b} has an empty prompt (start it with BOS id {cfg.bos_token_id})")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"generate: row {b} has token id {bad[0]} at position {p.index(bad[0])}, outside the "
+                             f"vocabulary [0, {cfg.vocab_size})")
+        rows.append(p)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be an int >= 1")
+    if not chunks or any(int(c) < 1 for c in chunks):
+        raise ValueError(f"generate: prefill_chunks={chunks} must be positive sizes")
+    longest = max(len(p) for p in rows)
+    if max_len is None:
+        max_len = bucket_len(longest + max_new_tokens)
+    for b, p in enumerate(rows):
+        if len(p) > max_len:
+            raise ValueError(f"generate: row {b} has a {len(p)}-token prompt, longer than the cache (max_len="
+                             f"{max_len})")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(f"generate: row {b} needs {len(p)} prompt + {max_new_tokens} new tokens = "
+                             f"{len(p) + max_new_tokens} > max_len={max_len}; lower max_new_tokens to "
+                             f"{max_len - len(p)} or raise max_len")
+    return rows, int(max_len)
+
+
+# ------------------------------------------------------------------------------------------ jitted stages
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _fresh_state(cfg: Config, batch: int, max_len: int) -> State:
+    """``init_state`` as a program: its outputs are distinct device buffers. (``init_state`` hands out one zeros
+    buffer for both ``pos`` and ``mtp_pos``, and a donated argument must not alias another.)"""
+    TRACES["state"] += 1
+    return init_state(cfg, batch, max_len)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state", "first_logits"))
+def _prefill_chunk(weights, cfg: Config, tokens: jax.Array, lengths: jax.Array, ends: jax.Array, state: State,
+                   first_logits: jax.Array) -> tuple[State, jax.Array]:
+    """One prefill chunk ``tokens [B,C]`` (``lengths [B]`` valid); rows whose prompt ends here (``ends [B]``) take
+    their last-token logits into ``first_logits [B,V]``."""
+    TRACES["prefill"] += 1
+    with jax.named_scope("prefill"):
+        logits, state = forward_jit(weights, cfg, tokens, state, lengths, return_logits="last")
+    return state, jnp.where(ends[:, None], logits, first_logits)
+
+
+def _is_stop(tok: jax.Array, stop: jax.Array) -> jax.Array:
+    """``tok [B]`` in ``stop [n]`` (padded with -1, which no token equals) -> bool ``[B]``."""
+    return jnp.any(tok[:, None] == stop[None, :], axis=-1)
+
+
+@partial(jax.jit, static_argnames=("method",), donate_argnames=("state",))
+def _start(first_logits: jax.Array, state: State, keys: jax.Array, limit: jax.Array, stop: jax.Array,
+           temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, method: str) -> DecodeCarry:
+    """Sample token 0 of every row from the prefill logits ``[B,V]`` and build the decode carry."""
+    TRACES["start"] += 1
+    B = first_logits.shape[0]
+    tok = sample(first_logits, step_keys(keys, jnp.int32(0)), temperature, top_k, top_p, method)  # [B]
+    out = jnp.full((B, state.max_len), PAD, jnp.int32).at[:, 0].set(tok)
+    done = _is_stop(tok, stop) | (limit <= 1)
+    return DecodeCarry(state=state, last=tok, out=out, n_out=jnp.ones((B,), jnp.int32), step=jnp.int32(1),
+                       done=done, keys=keys, limit=limit, stop=stop, temperature=temperature, top_k=top_k,
+                       top_p=top_p, method=method)
+
+
+def _step(weights, cfg: Config, c: DecodeCarry) -> DecodeCarry:
+    """One decode step for every row that is not done (done rows take 0 tokens: nothing of theirs changes)."""
+    active = ~c.done  # [B]
+    with jax.named_scope("decode_step"):
+        logits, state = forward_jit(weights, cfg, c.last[:, None], c.state, active.astype(jnp.int32),
+                                    return_logits="last")  # [B,V]
+        tok = sample(logits, step_keys(c.keys, c.step), c.temperature, c.top_k, c.top_p, c.method)  # [B]
+    tok = jnp.where(active, tok, c.last)
+    out = c.out.at[:, c.step].set(jnp.where(active, tok, PAD), mode="drop")
+    n_out = c.n_out + active.astype(jnp.int32)
+    done = c.done | _is_stop(tok, c.stop) | (n_out >= c.limit)
+    return c.replace(state=state, last=tok, out=out, n_out=n_out, step=c.step + 1, done=done)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("carry",))
+def _decode_while(weights, cfg: Config, carry: DecodeCarry) -> DecodeCarry:
+    """Decode until every row is done, all on device."""
+    TRACES["decode_while"] += 1
+    return jax.lax.while_loop(lambda c: ~jnp.all(c.done), partial(_step, weights, cfg), carry)
+
+
+@partial(jax.jit, static_argnames=("cfg", "n_steps"), donate_argnames=("carry",))
+def _decode_scan(weights, cfg: Config, carry: DecodeCarry, n_steps: int) -> tuple[DecodeCarry, jax.Array]:
+    """``n_steps`` decode steps (skipped once every row is done); returns the carry and ``int32 [B, n_steps]`` new
+    tokens (PAD where a row produced none)."""
+    TRACES["decode_scan"] += 1
+
+    def body(c: DecodeCarry, _):
+        c2 = jax.lax.cond(jnp.all(c.done), lambda x: x, partial(_step, weights, cfg), c)
+        return c2, jnp.where(c.done, PAD, c2.last)
+
+    carry, toks = jax.lax.scan(body, carry, None, length=n_steps)
+    return carry, toks.T
+
+
+# ------------------------------------------------------------------------------------------ public entry points
+def prefill(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+            seed: int | Sequence[int] = 0, max_len: int | None = None, stop_tokens: Sequence[int] | None = None,
+            prefill_chunks: Sequence[int] = DEFAULT_CHUNKS) -> DecodeCarry:
+    """Check the request, prefill every prompt and sample token 0: the carry that :func:`decode` continues.
+
+    Args are those of :func:`generate`. Raises ``ValueError`` (naming the row and the numbers) before any compute.
+    """
+    sampling = SamplingConfig() if sampling is None else sampling
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
+    stop = [cfg.eos_token_id] if stop_tokens is None else [int(t) for t in stop_tokens]
+    rows, max_len = _check(cfg, prompts, max_new_tokens, max_len, prefill_chunks)
+    B = len(rows)
+    lens = np.array([len(p) for p in rows])
+    keys = row_keys(seed, B)
+    state = _fresh_state(cfg, B, max_len)
+    first = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    start = 0
+    for c in chunk_plan(int(lens.max()), prefill_chunks):
+        toks = np.zeros((B, c), np.int32)
+        for b, p in enumerate(rows):
+            seg = p[start:start + c]
+            toks[b, :len(seg)] = seg
+        n = np.clip(lens - start, 0, c).astype(np.int32)
+        ends = (lens > start) & (lens <= start + c)
+        state, first = _prefill_chunk(weights, cfg, jnp.asarray(toks), jnp.asarray(n), jnp.asarray(ends), state,
+                                      first)
+        start += c
+    stop_arr = np.full((-(-max(len(stop), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)  # bounded shapes
+    stop_arr[:len(stop)] = stop
+    return _start(first, state, keys, jnp.int32(max_new_tokens), jnp.asarray(stop_arr), *sampling.row_params(B),
+                  method=sampling.method)
+
+
+def decode(weights, cfg: Config, carry: DecodeCarry) -> DecodeCarry:
+    """Run the ``lax.while_loop`` until every row of ``carry`` is done. ``carry`` is donated: do not reuse it."""
+    if bool(jnp.all(carry.done)):  # e.g. max_new_tokens == 1: nothing to do, nothing to compile
+        return carry
+    return _decode_while(weights, cfg, carry)
+
+
+def tokens(carry: DecodeCarry) -> list[list[int]]:
+    """The generated ids of every row of a carry (one device-to-host copy)."""
+    out, n_out = jax.device_get((carry.out, carry.n_out))
+    return [np.asarray(out)[b, :n].tolist() for b, n in enumerate(np.asarray(n_out).tolist())]
+
+
+def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+             seed: int | Sequence[int] = 0, max_len: int | None = None, stop_tokens: Sequence[int] | None = None,
+             prefill_chunks: Sequence[int] = DEFAULT_CHUNKS) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` tokens after each prompt; the whole decode runs in one device loop.
+
+    Args:
+      prompts: a list of token-id lists (any lengths; BOS is not added).
+      sampling: :class:`SamplingConfig` (default: the release's ``generation_config.json`` values, Gumbel-max;
+        ``SamplingConfig.greedy()`` for argmax).
+      seed: an int (row ``b`` uses ``fold_in(key(seed), b)``) or one int per row (row ``b`` uses ``key(seed[b])``,
+        which makes a row's samples independent of the rest of the batch).
+      max_len: cache length; default :func:`bucket_len` of the longest prompt + ``max_new_tokens``.
+      stop_tokens: ids that end a row (default ``(cfg.eos_token_id,)``; ``()`` never stops early).
+      prefill_chunks: the allowed prefill chunk sizes (one compiled program each at most).
+    Returns:
+      The generated ids of each row, without the prompt; a row that stopped on a stop token ends with it.
+    """
+    carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
+                    stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
+    return tokens(decode(weights, cfg, carry))
+
+
+def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
+                    seed: int | Sequence[int] = 0, max_len: int | None = None,
+                    stop_tokens: Sequence[int] | None = None, prefill_chunks: Sequence[int] = DEFAULT_CHUNKS,
+                    steps_per_call: int = 8) -> Iterator[list[list[int]]]:
+    """Like :func:`generate`, but yields the new tokens of every row as they come.
+
+    The first item holds token 0 of every row (right after prefill: time to first token); each later item holds
+    what ``steps_per_call`` on-device steps (one ``lax.scan`` call) produced per row (``[]`` for finished rows).
+    Concatenating the items of a row gives exactly :func:`generate`'s output for it.
+    """
+    if int(steps_per_call) != steps_per_call or steps_per_call < 1:
+        raise ValueError(f"generate_stream: steps_per_call={steps_per_call} must be an int >= 1")
+    carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
+                    stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
+    first, done = jax.device_get((carry.last, carry.done))
+    yield [[int(t)] for t in first]
+    while not bool(np.all(done)):  # done also covers max_new_tokens (n_out >= limit)
+        carry, toks = _decode_scan(weights, cfg, carry, n_steps=int(steps_per_call))
+        toks, done = jax.device_get((toks, carry.done))
+        yield [[int(t) for t in row if t != PAD] for row in np.asarray(toks)]
+
+
+def max_programs(n_chunk_sizes: int) -> int:
+    """Upper bound on programs per (config, batch size, max_len, sampling method): the state constructor, one per
+    prefill chunk size, start, and the two decode loops (while, and scan for one ``steps_per_call``)."""
+    return n_chunk_sizes + 4
+
+
+__all__ = ["DEFAULT_CHUNKS", "DecodeCarry", "bucket_len", "chunk_plan", "compiled_programs", "decode", "demo_model",
+           "generate", "generate_stream", "max_programs", "prefill", "tokens"]
