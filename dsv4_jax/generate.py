@@ -34,6 +34,7 @@ from dsv4_jax.modeling.model import forward_jit
 from dsv4_jax.modeling.state import State, init_state
 from dsv4_jax.modeling.weights import Weights
 from dsv4_jax.sampling import SamplingConfig, row_keys, sample, step_keys
+from dsv4_jax.sharding import use_mesh_of
 
 DEFAULT_CHUNKS = (16, 64, 256, 1024)
 PAD = -1  # output buffer entries after a row stopped
@@ -285,9 +286,10 @@ def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampl
     Returns:
       The generated ids of each row, without the prompt; a row that stopped on a stop token ends with it.
     """
-    carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
-                    stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
-    return tokens(decode(weights, cfg, carry))
+    with use_mesh_of(weights):  # weights placed on a mesh (dsv4_jax.sharding): run under it
+        carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
+                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
+        return tokens(decode(weights, cfg, carry))
 
 
 def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
@@ -302,12 +304,14 @@ def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling
     """
     if int(steps_per_call) != steps_per_call or steps_per_call < 1:
         raise ValueError(f"generate_stream: steps_per_call={steps_per_call} must be an int >= 1")
-    carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
-                    stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
+    with use_mesh_of(weights):
+        carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
+                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
     first, done = jax.device_get((carry.last, carry.done))
     yield [[int(t)] for t in first]
     while not bool(np.all(done)):  # done also covers max_new_tokens (n_out >= limit)
-        carry, toks = _decode_scan(weights, cfg, carry, n_steps=int(steps_per_call))
+        with use_mesh_of(weights):
+            carry, toks = _decode_scan(weights, cfg, carry, n_steps=int(steps_per_call))
         toks, done = jax.device_get((toks, carry.done))
         yield [[int(t) for t in row if t != PAD] for row in np.asarray(toks)]
 
