@@ -66,8 +66,9 @@ def init_state(cfg: Config, batch_size: int, max_len: int) -> State:
         raise ValueError(f"init_state: batch_size={batch_size} and max_len={max_len} must be >= 1")
     layers = tuple(_layer_state(cfg, cfg.ratio(i), batch_size, max_len) for i in range(cfg.n_layers))
     mtp = tuple(_layer_state(cfg, cfg.ratio(cfg.n_layers + j), batch_size, max_len) for j in range(cfg.n_mtp_layers))
-    zeros = jnp.zeros((batch_size,), jnp.int32)
-    return State(pos=zeros, layers=layers, mtp=mtp, mtp_pos=zeros, max_len=max_len)
+    # two distinct buffers: a donated state must not alias one array twice
+    return State(pos=jnp.zeros((batch_size,), jnp.int32), layers=layers, mtp=mtp,
+                 mtp_pos=jnp.zeros((batch_size,), jnp.int32), max_len=max_len)
 
 
 def state_bytes(state: State) -> int:
