@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -34,6 +35,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,21 +93,31 @@ def _load_config(src: Path) -> Config:
         raise CheckpointError(str(e)) from None
 
 
-def _map(info: TensorInfo) -> np.memmap:
-    """Read-only map of one tensor's raw bytes (unmapped when the last reference goes)."""
-    return np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.nbytes,))
+def _map(info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
+    """Read-only map of one tensor's raw bytes: the mapping (to release its pages once written) and a uint8 view."""
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)
+    return mm, np.frombuffer(mm, np.uint8, count=info.nbytes, offset=info.start - start)
 
 
-def _stored_array(leaf: Leaf, info: TensorInfo) -> np.ndarray:
+def _release(mm: mmap.mmap) -> None:
+    """Drop a written tensor's pages from this process (RSS) at once. TensorStore may keep a reference to the source
+    array for a while; a later access would just fault the same bytes back in from the page cache."""
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _stored_array(leaf: Leaf, info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
     """The source tensor as stored in the leaf: the on-disk bytes viewed in the leaf dtype (tid2eid narrowed)."""
-    raw = _map(info)
+    mm, raw = _map(info)
     shape = leaf.shape[1:] if leaf.stacked else leaf.shape
     if leaf.narrow_i64:
         a = raw.view("<i8").reshape(shape)
         if a.size and (a.min() < 0 or a.max() >= np.iinfo(np.int32).max):
             raise CheckpointError(f"{info.file}: tensor {info.name} has values outside int32")
-        return a.astype(np.int32)
-    return raw.view(np.dtype(leaf.dtype)).reshape(shape)
+        return mm, a.astype(np.int32)
+    return mm, raw.view(np.dtype(leaf.dtype)).reshape(shape)
 
 
 def _crc(a: np.ndarray) -> int:
@@ -255,10 +267,12 @@ class _UnitWriter:
 
         self.ts, self.out, self.ckpt, self.plan_sha, self.budget = ts, out, ckpt, plan_sha, budget
         self.ctx = layout.ts_context()
-        self.pending: deque = deque()  # (future, nbytes, unit, description)
+        self.pending: deque = deque()  # (write future, nbytes, unit, description, source mapping, crc future)
         self.inflight = 0
         self.left: dict[str, int] = {}
-        self.crcs: dict[str, dict[str, int]] = {}
+        self.crcs: dict[str, dict[str, Future]] = {}
+        # crc32 (zlib releases the GIL) on other threads: it also faults the mapped pages in, in parallel
+        self.crc_pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="crc")
         self.progress, self.total, self.n_units = progress, total, n_units
         self.done_bytes, self.units_done, self.started = 0, 0, time.monotonic()
         self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
@@ -268,12 +282,14 @@ class _UnitWriter:
             self.progress(Progress(self.units_done, self.n_units, self.done_bytes, self.total, unit, self.started))
 
     def _retire_one(self) -> None:
-        fut, nbytes, unit, what = self.pending.popleft()
+        fut, nbytes, unit, what, mm, crc = self.pending.popleft()
         try:
             fut.result()
+            crc.result()
         except Exception as e:  # TensorStore raises ValueError/OSError-like errors with the OS message inside
             raise ConversionError(f"writing {what} failed: {e}. Fix the cause (e.g. free disk space) and rerun the "
                                   "same command: finished layers are kept and the conversion resumes") from None
+        _release(mm)
         self.inflight -= nbytes
         self.done_bytes += nbytes
         self.left[unit] -= 1
@@ -282,7 +298,8 @@ class _UnitWriter:
         self._report(unit)
 
     def _commit(self, unit: str) -> None:
-        marker = {"unit": unit, "plan_sha256": self.plan_sha, "crc32": dict(sorted(self.crcs.pop(unit).items()))}
+        crcs = {name: f.result() for name, f in sorted(self.crcs.pop(unit).items())}
+        marker = {"unit": unit, "plan_sha256": self.plan_sha, "crc32": crcs}
         layout.write_json_atomic(self.out / WEIGHTS / f"{unit}.done.json", marker)
         self.units_done += 1
         if self.delay:
@@ -305,14 +322,14 @@ class _UnitWriter:
         self.crcs[unit] = {}
         for info, leaf, i in jobs:
             prefetch.consume(info)
-            a = _stored_array(leaf, info)
-            self.crcs[unit][info.name] = _crc(a)
+            mm, a = _stored_array(leaf, info)
+            self.crcs[unit][info.name] = crc = self.crc_pool.submit(_crc, a)
             target = arrays[leaf.path][leaf.source_index(i)]
             # the source is a read-only file mapping: TensorStore may write straight from it (no copy)
             fut = target.write(a, can_reference_source_data_indefinitely=True)
-            self.pending.append((fut, a.nbytes, unit, f"{leaf.path} (from {info.name} in {info.file.name})"))
+            self.pending.append((fut, a.nbytes, unit, f"{leaf.path} (from {info.name} in {info.file.name})", mm, crc))
             self.inflight += a.nbytes
-            del a
+            del a, mm, crc
             while self.inflight > self.budget:
                 self._retire_one()
             self._retire_done()
@@ -322,6 +339,9 @@ class _UnitWriter:
     def finish(self) -> None:
         while self.pending:
             self._retire_one()
+
+    def close(self) -> None:
+        self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False, inflight_bytes: int = 1 << 30,
@@ -384,6 +404,7 @@ def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, pro
         w.finish()
     finally:
         prefetch.close()
+        w.close()
 
     aux = _copy_aux(src, out)
     manifest = {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "plan": plan,
