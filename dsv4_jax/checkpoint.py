@@ -45,9 +45,10 @@ def validate_checkpoint(ckpt: SafetensorsCheckpoint, cfg: Config) -> None:
         problems.insert(0, f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:8])
                         + (" ..." if len(unexpected) > 8 else ""))
     if problems:
+        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
         raise CheckpointError(f"{ckpt.path}: checkpoint does not match the config "
                               f"({cfg.n_layers} layers, {cfg.n_routed_experts} experts, dim {cfg.dim}):\n"
-                              + "\n".join(problems))
+                              + "\n".join(problems[:30]) + more)
 
 
 def _full(leaf: Leaf) -> tuple:

@@ -39,9 +39,13 @@ from dsv4_jax.config import Config  # noqa: E402
 from dsv4_jax.convert import layout  # noqa: E402
 from dsv4_jax.convert.synthetic import V4_FLASH_HF_OVERRIDES, hf_config_dict, write_random_checkpoint  # noqa: E402
 
+WARM = False
+
 
 def drop_caches() -> bool:
-    """Drop the page cache (needs root); False when not possible."""
+    """Drop the page cache (needs root); False when not possible or with --warm."""
+    if WARM:
+        return False
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -107,9 +111,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="where to write the conversion (default WORKDIR/converted; e.g. /dev/shm/x to take the "
                     "output disk out of the measurement)")
+    ap.add_argument("--warm", action="store_true",
+                    help="keep the source in the page cache instead of dropping caches (with --out on tmpfs: the "
+                    "converter's own throughput, no disk involved; needs RAM for source + output)")
     ap.add_argument("--keep", action="store_true", help="keep the converted output")
     ap.add_argument("--max-inflight-gb", type=float, default=1.0)
     args = ap.parse_args()
+    global WARM
+    WARM = args.warm
 
     n = args.layers
     ratios = [4 if i % 2 == 0 else 128 for i in range(n)] + [0]
@@ -171,7 +180,7 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(out)
     (args.workdir / "bench_convert.json").write_text(json.dumps(res, indent=1))
-    c = "cold" if cold else "WARM (page cache could not be dropped)"
+    c = "cold" if cold else ("WARM (--warm)" if args.warm else "WARM (page cache could not be dropped)")
     print(f"\n{res['machine']}; disk {res['disk']}; output on {res['out_disk']}; {res['date']}; reads {c}")
     print(f"source: {src_bytes / 1e9:.2f} GB ({n} V4-Flash layers + MTP + embed/head), largest unit "
           f"{largest / 1e9:.2f} GB")

@@ -24,6 +24,7 @@ from the source bytes during conversion.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -106,6 +107,23 @@ def _release(mm: mmap.mmap) -> None:
     array for a while; a later access would just fault the same bytes back in from the page cache."""
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the OS. TensorStore encodes chunks on many threads; glibc keeps what they free in
+    per-thread arenas, which made the RSS creep to several times the in-flight bytes on a slow disk."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None)
+            _LIBC.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _stored_array(leaf: Leaf, info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
@@ -268,7 +286,7 @@ class _UnitWriter:
         self.ts, self.out, self.ckpt, self.plan_sha, self.budget = ts, out, ckpt, plan_sha, budget
         self.ctx = layout.ts_context()
         self.pending: deque = deque()  # (write future, nbytes, unit, description, source mapping, crc future)
-        self.inflight = 0
+        self.inflight = self.since_trim = 0
         self.left: dict[str, int] = {}
         self.crcs: dict[str, dict[str, Future]] = {}
         # crc32 (zlib releases the GIL) on other threads: it also faults the mapped pages in, in parallel
@@ -292,6 +310,10 @@ class _UnitWriter:
         _release(mm)
         self.inflight -= nbytes
         self.done_bytes += nbytes
+        self.since_trim += nbytes
+        if self.since_trim > self.budget // 4:
+            self.since_trim = 0
+            _trim_heap()
         self.left[unit] -= 1
         if self.left[unit] == 0:
             self._commit(unit)
