@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 NUMERICS = ("reference", "float32")
 RELEASES = ("current", "initial")
+MOE_DISPATCH = ("auto", "gather", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,11 @@ class Config:
     # Reproduce torch's CPU bf16 rsqrt quirk (scalar tail loop rounds sqrt first) in the q per-head norm. Only for
     # comparing with the golden data, which the official code produced on CPU; GPUs round rsqrt correctly.
     cpu_rsqrt_tail: bool = False
+    # How a mesh exchanges tokens with the routed experts: "gather" (every device sees all tokens, partial sums are
+    # reduced), "all_to_all" (each token goes only to the devices owning its experts) or "auto" (all-to-all for
+    # batches with at least one (token, expert) pair per expert on average when the mesh has more devices than a
+    # token has experts, where it moves fewer bytes). Same results either way up to fp32 summation order.
+    moe_dispatch: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -79,6 +85,7 @@ class Config:
 
         need(self.numerics in NUMERICS, f"numerics={self.numerics!r}, expected one of {NUMERICS}")
         need(self.release in RELEASES, f"release={self.release!r}, expected one of {RELEASES}")
+        need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch={self.moe_dispatch!r}, expected one of {MOE_DISPATCH}")
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers + self.n_mtp_layers}")

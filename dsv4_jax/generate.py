@@ -34,7 +34,7 @@ from dsv4_jax.modeling.model import forward_jit
 from dsv4_jax.modeling.state import State, init_state
 from dsv4_jax.modeling.weights import Weights
 from dsv4_jax.sampling import SamplingConfig, row_keys, sample, step_keys
-from dsv4_jax.sharding import use_mesh_of
+from dsv4_jax.sharding import DATA, mesh_of, shard_state, use_mesh_of
 
 DEFAULT_CHUNKS = (16, 64, 256, 1024)
 PAD = -1  # output buffer entries after a row stopped
@@ -238,6 +238,9 @@ def prefill(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampli
     lens = np.array([len(p) for p in rows])
     keys = row_keys(seed, B)
     state = _fresh_state(cfg, B, max_len)
+    mesh = mesh_of(weights)
+    if mesh is not None and B % mesh.shape[DATA] == 0:  # rows over the data axis (else replicated: same results)
+        state = shard_state(state, mesh)
     first = jnp.zeros((B, cfg.vocab_size), jnp.float32)
     start = 0
     for c in chunk_plan(int(lens.max()), prefill_chunks):

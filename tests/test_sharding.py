@@ -85,3 +85,33 @@ def test_golden_checkpoint_on_a_mesh(golden_dir):
     out, _ = d.forward(ws, cfg, jnp.asarray(toks), sh.shard_state(d.init_state(cfg, 4, 160), mesh),
                        return_logits="last")
     assert _rel(out, ref) <= TOL
+
+
+@pytest.fixture(scope="module")
+def generated(model):
+    """Prompts of uneven lengths (8 rows: every data axis divides them) and their single-device generation."""
+    cfg, w, rng, _ = model
+    prompts = [[int(t) for t in rng.integers(2, cfg.vocab_size, n)] for n in (5, 17, 9, 30, 3, 12, 22, 8)]
+    return prompts, d.generate(w, cfg, prompts, 6, d.SamplingConfig(), seed=7, stop_tokens=())
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_generate_on_mesh_equals_single_device(model, generated, shape):
+    """Sampled generation (prefill chunks + on-device decode loop) on a mesh gives the single-device tokens."""
+    cfg, w, _, seed = model
+    prompts, ref = generated
+    ws = sh.shard_weights(w, cfg, sh.make_mesh(*shape))
+    got = d.generate(ws, cfg, prompts, 6, d.SamplingConfig(), seed=7, stop_tokens=())
+    assert got == ref, f"seed {seed} mesh {shape}"
+
+
+def test_golden_generate_on_a_mesh(golden_dir):
+    """Greedy generation from the golden checkpoint placed on an (8 x 1) mesh equals one device."""
+    cfg = d.Config.from_pretrained(golden_dir / "ckpt", numerics="float32")
+    z = np.load(golden_dir / "cases" / "b2_len130.npz")
+    rows = np.concatenate([z["prompt_tokens"]] * 4)  # 8 rows of 130 tokens, cut to uneven lengths
+    prompts = [[int(t) for t in row[:n]] for row, n in zip(rows, range(20, 100, 10))]
+    w = d.load_weights(golden_dir / "ckpt", cfg)
+    ref = d.generate(w, cfg, prompts, 5, d.SamplingConfig.greedy(), stop_tokens=())
+    ws = d.load_weights(golden_dir / "ckpt", cfg, mesh=sh.make_mesh(8, 1))
+    assert d.generate(ws, cfg, prompts, 5, d.SamplingConfig.greedy(), stop_tokens=()) == ref

@@ -1,12 +1,21 @@
 """Mixture of experts (spec 9): sqrt-softplus router in fp32, hash routing on the first layers, SwiGLU experts.
 
 The routing weight multiplies the SwiGLU activation (fp32) before the down projection; expert outputs are summed in
-fp32 in ascending expert id, the shared expert last, and the sum is rounded once. This XLA reference path scans the
-experts one at a time, dequantizing only the expert in hand (never a full bf16 copy) and skipping experts no token
-was routed to.
+fp32 in ascending expert id, the shared expert last, and the sum is rounded once. The per-pair expert compute lives
+in ``experts.py``; this module routes and, on a mesh, moves tokens to the devices that own their experts
+(expert parallelism over all devices, ``EXPERT_AXES``) by one of two strategies:
+
+* gather (small batches, decode): every device sees all tokens, runs its own experts on the pairs routed to them
+  and the fp32 partial sums are reduced with one ``psum``. Two collectives, latency-bound sizes.
+* all-to-all (large batches on meshes with more devices than experts per token): tokens are split over the
+  devices, each (token, expert) pair travels only to the device owning the expert (``ragged_all_to_all`` on GPUs;
+  on CPU, which lacks it, a dense ``all_to_all`` with the same result), the fp32 outputs travel back and each token's
+  pairs are added in ascending expert id exactly as on one device.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +23,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
-from dsv4_jax.modeling.quant import HIGHEST, linear, quantized_input
+from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
+from dsv4_jax.modeling.quant import HIGHEST, quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
 
 EXPERT_AXES = ("data", "model")  # routed experts are split over every device of the mesh
@@ -33,68 +43,6 @@ def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax
     return idx.astype(jnp.int32), wts
 
 
-def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool):
-    """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs)."""
-    dt, sim = cfg.act_dtype, cfg.simulate
-    g = linear(x, w1, dt, sim, xq).astype(jnp.float32)
-    u = linear(x, w3, dt, sim, xq).astype(jnp.float32)
-    if clamp and cfg.swiglu_limit > 0:
-        lim = np.float32(cfg.swiglu_limit)
-        u = jnp.clip(u, -lim, lim)
-        g = jnp.minimum(g, lim)
-    a = jax.nn.silu(g) * u
-    if weight is not None:
-        a = weight[:, None] * a
-    return linear(a.astype(dt), w2, dt, sim)
-
-
-def _routed(cfg: Config, xt, xq, idx, wts, w1s, w2s, w3s, first_expert) -> jax.Array:
-    """Sum of the routed experts ``first_expert ..`` (the stacked slices given) over all tokens, fp32 ``[T, D]``,
-    accumulated in ascending expert id; experts no token was routed to are skipped."""
-
-    def expert_step(y, inp):
-        e, w1, w2, w3 = inp
-        hit = idx == e  # [T,k]
-        weight = jnp.sum(jnp.where(hit, wts, 0.0), axis=-1)  # [T]
-        routed = jnp.any(hit, axis=-1)
-
-        def run(_):
-            out = swiglu(cfg, xt, xq, w1, w2, w3, weight, clamp=True)
-            return jnp.where(routed[:, None], out.astype(jnp.float32), 0.0)
-
-        return y + jax.lax.cond(jnp.any(routed), run, lambda _: jnp.zeros_like(y), None), None
-
-    n_local = w1s.packed.shape[0]
-    y0 = jnp.zeros(xt.shape, jnp.float32)
-    y, _ = jax.lax.scan(expert_step, y0, (first_expert + jnp.arange(n_local), w1s, w2s, w3s))
-    return y
-
-
-def _routed_gather(cfg: Config, xt, xq, idx, wts, w1s, w2s, w3s, first_expert) -> jax.Array:
-    """Same sum as :func:`_routed` for few tokens (decode): gathers only the (token, expert) pairs' weights, so a
-    step reads ``T*k`` experts instead of looping over all of them. Per token the experts are added in ascending
-    id, as the reference does."""
-    T, k = idx.shape
-    order = jnp.argsort(idx, axis=-1)
-    e_sorted = jnp.take_along_axis(idx, order, axis=-1) - first_expert  # [T,k] local ids
-    w_sorted = jnp.take_along_axis(wts, order, axis=-1)
-    n_local = w1s.packed.shape[0]
-    mine = (e_sorted >= 0) & (e_sorted < n_local)
-    sel = jnp.clip(e_sorted, 0, n_local - 1).reshape(-1)  # [T*k]
-    take = lambda t: jax.tree_util.tree_map(lambda a: a[sel], t)
-    xs, xqs = jnp.repeat(xt, k, axis=0), jnp.repeat(xq, k, axis=0)  # [T*k, D]
-
-    def one(x, xq1, w1, w2, w3, wt):
-        return swiglu(cfg, x[None], xq1[None], w1, w2, w3, wt[None], clamp=True)[0]
-
-    out = jax.vmap(one)(xs, xqs, take(w1s), take(w2s), take(w3s), w_sorted.reshape(-1))  # [T*k, D]
-    out = jnp.where(mine.reshape(-1, 1), out.astype(jnp.float32), 0.0).reshape(T, k, -1)
-    y = out[:, 0]
-    for j in range(1, k):
-        y = y + out[:, j]
-    return y
-
-
 def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
 
@@ -106,22 +54,102 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.A
     xq = quantized_input(xt, cfg.simulate)  # the experts' first GEMMs share one activation quantization
 
     with jax.named_scope("routed_experts"):
-        mesh = jax.sharding.get_abstract_mesh()
-        n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
-        # few (token, expert) pairs per device-local expert set: gather them; otherwise loop over the experts
-        routed = _routed_gather if xt.shape[0] * idx.shape[1] < cfg.n_routed_experts // n_dev else _routed
-        if n_dev == 1:
-            y = routed(cfg, xt, xq, idx, wts, w.w1, w.w2, w.w3, first_expert=0)
-        else:
-            # expert parallelism: every device sees all tokens, runs its own experts, and the partial sums are
-            # reduced (the small-batch strategy: one all-gather of the tokens, one psum of [T, D] fp32)
-            def local(xt, xq, idx, wts, w1, w2, w3):
-                first = jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
-                return jax.lax.psum(routed(cfg, xt, xq, idx, wts, w1, w2, w3, first), EXPERT_AXES)
-
-            ex = P(EXPERT_AXES)
-            y = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), ex, ex, ex), out_specs=P(),
-                              check_vma=False)(xt, xq, idx, wts, w.w1, w.w2, w.w3)
+        y = routed_experts(cfg, w, xt, xq, idx, wts)
     with jax.named_scope("shared_expert"):
         y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp).astype(jnp.float32)
     return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)
+
+
+def dispatch_strategy(cfg: Config, n_tokens: int, n_dev: int) -> str:
+    """"gather" or "all_to_all" for ``n_tokens`` tokens on ``n_dev`` expert-parallel devices (``cfg.moe_dispatch``).
+
+    Bytes each device receives per MoE, in units of T*D: gather = (2 [bf16 tokens] + 8 [fp32 psum]) * (n-1)/n;
+    all-to-all = (6k/n [bf16 out, fp32 back] + 4 [fp32 all-gather of the outputs]) * (n-1)/n. All-to-all moves fewer
+    bytes iff n > k; it also costs four more collectives, so "auto" takes it only with >= 1 pair per expert.
+    """
+    if n_dev == 1:
+        return "local"
+    if cfg.moe_dispatch != "auto":
+        return cfg.moe_dispatch
+    k = cfg.n_activated_experts
+    return "all_to_all" if n_dev > k and n_tokens * k >= cfg.n_routed_experts else "gather"
+
+
+def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
+    """Sum of the routed experts for tokens ``xt [T,D]`` (``xq``: their FP8-quantized fp32 value), fp32 ``[T,D]``."""
+    T, k = idx.shape
+    mesh = jax.sharding.get_abstract_mesh()
+    n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
+    # few pairs per device-local expert set: gather their experts' weights; otherwise group the pairs by expert
+    pairs = pairs_grouped if T * k >= cfg.n_routed_experts // n_dev else pairs_gathered
+    tok = jnp.arange(T * k, dtype=jnp.int32) // k
+    strategy = dispatch_strategy(cfg, T, n_dev)
+    if strategy == "local":
+        return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx)
+    ex = P(EXPERT_AXES)
+    if strategy == "gather":
+        def local(xt, xq, idx, wts, w1, w2, w3):
+            first = jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
+            y = pairs(cfg, xt, xq, tok, idx.reshape(-1) - first, wts.reshape(-1), w1, w2, w3)
+            return jax.lax.psum(combine(y, idx), EXPERT_AXES)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), ex, ex, ex), out_specs=P(),
+                             check_vma=False)(xt, xq, idx, wts, w.w1, w.w2, w.w3)
+    if strategy != "all_to_all":
+        raise ValueError(f"unknown MoE dispatch {strategy!r}")
+    pad = -T % n_dev  # tokens split evenly over the devices; padding tokens route nowhere (expert -1)
+    xt_p = jnp.pad(xt, ((0, pad), (0, 0)))
+    idx_p = jnp.pad(idx, ((0, pad), (0, 0)), constant_values=-1)
+    wts_p = jnp.pad(wts, ((0, pad), (0, 0)))
+    ragged = jax.default_backend() != "cpu"
+    fn = functools.partial(_all_to_all_local, cfg, n_dev, ragged)
+    y = jax.shard_map(fn, mesh=mesh, in_specs=(ex, ex, ex, ex, ex, ex), out_specs=ex,
+                      check_vma=False)(xt_p, idx_p, wts_p, w.w1, w.w2, w.w3)
+    return y[:T]
+
+
+def _exchange(x, out, in_off, send_sizes, out_off, recv_sizes, n_dev: int, ragged: bool):
+    """``ragged_all_to_all`` over ``EXPERT_AXES``: rows ``x[in_off[j] : in_off[j] + send_sizes[j]]`` land in device
+    j's ``out`` at ``out_off[j]``; ``recv_sizes[i]`` rows arrive from device i. Without ``ragged`` (CPU), a dense
+    ``all_to_all`` of ``x.shape[0]``-row slots per device pair and a scatter give the same ``out``."""
+    if ragged:
+        return jax.lax.ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes, axis_name=EXPERT_AXES)
+    cap = x.shape[0]
+    r = jnp.arange(cap)
+    src = jnp.minimum(in_off[:, None] + r, cap - 1)  # [n_dev, cap]
+    tail = (1,) * (x.ndim - 1)
+    buf = jnp.where((r < send_sizes[:, None]).reshape(n_dev, cap, *tail), x[src], 0)
+    recv = jax.lax.all_to_all(buf, EXPERT_AXES, 0, 0)  # [n_dev (sender), cap, ...]
+    off = jax.lax.all_to_all(out_off, EXPERT_AXES, 0, 0)  # where each sender's rows go in my ``out``
+    dst = jnp.where(r < recv_sizes[:, None], off[:, None] + r, out.shape[0])
+    return out.at[dst.reshape(-1)].set(recv.reshape(n_dev * cap, *x.shape[1:]), mode="drop")
+
+
+def _all_to_all_local(cfg: Config, n_dev: int, ragged: bool, xt, idx, wts, w1, w2, w3):
+    """Per device: its ``T_l`` tokens ``xt [T_l,D]``, their choices ``idx/wts [T_l,k]`` (-1 = padding token) and its
+    ``n_local`` experts -> fp32 ``[T_l, D]``."""
+    T_l, k = idx.shape
+    n_pairs, n_local = T_l * k, w1.packed.shape[0]
+    e = idx.reshape(-1)
+    key = jnp.where(e >= 0, e, cfg.n_routed_experts)
+    order = jnp.argsort(key, stable=True)  # pairs grouped by destination device, then expert
+    dest = key // n_local  # n_dev for padding pairs: sent nowhere
+    send_sizes = jnp.zeros(n_dev + 1, jnp.int32).at[dest].add(1)[:n_dev]
+    in_off = jnp.cumsum(send_sizes) - send_sizes
+    sizes = jax.lax.all_gather(send_sizes, EXPERT_AXES)  # [sender, receiver]
+    me = jax.lax.axis_index(EXPERT_AXES)
+    before = jnp.cumsum(sizes, axis=0) - sizes  # rows of earlier senders in each receiver's buffer
+    out_off, recv_sizes = before[me], sizes[:, me]
+    R = n_dev * n_pairs  # worst case: every pair of every device is routed to this device (nothing is dropped)
+    xch = functools.partial(_exchange, n_dev=n_dev, ragged=ragged)
+    args = (in_off, send_sizes, out_off, recv_sizes)
+    x_in = xch(xt[order // k], jnp.zeros((R, xt.shape[1]), xt.dtype), *args)
+    e_in = xch((key[order] % n_local).astype(jnp.int32), jnp.full((R,), n_local, jnp.int32), *args)
+    w_in = xch(wts.reshape(-1)[order], jnp.zeros((R,), wts.dtype), *args)
+    with jax.named_scope("local_experts"):
+        y = pairs_grouped(cfg, x_in, quantized_input(x_in, cfg.simulate), jnp.arange(R), e_in, w_in, w1, w2, w3)
+    # send every output row back to the device and slot it came from
+    back = (jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes, (jnp.cumsum(sizes, axis=1) - sizes)[:, me], send_sizes)
+    y_back = xch(y, jnp.zeros((n_pairs, y.shape[1]), y.dtype), *back)  # row r = pair order[r]
+    y_pairs = jnp.zeros_like(y_back).at[order].set(y_back)
+    return combine(y_pairs, idx)

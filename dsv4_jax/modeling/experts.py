@@ -1,0 +1,114 @@
+"""Routed-expert compute on the (token, expert) pairs one device owns, in pure XLA.
+
+Two schedules with the same per-pair math (spec 9: SwiGLU with clamp, routing weight applied to the activation in
+fp32 before the down projection):
+
+* :func:`pairs_gathered` (decode, few pairs): gathers the weights of each pair's expert, so a step reads ``T*k``
+  experts' FP4 bytes and nothing else.
+* :func:`pairs_grouped` (prefill, large batches): pairs sorted by expert and laid out in blocks of ``C`` rows that
+  each belong to one expert (the layout a grouped-GEMM kernel uses); a scan over the blocks dequantizes one
+  expert's weights per block and skips the empty tail. Work is proportional to the pairs, not to experts x tokens.
+
+Either returns one fp32 row per pair; :func:`combine` sums a token's pairs in ascending expert id as the reference.
+Weights stay FP4: only the expert in hand is dequantized, never a bf16 copy of the stack.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.modeling.quant import linear
+
+
+def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool):
+    """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs)."""
+    dt, sim = cfg.act_dtype, cfg.simulate
+    g = linear(x, w1, dt, sim, xq).astype(jnp.float32)
+    u = linear(x, w3, dt, sim, xq).astype(jnp.float32)
+    if clamp and cfg.swiglu_limit > 0:
+        lim = np.float32(cfg.swiglu_limit)
+        u = jnp.clip(u, -lim, lim)
+        g = jnp.minimum(g, lim)
+    a = jax.nn.silu(g) * u
+    if weight is not None:
+        a = weight[:, None] * a
+    return linear(a.astype(dt), w2, dt, sim)
+
+
+def _take(tree, i):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def pairs_gathered(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s) -> jax.Array:
+    """Pairs ``(x[tok[r]], expert e[r], weight wt[r])`` -> fp32 ``[R, D]``; pairs with ``e`` outside the local stack
+    give zeros. Reads the weights of each pair's expert (for few pairs)."""
+    n_local = w1s.packed.shape[0]
+    valid = (e >= 0) & (e < n_local)
+    sel = jnp.clip(e, 0, n_local - 1)
+
+    def one(x1, xq1, w1, w2, w3, w):
+        return swiglu(cfg, x1[None], xq1[None], w1, w2, w3, w[None], clamp=True)[0]
+
+    out = jax.vmap(one)(x[tok], xq[tok], _take(w1s, sel), _take(w2s, sel), _take(w3s, sel), wt)
+    return jnp.where(valid[:, None], out.astype(jnp.float32), 0.0)
+
+
+def block_rows(n_pairs: int, n_local: int) -> int:
+    """Rows per block of the grouped layout: about the mean pairs per expert, a power of two in [8, 128]."""
+    mean = max(1, -(-n_pairs // max(1, n_local)))
+    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+
+
+def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | None = None) -> jax.Array:
+    """Same as :func:`pairs_gathered` for many pairs: sorted by expert into one-expert blocks of ``block`` rows."""
+    R, D = tok.shape[0], x.shape[-1]
+    n_local = w1s.packed.shape[0]
+    C = block or block_rows(R, n_local)
+    valid = (e >= 0) & (e < n_local)
+    key = jnp.where(valid, e, n_local)  # invalid pairs sort last and get no block
+    order = jnp.argsort(key, stable=True)  # [R]
+    e_sorted = key[order]
+    counts = jnp.zeros(n_local + 1, jnp.int32).at[key].add(1)[:n_local]  # [n_local]
+    padded = (counts + C - 1) // C * C
+    start_pad = jnp.cumsum(padded) - padded  # first slot of each expert's blocks
+    start = jnp.cumsum(counts) - counts  # first sorted row of each expert
+    n_blocks = -(-R // C) + min(n_local, R)  # static bound on sum(ceil(count / C))
+    n_slots = n_blocks * C
+    e_c = jnp.minimum(e_sorted, n_local - 1)
+    slot = jnp.where(e_sorted < n_local, start_pad[e_c] + jnp.arange(R) - start[e_c], n_slots)  # [R]
+    row_of_slot = jnp.full(n_slots, R, jnp.int32).at[slot].set(order.astype(jnp.int32), mode="drop")  # R = none
+    used_blocks = jnp.sum(padded) // C
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * C, side="right").astype(jnp.int32)
+
+    x_pad = jnp.concatenate([x[tok], jnp.zeros((1, D), x.dtype)])  # [R+1, D]: row R is the padding row
+    xq_pad = jnp.concatenate([xq[tok], jnp.zeros((1, D), xq.dtype)])
+    wt_pad = jnp.concatenate([wt, jnp.zeros((1,), wt.dtype)])
+
+    def step(out, b):
+        rows = jax.lax.dynamic_slice_in_dim(row_of_slot, b * C, C)  # [C]
+
+        def run(out):
+            ex = jnp.minimum(block_expert[b], n_local - 1)
+            y = swiglu(cfg, x_pad[rows], xq_pad[rows], _take(w1s, ex), _take(w2s, ex), _take(w3s, ex),
+                       wt_pad[rows], clamp=True)
+            return out.at[rows].set(y.astype(jnp.float32))  # padding slots all land on row R
+
+        return jax.lax.cond(b < used_blocks, run, lambda o: o, out), None
+
+    out, _ = jax.lax.scan(step, jnp.zeros((R + 1, D), jnp.float32), jnp.arange(n_blocks))
+    return out[:R]
+
+
+def combine(y: jax.Array, idx: jax.Array) -> jax.Array:
+    """Per-pair outputs ``[T*k, D]`` (pair ``t*k + j`` = token t's j-th choice ``idx[t, j]``) -> fp32 ``[T, D]``,
+    each token's experts added in ascending expert id, as the reference loops over experts."""
+    T, k = idx.shape
+    order = jnp.argsort(idx, axis=-1)  # [T,k]
+    y = jnp.take_along_axis(y.reshape(T, k, -1), order[..., None], axis=1)
+    acc = y[:, 0]
+    for j in range(1, k):
+        acc = acc + y[:, j]
+    return acc

@@ -1,0 +1,83 @@
+"""Routed-expert schedules and mesh dispatch strategies agree with each other and with one device.
+
+Float32 numerics: the schedules differ only in matmul shapes and (gather strategy) the cross-device psum order, so
+1e-5 relative (fp32 rounding of sums of a few hundred terms) bounds every comparison. Fresh random inputs each run;
+the seed is in the failure message.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsv4_jax as d
+from dsv4_jax import sharding as sh
+from dsv4_jax.modeling import experts as ex
+from dsv4_jax.modeling.moe import dispatch_strategy, moe
+from dsv4_jax.modeling.quant import quantized_input
+
+TOL = 1e-5
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cfg = d.Config.tiny(numerics="float32", n_layers=2, compress_ratios=(0, 0, 0), n_hash_layers=1, n_heads=8,
+                        o_groups=8, index_n_heads=8, n_routed_experts=16, n_activated_experts=3)
+    w = d.init_weights(cfg, jax.random.key(seed))
+    return cfg, w, np.random.default_rng(seed), seed
+
+
+def test_grouped_equals_gathered(setup):
+    """The block-grouped schedule equals the per-pair gather on random pairs, including pairs for other devices'
+    experts (ids outside the local stack give zeros) and block sizes that split experts over several blocks."""
+    cfg, w, rng, seed = setup
+    ffn = w.layers[1].ffn
+    T, R = 24, 70
+    x = jnp.asarray(rng.standard_normal((T, cfg.dim)), jnp.float32)
+    tok = jnp.asarray(rng.integers(0, T, R), jnp.int32)
+    e = jnp.asarray(rng.integers(-2, cfg.n_routed_experts + 3, R), jnp.int32)
+    wt = jnp.asarray(rng.uniform(0.1, 1.0, R), jnp.float32)
+    xq = quantized_input(x, cfg.simulate)
+    ref = ex.pairs_gathered(cfg, x, xq, tok, e, wt, ffn.w1, ffn.w2, ffn.w3)
+    outside = (np.asarray(e) < 0) | (np.asarray(e) >= cfg.n_routed_experts)
+    assert outside.any() and np.all(np.asarray(ref)[outside] == 0)
+    for block in (None, 8, 16):
+        got = ex.pairs_grouped(cfg, x, xq, tok, e, wt, ffn.w1, ffn.w2, ffn.w3, block=block)
+        assert _rel(got, ref) <= TOL, f"seed {seed} block {block}: rel {_rel(got, ref):.2e}"
+
+
+def test_dispatch_rule():
+    cfg = d.Config.v4_flash()  # 256 experts, 6 per token
+    assert dispatch_strategy(cfg, 4096, 1) == "local"
+    assert dispatch_strategy(cfg, 4096, 2) == "gather"  # n <= k: the gather moves fewer bytes
+    assert dispatch_strategy(cfg, 4096, 8) == "all_to_all"
+    assert dispatch_strategy(cfg, 8, 8) == "gather"  # decode: latency-bound
+    assert dispatch_strategy(cfg.with_(moe_dispatch="all_to_all"), 1, 2) == "all_to_all"
+    with pytest.raises(ValueError, match="moe_dispatch='ragged'"):
+        cfg.with_(moe_dispatch="ragged")
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_mesh_strategies_equal_one_device(setup, shape):
+    """The MoE block (router, hash routing, shared expert) on a mesh, with either strategy and with a token count
+    the mesh does not divide (padding tokens), equals one device; each strategy's choices are the same."""
+    cfg, w, rng, seed = setup
+    B, S = 2, 13  # 26 tokens: not a multiple of 8
+    x = jnp.asarray(rng.standard_normal((B, S, cfg.dim)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, S)), jnp.int32)
+    mesh = sh.make_mesh(*shape)
+    ws = sh.shard_weights(w, cfg, mesh)
+    for layer in (0, 1):  # hash-routed, then score-routed
+        ref, ref_idx = jax.jit(moe, static_argnums=0)(cfg, w.layers[layer].ffn, x, ids)
+        for strategy in ("gather", "all_to_all"):
+            c = cfg.with_(moe_dispatch=strategy)
+            with jax.set_mesh(mesh):
+                got, idx = jax.jit(moe, static_argnums=0)(c, ws.layers[layer].ffn, x, ids)
+            np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
+            assert _rel(got, ref) <= TOL, f"seed {seed} mesh {shape} layer {layer} {strategy}: {_rel(got, ref):.2e}"
