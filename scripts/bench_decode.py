@@ -6,13 +6,14 @@ bandwidth, and reports the floor (bytes / bandwidth) beside the median jitted de
 verifies, on a small random config, that every mesh of the available devices gives the single-device logits
 (float32 numerics).
 
-    python scripts/bench_decode.py --model flash --layers 3 --batch 1 --meshes 1x1,1x2,2x1 --check
+    python scripts/bench_decode.py --model flash --layers 3 --batch 1,32 --meshes 1x1,1x2,2x1 --check
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def pro_layers(n_layers: int, numerics: str) -> d.Config:
 
 
 def check_meshes(meshes, cfg=None, batch=8) -> list[dict]:
-    """Logits of every mesh vs one device, float32 numerics (default: a small config crossing every boundary)."""
+    """Logits of every mesh vs one device, float32 numerics (default: a small config crossing every boundary), with
+    each MoE dispatch strategy (the all-to-all one runs ``ragged_all_to_all`` on GPUs, which CPUs lack)."""
     cfg = cfg or d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
                                vocab_size=512, window_size=8, index_topk=4)
     w = jax.jit(lambda k: d.init_weights(cfg, k))(jax.random.key(0))
@@ -80,86 +82,135 @@ def check_meshes(meshes, cfg=None, batch=8) -> list[dict]:
     out = []
     for shape in meshes:
         mesh = sh.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
-        got, _ = d.forward(sh.shard_weights(w, cfg, mesh), cfg, toks, sh.shard_state(d.init_state(cfg, B, 160), mesh))
-        rel = float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
-        out.append({"mesh": list(shape), "max_rel_err_vs_1_device": rel, "layers": cfg.n_layers, "dim": cfg.dim})
-        print(f"check mesh {shape}: max rel err vs 1 device {rel:.2e}", flush=True)
+        for strategy in ("gather", "all_to_all") if mesh.size > 1 else ("auto",):
+            c = cfg.with_(moe_dispatch=strategy)
+            got, _ = d.forward(sh.shard_weights(w, c, mesh), c, toks, sh.shard_state(d.init_state(c, B, 160), mesh))
+            rel = float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
+            out.append({"mesh": list(shape), "moe_dispatch": strategy, "max_rel_err_vs_1_device": rel,
+                        "layers": cfg.n_layers, "dim": cfg.dim})
+            print(f"check mesh {shape} moe_dispatch={strategy}: max rel err vs 1 device {rel:.2e}", flush=True)
     return out
 
 
-def collective_time(mesh, nbytes: int, iters: int = 20) -> float:
-    """Median time of one psum over the whole mesh of an fp32 array of ``nbytes`` (the MoE combine's size)."""
-    from jax.sharding import PartitionSpec as P
+COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (all-reduce|all-gather|reduce-scatter|all-to-all|ragged-all-to-all|"
+                        r"collective-permute)(-start)?\(")
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "s32": jnp.int32, "f16": jnp.float16, "u8": jnp.uint8,
+          "pred": jnp.bool_, "s8": jnp.int8, "u32": jnp.uint32, "f8e4m3fn": jnp.float8_e4m3fn}
 
-    x = jnp.zeros((max(1, nbytes // 4),), jnp.float32)
-    f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, sh.EXPERT_AXES), mesh=mesh, in_specs=P(), out_specs=P()))
-    f(x).block_until_ready()
+
+def collectives_of(compiled_text: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op, dtype, result shape) of every collective in a compiled HLO module's text."""
+    out = []
+    for m in COLLECTIVE.finditer(compiled_text):
+        dt, dims, op = m.group(1), m.group(2), m.group(3)
+        out.append((op, dt, tuple(int(v) for v in dims.split(",") if v)))
+    return out
+
+
+def _timed(f, *args, iters=20) -> float:
+    jax.block_until_ready(f(*args))
     ts = []
     for _ in range(iters):
         t = time.perf_counter()
-        f(x).block_until_ready()
+        jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
 
-def bench(cfg, meshes, batch, max_len, iters, seed=0, sink=None) -> list[dict]:
+def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
+    """Sum of the device times of the step's collectives, each measured alone over the whole mesh at its size (an
+    all-reduce as a psum, any other kind as an all-gather producing the same bytes) inside a ``fori_loop`` of
+    ``reps`` dependent repetitions (so host dispatch is not counted): the time a step spends communicating if
+    nothing overlaps it."""
+    from jax.sharding import PartitionSpec as P
+
+    total, rows, cache = 0.0, [], {}
+    n, ax = mesh.size, sh.EXPERT_AXES
+    for op, dt, shape in colls:
+        size = int(np.prod(shape)) if shape else 1
+        key = (op == "all-reduce", DTYPES.get(dt, jnp.float32), size)
+        if key not in cache:
+            is_ar, dtype, sz = key
+            if is_ar:
+                body = lambda i, a: jax.lax.psum(a, ax) * jnp.asarray(0.5, a.dtype)
+                x, spec = jnp.zeros((sz,), dtype), P()
+            else:
+                chunk = -(-sz // n)
+                body = lambda i, a: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+                    jax.lax.all_gather(a, ax, tiled=True), jax.lax.axis_index(ax) * a.shape[0], a.shape[0])
+                x, spec = jnp.zeros((chunk * n,), dtype), P(ax)
+            f = jax.jit(jax.shard_map(lambda a, b=body: jax.lax.fori_loop(0, reps, b, a), mesh=mesh, in_specs=spec,
+                                      out_specs=spec, check_vma=False))
+            cache[key] = _timed(f, x, iters=5) / reps
+        total += cache[key]
+        rows.append({"op": op, "dtype": dt, "shape": list(shape), "s": cache[key]})
+    return total, rows
+
+
+def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None) -> list[dict]:
     results = []
+    t0 = time.perf_counter()  # random weights made once on the first device, then placed on each mesh
+    w0 = jax.jit(lambda k: d.init_weights(cfg, k))(jax.random.key(seed))
+    jax.block_until_ready(w0)
+    t_init = time.perf_counter() - t0
+    print(f"random init {t_init:.0f} s", flush=True)
     for shape in meshes:
-        if batch % shape[0]:
-            print(f"skip mesh {shape}: batch {batch} not divisible by its data axis", flush=True)
-            continue
         n = shape[0] * shape[1]
         devs = jax.devices()[:n]
         mesh = sh.make_mesh(*shape, devices=devs)
-        shardings = sh.weight_shardings(cfg, mesh)
+        w = w0 if n == 1 else jax.device_put(w0, sh.weight_shardings(cfg, mesh))
+        bw = copy_bandwidth(devs[0])
+        for batch in batches:
+            if batch % shape[0]:
+                print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
+                continue
+            res = step_timing(cfg, w, mesh, batch, max_len, iters, seed)
+            nbytes = step_bytes(cfg, w, d.init_state(cfg, batch, max_len), batch)
+            # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
+            per_dev = nbytes["total"] / n
+            res.update(mesh=list(shape), devices=n, device_kind=devs[0].device_kind, batch=batch, layers=cfg.n_layers,
+                       init_s=t_init, bytes_per_step=nbytes, bytes_per_device_est=per_dev, copy_bw_GBps=bw / 1e9,
+                       floor_s_per_device=per_dev / bw)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+            if sink:
+                sink(res)
+        del w
+    del w0
+    return results
+
+
+def step_timing(cfg, w, mesh, batch, max_len, iters, seed) -> dict:
+    """Median jitted decode-step time (state donated; the work per step does not depend on the position: fixed-size
+    ring, compressed cache and index buffers), and the step's collectives."""
+    state = sh.shard_state(d.init_state(cfg, batch, max_len), mesh)
+    with jax.set_mesh(mesh):
+        step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"), donate_argnums=2)
+        tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
         t0 = time.perf_counter()
-        w = jax.jit(lambda k: d.init_weights(cfg, k), out_shardings=shardings)(jax.random.key(seed))
-        jax.block_until_ready(w)
-        t_init = time.perf_counter() - t0
-        state = sh.shard_state(d.init_state(cfg, batch, max_len), mesh)
-        toks = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 64)))
-        with jax.set_mesh(mesh):
-            _, state = forward_jit(w, cfg, toks, state, return_logits="none")  # prefill 64 tokens
-            step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"), donate_argnums=2)
-            tok = jnp.zeros((batch, 1), jnp.int32)
-            t0 = time.perf_counter()
+        compiled = step.lower(w, tok, state).compile()
+        t_compile = time.perf_counter() - t0
+        colls = collectives_of(compiled.as_text()) if mesh.size > 1 else []
+        for _ in range(3):
+            logits, state = step(w, tok, state)
+        jax.block_until_ready(logits)
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
             logits, state = step(w, tok, state)
             jax.block_until_ready(logits)
-            t_compile = time.perf_counter() - t0
-            for _ in range(3):
-                logits, state = step(w, tok, state)
-            jax.block_until_ready(logits)
-            ts = []
-            for _ in range(iters):
-                t = time.perf_counter()
-                logits, state = step(w, tok, state)
-                jax.block_until_ready(logits)
-                ts.append(time.perf_counter() - t)
-        nbytes = step_bytes(cfg, w, state, batch)
-        bw = copy_bandwidth(devs[0])
-        # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
-        per_dev = nbytes["total"] / n
-        med = float(np.median(ts))
-        # collectives per step: the MoE psum of [B, D] fp32 and the output-projection all-reduce per layer
-        coll = collective_time(mesh, batch * cfg.dim * 4) if n > 1 else 0.0
-        res = {"collective_psum_BxD_s": coll, "collectives_per_step_est_s": coll * 2 * cfg.n_layers,
-               "mesh": list(shape), "devices": n, "device_kind": devs[0].device_kind, "batch": batch,
-               "layers": cfg.n_layers, "median_step_s": med, "min_step_s": float(np.min(ts)), "iters": iters,
-               "compile_s": t_compile, "init_s": t_init, "bytes_per_step": nbytes, "bytes_per_device_est": per_dev,
-               "copy_bw_GBps": bw / 1e9, "floor_s_per_device": per_dev / bw}
-        results.append(res)
-        print(json.dumps(res), flush=True)
-        if sink:
-            sink(res)
-        del w, state
-    return results
+            ts.append(time.perf_counter() - t)
+    coll, coll_rows = collective_time(mesh, colls) if mesh.size > 1 else (0.0, [])
+    return {"median_step_s": float(np.median(ts)), "min_step_s": float(np.min(ts)), "iters": iters,
+            "compile_s": t_compile, "collectives_in_step": len(colls), "collective_s_sum_alone": coll,
+            "collectives": coll_rows}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["flash", "pro", "tiny"], default="flash", help="tiny: smoke test")
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes")
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--meshes", default="1x1", help="comma list of DATAxMODEL")
@@ -169,7 +220,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
     meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes.split(",")]
-    jax.config.update("jax_default_prng_impl", "rbg")  # fast random init of GBs of weights
     print(f"devices: {jax.devices()}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "args": vars(args)}
     def save(_=None):
@@ -187,7 +237,8 @@ def main(argv=None) -> int:
         out["check_real"] = check_meshes([m for m in meshes if m != (1, 1)], real, batch=2)
         save()
     out["bench"] = []
-    bench(make(args.layers, args.numerics), meshes, args.batch, args.max_len, args.iters,
+    batches = [int(b) for b in args.batch.split(",")]
+    bench(make(args.layers, args.numerics), meshes, batches, args.max_len, args.iters,
           sink=lambda r: (out["bench"].append(r), save()))
     return 0
 

@@ -80,8 +80,10 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     T, k = idx.shape
     mesh = jax.sharding.get_abstract_mesh()
     n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
-    # few pairs per device-local expert set: gather their experts' weights; otherwise group the pairs by expert
-    pairs = pairs_grouped if T * k >= cfg.n_routed_experts // n_dev else pairs_gathered
+    # one device, few pairs: gather each pair's expert weights (one batched op). Otherwise group the pairs by expert:
+    # each expert's weights are read once, and on a mesh only the device's own experts (the gather schedule would
+    # compute every pair on every device)
+    pairs = pairs_gathered if n_dev == 1 and T * k < cfg.n_routed_experts else pairs_grouped
     tok = jnp.arange(T * k, dtype=jnp.int32) // k
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
