@@ -11,11 +11,13 @@ Order of work, and why:
    directory that holds another checkpoint's partial conversion is refused instead of mixing the two.
 3. Stream unit by unit (top-level tensors, each layer, each MTP block), tensors in file-offset order: a prefetch
    thread keeps the kernel reading ahead of us (``posix_fadvise``); each source tensor is memory-mapped, its crc32
-   computed, and handed (without a copy) to an asynchronous TensorStore write of its chunk file(s), fsynced. At most
+   computed, and handed (without a copy) to an asynchronous TensorStore write of its chunk file(s). At most
    ``inflight_bytes`` of writes and two units are outstanding, so host memory stays bounded whatever the checkpoint's
    size (a tensor's mapped pages are released once it is written). A unit whose writes have all completed gets its
    ``<unit>.done.json`` marker (with the checksums); on a rerun, units with a marker are skipped and any other unit
    directory is deleted and rewritten, so a killed run resumes and ends with the same bytes as an uninterrupted one.
+   Durability: chunk files are written without per-file fsync; one ``syncfs`` per unit precedes its marker, on a
+   commit thread, so reading and writing the next unit overlap the flush.
 4. Copy the non-weight files (config, tokenizer, ...), then write ``dsv4_manifest.json`` last, atomically.
 
 ``verify_converted`` re-reads every stored array and compares each source tensor's crc32 with the one recorded
@@ -124,6 +126,18 @@ def _trim_heap() -> None:
 
 
 _LIBC = None
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush every written byte of the filesystem holding ``path`` to the disk (``syncfs``; ``os.sync`` where the
+    C library lacks it)."""
+    _trim_heap()  # also loads libc
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not (_LIBC and hasattr(_LIBC, "syncfs") and _LIBC.syncfs(fd) == 0):
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def _stored_array(leaf: Leaf, info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
@@ -284,13 +298,18 @@ class _UnitWriter:
         import tensorstore as ts
 
         self.ts, self.out, self.ckpt, self.plan_sha, self.budget = ts, out, ckpt, plan_sha, budget
-        self.ctx = layout.ts_context()
+        # chunk files are not fsynced one by one (many small synchronous flushes starve the disk); each unit is
+        # made durable with one syncfs before its marker is written (``_commit``)
+        self.ctx = layout.ts_context(io_sync=False)
         self.pending: deque = deque()  # (write future, nbytes, unit, description, source mapping, crc future)
         self.inflight = self.since_trim = 0
         self.left: dict[str, int] = {}
         self.crcs: dict[str, dict[str, Future]] = {}
         # crc32 (zlib releases the GIL) on other threads: it also faults the mapped pages in, in parallel
         self.crc_pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="crc")
+        self.commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.commits: deque = deque()
+        self.stopping = threading.Event()
         self.progress, self.total, self.n_units = progress, total, n_units
         self.done_bytes, self.units_done, self.started = 0, 0, time.monotonic()
         self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
@@ -320,12 +339,26 @@ class _UnitWriter:
         self._report(unit)
 
     def _commit(self, unit: str) -> None:
+        """All of ``unit``'s writes are done: make them durable and write its marker, on the commit thread (in unit
+        order), while the main loop goes on reading and writing the next unit."""
         crcs = {name: f.result() for name, f in sorted(self.crcs.pop(unit).items())}
+        self.commits.append(self.commit_pool.submit(self._durable_commit, unit, crcs))
+
+    def _durable_commit(self, unit: str, crcs: dict) -> None:
+        _sync_filesystem(self.out / WEIGHTS / unit)  # the unit's bytes are on disk before its marker says so
         marker = {"unit": unit, "plan_sha256": self.plan_sha, "crc32": crcs}
         layout.write_json_atomic(self.out / WEIGHTS / f"{unit}.done.json", marker)
         self.units_done += 1
         if self.delay:
-            time.sleep(self.delay)
+            self.stopping.wait(self.delay)
+
+    def _check_commits(self, wait: bool) -> None:
+        while self.commits and (wait or self.commits[0].done()):
+            try:
+                self.commits.popleft().result()
+            except OSError as e:
+                raise ConversionError(f"committing a unit failed: {e}. Fix the cause (e.g. free disk space) and rerun "
+                                      "the same command: finished layers are kept and the conversion resumes") from None
 
     def _retire_done(self) -> None:
         """Retire finished writes at the head of the queue without waiting (units commit as soon as possible)."""
@@ -355,14 +388,18 @@ class _UnitWriter:
             while self.inflight > self.budget:
                 self._retire_one()
             self._retire_done()
+            self._check_commits(wait=False)
         if not jobs:
             self._commit(unit)
 
     def finish(self) -> None:
         while self.pending:
             self._retire_one()
+        self._check_commits(wait=True)
 
     def close(self) -> None:
+        self.stopping.set()
+        self.commit_pool.shutdown(wait=False, cancel_futures=True)  # no unit is committed after a failure / Ctrl-C
         self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
