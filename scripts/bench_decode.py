@@ -44,11 +44,13 @@ def copy_bandwidth(device, nbytes=1 << 30, iters=10) -> float:
 
 def step_bytes(cfg: d.Config, w, state, batch: int) -> dict:
     """Bytes one decode step reads (whole model, all devices): non-expert weights, the shared experts, the routed
-    experts touched (at most batch * k distinct per layer), and the KV state."""
+    experts touched (the expected number of distinct experts per layer), and the KV state."""
     leaves = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(t))
     routed = sum(leaves((lw.ffn.w1, lw.ffn.w2, lw.ffn.w3)) for lw in w.layers)
     per_expert = routed / max(1, cfg.n_routed_experts * len(w.layers))
-    touched = min(cfg.n_routed_experts, batch * cfg.n_activated_experts) * per_expert * len(w.layers)
+    # expected distinct experts per layer when each token picks k of E uniformly: E * (1 - (1 - k/E)^batch)
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    touched = E * (1 - (1 - k / E) ** batch) * per_expert * len(w.layers)
     dense = leaves(w.layers) - routed + leaves((w.head, w.hc_head, w.norm))
     tid = sum(lw.ffn.tid2eid.nbytes for lw in w.layers if lw.ffn.tid2eid is not None)  # only rows gathered
     dense -= tid
