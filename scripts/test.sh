@@ -5,4 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh" test
 cd "$root"
 "$root/.venv/bin/python" -m ruff check --line-length 120 dsv4_jax scripts tests
-exec "$root/.venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+exec "$root/.venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"
