@@ -111,30 +111,35 @@ def _release(mm: mmap.mmap) -> None:
         mm.madvise(mmap.MADV_DONTNEED)
 
 
-def _trim_heap() -> None:
-    """Give freed memory back to the OS. TensorStore encodes chunks on many threads; glibc keeps what they free in
-    per-thread arenas, which made the RSS creep to several times the in-flight bytes on a slow disk."""
+def _libc():
+    """The process's C library (ctypes), or None where it cannot be loaded; loaded once."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL(None)
-            _LIBC.malloc_trim  # noqa: B018 (glibc only)
-        except (OSError, AttributeError):
+        except OSError:
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC or None
 
 
 _LIBC = None
 
 
+def _trim_heap() -> None:
+    """Give freed memory back to the OS. TensorStore encodes chunks on many threads; glibc keeps what they free in
+    per-thread arenas, which made the RSS creep to several times the in-flight bytes on a slow disk."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
+
+
 def _sync_filesystem(path: Path) -> None:
     """Flush every written byte of the filesystem holding ``path`` to the disk (``syncfs``; ``os.sync`` where the
     C library lacks it)."""
-    _trim_heap()  # also loads libc
+    libc = _libc()
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not (_LIBC and hasattr(_LIBC, "syncfs") and _LIBC.syncfs(fd) == 0):
+        if not (libc is not None and hasattr(libc, "syncfs") and libc.syncfs(fd) == 0):
             os.sync()
     finally:
         os.close(fd)

@@ -83,8 +83,11 @@ def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | No
     used_blocks = jnp.sum(padded) // C
     block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * C, side="right").astype(jnp.int32)
 
-    x_pad = jnp.concatenate([x[tok], jnp.zeros((1, D), x.dtype)])  # [R+1, D]: row R is the padding row
-    xq_pad = jnp.concatenate([xq[tok], jnp.zeros((1, D), xq.dtype)])
+    # tokens are gathered per block straight from x (no [R, D] copy of the repeated tokens); slot R / token T is
+    # the zero padding row
+    x_pad = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])  # [T+1, D]
+    xq_pad = jnp.concatenate([xq, jnp.zeros((1, D), xq.dtype)])
+    tok_pad = jnp.concatenate([tok, jnp.full((1,), x.shape[0], tok.dtype)])  # [R+1]
     wt_pad = jnp.concatenate([wt, jnp.zeros((1,), wt.dtype)])
 
     def step(out, b):
@@ -92,7 +95,8 @@ def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | No
 
         def run(out):
             ex = jnp.minimum(block_expert[b], n_local - 1)
-            y = swiglu(cfg, x_pad[rows], xq_pad[rows], _take(w1s, ex), _take(w2s, ex), _take(w3s, ex),
+            t = tok_pad[rows]
+            y = swiglu(cfg, x_pad[t], xq_pad[t], _take(w1s, ex), _take(w2s, ex), _take(w3s, ex),
                        wt_pad[rows], clamp=True)
             return out.at[rows].set(y.astype(jnp.float32))  # padding slots all land on row R
 
