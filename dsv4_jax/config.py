@@ -20,6 +20,7 @@ import jax.numpy as jnp
 NUMERICS = ("reference", "float32")
 RELEASES = ("current", "initial")
 MOE_DISPATCH = ("auto", "gather", "all_to_all")
+KERNELS = ("auto", "reference", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Config:
     # batches with at least one (token, expert) pair per expert on average when the mesh has more devices than a
     # token has experts, where it moves fewer bytes). Same results either way up to fp32 summation order.
     moe_dispatch: str = "auto"
+    # Which implementation the hot ops use (``dsv4_jax.kernels``): "reference" (pure XLA: the spec, the CPU path),
+    # "triton" (Triton kernels through jax-triton; GPUs only) or "auto" (Triton on GPUs where a kernel exists and
+    # jax-triton is installed, the reference elsewhere). Both compute the same function within fp32 summation order.
+    kernels: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -86,6 +91,7 @@ class Config:
         need(self.numerics in NUMERICS, f"numerics={self.numerics!r}, expected one of {NUMERICS}")
         need(self.release in RELEASES, f"release={self.release!r}, expected one of {RELEASES}")
         need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch={self.moe_dispatch!r}, expected one of {MOE_DISPATCH}")
+        need(self.kernels in KERNELS, f"kernels={self.kernels!r}, expected one of {KERNELS}")
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers + self.n_mtp_layers}")

@@ -22,11 +22,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
-from dsv4_jax.modeling.moe import EXPERT_AXES
 from dsv4_jax.modeling.quant import Fp4Tensor
 from dsv4_jax.modeling.weights import abstract_weights, logical_axes
 
-DATA, MODEL = EXPERT_AXES  # "data", "model"
+DATA, MODEL = "data", "model"  # the mesh's axis names, defined here only
+EXPERT_AXES = (DATA, MODEL)  # routed experts are split over every device of the mesh
 
 # logical axis -> mesh axis (or tuple of axes); absent = replicated
 RULES: dict[str, Any] = {

@@ -26,8 +26,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
 from dsv4_jax.modeling.quant import HIGHEST, quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
-
-EXPERT_AXES = ("data", "model")  # routed experts are split over every device of the mesh
+from dsv4_jax.sharding import EXPERT_AXES
 
 
 def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
