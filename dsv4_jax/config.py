@@ -137,6 +137,12 @@ class Config:
         return self.release == "current"
 
     @property
+    def max_position_embeddings(self) -> int:
+        """Longest context the release supports: the YaRN-extended length ``original_seq_len * rope_factor``
+        (1,048,576 for V4-Flash/Pro, the HF ``max_position_embeddings``)."""
+        return int(self.original_seq_len * self.rope_factor)
+
+    @property
     def nope_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
 
