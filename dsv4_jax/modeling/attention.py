@@ -19,7 +19,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.modeling.compressor import compress, write_entries
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import dequant, dot_f32, fp8_simulate, linear, quantized_input
+from dsv4_jax.modeling.quant import dequant, dot_f32, fp8_simulate, linear, quantize_act
 from dsv4_jax.modeling.state import LayerState
 from dsv4_jax.modeling.weights import AttentionWeights
 
@@ -61,21 +61,21 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     Returns ``[B,S,D]``, the new layer state and, for CSA layers, the indexer's choice ``[B,S,k]`` (block ids, -1 =
     none; ``None`` for other layers).
     """
-    dt, sim = cfg.act_dtype, cfg.simulate
+    dt, sim, kn = cfg.act_dtype, cfg.simulate, cfg.kernels
     B, S, _ = x.shape
     H, Dh, W, G = cfg.n_heads, cfg.head_dim, cfg.window_size, cfg.o_groups
     t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S]
     cos, sin = rope_cos_sin(freqs, t)  # [B,S,rd/2]
 
     with jax.named_scope("q_proj"):
-        xq = quantized_input(x, sim)  # shared by wq_a and wkv
-        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq), w.q_norm, cfg.norm_eps, dt)  # [B,S,q_lora]
-        q = linear(qr, w.wq_b, dt, sim).reshape(B, S, H, Dh)
+        xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
+        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq, kernels=kn), w.q_norm, cfg.norm_eps, dt)  # [B,S,q_lora]
+        q = linear(qr, w.wq_b, dt, sim, kernels=kn).reshape(B, S, H, Dh)
         q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
 
     with jax.named_scope("kv_proj"):
-        kv = rms_norm(linear(x, w.wkv, dt, sim, xq), w.kv_norm, cfg.norm_eps, dt)  # [B,S,Dh]
+        kv = rms_norm(linear(x, w.wkv, dt, sim, xq, kernels=kn), w.kv_norm, cfg.norm_eps, dt)  # [B,S,Dh]
         kv = apply_rope(kv, cos, sin)
         if cfg.kv_fp8_sim:
             kv = jnp.concatenate([fp8_simulate(kv[..., :cfg.nope_dim], 64), kv[..., cfg.nope_dim:]], axis=-1)
@@ -111,7 +111,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         o = o.reshape(B, S, G, H * Dh // G)
         wo_a = dequant(w.wo_a).astype(dt).reshape(G, -1, H * Dh // G)  # exact: convert.py's bf16 copy
         z = dot_f32(o, wo_a, "bsgd,grd->bsgr").astype(dt)
-        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim)  # [B,S,D]
+        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn)  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):
         end = pos + n_new

@@ -107,8 +107,8 @@ def mtp_forward_jit(weights: Weights, cfg: Config, hidden: jax.Array, next_token
         e = weights.embed[jnp.clip(next_tokens, 0, cfg.vocab_size - 1)].astype(dt)
         e = rms_norm(e, w.enorm, cfg.norm_eps, dt)
         x = rms_norm(hidden.astype(dt), w.hnorm, cfg.norm_eps, dt)  # per stream
-        x = (linear(e, w.e_proj, dt, sim)[:, :, None].astype(jnp.float32)
-             + linear(x, w.h_proj, dt, sim).astype(jnp.float32)).astype(dt)
+        x = (linear(e, w.e_proj, dt, sim, kernels=cfg.kernels)[:, :, None].astype(jnp.float32)
+             + linear(x, w.h_proj, dt, sim, kernels=cfg.kernels).astype(jnp.float32)).astype(dt)
         h, ls, _ = block(cfg, w.block, cfg.ratio(cfg.n_layers), x, next_tokens, state.mtp[0], pos, n_new)
         if return_logits == "last":
             h = _last(h, n_new)

@@ -1,5 +1,8 @@
 """FP8 / FP4 tensor types, the official quantization simulations, and the linear op that dispatches on them.
 
+``quantize_act`` makes the one quantized-activation type, :class:`QuantAct` (e4m3 codes + fp32 power-of-two block
+scales): what the FP8 GEMM kernels consume without a float round trip.
+
 Weights stay in the checkpoint's formats (spec 12.1):
   * ``Fp8Tensor``: e4m3 values ``[..., N, K]`` + e8m0 exponents ``[..., ceil(N/128), ceil(K/128)]`` (one per 128x128
     block, value = q * 2**(e - 127)).
@@ -136,24 +139,67 @@ def dequant(w) -> jax.Array:
     return w.astype(jnp.float32)
 
 
+# ---------------------------------------------------------------------------------------------- activations
+@struct.dataclass
+class QuantAct:
+    """An activation FP8-quantized per 1x``block`` (the reference's ``act_quant``, not in place): what an FP8 GEMM
+    consumes. Value = ``q * scale`` per block, exact in fp32."""
+
+    q: jax.Array  # float8_e4m3fn [..., K]
+    scale: jax.Array  # fp32 powers of two [..., K/block]
+
+    @property
+    def block(self) -> int:
+        return self.q.shape[-1] // self.scale.shape[-1]
+
+    def dequant(self) -> jax.Array:
+        """fp32 ``[..., K]``: exactly ``quantized_input(x, True)``."""
+        qb = self.q.astype(jnp.float32).reshape(*self.scale.shape, self.block)
+        return (qb * self.scale[..., None]).reshape(self.q.shape)
+
+
+def quantize_act(x: jax.Array, block: int = 128) -> QuantAct:
+    """The one FP8 activation quantizer: e4m3 codes and per-block power-of-two scales (rounded up, spec 3.1)."""
+    q, s = fp8_act_quant(x, block)  # fp32 values on the e4m3 grid [..., K/block, block], scales [..., K/block, 1]
+    return QuantAct(q=q.astype(jnp.float8_e4m3fn).reshape(x.shape), scale=s[..., 0])
+
+
 # ---------------------------------------------------------------------------------------------- linear
 def quantized_input(x: jax.Array, simulate: bool) -> jax.Array:
     """The GEMM input as the FP8 kernels see it: fp32 value of ``act_quant(x, 128)`` (or plain fp32 when off)."""
     if not simulate:
         return x.astype(jnp.float32)
-    q, s = fp8_act_quant(x, 128)
-    return (q * s).reshape(x.shape)
+    return quantize_act(x, 128).dequant()
 
 
-def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None, *,
+           kernels: str = "reference") -> jax.Array:
     """``y = x @ W.T`` with the official dispatch on the weight type (spec 3.4).
+
+    ``xq`` may pass the input's precomputed quantization (a :class:`QuantAct`, or the fp32 ``quantized_input(x)``).
+    ``kernels`` (``Config.kernels``) selects the implementation of FP8 weights with the simulations on:
+    :func:`dsv4_jax.kernels.fp8_linear.fp8_linear` (Triton where :func:`dsv4_jax.kernels.use_triton` says so);
+    everything else is :func:`linear_reference`.
+    """
+    if kernels != "reference" and simulate and isinstance(w, Fp8Tensor):
+        from dsv4_jax.kernels.fp8_linear import fp8_linear
+
+        return fp8_linear(x, w, out_dtype, xq, kernels=kernels)
+    return linear_reference(x, w, out_dtype, simulate, xq)
+
+
+def linear_reference(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None):
+    """The XLA linear (spec 3.4).
 
     FP8/FP4 weights: the activation is FP8-quantized per 1x128 block (``simulate``), both operands are dequantized
     exactly to fp32, multiplied at HIGHEST precision and rounded once to ``out_dtype``. Plain weights: a matmul in
-    fp32 of the (already rounded) operands. ``xq`` may pass a precomputed ``quantized_input(x)``.
+    fp32 of the (already rounded) operands.
     """
     if isinstance(w, (Fp8Tensor, Fp4Tensor)):
-        xf = quantized_input(x, simulate) if xq is None else xq
+        if xq is None:
+            xf = quantized_input(x, simulate)
+        else:
+            xf = xq.dequant() if isinstance(xq, QuantAct) else xq
         if simulate and exact_bf16_dots():
             # both operands are e4m3/e2m1 values times powers of two: exact in bf16, so a bf16 dot with fp32
             # accumulation computes the same products as the fp32 recipe, on the tensor cores, at half the bytes
