@@ -182,14 +182,23 @@ class Config:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> Config:
-        """Build a config from an HF ``config.json`` dict; unknown or inconsistent fields raise ``ValueError``."""
+        """Build a config from an HF ``config.json`` dict; unknown or inconsistent fields, and fields of the wrong
+        JSON type (``"hidden_size": "256"``, ``"num_hidden_layers": 5.0``), raise ``ValueError`` naming ``source``
+        and the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, got {_json_kind(d)}")
         d = dict(d)
         unknown = sorted(set(d) - set(_HF_FIELDS) - set(_HF_IGNORED) - set(_HF_CHECKED))
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {unknown}; this loader knows the DeepSeek-V4 fields "
                              "only (refusing to guess what they mean)")
+        _check_types(d, source)
         for key, want in _HF_CHECKED.items():
-            if key in d and not want(d[key]):
+            try:
+                ok = want(d[key]) if key in d else True
+            except (AttributeError, TypeError, ValueError):
+                ok = False
+            if not ok:
                 raise ValueError(f"{source}: field {key}={d[key]!r} is not supported by DeepSeek-V4")
         missing = [k for k in _HF_REQUIRED if k not in d]
         if missing:
@@ -286,7 +295,60 @@ _HF_IGNORED = ("architectures", "model_type", "transformers_version", "torch_dty
 
 
 def _is(*values):
-    return lambda v: v in values
+    """Accepts exactly one of ``values``, of the same JSON type (``true`` is not ``1``)."""
+    return lambda v: any(type(v) is type(x) and v == x for x in values)
+
+
+# ------------------------------------------------------------------------------------------ JSON field types
+_KIND_TEXT = {"int": "an integer", "float": "a number", "str": "a string", "tuple[int, ...]": "a list of integers",
+              "dict": "a JSON object"}
+# HF fields that are not Config fields (or are nested in rope_scaling) -> their kind
+_HF_EXTRA_KINDS = {"num_nextn_predict_layers": "int", "max_position_embeddings": "int", "rope_scaling": "dict|null",
+                   "quantization_config": "dict", "rope_scaling.factor": "float",
+                   "rope_scaling.original_max_position_embeddings": "int", "rope_scaling.beta_fast": "float",
+                   "rope_scaling.beta_slow": "float", "rope_scaling.type": "str", "rope_scaling.rope_type": "str"}
+
+
+def _json_kind(v) -> str:
+    """How ``v`` reads in a JSON file."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {int: "an integer", float: "a floating-point number", str: "a string", list: "a list",
+            dict: "a JSON object"}.get(type(v), type(v).__name__)
+
+
+def _has_kind(v, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "tuple[int, ...]":
+        return isinstance(v, (list, tuple)) and all(_has_kind(x, "int") for x in v)
+    if kind == "dict|null":
+        return v is None or isinstance(v, dict)
+    return isinstance(v, dict)
+
+
+def _check_types(d: dict, source: str) -> None:
+    """Every known field of the HF dict ``d`` has the JSON type its Config field needs (bools are not integers,
+    integers are accepted where a number is expected, lists where lists are expected); else one ``ValueError``
+    naming the file, the field, its value and the expected type."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    want = {hf: kinds[ours] for hf, ours in _HF_FIELDS.items() if ours is not None}
+    want.update(_HF_EXTRA_KINDS)
+    items = list(d.items())
+    if isinstance(d.get("rope_scaling"), dict):
+        items += [(f"rope_scaling.{k}", v) for k, v in d["rope_scaling"].items()]
+    for key, v in items:
+        kind = want.get(key)
+        if kind is not None and not _has_kind(v, kind):
+            text = " or ".join(_KIND_TEXT.get(k, k) for k in kind.split("|"))
+            raise ValueError(f"{source}: field {key!r} is {json.dumps(v)[:60]} ({_json_kind(v)}), expected {text}"
+                             + (" (a finite one)" if kind == "float" and isinstance(v, float) else ""))
 
 
 _HF_CHECKED: dict[str, Any] = {

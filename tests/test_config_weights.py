@@ -52,6 +52,28 @@ def test_config_refuses_unknown_and_inconsistent_fields():
         d.Config.tiny(numerics="fp16")
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_size", "256", "field 'hidden_size' is \"256\" (a string), expected an integer"),
+    ("num_hidden_layers", 5.0, "field 'num_hidden_layers' is 5.0 (a floating-point number), expected an integer"),
+    ("n_routed_experts", False, "field 'n_routed_experts' is false (a boolean), expected an integer"),
+    ("compress_ratios", "0,4,128", "field 'compress_ratios' is \"0,4,128\" (a string), expected a list of integers"),
+    ("rms_norm_eps", None, "field 'rms_norm_eps' is null (null), expected a number"),
+    ("rope_scaling", [16], "field 'rope_scaling' is [16] (a list), expected a JSON object or null"),
+    ("quantization_config", "fp8", "field 'quantization_config' is \"fp8\" (a string), expected a JSON object"),
+    ("num_key_value_heads", True, "field num_key_value_heads=True is not supported"),
+])
+def test_config_field_types_are_checked(field, value, message):
+    """Wrong JSON types name the file, the field and the expected type (bools are not integers); integers are fine
+    where a number is expected."""
+    hf = hf_config_dict()
+    with pytest.raises(ValueError) as e:
+        d.Config.from_hf_dict({**hf, field: value}, source="ckpt/config.json")
+    assert str(e.value).startswith(f"ckpt/config.json: {message}"), str(e.value)
+    assert d.Config.from_hf_dict({**hf, "rope_theta": 10000, "rms_norm_eps": 1e-6}) == d.Config.from_hf_dict(hf)
+    with pytest.raises(ValueError, match="ckpt/config.json: expected a JSON object of config fields, got a list"):
+        d.Config.from_hf_dict([hf], source="ckpt/config.json")
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         d.Config.from_pretrained(tmp_path)

@@ -80,9 +80,10 @@ def test_converted_equals_official_bit_for_bit(src, converted, capsys):
     # stacked experts: one chunk (file) per expert, so expert-parallel restores read only their experts
     meta = json.loads((converted / "weights" / "layers.0" / "ffn.w1.packed" / "zarr.json").read_text())
     assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 1 and meta["codecs"][0]["name"] == "bytes"
-    # a second run finds it complete; --verify re-reads everything against the source checksums
+    # a second run finds it complete; --verify re-reads everything against the checksums recorded from the source
     rc, err = run_cli(capsys, src, converted, "--verify")
-    assert rc == 0 and "already holds" in err and "crc32 matches" in err
+    assert rc == 0 and "already holds" in err and "equals the crc32 recorded from the source" in err
+    assert "the source was not re-read" in err
 
 
 def test_converted_reproduces_golden_logits(golden_dir, converted):
@@ -159,6 +160,13 @@ def _wrong_dtype(ckpt):
     return [name, shard.name, "I32", "expected F32"]
 
 
+def _wrong_shape(ckpt):
+    name = "layers.2.attn.wq_a.weight"  # same byte count, transposed shape: only the shape check can catch it
+    shard = _shard_of(ckpt, name)
+    _rewrite_header(shard, lambda h: h[name].update(shape=h[name]["shape"][::-1]))
+    return [name, shard.name]
+
+
 def _config_mismatch(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["moe_intermediate_size"] = 512
@@ -176,8 +184,8 @@ def _no_config(ckpt):
     return ["config.json: missing"]
 
 
-@pytest.mark.parametrize("damage", [_missing_shard, _truncated, _corrupted_header, _wrong_dtype, _config_mismatch,
-                                    _unexpected_mtp_tensor, _no_config])
+@pytest.mark.parametrize("damage", [_missing_shard, _truncated, _corrupted_header, _wrong_dtype, _wrong_shape,
+                                    _config_mismatch, _unexpected_mtp_tensor, _no_config])
 def test_bad_input_is_refused_before_writing(broken, tmp_path, capsys, damage):
     culprits = damage(broken)
     out = tmp_path / "out"
@@ -243,14 +251,14 @@ def test_space_check_and_lock(src, tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / writer.LOCK, "a+") as f:  # another conversion holds the directory
+    with open(out / layout.LOCK, "a+") as f:  # another conversion holds the directory
         fcntl.flock(f, fcntl.LOCK_EX)
         rc, err = run_cli(capsys, src, out)
         assert rc == 1 and "another dsv4-convert process" in err
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
     rc, err = run_cli(capsys, src, out)
-    assert rc == 1 and "not enough free disk space" in err and "GB more" in err
+    assert rc == 1 and "not enough free disk space" in err and "GB more" in err and "margin of 1% + 64 MiB" in err
     assert not (out / layout.MANIFEST).exists() and not list((out / "weights").glob("*.done.json"))
 
 
@@ -285,3 +293,55 @@ def test_refuses_foreign_or_mismatched_output_dirs(src, broken, converted, tmp_p
     rc, err = run_cli(capsys, broken, other, "--overwrite")
     assert rc == 0
     assert json.loads((other / "config.json").read_text())["rms_norm_eps"] == 1e-5
+
+
+def _read_only(monkeypatch, root: Path) -> None:
+    """Make ``root`` read-only for this process: permissions for a normal user; root ignores them, so there a
+    read-only filesystem is simulated (EROFS from every Python-level create/write under ``root``)."""
+    if os.geteuid() != 0:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        return
+    import builtins
+    import errno
+
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def refuse(path):
+        if Path(os.fspath(path)).absolute().is_relative_to(root):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    def ro_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def ro_mkdir(path, *args, **kwargs):
+        refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", ro_open)
+    monkeypatch.setattr(os, "mkdir", ro_mkdir)
+
+
+def test_read_only_output(src, converted, tmp_path, capsys, monkeypatch):
+    """A read-only output: one line naming the path, exit 1, nothing changed; a complete conversion on a read-only
+    medium can still be checked and verified."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = ro / "done"
+    shutil.copytree(converted, done)
+    before = tree_bytes(ro)
+    _read_only(monkeypatch, ro)
+    try:
+        rc, err = run_cli(capsys, src, ro / "new")
+        assert rc == 1 and "Traceback" not in err
+        assert err.strip() in (f"dsv4-convert: error: {ro / 'new'}: {why}" for why in ("Read-only file system",
+                                                                                       "Permission denied")), err
+        rc, err = run_cli(capsys, src, done, "--verify")
+        assert rc == 0 and "already holds this complete conversion" in err and "verified" in err
+    finally:
+        monkeypatch.undo()
+        for p in [ro, *ro.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert tree_bytes(ro) == before and not (ro / "new").exists()

@@ -1,9 +1,13 @@
 """``dsv4-convert SRC_DIR OUT_DIR [--verify]``: official DeepSeek-V4 checkpoint -> sharded, mesh-independent arrays.
 
-Exit status 0 only when ``OUT_DIR`` holds a complete conversion (and, with ``--verify``, every stored tensor's
-checksum equals the source's). Any problem prints one paragraph naming the file and tensor (a traceback only with
-``--debug``) and exits non-zero: 1 for errors, 2 for bad usage, 130 when interrupted. An interrupted or failed run
-keeps the layers it finished; rerunning the same command resumes.
+Exit status 0 only when ``OUT_DIR`` holds a complete conversion: every unit's arrays present, every unit marker and
+the manifest readable and in agreement (a damaged output is reported and repaired from the source first). With
+``--verify`` every stored tensor's crc32 also equals the crc32 recorded from the source bytes when it was converted
+(the source is not re-read); ``--verify-source`` also re-reads the source and compares it with the same record (twice
+the reading). Any problem prints one paragraph naming the file and tensor (a traceback only with ``--debug``) and
+exits non-zero: 1 for errors, 2 for bad usage, 130 when interrupted. An interrupted or failed run keeps the layers it
+finished; rerunning the same command resumes. ``--overwrite`` deletes only the converter's own files (see
+``layout.owned_paths``); a source and output directory that overlap are refused.
 """
 
 from __future__ import annotations
@@ -68,9 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("src", metavar="SRC_DIR", help="official checkpoint directory")
     ap.add_argument("out", metavar="OUT_DIR", help="output directory (created; an interrupted conversion resumes)")
     ap.add_argument("--verify", action="store_true",
-                    help="afterwards, re-read every stored array and compare its crc32 with the source tensor's")
+                    help="afterwards, re-read every stored array and compare its crc32 with the crc32 recorded from "
+                    "the source tensor's bytes when it was converted (the source is not re-read)")
+    ap.add_argument("--verify-source", action="store_true",
+                    help="like --verify, and also re-read every source tensor and compare its crc32 now with the "
+                    "recorded one, which catches a source changed since the conversion (reads twice as much)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="discard a previous (complete or partial) conversion found in OUT_DIR")
+                    help="discard a previous (complete or partial) conversion found in OUT_DIR: deletes only the "
+                    "files the converter wrote there, never other files")
     ap.add_argument("--max-inflight-gb", type=float, default=1.0, metavar="GB",
                     help="bound on bytes read but not yet written (host memory; default 1.0)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
@@ -78,28 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _error_text(e: Exception) -> str:
+    """One paragraph for a known error: an OS error as 'path: reason' (it names the file at fault)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, (CheckpointError, ConversionError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e} (rerun with --debug for a traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bar = None if args.quiet else ProgressLine()
     budget = max(1 << 20, int(args.max_inflight_gb * (1 << 30)))
+
+    def log(msg: str) -> None:
+        if bar:
+            bar.close()
+        print(f"{PROG}: {msg}", file=sys.stderr)
+
     try:
-        res = convert(args.src, args.out, overwrite=args.overwrite, inflight_bytes=budget, progress=bar)
+        res = convert(args.src, args.out, overwrite=args.overwrite, inflight_bytes=budget, progress=bar, log=log)
         if bar:
             bar.close()
         if res.already_complete:
-            print(f"{PROG}: {res.out} already holds this complete conversion", file=sys.stderr)
+            print(f"{PROG}: {res.out} already holds this complete conversion (every unit, its marker and the "
+                  "manifest checked; tensor bytes are checked by --verify)", file=sys.stderr)
         else:
             rate = res.bytes_written / max(res.seconds, 1e-9) / 1e9
             kept = f" ({res.units_skipped} unit(s) kept from an earlier run)" if res.units_skipped else ""
-            print(f"{PROG}: wrote {res.bytes_written / 1e9:.2f} GB in {res.seconds:.1f} s ({rate:.2f} GB/s) to "
-                  f"{res.out}{kept}", file=sys.stderr)
-        if args.verify:
+            what = "repaired: " if res.repaired else ""
+            print(f"{PROG}: {what}wrote {res.bytes_written / 1e9:.2f} GB in {res.seconds:.1f} s ({rate:.2f} GB/s) "
+                  f"to {res.out}{kept}", file=sys.stderr)
+        if args.verify or args.verify_source:
             t0 = time.monotonic()
-            n = verify_converted(args.out, progress=bar, inflight_bytes=budget)
+            n = verify_converted(args.out, progress=bar, inflight_bytes=budget,
+                                 src=args.src if args.verify_source else None)
             if bar:
                 bar.close()
-            print(f"{PROG}: verified {n / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s: every tensor's crc32 matches "
-                  "the source", file=sys.stderr)
+            also = (" and every source tensor, re-read now, has that same crc32" if args.verify_source else
+                    " (the source was not re-read: --verify-source also compares its current bytes)")
+            print(f"{PROG}: verified {n / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s: every stored tensor's crc32 "
+                  f"equals the crc32 recorded from the source when it was converted{also}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         if bar:
@@ -111,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         if args.debug:
             raise
-        known = isinstance(e, (CheckpointError, ConversionError, OSError))
-        msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for a traceback)"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: error: {_error_text(e)}", file=sys.stderr)
         return 1
 
 

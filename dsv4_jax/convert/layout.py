@@ -18,6 +18,10 @@ Directory::
     OUT/weights/<unit>.done.json                unit committed: crc32 of every source tensor's stored bytes
     OUT/.dsv4_convert.lock                      empty; locked while a converter writes the directory
     OUT/dsv4_manifest.json                      written last: the commit marker (absent = incomplete)
+
+These paths (plus the copied files the manifest lists) are the converter's own: ``owned_paths`` names them, and
+``--overwrite`` deletes nothing else, so files a user keeps in the directory survive. ``damage`` checks that a
+directory claiming to be complete really is (manifest, every unit marker, every array's metadata and chunk files).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +51,12 @@ MANIFEST = "dsv4_manifest.json"
 WEIGHTS = "weights"
 PLAN = "plan.json"
 LOCK = ".dsv4_convert.lock"  # held (flock) by the converter writing the directory
+UNIT_NAME = re.compile(r"(top|layers\.\d+|mtp\.\d+)")  # the unit names plan_leaves produces
 CHUNK_BYTES = 4 << 20  # largest chunk (file) of a non-expert array; experts: one chunk per expert (<= this if split)
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot proceed (output directory problems, write failures)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +214,8 @@ def read_manifest(path: Path) -> dict:
     try:
         m = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: corrupted manifest ({e})") from None
+        raise CheckpointError(f"{f}: corrupted manifest ({e}); rerunning `dsv4-convert SRC {path}` repairs it "
+                              "(or add --overwrite to convert again)") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{f}: not a dsv4-jax converted checkpoint manifest")
     if m.get("format_version") != FORMAT_VERSION:
@@ -247,3 +260,204 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------- ownership and damage
+def marker_path(root: Path, unit: str) -> Path:
+    return Path(root) / WEIGHTS / f"{unit}.done.json"
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root`` (a manifest is data: a
+    tampered one must not make us touch anything outside the output directory)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        return None
+    return root / rel
+
+
+def owned_paths(root: Path, manifest: dict | None) -> list[Path]:
+    """Every existing path of ``root`` that the converter wrote: the manifest, ``weights/plan.json``, the unit
+    directories and markers (recognised by name, so a partial conversion's units are included), their temporary
+    files, and the copied non-weight files listed by the manifest (none when it is unreadable: the converter cannot
+    prove it wrote them). The lock file is not included (it is held while this runs)."""
+    root = Path(root)
+    out = [root / n for n in (MANIFEST, MANIFEST + ".tmp")]
+    w = root / WEIGHTS
+    if w.is_dir() and not w.is_symlink():
+        for p in w.iterdir():
+            name = p.name[:-4] if p.name.endswith(".tmp") else p.name
+            unit = name[:-len(".done.json")] if name.endswith(".done.json") else name
+            if name == PLAN or (UNIT_NAME.fullmatch(unit) and (p.is_dir() or name != unit)):
+                out.append(p)
+    aux = (manifest or {}).get("aux_files", [])
+    for rel in aux if isinstance(aux, list) else []:
+        p = _inside(root, rel)
+        if p is not None:
+            out.append(p)
+    return [p for p in out if p.is_symlink() or p.exists()]
+
+
+def remove_owned(root: Path, manifest: dict | None) -> list[Path]:
+    """Delete what ``owned_paths`` lists (the manifest first, so no reader ever sees a half-deleted 'complete'
+    directory), then the directories this left empty (``weights/``, copied sub-folders); nothing else. Returns the
+    paths deleted."""
+    root = Path(root)
+    paths = owned_paths(root, manifest)
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    parents = sorted({q for p in paths for q in p.parents if q != root and root in q.parents},
+                     key=lambda q: len(q.parts), reverse=True)
+    for d in parents:
+        if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+            d.rmdir()
+    return paths
+
+
+def read_json(f: Path) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, what is wrong)`` for a missing or unreadable JSON file."""
+    if not f.is_file():
+        return None, "missing"
+    try:
+        return json.loads(f.read_bytes()), None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"unreadable ({str(e).splitlines()[0]})"
+
+
+def _array_damage(root: Path, leaf: Leaf) -> str | None:
+    """What is wrong with one stored array: its ``zarr.json`` (shape, dtype, chunks) or a missing chunk file."""
+    where = Path(root) / WEIGHTS / leaf.unit / leaf.rel
+    meta, err = read_json(where / "zarr.json")
+    if err:
+        return f"{where.relative_to(root)}/zarr.json: {err}"
+    try:
+        ok = (meta["shape"] == list(leaf.shape) and meta["data_type"] == leaf.dtype
+              and meta["chunk_grid"]["configuration"]["chunk_shape"] == list(leaf.chunks))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        return f"{where.relative_to(root)}/zarr.json: does not describe {leaf.dtype}{list(leaf.shape)}"
+    want = math.prod(-(-s // c) for s, c in zip(leaf.shape, leaf.chunks))
+    have = sum(len(files) for _, _, files in os.walk(where / "c")) if leaf.shape else int((where / "c").is_file())
+    if have != want:
+        return f"{where.relative_to(root)}: {want - have} of {want} chunk file(s) missing"
+    return None
+
+
+def unit_damage(root: Path, unit: str, leaves: list[Leaf], plan_sha: str) -> list[str]:
+    """Why ``unit`` is not committed in ``root`` (empty when it is): its marker must parse, belong to this plan and
+    hold a checksum for exactly the unit's source tensors, and every array must be present."""
+    f = marker_path(root, unit)
+    rel = f.relative_to(root)
+    m, err = read_json(f)
+    if err:
+        return [f"{rel}: {err}"]
+    if not isinstance(m, dict) or m.get("plan_sha256") != plan_sha or m.get("unit") != unit:
+        return [f"{rel}: belongs to another conversion"]
+    crcs = m.get("crc32")
+    names = {s for leaf in leaves for s in leaf.sources}
+    if not isinstance(crcs, dict) or set(crcs) != names or not all(isinstance(v, int) for v in crcs.values()):
+        return [f"{rel}: does not hold one checksum per source tensor of the unit"]
+    return [p for p in (_array_damage(root, leaf) for leaf in leaves) if p]
+
+
+def manifest_damage(root: Path, plan: dict, leaves: list[Leaf]) -> list[str]:
+    """Why ``root``'s manifest does not describe the conversion ``plan`` of ``leaves`` (empty when it does)."""
+    m, err = read_json(Path(root) / MANIFEST)
+    if err:
+        return [f"{MANIFEST}: {err}"]
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        return [f"{MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest"]
+    old = m.get("plan")
+    if not isinstance(old, dict) or any(old.get(k) != plan[k] for k in ("plan_sha256", "source_sha256")):
+        return [f"{MANIFEST}: records another conversion plan or source"]
+    try:
+        check_manifest(root, m, leaves)
+    except CheckpointError as e:
+        return [str(e)]
+    if m.get("units") != list(units_of(leaves)) or not isinstance(m.get("aux_files"), list):
+        return [f"{MANIFEST}: unit or file list does not match the plan"]
+    lost = [rel for rel in m["aux_files"] if (p := _inside(Path(root), rel)) is None or not p.is_file()]
+    return [f"{MANIFEST}: listed file(s) missing: {', '.join(map(str, lost[:5]))}"] if lost else []
+
+
+# ------------------------------------------------------------------------------------------- output directory
+def entries(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK]
+
+
+def check_out_dir(src: Path, out: Path) -> None:
+    """Refuse an output directory that overlaps the source (either way, symlinks resolved: a conversion or an
+    ``--overwrite`` there could overwrite or delete source files), a file, or a non-empty directory we did not
+    write."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or s in o.parents or o in s.parents:
+        how = "is" if s == o else "lies inside" if s in o.parents else "contains"
+        raise ConversionError(f"{out}: the output directory {how} the source directory {src} (resolved: {o} and "
+                              f"{s}); choose an output directory outside the source, and not containing it")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out}: exists and is not a directory")
+    if out.is_dir() and entries(out) and not looks_converted(out):
+        raise ConversionError(f"{out}: directory is not empty and is not a dsv4-convert output; choose an empty or "
+                              "new directory (refusing to delete unknown files)")
+
+
+def lock_dir(out: Path):
+    """Exclusive lock on ``out`` for this process's lifetime (released by the OS even on SIGKILL). On a read-only
+    directory an existing lock file is opened for reading (flock works on it), so a complete conversion there can
+    still be checked and verified; anything that must write then fails naming the file."""
+    import fcntl
+
+    try:
+        f = open(out / LOCK, "a+")  # held open until the conversion ends
+    except OSError:
+        if not (out / LOCK).is_file():
+            raise
+        f = open(out / LOCK)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConversionError(f"{out}: another dsv4-convert process is writing this directory") from None
+    return f
+
+
+def same_plan(old, plan: dict) -> bool:
+    return isinstance(old, dict) and all(old.get(k) == plan[k] for k in ("plan_sha256", "source_sha256"))
+
+
+def prepare_out(out: Path, plan: dict, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Keep a previous conversion of the same source (resume or repair), or with ``overwrite`` delete the converter's
+    own files of a previous conversion (``owned_paths``; files the user keeps there stay)."""
+    if not entries(out):
+        return
+    manifest, m_err = read_json(out / MANIFEST)
+    manifest = manifest if isinstance(manifest, dict) else None
+    old, p_err = read_json(out / WEIGHTS / PLAN)
+    if not isinstance(old, dict):
+        old = manifest.get("plan") if manifest else None
+    if overwrite:
+        removed = remove_owned(out, manifest)
+        kept = sorted(p.name for p in entries(out))
+        more = f"; kept {len(kept)} entries it cannot prove it wrote: {', '.join(kept[:5])}" if kept else ""
+        log(f"{out}: --overwrite: deleted the previous conversion ({len(removed)} path(s)){more}")
+        return
+    if not isinstance(old, dict):
+        raise ConversionError(f"{out}: damaged conversion: {WEIGHTS}/{PLAN} is {p_err or 'not a plan'} and {MANIFEST} "
+                              f"is {m_err or 'without a plan'}, so the source it was converted from is unknown; "
+                              "pass --overwrite to delete the converter's files there (nothing else) and convert again")
+    if not same_plan(old, plan):
+        raise ConversionError(f"{out}: holds a conversion of a different checkpoint (or of another dsv4-convert "
+                              "version); pass --overwrite to discard it (only the converter's files are deleted), "
+                              "or choose another directory")
+
+
+def check_space(out: Path, needed: int) -> None:
+    margin = int(needed * 0.01) + (64 << 20)  # filesystem metadata, the manifest, the copied non-weight files
+    free = shutil.disk_usage(out).free
+    if free < needed + margin:
+        raise ConversionError(f"{out}: not enough free disk space: the conversion needs {needed / 1e9:.2f} GB more "
+                              f"plus a safety margin of 1% + 64 MiB ({(needed + margin) / 1e9:.2f} GB in all), "
+                              f"{free / 1e9:.2f} GB are free")

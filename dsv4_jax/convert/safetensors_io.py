@@ -7,8 +7,10 @@ are ``np.memmap`` views, so reading one tensor touches only its bytes. Every err
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +142,68 @@ class SafetensorsCheckpoint:
 
 def file_size(path: Path) -> int:
     return os.stat(path).st_size
+
+
+# ------------------------------------------------------------------------------------------- streaming reads
+def map_tensor(info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
+    """Read-only map of one tensor's raw bytes: the mapping (to release its pages once written) and a uint8 view."""
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)
+    return mm, np.frombuffer(mm, np.uint8, count=info.nbytes, offset=info.start - start)
+
+
+def release_pages(mm: mmap.mmap) -> None:
+    """Drop a written tensor's pages from this process (RSS) at once. TensorStore may keep a reference to the source
+    array for a while; a later access would just fault the same bytes back in from the page cache."""
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+class Prefetcher(threading.Thread):
+    """Keeps the kernel reading ``window`` bytes ahead of the tensor being processed (``posix_fadvise`` WILLNEED on
+    the next tensors, in processing order, from its own thread since the call blocks while the disk queue is full):
+    the disk serves many requests at once while earlier tensors are checksummed and written, and the memory-mapped
+    reads then hit the page cache (which is not counted in our RSS)."""
+
+    def __init__(self, infos: list[TensorInfo], window: int):
+        super().__init__(name="dsv4-convert-prefetch", daemon=True)
+        self.infos, self.window = infos, window
+        self.consumed = 0
+        self.stopped = False
+        self.cv = threading.Condition()
+
+    def consume(self, info: TensorInfo) -> None:
+        """Called before ``info`` is read."""
+        with self.cv:
+            self.consumed += info.nbytes
+            self.cv.notify()
+
+    def run(self) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        fds: dict[Path, int] = {}
+        issued = 0
+        try:
+            for t in self.infos:
+                with self.cv:
+                    while not self.stopped and issued - self.consumed >= self.window:
+                        self.cv.wait()
+                    if self.stopped:
+                        return
+                fd = fds.get(t.file)
+                if fd is None:
+                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
+                os.posix_fadvise(fd, t.start, t.nbytes, os.POSIX_FADV_WILLNEED)
+                issued += t.nbytes
+        except OSError:
+            return  # only a hint: the reads themselves report real errors
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def close(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        self.join()

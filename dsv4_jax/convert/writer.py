@@ -5,8 +5,10 @@ Order of work, and why:
 1. Validate everything before writing a byte: ``config.json``, the index, every shard header and file size, and every
    expected tensor's presence, dtype and shape (``checkpoint.validate_checkpoint``, MTP included, no unexpected
    tensor). Any problem ends with one :class:`CheckpointError` naming the file and tensor, and the output directory
-   is not created. Then the output directory: refused if it holds anything but a conversion of this same source
-   (``--overwrite`` discards an earlier conversion), locked against a second converter, and checked for free space.
+   is not created. Then the output directory (``layout.check_out_dir`` / ``prepare_out``): refused if it overlaps the
+   source either way, or holds anything but a conversion of this same source plus the user's own files
+   (``--overwrite`` deletes an earlier conversion's files, and only those: ``layout.owned_paths``), locked against a
+   second converter, and checked for free space.
 2. Write ``weights/plan.json`` (what will be written, from which source). A rerun compares it, so resuming into a
    directory that holds another checkpoint's partial conversion is refused instead of mixing the two.
 3. Stream unit by unit (top-level tensors, each layer, each MTP block), tensors in file-offset order: a prefetch
@@ -14,14 +16,17 @@ Order of work, and why:
    computed, and handed (without a copy) to an asynchronous TensorStore write of its chunk file(s). At most
    ``inflight_bytes`` of writes and two units are outstanding, so host memory stays bounded whatever the checkpoint's
    size (a tensor's mapped pages are released once it is written). A unit whose writes have all completed gets its
-   ``<unit>.done.json`` marker (with the checksums); on a rerun, units with a marker are skipped and any other unit
-   directory is deleted and rewritten, so a killed run resumes and ends with the same bytes as an uninterrupted one.
+   ``<unit>.done.json`` marker (with the checksums); on a rerun, units whose marker and arrays are intact
+   (``layout.unit_damage``) are skipped and any other unit directory is deleted and rewritten, so a killed run
+   resumes and ends with the same bytes as an uninterrupted one. An output that claims to be complete is checked the
+   same way (and its manifest, ``layout.manifest_damage``): damage is reported and repaired, never called complete.
    Durability: chunk files are written without per-file fsync; one ``syncfs`` per unit precedes its marker, on a
    commit thread, so reading and writing the next unit overlap the flush.
 4. Copy the non-weight files (config, tokenizer, ...), then write ``dsv4_manifest.json`` last, atomically.
 
 ``verify_converted`` re-reads every stored array and compares each source tensor's crc32 with the one recorded
-from the source bytes during conversion.
+from the source bytes during conversion; with ``src`` it also re-reads the source and compares it with the same record
+(a source changed after the conversion is caught only then).
 """
 
 from __future__ import annotations
@@ -46,14 +51,17 @@ import numpy as np
 from dsv4_jax.checkpoint import validate_checkpoint
 from dsv4_jax.config import Config
 from dsv4_jax.convert import layout
-from dsv4_jax.convert.layout import LOCK, MANIFEST, PLAN, WEIGHTS, Leaf
-from dsv4_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint, TensorInfo
+from dsv4_jax.convert.layout import MANIFEST, PLAN, WEIGHTS, ConversionError, Leaf
+from dsv4_jax.convert.safetensors_io import (
+    CheckpointError,
+    Prefetcher,
+    SafetensorsCheckpoint,
+    TensorInfo,
+    map_tensor,
+    release_pages,
+)
 
 TEST_DELAY_ENV = "DSV4_CONVERT_TEST_UNIT_DELAY"  # test hook: seconds to sleep after each committed unit
-
-
-class ConversionError(RuntimeError):
-    """The conversion cannot proceed (output directory problems, write failures)."""
 
 
 @dataclasses.dataclass
@@ -75,6 +83,7 @@ class Result:
     bytes_written: int
     seconds: float
     already_complete: bool = False
+    repaired: tuple[str, ...] = ()  # damage found in an output that claimed to be complete (now rewritten)
 
 
 def _fingerprint(src: Path, ckpt: SafetensorsCheckpoint) -> str:
@@ -94,21 +103,6 @@ def _load_config(src: Path) -> Config:
                               "config.json next to the shards)") from None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-
-
-def _map(info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
-    """Read-only map of one tensor's raw bytes: the mapping (to release its pages once written) and a uint8 view."""
-    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-    with open(info.file, "rb") as f:
-        mm = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)
-    return mm, np.frombuffer(mm, np.uint8, count=info.nbytes, offset=info.start - start)
-
-
-def _release(mm: mmap.mmap) -> None:
-    """Drop a written tensor's pages from this process (RSS) at once. TensorStore may keep a reference to the source
-    array for a while; a later access would just fault the same bytes back in from the page cache."""
-    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _libc():
@@ -147,7 +141,7 @@ def _sync_filesystem(path: Path) -> None:
 
 def _stored_array(leaf: Leaf, info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
     """The source tensor as stored in the leaf: the on-disk bytes viewed in the leaf dtype (tid2eid narrowed)."""
-    mm, raw = _map(info)
+    mm, raw = map_tensor(info)
     shape = leaf.shape[1:] if leaf.stacked else leaf.shape
     if leaf.narrow_i64:
         a = raw.view("<i8").reshape(shape)
@@ -159,68 +153,6 @@ def _stored_array(leaf: Leaf, info: TensorInfo) -> tuple[mmap.mmap, np.ndarray]:
 
 def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-def _entries(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name != LOCK]
-
-
-def _check_out_dir(src: Path, out: Path) -> None:
-    """Refuse an output directory that is the source, a file, or a non-empty directory we did not write."""
-    if out.resolve() == src.resolve():
-        raise ConversionError(f"{out}: the output directory must differ from the source directory")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out}: exists and is not a directory")
-    if out.is_dir() and _entries(out) and not layout.looks_converted(out):
-        raise ConversionError(f"{out}: directory is not empty and is not a dsv4-convert output; choose an empty or "
-                              "new directory (refusing to delete unknown files)")
-
-
-def _lock(out: Path):
-    """Exclusive lock on ``out`` for this process's lifetime (released by the OS even on SIGKILL)."""
-    import fcntl
-
-    f = open(out / LOCK, "a+")  # held open until the conversion ends
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConversionError(f"{out}: another dsv4-convert process is writing this directory") from None
-    return f
-
-
-def _reuse_or_clear(out: Path, plan: dict, overwrite: bool) -> bool:
-    """Keep a previous conversion of the same source (resume); returns True when it is already complete."""
-    if not _entries(out):
-        return False
-    plan_file = out / WEIGHTS / PLAN
-    try:
-        old = json.loads(plan_file.read_text()) if plan_file.is_file() else layout.read_manifest(out)["plan"]
-    except (json.JSONDecodeError, KeyError, CheckpointError):
-        old = None
-    same = old is not None and old.get("plan_sha256") == plan["plan_sha256"] \
-        and old.get("source_sha256") == plan["source_sha256"]
-    if not same and not overwrite:
-        raise ConversionError(f"{out}: holds a conversion of a different checkpoint (or of another dsv4-convert "
-                              "version); pass --overwrite to discard it, or choose another directory")
-    if overwrite:
-        _clear(out)
-        return False
-    return (out / MANIFEST).is_file()
-
-
-def _clear(out: Path) -> None:
-    """Delete a previous conversion: the commit marker first, so no reader ever sees a half-deleted 'complete' dir."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for p in sorted(_entries(out)):
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def _check_space(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out).free
-    if free < needed * 1.01 + (64 << 20):
-        raise ConversionError(f"{out}: not enough free disk space: the conversion needs {needed / 1e9:.2f} GB more, "
-                              f"{free / 1e9:.2f} GB are free")
 
 
 def _copy_aux(src: Path, out: Path) -> list[str]:
@@ -238,55 +170,6 @@ def _copy_aux(src: Path, out: Path) -> list[str]:
             shutil.copyfile(rootp / name, out / rel)
             copied.append(str(rel))
     return copied
-
-
-class _Prefetcher(threading.Thread):
-    """Keeps the kernel reading ``window`` bytes ahead of the tensor being processed (``posix_fadvise`` WILLNEED on
-    the next tensors, in processing order, from its own thread since the call blocks while the disk queue is full):
-    the disk serves many requests at once while earlier tensors are checksummed and written, and the memory-mapped
-    reads then hit the page cache (which is not counted in our RSS)."""
-
-    def __init__(self, infos: list[TensorInfo], window: int):
-        super().__init__(name="dsv4-convert-prefetch", daemon=True)
-        self.infos, self.window = infos, window
-        self.consumed = 0
-        self.stopped = False
-        self.cv = threading.Condition()
-
-    def consume(self, info: TensorInfo) -> None:
-        """Called before ``info`` is read."""
-        with self.cv:
-            self.consumed += info.nbytes
-            self.cv.notify()
-
-    def run(self) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        fds: dict[Path, int] = {}
-        issued = 0
-        try:
-            for t in self.infos:
-                with self.cv:
-                    while not self.stopped and issued - self.consumed >= self.window:
-                        self.cv.wait()
-                    if self.stopped:
-                        return
-                fd = fds.get(t.file)
-                if fd is None:
-                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
-                os.posix_fadvise(fd, t.start, t.nbytes, os.POSIX_FADV_WILLNEED)
-                issued += t.nbytes
-        except OSError:
-            return  # only a hint: the reads themselves report real errors
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def close(self) -> None:
-        with self.cv:
-            self.stopped = True
-            self.cv.notify()
-        self.join()
 
 
 def _unit_jobs(ckpt: SafetensorsCheckpoint, leaves: list[Leaf]) -> list[tuple[TensorInfo, Leaf, int]]:
@@ -331,7 +214,7 @@ class _UnitWriter:
         except Exception as e:  # TensorStore raises ValueError/OSError-like errors with the OS message inside
             raise ConversionError(f"writing {what} failed: {e}. Fix the cause (e.g. free disk space) and rerun the "
                                   "same command: finished layers are kept and the conversion resumes") from None
-        _release(mm)
+        release_pages(mm)
         self.inflight -= nbytes
         self.done_bytes += nbytes
         self.since_trim += nbytes
@@ -370,7 +253,7 @@ class _UnitWriter:
         while self.pending and self.pending[0][0].done():
             self._retire_one()
 
-    def write_unit(self, unit: str, leaves: list[Leaf], jobs: list, prefetch: _Prefetcher) -> None:
+    def write_unit(self, unit: str, leaves: list[Leaf], jobs: list, prefetch: Prefetcher) -> None:
         while sum(1 for n in self.left.values() if n) >= 2:  # at most this unit and the previous one in flight
             self._retire_one()
         udir = self.out / WEIGHTS / unit
@@ -409,9 +292,11 @@ class _UnitWriter:
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False, inflight_bytes: int = 1 << 30,
-            progress: Callable[[Progress], None] | None = None) -> Result:
+            progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] | None = None) -> Result:
     """Convert the official checkpoint directory ``src`` into ``out`` (see the module docstring). Resumes a previous
-    interrupted conversion of the same source; returns at once if ``out`` is already complete."""
+    interrupted conversion of the same source, and repairs a damaged one (``layout.unit_damage`` /
+    ``manifest_damage``: the damaged units and the manifest are rewritten); returns at once if ``out`` is complete.
+    ``log`` receives one-paragraph notices (what ``--overwrite`` deleted, what damage is being repaired)."""
     src, out = Path(src), Path(out)
     t0 = time.monotonic()
     if not src.is_dir():
@@ -426,41 +311,62 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False, inflig
     plan = {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
             "plan_sha256": layout.plan_digest(leaves), "source_sha256": _fingerprint(src, ckpt),
             "source": str(src.resolve()), "n_tensors": len(ckpt.tensors)}
-    _check_out_dir(src, out)
+    layout.check_out_dir(src, out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    lock = layout.lock_dir(out)
     try:
-        return _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, progress, t0)
+        return _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, progress, log or _quiet, t0)
     finally:
         lock.close()
 
 
-def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, progress, t0) -> Result:
-    if _reuse_or_clear(out, plan, overwrite):
-        return Result(out, 0, 0, 0, time.monotonic() - t0, already_complete=True)
-    (out / WEIGHTS).mkdir(parents=True, exist_ok=True)
-    if not (out / WEIGHTS / PLAN).is_file():
-        layout.write_json_atomic(out / WEIGHTS / PLAN, plan)
+def _quiet(msg: str) -> None:
+    pass
 
+
+def _find_work(out: Path, plan: dict, leaves: list[Leaf]) -> tuple[list[str], list[str]]:
+    """``(units to write, damage found)``. Units whose marker and arrays are intact are kept. With a manifest present
+    (the directory claims to be complete) anything missing is damage; without one (an interrupted run) a unit
+    without a marker is simply not done yet, but a marker whose arrays are broken is damage."""
     units = layout.units_of(leaves)
-    todo, skipped = [], 0
-    for unit in units:
-        marker = out / WEIGHTS / f"{unit}.done.json"
-        try:
-            ok = json.loads(marker.read_text()).get("plan_sha256") == plan["plan_sha256"]
-        except (OSError, json.JSONDecodeError, AttributeError):
-            ok = False
-        if ok:
-            skipped += 1
-        else:
-            marker.unlink(missing_ok=True)
+    complete = (out / MANIFEST).exists()
+    damage = layout.manifest_damage(out, plan, leaves) if complete else []
+    todo = []
+    for unit, uleaves in units.items():
+        problems = layout.unit_damage(out, unit, uleaves, plan["plan_sha256"])
+        if problems:
             todo.append(unit)
+            if complete or layout.marker_path(out, unit).exists():
+                damage += problems
+    old, _ = layout.read_json(out / WEIGHTS / PLAN)
+    if old != plan:
+        if complete and not layout.same_plan(old, plan):
+            damage.append(f"{WEIGHTS}/{PLAN}: missing or unreadable")
+        layout.write_json_atomic(out / WEIGHTS / PLAN, plan)  # same source (checked): record where it is now
+    return todo, damage
+
+
+def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, progress, log, t0) -> Result:
+    layout.prepare_out(out, plan, overwrite, log)
+    (out / WEIGHTS).mkdir(parents=True, exist_ok=True)
+    todo, damage = _find_work(out, plan, leaves)
+    if (out / MANIFEST).exists() and not damage:
+        return Result(out, 0, 0, 0, time.monotonic() - t0, already_complete=True)
+    if damage:
+        shown = "\n  ".join(damage[:8]) + (f"\n  ... ({len(damage) - 8} more)" if len(damage) > 8 else "")
+        log(f"{out}: damaged conversion, repairing it from the source (rewriting {len(todo)} unit(s) and the "
+            f"manifest; --overwrite would convert everything again):\n  {shown}")
+        (out / MANIFEST).unlink(missing_ok=True)  # no longer complete until the repair ends
+        layout.fsync_dir(out)
+    units = layout.units_of(leaves)
+    for unit in todo:
+        layout.marker_path(out, unit).unlink(missing_ok=True)
     total = sum(leaf.nbytes for u in todo for leaf in units[u])
-    _check_space(out, total)
+    layout.check_space(out, total)
     w = _UnitWriter(out, ckpt, plan["plan_sha256"], inflight_bytes, progress, total, len(units))
-    w.units_done = skipped
+    w.units_done = len(units) - len(todo)
     jobs = {unit: _unit_jobs(ckpt, units[unit]) for unit in todo}
-    prefetch = _Prefetcher([j[0] for unit in todo for j in jobs[unit]], min(inflight_bytes, 512 << 20))
+    prefetch = Prefetcher([j[0] for unit in todo for j in jobs[unit]], min(inflight_bytes, 512 << 20))
     prefetch.start()
     try:
         for unit in todo:
@@ -477,11 +383,11 @@ def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, pro
                 "leaves": {leaf.path: layout.leaf_record(leaf) for leaf in leaves}}
     layout.fsync_dir(out / WEIGHTS)
     layout.write_json_atomic(out / MANIFEST, manifest)
-    return Result(out, len(todo), skipped, total, time.monotonic() - t0)
+    return Result(out, len(todo), len(units) - len(todo), total, time.monotonic() - t0, repaired=tuple(damage))
 
 
 def _check_one(out: Path, job: tuple, crcs: dict, bad: list) -> int:
-    """Wait for one verification read, compare its crc32 with the recorded one; returns its size."""
+    """Wait for one verification read, compare its crc32 with the one recorded at conversion; returns its size."""
     fut, leaf, name, nbytes = job
     where = out / WEIGHTS / leaf.unit / leaf.rel
     try:
@@ -492,15 +398,41 @@ def _check_one(out: Path, job: tuple, crcs: dict, bad: list) -> int:
     if name not in crcs:
         bad.append(f"  {name} -> {where}: no checksum recorded in {leaf.unit}.done.json")
     elif crcs[name] != got:
-        bad.append(f"  {name} -> {where}: crc32 {got:08x} differs from the source's {crcs[name]:08x}")
+        bad.append(f"  {name} -> {where}: crc32 {got:08x} differs from the {crcs[name]:08x} recorded from the "
+                   "source at conversion time")
     return nbytes
 
 
+def _source_crc(leaf: Leaf, info: TensorInfo) -> int:
+    """crc32 of a source tensor as it is on disk now (re-read), in the leaf's stored form."""
+    mm, a = _stored_array(leaf, info)
+    try:
+        return _crc(a)
+    finally:
+        release_pages(mm)
+
+
+def _check_source(ckpt: SafetensorsCheckpoint, futs: dict, crcs: dict, bad: list) -> None:
+    """Compare the re-read source tensors' crc32 with the ones recorded when they were converted."""
+    for name, fut in futs.items():
+        info = ckpt.tensors[name]
+        try:
+            got = fut.result()
+        except (OSError, CheckpointError) as e:
+            bad.append(f"  {name} in {info.file}: unreadable ({str(e).splitlines()[0]})")
+            continue
+        if got != crcs.get(name):
+            bad.append(f"  {name} in {info.file}: the source changed since the conversion (crc32 now {got:08x}, "
+                       f"recorded {crcs.get(name, 0):08x}); if the change is intended, rerun with --overwrite")
+
+
 def verify_converted(out: str | Path, progress: Callable[[Progress], None] | None = None,
-                     inflight_bytes: int = 1 << 30) -> int:
+                     inflight_bytes: int = 1 << 30, src: str | Path | None = None) -> int:
     """Re-read every array of the converted directory ``out`` and compare the crc32 of each source tensor's slice
-    with the one recorded from the source bytes. Returns the number of bytes checked; raises a
-    :class:`CheckpointError` listing the mismatching tensors (with their array directories)."""
+    with the one recorded from the source bytes at conversion time. With ``src`` (``--verify-source``), also re-read
+    every source tensor there and compare its crc32 now with the recorded one (twice the reading), which catches a
+    source changed since the conversion. Returns the number of converted bytes checked; raises a
+    :class:`CheckpointError` listing the mismatching tensors (with their array directories or source files)."""
     import tensorstore as ts
 
     out = Path(out)
@@ -508,40 +440,55 @@ def verify_converted(out: str | Path, progress: Callable[[Progress], None] | Non
     cfg = Config.from_hf_dict(manifest["config"], source=str(out / MANIFEST))
     _, leaves = layout.plan_leaves(cfg)
     layout.check_manifest(out, manifest, leaves)
+    ckpt = pool = None
+    if src is not None:
+        ckpt = SafetensorsCheckpoint(src)
+        if _fingerprint(Path(src), ckpt) != manifest["plan"].get("source_sha256"):
+            raise CheckpointError(f"{src}: not the checkpoint {out} was converted from (its config.json or tensor "
+                                  f"table differs from the one recorded in {out / MANIFEST})")
+        pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="crc")
     ctx = layout.ts_context()
     units = layout.units_of(leaves)
     total = sum(leaf.nbytes for leaf in leaves)
     done, started, bad = 0, time.monotonic(), []
-    for k, (unit, uleaves) in enumerate(units.items()):
-        marker_file = out / WEIGHTS / f"{unit}.done.json"
-        try:
-            crcs = json.loads(marker_file.read_text())["crc32"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{marker_file}: missing or corrupted unit marker ({e})") from None
-        pending: deque = deque()  # (read future, leaf, source tensor name, bytes)
-        inflight = 0
-        for leaf in uleaves:
+    try:
+        for k, (unit, uleaves) in enumerate(units.items()):
+            marker_file = layout.marker_path(out, unit)
             try:
-                arr = ts.open(layout.array_spec(out, leaf, create=False), context=ctx).result()
-            except Exception as e:
-                bad.append(f"  {leaf.path} -> {out / WEIGHTS / leaf.unit / leaf.rel}: cannot open "
-                           f"({str(e).splitlines()[0]})")
-                continue
-            if tuple(arr.shape) != leaf.shape or arr.dtype.numpy_dtype != np.dtype(leaf.dtype):
-                bad.append(f"  {leaf.path}: stored {arr.dtype.numpy_dtype}{list(arr.shape)}, expected "
-                           f"{leaf.dtype}{list(leaf.shape)}")
-                continue
-            per = leaf.nbytes // len(leaf.sources)
-            for i, name in enumerate(leaf.sources):
-                pending.append((arr[leaf.source_index(i)].read(), leaf, name, per))
-                inflight += per
-                while inflight > inflight_bytes:
-                    inflight -= _check_one(out, pending.popleft(), crcs, bad)
-        while pending:
-            _check_one(out, pending.popleft(), crcs, bad)
-        done += sum(leaf.nbytes for leaf in uleaves)
-        if progress is not None:
-            progress(Progress(k + 1, len(units), done, total, unit, started, phase="verify"))
+                crcs = json.loads(marker_file.read_text())["crc32"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{marker_file}: missing or corrupted unit marker ({e}); rerunning "
+                                      f"`dsv4-convert SRC {out}` repairs it") from None
+            src_crcs = {name: pool.submit(_source_crc, leaf, ckpt.tensors[name])
+                        for leaf in uleaves for name in leaf.sources} if pool else {}
+            pending: deque = deque()  # (read future, leaf, source tensor name, bytes)
+            inflight = 0
+            for leaf in uleaves:
+                try:
+                    arr = ts.open(layout.array_spec(out, leaf, create=False), context=ctx).result()
+                except Exception as e:
+                    bad.append(f"  {leaf.path} -> {out / WEIGHTS / leaf.unit / leaf.rel}: cannot open "
+                               f"({str(e).splitlines()[0]})")
+                    continue
+                if tuple(arr.shape) != leaf.shape or arr.dtype.numpy_dtype != np.dtype(leaf.dtype):
+                    bad.append(f"  {leaf.path}: stored {arr.dtype.numpy_dtype}{list(arr.shape)}, expected "
+                               f"{leaf.dtype}{list(leaf.shape)}")
+                    continue
+                per = leaf.nbytes // len(leaf.sources)
+                for i, name in enumerate(leaf.sources):
+                    pending.append((arr[leaf.source_index(i)].read(), leaf, name, per))
+                    inflight += per
+                    while inflight > inflight_bytes:
+                        inflight -= _check_one(out, pending.popleft(), crcs, bad)
+            while pending:
+                _check_one(out, pending.popleft(), crcs, bad)
+            _check_source(ckpt, src_crcs, crcs, bad)
+            done += sum(leaf.nbytes for leaf in uleaves)
+            if progress is not None:
+                progress(Progress(k + 1, len(units), done, total, unit, started, phase="verify"))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if bad:
         raise CheckpointError(f"{out}: verification failed for {len(bad)} tensor(s):\n" + "\n".join(bad[:20])
                               + ("\n  ..." if len(bad) > 20 else ""))
