@@ -254,7 +254,8 @@ def test_space_check_and_lock(src, tmp_path, capsys, monkeypatch):
     with open(out / layout.LOCK, "a+") as f:  # another conversion holds the directory
         fcntl.flock(f, fcntl.LOCK_EX)
         rc, err = run_cli(capsys, src, out)
-        assert rc == 1 and "another dsv4-convert process" in err
+        assert rc == 1 and f"{out}: another dsv4-convert process is writing this directory" in err
+        assert os.listdir(out) == [layout.LOCK] and (out / layout.LOCK).stat().st_size == 0  # nothing written
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
     rc, err = run_cli(capsys, src, out)
@@ -345,3 +346,21 @@ def test_read_only_output(src, converted, tmp_path, capsys, monkeypatch):
         for p in [ro, *ro.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
     assert tree_bytes(ro) == before and not (ro / "new").exists()
+
+
+@pytest.mark.parametrize("case", ["src_missing", "out_is_a_file", "config_not_json"])
+def test_bad_paths_are_one_line_errors(broken, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    src = broken
+    if case == "src_missing":
+        src, culprit = tmp_path / "nosuch", f"{tmp_path / 'nosuch'}: checkpoint directory does not exist"
+    elif case == "out_is_a_file":
+        out.write_text("a file")
+        culprit = f"{out}: exists and is not a directory"
+    else:
+        (broken / "config.json").write_text("{")
+        culprit = f"{broken / 'config.json'}: not valid JSON"
+    before = tree_bytes(tmp_path)
+    rc, err = run_cli(capsys, src, out)
+    assert rc == 1 and err.startswith(f"dsv4-convert: error: {culprit}") and err.count("\n") == 1, err
+    assert tree_bytes(tmp_path) == before
