@@ -14,6 +14,7 @@ import pytest
 import dsv4_jax as d
 
 TOL = 1e-4
+SEED = 20261129  # fixed: a failure reproduces with the same weights and tokens
 
 
 def _cfg(**kw):
@@ -27,7 +28,7 @@ def _cfg(**kw):
 @pytest.fixture(scope="module")
 def setup():
     cfg = _cfg()
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = SEED
     return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
 
 

@@ -1,8 +1,8 @@
 """Routed-expert schedules and mesh dispatch strategies agree with each other and with one device.
 
 Float32 numerics: the schedules differ only in matmul shapes and (gather strategy) the cross-device psum order, so
-1e-5 relative (fp32 rounding of sums of a few hundred terms) bounds every comparison. Fresh random inputs each run;
-the seed is in the failure message.
+1e-5 relative (fp32 rounding of sums of a few hundred terms) bounds every comparison. Random inputs from a fixed seed
+(``SEED``), so a failure reproduces; the seed is in the failure message.
 """
 
 import jax
@@ -17,6 +17,7 @@ from dsv4_jax.modeling.moe import dispatch_strategy, moe
 from dsv4_jax.modeling.quant import quantized_input
 
 TOL = 1e-5
+SEED = 1729
 
 
 def _rel(a, b):
@@ -26,7 +27,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def setup():
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = SEED
     cfg = d.Config.tiny(numerics="float32", n_layers=2, compress_ratios=(0, 0, 0), n_hash_layers=1, n_heads=8,
                         o_groups=8, index_n_heads=8, n_routed_experts=16, n_activated_experts=3)
     w = d.init_weights(cfg, jax.random.key(seed))
