@@ -12,9 +12,16 @@ class UserInputError(ValueError):
 
 
 class NonFiniteError(RuntimeError):
-    """The model produced non-finite logits: ``rows`` (batch rows) at generation ``step`` (0 = first new token)."""
+    """The model produced non-finite logits: ``rows`` (batch rows) at generation ``step`` (0 = first new token).
 
-    def __init__(self, message: str, rows: tuple[int, ...] = (), step: int | None = None):
+    ``step`` is the earliest failing step; ``steps`` maps every failing row to its own step; ``tokens`` holds every
+    row's tokens generated before its failure (rows without a failure: complete), or ``None``.
+    """
+
+    def __init__(self, message: str, rows: tuple[int, ...] = (), step: int | None = None, *,
+                 steps: dict[int, int] | None = None, tokens: list[list[int]] | None = None):
         super().__init__(message)
         self.rows = tuple(rows)
         self.step = step
+        self.steps = dict(steps) if steps is not None else ({r: step for r in self.rows} if step is not None else {})
+        self.tokens = tokens

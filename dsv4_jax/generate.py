@@ -15,6 +15,14 @@ A done row (stop token sampled, or ``max_new_tokens`` reached) is fed with lengt
 stop changing while the other rows go on. Programs depend on the batch size and ``max_len`` (rounded up to a bucket
 by default), never on the prompt lengths, ``max_new_tokens``, the sampling parameters (only the noise method is
 static) or the stop tokens (up to four share one shape).
+
+Non-finite logits (a NaN weight, an out-of-range ``tid2eid`` entry, an overflow) never become tokens: every stage that
+samples also checks, on device, that the row's logits are finite (one ``isfinite`` reduction over the ``[B, V]``
+logits the sampler reads anyway). A row whose logits are not finite emits nothing for that step, records the step in
+``DecodeCarry.bad_step`` and stops like a done row; the other rows go on. When generation ends, :func:`generate` and
+:func:`generate_stream` raise :class:`~dsv4_jax.errors.NonFiniteError` naming the row(s) (= prompt indices) and the
+step, with the tokens generated before the failure attached. Healthy runs give the same tokens and programs as
+without the check.
 """
 
 from __future__ import annotations
@@ -30,14 +38,16 @@ import numpy as np
 from flax import struct
 
 from dsv4_jax.config import Config
+from dsv4_jax.errors import NonFiniteError, UserInputError
 from dsv4_jax.modeling.model import forward_jit
-from dsv4_jax.modeling.state import State, init_state
+from dsv4_jax.modeling.state import State, check_max_len, context_limit, init_state
 from dsv4_jax.modeling.weights import Weights
 from dsv4_jax.sampling import SamplingConfig, row_keys, sample, step_keys
 from dsv4_jax.sharding import DATA, mesh_of, shard_state, use_mesh_of
 
 DEFAULT_CHUNKS = (16, 64, 256, 1024)
 PAD = -1  # output buffer entries after a row stopped
+NO_FAULT = -1  # DecodeCarry.bad_step of a row whose logits were always finite
 STOP_SLOTS = 4  # the stop-token list is padded to a multiple of this (bounded shapes)
 
 # Number of traces (= compiled programs) per stage. Incremented while tracing, so it counts distinct programs.
@@ -59,6 +69,7 @@ class DecodeCarry:
     n_out: jax.Array  # int32 [B] tokens generated per row
     step: jax.Array  # int32 [] index of the next token to generate (same for all rows)
     done: jax.Array  # bool [B]
+    bad_step: jax.Array  # int32 [B] step whose logits were not finite (the row stopped there), NO_FAULT if none
     keys: jax.Array  # PRNG keys [B], one stream per row
     limit: jax.Array  # int32 [] max_new_tokens
     stop: jax.Array  # int32 [n] stop token ids, padded with -1
@@ -112,38 +123,47 @@ def chunk_plan(length: int, chunks: Sequence[int]) -> list[int]:
 
 
 def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunks) -> tuple[list[list[int]], int]:
-    """Validate everything before any compute; return the prompts as int lists and the cache length."""
+    """Validate everything before any compute (``UserInputError`` naming the row and the numbers); return the prompts
+    as int lists and the cache length (default: :func:`bucket_len`, capped at ``cfg.max_position_embeddings``)."""
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = prompts.tolist()
     if not isinstance(prompts, Sequence) or not prompts or isinstance(prompts, str):
-        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+        raise UserInputError("generate: prompts must be a non-empty list of token-id lists")
     rows = []
     for b, p in enumerate(prompts):
         if isinstance(p, int | np.integer) or isinstance(p, str):
-            raise ValueError(f"generate: row {b} is {p!r}; prompts must be a list of token-id lists")
+            raise UserInputError(f"generate: row {b} is {p!r}; prompts must be a list of token-id lists")
         p = [int(t) for t in p]
         if not p:
-            raise ValueError(f"generate: row {b} has an empty prompt (start it with BOS id {cfg.bos_token_id})")
+            raise UserInputError(f"generate: row {b} has an empty prompt (start it with BOS id {cfg.bos_token_id})")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise ValueError(f"generate: row {b} has token id {bad[0]} at position {p.index(bad[0])}, outside the "
-                             f"vocabulary [0, {cfg.vocab_size})")
+            raise UserInputError(f"generate: row {b} has token id {bad[0]} at position {p.index(bad[0])}, outside "
+                                 f"the vocabulary [0, {cfg.vocab_size})")
         rows.append(p)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be an int >= 1")
+        raise UserInputError(f"generate: max_new_tokens={max_new_tokens} must be an int >= 1")
     if not chunks or any(int(c) < 1 for c in chunks):
-        raise ValueError(f"generate: prefill_chunks={chunks} must be positive sizes")
+        raise UserInputError(f"generate: prefill_chunks={chunks} must be positive sizes")
     longest = max(len(p) for p in rows)
+    limit = cfg.max_position_embeddings
     if max_len is None:
-        max_len = bucket_len(longest + max_new_tokens)
+        if longest + max_new_tokens > limit:
+            raise UserInputError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
+                                 f"= {longest + max_new_tokens} tokens exceeds the model's {context_limit(cfg)}")
+        max_len = min(bucket_len(longest + max_new_tokens), limit)
+    elif int(max_len) != max_len or max_len < 1:
+        raise UserInputError(f"generate: max_len={max_len} must be an int >= 1")
+    check_max_len(cfg, max_len, "generate")
     for b, p in enumerate(rows):
         if len(p) > max_len:
-            raise ValueError(f"generate: row {b} has a {len(p)}-token prompt, longer than the cache (max_len="
-                             f"{max_len})")
+            raise UserInputError(f"generate: row {b} has a {len(p)}-token prompt, longer than the cache (max_len="
+                                 f"{max_len})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(f"generate: row {b} needs {len(p)} prompt + {max_new_tokens} new tokens = "
-                             f"{len(p) + max_new_tokens} > max_len={max_len}; lower max_new_tokens to "
-                             f"{max_len - len(p)} or raise max_len")
+            more = "raise max_len" if max_len < limit else f"shorten the prompt ({context_limit(cfg)})"
+            raise UserInputError(f"generate: row {b} needs {len(p)} prompt + {max_new_tokens} new tokens = "
+                                 f"{len(p) + max_new_tokens} > max_len={max_len}; lower max_new_tokens to "
+                                 f"{max_len - len(p)} or {more}")
     return rows, int(max_len)
 
 
@@ -167,6 +187,11 @@ def _prefill_chunk(weights, cfg: Config, tokens: jax.Array, lengths: jax.Array, 
     return state, jnp.where(ends[:, None], logits, first_logits)
 
 
+def _finite_rows(logits: jax.Array) -> jax.Array:
+    """bool ``[B]``: every logit of the row is finite (``logits [B,V]``; a NaN or an infinity anywhere fails)."""
+    return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
 def _is_stop(tok: jax.Array, stop: jax.Array) -> jax.Array:
     """``tok [B]`` in ``stop [n]`` (padded with -1, which no token equals) -> bool ``[B]``."""
     return jnp.any(tok[:, None] == stop[None, :], axis=-1)
@@ -175,29 +200,36 @@ def _is_stop(tok: jax.Array, stop: jax.Array) -> jax.Array:
 @partial(jax.jit, static_argnames=("method",), donate_argnames=("state",))
 def _start(first_logits: jax.Array, state: State, keys: jax.Array, limit: jax.Array, stop: jax.Array,
            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, method: str) -> DecodeCarry:
-    """Sample token 0 of every row from the prefill logits ``[B,V]`` and build the decode carry."""
+    """Sample token 0 of every row from the prefill logits ``[B,V]`` and build the decode carry. A row whose
+    logits are not finite emits nothing and is done with ``bad_step`` 0."""
     TRACES["start"] += 1
     B = first_logits.shape[0]
+    ok = _finite_rows(first_logits)  # [B]
     tok = sample(first_logits, step_keys(keys, jnp.int32(0)), temperature, top_k, top_p, method)  # [B]
-    out = jnp.full((B, state.max_len), PAD, jnp.int32).at[:, 0].set(tok)
-    done = _is_stop(tok, stop) | (limit <= 1)
-    return DecodeCarry(state=state, last=tok, out=out, n_out=jnp.ones((B,), jnp.int32), step=jnp.int32(1),
-                       done=done, keys=keys, limit=limit, stop=stop, temperature=temperature, top_k=top_k,
-                       top_p=top_p, method=method)
+    tok = jnp.where(ok, tok, 0)  # a bad row's input stays a valid id (it is fed with length 0 from now on)
+    out = jnp.full((B, state.max_len), PAD, jnp.int32).at[:, 0].set(jnp.where(ok, tok, PAD))
+    done = _is_stop(tok, stop) | (limit <= 1) | ~ok
+    return DecodeCarry(state=state, last=tok, out=out, n_out=ok.astype(jnp.int32), step=jnp.int32(1), done=done,
+                       bad_step=jnp.where(ok, NO_FAULT, 0).astype(jnp.int32), keys=keys, limit=limit, stop=stop,
+                       temperature=temperature, top_k=top_k, top_p=top_p, method=method)
 
 
 def _step(weights, cfg: Config, c: DecodeCarry) -> DecodeCarry:
-    """One decode step for every row that is not done (done rows take 0 tokens: nothing of theirs changes)."""
+    """One decode step for every row that is not done (done rows take 0 tokens: nothing of theirs changes). An
+    active row whose logits are not finite emits nothing, records ``bad_step`` and is done."""
     active = ~c.done  # [B]
     with jax.named_scope("decode_step"):
         logits, state = forward_jit(weights, cfg, c.last[:, None], c.state, active.astype(jnp.int32),
                                     return_logits="last")  # [B,V]
         tok = sample(logits, step_keys(c.keys, c.step), c.temperature, c.top_k, c.top_p, c.method)  # [B]
-    tok = jnp.where(active, tok, c.last)
-    out = c.out.at[:, c.step].set(jnp.where(active, tok, PAD), mode="drop")
-    n_out = c.n_out + active.astype(jnp.int32)
-    done = c.done | _is_stop(tok, c.stop) | (n_out >= c.limit)
-    return c.replace(state=state, last=tok, out=out, n_out=n_out, step=c.step + 1, done=done)
+    bad = active & ~_finite_rows(logits)  # [B]
+    emit = active & ~bad
+    tok = jnp.where(emit, tok, c.last)
+    out = c.out.at[:, c.step].set(jnp.where(emit, tok, PAD), mode="drop")
+    n_out = c.n_out + emit.astype(jnp.int32)
+    done = c.done | bad | _is_stop(tok, c.stop) | (n_out >= c.limit)
+    bad_step = jnp.where(bad, c.step, c.bad_step)
+    return c.replace(state=state, last=tok, out=out, n_out=n_out, step=c.step + 1, done=done, bad_step=bad_step)
 
 
 @partial(jax.jit, static_argnames=("cfg",), donate_argnames=("carry",))
@@ -215,7 +247,7 @@ def _decode_scan(weights, cfg: Config, carry: DecodeCarry, n_steps: int) -> tupl
 
     def body(c: DecodeCarry, _):
         c2 = jax.lax.cond(jnp.all(c.done), lambda x: x, partial(_step, weights, cfg), c)
-        return c2, jnp.where(c.done, PAD, c2.last)
+        return c2, jnp.where(c2.n_out > c.n_out, c2.last, PAD)  # the rows that emitted a token this step
 
     carry, toks = jax.lax.scan(body, carry, None, length=n_steps)
     return carry, toks.T
@@ -227,11 +259,12 @@ def prefill(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampli
             prefill_chunks: Sequence[int] = DEFAULT_CHUNKS) -> DecodeCarry:
     """Check the request, prefill every prompt and sample token 0: the carry that :func:`decode` continues.
 
-    Args are those of :func:`generate`. Raises ``ValueError`` (naming the row and the numbers) before any compute.
+    Args are those of :func:`generate`. Raises :class:`~dsv4_jax.errors.UserInputError` (a ``ValueError`` naming
+    the row and the numbers) before any compute, e.g. for a ``max_len`` beyond ``cfg.max_position_embeddings``.
     """
     sampling = SamplingConfig() if sampling is None else sampling
     if not isinstance(sampling, SamplingConfig):
-        raise ValueError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
+        raise UserInputError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
     stop = [cfg.eos_token_id] if stop_tokens is None else [int(t) for t in stop_tokens]
     rows, max_len = _check(cfg, prompts, max_new_tokens, max_len, prefill_chunks)
     B = len(rows)
@@ -266,10 +299,35 @@ def decode(weights, cfg: Config, carry: DecodeCarry) -> DecodeCarry:
     return _decode_while(weights, cfg, carry)
 
 
-def tokens(carry: DecodeCarry) -> list[list[int]]:
-    """The generated ids of every row of a carry (one device-to-host copy)."""
-    out, n_out = jax.device_get((carry.out, carry.n_out))
-    return [np.asarray(out)[b, :n].tolist() for b, n in enumerate(np.asarray(n_out).tolist())]
+def tokens(carry: DecodeCarry, check: bool = True) -> list[list[int]]:
+    """The generated ids of every row of a carry (one device-to-host copy).
+
+    With ``check`` (default), raises :class:`~dsv4_jax.errors.NonFiniteError` if some row met non-finite logits
+    (its ``tokens`` attribute holds what this returns with ``check=False``: each row's tokens up to its failure).
+    """
+    out, n_out, bad_step = jax.device_get((carry.out, carry.n_out, carry.bad_step))
+    rows = [np.asarray(out)[b, :n].tolist() for b, n in enumerate(np.asarray(n_out).tolist())]
+    if check:
+        raise_if_nonfinite(np.asarray(bad_step), rows)
+    return rows
+
+
+def raise_if_nonfinite(bad_step: np.ndarray, rows: list[list[int]]) -> None:
+    """Raise :class:`~dsv4_jax.errors.NonFiniteError` naming every row whose ``bad_step [B]`` is set (row b is
+    prompt b of the request) and the earliest step; ``rows`` (the tokens kept) travel with the error."""
+    bad = [int(b) for b in np.flatnonzero(bad_step != NO_FAULT)]
+    if not bad:
+        return
+    steps = {b: int(bad_step[b]) for b in bad}
+    where = ", ".join(f"row {b} (prompt {b}) at step {s}" for b, s in steps.items())
+    raise NonFiniteError(
+        f"generate: the model produced non-finite logits (NaN or inf) for {where}. Step s is the row's s-th new "
+        "token (step 0: the prefill's logits after the last prompt token); no token was emitted from those logits: "
+        "the row stopped there and keeps its s earlier tokens, while the other rows ran to the end (every row's "
+        "tokens: NonFiniteError.tokens). Usual causes: a corrupted weight (a NaN/inf value, an e8m0 scale byte 255) "
+        "or a hash-routing tid2eid entry outside [0, n_routed_experts); load_weights refuses such values in the "
+        "tensors it checks (scales, tid2eid, norms, biases, gates, mHC parameters).",
+        rows=tuple(bad), step=min(steps.values()), steps=steps, tokens=rows)
 
 
 def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
@@ -288,6 +346,11 @@ def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampl
       prefill_chunks: the allowed prefill chunk sizes (one compiled program each at most).
     Returns:
       The generated ids of each row, without the prompt; a row that stopped on a stop token ends with it.
+    Raises:
+      UserInputError: a bad argument (before any compute), e.g. ``max_len`` or prompt + ``max_new_tokens`` beyond
+        ``cfg.max_position_embeddings``, or a prompt + ``max_new_tokens`` longer than an explicit ``max_len``.
+      NonFiniteError: some row's logits were not finite (checked on device at every step, prefill included): raised
+        after the other rows finished, naming the rows and steps, with every row's tokens so far in ``.tokens``.
     """
     with use_mesh_of(weights):  # weights placed on a mesh (dsv4_jax.sharding): run under it
         carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
@@ -303,20 +366,24 @@ def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling
 
     The first item holds token 0 of every row (right after prefill: time to first token); each later item holds
     what ``steps_per_call`` on-device steps (one ``lax.scan`` call) produced per row (``[]`` for finished rows).
-    Concatenating the items of a row gives exactly :func:`generate`'s output for it.
+    Concatenating the items of a row gives exactly :func:`generate`'s output for it. A row whose logits become
+    non-finite yields nothing more from that step on (the others go on), and once every row is done the generator
+    raises :class:`~dsv4_jax.errors.NonFiniteError` as :func:`generate` does (after the last item).
     """
     if int(steps_per_call) != steps_per_call or steps_per_call < 1:
-        raise ValueError(f"generate_stream: steps_per_call={steps_per_call} must be an int >= 1")
+        raise UserInputError(f"generate_stream: steps_per_call={steps_per_call} must be an int >= 1")
     with use_mesh_of(weights):
         carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
                         stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
-    first, done = jax.device_get((carry.last, carry.done))
-    yield [[int(t)] for t in first]
+    first, n_first, done, bad = jax.device_get((carry.last, carry.n_out, carry.done, carry.bad_step))
+    yield [[int(t)] if n else [] for t, n in zip(first, n_first)]  # n = 0: non-finite prefill logits
     while not bool(np.all(done)):  # done also covers max_new_tokens (n_out >= limit)
         with use_mesh_of(weights):
             carry, toks = _decode_scan(weights, cfg, carry, n_steps=int(steps_per_call))
-        toks, done = jax.device_get((toks, carry.done))
+        toks, done, bad = jax.device_get((toks, carry.done, carry.bad_step))
         yield [[int(t) for t in row if t != PAD] for row in np.asarray(toks)]
+    if np.any(np.asarray(bad) != NO_FAULT):
+        tokens(carry)  # raises NonFiniteError naming the rows and steps, with the tokens kept
 
 
 def max_programs(n_chunk_sizes: int) -> int:
@@ -326,4 +393,4 @@ def max_programs(n_chunk_sizes: int) -> int:
 
 
 __all__ = ["DEFAULT_CHUNKS", "DecodeCarry", "bucket_len", "chunk_plan", "compiled_programs", "decode", "demo_model",
-           "generate", "generate_stream", "max_programs", "prefill", "tokens"]
+           "generate", "generate_stream", "max_programs", "prefill", "raise_if_nonfinite", "tokens"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dsv4_jax.config import Config
+from dsv4_jax.errors import UserInputError
 
 
 @struct.dataclass
@@ -59,11 +60,33 @@ def _layer_state(cfg: Config, ratio: int, batch: int, max_len: int) -> LayerStat
     return LayerState(**kw)
 
 
+def context_limit(cfg: Config) -> str:
+    """``cfg.max_position_embeddings`` and where it comes from, for error messages."""
+    return (f"max_position_embeddings={cfg.max_position_embeddings} (the YaRN-extended context of the checkpoint's "
+            f"config.json: rope_scaling.original_max_position_embeddings={cfg.original_seq_len} x "
+            f"factor={cfg.rope_factor:g})")
+
+
+def check_max_len(cfg: Config, max_len: int, who: str) -> None:
+    """Refuse (:class:`~dsv4_jax.errors.UserInputError`) a cache longer than the model's context: positions beyond
+    ``cfg.max_position_embeddings`` lie outside the range the YaRN RoPE was extended to (the release supports up to
+    there), so their outputs would be unsupported extrapolation, not an error anyone would notice."""
+    if max_len > cfg.max_position_embeddings:
+        raise UserInputError(f"{who}: max_len={max_len} exceeds the model's {context_limit(cfg)}; use max_len <= "
+                             f"{cfg.max_position_embeddings}")
+
+
 def init_state(cfg: Config, batch_size: int, max_len: int) -> State:
     """A fresh state (every cache empty, every row at position 0) for ``batch_size`` rows of up to ``max_len``
-    tokens. ``jax.eval_shape(lambda: init_state(...))`` gives its abstract shapes."""
+    tokens. ``jax.eval_shape(lambda: init_state(...))`` gives its abstract shapes.
+
+    ``max_len`` beyond ``cfg.max_position_embeddings`` is refused here with a ``UserInputError``: every state (for
+    ``forward`` and for ``generate``) is made by this factory, so this is the one place that bounds every position a
+    state can hold. (``generate``/``prefill`` check the same limit, and the prompt lengths, before any compute.)
+    """
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_state: batch_size={batch_size} and max_len={max_len} must be >= 1")
+    check_max_len(cfg, max_len, "init_state")
     layers = tuple(_layer_state(cfg, cfg.ratio(i), batch_size, max_len) for i in range(cfg.n_layers))
     mtp = tuple(_layer_state(cfg, cfg.ratio(cfg.n_layers + j), batch_size, max_len) for j in range(cfg.n_mtp_layers))
     # two distinct buffers: a donated state must not alias one array twice
