@@ -315,3 +315,15 @@ def test_free_space_refusal_states_its_margin(src, converted, tmp_path, capsys, 
     assert (f"needs {needed / 1e9:.2f} GB more plus a safety margin of 1% + 64 MiB ({(needed + margin) / 1e9:.2f} "
             f"GB in all), {free / 1e9:.2f} GB are free") in err, err
     assert not list((out / "weights").glob("*.done.json")) and not (out / layout.MANIFEST).exists()
+
+
+def test_overwrite_never_deletes_or_writes_through_a_symlinked_folder(src, conv, tmp_path, capsys):
+    """OUT/inference replaced by a link to the user's folder: the manifest lists inference/config.json, but neither
+    --overwrite nor the copy of the non-weight files may touch the linked folder."""
+    mine = tmp_path / "my_inference"
+    shutil.move(conv / "inference", mine)
+    (conv / "inference").symlink_to(mine, target_is_directory=True)
+    before = digest(mine)
+    rc, err = run_cli(capsys, src, conv, "--overwrite")
+    assert rc == 1 and f"{conv / 'inference'}: is a link to {mine}, outside the output directory" in err, err
+    assert digest(mine) == before and (conv / "inference").is_symlink()

@@ -268,11 +268,15 @@ def marker_path(root: Path, unit: str) -> Path:
 
 
 def _inside(root: Path, rel: str) -> Path | None:
-    """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root`` (a manifest is data: a
-    tampered one must not make us touch anything outside the output directory)."""
+    """``root / rel`` when ``rel`` is a plain relative path that stays inside ``root``, through no symlinked folder
+    (a manifest is data: a tampered one, or a folder replaced by a link, must not make us delete anything outside the
+    output directory)."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
         return None
-    return root / rel
+    p = root / rel
+    if p.parent.resolve() != root.resolve() / Path(rel).parent:  # a symlinked folder on the way leads elsewhere
+        return None
+    return p
 
 
 def owned_paths(root: Path, manifest: dict | None) -> list[Path]:

@@ -158,16 +158,21 @@ def _crc(a: np.ndarray) -> int:
 def _copy_aux(src: Path, out: Path) -> list[str]:
     """Copy every non-weight file of the source (config, tokenizer, inference/ and encoding/ code, README, ...)."""
     copied = []
-    out_res = out.resolve()
-    for root, dirs, files in os.walk(src):
+    for root, dirs, files in os.walk(src):  # OUT never lies inside SRC (layout.check_out_dir)
         rootp = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (rootp / d).resolve() != out_res)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.endswith(".safetensors") or name == "model.safetensors.index.json" or name.startswith("."):
                 continue
             rel = (rootp / name).relative_to(src)
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(rootp / name, out / rel)
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.parent.resolve() != out.resolve() / rel.parent:
+                raise ConversionError(f"{dst.parent}: is a link to {dst.parent.resolve()}, outside the output "
+                                      f"directory; refusing to write {rel} there (replace the link by a folder)")
+            if dst.is_symlink():
+                dst.unlink()  # a link in place of a copied file: replace the link, never write through it
+            shutil.copyfile(rootp / name, dst)
             copied.append(str(rel))
     return copied
 
