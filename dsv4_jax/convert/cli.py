@@ -68,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Convert an official DeepSeek-V4 checkpoint directory (HF release: safetensors shards, "
         "config.json, tokenizer files) into sharded arrays that load_weights restores onto any device mesh, each "
         "host reading only its own shards. Streaming (bounded memory), resumable (rerun after an interruption), "
-        "validated before any heavy work.")
+        "validated before any heavy work.",
+        epilog="Exit status: 0 when OUT_DIR holds a complete conversion (every unit's arrays, every unit marker and "
+        "the manifest present, readable and in agreement; tensor bytes are checked by --verify), 1 on any error (one "
+        "paragraph naming the file, tensor or field at fault), 2 on bad usage, 130 when interrupted.")
     ap.add_argument("src", metavar="SRC_DIR", help="official checkpoint directory")
-    ap.add_argument("out", metavar="OUT_DIR", help="output directory (created; an interrupted conversion resumes)")
+    ap.add_argument("out", metavar="OUT_DIR", help="output directory (created; an interrupted conversion resumes, a "
+                    "damaged one is reported and repaired; must neither be, contain nor lie inside SRC_DIR)")
     ap.add_argument("--verify", action="store_true",
                     help="afterwards, re-read every stored array and compare its crc32 with the crc32 recorded from "
                     "the source tensor's bytes when it was converted (the source is not re-read)")
