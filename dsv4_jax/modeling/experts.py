@@ -62,26 +62,48 @@ def block_rows(n_pairs: int, n_local: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
-def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | None = None) -> jax.Array:
-    """Same as :func:`pairs_gathered` for many pairs: sorted by expert into one-expert blocks of ``block`` rows."""
-    R, D = tok.shape[0], x.shape[-1]
-    n_local = w1s.packed.shape[0]
-    C = block or block_rows(R, n_local)
+def n_blocks_bound(n_pairs: int, n_local: int, block: int) -> int:
+    """Static bound on the blocks of the grouped layout: ``sum_e ceil(count_e / block) <= ceil(R / block) + min(E, R)``
+    (each non-empty expert adds at most one partly filled block)."""
+    return -(-n_pairs // block) + min(n_local, n_pairs)
+
+
+def group_pairs(e: jax.Array, n_local: int, block: int):
+    """The grouped layout of pairs with local expert ids ``e [R]`` (ids outside ``[0, n_local)`` get no slot).
+
+    Pairs are sorted by expert (stable: ascending pair index within an expert) and each expert's pairs fill
+    ``ceil(count / block)`` consecutive blocks of ``block`` slots; empty experts get no block. Returns
+    ``row_of_slot [n_blocks * block]`` (pair index per slot, ``R`` for padding slots), ``block_expert [n_blocks]``
+    (expert of each block; blocks past ``used_blocks`` are unused, their entry is ``n_local``), ``used_blocks``
+    (scalar int32) and ``slot_of_pair [R]`` (``n_blocks * block`` for pairs that have no slot).
+    """
+    R = e.shape[0]
     valid = (e >= 0) & (e < n_local)
     key = jnp.where(valid, e, n_local)  # invalid pairs sort last and get no block
     order = jnp.argsort(key, stable=True)  # [R]
     e_sorted = key[order]
     counts = jnp.zeros(n_local + 1, jnp.int32).at[key].add(1)[:n_local]  # [n_local]
-    padded = (counts + C - 1) // C * C
+    padded = (counts + block - 1) // block * block
     start_pad = jnp.cumsum(padded) - padded  # first slot of each expert's blocks
     start = jnp.cumsum(counts) - counts  # first sorted row of each expert
-    n_blocks = -(-R // C) + min(n_local, R)  # static bound on sum(ceil(count / C))
-    n_slots = n_blocks * C
+    n_blocks = n_blocks_bound(R, n_local, block)
+    n_slots = n_blocks * block
     e_c = jnp.minimum(e_sorted, n_local - 1)
-    slot = jnp.where(e_sorted < n_local, start_pad[e_c] + jnp.arange(R) - start[e_c], n_slots)  # [R]
+    slot = jnp.where(e_sorted < n_local, start_pad[e_c] + jnp.arange(R) - start[e_c], n_slots)  # [R] sorted order
     row_of_slot = jnp.full(n_slots, R, jnp.int32).at[slot].set(order.astype(jnp.int32), mode="drop")  # R = none
-    used_blocks = jnp.sum(padded) // C
-    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * C, side="right").astype(jnp.int32)
+    used_blocks = jnp.sum(padded) // block
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right").astype(jnp.int32)
+    slot_of_pair = jnp.zeros(R, jnp.int32).at[order].set(slot.astype(jnp.int32))  # [R]
+    return row_of_slot, block_expert, used_blocks.astype(jnp.int32), slot_of_pair
+
+
+def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | None = None) -> jax.Array:
+    """Same as :func:`pairs_gathered` for many pairs: sorted by expert into one-expert blocks of ``block`` rows."""
+    R, D = tok.shape[0], x.shape[-1]
+    n_local = w1s.packed.shape[0]
+    C = block or block_rows(R, n_local)
+    n_blocks = n_blocks_bound(R, n_local, C)
+    row_of_slot, block_expert, used_blocks, _ = group_pairs(e, n_local, C)
 
     # tokens are gathered per block straight from x (no [R, D] copy of the repeated tokens); slot R / token T is
     # the zero padding row

@@ -11,6 +11,9 @@ in ``experts.py``; this module routes and, on a mesh, moves tokens to the device
   devices, each (token, expert) pair travels only to the device owning the expert (``ragged_all_to_all`` on GPUs;
   on CPU, which lacks it, a dense ``all_to_all`` with the same result), the fp32 outputs travel back and each token's
   pairs are added in ascending expert id exactly as on one device.
+
+With ``use_triton(cfg)`` the per-device pair compute is ``kernels.fp4_moe`` (FP4 grouped GEMMs reading only the
+touched local experts, for both strategies); otherwise the XLA schedules of ``experts.py``, unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels import use_triton
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
 from dsv4_jax.modeling.quant import HIGHEST, quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
@@ -84,6 +88,8 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
     # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
     pairs = pairs_gathered if T * k < cfg.n_routed_experts // n_dev else pairs_grouped
+    if use_triton(cfg):  # the FP4 grouped-GEMM kernels: each device reads only its touched experts, for any batch
+        from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs as pairs
     tok = jnp.arange(T * k, dtype=jnp.int32) // k
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
@@ -104,7 +110,7 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     idx_p = jnp.pad(idx, ((0, pad), (0, 0)), constant_values=-1)
     wts_p = jnp.pad(wts, ((0, pad), (0, 0)))
     ragged = jax.default_backend() != "cpu"
-    fn = functools.partial(_all_to_all_local, cfg, n_dev, ragged)
+    fn = functools.partial(_all_to_all_local, cfg, n_dev, ragged, pairs_grouped if pairs is pairs_gathered else pairs)
     y = jax.shard_map(fn, mesh=mesh, in_specs=(ex, ex, ex, ex, ex, ex), out_specs=ex,
                       check_vma=False)(xt_p, idx_p, wts_p, w.w1, w.w2, w.w3)
     return y[:T]
@@ -127,9 +133,9 @@ def _exchange(x, out, in_off, send_sizes, out_off, recv_sizes, n_dev: int, ragge
     return out.at[dst.reshape(-1)].set(recv.reshape(n_dev * cap, *x.shape[1:]), mode="drop")
 
 
-def _all_to_all_local(cfg: Config, n_dev: int, ragged: bool, xt, idx, wts, w1, w2, w3):
+def _all_to_all_local(cfg: Config, n_dev: int, ragged: bool, pairs, xt, idx, wts, w1, w2, w3):
     """Per device: its ``T_l`` tokens ``xt [T_l,D]``, their choices ``idx/wts [T_l,k]`` (-1 = padding token) and its
-    ``n_local`` experts -> fp32 ``[T_l, D]``."""
+    ``n_local`` experts -> fp32 ``[T_l, D]``; ``pairs`` computes the received pairs (grouped schedule or kernel)."""
     T_l, k = idx.shape
     n_pairs, n_local = T_l * k, w1.packed.shape[0]
     e = idx.reshape(-1)
@@ -149,7 +155,7 @@ def _all_to_all_local(cfg: Config, n_dev: int, ragged: bool, xt, idx, wts, w1, w
     e_in = xch((key[order] % n_local).astype(jnp.int32), jnp.full((R,), n_local, jnp.int32), *args)
     w_in = xch(wts.reshape(-1)[order], jnp.zeros((R,), wts.dtype), *args)
     with jax.named_scope("local_experts"):
-        y = pairs_grouped(cfg, x_in, quantized_input(x_in, cfg.simulate), jnp.arange(R), e_in, w_in, w1, w2, w3)
+        y = pairs(cfg, x_in, quantized_input(x_in, cfg.simulate), jnp.arange(R), e_in, w_in, w1, w2, w3)
     # send every output row back to the device and slot it came from
     back = (jnp.cumsum(recv_sizes) - recv_sizes, recv_sizes, (jnp.cumsum(sizes, axis=1) - sizes)[:, me], send_sizes)
     y_back = xch(y, jnp.zeros((n_pairs, y.shape[1]), y.dtype), *back)  # row r = pair order[r]

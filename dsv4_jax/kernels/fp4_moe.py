@@ -1,0 +1,288 @@
+"""FP4 routed experts as two grouped GEMMs that read the packed e2m1 weights in place (spec 9, 12.1).
+
+Public function :func:`fp4_moe_pairs` (same contract as ``experts.pairs_gathered``: one fp32 row per (token, expert)
+pair, zeros for pairs whose expert is not local); :func:`fp4_moe_pairs_reference` is the XLA code (the spec, the CPU
+path, bit for bit today's results). ``moe.routed_experts`` calls it per device inside the expert-parallel
+``shard_map``, so each device computes only the pairs routed to its own experts.
+
+Layout (``experts.group_pairs``, built in JAX): pairs sorted by expert into blocks of ``BM`` slots that each belong
+to one expert; empty experts get no block; the grid has a static bound of blocks and programs past ``used_blocks``
+return at once. So a step reads only the touched experts' bytes (decode: 6 experts of 256).
+
+Two kernels, both with fp32 accumulation of exact products and the reference's rounding points:
+
+1. :func:`_gate_up_kernel`, grid (block, I/BN1): ``g = bf16(x @ w1.T)``, ``u = bf16(x @ w3.T)`` in one pass over
+   K, then ``u = clip(u, -L, L)``, ``g = min(g, L)``, ``a = bf16(wt * silu(g) * u)`` (routing weight in fp32) ->
+   ``h [slots, I]`` bf16.
+2. :func:`_down_kernel`, grid (block, D/BN2): for each 128-wide K block of ``h`` the reference's ``act_quant``
+   (pow2 scale rounded up, e4m3 round-to-nearest-even, computed arithmetically so the interpreter agrees), then
+   ``y = bf16(hq @ w2.T)`` -> ``y [slots, D]``.
+
+The weights' e2m1 codes become fp32 by placing the 3 magnitude bits under the exponent (``0.5`` lands on an fp32
+denormal, scaled back by ``2**126``), times the 1x32 e8m0 scale: exact, as are bf16 copies of them and of the
+FP8-quantized activations, so a bf16 ``tl.dot`` with fp32 accumulation sums exactly the reference's products, in
+another order. e8m0 bytes 0 and 255 (2**-127 and NaN) are not decoded (0 and inf): checkpoints do not use them.
+
+Order contract: each pair's output row is its own dot (no cross-pair sums); :func:`experts.combine` then adds each
+token's pairs in ascending expert id in fp32, exactly as the reference; on a mesh the gather strategy's ``psum``
+adds the per-device partial sums (as the reference path does). So the kernel path differs from the reference only
+in the fp32 summation order inside each dot (relative ~1e-6 before the bf16 roundings of g, u, a and y; a rounding
+boundary crossed there moves that element by one bf16 ulp, and the FP8 requantization can amplify it to one e4m3
+step of one element of ``h``).
+
+Portability: plain ``tl.load``/``tl.dot``/integer ops, no inline assembly; the tile sizes per architecture come
+from :func:`tiles` (one place). ROCm: the same kernels are expected to compile for CDNA (Triton's AMD backend);
+``tl.dot_scaled`` (native MXFP4 on gfx950) is not used yet: the register dequantization runs on every target.
+Nothing here has been run on ROCm. CI runs the same ``@triton.jit`` kernels under ``TRITON_INTERPRET=1`` with
+torch CPU tensors (:func:`launch_torch`; the interpreter's bf16 dot and conversions are not faithful, so there
+the kernels dot fp32 copies of the same bf16-exact values).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from dsv4_jax.kernels import arch, use_triton
+from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
+from dsv4_jax.modeling.quant import Fp4Tensor
+
+
+# ---------------------------------------------------------------------------------------------- device helpers
+@triton.jit
+def _round_bf16(v):
+    """fp32 -> nearest-even bf16 value, kept in fp32 (finite inputs)."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2(e):
+    """2**e in fp32 for integer tensors e in [-126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1(code, scale):
+    """Nibble codes (int32, 0..15) times fp32 scales [BN] -> exact fp32 weights [BN, 16]."""
+    bits = ((code & 7) << 22) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37 * scale[:, None]  # 2**126
+
+
+@triton.jit
+def _e8m0(s):
+    """e8m0 bytes -> fp32 2**(s - 127) (1..254)."""
+    return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_group(acc, wp_ptr, ws_ptr, n, kk, K2, K32, xe, xo, DOT: tl.constexpr):
+    """acc [BN, BM] += W[n, kk:kk+32] @ x[:, kk:kk+32].T for one 1x32 scale group; ``xe``/``xo`` [16, BM] are the
+    even/odd columns (the low/high nibbles of the 16 packed bytes)."""
+    i = tl.arange(0, 16)
+    p = tl.load(wp_ptr + n[:, None] * K2 + (kk // 2 + i)[None, :]).to(tl.int32)  # [BN, 16] bytes
+    s = _e8m0(tl.load(ws_ptr + n * K32 + kk // 32))  # [BN]
+    acc = tl.dot(_e2m1(p & 15, s).to(DOT), xe, acc)
+    return tl.dot(_e2m1(p >> 4, s).to(DOT), xo, acc)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _gate_up_kernel(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p_ptr, w1s_ptr, w3p_ptr, w3s_ptr, h_ptr,
+                    R: tl.constexpr, D: tl.constexpr, I: tl.constexpr, LIMIT: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, G: tl.constexpr, DOT: tl.constexpr):
+    """h[slot, n] = bf16(wt * silu(min(g, L)) * clip(u, -L, L)) for the BM slots of one block and BN columns."""
+    b = tl.program_id(0)
+    if b >= tl.load(used_ptr):
+        return
+    ex = tl.load(bexp_ptr + b).to(tl.int64)
+    slot = b * BM + tl.arange(0, BM)  # [BM]
+    pair = tl.load(rows_ptr + slot)
+    live = pair < R
+    tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
+    wt = tl.load(wt_ptr + pair, mask=live, other=0.0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
+    w1p, w3p = w1p_ptr + ex * (I * D // 2), w3p_ptr + ex * (I * D // 2)
+    w1s, w3s = w1s_ptr + ex * (I * D // 32), w3s_ptr + ex * (I * D // 32)
+    i2 = 2 * tl.arange(0, 16)
+    acc_g = tl.zeros((BN, BM), tl.float32)
+    acc_u = tl.zeros((BN, BM), tl.float32)
+    for k0 in range(0, D, 32 * G):
+        for j in tl.static_range(G):
+            kk = k0 + 32 * j
+            xp = x_ptr + tok[None, :] * D + (kk + i2)[:, None]  # [16, BM]: x[tok, kk + 2i]
+            xe = tl.load(xp, mask=live[None, :], other=0.0).to(DOT)
+            xo = tl.load(xp + 1, mask=live[None, :], other=0.0).to(DOT)
+            acc_g = _fp4_group(acc_g, w1p, w1s, n, kk, D // 2, D // 32, xe, xo, DOT)
+            acc_u = _fp4_group(acc_u, w3p, w3s, n, kk, D // 2, D // 32, xe, xo, DOT)
+    g = _round_bf16(acc_g)
+    u = _round_bf16(acc_u)
+    if LIMIT > 0:
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        g = tl.minimum(g, LIMIT)
+    a = _round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
+    tl.store(h_ptr + slot[None, :].to(tl.int64) * I + n[:, None], a.to(h_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _quant_scale(h_ptr, slot, k0, I: tl.constexpr):
+    """The reference act_quant's scale of h[slot, k0:k0+128]: 2**ceil(log2(max(amax, 1e-4) * fp32(1/448)))."""
+    i = tl.arange(0, 128)
+    t = tl.load(h_ptr + slot[None, :].to(tl.int64) * I + (k0 + i)[:, None]).to(tl.float32)  # [128, BM]
+    amax = tl.maximum(tl.max(tl.abs(t), axis=0), 1e-4)
+    bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # [BM] exponent
+
+
+@triton.jit
+def _e4m3(h_ptr, slot, col, e, I: tl.constexpr):
+    """h[slot, col] FP8-quantized with block exponent e: clip(h / 2**e, +-448) rounded to e4m3 (nearest even),
+    times 2**e -> fp32 [16, BM]."""
+    t = tl.load(h_ptr + slot[None, :].to(tl.int64) * I + col[:, None]).to(tl.float32)
+    v = tl.minimum(tl.maximum(t * _pow2(-e)[None, :], -448.0), 448.0)
+    ve = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # log2 of the e4m3 step
+    r = (v * _pow2(-ve) + 12582912.0) - 12582912.0  # round to an integer, ties to even (1.5 * 2**23 trick)
+    return r * _pow2(ve) * _pow2(e)[None, :]
+
+
+@triton.jit
+def _down_kernel(h_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
+    """y[slot, n] = bf16(act_quant(h[slot]) @ w2[n].T) for the BM slots of one block and BN output columns."""
+    b = tl.program_id(0)
+    if b >= tl.load(used_ptr):
+        return
+    ex = tl.load(bexp_ptr + b).to(tl.int64)
+    slot = b * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    w2p, w2s = w2p_ptr + ex * (D * I // 2), w2s_ptr + ex * (D * I // 32)
+    i2 = 2 * tl.arange(0, 16)
+    acc = tl.zeros((BN, BM), tl.float32)
+    for k0 in range(0, I, 128):
+        e = _quant_scale(h_ptr, slot, k0, I)
+        for j in tl.static_range(4):
+            kk = k0 + 32 * j
+            xe = _e4m3(h_ptr, slot, kk + i2, e, I).to(DOT)
+            xo = _e4m3(h_ptr, slot, kk + 1 + i2, e, I).to(DOT)
+            acc = _fp4_group(acc, w2p, w2s, n, kk, I // 2, I // 32, xe, xo, DOT)
+    tl.store(y_ptr + slot[None, :].to(tl.int64) * D + n[:, None], _round_bf16(acc).to(y_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------- launch plans
+def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
+    """Tile sizes for one call (the one place they are chosen): rows per block ``BM`` from the mean pairs per local
+    expert, output tiles ``BN1`` (gate/up, over I) and ``BN2`` (down, over D), scale groups per K step ``G``."""
+    BM = max(16, min(64, block_rows(n_pairs, n_local)))
+    if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
+        return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, num_warps=4, num_stages=1)
+    decode = BM == 16
+    return dict(BM=BM, BN1=64 if decode else 128, BN2=64 if decode else 128, G=4 if (D // 32) % 4 == 0 else 1,
+                num_warps=4 if decode else 8, num_stages=3 if decode else 2)
+
+
+def check_shapes(x, w1: Fp4Tensor, w2: Fp4Tensor, w3: Fp4Tensor, t: dict):
+    """Refuse shapes the kernels do not tile, naming the tensor at fault."""
+    E, I, D2 = w1.packed.shape
+    D = 2 * D2
+    want = {"w1.packed": (E, I, D // 2), "w3.packed": (E, I, D // 2), "w2.packed": (E, D, I // 2),
+            "w1.scale": (E, I, D // 32), "w3.scale": (E, I, D // 32), "w2.scale": (E, D, I // 32)}
+    got = {"w1.packed": w1.packed.shape, "w3.packed": w3.packed.shape, "w2.packed": w2.packed.shape,
+           "w1.scale": w1.scale.shape, "w3.scale": w3.scale.shape, "w2.scale": w2.scale.shape}
+    for name, shape in want.items():
+        if tuple(got[name]) != shape:
+            raise ValueError(f"fp4_moe: {name} has shape {tuple(got[name])}, expected {shape} for x [..., {D}]")
+    if x.shape[-1] != D:
+        raise ValueError(f"fp4_moe: x has {x.shape[-1]} features, the experts take {D}")
+    if D % (32 * t["G"]) or I % 128 or I % t["BN1"] or D % t["BN2"]:
+        raise ValueError(f"fp4_moe: expert shape D={D}, I={I} is not tiled by {t} (need D % 32G, I % 128, "
+                         "I % BN1, D % BN2 == 0)")
+    return E, D, I
+
+
+def launch_torch(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
+    """Run both kernels on torch tensors (the interpreter tests; the same kernels as :func:`launch_jax`).
+
+    ``w1/w2/w3``: ``(packed, scale)`` uint8 tensors. Returns ``(h [slots, I], y [slots, D])`` fp32, each row of a
+    used block written (unused blocks keep the poison ``nan``)."""
+    import torch
+
+    E, I, D2 = w1[0].shape
+    D, R = 2 * D2, tok.shape[0]
+    n_blocks = bexp.shape[0]
+    n_slots = n_blocks * t["BM"]
+    h = torch.full((n_slots, I), float("nan"), dtype=torch.float32)
+    y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
+    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    _gate_up_kernel[(n_blocks, I // t["BN1"])](x, tok, wt, rows, bexp, used, *w1, *w3, h, R=R, D=D, I=I, LIMIT=limit,
+                                               BM=t["BM"], BN=t["BN1"], G=t["G"], DOT=tl.float32, **kw)
+    _down_kernel[(n_blocks, D // t["BN2"])](h, bexp, used, *w2, y, D=D, I=I, BM=t["BM"], BN=t["BN2"], DOT=tl.float32,
+                                            **kw)
+    return h, y
+
+
+def launch_jax(x, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w3: Fp4Tensor, limit: float, t: dict):
+    """Both kernels through jax-triton on device arrays: ``x [T, D]`` bf16 (bf16-exact FP8-quantized values), ``tok``,
+    ``wt``, the :func:`experts.group_pairs` layout -> ``y [slots, D]`` bf16 (rows of unused blocks undefined)."""
+    import jax_triton as jt
+
+    E, I, D2 = w1.packed.shape
+    D, R = 2 * D2, tok.shape[0]
+    n_blocks = bexp.shape[0]
+    n_slots = n_blocks * t["BM"]
+    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    h = jt.triton_call(x, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
+                       kernel=_gate_up_kernel, out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
+                       grid=(n_blocks, I // t["BN1"]), R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], BN=t["BN1"], G=t["G"],
+                       DOT=tl.bfloat16, **kw)
+    return jt.triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_kernel,
+                          out_shape=jax.ShapeDtypeStruct((n_slots, D), jnp.bfloat16), grid=(n_blocks, D // t["BN2"]),
+                          D=D, I=I, BM=t["BM"], BN=t["BN2"], DOT=tl.bfloat16, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- public
+def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool | None = None) -> jax.Array:
+    """The XLA schedules of ``experts.py`` (``grouped`` None: gathered for fewer pairs than local experts)."""
+    if grouped is None:
+        grouped = tok.shape[0] >= w1s.packed.shape[0]
+    return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
+
+
+def schedule(e: jax.Array, n_local: int, block: int):
+    """The kernels' block schedule (:func:`experts.group_pairs`) with ``used_blocks`` as a 1-element array."""
+    rows, bexp, used, slot = group_pairs(e, n_local, block)
+    assert bexp.shape[0] == n_blocks_bound(e.shape[0], n_local, block)
+    return rows, bexp, used.reshape(1), slot
+
+
+def fp4_moe_pairs_triton(cfg, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor, w3s: Fp4Tensor,
+                         tile: dict | None = None) -> jax.Array:
+    """The Triton path of :func:`fp4_moe_pairs` (``xq``: FP8-quantized fp32 values of the tokens ``[T, D]``;
+    ``tile`` overrides entries of :func:`tiles`, for tuning)."""
+    R, n_local = tok.shape[0], w1s.packed.shape[0]
+    t = {**tiles(arch(), R, n_local, xq.shape[-1], w1s.packed.shape[1]), **(tile or {})}
+    check_shapes(xq, w1s, w2s, w3s, t)
+    rows, bexp, used, slot = schedule(e, n_local, t["BM"])
+    y = launch_jax(xq.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used,
+                   w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+    has = slot < y.shape[0]
+    return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
+
+
+def fp4_moe_pairs(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool | None = None) -> jax.Array:
+    """Pairs ``(x[tok[r]], local expert e[r], routing weight wt[r])`` -> fp32 ``[R, D]`` (zeros where ``e`` is outside
+    the local stack): the clamped SwiGLU expert with the reference's roundings. Triton where :func:`use_triton`
+    says so; the Triton path needs the reference numerics (its dots take bf16 copies of the FP8-quantized input,
+    which are exact only then), so ``numerics="float32"`` runs the reference (and ``kernels="triton"`` refuses it).
+    """
+    if use_triton(cfg):
+        if not cfg.simulate:
+            if cfg.kernels == "triton":
+                raise ValueError("fp4_moe: kernels='triton' needs numerics='reference' (the kernels dot bf16 copies "
+                                 "of the FP8-quantized activations); use kernels='auto' or 'reference'")
+            return fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped)
+        return fp4_moe_pairs_triton(cfg, xq, tok, e, wt, w1s, w2s, w3s)
+    return fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped)
+

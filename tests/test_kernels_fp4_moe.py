@@ -1,0 +1,219 @@
+"""The FP4 MoE kernels (``dsv4_jax/kernels/fp4_moe.py``) against the reference expert math (``experts.py``).
+
+CPU: the ``@triton.jit`` kernels run under Triton's interpreter in ONE subprocess (``TRITON_INTERPRET`` must be set
+before ``triton.jit`` decorates, and must not leak into this process), on torch CPU tensors, at small shapes.
+GPU: the jax-triton path inside ``jit`` at V4-Flash / V4-Pro shapes (skipped without a GPU or jax-triton).
+
+Oracles and tolerances. Stage 1 (``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))``) is compared with the same
+formula in JAX (``quant.linear`` per pair); stage 2 (``y = bf16(act_quant(h) @ w2.T)``) with ``quant.linear`` applied
+to the kernel's own ``h``; end to end with ``experts.pairs_gathered``. Both sides sum exact products in fp32 in
+different orders (~1e-6 relative), so a bf16 rounding (of g, u, h, y) can land one ulp apart: we require every
+element within one bf16 ulp of the row's largest value (2**-7 relative to it) and fewer than 1% of elements
+different at all. End to end, a flipped ``h`` element can also move one e4m3 step after requantization; the
+normwise error bound 2e-2 is ~5x the worst such effect (one element of a 128-block moving by 1/16 of the block max).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dsv4_jax as d
+from dsv4_jax.modeling import experts as ex
+from dsv4_jax.modeling.quant import Fp4Tensor, dequant_fp4, quantized_input
+
+SEED = 1234
+BF16_ULP = 2.0**-7  # one ulp of the largest value in a row (bf16 keeps 8 significant bits)
+
+
+def _weights(rng, E, I, D):
+    def fp4(n, k):
+        return Fp4Tensor(packed=jnp.asarray(rng.integers(0, 256, (E, n, k // 2)), jnp.uint8),
+                         scale=jnp.asarray(rng.integers(119, 126, (E, n, k // 32)), jnp.uint8))
+
+    return fp4(I, D), fp4(D, I), fp4(I, D)  # w1 [E,I,D], w2 [E,D,I], w3 [E,I,D]
+
+
+def _pairs(rng, T, k, E, kind):
+    """Token/expert/weight triples: ``ragged`` (random, some ids of other devices' experts), ``hot`` (most pairs on one
+    expert, half the experts empty)."""
+    tok = np.repeat(np.arange(T), k).astype(np.int32)
+    if kind == "hot":
+        e = np.where(rng.random(T * k) < 0.8, 2, rng.choice([0, 5, E + 1], T * k))
+    else:
+        e = rng.integers(-1, E + 2, T * k)
+    return tok, e.astype(np.int32), rng.uniform(0.05, 2.0, T * k).astype(np.float32)
+
+
+def _bf16(v):
+    return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _dense(w):
+    return np.asarray(dequant_fp4(w))  # exact fp32 [E, N, K]
+
+
+def _hidden_ref(cfg, xq, tok, e, wt, w1, w3):
+    """Stage 1 oracle in numpy (float64 sums): h [R, I] (bf16 values) and the unclamped g (clamp coverage)."""
+    sel = np.clip(e, 0, w1.packed.shape[0] - 1)
+    xr = np.asarray(xq, np.float64)[tok]  # [R, D]
+    g = _bf16(np.einsum("rd,rid->ri", xr, _dense(w1)[sel]))
+    u = _bf16(np.einsum("rd,rid->ri", xr, _dense(w3)[sel]))
+    lim = np.float32(cfg.swiglu_limit)
+    gc = np.minimum(g, lim)
+    a = gc / (np.float32(1) + np.exp(-gc)) * np.clip(u, -lim, lim)
+    return _bf16(wt[:, None] * a), g
+
+
+def _down_ref(h, e, w2):
+    """Stage 2 oracle: the reference act_quant of the given h, float64 sums with the exact w2, bf16."""
+    sel = np.clip(e, 0, w2.packed.shape[0] - 1)
+    hq = np.asarray(quantized_input(jnp.asarray(h, jnp.bfloat16), True), np.float64)
+    return _bf16(np.einsum("ri,rdi->rd", hq, _dense(w2)[sel]))
+
+
+def _close_bf16(got, ref, what):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(got).all(), f"{what}: non-finite (unwritten) outputs"
+    row_max = np.abs(ref).max(axis=-1, keepdims=True)
+    err = np.abs(got - ref)
+    assert (err <= BF16_ULP * row_max + 1e-30).all(), f"{what}: max err/row max {(err / row_max).max():.2e}"
+    frac = float((err > 0).mean())
+    assert frac < 0.01, f"{what}: {frac:.2%} of elements differ"
+
+
+# ---------------------------------------------------------------------------------------------- CPU interpreter
+CASES = [(1, "ragged"), (5, "ragged"), (40, "hot")]  # (tokens, expert loads); k=3, 8 local experts
+
+
+def _interpret_main(inp: str, out: str):
+    """Subprocess body: run ``launch_torch`` for every case stored in ``inp`` (npz), write h and y to ``out``."""
+    import torch
+
+    from dsv4_jax.kernels.fp4_moe import launch_torch
+
+    z = np.load(inp)
+    res = {}
+    for c in range(int(z["n_cases"])):
+        g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
+        t = {k: int(v) for k, v in zip(z["tile_keys"], z[f"{c}_tiles"])}
+        w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
+        h, y = launch_torch(g("xq"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
+                            float(z["limit"]), t)
+        res[f"{c}_h"], res[f"{c}_y"] = h.numpy(), y.numpy()
+    np.savez(out, **res)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    from dsv4_jax.kernels.fp4_moe import schedule, tiles
+
+    rng = np.random.default_rng(SEED)
+    cfg = d.Config.tiny()
+    E, D, I, k = 8, 128, 128, 3
+    w1, w2, w3 = _weights(rng, E, I, D)
+    arrays, cases = {"limit": np.float32(cfg.swiglu_limit), "n_cases": len(CASES)}, []
+    for c, (T, kind) in enumerate(CASES):
+        x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
+        xq = quantized_input(x, True)
+        tok, e, wt = _pairs(rng, T, k, E, kind)
+        t = tiles("cpu", len(tok), E, D, I)
+        rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
+        arrays["tile_keys"] = np.array(list(t))
+        arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xq": np.asarray(xq), f"{c}_tok": tok,
+                       f"{c}_wt": wt, f"{c}_rows": np.asarray(rows), f"{c}_bexp": np.asarray(bexp),
+                       f"{c}_used": np.asarray(used)})
+        for i, w in zip((1, 2, 3), (w1, w2, w3)):
+            arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
+        cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot)))
+    tmp = tmp_path_factory.mktemp("fp4_moe")
+    np.savez(tmp / "in.npz", **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(tmp / "in.npz"), str(tmp / "out.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
+    out = np.load(tmp / "out.npz")
+    return cfg, (w1, w2, w3), cases, out
+
+
+@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}" for T, kind in CASES])
+def test_interpreter_matches_reference(interpreted, c):
+    """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
+    empty experts and ids of other devices' experts (rows 1, 5) and one hot expert (40 tokens)."""
+    cfg, (w1, w2, w3), cases, out = interpreted
+    cs = cases[c]
+    h_k, y_k = out[f"{c}_h"], out[f"{c}_y"]
+    n_local, n_slots = w1.packed.shape[0], h_k.shape[0]
+    valid = (cs["e"] >= 0) & (cs["e"] < n_local)
+    slot = cs["slot"]
+    assert (slot[valid] < n_slots).all() and (slot[~valid] == n_slots).all()
+    assert len(set(slot[valid].tolist())) == valid.sum(), "two pairs share a slot"
+    tok, e, wt = cs["tok"], cs["e"], cs["wt"]
+    h_ref, g_raw = _hidden_ref(cfg, cs["xq"], tok[valid], e[valid], wt[valid], w1, w3)
+    if cs["T"] == 40:
+        assert np.abs(g_raw).max() > cfg.swiglu_limit, "inputs too small to exercise the clamp"
+    hv = h_k[slot[valid]]  # [V, I]
+    _close_bf16(hv, h_ref, f"case {c} stage 1 (h)")
+    _close_bf16(y_k[slot[valid]], _down_ref(hv, e[valid], w2), f"case {c} stage 2 (y from the kernel's h)")
+    y_pairs = np.where(valid[:, None], y_k[np.minimum(slot, n_slots - 1)], 0.0)
+    args = (cs["x"], cs["xq"], *map(jnp.asarray, (tok, e, wt)), w1, w2, w3)
+    ref = np.asarray(jax.jit(ex.pairs_gathered, static_argnums=0)(cfg, *args))
+    assert (ref[~valid] == 0).all()
+    rel = np.linalg.norm(y_pairs - ref) / np.linalg.norm(ref)
+    assert rel <= 2e-2, f"case {c}: end-to-end normwise error {rel:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- GPU (jax-triton)
+def _gpu_reason():
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        return f"no GPU (JAX backend {jax.default_backend()!r})"
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError as err:
+        return f"jax-triton missing ({err})"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+
+
+@gpu
+@pytest.mark.parametrize("model", ["flash", "pro"])
+@pytest.mark.parametrize("T,kind", [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
+                                    (2048, "route")])
+def test_gpu_matches_reference(model, T, kind):
+    """jax-triton kernels inside jit vs the reference schedules at full expert shapes (a 32-expert slice of the
+    stack keeps memory small; ids past it stand for other devices' experts)."""
+    from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
+
+    cfg = d.Config.v4_flash() if model == "flash" else d.Config.v4_pro()
+    rng = np.random.default_rng(SEED + T)
+    E, D, I, k = 32, cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts
+    w1, w2, w3 = _weights(rng, E, I, D)
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    xq = quantized_input(x, True)
+    tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
+    e = rng.integers(0, E + E // 4, T * k) if kind == "route" else np.where(rng.random(T * k) < .8, 3, 7)
+    e, wt = jnp.asarray(e, jnp.int32), jnp.asarray(rng.uniform(0.05, 2.0, T * k), jnp.float32)
+    got = jax.jit(fp4_moe_pairs_triton, static_argnums=0)(cfg, xq, tok, e, wt, w1, w2, w3)
+    ref_fn = ex.pairs_grouped if T * k >= E else ex.pairs_gathered
+    ref = jax.jit(ref_fn, static_argnums=0)(cfg, x, xq, tok, e, wt, w1, w2, w3)
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(got).all()
+    valid = (np.asarray(e) < E)
+    assert (got[~valid] == 0).all()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel <= 2e-2, f"{model} T={T} {kind}: normwise error {rel:.2e}"
+    frac = float((np.abs(got - ref) > BF16_ULP * np.abs(ref).max(-1, keepdims=True)).mean())
+    assert frac < 0.01, f"{model} T={T} {kind}: {frac:.2%} of elements beyond one bf16 ulp of their row max"
+
+
+if __name__ == "__main__":  # the interpreter subprocess of ``interpreted``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _interpret_main(sys.argv[1], sys.argv[2])
