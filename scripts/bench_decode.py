@@ -149,7 +149,9 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
     return total, rows
 
 
-def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None) -> list[dict]:
+def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",)) -> list[dict]:
+    from dsv4_jax.kernels import use_triton
+
     results = []
     t0 = time.perf_counter()  # random weights made once on the first device, then placed on each mesh
     w0 = jax.jit(lambda k: d.init_weights(cfg, k))(jax.random.key(seed))
@@ -162,11 +164,13 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None) -> list[dict]
         mesh = sh.make_mesh(*shape, devices=devs)
         w = w0 if n == 1 else jax.device_put(w0, sh.weight_shardings(cfg, mesh))
         bw = copy_bandwidth(devs[0])
-        for batch in batches:
+        for batch, kern in [(b, k) for b in batches for k in kernels]:
             if batch % shape[0]:
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
-            res = step_timing(cfg, w, mesh, batch, max_len, iters, seed)
+            c = cfg.with_(kernels=kern)
+            res = step_timing(c, w, mesh, batch, max_len, iters, seed)
+            res.update(kernels=kern, triton=use_triton(c))
             nbytes = step_bytes(cfg, w, d.init_state(cfg, batch, max_len), batch)
             # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
             per_dev = nbytes["total"] / n
@@ -217,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--meshes", default="1x1", help="comma list of DATAxMODEL")
     ap.add_argument("--numerics", default="reference", choices=["reference", "float32"])
+    ap.add_argument("--kernels", default="auto", help="comma list of Config.kernels values to time (before/after)")
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")
     ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
     ap.add_argument("--out", help="write results json here")
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
     out["bench"] = []
     batches = [int(b) for b in args.batch.split(",")]
     bench(make(args.layers, args.numerics), meshes, batches, args.max_len, args.iters,
-          sink=lambda r: (out["bench"].append(r), save()))
+          sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")))
     return 0
 
 
