@@ -229,7 +229,7 @@ def test_damaged_output_is_reported_and_repaired(src, conv, converted, owned, ca
     assert "repaired: wrote" in err
     assert_user_files_intact(conv, before)
     assert digest(conv, digest(conv).keys() - owned) == digest(converted)  # repaired to the same bytes
-    rc, err = run_cli(capsys, src, conv, "--verify")
+    rc, err = run_cli(capsys, src, conv)
     assert rc == 0 and "already holds this complete conversion" in err
 
 
@@ -319,7 +319,7 @@ def test_free_space_refusal_states_its_margin(src, converted, tmp_path, capsys, 
 
 def test_overwrite_never_deletes_or_writes_through_a_symlinked_folder(src, conv, tmp_path, capsys):
     """OUT/inference replaced by a link to the user's folder: the manifest lists inference/config.json, but neither
-    --overwrite nor the copy of the non-weight files may touch the linked folder."""
+    --overwrite nor the copy of the non-weight files may touch the linked folder: refused before any change."""
     mine = tmp_path / "my_inference"
     shutil.move(conv / "inference", mine)
     (conv / "inference").symlink_to(mine, target_is_directory=True)
@@ -327,3 +327,4 @@ def test_overwrite_never_deletes_or_writes_through_a_symlinked_folder(src, conv,
     rc, err = run_cli(capsys, src, conv, "--overwrite")
     assert rc == 1 and f"{conv / 'inference'}: is a link to {mine}, outside the output directory" in err, err
     assert digest(mine) == before and (conv / "inference").is_symlink()
+    assert (conv / layout.MANIFEST).is_file()  # refused before anything was deleted

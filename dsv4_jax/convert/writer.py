@@ -155,26 +155,38 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
-def _copy_aux(src: Path, out: Path) -> list[str]:
-    """Copy every non-weight file of the source (config, tokenizer, inference/ and encoding/ code, README, ...)."""
-    copied = []
+def _aux_files(src: Path) -> list[str]:
+    """The non-weight files of the source (config, tokenizer, inference/ and encoding/ code, README, ...), relative."""
+    rels = []
     for root, dirs, files in os.walk(src):  # OUT never lies inside SRC (layout.check_out_dir)
         rootp = Path(root)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.endswith(".safetensors") or name == "model.safetensors.index.json" or name.startswith("."):
-                continue
-            rel = (rootp / name).relative_to(src)
-            dst = out / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.parent.resolve() != out.resolve() / rel.parent:
-                raise ConversionError(f"{dst.parent}: is a link to {dst.parent.resolve()}, outside the output "
-                                      f"directory; refusing to write {rel} there (replace the link by a folder)")
-            if dst.is_symlink():
-                dst.unlink()  # a link in place of a copied file: replace the link, never write through it
-            shutil.copyfile(rootp / name, dst)
-            copied.append(str(rel))
-    return copied
+            if not (name.endswith(".safetensors") or name == "model.safetensors.index.json" or name.startswith(".")):
+                rels.append(str((rootp / name).relative_to(src)))
+    return rels
+
+
+def _check_aux_targets(out: Path, rels: list[str]) -> None:
+    """Refuse (before any heavy work) to copy a file through a folder of ``out`` that is a link leading elsewhere."""
+    for rel in rels:
+        for parent in list(Path(rel).parents)[:-1]:
+            d = out / parent
+            if d.is_symlink():
+                raise ConversionError(f"{d}: is a link to {d.resolve()}, outside the output directory; refusing to "
+                                      f"write {rel} there (replace the link by a folder)")
+
+
+def _copy_aux(src: Path, out: Path, rels: list[str]) -> None:
+    """Copy the source's non-weight files ``rels``; a link in place of a copied file is replaced, never written
+    through."""
+    _check_aux_targets(out, rels)
+    for rel in rels:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink():
+            dst.unlink()
+        shutil.copyfile(src / rel, dst)
 
 
 def _unit_jobs(ckpt: SafetensorsCheckpoint, leaves: list[Leaf]) -> list[tuple[TensorInfo, Leaf, int]]:
@@ -352,6 +364,8 @@ def _find_work(out: Path, plan: dict, leaves: list[Leaf]) -> tuple[list[str], li
 
 
 def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, progress, log, t0) -> Result:
+    aux = _aux_files(src)
+    _check_aux_targets(out, aux)  # before anything is deleted or written
     layout.prepare_out(out, plan, overwrite, log)
     (out / WEIGHTS).mkdir(parents=True, exist_ok=True)
     todo, damage = _find_work(out, plan, leaves)
@@ -381,7 +395,7 @@ def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, pro
         prefetch.close()
         w.close()
 
-    aux = _copy_aux(src, out)
+    _copy_aux(src, out, aux)
     manifest = {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "plan": plan,
                 "config": json.loads((src / "config.json").read_text()), "aux_files": aux,
                 "units": list(units), "total_bytes": sum(leaf.nbytes for leaf in leaves),
