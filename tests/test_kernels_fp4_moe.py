@@ -89,7 +89,9 @@ def _close_bf16(got, ref, what):
 
 
 # ---------------------------------------------------------------------------------------------- CPU interpreter
-CASES = [(1, "ragged"), (5, "ragged"), (40, "hot")]  # (tokens, expert loads); k=3, 8 local experts
+# (tokens, expert loads, rows per block: None = the tiles() rule, 16 here); k=3, 8 local experts. BM=32 exercises the
+# multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others).
+CASES = [(1, "ragged", None), (5, "ragged", None), (40, "hot", 32)]
 
 
 def _interpret_main(inp: str, out: str):
@@ -119,11 +121,11 @@ def interpreted(tmp_path_factory):
     E, D, I, k = 8, 128, 128, 3
     w1, w2, w3 = _weights(rng, E, I, D)
     arrays, cases = {"limit": np.float32(cfg.swiglu_limit), "n_cases": len(CASES)}, []
-    for c, (T, kind) in enumerate(CASES):
+    for c, (T, kind, bm) in enumerate(CASES):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        t = tiles("cpu", len(tok), E, D, I)
+        t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {})}
         rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
         arrays["tile_keys"] = np.array(list(t))
         arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xq": np.asarray(xq), f"{c}_tok": tok,
@@ -142,7 +144,7 @@ def interpreted(tmp_path_factory):
     return cfg, (w1, w2, w3), cases, out
 
 
-@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}" for T, kind in CASES])
+@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}" for T, kind, _ in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
     empty experts and ids of other devices' experts (rows 1, 5) and one hot expert (40 tokens)."""

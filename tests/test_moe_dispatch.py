@@ -82,3 +82,39 @@ def test_mesh_strategies_equal_one_device(setup, shape):
                 got, idx = jax.jit(moe, static_argnums=0)(c, ws.layers[layer].ffn, x, ids)
             np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
             assert _rel(got, ref) <= TOL, f"seed {seed} mesh {shape} layer {layer} {strategy}: {_rel(got, ref):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- FP4 MoE kernels
+def _kernels_reason():
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        return f"the FP4 MoE kernels need a GPU (JAX backend {jax.default_backend()!r})"
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError as err:
+        return f"jax-triton missing ({err})"
+    return None
+
+
+@pytest.mark.skipif(_kernels_reason() is not None, reason=str(_kernels_reason()))
+@pytest.mark.parametrize("strategy", ["gather", "all_to_all"])
+def test_kernel_moe_equals_reference(setup, strategy):
+    """The MoE block with ``kernels="triton"`` (each device runs the FP4 kernels on its own experts' pairs) equals
+    ``kernels="reference"`` on one device, on a mesh over every GPU with either strategy. Reference numerics (the
+    kernels need them): the two differ by fp32 summation order inside each dot, which a bf16 or FP8 rounding can
+    turn into one ulp / one e4m3 step of an element, so the bound is 2e-2 normwise (see test_kernels_fp4_moe.py)."""
+    cfg, w, rng, seed = setup
+    cfg = cfg.with_(numerics="reference")
+    B, S = 2, 13
+    x = jnp.asarray(rng.standard_normal((B, S, cfg.dim)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, S)), jnp.int32)
+    mesh = sh.make_mesh(1, len(jax.devices()))
+    ws = sh.shard_weights(w, cfg, mesh)
+    for layer in (0, 1):
+        ref, ref_idx = jax.jit(moe, static_argnums=0)(cfg.with_(kernels="reference"), w.layers[layer].ffn, x, ids)
+        c = cfg.with_(kernels="triton", moe_dispatch=strategy)
+        with jax.set_mesh(mesh):
+            got, idx = jax.jit(moe, static_argnums=0)(c, ws.layers[layer].ffn, x, ids)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rel <= 2e-2, f"seed {seed} {len(jax.devices())} GPUs layer {layer} {strategy}: {rel:.2e}"
