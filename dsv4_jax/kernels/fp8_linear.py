@@ -1,24 +1,263 @@
-"""FP8 block-scaled linear: ``y = x @ W.T`` with W e4m3 + 128x128 e8m0 scales (spec 3.4).
+"""FP8 block-scaled linear ``y = x @ W.T`` (spec 3.4) and ``wo_a``'s grouped bf16 projection, in Triton.
 
-Public function :func:`fp8_linear`; :func:`fp8_linear_reference` is the XLA recipe (the spec, the CPU path).
-The Triton kernel lands in the next commit; until then every mode runs the reference.
+Public functions (the model calls only these):
+
+* :func:`fp8_linear` ``x [..., K] -> [..., N]``: W e4m3 ``[N, K]`` + 128x128 e8m0 scales, the activation quantized
+  per 1x128 block (:func:`dsv4_jax.modeling.quant.quantize_act`), ``acc += dot(xq_blk, wq_blk) * sx * sw`` in fp32
+  per 128-wide K block (the promotion of the official ``fp8_gemm``), rounded once to ``out_dtype``.
+* :func:`grouped_proj` ``o [..., G, d] -> [..., G, R]``: ``einsum('...gd,grd->...gr', o, wo_a)`` with wo_a e4m3
+  ``[G*R, d]`` dequantized to bf16 in registers (exact: e4m3 x 2**e fits bf16), bf16 x bf16 -> fp32, bf16 out; no
+  activation quantization (spec 6: the reference uses convert.py's bf16 copy of wo_a).
+
+``*_reference`` are the XLA recipes (the spec, the CPU path: bit for bit what the model always computed).
+
+Numerics contract: the kernels form the same products as the reference (every operand is exact) and sum them in
+fp32 in another order, so results agree to ~1e-6 relative before the final rounding, i.e. within one ulp of
+``out_dtype`` after it. One caveat on Hopper: FP8 tensor-core dots accumulate a 128-wide block with a narrower
+internal adder (as the official TileLang GEMM does, hence its per-128 promotion); the tests allow one bf16 ulp.
+Results are deterministic run to run: split-K partials go to an fp32 workspace ``[S, M, N]`` reduced by XLA in a
+fixed order (no atomics).
+
+Kernel: one ``@triton.jit`` for both ops and all sizes. Grid ``(m-n tiles, K splits, groups)``; decode rows
+(M <= 64) use a 16..64-row tile, 64-wide N tiles and split K so that about two programs per SM stream the weight
+(GEMV style); prefill uses 128x128 tiles with an L2-friendly swizzle and no split. Tile sizes come from
+:func:`plan`, per architecture (:func:`dsv4_jax.kernels.arch`).
+
+Portability / ROCm: plain ``tl.load``/``tl.dot``, no inline PTX. ``tl.dot`` on e4m3 x e4m3 needs Hopper/Ada (sm89+)
+or CDNA3+ (whose native FP8 is the ``fnuz`` variant; OCP e4m3 needs gfx950): on other targets (Ampere, MI250,
+MI300X) the activation would have to be dequantized to bf16 like the grouped path; that switch is not written, and
+none of this has been run on ROCm. ``tl.dot_scaled`` (native scaled FP8 on gfx950) is not used here: the
+register path is the only one, everywhere. Only H200 (sm90) has been measured.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
+import jax.numpy as jnp
 
-from dsv4_jax.kernels import use_triton
-from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, linear_reference
+from dsv4_jax.kernels import arch, single_device, use_triton
+from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
+
+try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without the triton extra
+    triton = tl = None
+
+QBLOCK = 128  # weight scale block (128x128) and activation quantization block (1x128)
 
 
+# ---------------------------------------------------------------------------------------------- references
 def fp8_linear_reference(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None) -> jax.Array:
     """The reference FP8 linear with the activation simulation on: ``quant.linear_reference``."""
     return linear_reference(x, w, out_dtype, True, xq)
 
 
+def grouped_proj_reference(o: jax.Array, w: Fp8Tensor, out_dtype) -> jax.Array:
+    """``o [..., G, d]`` x wo_a ``[G*R, d]`` -> ``[..., G, R]``: bf16 copy of wo_a, fp32-accumulated einsum."""
+    G, d = o.shape[-2:]
+    wb = dequant(w).astype(out_dtype).reshape(G, -1, d)  # exact: convert.py's bf16 copy (in bf16 numerics)
+    return dot_f32(o, wb, "...gd,grd->...gr").astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+if triton is not None:
+    @triton.jit
+    def _e8m0(e):
+        """Raw e8m0 bytes -> fp32 2**(e-127) (exponent field; e=0 and e=255 never occur in the weights)."""
+        return (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+    @triton.jit
+    def fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, M, out_ptr,  # jax-triton: outputs follow the inputs
+                        N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, SWK: tl.constexpr,
+                        X_FP8: tl.constexpr, SPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr = False):
+        """One ``[BLOCK_M, BLOCK_N]`` output tile of group ``g`` over its share of the K blocks.
+
+        x ``[M, G, K]`` (e4m3 codes when X_FP8 with fp32 scales sx ``[M, G, KB]``, else bf16), w e4m3 ``[G*N, K]`` with
+        e8m0 scales ``[ceil(G*N/128), SWK]``, out ``[M, G, N]`` (``[SPLIT, M, G, N]`` fp32 partials when SPLIT > 1).
+        Shapes other than M are compile-time constants: jax-triton passes scalar arguments without divisibility
+        hints, and without them the e4m3 rows could not be loaded 16 bytes at a time nor pipelined (cp.async).
+        """
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        g = tl.program_id(2)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n  # swizzle: GROUP_M row tiles sweep the N tiles together (weight tiles stay in L2)
+        first_m = (pid // width) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, 128)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        wrow = g * N + offs_n  # [BN] weight rows
+        x_rows = x_ptr + (offs_m.to(tl.int64) * G + g) * K  # [BM]
+        w_rows = w_ptr + wrow.to(tl.int64) * K  # [BN]
+        sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
+
+        kb0 = pid_k * KPS  # this program's K blocks: [kb0, kb0 + KPS), clipped to K (a constexpr trip count)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(KPS):
+            kb = kb0 + i
+            k = kb * 128 + offs_k  # [128]
+            k_ok = k < K  # also false for every k of a block past the end of K
+            kb_ok = kb * 128 < K
+            xt = tl.load(x_rows[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM,128]
+            wt = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BN,128]
+            sw = _e8m0(tl.load(sw_rows + kb, mask=n_ok & kb_ok, other=127))  # [BN]
+            if X_FP8:
+                sx = tl.load(sx_ptr + (offs_m * G + g) * KB + kb, mask=m_ok & kb_ok, other=0.0)  # [BM]
+                d = tl.dot(xt, tl.trans(wt))  # e4m3 x e4m3 -> fp32 [BM,BN]
+                acc += d * sx[:, None] * sw[None, :]
+            else:
+                wb = (wt.to(tl.float32) * sw[:, None]).to(tl.bfloat16)  # exact dequantization
+                if INTERPRET:  # Triton 3.6's interpreter multiplies bf16 dot operands as raw integers: same products
+                    acc = tl.dot(xt.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(wb), acc)  # bf16 x bf16 -> fp32
+        out_rows = (offs_m.to(tl.int64) * G + g) * N  # [BM]
+        mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = pid_k.to(tl.int64) * M * G * N
+            tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}
+
+
+def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
+    """Tile sizes, K split and launch options for an ``[M, K] x [N, K]`` problem (G groups), per architecture.
+
+    Decode (M <= 64): one row tile of 16..64 rows, 64-wide N tiles, K split until about PER_SM programs per SM
+    stream the weight (GEMV style). Prefill: 128x128 tiles, GROUP_M=8 swizzle, no split.
+    """
+    target = target or arch()
+    if M <= 64:
+        return decode_plan(M, N, K, G, SM_COUNT[target])
+    return dict(BLOCK_M=128, BLOCK_N=128, SPLIT=1, KPS=math.ceil(K / QBLOCK), GROUP_M=8, num_warps=8,
+                num_stages=4 if target == "sm90" else 3)
+
+
+def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per_sm: int = 4, num_stages: int = 4,
+                num_warps: int = 4) -> dict:
+    """Split-K plan for few rows: enough (N tile, K split) programs for ``per_sm`` per SM, no empty split."""
+    n_kb = math.ceil(K / QBLOCK)
+    tiles = math.ceil(N / block_n) * G
+    split = max(1, min(n_kb, math.ceil(per_sm * sms / tiles)))
+    kps = math.ceil(n_kb / split)
+    return dict(BLOCK_M=max(16, 1 << (M - 1).bit_length()), BLOCK_N=block_n, SPLIT=math.ceil(n_kb / kps), KPS=kps,
+                GROUP_M=1, num_warps=num_warps, num_stages=num_stages)
+
+
+def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
+    return (math.ceil(M / p["BLOCK_M"]) * math.ceil(N / p["BLOCK_N"]), p["SPLIT"], G)
+
+
+def _check(w: Fp8Tensor, what: str, K: int, rows: int) -> None:
+    if w.q.ndim != 2 or w.q.shape != (rows, K) or w.q.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"{what}: weight codes must be float8_e4m3fn [{rows}, {K}], got {w.q.dtype} {w.q.shape}")
+    want = (math.ceil(rows / QBLOCK), math.ceil(K / QBLOCK))
+    if w.scale.shape != want or w.scale.dtype != jnp.uint8:
+        raise ValueError(f"{what}: weight scales must be uint8 {want}, got {w.scale.dtype} {w.scale.shape}")
+
+
+# ---------------------------------------------------------------------------------------------- jax launcher
+def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | None = None) -> jax.Array:
+    """triton_call of :func:`fp8_gemm_kernel`; ``x`` ``[M, G, K]``; returns ``[M, G, N]`` in ``out_dtype``.
+    ``p`` overrides :func:`plan` (benchmarks)."""
+    import jax_triton as jt
+
+    p = p or plan(M, N, K, G)
+    split = p["SPLIT"]
+    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    y = jt.triton_call(x, sx, w.q, w.scale, M, kernel=fp8_gemm_kernel, out_shape=out_t, grid=grid(M, N, G, p),
+                       N=N, K=K, G=G, KB=math.ceil(K / QBLOCK), SWK=w.scale.shape[1], X_FP8=x_fp8, **p)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
+    return y
+
+
+def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None = None) -> jax.Array:
+    *lead, K = x.shape
+    N = w.q.shape[0]
+    _check(w, "fp8_linear", K, N)
+    if K % QBLOCK:
+        raise ValueError(f"fp8_linear: K={K} is not a multiple of the activation quantization block {QBLOCK}")
+    qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
+    M = math.prod(lead)
+    if M == 0:
+        return jnp.zeros((*lead, N), out_dtype)
+    y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
+    return y.reshape(*lead, N)
+
+
+def _grouped_triton(o: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None) -> jax.Array:
+    *lead, G, d = o.shape
+    R = w.q.shape[0] // G
+    _check(w, "grouped_proj (wo_a)", d, G * R)
+    M = math.prod(lead)
+    if M == 0:
+        return jnp.zeros((*lead, G, R), out_dtype)
+    dummy = jnp.zeros((1,), jnp.float32)  # no activation scales in the bf16 variant
+    y = _launch(o.astype(jnp.bfloat16).reshape(M, G, d), dummy, w, M, R, d, G, out_dtype, False, p)
+    return y.reshape(*lead, G, R)
+
+
+# ---------------------------------------------------------------------------------------------- public
+def _triton_ok(kernels: str) -> bool:
+    return use_triton(kernels) and single_device()
+
+
 def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None, *,
                kernels: str = "auto") -> jax.Array:
-    """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype``; ``kernels`` as ``Config.kernels``."""
-    use_triton(kernels)  # validates the mode (raises for "triton" where it cannot run)
+    """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype`` with the FP8 activation quantization (spec 3.4).
+
+    ``xq``: the input's precomputed :class:`QuantAct` (or its fp32 value, which the kernel path ignores and
+    recomputes as codes). ``kernels`` as ``Config.kernels``; under a multi-device mesh the XLA path is kept.
+    """
+    if _triton_ok(kernels):
+        return _fp8_linear_triton(x, w, out_dtype, xq)
     return fp8_linear_reference(x, w, out_dtype, xq)
+
+
+def grouped_proj(o: jax.Array, w: Fp8Tensor, out_dtype, *, kernels: str = "auto") -> jax.Array:
+    """``wo_a``'s grouped projection ``o [..., G, d] -> [..., G, R]`` (spec 6), reading wo_a's FP8 in place.
+
+    The weight is rounded to ``out_dtype`` (bf16 in reference numerics, fp32 in the float32 oracle) as the reference
+    does; the kernel runs for bf16 activations and outputs with an FP8 weight, the reference otherwise."""
+    if isinstance(w, Fp8Tensor) and o.dtype == out_dtype == jnp.bfloat16 and _triton_ok(kernels):
+        return _grouped_triton(o, w, out_dtype)
+    return grouped_proj_reference(o, w, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- torch launcher
+def run_torch(x, sx, wq, ws, G: int, out_dtype, x_fp8: bool, p: dict | None = None):
+    """Launch the kernel on torch tensors (CI runs it under ``TRITON_INTERPRET=1``; benchmarks may use it on GPUs).
+
+    x ``[M, G, K]``, sx ``[M, G, K/128]`` fp32 (ignored unless ``x_fp8``), wq e4m3 ``[G*N, K]``, ws uint8 scales.
+    Returns ``[M, G, N]`` in ``out_dtype`` (a torch dtype).
+    """
+    import torch
+
+    M, _, K = x.shape
+    N = wq.shape[0] // G
+    p = p or plan(M, N, K, G)
+    split = p["SPLIT"]
+    shape = (split, M, G, N) if split > 1 else (M, G, N)
+    out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
+    fp8_gemm_kernel[grid(M, N, G, p)](x, sx, wq, ws, M, out, N=N, K=K, G=G, KB=math.ceil(K / QBLOCK),
+                                       SWK=ws.shape[1], X_FP8=x_fp8,
+                                       INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **p)
+    return out.sum(0).to(out_dtype) if split > 1 else out

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.fp8_linear import grouped_proj
 from dsv4_jax.modeling.compressor import compress, write_entries
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import dequant, dot_f32, fp8_simulate, linear, quantize_act
+from dsv4_jax.modeling.quant import dot_f32, fp8_simulate, linear, quantize_act
 from dsv4_jax.modeling.state import LayerState
 from dsv4_jax.modeling.weights import AttentionWeights
 
@@ -109,8 +110,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     with jax.named_scope("o_proj"):
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, S, G, H * Dh // G)
-        wo_a = dequant(w.wo_a).astype(dt).reshape(G, -1, H * Dh // G)  # exact: convert.py's bf16 copy
-        z = dot_f32(o, wo_a, "bsgd,grd->bsgr").astype(dt)
+        z = grouped_proj(o, w.wo_a, dt, kernels=kn)  # [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation
         out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn)  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):

@@ -1,0 +1,247 @@
+"""FP8 linear / grouped-projection kernels (dsv4_jax/kernels/fp8_linear.py) against their XLA references.
+
+CPU: the same ``@triton.jit`` kernel runs under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be
+set before ``triton.jit`` decorates, so it cannot run in this process) on inputs this process makes with fixed
+seeds; the outputs are compared here with the reference.
+
+Tolerances: every product is exact in both implementations (e4m3 x e4m3 scaled by powers of two; bf16 x bf16),
+only the fp32 summation order differs. Reordering a K-term fp32 sum changes it by at most ~K * 2**-24 * sum|terms|,
+so the fp32 outputs are compared against ``K * 2**-24 * (|x| @ |w|.T)``; rounded to bf16 the two may then land on
+neighbouring values: one bf16 ulp. On Hopper the FP8 tensor-core dot adds a 128-term block with a narrower internal
+adder (as the official TileLang GEMM does): the GPU sweep allows 2**-12 * sum|terms| on top of one bf16 ulp.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# ------------------------------------------------------------------------------------------------ cases
+# (M rows, G groups, N rows per group, K, fp8 activation?)
+CPU_CASES = [
+    (1, 1, 200, 384, True),  # N not a multiple of the 64-wide tile nor of the 128 scale block; split-K 2+1 blocks
+    (3, 1, 200, 384, True),
+    (17, 1, 96, 256, True),  # 17 rows: a 32-row tile, 15 masked rows
+    (80, 1, 136, 256, True),  # prefill plan (128x128 tiles, no split)
+    (1, 2, 192, 320, False),  # wo_a grouped: K=320 not a multiple of 128, groups straddle a scale block
+    (3, 2, 192, 320, False),
+    (17, 2, 64, 256, False),
+]
+
+
+def _inputs(M, G, N, K, fp8, seed):
+    """Random bf16 activation (rows of varied magnitude) and an FP8 block-scaled weight, from ``seed``."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import Fp8Tensor, quantize_fp8_weight_np
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, G, K)).astype(np.float32) * np.exp2(rng.integers(-6, 6, (M, G, 1)))
+    w = rng.standard_normal((G * N, K)).astype(np.float32) * np.exp2(rng.integers(-8, 0, (G * N, 1)))
+    q, s = quantize_fp8_weight_np(w)
+    return jnp.asarray(x, jnp.bfloat16), Fp8Tensor(q=jnp.asarray(q), scale=jnp.asarray(s))
+
+
+def _reference(x, w, fp8: bool):
+    """fp32 reference output ``[M, G, N]`` and the bound's ``|x| @ |w|.T`` (fp32, same shape)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.fp8_linear import fp8_linear_reference
+    from dsv4_jax.modeling.quant import dequant, quantize_act
+
+    M, G, K = x.shape
+    wf = dequant(w).reshape(G, -1, K)
+    if fp8:
+        qa = quantize_act(x.reshape(M, K))
+        ref = fp8_linear_reference(x.reshape(M, K), w, jnp.float32, qa).reshape(M, 1, -1)
+        xa = jnp.abs(qa.dequant()).reshape(M, 1, K)
+    else:
+        ref = jnp.einsum("mgk,gnk->mgn", x.astype(jnp.float32), wf, precision="highest")
+        xa = jnp.abs(x.astype(jnp.float32))
+    mag = jnp.einsum("mgk,gnk->mgn", xa, jnp.abs(wf), precision="highest")
+    return np.asarray(ref), np.asarray(mag)
+
+
+def _bf16_ulp(v: np.ndarray) -> np.ndarray:
+    """One bf16 ulp at |v| (8 significant bits), with the bf16 minimum normal's ulp as the floor."""
+    e = np.floor(np.log2(np.maximum(np.abs(v), 2.0**-126)))
+    return np.exp2(e - 7)
+
+
+def _check(out32, out16, ref, mag, K, extra_rel=0.0, what=""):
+    assert np.isfinite(out16).all(), f"{what}: non-finite output (unwritten poison?)"
+    bound = (K * 2.0**-24 + extra_rel) * mag + 1e-30
+    if out32 is not None:
+        assert np.isfinite(out32).all(), f"{what}: non-finite fp32 output (unwritten poison?)"
+        err = np.abs(out32 - ref)
+        assert (err <= bound).all(), f"{what}: fp32 error {np.max(err / bound):.3g}x the reordering bound"
+    ref16 = ref.astype(np.float32)
+    ulp = _bf16_ulp(ref16) + bound  # one ulp, plus the fp32 reordering where the sum cancels below its terms
+    err16 = np.abs(out16 - ref16)
+    assert (err16 <= ulp).all(), f"{what}: bf16 output off by {np.max(err16 / ulp):.3g} ulp"
+
+
+# ------------------------------------------------------------------------------------------------ CPU interpreter
+def _interpret_main(path: str) -> None:
+    """Subprocess body: run the kernel under the interpreter on the arrays in ``path`` (npz), write outputs back."""
+    import torch
+
+    from dsv4_jax.kernels.fp8_linear import plan, run_torch
+
+    data = dict(np.load(path))
+    out = {}
+    for i, (M, G, N, K, fp8) in enumerate(CPU_CASES):
+        x = torch.from_numpy(data[f"x{i}"])
+        if fp8:
+            x = x.view(torch.float8_e4m3fn)
+        else:
+            x = x.view(torch.bfloat16)
+        sx = torch.from_numpy(data[f"sx{i}"])
+        wq = torch.from_numpy(data[f"wq{i}"]).view(torch.float8_e4m3fn)
+        ws = torch.from_numpy(data[f"ws{i}"])
+        p = plan(M, N, K, G, target="cpu")
+        out[f"p{i}"] = np.array([p["SPLIT"], p["BLOCK_M"]])
+        out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
+        out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
+    np.savez(path + ".out.npz", **out)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Inputs (fixed seeds), references, and the interpreter's outputs for every CPU case."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    from dsv4_jax.modeling.quant import quantize_act
+
+    arrays, cases = {}, []
+    for i, (M, G, N, K, fp8) in enumerate(CPU_CASES):
+        x, w = _inputs(M, G, N, K, fp8, seed=100 + i)
+        if fp8:
+            qa = quantize_act(x.reshape(M, K))
+            arrays[f"x{i}"] = np.asarray(qa.q).view(np.uint8).reshape(M, 1, K)
+            arrays[f"sx{i}"] = np.asarray(qa.scale, np.float32).reshape(M, 1, K // 128)
+        else:
+            arrays[f"x{i}"] = np.asarray(x).view(np.uint16)
+            arrays[f"sx{i}"] = np.zeros((1,), np.float32)
+        arrays[f"wq{i}"] = np.asarray(w.q).view(np.uint8)
+        arrays[f"ws{i}"] = np.asarray(w.scale)
+        cases.append((x, w))
+    path = str(tmp_path_factory.mktemp("fp8k") / "in.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
+    return cases, dict(np.load(path + ".out.npz"))
+
+
+@pytest.mark.parametrize("i", range(len(CPU_CASES)), ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES])
+def test_interpreter_matches_reference(interpreted, i):
+    cases, out = interpreted
+    M, G, N, K, fp8 = CPU_CASES[i]
+    x, w = cases[i]
+    ref, mag = _reference(x, w, fp8)
+    _check(out[f"y32_{i}"], out[f"y16_{i}"], ref, mag, K, what=f"case {CPU_CASES[i]}")
+
+
+def test_cpu_plans_cover_split_and_prefill(interpreted):
+    """The CPU cases exercise split-K with an uneven last split, an unsplit decode tile and the prefill tile."""
+    _, out = interpreted
+    splits = {int(out[f"p{i}"][0]) for i in range(len(CPU_CASES))}
+    tiles = {int(out[f"p{i}"][1]) for i in range(len(CPU_CASES))}
+    assert 1 in splits and max(splits) > 1 and 128 in tiles, (splits, tiles)
+
+
+def test_quant_act_matches_fp8_act_quant():
+    """QuantAct is the reference's act_quant: codes x scales == quantized_input, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import fp8_act_quant, quantize_act
+
+    x = (jax.random.normal(jax.random.key(3), (5, 512)) * jnp.exp2(jnp.arange(-20, 20, 8.0))[:, None])
+    x = x.astype(jnp.bfloat16)
+    qa = quantize_act(x)
+    q, s = fp8_act_quant(x, 128)
+    assert qa.q.dtype == jnp.float8_e4m3fn and qa.scale.shape == (5, 4)
+    np.testing.assert_array_equal(np.asarray(qa.dequant()), np.asarray((q * s).reshape(x.shape)))
+
+
+def test_reference_mode_is_bit_identical():
+    """``linear(..., kernels=...)`` on CPU is the old reference linear bit for bit, for every mode that runs here."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import linear, linear_reference, quantize_act
+
+    x, w = _inputs(3, 1, 200, 384, True, seed=7)
+    x = x.reshape(3, 384)
+    want = np.asarray(linear_reference(x, w, jnp.bfloat16, True))
+    for mode in ("reference", "auto"):
+        for xq in (None, quantize_act(x)):
+            got = np.asarray(linear(x, w, jnp.bfloat16, True, xq, kernels=mode))
+            np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_triton_mode_refused_on_cpu():
+    import jax
+
+    from dsv4_jax.kernels import use_triton
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU refusal")
+    with pytest.raises(RuntimeError, match="kernels='triton' needs a GPU backend"):
+        use_triton("triton")
+    assert use_triton("auto") is False and use_triton("reference") is False
+
+
+# ------------------------------------------------------------------------------------------------ GPU sweep
+def _gpu_or_skip():
+    import jax
+
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        pytest.skip("GPU sweep: JAX has no GPU backend here")
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError:
+        pytest.skip("GPU sweep: jax-triton is not installed")
+
+
+def gpu_shapes():
+    """(name, G, N per group, K) of every FP8 GEMM of V4-Flash and V4-Pro, from the weight declarations."""
+    from dsv4_jax.config import Config
+
+    out = []
+    for tag, cfg in (("flash", Config.v4_flash()), ("pro", Config.v4_pro())):
+        D, H, Dh, G = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.o_groups
+        out += [(f"{tag}.wq_a", 1, cfg.q_lora_rank, D), (f"{tag}.wq_b", 1, H * Dh, cfg.q_lora_rank),
+                (f"{tag}.wkv", 1, Dh, D), (f"{tag}.wo_b", 1, D, G * cfg.o_lora_rank),
+                (f"{tag}.shared_w1", 1, cfg.moe_inter_dim, D), (f"{tag}.shared_w2", 1, D, cfg.moe_inter_dim),
+                (f"{tag}.index_wq_b", 1, cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank),
+                (f"{tag}.wo_a", G, cfg.o_lora_rank, H * Dh // G)]
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 64, 2048])
+def test_gpu_sweep(rows):
+    _gpu_or_skip()
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
+
+    for j, (name, G, N, K) in enumerate(gpu_shapes()):
+        x, w = _inputs(rows, G, N, K, G == 1, seed=1000 * rows + j)
+        ref, mag = _reference(x, w, G == 1)
+        if G == 1:
+            y16 = fp8_linear(x.reshape(rows, K), w, jnp.bfloat16, kernels="triton").reshape(rows, 1, N)
+        else:
+            y16 = grouped_proj(x, w, jnp.bfloat16, kernels="triton")
+        y16 = np.asarray(y16.astype(jnp.float32))
+        # bf16 outputs only (one compile per shape; the fp32 outputs are pinned by the interpreter tests)
+        _check(None, y16, ref, mag, K, extra_rel=2.0**-12, what=f"{name} rows={rows}")
+
+
+if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
+    _interpret_main(sys.argv[1])
