@@ -26,8 +26,9 @@ from dsv4_jax.modeling.quant import linear
 def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool):
     """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs)."""
     dt, sim = cfg.act_dtype, cfg.simulate
-    g = linear(x, w1, dt, sim, xq).astype(jnp.float32)
-    u = linear(x, w3, dt, sim, xq).astype(jnp.float32)
+    kn = cfg.kernels  # FP8 weights (the shared expert) go through kernels.fp8_linear; FP4 ones stay on the reference
+    g = linear(x, w1, dt, sim, xq, kernels=kn).astype(jnp.float32)
+    u = linear(x, w3, dt, sim, xq, kernels=kn).astype(jnp.float32)
     if clamp and cfg.swiglu_limit > 0:
         lim = np.float32(cfg.swiglu_limit)
         u = jnp.clip(u, -lim, lim)
@@ -35,7 +36,7 @@ def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Arr
     a = jax.nn.silu(g) * u
     if weight is not None:
         a = weight[:, None] * a
-    return linear(a.astype(dt), w2, dt, sim)
+    return linear(a.astype(dt), w2, dt, sim, kernels=kn)
 
 
 def _take(tree, i):
