@@ -1,0 +1,115 @@
+"""Shared helpers of the kernel benchmarks (``bench_kernels.py``, ``bench_moe.py``): the card's reference rates
+(copy bandwidth, XLA's plain e4m3 matmul), timing of jitted functions, rotating weight copies, a table printer.
+
+Timing: a jitted function runs ``reps`` independent calls of the op (one per weight copy, so that weights are read
+from HBM, not L2, as in a decode step), best-of-median over ``trials`` host-timed runs divided by ``reps``: the time
+per call including the launch gaps a model step also pays.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+L2_FLUSH_BYTES = 256 << 20  # rotate weight copies until this many bytes separate two reads of one copy (L2 is 50 MB)
+
+
+def time_call(fn, *args, trials: int = 10, warmup: int = 2) -> float:
+    """Median seconds of ``fn(*args)`` (already jitted), each run blocked until ready."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def copies_for(nbytes: int, limit: int = 64) -> int:
+    """How many copies of an operand of ``nbytes`` to rotate through so reads come from HBM."""
+    return max(1, min(limit, math.ceil(L2_FLUSH_BYTES / max(1, nbytes))))
+
+
+def time_rotating(op, operands: list, *shared, trials: int = 10) -> float:
+    """Seconds per ``op(operand, *shared)`` call, over one jitted program calling it once per operand."""
+    f = jax.jit(lambda ops, *sh: [op(o, *sh) for o in ops])
+    return time_call(f, operands, *shared, trials=trials) / len(operands)
+
+
+def xla_copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s (read + write) of an XLA elementwise copy of ``nbytes``."""
+    x = jnp.zeros(nbytes // 4, jnp.uint32)
+    f = jax.jit(lambda a: a + 1)
+    t = time_call(f, x)
+    del x
+    return 2 * nbytes / t
+
+
+def triton_copy_bandwidth(nbytes: int = 4 << 30, block: int = 8192) -> float | None:
+    """Bytes/s (read + write) of a Triton streaming copy of ``nbytes`` through jax-triton (``None`` without it)."""
+    try:
+        import jax_triton as jt
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def copy_kernel(src, n, dst, BLOCK: tl.constexpr):  # jax-triton passes outputs after the inputs
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=m), mask=m)
+
+    n = nbytes // 4
+    x = jnp.zeros(n, jnp.uint32)
+    f = jax.jit(lambda a: jt.triton_call(a, n, kernel=copy_kernel, out_shape=jax.ShapeDtypeStruct((n,), jnp.uint32),
+                                         grid=(triton.cdiv(n, block),), BLOCK=block, num_warps=8))
+    t = time_call(f, x)
+    del x
+    return 2 * nbytes / t
+
+
+def xla_fp8_matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of XLA's plain e4m3 x e4m3 -> bf16 matmul at ``n``^3 (the prefill yardstick)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+    b = jax.random.normal(k2, (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+    f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
+    return 2 * n**3 / time_call(f, a, b)
+
+
+def card_rates(copy_gib: int = 4, with_matmul: bool = True) -> dict:
+    """The card's yardsticks measured in this run: copy bandwidths (XLA, Triton, best) and the e4m3 matmul rate."""
+    xla = xla_copy_bandwidth(copy_gib << 30)
+    tri = triton_copy_bandwidth(copy_gib << 30)
+    out = {"device": jax.devices()[0].device_kind, "copy_xla": xla, "copy_triton": tri,
+           "copy_best": max(xla, tri or 0.0)}
+    if with_matmul:
+        out["fp8_matmul_xla"] = xla_fp8_matmul_rate()
+    return out
+
+
+def print_rates(r: dict) -> None:
+    tri = f"{r['copy_triton'] / 1e12:.2f}" if r["copy_triton"] else "n/a"
+    print(f"device: {r['device']}; copy bandwidth (4 GiB, read+write): XLA {r['copy_xla'] / 1e12:.2f} TB/s, "
+          f"Triton {tri} TB/s, best {r['copy_best'] / 1e12:.2f} TB/s")
+    if "fp8_matmul_xla" in r:
+        print(f"XLA e4m3 matmul 8192^3: {r['fp8_matmul_xla'] / 1e12:.0f} TFLOP/s")
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A fixed-width text table of ``rows`` (dicts) over ``cols``; floats printed with 3 significant digits."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width))
+    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
