@@ -209,11 +209,15 @@ def check_values(leaf: Leaf, a: np.ndarray, index: tuple, n_experts: int, name: 
         if a.min() >= 0 and a.max() < n_experts:
             return
         bad = (a < 0) | (a >= n_experts)
-    else:  # exponent bits all ones: inf or NaN (bf16: 0x7F80, fp32: 0x7F800000)
-        bits, exp = (a.view(np.uint16), 0x7F80) if a.dtype.itemsize == 2 else (a.view(np.uint32), 0x7F800000)
-        bad = (bits & exp) == exp
-        if not bad.any():
+    elif a.dtype == np.float32:
+        if np.isfinite(a).all():
             return
+        bad = ~np.isfinite(a)
+    else:  # bf16 (numpy has no native ufuncs for it): exponent bits all ones = inf or NaN
+        exp = a.view(np.uint16) & 0x7F80
+        if exp.max() != 0x7F80:
+            return
+        bad = exp == 0x7F80
     pos = tuple(int(i) for i in np.argwhere(bad)[0])
     shape = leaf.shape[1:] if leaf.stacked else leaf.shape
     at = [p + sl.indices(n)[0] for p, sl, n in zip(pos, index, shape)]

@@ -1,9 +1,10 @@
 """Generation: greedy == teacher-forced argmax, uneven batches == rows alone, done rows frozen, while_loop == stream,
 bounded compiled programs, errors before compute, the golden first token, the CLI and the notebook.
 
-The model is the built-in tiny random model (``demo_model``: window 8, ratio-4 and ratio-128 layers, float32), fresh
-weights and prompts per run (seed logged). All tests use the same shapes (batch 1 or 3, max_len 256, prefill chunks
-16 and 64, 7 steps per stream call) so the compiled programs are shared. Oracles: the teacher-forced ``forward``
+The model is the built-in tiny random model (``demo_model``: window 8, ratio-4 and ratio-128 layers, float32), weights
+and prompts from the fixed seed ``SEED`` (so a CI failure reproduces; ``DSV4_TEST_SEED`` picks another one). All
+tests use the same shapes (batch 1 or 3, max_len 256, prefill chunks 16 and 64, 7 steps per stream call) so the
+compiled programs are shared. Oracles: the teacher-forced ``forward``
 for greedy tokens, the same row generated alone for batches, the while_loop for the stream.
 In float32 the batch / chunk shapes only change fp32 summation orders (~1e-6 relative), so tokens agree exactly
 unless two logits tie within that; the teacher-forced check tolerates a single such near-tie per row.
@@ -13,6 +14,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -41,11 +43,12 @@ NEW = 40  # crosses window slots, many ratio-4 blocks, and position 128 (first r
 STEPS = 7
 ORACLE_S = 160
 GREEDY = SamplingConfig.greedy()
+SEED = int(os.environ.get("DSV4_TEST_SEED", "20261129"))
 
 
 @pytest.fixture(scope="module")
 def model():
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = SEED
     cfg, w = demo_model(seed=seed)
     rng = np.random.default_rng(seed)
     prompts = [[cfg.bos_token_id] + rng.integers(2, cfg.vocab_size, n - 1).tolist() for n in LENS]
