@@ -4,7 +4,9 @@ The mesh has two named axes: ``data`` (batch rows of the decode state) and ``mod
 output-LoRA groups, the shared expert's width, the vocabulary). Routed experts are split over ALL devices
 (``("data", "model")``): each device holds and reads only its own experts' FP4 bytes, and the MoE runs inside an
 explicit ``shard_map`` (``dsv4_jax.modeling.moe``). Everything else is partitioned by XLA from the weight and state
-shardings below; the single shared K=V head, compressors, mHC and norms are replicated (they are small).
+shardings below; the single shared K=V head, compressors, mHC and norms are replicated (they are small). Every
+logical axis name a weight declares (``dsv4_jax.modeling.weights``) must be in :data:`RULES` (split) or
+:data:`REPLICATED` (whole on every device); any other name is refused, naming the tensor.
 
 Weights and state carry no mesh: place them with :func:`shard_weights` / :func:`shard_state` (or
 ``load_weights(..., mesh=mesh)``) and call ``dsv4_jax.forward`` as usual; it runs under the mesh of its inputs.
@@ -23,12 +25,12 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.quant import Fp4Tensor
-from dsv4_jax.modeling.weights import abstract_weights, logical_axes
+from dsv4_jax.modeling.weights import Decl, abstract_weights, decl_tree
 
 DATA, MODEL = "data", "model"  # the mesh's axis names, defined here only
 EXPERT_AXES = (DATA, MODEL)  # routed experts are split over every device of the mesh
 
-# logical axis -> mesh axis (or tuple of axes); absent = replicated
+# logical axis -> mesh axis (or tuple of axes) it is split over
 RULES: dict[str, Any] = {
     "batch": DATA,
     "experts": EXPERT_AXES,
@@ -39,6 +41,14 @@ RULES: dict[str, Any] = {
     "shared_ffn": MODEL,
     "vocab": MODEL,
 }
+# logical axes replicated on purpose (every device needs the whole dim)
+REPLICATED: frozenset[str] = frozenset({
+    "embed",  # the model width: activations are replicated over `model`, so weights keep it whole
+    "embed_e", "ffn",  # inner dims of a routed expert: a device holds its experts whole
+    "experts_r",  # router gate rows: every device scores every expert
+    "vocab_r",  # tid2eid rows: every device looks up the hash routing of its tokens
+})
+KNOWN_AXES: frozenset[str] = frozenset(RULES) | REPLICATED
 
 
 def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
@@ -69,9 +79,16 @@ def validate_mesh(cfg: Config, mesh) -> None:
         raise ValueError(f"mesh {dict(mesh.shape)} does not fit this model: " + "; ".join(bad))
 
 
-def spec_for(axes: tuple, shape: tuple[int, ...] | None = None, mesh=None) -> P:
+def spec_for(axes: tuple, shape: tuple[int, ...] | None = None, mesh=None, where: str = "") -> P:
     """PartitionSpec of logical ``axes``. With ``shape`` and ``mesh``, a dim the mesh axis does not divide (only the
-    tiny per-block scale arrays, e.g. one 128-row scale block shared by several heads) stays replicated."""
+    tiny per-block scale arrays, e.g. one 128-row scale block shared by several heads) stays replicated.
+
+    An axis name that is neither in :data:`RULES` nor in :data:`REPLICATED` raises ``ValueError`` naming it and
+    ``where`` (the tensor): a typo in a declaration must not silently replicate a tensor."""
+    unknown = [a for a in axes if a is not None and a not in KNOWN_AXES]
+    if unknown:
+        raise ValueError(f"{where or 'tensor'}: unknown logical axis {unknown[0]!r} in {tuple(axes)}; known axes: "
+                         f"split {sorted(RULES)}, replicated {sorted(REPLICATED)} (None = replicated)")
     parts = []
     for i, a in enumerate(axes):
         mesh_axes = RULES.get(a) if a is not None else None
@@ -84,11 +101,12 @@ def spec_for(axes: tuple, shape: tuple[int, ...] | None = None, mesh=None) -> P:
 def weight_shardings(cfg: Config, mesh) -> Any:
     """Pytree of ``NamedSharding`` matching the weights tree of ``cfg``."""
     validate_mesh(cfg, mesh)
-    axes = logical_axes(cfg)
-    shapes = abstract_weights(cfg)
-    is_leaf = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
-    return jax.tree_util.tree_map(lambda ax, sd: NamedSharding(mesh, spec_for(ax, sd.shape, mesh)), axes, shapes,
-                                  is_leaf=is_leaf)
+
+    def one(path, d: Decl, sd: jax.ShapeDtypeStruct) -> NamedSharding:
+        where = f"weight {d.key!r} (weights{jax.tree_util.keystr(path)})"
+        return NamedSharding(mesh, spec_for(d.axes, sd.shape, mesh, where))
+
+    return jax.tree_util.tree_map_with_path(one, decl_tree(cfg), abstract_weights(cfg))
 
 
 def shard_weights(weights, cfg: Config, mesh):
@@ -132,6 +150,6 @@ def expert_bytes_per_device(w: Fp4Tensor) -> dict:
     return out
 
 
-__all__ = ["DATA", "EXPERT_AXES", "MODEL", "RULES", "expert_bytes_per_device", "make_mesh", "mesh_of",
-           "shard_state", "shard_weights", "spec_for", "state_shardings", "use_mesh_of", "validate_mesh",
-           "weight_shardings"]
+__all__ = ["DATA", "EXPERT_AXES", "KNOWN_AXES", "MODEL", "REPLICATED", "RULES", "expert_bytes_per_device",
+           "make_mesh", "mesh_of", "shard_state", "shard_weights", "spec_for", "state_shardings", "use_mesh_of",
+           "validate_mesh", "weight_shardings"]

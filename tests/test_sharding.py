@@ -4,16 +4,21 @@
 only fp32 summation orders (the MoE's cross-device psum, the partitioned head and output-projection sums).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import dsv4_jax as d
 from dsv4_jax import sharding as sh
+from dsv4_jax.modeling import weights as wm
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 TOL = 1e-5
+SEED = 4242  # fixed: a failure reproduces with the same weights and tokens
 
 
 def _rel(a, b):
@@ -21,14 +26,18 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(scope="module")
-def model():
+def _small_cfg():
     # head, group, index-head and expert counts divide every mesh of 8 devices; two layers (CSA with hash routing,
     # HCA: every kind of layer state; a window-only layer is the CSA layer minus its compressor) keep the compile time
     # of 4 placements x (prefill, decode, generate loop) programs low
-    cfg = d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8, vocab_size=512,
-                        window_size=8, index_topk=4, n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1)
-    seed = int(np.random.default_rng().integers(1 << 30))
+    return d.Config.tiny(numerics="float32", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8, vocab_size=512,
+                         window_size=8, index_topk=4, n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = _small_cfg()
+    seed = SEED
     return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
 
 
@@ -71,6 +80,54 @@ def test_mesh_that_does_not_divide_is_a_clear_error():
         sh.weight_shardings(cfg, sh.make_mesh(1, 8))
     with pytest.raises(ValueError, match="batch size 3 is not divisible"):
         sh.state_shardings(d.init_state(cfg, 3, 16), sh.make_mesh(2, 4))
+
+
+def _retype(node, key: str, **changes):
+    """The declaration tree ``node`` with the :class:`Decl` of checkpoint name ``key`` changed."""
+    if isinstance(node, wm.Decl):
+        return dataclasses.replace(node, **changes) if node.key == key else node
+    if isinstance(node, tuple) and len(node) == 2 and isinstance(node[0], type):
+        return node[0], {k: _retype(v, key, **changes) for k, v in node[1].items()}
+    if isinstance(node, tuple):
+        return tuple(_retype(n, key, **changes) for n in node)
+    return node
+
+
+def test_misspelled_logical_axis_is_refused(monkeypatch):
+    """A typo in a weight's logical axes is an error naming the axis, the tensor and the known names (it used to
+    replicate that tensor silently)."""
+    cfg = _small_cfg()
+    sh.weight_shardings(cfg, sh.make_mesh(2, 4))  # the real declarations are accepted
+    decls = wm.weight_decls
+    monkeypatch.setattr(wm, "weight_decls", lambda c: _retype(decls(c), "layers.1.attn.wq_b", axes=("q_head", None)))
+    with pytest.raises(ValueError) as err:
+        sh.weight_shardings(cfg, sh.make_mesh(2, 4))
+    msg = str(err.value)
+    for part in ("'q_head'", "'layers.1.attn.wq_b'", "weights.layers[1].attn.wq_b.q", "'q_heads'", "'embed'"):
+        assert part in msg, (part, msg)
+    with pytest.raises(ValueError, match="unknown logical axis 'vocb'"):
+        sh.spec_for(("vocb", "embed"))
+
+
+@pytest.mark.parametrize("preset", ["v4_flash", "v4_pro"])
+def test_every_declared_axis_is_known(preset):
+    """Full-size V4-Flash / V4-Pro (abstract weights, no memory): every logical axis is a known name, every
+    replicated-on-purpose name is used, and the shardings of the whole tree build on an 8-device mesh.
+    ``abstract_weights`` is the tree of ``jax.eval_shape(init_weights, ...)`` (pinned at full size by
+    tests/test_config_weights.py) without the 15 s trace."""
+    cfg = getattr(d.Config, preset)()
+    abstract = d.abstract_weights(cfg)
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)  # noqa: E731
+    axes, axes_def = jax.tree_util.tree_flatten(d.logical_axes(cfg), is_leaf=is_axes)
+    leaves, leaves_def = jax.tree_util.tree_flatten(abstract)
+    assert axes_def == leaves_def and all(len(a) == x.ndim for a, x in zip(axes, leaves))
+    names = {a for ax in axes for a in ax if a is not None}
+    assert names <= sh.KNOWN_AXES, names - sh.KNOWN_AXES
+    assert sh.REPLICATED <= names, sh.REPLICATED - names
+    shardings = sh.weight_shardings(cfg, sh.make_mesh(2, 4))
+    assert jax.tree_util.tree_structure(shardings) == leaves_def
+    assert shardings.layers[0].ffn.w1.packed.spec[0] == sh.EXPERT_AXES
+    assert shardings.layers[0].attn.wq_b.q.spec == P(sh.MODEL, None) and shardings.embed.spec == P(sh.MODEL, None)
 
 
 def test_golden_checkpoint_on_a_mesh(golden_dir):

@@ -2,7 +2,8 @@
 
 Everything else is derived from the declarations by :func:`materialize`: random weights (:func:`init_weights`),
 abstract shapes (``jax.eval_shape(init_weights, ...)`` or :func:`abstract_weights`), the logical-axes tree used by the
-sharding rules (:func:`logical_axes`) and the loader's expected tensor list (:func:`checkpoint_tensors`).
+sharding rules (:func:`logical_axes`, :func:`decl_tree`) and the official checkpoint's tensors, read by the loader and
+written by ``dsv4_jax.convert.synthetic`` (:func:`checkpoint_tensors`, :func:`disk_tensors`).
 
 Storage kinds (the checkpoint's formats, spec 12.1): ``fp8`` -> :class:`Fp8Tensor`, ``fp4`` -> :class:`Fp4Tensor`
 (routed experts, stacked over experts), ``bf16``, ``f32``, ``i32`` (``tid2eid``, I64 on disk).
@@ -32,7 +33,7 @@ class Decl:
     kind: str  # fp8 | fp4 | bf16 | f32 | i32
     axes: tuple[str | None, ...]
     key: str  # fp8/fp4: base name ('.weight'/'.scale' appended); else the full tensor name. '{e}' = expert index
-    init: str = "linear"
+    init: str = "linear"  # random values (see _random_leaf); swiglu_in/out: w1,w3 / w2 of an expert (fp8/fp4)
     n_stack: int = 0  # >0: stacked over experts (leading axis), key contains '{e}'
 
     @property
@@ -171,12 +172,12 @@ def _moe(cfg: Config, p: str, hashed: bool) -> Node:
     sh = p + "shared_experts."
     return MoEWeights, dict(
         gate=Decl((E, D), "bf16", ("experts_r", "embed"), p + "gate.weight"),
-        w1=Decl((I, D), "fp4", ("experts", "ffn", "embed_e"), ex + "w1", n_stack=E),
-        w2=Decl((D, I), "fp4", ("experts", "embed_e", "ffn"), ex + "w2", n_stack=E),
-        w3=Decl((I, D), "fp4", ("experts", "ffn", "embed_e"), ex + "w3", n_stack=E),
-        s1=Decl((I, D), "fp8", ("shared_ffn", "embed"), sh + "w1"),
-        s2=Decl((D, I), "fp8", ("embed", "shared_ffn"), sh + "w2"),
-        s3=Decl((I, D), "fp8", ("shared_ffn", "embed"), sh + "w3"),
+        w1=Decl((I, D), "fp4", ("experts", "ffn", "embed_e"), ex + "w1", "swiglu_in", n_stack=E),
+        w2=Decl((D, I), "fp4", ("experts", "embed_e", "ffn"), ex + "w2", "swiglu_out", n_stack=E),
+        w3=Decl((I, D), "fp4", ("experts", "ffn", "embed_e"), ex + "w3", "swiglu_in", n_stack=E),
+        s1=Decl((I, D), "fp8", ("shared_ffn", "embed"), sh + "w1", "swiglu_in"),
+        s2=Decl((D, I), "fp8", ("embed", "shared_ffn"), sh + "w2", "swiglu_out"),
+        s3=Decl((I, D), "fp8", ("shared_ffn", "embed"), sh + "w3", "swiglu_in"),
         bias=None if hashed else Decl((E,), "f32", (None,), p + "gate.bias", "bias"),
         tid2eid=Decl((cfg.vocab_size, cfg.n_activated_experts), "i32", ("vocab_r", None), p + "gate.tid2eid",
                      "tid2eid") if hashed else None)
@@ -274,6 +275,12 @@ def abstract_weights(cfg: Config):
                                                               for k, (s, t) in storage_shapes(d).items()}))
 
 
+def decl_tree(cfg: Config):
+    """Tree of :class:`Decl` matching the weights tree leaf for leaf (each stored component gets its tensor's
+    declaration): lets a consumer name the checkpoint tensor of any leaf, e.g. in an error."""
+    return materialize(weight_decls(cfg), lambda d: _wrap(d, {k: d for k in storage_shapes(d)}))
+
+
 def logical_axes(cfg: Config):
     """Tree of logical-axis tuples matching the weights tree leaf for leaf (used by the sharding rules)."""
     def axes(d: Decl):
@@ -283,21 +290,27 @@ def logical_axes(cfg: Config):
     return materialize(weight_decls(cfg), axes)
 
 
+# safetensors dtype of each stored component in the official checkpoint (``.weight`` / ``.scale`` for fp8/fp4)
+DISK_DTYPES: dict[str, dict[str, str]] = {
+    "fp8": {"q": "F8_E4M3", "scale": "F8_E8M0"}, "fp4": {"packed": "I8", "scale": "F8_E8M0"},
+    "bf16": {"value": "BF16"}, "f32": {"value": "F32"}, "i32": {"value": "I64"},  # tid2eid: I64 on disk
+}
+_DISK_SUFFIX = {"q": ".weight", "packed": ".weight", "scale": ".scale", "value": ""}
+
+
+def disk_tensors(d: Decl) -> list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]]:
+    """The official checkpoint's tensors of one declaration: per entry (one per expert when stacked) its base name
+    and ``[(tensor name, safetensors dtype, shape)]`` (fp8/fp4: ``.weight`` then ``.scale``)."""
+    parts = storage_shapes(d)
+    keys = [d.key.format(e=e) for e in range(d.n_stack)] if d.n_stack else [d.key]
+    lead = len(d.full_shape) - len(d.shape)  # the stacking axis is not on disk: one tensor per expert
+    return [(key, [(key + _DISK_SUFFIX[c], dt, tuple(parts[c][0][lead:])) for c, dt in DISK_DTYPES[d.kind].items()])
+            for key in keys]
+
+
 def checkpoint_tensors(cfg: Config) -> list[tuple[str, str, tuple[int, ...]]]:
     """Every tensor of an official checkpoint for ``cfg``: (name, safetensors dtype, shape), MTP included."""
-    out = []
-    for d in iter_decls(weight_decls(cfg)):
-        keys = [d.key.format(e=e) for e in range(d.n_stack)] if d.n_stack else [d.key]
-        for key in keys:
-            if d.kind == "fp8":
-                n, k = d.shape
-                out += [(key + ".weight", "F8_E4M3", (n, k)), (key + ".scale", "F8_E8M0", (-(-n // 128), -(-k // 128)))]
-            elif d.kind == "fp4":
-                n, k = d.shape
-                out += [(key + ".weight", "I8", (n, k // 2)), (key + ".scale", "F8_E8M0", (n, k // 32))]
-            else:
-                out.append((key, {"bf16": "BF16", "f32": "F32", "i32": "I64"}[d.kind], d.shape))
-    return out
+    return [t for d in iter_decls(weight_decls(cfg)) for _, ts in disk_tensors(d) for t in ts]
 
 
 # ------------------------------------------------------------------------------------------- random init
