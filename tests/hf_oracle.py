@@ -186,6 +186,33 @@ def hf_param_name(name: str) -> str:
     return module + _LEAF_RENAMES.get(leaf, leaf)
 
 
+# ------------------------------------------------------------------------------------------------ numpy decoding
+# The oracle's own decoding of the checkpoint formats (independent of dsv4_jax.modeling.quant): e2m1 code -> value.
+E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
+
+
+def e8m0_to_float(scale: np.ndarray) -> np.ndarray:
+    """e8m0 scale bytes (``float8_e8m0fnu`` or uint8) -> float32 ``2**(byte - 127)`` (exact)."""
+    byte = np.asarray(scale).view(np.uint8).astype(np.int64)
+    return np.ldexp(np.float32(1), byte - 127).astype(np.float32)
+
+
+def dequantize_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``F8_E4M3 [out, in]`` + ``F8_E8M0 [ceil(out/128), ceil(in/128)]`` -> float32 (exact)."""
+    import ml_dtypes
+
+    w = np.asarray(weight).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    s = np.repeat(np.repeat(e8m0_to_float(scale), 128, axis=0), 128, axis=1)[: w.shape[0], : w.shape[1]]
+    return w * s
+
+
+def dequantize_fp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``I8 [out, in/2]`` packed e2m1 (low nibble = even element) + ``F8_E8M0 [out, in/32]`` -> float32 (exact)."""
+    u8 = np.asarray(packed).view(np.uint8)
+    vals = np.stack([E2M1_VALUES[u8 & 0xF], E2M1_VALUES[u8 >> 4]], axis=-1).reshape(u8.shape[0], -1)
+    return vals * np.repeat(e8m0_to_float(scale), 32, axis=1)
+
+
 def check_hf_load(ckpt_dir: str | Path) -> dict:
     """Verify that the HF model holds exactly the checkpoint: every non-MTP tensor of the files, dequantized here in
     numpy (FP8 128x128 and FP4 1x32 e8m0 blocks, bf16 up-cast), must equal the HF float32 parameter/buffer it maps
@@ -193,7 +220,7 @@ def check_hf_load(ckpt_dir: str | Path) -> dict:
     parameter and persistent buffer must be covered. Returns counts; raises ``AssertionError`` on any mismatch."""
     import torch
 
-    from dsv4_jax.convert.synthetic import CheckpointReader, dequantize_fp4, dequantize_fp8
+    from dsv4_jax.convert.synthetic import CheckpointReader
 
     ckpt = Path(ckpt_dir)
     with torch_threads(1):

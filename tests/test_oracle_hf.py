@@ -1,4 +1,4 @@
-"""float32 numerics vs the PyPI transformers DeepSeek-V4 (float32, CPU) on fresh random official-format checkpoints.
+"""float32 numerics vs the PyPI transformers DeepSeek-V4 (float32, CPU) on random official-format checkpoints.
 
 transformers is structurally right but not numerically faithful to the official code; with every simulation off
 (``numerics="float32"``) both compute the same real-valued function, so all-position logits must agree to float32
@@ -28,9 +28,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name,seq,batch", [("select", 140, 1), ("dense", 200, 2)])
-def test_float32_matches_transformers(tmp_path, name, seq, batch):
-    seed = int(np.random.default_rng().integers(1 << 30))  # fresh weights and tokens every run
+# fixed seeds (weights and tokens), so a failure reproduces
+@pytest.mark.parametrize("name,seq,batch,seed", [("select", 140, 1, 101), ("dense", 200, 2, 202)])
+def test_float32_matches_transformers(tmp_path, name, seq, batch, seed):
     hf = hf_config_dict(**CONFIGS[name])
     ckpt = write_random_checkpoint(tmp_path / "ckpt", hf, seed=seed)
     tokens = np.random.default_rng(seed).integers(0, hf["vocab_size"], (batch, seq))

@@ -3,8 +3,9 @@ float32 oracle (``tests/hf_oracle.py``) that reads them.
 
 Why: every JAX-vs-oracle comparison trusts that (a) the synthetic directory has exactly the release's tensors and
 on-disk encoding, and (b) transformers loads all of it, exactly, and computes finite logits. The inventory test
-pins (a) to the full-size V4-Flash / V4-Pro tensor lists in ``/work/shared/spec/tensor_inventory.json``; the golden
-tiny checkpoint (written by an independent generator and run through the official code) pins the byte layout.
+pins (a) to the full-size V4-Flash / V4-Pro tensor lists in ``/work/shared/spec/tensor_inventory.json`` (through the
+writer's plan: the shard headers it would write, no data); the golden tiny checkpoint (written by an independent
+generator and run through the official code) pins the byte layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_oracle import dequantize_fp4, dequantize_fp8, e8m0_to_float  # numpy decoding only (no torch)
 
 from dsv4_jax.convert.synthetic import (
     FP4_BLOCK,
@@ -23,12 +25,9 @@ from dsv4_jax.convert.synthetic import (
     V4_FLASH_HF_OVERRIDES,
     V4_PRO_HF_OVERRIDES,
     CheckpointReader,
-    dequantize_fp4,
-    dequantize_fp8,
-    e2m1_codes,
-    e8m0_to_float,
     expected_tensors,
     hf_config_dict,
+    plan_checkpoint,
     read_safetensors_header,
     tensor_nbytes,
     write_random_checkpoint,
@@ -45,41 +44,54 @@ def _as_list(ts):
 
 
 # ------------------------------------------------------------------------------------------------ inventory
+def _planned(plans) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) from the shard headers a plan would write."""
+    out = {}
+    for plan in plans:
+        header = json.loads(plan.header)
+        assert header.pop("__metadata__") == {"format": "pt"}
+        out.update({n: (m["dtype"], tuple(m["shape"])) for n, m in header.items()})
+    return out
+
+
 @pytest.mark.parametrize("model,overrides", [("flash", V4_FLASH_HF_OVERRIDES), ("pro", V4_PRO_HF_OVERRIDES)])
-def test_expected_tensors_match_release_inventory(model, overrides):
-    """Counts, total bytes, the top-level list and every layer (kind template re-indexed) match the inventory."""
+def test_writer_plan_matches_release_inventory(model, overrides):
+    """The writer's full-size plan (no data written): tensor count, total bytes, the top-level tensors and every
+    layer (the inventory's template of its kind, re-indexed) match the release, name for name, dtype and shape."""
     if not INVENTORY.exists():
         pytest.skip(f"{INVENTORY} not available")
     inv = json.loads(INVENTORY.read_text())[model]
     cfg = hf_config_dict(**overrides)
-    mine = expected_tensors(cfg)
-    assert len(mine) == inv["n_tensors"]
-    assert sum(tensor_nbytes(d, s) for _, d, s in mine) == inv["total_bytes"]
-    assert len({n for n, _, _ in mine}) == len(mine)
-    assert mine[:6] == _as_list(inv["top"])
+    plans = plan_checkpoint(cfg, n_shards=4)
+    planned = _planned(plans)
+    assert len(planned) == inv["n_tensors"]
+    assert sum(p.data_bytes for p in plans) == inv["total_bytes"]
+    listed = expected_tensors(cfg)
+    assert len(listed) == len(planned) and {n: (d, s) for n, d, s in listed} == planned
+    assert listed[:6] == _as_list(inv["top"])
 
     n_layers, n_hash, ratios = cfg["num_hidden_layers"], cfg["num_hash_layers"], cfg["compress_ratios"]
-    by_prefix: dict[str, list] = {}
-    for t in mine[6:]:
-        by_prefix.setdefault(".".join(t[0].split(".")[:2]) + ".", []).append(t)
+    by_prefix: dict[str, dict] = {}
+    for name, meta in planned.items():
+        if name.startswith(("layers.", "mtp.")):
+            by_prefix.setdefault(".".join(name.split(".")[:2]) + ".", {})[name] = meta
     templates = {}
     for kind, v in inv["per_kind"].items():
         src = f"layers.{v['layer']}." if kind != "MTP" else "mtp.0."
-        templates[kind] = (src, _as_list(v["tensors"]), _as_list(v["expert0"]))
+        templates[kind] = (src, _as_list(v["tensors"]) + _as_list(v["expert0"]))
     kind_names = {0: "SWA", 4: "CSA", 128: "HCA"}
     seen = set()
     for i in range(n_layers + 1):
         prefix = f"layers.{i}." if i < n_layers else "mtp.0."
         kind = "MTP" if i == n_layers else kind_names[ratios[i]] + ("+hash" if i < n_hash else "")
-        src, tensors, expert0 = templates[kind]
+        src, tensors = templates[kind]
         seen.add(kind)
-        got = by_prefix.pop(prefix)
-        non_expert = [t for t in got if ".experts." not in t[0]]
-        assert non_expert == [(n.replace(src, prefix, 1), d, s) for n, d, s in tensors], (model, i)
-        n_exp = cfg["n_routed_experts"]
-        want_exp = [(n.replace(src, prefix, 1).replace(".experts.0.", f".experts.{e}."), d, s)
-                    for e in range(n_exp) for n, d, s in expert0]
-        assert [t for t in got if ".experts." in t[0]] == want_exp, (model, i)
+        want = {}
+        for n, d, s in tensors:
+            n = n.replace(src, prefix, 1)
+            for e in range(cfg["n_routed_experts"]) if ".experts.0." in n else [None]:
+                want[n if e is None else n.replace(".experts.0.", f".experts.{e}.")] = (d, s)
+        assert by_prefix.pop(prefix) == want, (model, i)
     assert not by_prefix and seen == set(templates)
 
 
@@ -96,15 +108,6 @@ def test_hf_config_dict_defaults_and_overrides():
         hf_config_dict(num_layers=3)
     with pytest.raises(ValueError):
         hf_config_dict(num_hidden_layers=2, compress_ratios=[4, 4, 0, 0])
-
-
-def test_e2m1_codes_match_ml_dtypes():
-    """The fast FP4 rounding is bit-identical to ml_dtypes' RNE cast, including exact midpoints and signed zeros."""
-    grid = np.array([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7], np.float32)
-    near = np.concatenate([grid, np.nextafter(grid, np.float32(0)), np.nextafter(grid, np.float32(9))])
-    x = np.concatenate([np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 3, near, -near,
-                        np.float32([0.0, -0.0, 1e-30, -1e-30])])
-    assert np.array_equal(e2m1_codes(x), x.astype(ml_dtypes.float4_e2m1fn).view(np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------ writing
