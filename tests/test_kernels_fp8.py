@@ -7,8 +7,10 @@ seeds; the outputs are compared here with the reference.
 Tolerances: every product is exact in both implementations (e4m3 x e4m3 scaled by powers of two; bf16 x bf16),
 only the fp32 summation order differs. Reordering a K-term fp32 sum changes it by at most ~K * 2**-24 * sum|terms|,
 so the fp32 outputs are compared against ``K * 2**-24 * (|x| @ |w|.T)``; rounded to bf16 the two may then land on
-neighbouring values: one bf16 ulp. On Hopper the FP8 tensor-core dot adds a 128-term block with a narrower internal
-adder (as the official TileLang GEMM does): the GPU sweep allows 2**-12 * sum|terms| on top of one bf16 ulp.
+neighbouring values: one bf16 ulp. On Hopper the FP8 tensor-core dot (Triton's default on sm90, and the official
+TileLang GEMM alike) adds the products of a 128-wide block in an accumulator that keeps ~14 significant bits
+(truncating) before the fp32 promotion: up to ~32 such additions per output and block, so the GPU sweep allows
+2**-8 * sum|terms| for the FP8 linear on top of one bf16 ulp (the bf16 grouped projection accumulates in fp32).
 """
 
 from __future__ import annotations
@@ -240,7 +242,10 @@ def test_gpu_sweep(rows):
             y16 = grouped_proj(x, w, jnp.bfloat16, kernels="triton")
         y16 = np.asarray(y16.astype(jnp.float32))
         # bf16 outputs only (one compile per shape; the fp32 outputs are pinned by the interpreter tests)
-        _check(None, y16, ref, mag, K, extra_rel=2.0**-12, what=f"{name} rows={rows}")
+        extra = 2.0**-8 if G == 1 else 0.0
+        worst = np.max(np.abs(y16 - ref) / (_bf16_ulp(ref) + (K * 2.0**-24 + extra) * mag))
+        print(f"{name} rows={rows}: worst error {worst:.3f} of the allowance")
+        _check(None, y16, ref, mag, K, extra_rel=extra, what=f"{name} rows={rows}")
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`

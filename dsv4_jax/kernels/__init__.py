@@ -78,3 +78,17 @@ def arch() -> str:
         return "sm90" if str(kind).split(".")[0] == "9" else "sm80"
     name = str(getattr(dev, "device_kind", "")).lower()
     return "gfx950" if "mi355" in name or "gfx950" in name else "gfx9"
+
+
+@functools.cache
+def fp8_dot_supported() -> bool:
+    """Whether ``tl.dot`` takes OCP e4m3 (``float8_e4m3fn``) operands here: NVIDIA sm89+ (Ada, Hopper, Blackwell)
+    or AMD gfx950 (MI300's native FP8 is the ``fnuz`` variant). The CPU interpreter emulates it."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return True
+    cc = getattr(dev, "compute_capability", None)
+    if cc is not None:
+        major, minor = (int(v) for v in str(cc).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    return arch() == "gfx950"

@@ -25,9 +25,12 @@ Kernel: one ``@triton.jit`` for both ops and all sizes. Grid ``(m-n tiles, K spl
 
 Portability / ROCm: plain ``tl.load``/``tl.dot``, no inline PTX. ``tl.dot`` on e4m3 x e4m3 needs Hopper/Ada (sm89+)
 or CDNA3+ (whose native FP8 is the ``fnuz`` variant; OCP e4m3 needs gfx950): on other targets (Ampere, MI250,
-MI300X) the activation would have to be dequantized to bf16 like the grouped path; that switch is not written, and
-none of this has been run on ROCm. ``tl.dot_scaled`` (native scaled FP8 on gfx950) is not used here: the
-register path is the only one, everywhere. Only H200 (sm90) has been measured.
+MI300X) the activation would have to be dequantized to bf16 like the grouped path; that switch is not written:
+there ``kernels="auto"`` keeps the XLA FP8 linear (``"triton"`` raises) while the bf16 grouped projection still
+uses its kernel. None of this has been run on ROCm. ``tl.dot_scaled`` (native scaled FP8 on gfx950) is not used
+here: the register path is the only one, everywhere. Status: checked under the interpreter (CPU tests) and compiled
+for sm90 offline (every plan of the V4-Flash/Pro sweep pipelines with cp.async); the GPU tests and
+``scripts/bench_kernels.py`` have not yet been run on a GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import arch, single_device, use_triton
+from dsv4_jax.kernels import arch, fp8_dot_supported, single_device, use_triton
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -225,10 +228,16 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
     """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype`` with the FP8 activation quantization (spec 3.4).
 
     ``xq``: the input's precomputed :class:`QuantAct` (or its fp32 value, which the kernel path ignores and
-    recomputes as codes). ``kernels`` as ``Config.kernels``; under a multi-device mesh the XLA path is kept.
+    recomputes as codes). ``kernels`` as ``Config.kernels``. The XLA path is kept (same function up to fp32 summation
+    order) under a multi-device mesh (the kernel has no partitioning rule yet) and, with ``"auto"``, on devices
+    without e4m3 tensor-core dots.
     """
     if _triton_ok(kernels):
-        return _fp8_linear_triton(x, w, out_dtype, xq)
+        if fp8_dot_supported():
+            return _fp8_linear_triton(x, w, out_dtype, xq)
+        if kernels == "triton":
+            raise RuntimeError(f"kernels='triton': the FP8 linear kernel needs e4m3 tensor-core dots (NVIDIA sm89+ or "
+                               f"AMD gfx950); this device is {jax.devices()[0].device_kind!r}. Use kernels='auto'")
     return fp8_linear_reference(x, w, out_dtype, xq)
 
 
