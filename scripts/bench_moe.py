@@ -83,7 +83,7 @@ def make_op(cfg, impl: str, w1, w2, w3, bf16=None, tile=None):
         e, wt = idx.reshape(-1), wts.reshape(-1)
         xq = quantized_input(x, True)
         if impl == "triton":
-            y = fp4_moe_pairs_triton(cfg, xq, tok, e, wt, w1, w2, w3, tile)
+            y = fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1, w2, w3, tile)
         elif impl == "reference":
             pairs = ex.pairs_gathered if T * k < w1.packed.shape[0] else ex.pairs_grouped
             y = pairs(cfg, x, xq, tok, e, wt, w1, w2, w3)

@@ -13,6 +13,7 @@ different at all. End to end, a flipped ``h`` element can also move one e4m3 ste
 normwise error bound 2e-2 is ~5x the worst such effect (one element of a 128-block moving by 1/16 of the block max).
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 
 import dsv4_jax as d
 from dsv4_jax.modeling import experts as ex
-from dsv4_jax.modeling.quant import Fp4Tensor, dequant_fp4, quantized_input
+from dsv4_jax.modeling.quant import Fp4Tensor, dequant_fp4, quantize_act, quantized_input
 
 SEED = 1234
 BF16_ULP = 2.0**-7  # one ulp of the largest value in a row (bf16 keeps 8 significant bits)
@@ -89,9 +90,10 @@ def _close_bf16(got, ref, what):
 
 
 # ---------------------------------------------------------------------------------------------- CPU interpreter
-# (tokens, expert loads, rows per block: None = the tiles() rule, 16 here); k=3, 8 local experts. BM=32 exercises the
-# multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others).
-CASES = [(1, "ragged", None), (5, "ragged", None), (40, "hot", 32)]
+# (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
+# exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
+# CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
+CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1)]
 
 
 def _interpret_main(inp: str, out: str):
@@ -106,7 +108,7 @@ def _interpret_main(inp: str, out: str):
         g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
         t = {k: int(v) for k, v in zip(z["tile_keys"], z[f"{c}_tiles"])}
         w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
-        h, y = launch_torch(g("xq"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
+        h, y = launch_torch(g("xin"), g("xs"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
                             float(z["limit"]), t)
         res[f"{c}_h"], res[f"{c}_y"] = h.numpy(), y.numpy()
     np.savez(out, **res)
@@ -121,14 +123,20 @@ def interpreted(tmp_path_factory):
     E, D, I, k = 8, 128, 128, 3
     w1, w2, w3 = _weights(rng, E, I, D)
     arrays, cases = {"limit": np.float32(cfg.swiglu_limit), "n_cases": len(CASES)}, []
-    for c, (T, kind, bm) in enumerate(CASES):
+    for c, (T, kind, bm, codes) in enumerate(CASES):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {})}
+        t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
+        if codes:
+            t["G"] = 4
+            qa = quantize_act(x, 128)
+            xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
+        else:
+            xin, xs = np.asarray(xq), np.zeros(1, np.float32)
         rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
         arrays["tile_keys"] = np.array(list(t))
-        arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xq": np.asarray(xq), f"{c}_tok": tok,
+        arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xin": xin, f"{c}_xs": xs, f"{c}_tok": tok,
                        f"{c}_wt": wt, f"{c}_rows": np.asarray(rows), f"{c}_bexp": np.asarray(bexp),
                        f"{c}_used": np.asarray(used)})
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
@@ -144,7 +152,7 @@ def interpreted(tmp_path_factory):
     return cfg, (w1, w2, w3), cases, out
 
 
-@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}" for T, kind, _ in CASES])
+@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-codes{c}" for T, kind, _, c in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
     empty experts and ids of other devices' experts (rows 1, 5) and one hot expert (40 tokens)."""
@@ -185,13 +193,16 @@ def _gpu_reason():
 gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
 
+GPU_CASES = [(T, kind, 0) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
+                                          (2048, "route")]] + [(1, "route", 1), (64, "hot", 1), (2048, "route", 1)]
+
+
 @gpu
 @pytest.mark.parametrize("model", ["flash", "pro"])
-@pytest.mark.parametrize("T,kind", [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
-                                    (2048, "route")])
-def test_gpu_matches_reference(model, T, kind):
+@pytest.mark.parametrize("T,kind,codes", GPU_CASES)
+def test_gpu_matches_reference(model, T, kind, codes):
     """jax-triton kernels inside jit vs the reference schedules at full expert shapes (a 32-expert slice of the
-    stack keeps memory small; ids past it stand for other devices' experts)."""
+    stack keeps memory small; ids past it stand for other devices' experts); both dot variants (``CODES``)."""
     from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
 
     cfg = d.Config.v4_flash() if model == "flash" else d.Config.v4_pro()
@@ -203,7 +214,7 @@ def test_gpu_matches_reference(model, T, kind):
     tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
     e = rng.integers(0, E + E // 4, T * k) if kind == "route" else np.where(rng.random(T * k) < .8, 3, 7)
     e, wt = jnp.asarray(e, jnp.int32), jnp.asarray(rng.uniform(0.05, 2.0, T * k), jnp.float32)
-    got = jax.jit(fp4_moe_pairs_triton, static_argnums=0)(cfg, xq, tok, e, wt, w1, w2, w3)
+    got = jax.jit(functools.partial(fp4_moe_pairs_triton, cfg, tile={"CODES": codes}))(x, xq, tok, e, wt, w1, w2, w3)
     ref_fn = ex.pairs_grouped if T * k >= E else ex.pairs_gathered
     ref = jax.jit(ref_fn, static_argnums=0)(cfg, x, xq, tok, e, wt, w1, w2, w3)
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -211,9 +222,9 @@ def test_gpu_matches_reference(model, T, kind):
     valid = (np.asarray(e) < E)
     assert (got[~valid] == 0).all()
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert rel <= 2e-2, f"{model} T={T} {kind}: normwise error {rel:.2e}"
+    assert rel <= 2e-2, f"{model} T={T} {kind} codes={codes}: normwise error {rel:.2e}"
     frac = float((np.abs(got - ref) > BF16_ULP * np.abs(ref).max(-1, keepdims=True)).mean())
-    assert frac < 0.01, f"{model} T={T} {kind}: {frac:.2%} of elements beyond one bf16 ulp of their row max"
+    assert frac < 0.01, f"{model} T={T} {kind} codes={codes}: {frac:.2%} of elements beyond one bf16 ulp of row max"
 
 
 if __name__ == "__main__":  # the interpreter subprocess of ``interpreted``

@@ -87,9 +87,7 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     # device computes every pair, masking other devices' ones: the grouped schedule would read fewer bytes, but its
     # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
     # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
-    pairs = pairs_gathered if T * k < cfg.n_routed_experts // n_dev else pairs_grouped
-    if use_triton(cfg):  # the FP4 grouped-GEMM kernels: each device reads only its touched experts, for any batch
-        from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs as pairs
+    pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
     tok = jnp.arange(T * k, dtype=jnp.int32) // k
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
@@ -110,10 +108,20 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     idx_p = jnp.pad(idx, ((0, pad), (0, 0)), constant_values=-1)
     wts_p = jnp.pad(wts, ((0, pad), (0, 0)))
     ragged = jax.default_backend() != "cpu"
-    fn = functools.partial(_all_to_all_local, cfg, n_dev, ragged, pairs_grouped if pairs is pairs_gathered else pairs)
+    fn = functools.partial(_all_to_all_local, cfg, n_dev, ragged, _pairs_fn(cfg, grouped=True))
     y = jax.shard_map(fn, mesh=mesh, in_specs=(ex, ex, ex, ex, ex, ex), out_specs=ex,
                       check_vma=False)(xt_p, idx_p, wts_p, w.w1, w.w2, w.w3)
     return y[:T]
+
+
+def _pairs_fn(cfg: Config, grouped: bool):
+    """The per-device pair compute: the FP4 kernels where :func:`use_triton` says so (each device reads only the
+    experts its pairs touch; their reference fallback keeps the schedule below), else the XLA schedule."""
+    if use_triton(cfg):
+        from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs
+
+        return functools.partial(fp4_moe_pairs, grouped=grouped)
+    return pairs_grouped if grouped else pairs_gathered
 
 
 def _exchange(x, out, in_off, send_sizes, out_off, recv_sizes, n_dev: int, ragged: bool):
