@@ -179,6 +179,25 @@ def test_interpreter_matches_reference(interpreted, c):
     assert rel <= 2e-2, f"case {c}: end-to-end normwise error {rel:.2e}"
 
 
+def test_bad_shapes_named():
+    """Shapes the kernels cannot tile are refused with the tensor at fault named (no silent fallback)."""
+    from dsv4_jax.kernels.fp4_moe import check_shapes, tiles
+
+    rng = np.random.default_rng(SEED)
+    w1, w2, w3 = _weights(rng, 2, 128, 128)
+    t = tiles("sm90", 6, 2, 128, 128)
+    x = jnp.zeros((1, 128), jnp.float32)
+    assert check_shapes(x, w1, w2, w3, t) == (2, 128, 128)
+    bad = Fp4Tensor(packed=w2.packed[:, :64], scale=w2.scale[:, :64])
+    with pytest.raises(ValueError, match=r"w2\.packed has shape \(2, 64, 64\)"):
+        check_shapes(x, w1, bad, w3, t)
+    with pytest.raises(ValueError, match="x has 96 features"):
+        check_shapes(jnp.zeros((1, 96)), w1, w2, w3, t)
+    w1i, w2i, w3i = _weights(rng, 2, 96, 128)  # I = 96: not a multiple of the 128-wide FP8 block of h
+    with pytest.raises(ValueError, match="I=96 is not tiled"):
+        check_shapes(x, w1i, w2i, w3i, t)
+
+
 # ---------------------------------------------------------------------------------------------- GPU (jax-triton)
 def _gpu_reason():
     if jax.default_backend() not in ("gpu", "cuda", "rocm"):
