@@ -15,17 +15,10 @@ V4-Pro) tensor for tensor. Also: ``hf_config_dict`` (the HF ``config.json``, gol
 ``inference_config_dict`` (official ``ModelArgs``), ``expected_tensors``, ``write_random_checkpoint`` (streams tensor
 by tensor) and a numpy reader (``CheckpointReader``, ``load_tensor``).
 
-Random values follow the golden ``tiny`` checkpoint (README section 3), by the declaration's ``init``; every
-checkpoint entry has its own generator seeded by ``(seed, crc32(base name))``, so values do not depend on the shard
-layout or on ``layer_subset``:
-
-* FP8 / FP4 linears: ``N(0,1)/sqrt(fan_in)`` times ``2**U(-0.5,0.5)`` per scale block (128x128 / 1x32), then
-  quantized; ``swiglu_in`` / ``swiglu_out`` (expert ``w1``/``w3`` / ``w2``): 1/16 of the shared expert's and 1/32 of
-  each routed expert's intermediate channels are "hot" (rows x 8 / columns / 8), so ``swiglu_limit`` really clamps.
-* ``linear`` (BF16) ``N(0,1)/sqrt(fan_in)``; ``norm`` ``1 + 0.15 N`` clipped to [0.5, 1.5]; ``embed`` ``N(0,1)``;
-  ``head`` ``2 N / sqrt(dim)``; ``hc_fn`` ``N/sqrt(hc*dim)``; ``hc_base`` ``0.5 N`` with +1 on the comb diagonal
-  (attn/ffn sites, not the heads); ``hc_scale`` ``U(0.5, 1)``; ``normal`` (attn_sink) ``N(0,1)``; ``ape`` ``0.5 N``;
-  ``bias`` ``0.2 N``; ``tid2eid`` distinct expert ids per row (the first k of a random permutation).
+Random values follow the golden ``tiny`` checkpoint's statistics (README section 3), chosen by the declaration's
+``init`` (:func:`_linear_strips`, :func:`_plain_values`); each checkpoint entry has its own generator seeded by
+``(seed, crc32(base name))``, so values do not depend on the shard layout or on ``layer_subset``. "Hot" SwiGLU
+channels (``swiglu_in`` / ``swiglu_out``: expert rows x 8 / columns / 8) make ``swiglu_limit`` really clamp.
 
 Files: ``config.json`` (HF fields, golden key order), ``generation_config.json``, ``inference/config.json``, shards
 ``model-0000i-of-0000N.safetensors`` (header metadata ``{"format": "pt"}``, tensors laid out as
@@ -275,7 +268,8 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 
 def _linear_strips(g: _Group, rng: np.random.Generator, seed: int) -> Iterator[np.ndarray]:
     """Float32 row strips (``_STRIP_ROWS`` rows) of a random FP8/FP4 linear weight ``[out, inp]``: ``N(0,1)/sqrt(inp)``
-    times ``2**U(-0.5,0.5)`` per (strip x scale-block columns) block, hot SwiGLU channels for expert weights."""
+    times ``2**U(-0.5,0.5)`` per (strip x scale-block columns) block; for expert weights 1/16 (shared expert) or
+    1/32 (routed expert) of the intermediate channels are hot."""
     d = g.decl
     out, inp = d.shape
     col_block = FP8_BLOCK if d.kind == "fp8" else FP4_BLOCK
@@ -303,7 +297,9 @@ def _linear_strips(g: _Group, rng: np.random.Generator, seed: int) -> Iterator[n
 
 
 def _plain_values(d: Decl, shape: tuple[int, ...], rng: np.random.Generator, cfg: Config) -> np.ndarray:
-    """Float32 values of a plain (BF16 / F32) tensor, or of a 128-row strip of a BF16 matrix, by ``d.init``."""
+    """Float32 values of a plain (BF16 / F32) tensor, or of a 128-row strip of a BF16 matrix, by ``d.init``: ``norm``
+    ``1 + 0.15 N`` clipped to [0.5, 1.5], ``hc_scale`` ``U(0.5, 1)``, else ``std * N(0,1)`` with ``std`` below
+    (``hc_base``: +1 on the comb diagonal at the attn/ffn sites, not the heads)."""
     if d.init == "norm":
         return np.clip(1.0 + 0.15 * rng.standard_normal(shape, dtype=np.float32), 0.5, 1.5)
     if d.init == "hc_scale":
@@ -332,7 +328,7 @@ def _produce(g: _Group, seed: int, cfg: Config) -> Iterator[tuple[str, bytes]]:
             q, s = quantize(w.astype(np.float64))  # float64: exact scale exponents for the float32 values
             yield names[0], q.tobytes()
             yield names[1], s.tobytes()
-    elif d.kind == "i32":  # tid2eid
+    elif d.kind == "i32":  # tid2eid: distinct expert ids per row (the first k of a random permutation)
         rows, k = shape
         n_exp = cfg.n_routed_experts
         chunk = max(1, (1 << 22) // n_exp)
@@ -472,11 +468,6 @@ class CheckpointReader:
     def names(self) -> list[str]:
         """All tensor names of the checkpoint, sorted."""
         return sorted(self._ckpt.tensors)
-
-    def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
-        """``(safetensors dtype, shape)`` of one tensor."""
-        info = self._ckpt.tensors[name]
-        return info.dtype, info.shape
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The tensor as a numpy array of its on-disk dtype (``F8_E4M3`` -> ``float8_e4m3fn``, ``F8_E8M0`` ->
