@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import tempfile
 
-import jax.numpy as jnp
+import jax
+import numpy as np
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.weights import Weights
@@ -51,6 +52,6 @@ def demo_weights(cfg: Config, seed: int = 0) -> Weights:
     with tempfile.TemporaryDirectory(prefix="dsv4_demo_") as tmp:
         write_random_checkpoint(tmp, demo_hf_config(cfg.vocab_size), seed=seed)
         weights = load_weights(tmp, cfg)
-    if cfg.numerics == "float32":
-        weights = weights.replace(head=weights.head.astype(jnp.float32))  # [V, D], values exactly the bf16 ones
+    if cfg.numerics == "float32":  # converted by numpy: no JAX program to compile for it
+        weights = weights.replace(head=jax.device_put(np.asarray(weights.head).astype(np.float32)))  # [V, D]
     return weights

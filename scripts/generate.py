@@ -16,15 +16,16 @@ Examples::
 
 Compilation: every program (prefill chunk, first sample, decode loop) is compiled by XLA the first time it is needed
 and kept in a persistent cache (default ~/.cache/dsv4-jax/jax-compile, or $XDG_CACHE_HOME/dsv4-jax/jax-compile;
---compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a 2-core CPU with the built-in
-model (--prompt "Hello", 32 new tokens): first run 13 s to the first token (12 s of it compiling), later runs
-3 s; see docs/reliability_generate.md. The report line separates load, compile, time to first token and the decode
-speed (compile time excluded).
+--compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a shared 2-core CPU with the
+built-in model (--prompt "Hello", 32 new tokens): the first run reaches its first token after 21 s (all but 0.3 s
+compiling), later runs after 2.4 s (5.5 s after the process started, imports and weights included); decode runs at
+30-60 tok/s there. The last line of a run reports load time, compile time, time to first token and the decode speed
+(compile time excluded) separately. Figures and commands: docs/reliability_generate.md.
 
-Exit status: 0 done; 2 bad usage or input (an argument out of range, a missing or undecodable --batch-file, a
-prompt that does not fit); 1 a checkpoint or model problem (missing/partial directory, bad config.json or tensor,
-non-finite logits); 130 interrupted. Errors print one paragraph naming the argument, file or line at fault; --debug
-shows the traceback.
+Exit status: 0 done; 2 bad usage or input (an argument out of range, a --ckpt path that does not exist, a missing
+or undecodable --batch-file, a prompt that is not token ids or does not fit); 1 a checkpoint or model problem (empty
+or partial directory, bad config.json or tensor, non-finite logits); 130 interrupted. Errors print one paragraph
+naming the argument, file or line at fault; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -236,9 +237,9 @@ class Model:
             need = len(ids) + new
             if need > cap:
                 what = f"--max-len {cap}" if self.args.max_len else f"the {where} ({limit})"
+                fix = (f"lower --max-new-tokens to {cap - len(ids)}" if cap > len(ids) else "shorten the prompt")
                 raise UserInputError(f"{label}: {len(ids)} prompt tokens + --max-new-tokens {new} = {need} exceeds "
-                                     f"{what}; shorten the prompt, lower --max-new-tokens to {max(cap - len(ids), 0)}"
-                                     + (" or raise --max-len" if self.args.max_len else ""))
+                                     f"{what}; {fix}" + (" or raise --max-len" if self.args.max_len else ""))
         longest = max(len(ids) for _, ids in prompts)
         return self.args.max_len or min(bucket_len(longest + new), limit)
 

@@ -142,7 +142,8 @@ def test_prompt_longer_than_cache(capsys, tiny_ckpt):
     code, _, err = run_main(capsys, "--ckpt", tiny_ckpt, "--prompt", " ".join(["7"] * 20), "--max-len", "16",
                             "--max-new-tokens", "4")
     assert code == 2
-    assert_one_paragraph(err, "--prompt: 20 prompt tokens + --max-new-tokens 4 = 24 exceeds --max-len 16")
+    assert_one_paragraph(err, "--prompt: 20 prompt tokens + --max-new-tokens 4 = 24 exceeds --max-len 16; shorten "
+                              "the prompt or raise --max-len")
 
 
 def test_beyond_max_position_embeddings(capsys, tiny_ckpt, tmp_path):
@@ -156,7 +157,7 @@ def test_beyond_max_position_embeddings(capsys, tiny_ckpt, tmp_path):
     code, _, err = run_main(capsys, "--ckpt", ckpt, "--batch-file", f, "--max-new-tokens", "4")
     assert code == 2
     assert_one_paragraph(err, f"--batch-file {f} line 2: 30 prompt tokens + --max-new-tokens 4 = 34 exceeds the "
-                              f"max_position_embeddings of {ckpt} (32)")
+                              f"max_position_embeddings of {ckpt} (32); lower --max-new-tokens to 2")
     code, _, err = run_main(capsys, "--ckpt", ckpt, "--prompt", "0 1", "--max-len", "64")
     assert code == 2
     assert_one_paragraph(err, "--max-len 64 exceeds the max_position_embeddings", "(32)")
@@ -254,6 +255,17 @@ def test_non_finite_logits_reported(capsys, tiny_ckpt, tmp_path, monkeypatch):
     code, _, err = run_main(capsys, "--ckpt", tiny_ckpt, "--batch-file", f)
     assert code == 1
     assert_one_paragraph(err, "non-finite logits in row 1 at step 3", f"--batch-file {f} line 2")
+
+
+def test_interrupt_exits_130(capsys, tiny_ckpt, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(cli.d, "generate_stream", interrupted)
+    code, _, err = run_main(capsys, "--ckpt", tiny_ckpt, "--prompt", "0 1 2")
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "generate.py: interrupted"
 
 
 # ------------------------------------------------------------------------------------------ as a user runs it
