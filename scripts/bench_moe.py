@@ -40,26 +40,6 @@ def log(msg: str):
     print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def own_rates(nbytes=4 << 30) -> dict:
-    """XLA and Triton copy bandwidths (bytes/s, read + write) of ``nbytes``, in the ``card_rates`` format."""
-    import jax_triton as jt
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def copy_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + i, tl.load(x_ptr + i))
-
-    n, blk = nbytes // 4, 8192
-    x = jax.random.bits(jax.random.key(0), (n,), jnp.uint32)
-    tri = jax.jit(lambda a: jt.triton_call(a, kernel=copy_kernel, out_shape=a, grid=(n // blk,), BLOCK=blk,
-                                           num_warps=8))
-    r = {"device": jax.devices()[0].device_kind, "copy_xla": 2 * nbytes / time_call(jax.jit(lambda a: a ^ 1), x),
-         "copy_triton": 2 * nbytes / time_call(tri, x)}
-    return {**r, "copy_best": max(r["copy_xla"], r["copy_triton"])}
-
-
 def random_fp4(key, E, N, K) -> Fp4Tensor:
     k1, k2 = jax.random.split(key)
     return Fp4Tensor(packed=jax.random.bits(k1, (E, N, K // 2), jnp.uint8),
@@ -113,11 +93,7 @@ def main():
     ap.add_argument("--variants", default="", help="extra Triton tile overrides, e.g. 'G=8;BN1=32,BN2=32'")
     ap.add_argument("--ref-max-tokens", type=int, default=64, help="skip the XLA reference above this many tokens")
     args = ap.parse_args()
-    try:
-        rates = card_rates(with_matmul=False)
-    except Exception as err:  # bench_common's Triton copy failed: measure the two copies here
-        log(f"bench_common.card_rates failed ({type(err).__name__}); own copy kernels")
-        rates = own_rates()
+    rates = card_rates(with_matmul=False)
     print_rates(rates)
     best = rates["copy_best"]
     rows = []
