@@ -16,10 +16,10 @@ Examples::
 
 Compilation: every program (prefill chunk, first sample, decode loop) is compiled by XLA the first time it is needed
 and kept in a persistent cache (default ~/.cache/dsv4-jax/jax-compile, or $XDG_CACHE_HOME/dsv4-jax/jax-compile;
---compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a shared 2-core CPU with the
-built-in model (--prompt "Hello", 32 new tokens): the first run reaches its first token after 21 s (all but 0.3 s
-compiling), later runs after 2.4 s (5.5 s after the process started, imports and weights included); decode runs at
-30-60 tok/s there. The last line of a run reports load time, compile time, time to first token and the decode speed
+--compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a 2-core CPU with the built-in
+model (--prompt "Hello", 32 new tokens): the first run reaches its first token 7.5-8.6 s after the request (21 s
+while other jobs used the cores), nearly all of it compiling; later runs after 2.4 s (5.5 s after the process
+started, imports and weights included); decode runs at ~55 tok/s there. The last line of a run reports load time, compile time, time to first token and the decode speed
 (compile time excluded) separately. Figures and commands: docs/reliability_generate.md.
 
 Exit status: 0 done; 2 bad usage or input (an argument out of range, a --ckpt path that does not exist, a missing
