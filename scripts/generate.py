@@ -19,8 +19,9 @@ and kept in a persistent cache (default ~/.cache/dsv4-jax/jax-compile, or $XDG_C
 --compile-cache DIR|off), so only the first run of a shape pays for it. Measured on a 2-core CPU with the built-in
 model (--prompt "Hello", 32 new tokens): the first run reaches its first token 7.5-8.6 s after the request (21 s
 while other jobs used the cores), nearly all of it compiling; later runs after 2.4 s (5.5 s after the process
-started, imports and weights included); decode runs at ~55 tok/s there. The last line of a run reports load time, compile time, time to first token and the decode speed
-(compile time excluded) separately. Figures and commands: docs/reliability_generate.md.
+started, imports and weights included); decode runs at ~55 tok/s there. The last line of a run reports load time,
+compile time, time to first token and the decode speed (compile time excluded) separately. Figures and commands:
+docs/reliability_generate.md.
 
 Exit status: 0 done; 2 bad usage or input (an argument out of range, a --ckpt path that does not exist, a missing
 or undecodable --batch-file, a prompt that is not token ids or does not fit); 1 a checkpoint or model problem (empty
