@@ -161,22 +161,24 @@ class Model:
         self.notes: list[str] = []
         if args.ckpt:
             check_ckpt_dir(args.ckpt)
-            cfg_file = Path(args.ckpt) / "config.json"
+            ckpt = Path(args.ckpt)
             try:
-                self.cfg = d.Config.from_pretrained(args.ckpt, numerics=args.numerics or "reference")
-            except (ValueError, TypeError) as e:  # config.json content: name the file
-                msg = str(e) if str(cfg_file) in str(e) else f"{cfg_file}: {e}"
-                raise d.CheckpointError(msg) from e
-            if (Path(args.ckpt) / "tokenizer.json").is_file():
+                self.cfg = d.Config.from_pretrained(ckpt, numerics=args.numerics or "reference")
+            except (ValueError, TypeError) as e:  # config.json content
+                raise _in_file(ckpt / "config.json", e) from e
+            if (ckpt / "tokenizer.json").is_file():
                 from dsv4_jax.tokenizer import Tokenizer
 
-                self.tok = Tokenizer.from_dir(args.ckpt)
+                try:
+                    self.tok = Tokenizer.from_dir(ckpt)
+                except Exception as e:  # the tokenizers library raises its own exception type
+                    raise _in_file(ckpt / "tokenizer.json", e, "cannot be loaded: ") from e
             else:
-                self.notes.append(f"NOTE: no tokenizer.json in {args.ckpt}: prompts and outputs are token ids")
+                self.notes.append(f"NOTE: no tokenizer.json in {ckpt}: prompts and outputs are token ids")
             try:
-                self.sampling = d.SamplingConfig.from_generation_config(args.ckpt, **over)
+                self.sampling = d.SamplingConfig.from_generation_config(ckpt, **over)
             except ValueError as e:
-                raise d.CheckpointError(f"{Path(args.ckpt) / 'generation_config.json'}: {e}") from e
+                raise _in_file(ckpt / "generation_config.json", e) from e
             self.source = str(args.ckpt)
         else:
             from dsv4_jax.demo import demo_config
@@ -252,6 +254,11 @@ class Model:
 
     def show(self, ids: list[int]) -> str:
         return self.tok.decode(ids) if self.tok else " ".join(map(str, ids))
+
+
+def _in_file(file: Path, e: Exception, what: str = "") -> d.CheckpointError:
+    """A :class:`CheckpointError` for a problem in checkpoint ``file`` (its name said once)."""
+    return d.CheckpointError(str(e) if str(file) in str(e) else f"{file}: {what}{e}")
 
 
 def _mode(thinking: bool) -> str:

@@ -220,6 +220,18 @@ def test_bad_config(capsys, tiny_ckpt, tmp_path, edit, needle):
     assert_one_paragraph(err, str(ckpt / "config.json"), needle)
 
 
+@pytest.mark.parametrize("name, content, needle", [
+    ("tokenizer.json", "{", "cannot be loaded"),
+    ("generation_config.json", '{"temperature": -2}', "temperature=-2"),
+])
+def test_bad_tokenizer_or_generation_config(capsys, tiny_ckpt, tmp_path, name, content, needle):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "badfile")
+    (ckpt / name).write_text(content)
+    code, _, err = run_main(capsys, "--ckpt", ckpt, "--prompt", "0 1 2")
+    assert code == 1
+    assert_one_paragraph(err, str(ckpt / name), needle)
+
+
 def test_bad_tensor(capsys, tiny_ckpt, tmp_path):
     """A shard cut short: the message names the shard file (no compile happens: loading fails first)."""
     ckpt = copy_ckpt(tiny_ckpt, tmp_path / "trunc")
