@@ -18,7 +18,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-GOLDEN = SHARED / "golden" / "tiny"
+GOLDEN = Path(os.environ.get("DSV4_GOLDEN", SHARED / "golden" / "tiny"))  # DSV4_GOLDEN: another copy
 
 
 def golden_path() -> Path:

@@ -11,7 +11,6 @@ unless two logits tie within that; the teacher-forced check tolerates a single s
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -203,26 +202,6 @@ def test_golden_first_token(golden_dir):
         else:
             assert gold.max() - gold[out[0][0]] <= 0.25, f"{f.name}: token {out[0][0]}"
     assert n_exact >= 5
-
-
-def test_cli_batch_file_without_ckpt(model, tmp_path):
-    """``scripts/generate.py`` on the built-in model: the notice, the rows of a batch file, the timings line."""
-    cfg, w, prompts, seed = model
-    spec = importlib.util.spec_from_file_location("dsv4_generate_cli", REPO / "scripts" / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    f = tmp_path / "prompts.txt"
-    f.write_text("\n".join(" ".join(map(str, p)) for p in prompts) + "\n")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        cli.main(["--batch-file", str(f), "--max-new-tokens", "12", "--temperature", "0", "--seed", str(seed),
-                  "--max-len", str(MAX_LEN), "--steps-per-call", str(STEPS)])
-    text = buf.getvalue()
-    assert "RANDOM weights" in text and "generated tokens: " in text and "time to first token" in text
-    # the printed rows are what generate() gives on the same random model (demo_model is deterministic)
-    want = d.generate(w, cfg, prompts, 12, GREEDY, max_len=MAX_LEN)
-    for b, row in enumerate(want):
-        assert f"[{b}] {' '.join(map(str, row))}" in text, text
 
 
 def test_notebook_runs():

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
+# decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
+# Usage (device tool, carry .whl): bash scripts/gpu_session.sh [stage ...]   stages: fp8 moe decode kern golden
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+run() { local name=$1 t=$2; shift 2; echo "=== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?";
+        tail -n "${TAIL:-12}" "$OUT/$name.log"; }
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(fp8 moe decode kern)
+[ -d .golden ] && export DSV4_GOLDEN=$PWD/.golden  # carried copy of ../shared/golden/tiny
+for s in "${stages[@]}"; do
+  case $s in
+    fp8) run fp8_tests 130 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_kernels_fp8.py -k gpu ;;
+    moe) run moe_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp4_moe.py -k "gpu and 2048" ;;
+    decode) TAIL=4 run decode 250 python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \
+              --kernels reference,auto --iters 10 --out "$OUT/decode.json"
+            python3 -c "
+import json; r=json.load(open('$OUT/decode.json'))['bench']
+for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['triton'] else 'xla',
+  f\"{x['median_step_s']*1e3:.3f} ms  floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")" ;;
+    kern) TAIL=30 run bench_kernels 100 python3 scripts/bench_kernels.py --models flash --rows 1,16,64,2048 --trials 3
+          TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
+    golden) run golden 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_golden.py \
+              -k "end_to_end or all_positions or layer_isolated" ;;
+  esac
+done
