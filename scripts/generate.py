@@ -21,7 +21,7 @@ model (--prompt "Hello", 32 new tokens): the first run reaches its first token 7
 while other jobs used the cores), nearly all of it compiling; later runs after 2.4 s (5.5 s after the process
 started, imports and weights included); decode runs at ~55 tok/s there. The last line of a run reports load time,
 compile time, time to first token and the decode speed (compile time excluded) separately. Figures and commands:
-docs/reliability_generate.md.
+docs/reliability.md.
 
 Exit status: 0 done; 2 bad usage or input (an argument out of range, a --ckpt path that does not exist, a missing
 or undecodable --batch-file, a prompt that is not token ids or does not fit); 1 a checkpoint or model problem (empty
