@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
-# Usage (device tool, carry .whl): bash scripts/gpu_session.sh [stage ...]   stages: fp8 moe decode kern golden
+# Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
+#   stages: fp8 moe decode kern profile golden   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,6 +23,8 @@ for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['t
   f\"{x['median_step_s']*1e3:.3f} ms  floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")" ;;
     kern) TAIL=30 run bench_kernels 100 python3 scripts/bench_kernels.py --models flash --rows 1,16,64,2048 --trials 3
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
+    profile) TAIL=60 run profile 240 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
+              --kernels reference,auto --out "$OUT" ;;
     golden) run golden 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_golden.py \
               -k "end_to_end or all_positions or layer_isolated" ;;
   esac

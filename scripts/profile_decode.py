@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Where a decode step's device time goes: a ``jax.profiler`` trace of a few jitted decode steps, summed per kernel.
+
+For each ``Config.kernels`` value it times the step (median wall), then traces ``--steps`` steps and reads the
+Perfetto JSON the profiler writes: device kernels (events of the processes whose name matches ``--device-match``,
+``/device:GPU`` by default) grouped by name (digits stripped, so ``fusion.12`` and ``fusion.31`` pool), with their
+count and device time per step, the device-busy time per step beside the wall time (the rest is launch gaps), and
+the number of kernels per step. One call answers "which kernels, how many launches, how much idle".
+
+    python scripts/profile_decode.py --model flash --layers 3 --batch 1 --kernels reference,auto --out $OUT
+    python scripts/profile_decode.py --model tiny --device-match CPU     # smoke test of the parser on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dsv4_jax as d  # noqa: E402
+from dsv4_jax.modeling.model import forward_jit  # noqa: E402
+from scripts.bench_decode import flash_layers, pro_layers  # noqa: E402
+
+
+def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
+    """Per-kernel device time from the newest Perfetto trace under ``trace_dir``."""
+    files = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}: the profiler wrote {list(trace_dir.rglob('*'))}")
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    pids = {p for p, n in names.items() if device_match in n}
+    if not pids:
+        raise SystemExit(f"no process matches --device-match {device_match!r}; processes: {sorted(names.values())}")
+    per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
+    busy, spans = 0.0, []
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
+            continue
+        key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:60] or "?"
+        per[key][0] += 1
+        per[key][1] += float(e["dur"])
+        busy += float(e["dur"])
+        spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    rows = sorted(({"kernel": k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
+                  key=lambda r: -r["us_per_step"])
+    return {"trace": str(files[-1]), "processes": sorted(names[p] for p in pids),
+            "kernels_per_step": sum(c for c, _ in per.values()) / steps, "busy_us_per_step": busy / steps,
+            "rows": rows}
+
+
+def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
+            seed: int = 0) -> list[dict]:
+    w = jax.jit(lambda k: d.init_weights(cfg, k))(jax.random.key(seed))
+    tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
+    out = []
+    for kern in kernels:
+        c = cfg.with_(kernels=kern)
+        step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
+        state = d.init_state(c, batch, max_len)
+        for _ in range(3):
+            logits, state = step(w, tok, state)
+        jax.block_until_ready(logits)
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            logits, state = step(w, tok, state)
+            jax.block_until_ready(logits)
+            ts.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                for _ in range(steps):
+                    logits, state = step(w, tok, state)
+                jax.block_until_ready(logits)
+            tab = kernel_table(Path(tmp), device_match, steps)
+        tab.update(kernels=kern, batch=batch, layers=cfg.n_layers, wall_us_per_step=float(np.median(ts)) * 1e6,
+                   device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
+        out.append(tab)
+        print(f"\n== kernels={kern} batch={batch}: wall {tab['wall_us_per_step']:.0f} us/step, device busy "
+              f"{tab['busy_us_per_step']:.0f} us/step, {tab['kernels_per_step']:.0f} kernels/step ({tab['device']})")
+        for r in tab["rows"][:25]:
+            print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['kernel']}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["flash", "pro", "tiny"], default="flash")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5, help="steps inside the trace")
+    ap.add_argument("--kernels", default="reference,auto", help="comma list of Config.kernels values")
+    ap.add_argument("--device-match", default="/device:GPU", help="substring of the device processes' names")
+    ap.add_argument("--out", help="folder for profile.json")
+    args = ap.parse_args(argv)
+    make = {"flash": flash_layers, "pro": pro_layers,
+            "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
+    res = profile(make(args.layers, "reference"), tuple(args.kernels.split(",")), args.batch, args.max_len,
+                  args.steps, args.device_match)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
