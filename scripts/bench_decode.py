@@ -27,19 +27,15 @@ import numpy as np  # noqa: E402
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
+from scripts.bench_common import triton_copy_bandwidth, xla_copy_bandwidth  # noqa: E402
 
 
-def copy_bandwidth(device, nbytes=1 << 30, iters=10) -> float:
-    """Device-memory copy bandwidth in bytes/s (read + write counted), median of ``iters``."""
-    x = jax.device_put(jnp.zeros(nbytes // 4, jnp.float32), device)
-    f = jax.jit(lambda a: a + 1.0)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * nbytes / float(np.median(ts))
+def copy_bandwidth(device) -> dict:
+    """Copy bandwidths of ``device`` in bytes/s (read + write counted, 4 GiB): XLA's elementwise copy and a Triton
+    streaming copy (where jax-triton is installed); the floors use the best of them."""
+    with jax.default_device(device):
+        out = {"xla": xla_copy_bandwidth(), "triton": triton_copy_bandwidth()}
+    return {k: v for k, v in out.items() if v}
 
 
 def step_bytes(cfg: d.Config, w, state, batch: int) -> dict:
@@ -163,7 +159,10 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
         devs = jax.devices()[:n]
         mesh = sh.make_mesh(*shape, devices=devs)
         w = w0 if n == 1 else jax.device_put(w0, sh.weight_shardings(cfg, mesh))
-        bw = copy_bandwidth(devs[0])
+        bws = copy_bandwidth(devs[0])
+        bw = max(bws.values())
+        print("copy bandwidth (4 GiB, read + write): " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bws.items()),
+              flush=True)
         for batch, kern in [(b, k) for b in batches for k in kernels]:
             if batch % shape[0]:
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
@@ -176,6 +175,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
             per_dev = nbytes["total"] / n
             res.update(mesh=list(shape), devices=n, device_kind=devs[0].device_kind, batch=batch, layers=cfg.n_layers,
                        init_s=t_init, bytes_per_step=nbytes, bytes_per_device_est=per_dev, copy_bw_GBps=bw / 1e9,
+                       copy_bw_all_GBps={k: v / 1e9 for k, v in bws.items()},
                        floor_s_per_device=per_dev / bw)
             results.append(res)
             print(json.dumps(res), flush=True)
