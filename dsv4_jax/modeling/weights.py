@@ -12,6 +12,7 @@ Storage kinds (the checkpoint's formats, spec 12.1): ``fp8`` -> :class:`Fp8Tenso
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -315,8 +316,17 @@ def checkpoint_tensors(cfg: Config) -> list[tuple[str, str, tuple[int, ...]]]:
 
 # ------------------------------------------------------------------------------------------- random init
 def _random_leaf(cfg: Config, d: Decl, key: jax.Array):
-    """Random weight in the checkpoint format with roughly the golden checkpoint's statistics."""
+    """Random weight in the checkpoint format with roughly the golden checkpoint's statistics: the tensor's own key
+    (folded from its name), then one small jitted program per (kind, shape, initializer). Called eagerly, leaves of
+    equal shape share that program, so a model's random init compiles a few small programs instead of one huge one
+    (the whole-tree jit took 41 s of compile for the tiny config on a CPU, 93 s for three V4-Flash layers on an H200);
+    inside an outer jit it inlines as before. The values do not depend on which."""
     key = jax.random.fold_in(key, zlib.crc32(d.key.encode()) & 0x7FFFFFFF)
+    return _random_value(cfg, dataclasses.replace(d, key="", axes=()), key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_value(cfg: Config, d: Decl, key: jax.Array):
     k1, k2 = jax.random.split(key)
     shape = d.full_shape
     if d.kind == "fp8":
@@ -366,7 +376,7 @@ def _random_leaf(cfg: Config, d: Decl, key: jax.Array):
     elif init == "bias":
         v = 0.2 * n01
     else:
-        raise ValueError(f"unknown initializer {init!r} for {d.key}")
+        raise ValueError(f"unknown initializer {init!r} (a {d.kind} tensor of shape {shape})")
     return v.astype(_PLAIN[d.kind])
 
 
