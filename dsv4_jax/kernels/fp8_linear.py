@@ -13,8 +13,12 @@ Public functions (the model calls only these):
 
 Numerics contract: the kernels form the same products as the reference (every operand is exact) and sum them in
 fp32 in another order, so results agree to ~1e-6 relative before the final rounding, i.e. within one ulp of
-``out_dtype`` after it. One caveat on Hopper: FP8 tensor-core dots accumulate a 128-wide block with a narrower
-internal adder (as the official TileLang GEMM does, hence its per-128 promotion); the tests allow one bf16 ulp.
+``out_dtype`` after it. The per-block dot runs on bf16 copies of the e4m3 codes (exact) with fp32
+accumulation. An e4m3 x e4m3 tensor-core dot (plan key ``FP8_DOT=True``, for benchmarks) would be twice the dot rate
+but Hopper sums each 128-wide block with a narrower adder (as the official TileLang GEMM on GPUs does, hence its
+per-128 promotion): on the golden data that alone breaks the layer-isolated criterion (simulated under the
+interpreter, tests/triton_shim.py), while the exact bf16 dot matches the reference; decode is bound by the weight
+bytes, not the dot, so exactness costs nothing there. The GPU tests allow one bf16 ulp.
 Results are deterministic run to run: split-K partials go to an fp32 workspace ``[S, M, N]`` reduced by XLA in a
 fixed order (no atomics).
 
@@ -78,7 +82,8 @@ if triton is not None:
     def fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, M, out_ptr,  # jax-triton: outputs follow the inputs
                         N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, SWK: tl.constexpr,
                         X_FP8: tl.constexpr, SPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr = False):
+                        BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr = False,
+                        FP8_DOT: tl.constexpr = False):
         """One ``[BLOCK_M, BLOCK_N]`` output tile of group ``g`` over its share of the K blocks.
 
         x ``[M, G, K]`` (e4m3 codes when X_FP8 with fp32 scales sx ``[M, G, KB]``, else bf16), w e4m3 ``[G*N, K]`` with
@@ -119,7 +124,12 @@ if triton is not None:
             sw = _e8m0(tl.load(sw_rows + kb, mask=n_ok & kb_ok, other=127))  # [BN]
             if X_FP8:
                 sx = tl.load(sx_ptr + (offs_m * G + g) * KB + kb, mask=m_ok & kb_ok, other=0.0)  # [BM]
-                d = tl.dot(xt, tl.trans(wt))  # e4m3 x e4m3 -> fp32 [BM,BN]
+                if FP8_DOT:  # e4m3 x e4m3 tensor-core dot: Hopper sums a block with a narrower adder (not exact)
+                    d = tl.dot(xt, tl.trans(wt))
+                elif INTERPRET:  # same exact products in fp32 (the interpreter's bf16 dots are not faithful)
+                    d = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
+                else:  # e4m3 values are exact in bf16: a bf16 dot sums the exact products in fp32
+                    d = tl.dot(xt.to(tl.bfloat16), tl.trans(wt.to(tl.bfloat16)))  # [BM,BN]
                 acc += d * sx[:, None] * sw[None, :]
             else:
                 wb = (wt.to(tl.float32) * sw[:, None]).to(tl.bfloat16)  # exact dequantization
