@@ -25,7 +25,8 @@ for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['t
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
     profile) TAIL=60 run profile 240 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
               --kernels reference,auto --out "$OUT" ;;
-    golden) run golden 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_golden.py \
-              -k "end_to_end or all_positions or layer_isolated" ;;
+    golden) for k in reference auto; do  # failures are reported as they happen (-rf, short tracebacks)
+              DSV4_KERNELS=$k run golden_$k 280 python3 -m pytest -q -s -rf --tb=line -p no:cacheprovider \
+                tests/test_golden.py -k "end_to_end or all_positions or layer_isolated"; done ;;
   esac
 done

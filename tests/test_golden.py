@@ -14,6 +14,8 @@ The golden run used torch on CPU, whose scalar-tail bf16 ``rsqrt`` rounds differ
 reproduces it (see ``dsv4_jax.modeling.layers.head_rms_norm``), as the README's criteria assume.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -27,8 +29,11 @@ CASES = ["b1_len003", "b1_len009", "b1_len037", "b1_len050", "b1_len115", "b1_le
 _block = jax.jit(block, static_argnames=("cfg", "ratio"))
 
 
+KERNELS = os.environ.get("DSV4_KERNELS", "reference")  # "auto" on a GPU: the same criteria with the Triton kernels
+
+
 def _cfg(golden_dir, release="current"):
-    return d.Config.from_pretrained(golden_dir / "ckpt", release=release, cpu_rsqrt_tail=True)
+    return d.Config.from_pretrained(golden_dir / "ckpt", release=release, cpu_rsqrt_tail=True, kernels=KERNELS)
 
 
 @pytest.fixture(scope="module")
