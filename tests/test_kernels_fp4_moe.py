@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import dsv4_jax as d
+from dsv4_jax.kernels import triton_unavailable
 from dsv4_jax.modeling import experts as ex
 from dsv4_jax.modeling.quant import Fp4Tensor, dequant_fp4, quantize_act, quantized_input
 
@@ -199,17 +200,7 @@ def test_bad_shapes_named():
 
 
 # ---------------------------------------------------------------------------------------------- GPU (jax-triton)
-def _gpu_reason():
-    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
-        return f"no GPU (JAX backend {jax.default_backend()!r})"
-    try:
-        import jax_triton  # noqa: F401
-    except ImportError as err:
-        return f"jax-triton missing ({err})"
-    return None
-
-
-gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kernels: {triton_unavailable()}")
 
 
 GPU_CASES = [(T, kind, 0) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),

@@ -12,6 +12,7 @@ import pytest
 
 import dsv4_jax as d
 from dsv4_jax import sharding as sh
+from dsv4_jax.kernels import triton_unavailable
 from dsv4_jax.modeling import experts as ex
 from dsv4_jax.modeling.moe import dispatch_strategy, moe
 from dsv4_jax.modeling.quant import quantized_input
@@ -85,17 +86,7 @@ def test_mesh_strategies_equal_one_device(setup, shape):
 
 
 # ---------------------------------------------------------------------------------------------- FP4 MoE kernels
-def _kernels_reason():
-    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
-        return f"the FP4 MoE kernels need a GPU (JAX backend {jax.default_backend()!r})"
-    try:
-        import jax_triton  # noqa: F401
-    except ImportError as err:
-        return f"jax-triton missing ({err})"
-    return None
-
-
-@pytest.mark.skipif(_kernels_reason() is not None, reason=str(_kernels_reason()))
+@pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kernels: {triton_unavailable()}")
 @pytest.mark.parametrize("strategy", ["gather", "all_to_all"])
 def test_kernel_moe_equals_reference(setup, strategy):
     """The MoE block with ``kernels="triton"`` (each device runs the FP4 kernels on its own experts' pairs) equals

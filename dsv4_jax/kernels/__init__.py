@@ -36,6 +36,17 @@ def _jax_triton_error() -> str | None:
     return None
 
 
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot run here (no GPU backend, or jax-triton/triton missing); ``None`` if they can."""
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cuda", "rocm"):
+        return f"needs a GPU backend, JAX's default backend is {backend!r}"
+    err = _jax_triton_error()
+    if err is not None:
+        return f"needs jax-triton and triton ({err}); install them (pip install jax-triton)"
+    return None
+
+
 def use_triton(cfg) -> bool:
     """Whether the hot ops run their Triton kernels for ``cfg`` (a ``Config`` or its ``kernels`` string).
 
@@ -46,17 +57,10 @@ def use_triton(cfg) -> bool:
         raise ValueError(f"kernels={mode!r}, expected one of {MODES}")
     if mode == "reference":
         return False
-    backend = jax.default_backend()
-    err = _jax_triton_error()
-    if mode == "triton":
-        if backend not in ("gpu", "cuda", "rocm"):
-            raise RuntimeError(f"kernels='triton' needs a GPU backend, JAX's default backend is {backend!r}; "
-                               "use kernels='reference' or 'auto'")
-        if err is not None:
-            raise RuntimeError(f"kernels='triton' needs jax-triton and triton ({err}); "
-                               "install them (pip install jax-triton) or use kernels='reference' or 'auto'")
-        return True
-    return backend in ("gpu", "cuda", "rocm") and err is None
+    why = triton_unavailable()
+    if mode == "triton" and why is not None:
+        raise RuntimeError(f"kernels='triton' {why}; or use kernels='reference' or 'auto'")
+    return why is None
 
 
 def single_device() -> bool:
