@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import triton_copy_bandwidth, xla_copy_bandwidth  # noqa: E402
+from scripts.bench_common import time_call, triton_copy_bandwidth, xla_copy_bandwidth  # noqa: E402
 
 
 def copy_bandwidth(device) -> dict:
@@ -105,16 +105,6 @@ def collectives_of(compiled_text: str) -> list[tuple[str, str, tuple[int, ...]]]
     return out
 
 
-def _timed(f, *args, iters=20) -> float:
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
     """Sum of the device times of the step's collectives, each measured alone over the whole mesh at its size (an
     all-reduce as a psum, any other kind as an all-gather producing the same bytes) inside a ``fori_loop`` of
@@ -139,7 +129,7 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
                 x, spec = jnp.zeros((chunk * n,), dtype), P(ax)
             f = jax.jit(jax.shard_map(lambda a, b=body: jax.lax.fori_loop(0, reps, b, a), mesh=mesh, in_specs=spec,
                                       out_specs=spec, check_vma=False))
-            cache[key] = _timed(f, x, iters=5) / reps
+            cache[key] = time_call(f, x, trials=5, warmup=1) / reps
         total += cache[key]
         rows.append({"op": op, "dtype": dt, "shape": list(shape), "s": cache[key]})
     return total, rows
