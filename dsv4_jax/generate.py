@@ -28,7 +28,6 @@ without the check.
 from __future__ import annotations
 
 import collections
-import tempfile
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -79,23 +78,17 @@ class DecodeCarry:
     method: str = struct.field(pytree_node=False, default="gumbel")  # sampling noise (static)
 
 
-def demo_model(seed: int = 0, numerics: str = "float32") -> tuple[Config, Weights]:
-    """The built-in tiny random-weight model of ``scripts/generate.py``, the notebook and the tests.
-
-    Three layers (window-only hash-routed, CSA with indexer, HCA), window 8, vocabulary 512, so every boundary is
-    crossed within a few hundred tokens and a program compiles in seconds on a CPU. The weights are a random
-    checkpoint in the official on-disk format (numpy, written to a temporary directory) read back by
+def demo_model(seed: int = 0, numerics: str = "float32", vocab_size: int = 512) -> tuple[Config, Weights]:
+    """The tiny random-weight model of the notebook and the tests: :mod:`dsv4_jax.demo`'s model (three layers:
+    window-only hash-routed, CSA with indexer, HCA; window 8) with a small vocabulary (``scripts/generate.py`` uses
+    the tokenizer's), so every boundary is crossed within a few hundred tokens and a program compiles in seconds on a
+    CPU. The weights are a random checkpoint in the official on-disk format read back by
     :func:`dsv4_jax.load_weights`: much faster than an eager ``init_weights`` on a CPU, and the real loading path.
     """
-    from dsv4_jax.checkpoint import load_weights
-    from dsv4_jax.convert.synthetic import hf_config_dict, write_random_checkpoint
+    from dsv4_jax.demo import demo_config, demo_weights
 
-    hf = hf_config_dict(vocab_size=512, num_hidden_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1,
-                        sliding_window=8, index_topk=4)
-    with tempfile.TemporaryDirectory(prefix="dsv4_demo_") as tmp:
-        write_random_checkpoint(tmp, hf, seed=seed)
-        cfg = Config.from_pretrained(tmp, numerics=numerics)
-        return cfg, load_weights(tmp, cfg)
+    cfg = demo_config(vocab_size, numerics)
+    return cfg, demo_weights(cfg, seed)
 
 
 # ------------------------------------------------------------------------------------------ host-side checks
