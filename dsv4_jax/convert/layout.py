@@ -374,8 +374,7 @@ def manifest_damage(root: Path, plan: dict, leaves: list[Leaf]) -> list[str]:
         return [f"{MANIFEST}: {err}"]
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
         return [f"{MANIFEST}: not a {FORMAT} v{FORMAT_VERSION} manifest"]
-    old = m.get("plan")
-    if not isinstance(old, dict) or any(old.get(k) != plan[k] for k in ("plan_sha256", "source_sha256")):
+    if not same_plan(m.get("plan"), plan):
         return [f"{MANIFEST}: records another conversion plan or source"]
     try:
         check_manifest(root, m, leaves)
