@@ -129,26 +129,16 @@ def read_batch_file(path: str) -> list[tuple[str, str]]:
 
 
 def check_ckpt_dir(path: str) -> None:
-    """Refuse a missing, empty or partial checkpoint directory before anything is loaded."""
+    """Refuse a missing, empty or partial checkpoint directory before anything is loaded (a path that is not there
+    is a usage error; the rest is :func:`dsv4_jax.checkpoint.check_checkpoint_dir`'s)."""
     from dsv4_jax import checkpoint
-    from dsv4_jax.convert import layout
 
     p = Path(path)
     if not p.exists():
         raise UserInputError(f"--ckpt {path}: no such directory")
     if not p.is_dir():
         raise UserInputError(f"--ckpt {path}: not a directory (give the checkpoint folder that holds config.json)")
-    if hasattr(checkpoint, "check_checkpoint_dir"):
-        checkpoint.check_checkpoint_dir(p)
-        return
-    if layout.looks_converted(p):
-        layout.read_manifest(p)  # an interrupted conversion: says it is incomplete and how to finish it
-    elif not any(p.iterdir()):
-        raise d.CheckpointError(f"{p}: the directory is empty; --ckpt needs a DeepSeek-V4 checkpoint (the HF "
-                                "release's config.json + model*.safetensors, or a dsv4-convert output)")
-    elif not (p / "config.json").is_file():
-        raise d.CheckpointError(f"{p}: no config.json, so this is not a complete DeepSeek-V4 checkpoint (expected "
-                                "the HF release's config.json + model*.safetensors, or a dsv4-convert output)")
+    checkpoint.check_checkpoint_dir(p)
 
 
 class Model:
