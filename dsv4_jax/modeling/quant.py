@@ -10,6 +10,10 @@ Weights stay in the checkpoint's formats (spec 12.1):
     ``[..., N, K/32]`` (one per 1x32 block).
 e8m0 exponents are kept as raw ``uint8`` bytes: portable across XLA backends and what Triton kernels consume.
 
+The decode-state caches keep the snapped activations the same way (issue 12): :class:`Fp8Cache` (KV entries: e4m3
+codes + one e8m0 byte per 64 nope dims + bf16 RoPE dims) and ``Fp4Tensor`` (indexer keys), made by
+``encode_fp8_cache`` / ``encode_fp4_cache`` and read back, exactly, by ``cache_values``.
+
 Activation simulations (spec 3): scales are powers of two rounded UP (``ceil(log2(amax * fp32(1/QMAX)))`` from the
 IEEE bits), values are rounded to nearest-even on the e4m3 / e2m1 grid. Every dequantization here is exact in fp32.
 """
@@ -100,11 +104,18 @@ def fp8_simulate(x: jax.Array, block: int) -> jax.Array:
     return (q * s).reshape(x.shape).astype(x.dtype)
 
 
-def fp4_simulate(x: jax.Array, block: int = 32) -> jax.Array:
-    """In-place FP4 QAT simulation: snap ``x`` to the e2m1 grid scaled per block of 32 (spec 3.3)."""
+def fp4_act_quant(x: jax.Array, block: int = 32) -> tuple[jax.Array, jax.Array]:
+    """FP4 quantization per block: e2m1 values (as fp32) ``[..., K/block, block]`` and power-of-two scales
+    ``[..., K/block, 1]`` (spec 3.3)."""
     xb = _blocks(x.astype(jnp.float32), block)
     s = pow2_scale(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), FP4_MAX, FP4_FLOOR)
-    return (round_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX)) * s).reshape(x.shape).astype(x.dtype)
+    return round_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX)), s
+
+
+def fp4_simulate(x: jax.Array, block: int = 32) -> jax.Array:
+    """In-place FP4 QAT simulation: snap ``x`` to the e2m1 grid scaled per block of 32 (spec 3.3)."""
+    q, s = fp4_act_quant(x, block)
+    return (q * s).reshape(x.shape).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -162,6 +173,72 @@ def quantize_act(x: jax.Array, block: int = 128) -> QuantAct:
     """The one FP8 activation quantizer: e4m3 codes and per-block power-of-two scales (rounded up, spec 3.1)."""
     q, s = fp8_act_quant(x, block)  # fp32 values on the e4m3 grid [..., K/block, block], scales [..., K/block, 1]
     return QuantAct(q=q.astype(jnp.float8_e4m3fn).reshape(x.shape), scale=s[..., 0])
+
+
+# ---------------------------------------------------------------------------------------------- snapped caches
+def e8m0_bytes(s: jax.Array) -> jax.Array:
+    """Raw e8m0 bytes of fp32 powers of two in the normal range (their biased exponent field); inverse of
+    :func:`e8m0_to_f32`."""
+    return ((jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.uint32) >> 23) & 0xFF).astype(jnp.uint8)
+
+
+def pack_e2m1(v: jax.Array) -> jax.Array:
+    """fp32 values on the e2m1 grid ``[..., K]`` -> codes packed two per byte ``[..., K/2]`` (low nibble = even
+    element, the :class:`Fp4Tensor` layout). The sign bit is copied, so -0 stays -0: :func:`unpack_fp4` gives back
+    exactly ``v``."""
+    a = jnp.abs(v)
+    mag = jnp.where(a < 2.0, a * 2.0, jnp.where(a < 4.0, a + 2.0, a * 0.5 + 4.0)).astype(jnp.uint8)  # grid index
+    codes = mag | (jnp.signbit(v).astype(jnp.uint8) << 3)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def encode_fp4_cache(x: jax.Array) -> Fp4Tensor:
+    """:func:`fp4_simulate` (blocks of 32) kept as its codes: ``x [..., K]`` -> packed e2m1 ``[..., K/2]`` + e8m0
+    bytes ``[..., K/32]``, the layout of FP4 weights. ``cache_values`` of the result equals ``fp4_simulate(x, 32)``
+    bit for bit (the same grid values times the same power-of-two scales)."""
+    q, s = fp4_act_quant(x, 32)  # [..., K/32, 32] e2m1 values, [..., K/32, 1] scales
+    return Fp4Tensor(packed=pack_e2m1(q.reshape(x.shape)), scale=e8m0_bytes(s[..., 0]))
+
+
+@struct.dataclass
+class Fp8Cache:
+    """Cache entries ``[..., Dh]`` whose first ``Dn`` dims are FP8-snapped (spec 3.2), stored as the snap's own
+    codes: e4m3 values, one e8m0 scale byte per 64 dims, and the RoPE dims as they are (bf16). V4: 448 + 7 + 128 =
+    583 bytes per entry instead of 1024 (vLLM/SGLang's 584-byte layout less its padding byte). The scales follow the
+    reference rule (powers of two rounded up), so :meth:`decode` gives back exactly what ``fp8_simulate`` gives."""
+
+    codes: jax.Array  # float8_e4m3fn [..., Dn]
+    scales: jax.Array  # uint8 e8m0 [..., Dn/64]
+    rope: jax.Array  # act dtype [..., Dh - Dn]
+
+    @property
+    def shape(self):
+        return (*self.rope.shape[:-1], self.codes.shape[-1] + self.rope.shape[-1])
+
+    def decode(self, dtype) -> jax.Array:
+        """The entries as ``dtype`` values ``[..., Dh]``: ``bf16(fp32(code) * 2**(e-127))`` per nope dim (exact)."""
+        qb = self.codes.astype(jnp.float32).reshape(*self.scales.shape, -1)  # [..., Dn/64, 64]
+        nope = (qb * e8m0_to_f32(self.scales)[..., None]).reshape(self.codes.shape).astype(dtype)
+        return jnp.concatenate([nope, self.rope.astype(dtype)], axis=-1)
+
+
+def encode_fp8_cache(x: jax.Array, nope_dim: int, block: int = 64) -> Fp8Cache:
+    """Snap the first ``nope_dim`` dims of ``x [..., Dh]`` per block of 64 (spec 3.2) and keep the codes; the RoPE
+    dims are kept unchanged. ``encode_fp8_cache(x, Dn).decode(x.dtype)`` equals
+    ``concat([fp8_simulate(x[..., :Dn], 64), x[..., Dn:]])`` bit for bit."""
+    q, s = fp8_act_quant(x[..., :nope_dim], block)  # [..., Dn/64, 64] e4m3 values, [..., Dn/64, 1] scales
+    return Fp8Cache(codes=q.astype(jnp.float8_e4m3fn).reshape(*x.shape[:-1], nope_dim), scales=e8m0_bytes(s[..., 0]),
+                    rope=x[..., nope_dim:])
+
+
+def cache_values(c, dtype) -> jax.Array:
+    """The values of a cache (or of entries gathered from one) as ``dtype``: decoded from :class:`Fp8Cache` /
+    :class:`Fp4Tensor` codes, a plain array as it is."""
+    if isinstance(c, Fp8Cache):
+        return c.decode(dtype)
+    if isinstance(c, Fp4Tensor):
+        return dequant_fp4(c).astype(dtype)
+    return c
 
 
 # ---------------------------------------------------------------------------------------------- linear
