@@ -31,11 +31,13 @@ from bench_common import card_rates, copies_for, print_rates, table, time_rotati
 from dsv4_jax.config import Config  # noqa: E402
 from dsv4_jax.kernels import arch  # noqa: E402
 from dsv4_jax.kernels.fp8_linear import (  # noqa: E402
+    GEMV_ROWS,
     SM_COUNT,
     _fp8_linear_triton,
     _grouped_triton,
     decode_plan,
     fp8_linear,
+    gemv_plan,
     grouped_proj,
     plan,
 )
@@ -102,8 +104,12 @@ def bench_fp8(tag: str, cfg: Config, rows_list, rates, args, grouped: bool) -> l
 
 
 def tune(rates, args) -> None:
-    """Kernel-plan candidates at a few V4-Flash shapes (decode rows 1 and 16, prefill 2048): time per call."""
+    """Kernel-plan candidates at a few V4-Flash shapes (``--tune-rows``: GEMV up to GEMV_ROWS rows, the tensor-core
+    decode plan up to 64, prefill above): time per call."""
     cfg, sms = Config.v4_flash(), SM_COUNT[arch()]
+    gemv = [dict(block_n=bn, nb=nb, per_sm=ps, num_warps=nw, num_stages=st) for bn, nb, ps, nw, st in
+            ((16, 2, 8, 4, 3), (32, 2, 8, 4, 3), (16, 4, 8, 4, 3), (8, 4, 8, 4, 3), (16, 2, 4, 4, 4), (32, 4, 4, 8, 3),
+             (16, 1, 16, 4, 4))]
     dec = [dict(block_n=bn, per_sm=ps, num_stages=st) for bn, ps, st in
            ((64, 2, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 3), (32, 8, 4))]
     pre = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=st) for bm, bn, nw, st in
@@ -113,9 +119,10 @@ def tune(rates, args) -> None:
         G, N, K = fp8_shapes(cfg)[name]
         wbytes = G * N * K
         ws = [random_fp8(k, G * N, K) for k in jax.random.split(jax.random.key(1), copies_for(wbytes, 48))]
-        for M in (1, 16, 2048):
+        for M in map(int, args.tune_rows.split(",")):
             x = jax.random.normal(jax.random.key(M), (M, G, K) if G > 1 else (M, K), jnp.float32).astype(jnp.bfloat16)
-            cands = ([decode_plan(M, N, K, G, sms, **c) for c in dec] if M <= 64 else
+            cands = ([gemv_plan(M, N, K, G, sms, **c) for c in gemv] if M <= GEMV_ROWS else
+                     [decode_plan(M, N, K, G, sms, **c) for c in dec] if M <= 64 else
                      [dict(SPLIT=1, KPS=-(-K // 128), GROUP_M=8, **c) for c in pre])
             for p in cands:
                 if G > 1:
@@ -153,6 +160,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--max-copies", type=int, default=48)
     ap.add_argument("--tune", action="store_true", help="time kernel-plan candidates instead (a few Flash shapes)")
+    ap.add_argument("--tune-rows", default="1,4,16,2048", help="row counts of --tune")
     args = ap.parse_args()
     args.shapes = [s for s in args.shapes.split(",") if s]
     rows_list = [int(r) for r in args.rows.split(",")]

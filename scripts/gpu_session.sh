@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe decode kern profile golden   (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe decode kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,8 +13,10 @@ stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(fp8 moe decode kern)
 [ -d .golden ] && export DSV4_GOLDEN=$PWD/.golden  # carried copy of ../shared/golden/tiny
 for s in "${stages[@]}"; do
   case $s in
-    fp8) run fp8_tests 130 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_kernels_fp8.py -k gpu ;;
-    moe) run moe_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp4_moe.py -k "gpu and 2048" ;;
+    fp8) run fp8_tests "${FP8_BOX:-130}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
+           tests/test_kernels_fp8.py -k "gpu and (${FP8_K:-sweep})" ;;
+    moe) run moe_tests "${MOE_BOX:-90}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+           tests/test_kernels_fp4_moe.py -k "gpu and (${MOE_K:-2048})" ;;
     decode) TAIL=4 run decode 250 python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \
               --kernels reference,auto --iters 10 --out "$OUT/decode.json"
             python3 -c "
@@ -25,8 +27,14 @@ for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['t
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
     profile) TAIL=60 run profile 240 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
               --kernels reference,auto --out "$OUT" ;;
-    golden) for k in reference auto; do  # failures are reported as they happen (-rf, short tracebacks)
-              DSV4_KERNELS=$k run golden_$k 280 python3 -m pytest -q -s -rf --tb=line -p no:cacheprovider \
-                tests/test_golden.py -k "end_to_end or all_positions or layer_isolated"; done ;;
+    golden) for k in ${GOLDEN_KERNELS:-auto reference}; do  # failures are reported as they happen (-rf, -s)
+              DSV4_KERNELS=$k run golden_$k "${GOLDEN_BOX:-280}" python3 -m pytest -q -s -rf --tb=line \
+                -p no:cacheprovider tests/test_golden.py -k "${GOLDEN_K:-end_to_end or all_positions or layer_isolated}"
+            done ;;
+    tune) TAIL=70 run tune "${TUNE_BOX:-110}" python3 scripts/bench_kernels.py --tune --trials 5 \
+            --tune-rows "${TUNE_ROWS:-1,4,16,2048}" ;;
+    moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
+              --tokens "${MOE_T:-1,16}" \
+              --impls triton --variants "${MOE_VARIANTS:-}" ;;
   esac
 done

@@ -203,16 +203,23 @@ def test_bad_shapes_named():
 gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kernels: {triton_unavailable()}")
 
 
-GPU_CASES = [(T, kind, 0) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
-                                          (2048, "route")]] + [(1, "route", 1), (64, "hot", 1), (2048, "route", 1)]
+# (tokens, routing, tile overrides): the default plan (32 local experts: GEMV with 2 slots per block up to 64 pairs,
+# the tiled kernels above), the GEMV kernels forced at 1 and 4 slots per block (one hot expert spans several blocks),
+# the tiled kernels forced at decode sizes, and the tiled CODES=1 variant.
+GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
+                                            (2048, "route")]]
+             + [(1, "route", {"BM": 1}), (16, "hot", {"BM": 4}), (64, "route", {"BM": 4}), (4, "route", {"GEMV": 0})]
+             + [(1, "route", {"GEMV": 0, "CODES": 1}), (64, "hot", {"CODES": 1}), (2048, "route", {"CODES": 1})])
 
 
 @gpu
 @pytest.mark.parametrize("model", ["flash", "pro"])
-@pytest.mark.parametrize("T,kind,codes", GPU_CASES)
-def test_gpu_matches_reference(model, T, kind, codes):
+@pytest.mark.parametrize("T,kind,tile", GPU_CASES, ids=[f"T{T}-{k}-{'-'.join(f'{a}{b}' for a, b in t.items())}"
+                                                        for T, k, t in GPU_CASES])
+def test_gpu_matches_reference(model, T, kind, tile):
     """jax-triton kernels inside jit vs the reference schedules at full expert shapes (a 32-expert slice of the
-    stack keeps memory small; ids past it stand for other devices' experts); both dot variants (``CODES``)."""
+    stack keeps memory small; ids past it stand for other devices' experts): GEMV and tiled kernels, both dot
+    variants of the tiled ones (``CODES``)."""
     from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
 
     cfg = d.Config.v4_flash() if model == "flash" else d.Config.v4_pro()
@@ -224,7 +231,7 @@ def test_gpu_matches_reference(model, T, kind, codes):
     tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
     e = rng.integers(0, E + E // 4, T * k) if kind == "route" else np.where(rng.random(T * k) < .8, 3, 7)
     e, wt = jnp.asarray(e, jnp.int32), jnp.asarray(rng.uniform(0.05, 2.0, T * k), jnp.float32)
-    got = jax.jit(functools.partial(fp4_moe_pairs_triton, cfg, tile={"CODES": codes}))(x, xq, tok, e, wt, w1, w2, w3)
+    got = jax.jit(functools.partial(fp4_moe_pairs_triton, cfg, tile=tile))(x, xq, tok, e, wt, w1, w2, w3)
     ref_fn = ex.pairs_grouped if T * k >= E else ex.pairs_gathered
     ref = jax.jit(ref_fn, static_argnums=0)(cfg, x, xq, tok, e, wt, w1, w2, w3)
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
@@ -232,9 +239,9 @@ def test_gpu_matches_reference(model, T, kind, codes):
     valid = (np.asarray(e) < E)
     assert (got[~valid] == 0).all()
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert rel <= 2e-2, f"{model} T={T} {kind} codes={codes}: normwise error {rel:.2e}"
+    assert rel <= 2e-2, f"{model} T={T} {kind} {tile}: normwise error {rel:.2e}"
     frac = float((np.abs(got - ref) > BF16_ULP * np.abs(ref).max(-1, keepdims=True)).mean())
-    assert frac < 0.01, f"{model} T={T} {kind} codes={codes}: {frac:.2%} of elements beyond one bf16 ulp of row max"
+    assert frac < 0.01, f"{model} T={T} {kind} {tile}: {frac:.2%} of elements beyond one bf16 ulp of row max"
 
 
 if __name__ == "__main__":  # the interpreter subprocess of ``interpreted``

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 # ------------------------------------------------------------------------------------------------ cases
-# (M rows, G groups, N rows per group, K, fp8 activation?)
+# (M rows, G groups, N rows per group, K, fp8 activation?); rows <= GEMV_ROWS take the GEMV kernel
 CPU_CASES = [
-    (1, 1, 200, 384, True),  # N not a multiple of the 64-wide tile nor of the 128 scale block; split-K 2+1 blocks
+    (1, 1, 200, 384, True),  # GEMV; N not a multiple of the 16-row tile nor of the 128 scale block; split-K 2+1 blocks
     (3, 1, 200, 384, True),
+    (5, 1, 72, 128, True),  # GEMV, one K step: no split
     (17, 1, 96, 256, True),  # 17 rows: a 32-row tile, 15 masked rows
     (80, 1, 136, 256, True),  # prefill plan (128x128 tiles, no split)
     (1, 2, 192, 320, False),  # wo_a grouped: K=320 not a multiple of 128, groups straddle a scale block
@@ -93,7 +94,7 @@ def _interpret_main(path: str) -> None:
     """Subprocess body: run the kernel under the interpreter on the arrays in ``path`` (npz), write outputs back."""
     import torch
 
-    from dsv4_jax.kernels.fp8_linear import plan, run_torch
+    from dsv4_jax.kernels.fp8_linear import plan, run_gemv_torch, run_torch
 
     data = dict(np.load(path))
     out = {}
@@ -107,9 +108,14 @@ def _interpret_main(path: str) -> None:
         wq = torch.from_numpy(data[f"wq{i}"]).view(torch.float8_e4m3fn)
         ws = torch.from_numpy(data[f"ws{i}"])
         p = plan(M, N, K, G, target="cpu")
-        out[f"p{i}"] = np.array([p["SPLIT"], p["BLOCK_M"]])
-        out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
-        out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
+        out[f"p{i}"] = np.array([p["SPLIT"], 0 if p.get("GEMV") else p["BLOCK_M"]])
+        if p.get("GEMV"):  # the raw activation: the GEMV kernel quantizes it itself
+            xr = torch.from_numpy(data[f"xraw{i}"]).view(torch.bfloat16)
+            out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, fp8, p).numpy()
+            out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
+        else:
+            out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
+            out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
     np.savez(path + ".out.npz", **out)
 
 
@@ -130,6 +136,7 @@ def interpreted(tmp_path_factory):
         else:
             arrays[f"x{i}"] = np.asarray(x).view(np.uint16)
             arrays[f"sx{i}"] = np.zeros((1,), np.float32)
+        arrays[f"xraw{i}"] = np.asarray(x).view(np.uint16)
         arrays[f"wq{i}"] = np.asarray(w.q).view(np.uint8)
         arrays[f"ws{i}"] = np.asarray(w.scale)
         cases.append((x, w))
@@ -151,11 +158,12 @@ def test_interpreter_matches_reference(interpreted, i):
 
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):
-    """The CPU cases exercise split-K with an uneven last split, an unsplit decode tile and the prefill tile."""
+    """The CPU cases exercise the GEMV plan (rows <= GEMV_ROWS) split and unsplit, the tensor-core decode tile and the
+    prefill tile."""
     _, out = interpreted
-    splits = {int(out[f"p{i}"][0]) for i in range(len(CPU_CASES))}
-    tiles = {int(out[f"p{i}"][1]) for i in range(len(CPU_CASES))}
-    assert 1 in splits and max(splits) > 1 and 128 in tiles, (splits, tiles)
+    plans = {(int(out[f"p{i}"][0]) > 1, int(out[f"p{i}"][1])) for i in range(len(CPU_CASES))}
+    assert {(True, 0), (False, 0)} <= plans and any(t == 128 for _, t in plans) and any(
+        0 < t < 128 for _, t in plans), plans
 
 
 def test_quant_act_matches_fp8_act_quant():
@@ -224,7 +232,7 @@ def gpu_shapes():
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 64, 2048])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64, 2048], ids=lambda r: f"r{r:04d}")  # -k "r0001 or r0004"
 def test_gpu_sweep(rows):
     _gpu_or_skip()
     import jax.numpy as jnp

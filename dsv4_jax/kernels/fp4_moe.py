@@ -53,48 +53,23 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from dsv4_jax.kernels import arch, use_triton
+from dsv4_jax.kernels import arch, triton_call, use_triton
+from dsv4_jax.kernels.common import act_exp, e2m1, e4m3_grid, e8m0, pow2, round_bf16
+from dsv4_jax.kernels.fp4_moe_gemv import check_gemv_shapes, gemv_tiles, launch_gemv_jax
 from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
 from dsv4_jax.modeling.quant import Fp4Tensor, quantize_act
 
 
 # ---------------------------------------------------------------------------------------------- device helpers
 @triton.jit
-def _round_bf16(v):
-    """fp32 -> nearest-even bf16 value, kept in fp32 (finite inputs)."""
-    b = v.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pow2(e):
-    """2**e in fp32 for integer tensors e in [-126, 127]."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1(code, scale):
-    """Nibble codes (int32, 0..15) times fp32 scales [BN] -> exact fp32 weights [BN, 16]."""
-    bits = ((code & 7) << 22) | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37 * scale[:, None]  # 2**126
-
-
-@triton.jit
-def _e8m0(s):
-    """e8m0 bytes -> fp32 2**(s - 127) (1..254)."""
-    return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _fp4_group(acc, wp_ptr, ws_ptr, n, kk, K2, K32, xe, xo, DOT: tl.constexpr):
     """acc [BN, BM] += W[n, kk:kk+32] @ x[:, kk:kk+32].T for one 1x32 scale group; ``xe``/``xo`` [16, BM] are the
     even/odd columns (the low/high nibbles of the 16 packed bytes)."""
     i = tl.arange(0, 16)
     p = tl.load(wp_ptr + n[:, None] * K2 + (kk // 2 + i)[None, :]).to(tl.int32)  # [BN, 16] bytes
-    s = _e8m0(tl.load(ws_ptr + n * K32 + kk // 32))  # [BN]
-    acc = tl.dot(_e2m1(p & 15, s).to(DOT), xe, acc)
-    return tl.dot(_e2m1(p >> 4, s).to(DOT), xo, acc)
+    s = e8m0(tl.load(ws_ptr + n * K32 + kk // 32))[:, None]  # [BN, 1]
+    acc = tl.dot((e2m1(p & 15) * s).to(DOT), xe, acc)
+    return tl.dot((e2m1(p >> 4) * s).to(DOT), xo, acc)
 
 
 @triton.jit
@@ -111,7 +86,7 @@ def _fp4_group_codes(acc, wp_ptr, ws_ptr, n, kk, K2, K32, xe, xo, DOT: tl.conste
     every weight: fewer instructions per weight byte (decode is bound by them, not by the dot)."""
     i = tl.arange(0, 16)
     p = tl.load(wp_ptr + n[:, None] * K2 + (kk // 2 + i)[None, :]).to(tl.int16)  # [BN, 16] bytes
-    s = _e8m0(tl.load(ws_ptr + n * K32 + kk // 32)) * 16384.0  # [BN]: 2**(e - 127) * 2**14
+    s = e8m0(tl.load(ws_ptr + n * K32 + kk // 32)) * 16384.0  # [BN]: 2**(e - 127) * 2**14
     part = tl.dot(_e2m1_code(p & 15, DOT), xe)
     part = tl.dot(_e2m1_code(p >> 4, DOT), xo, part)
     return acc + part * s[:, None]
@@ -160,12 +135,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr
             xs = tl.load(xs_ptr + tok * (D // 128) + k0 // 128, mask=live, other=0.0)  # [BM]
             acc_g += blk_g * xs[None, :]
             acc_u += blk_u * xs[None, :]
-    g = _round_bf16(acc_g)
-    u = _round_bf16(acc_u)
+    g = round_bf16(acc_g)
+    u = round_bf16(acc_u)
     if LIMIT > 0:
         u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
         g = tl.minimum(g, LIMIT)
-    a = _round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
+    a = round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
     tl.store(h_ptr + slot[None, :].to(tl.int64) * I + n[:, None], a.to(h_ptr.dtype.element_ty))
 
 
@@ -174,9 +149,7 @@ def _quant_scale(h_ptr, slot, k0, I: tl.constexpr):
     """The reference act_quant's scale of h[slot, k0:k0+128]: 2**ceil(log2(max(amax, 1e-4) * fp32(1/448)))."""
     i = tl.arange(0, 128)
     t = tl.load(h_ptr + slot[None, :].to(tl.int64) * I + (k0 + i)[:, None]).to(tl.float32)  # [128, BM]
-    amax = tl.maximum(tl.max(tl.abs(t), axis=0), 1e-4)
-    bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)
-    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # [BM] exponent
+    return act_exp(tl.max(tl.abs(t), axis=0))  # [BM] exponent
 
 
 @triton.jit
@@ -184,12 +157,10 @@ def _e4m3(h_ptr, slot, col, e, I: tl.constexpr, CODES: tl.constexpr):
     """h[slot, col] FP8-quantized with block exponent e: clip(h / 2**e, +-448) rounded to e4m3 (nearest even) ->
     fp32 [16, BM]: the code's value (``CODES``) or times 2**e."""
     t = tl.load(h_ptr + slot[None, :].to(tl.int64) * I + col[:, None]).to(tl.float32)
-    v = tl.minimum(tl.maximum(t * _pow2(-e)[None, :], -448.0), 448.0)
-    ve = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # log2 of the e4m3 step
-    r = (v * _pow2(-ve) + 12582912.0) - 12582912.0  # round to an integer, ties to even (1.5 * 2**23 trick)
+    r = e4m3_grid(t * pow2(-e)[None, :])
     if CODES:
-        return r * _pow2(ve)
-    return r * _pow2(ve) * _pow2(e)[None, :]
+        return r
+    return r * pow2(e)[None, :]
 
 
 @triton.jit
@@ -217,8 +188,8 @@ def _down_kernel(h_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D: tl.const
             else:
                 acc = _fp4_group(acc, w2p, w2s, n, kk, I // 2, I // 32, xe, xo, DOT)
         if CODES:
-            acc += blk * _pow2(e)[None, :]
-    tl.store(y_ptr + slot[None, :].to(tl.int64) * D + n[:, None], _round_bf16(acc).to(y_ptr.dtype.element_ty))
+            acc += blk * pow2(e)[None, :]
+    tl.store(y_ptr + slot[None, :].to(tl.int64) * D + n[:, None], round_bf16(acc).to(y_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------- launch plans
@@ -282,19 +253,17 @@ def launch_jax(x, xs, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w
     """Both kernels through jax-triton on device arrays: ``x [T, D]`` the FP8-quantized tokens (``CODES`` 0: their
     values in bf16, exact; 1: their e4m3 codes in fp16, exact, with ``xs [T, D/128]`` fp32 block scales), ``tok``,
     ``wt``, the :func:`experts.group_pairs` layout -> ``y [slots, D]`` bf16 (rows of unused blocks undefined)."""
-    import jax_triton as jt
-
     E, I, D2 = w1.packed.shape
     D, R = 2 * D2, tok.shape[0]
     n_blocks = bexp.shape[0]
     n_slots = n_blocks * t["BM"]
     kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
     dot = tl.float16 if t["CODES"] else tl.bfloat16
-    h = jt.triton_call(x, xs, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
+    h = triton_call(x, xs, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
                        kernel=_gate_up_kernel, out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
                        grid=(n_blocks, I // t["BN1"]), R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], BN=t["BN1"], G=t["G"],
                        DOT=dot, CODES=t["CODES"], **kw)
-    return jt.triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_kernel,
+    return triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_kernel,
                           out_shape=jax.ShapeDtypeStruct((n_slots, D), jnp.bfloat16), grid=(n_blocks, D // t["BN2"]),
                           D=D, I=I, BM=t["BM"], BN=t["BN2"], DOT=dot, CODES=t["CODES"], **kw)
 
@@ -307,6 +276,14 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
+def gemv_rows(n_pairs: int, n_local: int) -> int | None:
+    """Slots per block for the GEMV kernels (:mod:`fp4_moe_gemv`), ``None`` for the tiled kernels. Measured on an
+    H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``): one slot per block beats the tiled kernels up to 16
+    tokens (96 pairs: 1.29 vs 1.50 ms) and loses at 64 (384 pairs: 4.11 vs 3.25 ms); 2 or 4 slots per block were
+    slower than one at every size (the padding slots cost FMAs, the kernel is bound by per-element work)."""
+    return 1 if n_pairs <= max(1, n_local // 2) else None
+
+
 def schedule(e: jax.Array, n_local: int, block: int):
     """The kernels' block schedule (:func:`experts.group_pairs`) with ``used_blocks`` as a 1-element array."""
     rows, bexp, used, slot = group_pairs(e, n_local, block)
@@ -317,9 +294,23 @@ def schedule(e: jax.Array, n_local: int, block: int):
 def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor, w3s: Fp4Tensor,
                          tile: dict | None = None) -> jax.Array:
     """The Triton path of :func:`fp4_moe_pairs` (``x [T, D]`` the tokens, ``xq`` their FP8-quantized fp32 values;
-    ``tile`` overrides entries of :func:`tiles`, for tuning)."""
+    ``tile`` overrides entries of :func:`tiles` or :func:`fp4_moe_gemv.gemv_tiles`, for tuning; ``GEMV=0`` forces
+    the tiled kernels, ``BM`` <= 8 the GEMV ones). Decode sizes (:func:`gemv_rows`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
-    t = {**tiles(arch(), R, n_local, x.shape[-1], w1s.packed.shape[1]), **(tile or {})}
+    D, I = x.shape[-1], w1s.packed.shape[1]
+    bm = (tile or {}).get("BM", gemv_rows(R, n_local)) if (tile or {}).get("GEMV", 1) else None
+    if bm is not None and bm <= 8:  # decode: the GEMV kernels
+        t = {**gemv_tiles(arch(), D, I, bm), **(tile or {})}
+        t.pop("GEMV", None)
+        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN1"], BN2=t["BN2"], CODES=0))
+        check_gemv_shapes(D, I, t)
+        rows, bexp, used, slot = schedule(e, n_local, t["BM"])
+        y = launch_gemv_jax(xq.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used,
+                            w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        has = slot < y.shape[0]
+        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
+    t = {**tiles(arch(), R, n_local, D, I), **(tile or {})}
+    t.pop("GEMV", None)
     check_shapes(x, w1s, w2s, w3s, t)
     rows, bexp, used, slot = schedule(e, n_local, t["BM"])
     if t["CODES"]:

@@ -45,12 +45,14 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import arch, fp8_dot_supported, single_device, use_triton
+from dsv4_jax.kernels import arch, fp8_dot_supported, single_device, triton_call, use_triton
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
     import triton.language as tl
+
+    from dsv4_jax.kernels.common import act_exp, e4m3_grid, e8m0, pow2
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -72,12 +74,6 @@ def grouped_proj_reference(o: jax.Array, w: Fp8Tensor, out_dtype) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------- kernel
 if triton is not None:
-    @triton.jit
-    def _e8m0(e):
-        """Raw e8m0 bytes -> fp32 2**(e-127) (exponent field; e=0 and e=255 never occur in the weights)."""
-        return (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
     @triton.jit
     def fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, M, out_ptr,  # jax-triton: outputs follow the inputs
                         N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, SWK: tl.constexpr,
@@ -121,7 +117,7 @@ if triton is not None:
             kb_ok = kb * 128 < K
             xt = tl.load(x_rows[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM,128]
             wt = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BN,128]
-            sw = _e8m0(tl.load(sw_rows + kb, mask=n_ok & kb_ok, other=127))  # [BN]
+            sw = e8m0(tl.load(sw_rows + kb, mask=n_ok & kb_ok, other=127))  # [BN]
             if X_FP8:
                 sx = tl.load(sx_ptr + (offs_m * G + g) * KB + kb, mask=m_ok & kb_ok, other=0.0)  # [BM]
                 if FP8_DOT:  # e4m3 x e4m3 tensor-core dot: Hopper sums a block with a narrower adder (not exact)
@@ -146,6 +142,56 @@ if triton is not None:
             tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
 
 
+if triton is not None:
+    @triton.jit
+    def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
+                        K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, QUANT: tl.constexpr,
+                        SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
+
+        No tensor cores: each weight element is decoded once (e4m3 -> fp32 times its 128x128 scale, exact) and
+        multiplied by every row's activation in fp32 (exact products), summed in fp32. x ``[M, G, K]`` is the raw
+        activation (``QUANT``: quantized here per 1x128 block exactly as ``quantize_act``, so no separate
+        quantization launch; else used as it is, the bf16 ``wo_a`` path). Each step covers ``NB`` 128-wide K blocks
+        (a ``[BLOCK_N, NB, 128]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or fp32
+        partials ``[SPLIT, M, G, N]``."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        g = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        n_ok = offs_n < N
+        wrow = g * N + offs_n
+        w_rows = w_ptr + wrow.to(tl.int64) * K  # [BN]
+        sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
+        jb = tl.arange(0, NB)
+        kk = tl.arange(0, 128)
+        mrow = tl.arange(0, MP)
+        acc = tl.zeros((MP, BLOCK_N), tl.float32)
+        for i in range(KPS):
+            kb = (pid_k * KPS + i) * NB + jb  # [NB] 128-wide K blocks of this step
+            k = kb[:, None] * 128 + kk[None, :]  # [NB, 128]
+            k_ok = k < K
+            w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
+                        other=0.0).to(tl.float32)  # [BN, NB, 128]
+            sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
+                              other=127))  # [BN, NB]
+            w = w * sw[:, :, None]  # exact weight values
+            for m in tl.static_range(M):
+                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NB, 128]
+                if QUANT:
+                    e = act_exp(tl.max(tl.abs(xr), axis=1))  # [NB] block scale exponents
+                    xr = e4m3_grid(xr * pow2(-e)[:, None]) * pow2(e)[:, None]  # the quantized values, exact
+                part = tl.sum(tl.sum(w * xr[None, :, :], axis=2), axis=1)  # [BN]
+                acc = tl.where(mrow[:, None] == m, acc + part[None, :], acc)
+        out_rows = (mrow.to(tl.int64) * G + g) * N  # [MP]
+        mask = (mrow < M)[:, None] & n_ok[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = pid_k.to(tl.int64) * M * G * N
+            tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------- planning
 SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}
 
@@ -157,6 +203,8 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     stream the weight (GEMV style). Prefill: 128x128 tiles, GROUP_M=8 swizzle, no split.
     """
     target = target or arch()
+    if M <= GEMV_ROWS:
+        return gemv_plan(M, N, K, G, SM_COUNT[target])
     if M <= 64:
         return decode_plan(M, N, K, G, SM_COUNT[target])
     return dict(BLOCK_M=128, BLOCK_N=128, SPLIT=1, KPS=math.ceil(K / QBLOCK), GROUP_M=8, num_warps=8,
@@ -174,7 +222,24 @@ def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per
                 GROUP_M=1, num_warps=num_warps, num_stages=num_stages)
 
 
+GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kernel
+
+
+def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
+              num_warps: int = 4, num_stages: int = 3) -> dict:
+    """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
+    split until about ``per_sm`` programs per SM stream the weight (no empty split)."""
+    steps = math.ceil(K / (QBLOCK * nb))
+    tiles = math.ceil(N / block_n) * G
+    split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
+    kps = math.ceil(steps / split)
+    return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, num_warps=num_warps,
+                num_stages=num_stages)
+
+
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
+    if p.get("GEMV"):
+        return (math.ceil(N / p["BLOCK_N"]), p["SPLIT"], G)
     return (math.ceil(M / p["BLOCK_M"]) * math.ceil(N / p["BLOCK_N"]), p["SPLIT"], G)
 
 
@@ -190,13 +255,23 @@ def _check(w: Fp8Tensor, what: str, K: int, rows: int) -> None:
 def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | None = None) -> jax.Array:
     """triton_call of :func:`fp8_gemm_kernel`; ``x`` ``[M, G, K]``; returns ``[M, G, N]`` in ``out_dtype``.
     ``p`` overrides :func:`plan` (benchmarks)."""
-    import jax_triton as jt
-
     p = p or plan(M, N, K, G)
     split = p["SPLIT"]
     out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
-    y = jt.triton_call(x, sx, w.q, w.scale, M, kernel=fp8_gemm_kernel, out_shape=out_t, grid=grid(M, N, G, p),
+    y = triton_call(x, sx, w.q, w.scale, M, kernel=fp8_gemm_kernel, out_shape=out_t, grid=grid(M, N, G, p),
                        N=N, K=K, G=G, KB=math.ceil(K / QBLOCK), SWK=w.scale.shape[1], X_FP8=x_fp8, **p)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
+    return y
+
+
+def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, quant: bool, p: dict) -> jax.Array:
+    """triton_call of :func:`fp8_gemv_kernel` on the raw activation ``x [M, G, K]`` -> ``[M, G, N]``."""
+    split = p["SPLIT"]
+    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    kw = {k: v for k, v in p.items() if k != "GEMV"}
+    y = triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
+                       MP=1 << (M - 1).bit_length(), N=N, K=K, G=G, SWK=w.scale.shape[1], QUANT=quant, **kw)
     if split > 1:
         y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
     return y
@@ -208,10 +283,13 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
     _check(w, "fp8_linear", K, N)
     if K % QBLOCK:
         raise ValueError(f"fp8_linear: K={K} is not a multiple of the activation quantization block {QBLOCK}")
-    qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     M = math.prod(lead)
     if M == 0:
         return jnp.zeros((*lead, N), out_dtype)
+    p = p or plan(M, N, K)
+    if p.get("GEMV"):  # quantizes x itself (xq, when given, holds the same codes)
+        return _launch_gemv(x.reshape(M, 1, K), w, M, N, K, 1, out_dtype, True, p).reshape(*lead, N)
+    qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
 
@@ -223,6 +301,10 @@ def _grouped_triton(o: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None
     M = math.prod(lead)
     if M == 0:
         return jnp.zeros((*lead, G, R), out_dtype)
+    p = p or plan(M, R, d, G)
+    if p.get("GEMV"):
+        return _launch_gemv(o.astype(jnp.bfloat16).reshape(M, G, d), w, M, R, d, G, out_dtype, False,
+                            p).reshape(*lead, G, R)
     dummy = jnp.zeros((1,), jnp.float32)  # no activation scales in the bf16 variant
     y = _launch(o.astype(jnp.bfloat16).reshape(M, G, d), dummy, w, M, R, d, G, out_dtype, False, p)
     return y.reshape(*lead, G, R)
@@ -279,4 +361,20 @@ def run_torch(x, sx, wq, ws, G: int, out_dtype, x_fp8: bool, p: dict | None = No
     fp8_gemm_kernel[grid(M, N, G, p)](x, sx, wq, ws, M, out, N=N, K=K, G=G, KB=math.ceil(K / QBLOCK),
                                        SWK=ws.shape[1], X_FP8=x_fp8,
                                        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **p)
+    return out.sum(0).to(out_dtype) if split > 1 else out
+
+
+def run_gemv_torch(x, wq, ws, G: int, out_dtype, quant: bool, p: dict):
+    """Launch :func:`fp8_gemv_kernel` on torch tensors: ``x [M, G, K]`` raw activations (quantized in the kernel when
+    ``quant``), wq e4m3 ``[G*N, K]``, ws uint8 scales -> ``[M, G, N]`` in ``out_dtype``."""
+    import torch
+
+    M, _, K = x.shape
+    N = wq.shape[0] // G
+    split = p["SPLIT"]
+    shape = (split, M, G, N) if split > 1 else (M, G, N)
+    out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
+    kw = {k: v for k, v in p.items() if k != "GEMV"}
+    fp8_gemv_kernel[grid(M, N, G, p)](x, wq, ws, out, M=M, MP=1 << (M - 1).bit_length(), N=N, K=K, G=G,
+                                      SWK=ws.shape[1], QUANT=quant, **kw)
     return out.sum(0).to(out_dtype) if split > 1 else out

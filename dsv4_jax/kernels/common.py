@@ -1,0 +1,62 @@
+"""Device helpers shared by the Triton kernels: exact format decoding and the reference's roundings, written with
+integer and fp32 arithmetic only (no inline assembly, no hardware FP8/FP4 conversions), so the same code runs on
+NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits everywhere.
+
+* :func:`round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32.
+* :func:`pow2`, :func:`e8m0`: powers of two from integer exponents / e8m0 scale bytes.
+* :func:`e2m1`: packed-nibble codes -> their fp32 values (the 3 magnitude bits placed under the exponent).
+* :func:`act_exp`, :func:`e4m3_grid`: the reference's FP8 activation quantization (``act_quant``, spec 3.1): the
+  block's power-of-two scale exponent (rounded up from ``amax / 448``), and values rounded to the e4m3 grid
+  (nearest even) after scaling by it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_bf16(v):
+    """fp32 -> nearest-even bf16 value, kept in fp32 (finite inputs)."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pow2(e):
+    """2**e in fp32 for integer tensors e in [-126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e8m0(s):
+    """e8m0 bytes -> fp32 2**(s - 127) (bytes 1..254; 0 and 255 never occur in the checkpoints)."""
+    return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e2m1(code):
+    """Nibble codes (int32, 0..15) -> their exact e2m1 values in fp32: the magnitude bits go under the exponent, so
+    0.5 lands on an fp32 denormal, scaled back by 2**126."""
+    bits = ((code & 7) << 22) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
+
+
+@triton.jit
+def act_exp(amax):
+    """The reference act_quant's scale exponent for blocks with absolute maximum ``amax`` (fp32, any shape):
+    ``ceil(log2(max(amax, 1e-4) * fp32(1/448)))`` as int32 (the scale is 2**result)."""
+    bits = (tl.maximum(amax, 1e-4) * 0.002232142857142857).to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def e4m3_grid(v):
+    """fp32 values (already divided by their block scale) -> clipped to +-448 and rounded to the e4m3 grid, nearest
+    even; subnormals (step 2**-9) included. Exact arithmetic: the 1.5 * 2**23 trick rounds to an integer step."""
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    ve = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # log2 of the e4m3 step
+    r = (v * pow2(-ve) + 12582912.0) - 12582912.0
+    return r * pow2(ve)
