@@ -6,7 +6,8 @@ Every query attends to an index list into one KV buffer ``[ring (W) | chunk (S) 
   * for HCA layers (m=128) every complete compressed entry ``w < (t+1)//128``;
   * for CSA layers (m=4) the indexer's top-k entries.
 This is the official kernel's contract (index lists, -1 = masked) generalised to S tokens at per-row positions, so
-prefill, chunked prefill and decode are one code path.
+prefill, chunked prefill and decode are one code path. The buffer holds the caches' stored layout (FP8 codes where
+the config snaps the KV); only the gathered entries are decoded.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from dsv4_jax.kernels.fp8_linear import grouped_proj
 from dsv4_jax.modeling.compressor import compress, write_entries
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import dot_f32, fp8_simulate, linear, quantize_act
-from dsv4_jax.modeling.state import LayerState
+from dsv4_jax.modeling.quant import cache_values, dot_f32, encode_fp8_cache, linear, quantize_act
+from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
 
 
-def sparse_attn(q: jax.Array, kv: jax.Array, idx: jax.Array, sink: jax.Array, scale: float, p_dtype) -> jax.Array:
+def sparse_attn(q: jax.Array, kv, idx: jax.Array, sink: jax.Array, scale: float, p_dtype) -> jax.Array:
     """Attention over gathered index lists with a per-head sink logit in the denominator only.
 
-    q ``[B,S,H,Dh]``, kv ``[B,N,Dh]``, idx ``[B,S,K]`` (-1 = masked), sink ``[H]`` fp32. Scores and sums in fp32;
-    the probabilities are rounded to ``p_dtype`` for the P.V product only (the reference kernel's bf16 P).
-    Returns ``[B,S,H,Dh]`` in ``q.dtype``.
+    q ``[B,S,H,Dh]``, kv ``[B,N,Dh]`` (plain, or an ``Fp8Cache``: the gathered entries are decoded to ``q.dtype``),
+    idx ``[B,S,K]`` (-1 = masked), sink ``[H]`` fp32. Scores and sums in fp32; the probabilities are rounded to
+    ``p_dtype`` for the P.V product only (the reference kernel's bf16 P). Returns ``[B,S,H,Dh]`` in ``q.dtype``.
     """
     valid = idx >= 0
-    g = jnp.take_along_axis(kv[:, None], jnp.clip(idx, 0)[..., None], axis=2)  # [B,S,K,Dh]
+    take = jnp.clip(idx, 0)[..., None]  # [B,S,K,1]
+    g = jax.tree_util.tree_map(lambda a: jnp.take_along_axis(a[:, None], take, axis=2), kv)  # leaves [B,S,K,.]
+    g = cache_values(g, q.dtype)  # [B,S,K,Dh]
     g = jnp.where(valid[..., None], g, jnp.zeros((), g.dtype))
     s = dot_f32(q, g.astype(q.dtype), "bshd,bskd->bshk") * np.float32(scale)
     s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
@@ -79,7 +82,8 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         kv = rms_norm(linear(x, w.wkv, dt, sim, xq, kernels=kn), w.kv_norm, cfg.norm_eps, dt)  # [B,S,Dh]
         kv = apply_rope(kv, cos, sin)
         if cfg.kv_fp8_sim:
-            kv = jnp.concatenate([fp8_simulate(kv[..., :cfg.nope_dim], 64), kv[..., cfg.nope_dim:]], axis=-1)
+            kv = encode_fp8_cache(kv, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
+        kv = in_layout(kv, ls.kv)  # [B,S,Dh] as the ring stores it
 
     new = {}
     comp_idx = chosen = None
@@ -105,7 +109,8 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         if comp_idx is not None:
             idx = jnp.concatenate([idx, comp_idx], axis=-1)
         bufs = [ls.kv, kv] + ([new["ckv"]] if ratio else [])
-        o = sparse_attn(q, jnp.concatenate(bufs, axis=1), idx, w.attn_sink, Dh**-0.5, dt)  # [B,S,H,Dh]
+        buf = jax.tree_util.tree_map(lambda *b: jnp.concatenate(b, axis=1), *bufs)  # [B, W+S+Nc, Dh], stored layout
+        o = sparse_attn(q, buf, idx, w.attn_sink, Dh**-0.5, dt)  # [B,S,H,Dh]
 
     with jax.named_scope("o_proj"):
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
@@ -118,5 +123,5 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         keep = (t < end[:, None]) & (t >= end[:, None] - W)  # the last W valid tokens: unique slots
         slot = jnp.where(keep, t % W, W)
         rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
-        new["kv"] = ls.kv.at[rows, slot].set(kv, mode="drop")
+        new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ls.kv, kv)
     return out, ls.replace(**new), chosen

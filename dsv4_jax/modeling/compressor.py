@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.layers import apply_rope, hadamard, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import HIGHEST, fp4_simulate, fp8_simulate
+from dsv4_jax.modeling.quant import HIGHEST, encode_fp4_cache, encode_fp8_cache
+from dsv4_jax.modeling.state import in_layout
 from dsv4_jax.modeling.weights import CompressorWeights
 
 NEG_INF = -jnp.inf
@@ -56,8 +57,9 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
       pos: ``[B]`` position of the chunk's first token per row; ``n_new``: ``[B]`` valid tokens per row.
       indexer: indexer compressor (Hadamard + FP4 snapping) instead of the attention one (FP8 snapping).
     Returns:
-      ``entries [B, nwin, d]`` (act dtype), ``entry_ids [B, nwin]`` (entry index, or -1 when the window is not
-      complete in this chunk), and the new buffers.
+      ``entries [B, nwin, d]`` (act dtype; where the config snaps them, their codes: an ``Fp8Cache`` for the
+      attention compressor, an ``Fp4Tensor`` for the indexer's), ``entry_ids [B, nwin]`` (entry index, or -1 when
+      the window is not complete in this chunk), and the new buffers.
     """
     m = ratio
     overlap = m == 4
@@ -112,10 +114,9 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
         if indexer:
             e = hadamard(e, cfg.act_dtype)
             if cfg.simulate:
-                e = fp4_simulate(e, 32)
+                e = encode_fp4_cache(e)  # the FP4 snap (spec 3.3) as packed codes + scales
         elif cfg.kv_fp8_sim:
-            nd = cfg.nope_dim
-            e = jnp.concatenate([fp8_simulate(e[..., :nd], 64), e[..., nd:]], axis=-1)
+            e = encode_fp8_cache(e, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
 
     # rebuild the buffers for the new end position
     end = pos + n_new
@@ -134,9 +135,12 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
             jnp.concatenate(new_sc, axis=1))
 
 
-def write_entries(cache: jax.Array, entries: jax.Array, entry_ids: jax.Array) -> jax.Array:
-    """Scatter ``entries [B, n, d]`` into ``cache [B, N, d]`` at ``entry_ids [B, n]``; -1 ids are dropped."""
+def write_entries(cache, entries, entry_ids: jax.Array):
+    """Scatter ``entries [B, n, d]`` into ``cache [B, N, d]`` at ``entry_ids [B, n]``; -1 ids are dropped. Cache and
+    entries are plain arrays or snapped codes (every leaf is scattered); snapped entries written into a plain cache
+    are decoded first."""
+    entries = in_layout(entries, cache)
     B, N = cache.shape[:2]
     ids = jnp.where(entry_ids < 0, N, entry_ids)  # out of range -> dropped
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], ids.shape)
-    return cache.at[rows, ids].set(entries.astype(cache.dtype), mode="drop")
+    return jax.tree_util.tree_map(lambda c, e: c.at[rows, ids].set(e.astype(c.dtype), mode="drop"), cache, entries)

@@ -13,18 +13,18 @@ import numpy as np
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.layers import apply_rope, hadamard
-from dsv4_jax.modeling.quant import HIGHEST, fp4_simulate, linear
+from dsv4_jax.modeling.quant import HIGHEST, cache_values, fp4_simulate, linear
 from dsv4_jax.modeling.weights import IndexerWeights
 
 
-def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys: jax.Array, t: jax.Array,
+def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys, t: jax.Array,
                cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Top-k compressed block ids ``[B, S, k]`` (-1 where fewer than k blocks are visible).
 
     Args:
       x: ``[B,S,D]`` attention input; qr: ``[B,S,q_lora]`` normalised q LoRA; keys: ``[B, Nc, Di]`` indexer cache
-      (already holding the blocks completed in this chunk); t: ``[B,S]`` absolute query positions; cos/sin:
-      ``[B,S,rd/2]`` RoPE of the query positions.
+      (plain, or FP4 codes decoded here; already holding the blocks completed in this chunk); t: ``[B,S]``
+      absolute query positions; cos/sin: ``[B,S,rd/2]`` RoPE of the query positions.
     """
     dt = cfg.act_dtype
     B, S, _ = x.shape
@@ -36,6 +36,7 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
         q = fp4_simulate(q, 32)
     hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
     hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
+    keys = cache_values(keys, dt)  # [B,Nc,Di]
     score = jnp.einsum("bshd,btd->bsht", q.astype(jnp.float32), keys.astype(jnp.float32),
                        precision=HIGHEST).astype(dt)  # [B,S,Hi,Nc]
     prod = (jax.nn.relu(score).astype(jnp.float32) * hw.astype(jnp.float32)[..., None]).astype(dt)
