@@ -73,10 +73,10 @@ class Config:
     moe_dispatch: str = "auto"
     # Which implementation the hot ops use (``dsv4_jax.kernels``): "reference" (pure XLA: the spec, the CPU path),
     # "triton" (Triton kernels through jax-triton; GPUs only) or "auto" (Triton on GPUs where a kernel exists and
-    # jax-triton is installed, the reference elsewhere). Both compute the same function within fp32 summation order.
-    # The default stays "reference" until the golden criteria have been shown on a GPU with the kernels on (a first
-    # time-boxed H200 run failed three golden tests, cause not yet known: docs/performance.md); opt in with "auto".
-    kernels: str = "reference"
+    # jax-triton is installed, the reference elsewhere). Both compute the same function within fp32 summation order;
+    # with "auto" an H200 meets golden criteria 1-3 (docs/performance.md, 2026-11-29). On a CPU "auto" is the
+    # reference, bit for bit.
+    kernels: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))

@@ -94,7 +94,9 @@ def _close_bf16(got, ref, what):
 # (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
 # exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
 # CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
-CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1)]
+# "gemv" rows run the decode kernels of fp4_moe_gemv with that many slots per block (tile sizes of gemv_tiles("cpu")).
+CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
+         (1, "ragged", 1, "gemv"), (5, "ragged", 2, "gemv"), (40, "hot", 4, "gemv")]
 
 
 def _interpret_main(inp: str, out: str):
@@ -102,15 +104,20 @@ def _interpret_main(inp: str, out: str):
     import torch
 
     from dsv4_jax.kernels.fp4_moe import launch_torch
+    from dsv4_jax.kernels.fp4_moe_gemv import launch_gemv_torch
 
     z = np.load(inp)
     res = {}
     for c in range(int(z["n_cases"])):
         g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
-        t = {k: int(v) for k, v in zip(z["tile_keys"], z[f"{c}_tiles"])}
+        t = {k: int(v) for k, v in zip(z[f"{c}_tile_keys"], z[f"{c}_tiles"])}
         w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
-        h, y = launch_torch(g("xin"), g("xs"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
-                            float(z["limit"]), t)
+        if "NG" in t:  # the GEMV kernels
+            h, y = launch_gemv_torch(g("xin"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
+                                     float(z["limit"]), t)
+        else:
+            h, y = launch_torch(g("xin"), g("xs"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
+                                float(z["limit"]), t)
         res[f"{c}_h"], res[f"{c}_y"] = h.numpy(), y.numpy()
     np.savez(out, **res)
 
@@ -118,6 +125,7 @@ def _interpret_main(inp: str, out: str):
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     from dsv4_jax.kernels.fp4_moe import schedule, tiles
+    from dsv4_jax.kernels.fp4_moe_gemv import gemv_tiles
 
     rng = np.random.default_rng(SEED)
     cfg = d.Config.tiny()
@@ -128,15 +136,18 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
-        if codes:
+        if codes == "gemv":
+            t = gemv_tiles("cpu", D, I, bm)
+        else:
+            t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
+        if codes == 1:
             t["G"] = 4
             qa = quantize_act(x, 128)
             xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
         rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
-        arrays["tile_keys"] = np.array(list(t))
+        arrays[f"{c}_tile_keys"] = np.array(list(t))
         arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xin": xin, f"{c}_xs": xs, f"{c}_tok": tok,
                        f"{c}_wt": wt, f"{c}_rows": np.asarray(rows), f"{c}_bexp": np.asarray(bexp),
                        f"{c}_used": np.asarray(used)})
@@ -153,7 +164,8 @@ def interpreted(tmp_path_factory):
     return cfg, (w1, w2, w3), cases, out
 
 
-@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-codes{c}" for T, kind, _, c in CASES])
+@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-" + (f"gemv{bm}" if c == "gemv" else f"codes{c}")
+                                                for T, kind, bm, c in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
     empty experts and ids of other devices' experts (rows 1, 5) and one hot expert (40 tokens)."""

@@ -19,7 +19,6 @@ dots) is only for AMD gfx950 (``arch() == "gfx950"``), every other target dequan
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 
@@ -100,56 +99,14 @@ def fp8_dot_supported() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- launching
-FFI_TARGET = "triton_kernel_call_ffi"  # jaxlib >= 0.10.1 (CUDA): typed FFI, initialized once, CUDA-graph compatible
-
-
-def _graphable_lowering(ctx, *args, **params):
-    """jax-triton 0.3.1's lowering of its kernel-call primitive, emitting jaxlib's typed-FFI target
-    ``triton_kernel_call_ffi`` (the compressed kernel proto as its ``opaque`` attribute) instead of the legacy
-    ``triton_kernel_call`` custom call. Same kernel, same launch; but the legacy call is opaque to XLA's command
-    buffers: every launch is a host round trip through its handler, and it splits the step's CUDA graphs, so each
-    XLA kernel around it is launched on its own (measured on an H200: a 14 us FP8 GEMV cost 45 us of wall time, a
-    3-layer decode step was 1.7 ms of kernels in 5.5 ms). jax-triton >= 0.4 emits this target itself."""
-    import jax_triton.triton_lib as tlib
-
-    real = jax.ffi.ffi_lowering
-
-    def ffi_lowering(target, *, api_version=2, backend_config=None, operand_output_aliases=None, **kw):
-        if target != "triton_kernel_call" or api_version != 2:
-            return real(target, api_version=api_version, backend_config=backend_config,
-                        operand_output_aliases=operand_output_aliases, **kw)
-        rule = real(FFI_TARGET, api_version=4, operand_output_aliases=operand_output_aliases, **kw)
-        return lambda ctx, *a: rule(ctx, *a, opaque=backend_config)
-
-    jax.ffi.ffi_lowering = ffi_lowering  # only for this call (lowering runs on one thread)
-    try:
-        return tlib.triton_kernel_call_lowering(tlib.get_cuda_backend, ctx, *args, **params)
-    finally:
-        jax.ffi.ffi_lowering = real
-
-
-@functools.cache
-def ffi_launch() -> bool:
-    """Install :func:`_graphable_lowering` for jax-triton's primitive on CUDA (once), unless ``DSV4_TRITON_FFI=0``
-    or jax is older than 0.10.1 (no such target). ROCm keeps jax-triton's own lowering: jaxlib registers the FFI
-    target for CUDA only. Returns whether it is installed."""
-    if os.environ.get("DSV4_TRITON_FFI", "1") == "0" or jax.__version_info__ < (0, 10, 1):
-        return False
-    try:
-        import jax_triton.triton_lib as tlib
-        from jax.interpreters import mlir
-    except ImportError:
-        return False
-    if getattr(tlib, "_dsv4_shim", False) or not hasattr(tlib, "triton_kernel_call_lowering"):
-        return False  # the CPU interpreter shim of the tests, or an unknown jax-triton
-    mlir.register_lowering(tlib.triton_kernel_call_p, _graphable_lowering, platform="cuda")
-    return True
-
-
 def triton_call(*args, **kwargs):
-    """``jax_triton.triton_call`` with the CUDA-graph-compatible lowering installed (:func:`ffi_launch`): the one
-    entry point of every kernel launcher here."""
+    """``jax_triton.triton_call``: the one entry point of every kernel launcher here (imported lazily, so the model
+    imports without jax-triton; the CPU tests substitute the interpreter shim of ``tests/triton_shim.py``).
+
+    Each call costs ~30 us of wall time beyond its kernel on an H200 (a 14 us FP8 GEMV: 45 us per call inside one
+    jitted program), with jax-triton 0.3.1's legacy custom call and equally with jaxlib's typed-FFI target
+    ``triton_kernel_call_ffi``, with or without ``CUSTOM_CALL`` command buffers (tried 2026-11-29,
+    docs/performance.md): that overhead, not the kernels, now bounds decode at small batch."""
     import jax_triton as jt
 
-    ffi_launch()
     return jt.triton_call(*args, **kwargs)

@@ -40,6 +40,14 @@ def _nibbles(wp, ws, n, K: tl.constexpr, c0, NG: tl.constexpr):
 
 
 @triton.jit
+def _weight_rows(bexp_ptr, b, N: tl.constexpr, BN: tl.constexpr):
+    """Rows ``[BN]`` (int64) of the stacked ``[E*N, K]`` weights that program (b, program_id(1)) streams: its BN
+    output columns of block b's expert."""
+    ex = tl.load(bexp_ptr + b).to(tl.int64)
+    return ex * N + tl.program_id(1) * BN + tl.arange(0, BN).to(tl.int64)
+
+
+@triton.jit
 def _dot_rows(we, wo, xe, xo):
     """sum over (NG, 16) of ``we * xe + wo * xo`` -> [BN] (``xe``/``xo`` [NG, 16])."""
     return tl.sum(tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2), axis=1)
@@ -54,8 +62,7 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
     b = tl.program_id(0)
     if b >= tl.load(used_ptr):
         return
-    ex = tl.load(bexp_ptr + b).to(tl.int64)
-    n = ex * I + tl.program_id(1) * BN + tl.arange(0, BN).to(tl.int64)  # [BN] rows of the [E*I, D] stacks
+    n = _weight_rows(bexp_ptr, b, I, BN)  # [BN] rows of the [E*I, D] stacks
     mrow = tl.arange(0, BM)
     gi = 2 * (tl.arange(0, NG)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [NG, 16] even columns of a step
     acc_g = tl.zeros((BM, BN), tl.float32)
@@ -93,8 +100,7 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
     b = tl.program_id(0)
     if b >= tl.load(used_ptr):
         return
-    ex = tl.load(bexp_ptr + b).to(tl.int64)
-    n = ex * D + tl.program_id(1) * BN + tl.arange(0, BN).to(tl.int64)  # [BN] rows of the [E*D, I] stack
+    n = _weight_rows(bexp_ptr, b, D, BN)  # [BN] rows of the [E*D, I] stack
     mrow = tl.arange(0, BM)
     gi = 2 * (tl.arange(0, 4 * NB)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [4NB, 16]
     acc = tl.zeros((BM, BN), tl.float32)
