@@ -34,7 +34,8 @@ import pytest
 
 CASE = "b1_len037"
 N_DECODE = 3
-KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_gate_up_gemv", "_down_gemv")
+KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_gate_up_gemv", "_down_gemv",
+           "_sparse_attn_kernel")
 
 
 def _child(golden: str, out: str) -> None:
@@ -100,7 +101,7 @@ def result(golden_dir, tmp_path_factory):
 
 def test_kernels_ran(result):
     """Every kernel was launched (FP8 linear tiled and GEMV, wo_a's grouped projection, both MoE stages tiled and
-    GEMV): no silent XLA fallback."""
+    GEMV, sparse attention): no silent XLA fallback."""
     counts = dict(zip(KERNELS, result["launches"].tolist()))
     assert all(v > 0 for v in counts.values()) and int(result["grouped"]) > 0, (counts, int(result["grouped"]))
 

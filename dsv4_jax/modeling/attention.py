@@ -6,8 +6,9 @@ Every query attends to an index list into one KV buffer ``[ring (W) | chunk (S) 
   * for HCA layers (m=128) every complete compressed entry ``w < (t+1)//128``;
   * for CSA layers (m=4) the indexer's top-k entries.
 This is the official kernel's contract (index lists, -1 = masked) generalised to S tokens at per-row positions, so
-prefill, chunked prefill and decode are one code path. The buffer holds the caches' stored layout (FP8 codes where
-the config snaps the KV); only the gathered entries are decoded.
+prefill, chunked prefill and decode are one code path. The three sources keep the caches' stored layout (FP8 codes
+where the config snaps the KV); ``kernels.sparse_attention`` reads the gathered entries from them (the Triton
+kernel in place, the XLA reference through a concatenation) and decodes only those.
 """
 
 from __future__ import annotations
@@ -18,34 +19,13 @@ import numpy as np
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.fp8_linear import grouped_proj
+from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress, write_entries
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import cache_values, dot_f32, encode_fp8_cache, linear, quantize_act
+from dsv4_jax.modeling.quant import encode_fp8_cache, linear, quantize_act
 from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
-
-
-def sparse_attn(q: jax.Array, kv, idx: jax.Array, sink: jax.Array, scale: float, p_dtype) -> jax.Array:
-    """Attention over gathered index lists with a per-head sink logit in the denominator only.
-
-    q ``[B,S,H,Dh]``, kv ``[B,N,Dh]`` (plain, or an ``Fp8Cache``: the gathered entries are decoded to ``q.dtype``),
-    idx ``[B,S,K]`` (-1 = masked), sink ``[H]`` fp32. Scores and sums in fp32; the probabilities are rounded to
-    ``p_dtype`` for the P.V product only (the reference kernel's bf16 P). Returns ``[B,S,H,Dh]`` in ``q.dtype``.
-    """
-    valid = idx >= 0
-    take = jnp.clip(idx, 0)[..., None]  # [B,S,K,1]
-    g = jax.tree_util.tree_map(lambda a: jnp.take_along_axis(a[:, None], take, axis=2), kv)  # leaves [B,S,K,.]
-    g = cache_values(g, q.dtype)  # [B,S,K,Dh]
-    g = jnp.where(valid[..., None], g, jnp.zeros((), g.dtype))
-    s = dot_f32(q, g.astype(q.dtype), "bshd,bskd->bshk") * np.float32(scale)
-    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)  # over the scores only: P is rounded relative to it
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a fully masked row (never the case: a query sees itself)
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink[:, None] - m)
-    acc = dot_f32(p.astype(p_dtype), g.astype(p_dtype), "bshk,bskd->bshd")
-    return (acc / denom).astype(q.dtype)
 
 
 def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
@@ -107,10 +87,9 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     with jax.named_scope("sparse_attn"):
         idx = window_indices(pos, S, W)
         if comp_idx is not None:
-            idx = jnp.concatenate([idx, comp_idx], axis=-1)
-        bufs = [ls.kv, kv] + ([new["ckv"]] if ratio else [])
-        buf = jax.tree_util.tree_map(lambda *b: jnp.concatenate(b, axis=1), *bufs)  # [B, W+S+Nc, Dh], stored layout
-        o = sparse_attn(q, buf, idx, w.attn_sink, Dh**-0.5, dt)  # [B,S,H,Dh]
+            idx = jnp.concatenate([idx, comp_idx], axis=-1)  # [B,S,K] into [ring | chunk | compressed]
+        o = sparse_attention(q, ls.kv, kv, new["ckv"] if ratio else None, idx, w.attn_sink, Dh**-0.5, dt,
+                             kernels=kn)  # [B,S,H,Dh]
 
     with jax.named_scope("o_proj"):
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)

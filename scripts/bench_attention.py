@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Sparse-attention decode at long contexts, and chunked prefill of one layer with its peak memory.
+
+``--mode decode``: one V4-Flash attention call per query row over the stored cache layout (FP8 codes + scales + bf16
+RoPE dims, 584 bytes per entry), for a CSA layer (window 128 + the indexer's top-512 compressed entries) and an HCA
+layer (window 128 + every compressed entry: context/128 of them) at each ``--contexts``; the Triton kernel beside
+the XLA reference. Bytes = the entries each row gathers (+ q and o); the fraction is against the best copy
+bandwidth measured in the same run (``bench_common.card_rates``). ``n`` calls on different caches run in one jitted
+program (no host round trips; caches rotate so reads come from HBM).
+
+``--mode prefill``: real-shape V4-Flash layers (``bench_decode.flash_layers``: CSA, HCA, ...) with random weights,
+a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the state sized for the whole prompt plus
+``--decode`` steps), tokens/s per layer per chunk size, then decode steps after it, and the device's peak memory.
+
+    python scripts/bench_attention.py --mode decode --contexts 4096,32768,131072,1048576
+    python scripts/bench_attention.py --mode prefill --prefill-len 131072 --chunk 8192 --layers 2
+    python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from bench_common import card_rates, copies_for, print_rates, time_call  # noqa: E402
+
+import dsv4_jax as d  # noqa: E402
+from dsv4_jax.kernels import triton_unavailable  # noqa: E402
+from dsv4_jax.kernels.sparse_attention import sparse_attention_reference, sparse_attention_triton  # noqa: E402
+from dsv4_jax.modeling.attention import window_indices  # noqa: E402
+from dsv4_jax.modeling.quant import Fp8Cache  # noqa: E402
+
+
+def random_cache(key, B: int, n: int, dn: int, dr: int) -> Fp8Cache:
+    """Random entries in the stored FP8 layout (codes from a normal draw, scales around 2**-4)."""
+    k1, k2 = jax.random.split(key)
+    codes = (jax.random.normal(k1, (B, n, dn)) * 64).astype(jnp.float8_e4m3fn)
+    return Fp8Cache(codes=codes, scales=jnp.full((B, n, dn // 64), 123, jnp.uint8),
+                    rope=jax.random.normal(k2, (B, n, dr)).astype(jnp.bfloat16))
+
+
+def decode_case(cfg, B: int, ctx: int, kind: str, key):
+    """Inputs of one decode call at context ``ctx``: q, ring, chunk, compressed cache, index lists, sink."""
+    H, Dh, W, dr = cfg.n_heads, cfg.head_dim, cfg.window_size, cfg.rope_head_dim
+    ratio = 4 if kind == "csa" else 128
+    nc = ctx // ratio
+    ks = jax.random.split(key, 6)
+    q = jax.random.normal(ks[0], (B, 1, H, Dh)).astype(jnp.bfloat16)
+    ring, chunk, comp = (random_cache(k, B, n, Dh - dr, dr) for k, n in zip(ks[1:4], (W, 1, nc)))
+    pos = jnp.full((B,), ctx - 1, jnp.int32)
+    win = window_indices(pos, 1, W)  # [B,1,W]
+    if kind == "csa":
+        sel = jax.vmap(lambda k: jax.random.choice(k, nc, (min(cfg.index_topk, nc),), replace=False))(
+            jax.random.split(ks[4], B))[:, None, :]
+    else:
+        sel = jnp.broadcast_to(jnp.arange(nc)[None, None, :], (B, 1, nc))
+    idx = jnp.concatenate([win, (sel + W + 1).astype(jnp.int32)], -1)
+    sink = jax.random.normal(ks[5], (H,), jnp.float32)
+    return q, ring, chunk, comp, idx, sink
+
+
+def bench_decode(cfg, args, rates) -> list[dict]:
+    impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
+    rows = []
+    for ctx in map(int, args.contexts.split(",")):
+        for kind in ("csa", "hca"):
+            one = decode_case(cfg, args.batch, ctx, kind, jax.random.key(ctx))
+            K = one[4].shape[-1]
+            dn = cfg.head_dim - cfg.rope_head_dim
+            entry = dn + dn // 64 + 2 * cfg.rope_head_dim  # stored bytes per entry (583 for V4)
+            nbytes = args.batch * (K * entry + 2 * 2 * cfg.n_heads * cfg.head_dim)
+            n = min(args.calls, copies_for(nbytes, args.calls))
+            cases = [decode_case(cfg, args.batch, ctx, kind, jax.random.key(ctx * 7 + i)) for i in range(n)]
+            sc = cfg.head_dim**-0.5
+            for impl in impls:
+                if impl == "reference":
+                    op = lambda c, sc=sc: sparse_attention_reference(*c[:5], c[5], sc, jnp.bfloat16)  # noqa: E731
+                else:
+                    op = lambda c, sc=sc: sparse_attention_triton(*c[:5], c[5], sc)  # noqa: E731
+                fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
+                t = time_call(fn, cases, trials=args.trials, warmup=1) / n
+                r = dict(context=ctx, layer=kind, impl=impl, entries=K, MB=nbytes / 1e6, us=t * 1e6,
+                         frac_copy=nbytes / t / rates["copy_best"], device=rates["device"])
+                rows.append(r)
+                print(f"ctx {ctx:8d} {kind} {impl:9s} {K:6d} entries/row  {r['MB']:8.2f} MB  {r['us']:9.1f} us  "
+                      f"{100 * r['frac_copy']:5.1f}% of copy bw", flush=True)
+            del cases
+    return rows
+
+
+def bench_prefill(args) -> list[dict]:
+    from bench_decode import flash_layers
+
+    from dsv4_jax.modeling.model import forward_jit
+
+    cfg = flash_layers(args.layers, "reference")
+    w = d.init_weights(cfg, jax.random.key(0))
+    L, C = args.prefill_len, args.chunk
+    state = d.init_state(cfg, 1, L + args.decode)
+    toks = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (1, L + args.decode)), jnp.int32)
+    step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"), donate_argnums=2)
+    times = []
+    for c0 in range(0, L, C):
+        t0 = time.perf_counter()
+        logits, state = step(w, toks[:, c0:c0 + C], state)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t0)
+        print(f"prefill chunk at {c0:8d}: {times[-1] * 1e3:9.1f} ms", flush=True)
+    dec = []
+    for k in range(args.decode):
+        t0 = time.perf_counter()
+        logits, state = step(w, toks[:, L + k:L + k + 1], state)
+        jax.block_until_ready(logits)
+        dec.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    warm = times[1:] or times  # the first chunk includes compilation
+    r = dict(mode="prefill", layers=args.layers, prompt=L, chunk=C, tokens_per_s_per_layer=C / np.median(warm) *
+             args.layers, first_chunk_s=times[0], decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
+             peak_bytes=stats.get("peak_bytes_in_use"), device=jax.devices()[0].device_kind)
+    print(json.dumps(r), flush=True)
+    return [r]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--contexts", default="4096,32768,131072,1048576")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=8, help="calls per timed program (different caches)")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
+    ap.add_argument("--prefill-len", type=int, default=131072)
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--decode", type=int, default=4, help="decode steps after the prefill")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    if args.mode == "decode":
+        rates = card_rates(copy_gib=1 if jax.default_backend() == "cpu" else 4, with_matmul=False)
+        print_rates(rates)
+        cfg = d.Config.v4_flash()
+        if args.heads:
+            cfg = cfg.with_(n_heads=args.heads, o_groups=min(cfg.o_groups, args.heads))
+        rows = bench_decode(cfg, args, rates)
+    else:
+        rows = bench_prefill(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

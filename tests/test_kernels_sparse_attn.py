@@ -1,0 +1,199 @@
+"""The sparse-attention kernel (``dsv4_jax/kernels/sparse_attention.py``) against the XLA reference.
+
+CPU: the ``@triton.jit`` kernel runs under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set
+before ``triton.jit`` decorates) on torch CPU tensors; GPU: the jax-triton path inside ``jit`` (skipped without a
+GPU or jax-triton).
+
+Tolerance. Both sides form the same exact bf16 x bf16 products and sum them in fp32 (orders differ: ~1e-6
+relative). The kernel follows the official loop (online softmax in blocks of 64, P rounded to bf16 relative to the
+running maximum); the reference rounds P relative to the row's final maximum. Each P element carries one bf16
+rounding (relative <= 2**-9) on either side, so the outputs differ by at most 2**-8 * sum_j (p_j / l) |v_j| per
+element; the reference output is itself rounded to bf16 (half an ulp), and a 2**-12 relative slack covers the fp32
+sums and exp. Cases: decode rows at different positions (windows not yet full: masked slots first, a fully masked
+first block), prefill chunks, compressed entries with -1 holes, K not a multiple of 64, plain and FP8-snapped caches,
+no compressed source (window-only layers).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8)
+CASES = [
+    ("decode-fp8", 2, 1, 4, 128, 128, 40, 24, [5, 300], True),
+    ("decode-plain", 2, 1, 4, 128, 128, 40, 24, [70, 129], False),
+    ("prefill-fp8", 1, 9, 4, 128, 128, 16, 8, [20], True),
+    ("window-only", 2, 3, 2, 128, 128, 0, 0, [0, 200], True),
+]
+SEED = 4321
+
+
+def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed):
+    """q, the three caches (stored layout) and index lists like the model's: window lists from
+    ``attention.window_indices``, then random compressed ids with -1 holes."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.attention import window_indices
+    from dsv4_jax.modeling.quant import encode_fp8_cache
+
+    rng = np.random.default_rng(seed)
+    bf = lambda a: jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    q = bf(rng.standard_normal((B, S, H, Dh)) * 2)
+    caches = [bf(rng.standard_normal((B, n, Dh)) * np.exp2(rng.integers(-2, 3, (B, n, 1)))) for n in (W, S, Nc)]
+    if fp8:
+        caches = [encode_fp8_cache(c, Dh - 64) for c in caches]
+    pos = jnp.asarray(positions, jnp.int32)
+    idx = window_indices(pos, S, W)  # [B,S,W]
+    if n_comp:
+        comp = rng.integers(0, Nc, (B, S, n_comp)) + W + S
+        comp = np.where(rng.random((B, S, n_comp)) < 0.3, -1, comp)
+        idx = jnp.concatenate([idx, jnp.asarray(comp, jnp.int32)], -1)
+    sink = jnp.asarray(rng.standard_normal(H) * 2, jnp.float32)
+    return q, caches, idx, sink
+
+
+def _reference(q, caches, idx, sink, Nc):
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.sparse_attention import sparse_attention_reference
+    from dsv4_jax.modeling.quant import cache_values
+
+    ring, chunk, comp = caches
+    Dh = q.shape[-1]
+    ref = sparse_attention_reference(q, ring, chunk, comp if Nc else None, idx, sink, Dh**-0.5, jnp.bfloat16)
+    # the bound's sum_j (p_j / l) |v_j| in float64, from the exact values
+    kv = np.concatenate([np.asarray(cache_values(c, jnp.float32), np.float64) for c in caches[:3 if Nc else 2]], 1)
+    qq = np.asarray(q, np.float64)
+    ii = np.asarray(idx)
+    B, S, H, _ = q.shape
+    mag = np.zeros((B, S, H, Dh))
+    for b in range(B):
+        for s in range(S):
+            sel = ii[b, s][ii[b, s] >= 0]
+            v = kv[b, sel]  # [k, Dh]
+            sc = qq[b, s] @ v.T * Dh**-0.5  # [H, k]
+            e = np.exp(sc - sc.max(1, keepdims=True))
+            den = e.sum(1) + np.exp(np.asarray(sink, np.float64) - sc.max(1))
+            mag[b, s] = (e / den[:, None]) @ np.abs(v)
+    return np.asarray(ref.astype(jnp.float32)), mag
+
+
+def _arrays(i, q, caches, idx, sink, fp8):
+    out = {f"q{i}": np.asarray(q).view(np.uint16), f"idx{i}": np.asarray(idx), f"sink{i}": np.asarray(sink)}
+    for j, c in enumerate(caches):
+        if fp8:
+            out[f"c{i}_{j}_0"] = np.asarray(c.codes).view(np.uint8)
+            out[f"c{i}_{j}_1"] = np.asarray(c.scales)
+            out[f"c{i}_{j}_2"] = np.asarray(c.rope).view(np.uint16)
+        else:
+            out[f"c{i}_{j}_0"] = np.asarray(c).view(np.uint16)
+    return out
+
+
+def _interpret_main(path: str) -> None:
+    """Subprocess body: the kernel under the interpreter on every case stored in ``path``."""
+    import torch
+
+    from dsv4_jax.kernels.sparse_attention import plan, run_torch
+
+    z = dict(np.load(path))
+    res = {}
+    for i, (_, _, _, H, Dh, W, Nc, _, _, fp8) in enumerate(CASES):
+        t = lambda k: torch.from_numpy(z[k].copy())  # noqa: E731
+        dummy = torch.zeros(1, dtype=torch.uint8)
+        srcs = []
+        for j in range(3):
+            if f"c{i}_{j}_0" not in z:  # no compressed source: a never-indexed one-row dummy of the ring
+                srcs.append(srcs[0])
+            elif fp8:
+                srcs.append((t(f"c{i}_{j}_0").view(torch.float8_e4m3fn), t(f"c{i}_{j}_1"),
+                             t(f"c{i}_{j}_2").view(torch.bfloat16)))
+            else:
+                srcs.append((t(f"c{i}_{j}_0").view(torch.bfloat16), dummy, dummy))
+        o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, t(f"idx{i}"), t(f"sink{i}"), W, max(Nc, 1),
+                      Dh**-0.5, plan(H, Dh, "cpu"))
+        res[f"o{i}"] = o.numpy()
+    np.savez(path + ".out.npz", **res)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays, cases = {}, []
+    for i, (_, B, S, H, Dh, W, Nc, n_comp, positions, fp8) in enumerate(CASES):
+        q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i)
+        arrays.update(_arrays(i, q, caches if Nc else caches[:2], idx, sink, fp8))
+        cases.append(_reference(q, caches, idx, sink, Nc))
+    path = str(tmp_path_factory.mktemp("sparse_attn") / "in.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
+    return cases, dict(np.load(path + ".out.npz"))
+
+
+def _close(got, ref, mag, what, ulps=0.5):
+    """``ulps``: bf16 ulps of the output allowed for roundings (the reference's own; a bf16 kernel output adds one
+    more half)."""
+    assert np.isfinite(got).all(), f"{what}: non-finite output"
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(ref), 2.0**-126))) - 7)
+    bound = 2.0**-8 * mag + ulps * ulp + 2.0**-12 * mag
+    err = np.abs(got - ref)
+    assert (err <= bound).all(), f"{what}: error {np.max(err / bound):.3g}x the bound"
+    return float(np.max(err / bound))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_interpreter_matches_reference(interpreted, i):
+    cases, out = interpreted
+    ref, mag = cases[i]
+    _close(out[f"o{i}"], ref, mag, CASES[i][0])
+
+
+def test_reference_path_unchanged_on_cpu():
+    """``sparse_attention(..., kernels="auto")`` on a CPU is the reference, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.sparse_attention import sparse_attention, sparse_attention_reference
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU dispatch")
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8 = CASES[0]
+    q, (ring, chunk, comp), idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, 1)
+    a = sparse_attention(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16, kernels="auto")
+    b = sparse_attention_reference(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.parametrize("case", [("flash-decode", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True),
+                                  ("flash-prefill", 1, 256, 64, 512, 128, 64, 512, [1000], True)],
+                         ids=lambda c: c[0])
+def test_gpu_matches_reference(case):
+    """V4-Flash shapes (64 heads, head_dim 512, window 128, top-512 compressed entries) inside jit."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"sparse attention GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.sparse_attention import sparse_attention_triton
+
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8 = case
+    q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED)
+    got = jax.jit(sparse_attention_triton, static_argnums=6)(q, *caches, idx, sink, Dh**-0.5)
+    ref, mag = _reference(q, caches, idx, sink, Nc)
+    _close(np.asarray(got.astype(jnp.float32)), ref, mag, case[0], ulps=1.0)  # the kernel rounds to bf16 too
+
+
+if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
+    _interpret_main(sys.argv[1])
