@@ -72,10 +72,10 @@ class Config:
     # token has experts, where it moves fewer bytes). Same results either way up to fp32 summation order.
     moe_dispatch: str = "auto"
     # Which implementation the hot ops use (``dsv4_jax.kernels``): "reference" (pure XLA: the spec, the CPU path),
-    # "triton" (Triton kernels through jax-triton; GPUs only) or "auto" (Triton on GPUs where a kernel exists and
-    # jax-triton is installed, the reference elsewhere). Both compute the same function within fp32 summation order;
-    # with "auto" an H200 meets golden criteria 1-3 (docs/performance.md, 2026-11-29). On a CPU "auto" is the
-    # reference, bit for bit.
+    # "triton" (every Triton kernel through jax-triton; GPUs only) or "auto" (on GPUs with jax-triton, the kernels
+    # validated on a GPU: FP8 linear, wo_a, FP4 MoE; the reference elsewhere and for sparse attention, whose kernel
+    # has only run under the interpreter). Same function within fp32 summation order; with "auto" an H200 meets
+    # golden criteria 1-3 (docs/performance.md, 2026-11-29). On a CPU "auto" is the reference, bit for bit.
     kernels: str = "auto"
 
     def __post_init__(self):

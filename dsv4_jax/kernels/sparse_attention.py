@@ -24,8 +24,10 @@ summation order and in the point P is rounded at (running vs final max: each P e
 either way), so outputs agree within ``2**-8`` of ``sum_j p_j |v_j| / l`` plus one bf16 ulp.
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`); not yet run on a GPU
-(no device time was left in the session that wrote it): CI runs it under ``TRITON_INTERPRET=1``; the GPU test
-(``tests/test_kernels_sparse_attn.py``) and a benchmark are the next step.
+(no device time was left in the session that wrote it), hence opt-in (``kernels="triton"``) while ``"auto"`` keeps
+the reference: CI runs it under ``TRITON_INTERPRET=1`` (kernel tests, and golden criterion 1 with the model's own
+launches); the GPU test (``tests/test_kernels_sparse_attn.py -k gpu``) and ``scripts/bench_attention.py`` are the
+next step.
 """
 
 from __future__ import annotations
@@ -208,10 +210,11 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
 
 def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, kernels: str = "auto") -> jax.Array:
     """Attention of queries ``q [B,S,H,Dh]`` over index lists ``idx [B,S,K]`` into ``[ring | chunk | comp]`` (see
-    :func:`sparse_attention_reference`). The Triton kernel runs where :func:`use_triton` says so on one device, for
-    bf16 queries with bf16 P (reference numerics); the XLA reference elsewhere."""
-    if (use_triton(kernels) and single_device() and q.dtype == jnp.bfloat16 and p_dtype == jnp.bfloat16
-            and q.shape[-1] % 64 == 0):
+    :func:`sparse_attention_reference`). The Triton kernel runs only with ``kernels="triton"`` (on one device, bf16
+    queries with bf16 P): ``"auto"`` keeps the XLA reference here until the kernel has passed its GPU test and the
+    golden criteria on a GPU (it has only run under the interpreter so far)."""
+    if (kernels == "triton" and use_triton(kernels) and single_device() and q.dtype == jnp.bfloat16
+            and p_dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0):
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale)
     return sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
 
