@@ -14,7 +14,8 @@ a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the st
 
     python scripts/bench_attention.py --mode decode --contexts 4096,32768,131072,1048576
     python scripts/bench_attention.py --mode prefill --prefill-len 131072 --chunk 8192 --layers 2
-    python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke test
+    python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke tests
+    python scripts/bench_attention.py --mode prefill --model tiny --prefill-len 512 --chunk 128
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def bench_prefill(args) -> list[dict]:
 
     from dsv4_jax.modeling.model import forward_jit
 
-    cfg = flash_layers(args.layers, "reference")
+    cfg = flash_layers(args.layers, "reference") if args.model == "flash" else d.Config.tiny()
     w = d.init_weights(cfg, jax.random.key(0))
     L, C = args.prefill_len, args.chunk
     state = d.init_state(cfg, 1, L + args.decode)
@@ -123,8 +124,9 @@ def bench_prefill(args) -> list[dict]:
         dec.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     warm = times[1:] or times  # the first chunk includes compilation
-    r = dict(mode="prefill", layers=args.layers, prompt=L, chunk=C, tokens_per_s_per_layer=C / np.median(warm) *
-             args.layers, first_chunk_s=times[0], decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
+    r = dict(mode="prefill", model=args.model, layers=cfg.n_layers, prompt=L, chunk=C,
+             tokens_per_s_per_layer=C / np.median(warm) * cfg.n_layers, first_chunk_s=times[0],
+             decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
              peak_bytes=stats.get("peak_bytes_in_use"), device=jax.devices()[0].device_kind)
     print(json.dumps(r), flush=True)
     return [r]
@@ -141,6 +143,8 @@ def main():
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--model", choices=["flash", "tiny"], default="flash", help="prefill: real V4-Flash layers, or "
+                    "the tiny built-in config (a CPU smoke test)")
     ap.add_argument("--decode", type=int, default=4, help="decode steps after the prefill")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
