@@ -2,7 +2,8 @@
 
 Queries and compressed keys are Hadamard-rotated and FP4-snapped; scores are bf16 products summed over heads in bf16.
 A query at absolute position ``t`` may only pick complete blocks ``w < (t+1)//4``. Ties are broken by lower block
-id first (``jax.lax.top_k``), the convention of the golden data.
+id first (``jax.lax.top_k``), the convention of the golden data. The scoring and top-k run block by block over the
+compressed entries (:func:`dsv4_jax.kernels.indexer.indexer_topk`), never holding all ``[B,S,Hi,Nc]`` scores.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.indexer import indexer_topk
 from dsv4_jax.modeling.layers import apply_rope, hadamard
-from dsv4_jax.modeling.quant import HIGHEST, cache_values, fp4_simulate, linear
+from dsv4_jax.modeling.quant import fp4_simulate, linear
 from dsv4_jax.modeling.weights import IndexerWeights
 
 
@@ -23,7 +25,7 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
 
     Args:
       x: ``[B,S,D]`` attention input; qr: ``[B,S,q_lora]`` normalised q LoRA; keys: ``[B, Nc, Di]`` indexer cache
-      (plain, or FP4 codes decoded here; already holding the blocks completed in this chunk); t: ``[B,S]``
+      (plain, or FP4 codes, decoded block by block; already holding the blocks completed in this chunk); t: ``[B,S]``
       absolute query positions; cos/sin: ``[B,S,rd/2]`` RoPE of the query positions.
     """
     dt = cfg.act_dtype
@@ -36,14 +38,4 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
         q = fp4_simulate(q, 32)
     hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
     hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
-    keys = cache_values(keys, dt)  # [B,Nc,Di]
-    score = jnp.einsum("bshd,btd->bsht", q.astype(jnp.float32), keys.astype(jnp.float32),
-                       precision=HIGHEST).astype(dt)  # [B,S,Hi,Nc]
-    prod = (jax.nn.relu(score).astype(jnp.float32) * hw.astype(jnp.float32)[..., None]).astype(dt)
-    total = jnp.sum(prod.astype(jnp.float32), axis=2).astype(dt).astype(jnp.float32)  # [B,S,Nc]
-    n_c = keys.shape[1]
-    visible = jnp.arange(n_c)[None, None, :] < ((t + 1) // 4)[..., None]
-    total = jnp.where(visible, total, -jnp.inf)
-    k = min(cfg.index_topk, n_c)
-    vals, idx = jax.lax.top_k(total, k)
-    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+    return indexer_topk(q, hw, keys, t, cfg.index_topk)  # scores and top-k, block by block

@@ -1,0 +1,144 @@
+"""The lightning indexer's scoring and top-k (spec 8) without materializing every score.
+
+Public function (the model calls only this): :func:`indexer_topk` ``(q [B,S,Hi,Di], hw [B,S,Hi], keys [B,Nc,Di],
+t [B,S], k) -> ids [B,S,min(k,Nc)]``, the ``min(k, Nc)`` compressed blocks of highest total score per query row, best
+first, ties by lower block id, -1 where fewer are visible (a query at position ``t`` sees blocks ``w < (t+1)//4``).
+
+* :func:`indexer_topk_reference`: the model's former code. It forms the whole fp32 score tensor ``[B,S,Hi,Nc]``
+  (64 GiB for one V4-Flash layer with an 8192-token chunk over a 131072-token cache; XLA CPU also materializes the
+  products: 128 GiB of temporaries), then one ``jax.lax.top_k`` over each row of ``[B,S,Nc]`` totals.
+* :func:`indexer_topk_blocked`: a loop over blocks of ``block`` compressed entries (:func:`block_size`: the block's
+  fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB by default). Each block's totals
+  are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))`` plus the block's
+  transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a 1M-token cache
+  holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored layout.
+
+The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
+
+* both compute the totals with :func:`_totals`: bf16 score from an fp32 HIGHEST dot over ``Di``, relu, times the
+  head weight rounded to bf16, summed over heads in fp32, rounded to bf16. Only the number of key columns of the
+  dot differs (``block`` vs ``Nc``). In reference numerics q and keys are FP4-snapped (e2m1 times a power of two
+  per 32 dims), so every product and partial sum of the 128-term dot is exact in fp32 (unless the four 32-dim
+  groups' scale exponents differ by more than ~9) and the dot's order cannot matter. In the float32 oracle mode the
+  inputs are not snapped and an XLA CPU dot's last bits depend on its column count (measured: 128 vs 1500 columns),
+  so there the two can differ in the last bit of a total, and so can the reference run at two cache lengths;
+* the roundings are ``reduce_precision`` ops (:func:`_rounded`), not ``astype`` pairs: XLA CPU's YNNPACK fusion
+  dropped the product's bf16 rounding for some shapes, so the former code's totals depended on ``Nc``. (This
+  changed the former code's CPU results slightly: on the golden layer-isolated cases its indexer choices now equal
+  the official traces on all 430 rows, 429 before.)
+* ``jax.lax.top_k`` returns equal values lowest position first. The merge is ``top_k(concat([running, block]))``:
+  the running entries come first and are themselves sorted (value descending, id ascending), and every id they hold
+  is below every id of the new block, so among equal values position order is id order and the merge picks the
+  first ``k`` of (running | block) in (value desc, id asc) order. By induction the running list is the first ``k``
+  of all entries seen, which is what the reference's one ``top_k`` returns. (This holds for whatever strict weak
+  order ``top_k`` uses on floats, -0/+0 and NaN included, since both sides use the same ``top_k``.)
+* masked (invisible) entries are -inf and come back as -1, as in the reference, whose -inf ids are never reported.
+  The running list starts as k sentinels (-inf, id -1). The last block is the range ``[Nc - block, Nc)`` (the
+  static slice is clamped instead of padded, so the cache is not copied); its entries already seen in the previous
+  block are masked to -inf: they are -1 either way, and they cannot displace a finite value.
+
+A Triton kernel (fused score + running top-k per query row) would dispatch from :func:`indexer_topk`; none exists
+yet, so every backend runs the blocked XLA loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.modeling.quant import HIGHEST, cache_values
+
+BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and products [B,S,Hi,block]
+
+
+def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
+    """Top-k compressed block ids ``[B,S,min(k,Nc)]`` (-1 = none) of the indexer; see the module docstring.
+
+    Args:
+      q: ``[B,S,Hi,Di]`` rotated, snapped index queries (act dtype); hw: ``[B,S,Hi]`` head weights (act dtype, scale
+      folded in); keys: ``[B,Nc,Di]`` indexer cache (plain, or :class:`Fp4Tensor` codes); t: ``[B,S]`` absolute
+      query positions; k: ``index_topk``.
+    """
+    return indexer_topk_blocked(q, hw, keys, t, k)
+
+
+def _rounded(x: jax.Array, dt) -> jax.Array:
+    """fp32 ``x`` rounded to ``dt`` (nearest even) and kept in fp32: ``x.astype(dt).astype(float32)`` as one
+    ``reduce_precision`` op, which XLA cannot drop. (XLA CPU's YNNPACK fusion of the dot, relu, product and head sum
+    skipped the product's bf16 rounding in the ``astype`` spelling, for some key counts and not others, so the
+    totals of the same query and key depended on ``Nc``.)"""
+    if dt == jnp.float32:
+        return x
+    fi = jnp.finfo(dt)
+    return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
+def _totals(q: jax.Array, hw: jax.Array, kv: jax.Array) -> jax.Array:
+    """Per-query totals ``[B,S,T]`` (act-dtype values in fp32) of queries ``q [B,S,Hi,Di]`` with head weights
+    ``hw [B,S,Hi]`` over ``T`` keys ``kv [B,T,Di]`` (all in the act dtype): the spec's arithmetic, shared by both
+    implementations so that they cannot drift apart. bf16 score from an fp32 HIGHEST dot, relu, times the head
+    weight rounded to bf16, summed over heads in fp32, rounded to bf16."""
+    dt = q.dtype
+    f32 = jnp.float32
+    score = _rounded(jnp.einsum("bshd,btd->bsht", q.astype(f32), kv.astype(f32), precision=HIGHEST), dt)  # [B,S,Hi,T]
+    prod = _rounded(jax.nn.relu(score) * hw.astype(f32)[..., None], dt)  # [B,S,Hi,T]
+    return _rounded(jnp.sum(prod, axis=2), dt)  # [B,S,T]
+
+
+def _n_entries(keys) -> int:
+    """``Nc``, the number of cache entries (axis 1) of a plain or FP4 cache."""
+    return jax.tree_util.tree_leaves(keys)[0].shape[1]
+
+
+def indexer_topk_reference(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
+    """:func:`indexer_topk` over the whole ``[B,S,Hi,Nc]`` score tensor at once (the spec; the model's former code)."""
+    dt = q.dtype
+    kv = cache_values(keys, dt)  # [B,Nc,Di]
+    total = _totals(q, hw, kv)  # [B,S,Nc]
+    n_c = kv.shape[1]
+    visible = jnp.arange(n_c)[None, None, :] < ((t + 1) // 4)[..., None]
+    total = jnp.where(visible, total, -jnp.inf)
+    vals, idx = jax.lax.top_k(total, min(k, n_c))
+    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int = BUDGET) -> int:
+    """Entries per block: the largest power of two (at least 1, at most ``n_c``) whose per-block transient fits
+    ``budget`` bytes. The transient is counted as two fp32 ``[batch, rows, heads, block]`` tensors, the dot's scores
+    and the rounded products (XLA CPU materializes both; a GPU fusion may keep the second in registers). Decode rows
+    get one block over the whole cache; an 8192-row V4-Flash chunk (64 heads, 4 MiB per entry) gets 64."""
+    fit = max(1, budget // (batch * rows * heads * 8))
+    return min(1 << (fit.bit_length() - 1), n_c)
+
+
+def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int,
+                         block: int | None = None) -> jax.Array:
+    """:func:`indexer_topk` as a loop over blocks of ``block`` entries (default :func:`block_size`) merged into a
+    running top-k; equal to :func:`indexer_topk_reference` bit for bit (module docstring)."""
+    dt = q.dtype
+    B, S, Hi, _ = q.shape
+    n_c = _n_entries(keys)
+    k = min(k, n_c)
+    blk = min(block or block_size(B, S, Hi, n_c), n_c)
+    n_blocks = -(-n_c // blk)
+    limit = (t + 1) // 4  # [B,S] visible entries per query
+    n_visit = jnp.minimum((jnp.max(limit) + blk - 1) // blk, n_blocks)  # blocks holding any visible entry
+    lane = jnp.arange(blk, dtype=jnp.int32)  # [blk]
+
+    def merge(i, carry):
+        vals, ids = carry  # [B,S,k] fp32 sorted (value desc, id asc), int32
+        start = jnp.minimum(i * blk, n_c - blk)  # the last block is clamped into range, not padded
+        kb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, blk, axis=1), keys)
+        j = start + lane  # [blk] entry ids
+        tot = _totals(q, hw, cache_values(kb, dt))  # [B,S,blk]
+        fresh = (j >= i * blk)[None, None, :] & (j[None, None, :] < limit[..., None])  # unseen and visible
+        tot = jnp.where(fresh, tot, -jnp.inf)
+        cand_v = jnp.concatenate([vals, tot], axis=-1)  # [B,S,k+blk], running entries first
+        cand_i = jnp.concatenate([ids, jnp.broadcast_to(j, tot.shape)], axis=-1)
+        vals, pos = jax.lax.top_k(cand_v, k)
+        return vals, jnp.take_along_axis(cand_i, pos, axis=-1)
+
+    init = (jnp.full((B, S, k), -jnp.inf, jnp.float32), jnp.full((B, S, k), -1, jnp.int32))
+    vals, ids = jax.lax.fori_loop(0, n_visit, merge, init)
+    return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
+
