@@ -105,6 +105,38 @@ def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits >= jnp.maximum(thr, kth), logits, -jnp.inf)
 
 
+def _row_params(B: int, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Scalars or ``[B]`` arrays -> ``(temperature f32[B], top_k i32[B], top_p f32[B])``."""
+    return (jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,)),
+            jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,)),
+            jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,)))
+
+
+def _scaled(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """``logits f32[B,V]`` / temperature, with the tokens outside each row's top-k / top-p set at -inf."""
+    scaled = logits / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
+    # the sort is only paid when some row filters (not with the release defaults)
+    return jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), _filter, lambda x, k, p: x, scaled, top_k, top_p)
+
+
+def exponential_race(probs: jax.Array, keys: jax.Array) -> jax.Array:
+    """One draw per row from the (unnormalised) weights ``probs f32[B,V]``: ``argmax(probs / E)``, ``E ~ Exp(1)``
+    i.i.d. (the official Gumbel-max form; exact for any non-negative weights, zero weights are never drawn)."""
+    V = probs.shape[-1]
+    noise = jax.vmap(lambda k: jax.random.exponential(k, (V,), jnp.float32))(keys)
+    # E = 0 has probability 2^-24 per entry: floor it so probs / E stays finite (0 / tiny = 0 for masked ones)
+    return jnp.argmax(probs / jnp.maximum(noise, jnp.finfo(jnp.float32).tiny), axis=-1).astype(jnp.int32)
+
+
+@jax.named_scope("distribution")
+def distribution(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """The distribution :func:`sample` draws from when ``temperature > 0``: ``f32[B,V]`` probabilities of the
+    temperature-scaled, top-k / top-p filtered ``logits [B,V]`` (speculative sampling compares two of them)."""
+    B = logits.shape[0]
+    temperature, top_k, top_p = _row_params(B, temperature, top_k, top_p)
+    return jax.nn.softmax(_scaled(logits.astype(jnp.float32), temperature, top_k, top_p), axis=-1)
+
+
 @jax.named_scope("sample")
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
            method: str = "gumbel") -> jax.Array:
@@ -116,18 +148,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
         raise ValueError(f"method={method!r}, expected one of {METHODS}")
     B, V = logits.shape
     logits = logits.astype(jnp.float32)
-    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
-    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,))
-    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))
+    temperature, top_k, top_p = _row_params(B, temperature, top_k, top_p)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, MIN_TEMPERATURE)[:, None]
-    # the sort is only paid when some row filters (not with the release defaults)
-    scaled = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), _filter, lambda x, k, p: x, scaled, top_k, top_p)
+    scaled = _scaled(logits, temperature, top_k, top_p)
     if method == "gumbel":
-        probs = jax.nn.softmax(scaled, axis=-1)  # [B,V]
-        noise = jax.vmap(lambda k: jax.random.exponential(k, (V,), jnp.float32))(keys)
-        # E = 0 has probability 2^-24 per entry: floor it so probs / E stays finite (0 / tiny = 0 for masked ones)
-        drawn = jnp.argmax(probs / jnp.maximum(noise, jnp.finfo(jnp.float32).tiny), axis=-1)
+        drawn = exponential_race(jax.nn.softmax(scaled, axis=-1), keys)  # [B]
     else:
         drawn = jax.vmap(jax.random.categorical)(keys, scaled)
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)

@@ -48,24 +48,17 @@ def _sum_slots(x: jax.Array) -> jax.Array:
     return out
 
 
-def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array,
-             pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool):
-    """Run the compressor over a chunk.
+def _token_axis(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
+                n_new: jax.Array, m: int):
+    """Project a chunk ``x [B,S,D]`` and lay the row's buffered tokens and the chunk on one window-aligned axis.
 
-    Args:
-      x: ``[B, S, D]`` attention input (act dtype). ``kv_buf``/``score_buf``: ``[B, c*m, c*d]`` fp32 buffers.
-      pos: ``[B]`` position of the chunk's first token per row; ``n_new``: ``[B]`` valid tokens per row.
-      indexer: indexer compressor (Hadamard + FP4 snapping) instead of the attention one (FP8 snapping).
-    Returns:
-      ``entries [B, nwin, d]`` (act dtype; where the config snaps them, their codes: an ``Fp8Cache`` for the
-      attention compressor, an ``Fp4Tensor`` for the indexer's), ``entry_ids [B, nwin]`` (entry index, or -1 when
-      the window is not complete in this chunk), and the new buffers.
+    Returns ``kv_ax``/``sc_ax`` ``[B, L, c*d]`` fp32 (axis slot ``r`` = absolute position ``base + r``; slots
+    without a token hold kv 0 / score -inf) and ``base [B]``. ``L = P + m*nwin`` covers the previous complete window
+    (``P = m`` with overlap), the current partial one and every window the chunk reaches.
     """
-    m = ratio
     overlap = m == 4
     c = 2 if overlap else 1
-    B, S, _ = x.shape
-    d = w.norm.shape[0]
+    S = x.shape[1]
     P = m if overlap else 0  # buffer slots holding the previous complete window
     nwin = (m - 1 + S + m - 1) // m  # windows that can be touched by this chunk
     L = P + m * nwin
@@ -90,10 +83,49 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
     valid = (from_prev & (base[:, None] >= 0)) | from_cur | from_new
     kv_all = jnp.concatenate([kv_buf, kv], axis=1)
     sc_all = jnp.concatenate([score_buf, sc], axis=1)
-    kv_ax = _gather_tokens(kv_all, src_idx, valid, 0.0)  # [B, L, c*d]
-    sc_ax = _gather_tokens(sc_all, src_idx, valid, NEG_INF)
+    return _gather_tokens(kv_all, src_idx, valid, 0.0), _gather_tokens(sc_all, src_idx, valid, NEG_INF), base
+
+
+def _buffers(kv_ax: jax.Array, sc_ax: jax.Array, base: jax.Array, end: jax.Array, m: int):
+    """The compressor buffers ``[B, c*m, c*d]`` for a row whose next position is ``end [B]``, read off the token axis
+    of :func:`_token_axis`: the current partial window (and with overlap the previous complete one before it)."""
+    cw = (end // m) * m  # start of the new current (partial) window
+    jj = jnp.arange(m)[None, :]
+    r_cur = (cw - base)[:, None] + jj
+    cur_valid = cw[:, None] + jj < end[:, None]
+    new_kv = [_gather_tokens(kv_ax, r_cur, cur_valid, 0.0)]
+    new_sc = [_gather_tokens(sc_ax, r_cur, cur_valid, NEG_INF)]
+    if m == 4:  # overlap
+        r_prev = (cw - m - base)[:, None] + jj
+        prev_valid = jnp.broadcast_to((cw - m >= 0)[:, None], r_prev.shape)
+        new_kv.insert(0, _gather_tokens(kv_ax, r_prev, prev_valid, 0.0))
+        new_sc.insert(0, _gather_tokens(sc_ax, r_prev, prev_valid, NEG_INF))
+    return jnp.concatenate(new_kv, axis=1), jnp.concatenate(new_sc, axis=1)
+
+
+def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array,
+             pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool):
+    """Run the compressor over a chunk.
+
+    Args:
+      x: ``[B, S, D]`` attention input (act dtype). ``kv_buf``/``score_buf``: ``[B, c*m, c*d]`` fp32 buffers.
+      pos: ``[B]`` position of the chunk's first token per row; ``n_new``: ``[B]`` valid tokens per row.
+      indexer: indexer compressor (Hadamard + FP4 snapping) instead of the attention one (FP8 snapping).
+    Returns:
+      ``entries [B, nwin, d]`` (act dtype; where the config snaps them, their codes: an ``Fp8Cache`` for the
+      attention compressor, an ``Fp4Tensor`` for the indexer's), ``entry_ids [B, nwin]`` (entry index, or -1 when
+      the window is not complete in this chunk), and the new buffers.
+    """
+    m = ratio
+    overlap = m == 4
+    c = 2 if overlap else 1
+    B = x.shape[0]
+    d = w.norm.shape[0]
+    kv_ax, sc_ax, base = _token_axis(w, x, kv_buf, score_buf, pos, n_new, m)
+    nwin = (kv_ax.shape[1] - (m if overlap else 0)) // m
 
     with jax.named_scope("compressor_pool"):
+        L = kv_ax.shape[1]
         kv_w = kv_ax.reshape(B, L // m, m, c * d)
         sc_w = sc_ax.reshape(B, L // m, m, c * d)
         if overlap:  # A halves of the previous window + B halves of this window: 2m slots
@@ -118,21 +150,18 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
         elif cfg.kv_fp8_sim:
             e = encode_fp8_cache(e, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
 
-    # rebuild the buffers for the new end position
-    end = pos + n_new
-    cw = (end // m) * m  # start of the new current (partial) window
-    jj = jnp.arange(m)[None, :]
-    r_cur = (cw - base)[:, None] + jj
-    cur_valid = cw[:, None] + jj < end[:, None]
-    new_kv = [_gather_tokens(kv_ax, r_cur, cur_valid, 0.0)]
-    new_sc = [_gather_tokens(sc_ax, r_cur, cur_valid, NEG_INF)]
-    if overlap:
-        r_prev = (cw - m - base)[:, None] + jj
-        prev_valid = jnp.broadcast_to((cw - m >= 0)[:, None], r_prev.shape)
-        new_kv.insert(0, _gather_tokens(kv_ax, r_prev, prev_valid, 0.0))
-        new_sc.insert(0, _gather_tokens(sc_ax, r_prev, prev_valid, NEG_INF))
-    return (e, jnp.where(complete, entry_ids, -1), jnp.concatenate(new_kv, axis=1),
-            jnp.concatenate(new_sc, axis=1))
+    new_kv, new_sc = _buffers(kv_ax, sc_ax, base, pos + n_new, m)  # rebuilt for the new end position
+    return e, jnp.where(complete, entry_ids, -1), new_kv, new_sc
+
+
+def rebuild_buffers(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
+                    n_new: jax.Array, ratio: int) -> tuple[jax.Array, jax.Array]:
+    """The buffers :func:`compress` would return for the same chunk, without pooling any entry: what a rollback to
+    ``n_new`` tokens of a longer chunk needs (the projections of the ``S`` chunk tokens are recomputed, ~``S*D*2cd``
+    multiply-adds, because the verify pass that computed them does not keep them). Bit for bit the same buffers."""
+    with jax.named_scope("compressor_rebuild"):
+        kv_ax, sc_ax, base = _token_axis(w, x, kv_buf, score_buf, pos, n_new, ratio)
+        return _buffers(kv_ax, sc_ax, base, pos + n_new, ratio)
 
 
 def write_entries(cache, entries, entry_ids: jax.Array):

@@ -27,7 +27,8 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
     """One transformer block on the hc streams ``h [B,S,hc,D]``: mHC around attention, then around the MoE.
 
     Returns the new streams, the new layer state and the block's discrete decisions (``"indexer"`` top-k block ids
-    ``[B,S,k]`` or None, ``"router"`` expert ids ``[B,S,k]``).
+    ``[B,S,k]`` or None, ``"router"`` expert ids ``[B,S,k]``), plus ``"attn_input"`` ``[B,S,D]`` (the attention's
+    input, from which a speculative rollback rebuilds the compressor buffers).
     """
     with jax.named_scope("attn"):
         y, post, comb = hc_pre(cfg, h, w.hc_attn)
@@ -38,7 +39,7 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
         y, post, comb = hc_pre(cfg, h, w.hc_ffn)
         f, experts = moe(cfg, w.ffn, rms_norm(y, w.ffn_norm, cfg.norm_eps, cfg.act_dtype), ids)
         h = hc_post(cfg, f, h, post, comb)
-    return h, ls, {"indexer": chosen, "router": experts}
+    return h, ls, {"indexer": chosen, "router": experts, "attn_input": x}
 
 
 def head(cfg: Config, head_w: jax.Array, hc_w: HcWeights, norm_w: jax.Array, h: jax.Array) -> jax.Array:
@@ -63,6 +64,26 @@ def _chunk_lengths(tokens: jax.Array, lengths) -> jax.Array:
     return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, S)
 
 
+def forward_layers(weights: Weights, cfg: Config, tokens: jax.Array, state: State, n_new: jax.Array):
+    """Embedding and every main block over ``tokens [B,S]`` (``n_new [B]`` valid per row) on top of ``state``.
+
+    Returns the final hc streams ``[B,S,hc,D]``, the new state (positions advanced by ``n_new``) and the attention
+    input ``[B,S,D]`` of every layer (a tuple; what :mod:`dsv4_jax.modeling.rollback` needs to undo a chunk).
+    """
+    pos = state.pos
+    tokens = tokens.astype(jnp.int32)
+    with jax.named_scope("embed"):
+        e = weights.embed[jnp.clip(tokens, 0, cfg.vocab_size - 1)].astype(cfg.act_dtype)  # [B,S,D]
+        h = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], cfg.hc_mult, cfg.dim))
+    layers, attn_inputs = [], []
+    for i, (w, ls) in enumerate(zip(weights.layers, state.layers)):
+        with jax.named_scope(f"layer_{i}"):
+            h, ls, aux = block(cfg, w, cfg.ratio(i), h, tokens, ls, pos, n_new)
+        layers.append(ls)
+        attn_inputs.append(aux["attn_input"])
+    return h, state.replace(pos=pos + n_new, layers=tuple(layers)), tuple(attn_inputs)
+
+
 @partial(jax.jit, static_argnames=("cfg", "return_logits", "return_hidden"))
 def forward_jit(weights: Weights, cfg: Config, tokens: jax.Array, state: State, lengths=None,
                 return_logits: str = "all", return_hidden: bool = False):
@@ -70,17 +91,7 @@ def forward_jit(weights: Weights, cfg: Config, tokens: jax.Array, state: State, 
     if return_logits not in ("all", "last", "none"):
         raise ValueError(f"return_logits={return_logits!r}, expected 'all', 'last' or 'none'")
     n_new = _chunk_lengths(tokens, lengths)
-    pos = state.pos
-    tokens = tokens.astype(jnp.int32)
-    with jax.named_scope("embed"):
-        e = weights.embed[jnp.clip(tokens, 0, cfg.vocab_size - 1)].astype(cfg.act_dtype)  # [B,S,D]
-        h = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], cfg.hc_mult, cfg.dim))
-    layers = []
-    for i, (w, ls) in enumerate(zip(weights.layers, state.layers)):
-        with jax.named_scope(f"layer_{i}"):
-            h, ls, _ = block(cfg, w, cfg.ratio(i), h, tokens, ls, pos, n_new)
-        layers.append(ls)
-    new_state = state.replace(pos=pos + n_new, layers=tuple(layers))
+    h, new_state, _ = forward_layers(weights, cfg, tokens, state, n_new)
     logits = None
     with jax.named_scope("head"):
         if return_logits == "all":
@@ -92,15 +103,15 @@ def forward_jit(weights: Weights, cfg: Config, tokens: jax.Array, state: State, 
     return logits, new_state
 
 
-@partial(jax.jit, static_argnames=("cfg", "return_logits"))
-def mtp_forward_jit(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax.Array, state: State,
-                    lengths=None, return_logits: str = "all"):
-    """Jitted :func:`dsv4_jax.mtp_forward`."""
+def mtp_block(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax.Array, state: State,
+              n_new: jax.Array) -> tuple[jax.Array, State]:
+    """The MTP block without its head: main hc streams ``hidden [B,S,hc,D]`` at positions ``mtp_pos..`` and the
+    tokens ``next_tokens [B,S]`` that followed them -> the MTP block's output streams ``[B,S,hc,D]`` and the state
+    with its MTP cache and ``mtp_pos`` advanced by ``n_new [B]``."""
     if not weights.mtp:
         raise ValueError("this config has no MTP layer (n_mtp_layers=0)")
     w = weights.mtp[0]
     dt, sim = cfg.act_dtype, cfg.simulate
-    n_new = _chunk_lengths(next_tokens, lengths)
     pos = state.mtp_pos
     next_tokens = next_tokens.astype(jnp.int32)
     with jax.named_scope("mtp"):
@@ -110,7 +121,22 @@ def mtp_forward_jit(weights: Weights, cfg: Config, hidden: jax.Array, next_token
         x = (linear(e, w.e_proj, dt, sim, kernels=cfg.kernels)[:, :, None].astype(jnp.float32)
              + linear(x, w.h_proj, dt, sim, kernels=cfg.kernels).astype(jnp.float32)).astype(dt)
         h, ls, _ = block(cfg, w.block, cfg.ratio(cfg.n_layers), x, next_tokens, state.mtp[0], pos, n_new)
-        if return_logits == "last":
-            h = _last(h, n_new)
-        logits = head(cfg, weights.head, w.hc_head, w.norm, h)
-    return logits, state.replace(mtp=(ls,) + tuple(state.mtp[1:]), mtp_pos=pos + n_new)
+    return h, state.replace(mtp=(ls,) + tuple(state.mtp[1:]), mtp_pos=pos + n_new)
+
+
+def mtp_head(weights: Weights, cfg: Config, h: jax.Array) -> jax.Array:
+    """The MTP block's head on its output streams ``[B,S,hc,D]`` (or ``[B,hc,D]``) -> fp32 logits."""
+    w = weights.mtp[0]
+    with jax.named_scope("mtp_head"):
+        return head(cfg, weights.head, w.hc_head, w.norm, h)
+
+
+@partial(jax.jit, static_argnames=("cfg", "return_logits"))
+def mtp_forward_jit(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax.Array, state: State,
+                    lengths=None, return_logits: str = "all"):
+    """Jitted :func:`dsv4_jax.mtp_forward`."""
+    n_new = _chunk_lengths(next_tokens, lengths)
+    h, state = mtp_block(weights, cfg, hidden, next_tokens, state, n_new)
+    if return_logits == "last":
+        h = _last(h, n_new)
+    return mtp_head(weights, cfg, h), state
