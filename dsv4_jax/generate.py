@@ -115,9 +115,12 @@ def chunk_plan(length: int, chunks: Sequence[int]) -> list[int]:
     return plan
 
 
-def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunks) -> tuple[list[list[int]], int]:
+def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunks,
+           extra: int = 0) -> tuple[list[list[int]], int]:
     """Validate everything before any compute (``UserInputError`` naming the row and the numbers); return the prompts
-    as int lists and the cache length (default: :func:`bucket_len`, capped at ``cfg.max_position_embeddings``)."""
+    as int lists and the cache length (default: :func:`bucket_len`, capped at ``cfg.max_position_embeddings``).
+    ``extra``: positions past prompt + ``max_new_tokens`` that must fit too (speculative verification reaches
+    ``k - 1`` positions beyond the last token it can keep)."""
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = prompts.tolist()
     if not isinstance(prompts, Sequence) or not prompts or isinstance(prompts, str):
@@ -140,11 +143,13 @@ def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunk
         raise UserInputError(f"generate: prefill_chunks={chunks} must be positive sizes")
     longest = max(len(p) for p in rows)
     limit = cfg.max_position_embeddings
+    spec = f" + {extra} positions that speculative decoding verifies past them" if extra else ""
     if max_len is None:
-        if longest + max_new_tokens > limit:
-            raise UserInputError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
-                                 f"= {longest + max_new_tokens} tokens exceeds the model's {context_limit(cfg)}")
-        max_len = min(bucket_len(longest + max_new_tokens), limit)
+        if longest + max_new_tokens + extra > limit:
+            raise UserInputError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens}"
+                                 f"{spec} = {longest + max_new_tokens + extra} tokens exceeds the model's "
+                                 f"{context_limit(cfg)}")
+        max_len = min(bucket_len(longest + max_new_tokens + extra), limit)
     elif int(max_len) != max_len or max_len < 1:
         raise UserInputError(f"generate: max_len={max_len} must be an int >= 1")
     check_max_len(cfg, max_len, "generate")
@@ -152,11 +157,11 @@ def _check(cfg: Config, prompts, max_new_tokens: int, max_len: int | None, chunk
         if len(p) > max_len:
             raise UserInputError(f"generate: row {b} has a {len(p)}-token prompt, longer than the cache (max_len="
                                  f"{max_len})")
-        if len(p) + max_new_tokens > max_len:
+        if len(p) + max_new_tokens + extra > max_len:
             more = "raise max_len" if max_len < limit else f"shorten the prompt ({context_limit(cfg)})"
-            raise UserInputError(f"generate: row {b} needs {len(p)} prompt + {max_new_tokens} new tokens = "
-                                 f"{len(p) + max_new_tokens} > max_len={max_len}; lower max_new_tokens to "
-                                 f"{max_len - len(p)} or {more}")
+            raise UserInputError(f"generate: row {b} needs {len(p)} prompt + {max_new_tokens} new tokens{spec} = "
+                                 f"{len(p) + max_new_tokens + extra} > max_len={max_len}; lower max_new_tokens to "
+                                 f"{max_len - len(p) - extra} or {more}")
     return rows, int(max_len)
 
 
@@ -249,17 +254,21 @@ def _decode_scan(weights, cfg: Config, carry: DecodeCarry, n_steps: int) -> tupl
 # ------------------------------------------------------------------------------------------ public entry points
 def prefill(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
             seed: int | Sequence[int] = 0, max_len: int | None = None, stop_tokens: Sequence[int] | None = None,
-            prefill_chunks: Sequence[int] = DEFAULT_CHUNKS) -> DecodeCarry:
-    """Check the request, prefill every prompt and sample token 0: the carry that :func:`decode` continues.
+            prefill_chunks: Sequence[int] = DEFAULT_CHUNKS, speculative: int = 0):
+    """Check the request, prefill every prompt and sample token 0: the carry that :func:`decode` continues (a
+    :class:`~dsv4_jax.speculative.SpecCarry` with ``speculative=k``: the prefill also runs the MTP block).
 
     Args are those of :func:`generate`. Raises :class:`~dsv4_jax.errors.UserInputError` (a ``ValueError`` naming
     the row and the numbers) before any compute, e.g. for a ``max_len`` beyond ``cfg.max_position_embeddings``.
     """
+    from dsv4_jax import speculative as spec
+
     sampling = SamplingConfig() if sampling is None else sampling
     if not isinstance(sampling, SamplingConfig):
         raise UserInputError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}")
+    k = spec.check_speculative(cfg, weights, speculative) if speculative != 0 else 0
     stop = [cfg.eos_token_id] if stop_tokens is None else [int(t) for t in stop_tokens]
-    rows, max_len = _check(cfg, prompts, max_new_tokens, max_len, prefill_chunks)
+    rows, max_len = _check(cfg, prompts, max_new_tokens, max_len, prefill_chunks, max(k - 1, 0))
     B = len(rows)
     lens = np.array([len(p) for p in rows])
     keys = row_keys(seed, B)
@@ -268,36 +277,54 @@ def prefill(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampli
     if mesh is not None and B % mesh.shape[DATA] == 0:  # rows over the data axis (else replicated: same results)
         state = shard_state(state, mesh)
     first = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+    hidden = jnp.zeros((B, cfg.hc_mult, cfg.dim), cfg.act_dtype) if k else None  # [B,hc,D] last prompt streams
     start = 0
     for c in chunk_plan(int(lens.max()), prefill_chunks):
-        toks = np.zeros((B, c), np.int32)
+        toks = np.zeros((B, c + 1), np.int32)  # one more column: the successors the MTP block pairs with
         for b, p in enumerate(rows):
-            seg = p[start:start + c]
+            seg = p[start:start + c + 1]
             toks[b, :len(seg)] = seg
         n = np.clip(lens - start, 0, c).astype(np.int32)
         ends = (lens > start) & (lens <= start + c)
-        state, first = _prefill_chunk(weights, cfg, jnp.asarray(toks), jnp.asarray(n), jnp.asarray(ends), state,
-                                      first)
+        args = (jnp.asarray(toks[:, :c]), jnp.asarray(n), jnp.asarray(ends), state, first)
+        if k:
+            mtp_n = np.clip(lens - 1 - start, 0, c).astype(np.int32)  # pairs whose successor is a prompt token
+            state, first, hidden = spec.prefill_chunk(weights, cfg, *args, jnp.asarray(toks[:, 1:]),
+                                                      jnp.asarray(mtp_n), hidden)
+        else:
+            state, first = _prefill_chunk(weights, cfg, *args)
         start += c
     stop_arr = np.full((-(-max(len(stop), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)  # bounded shapes
     stop_arr[:len(stop)] = stop
-    return _start(first, state, keys, jnp.int32(max_new_tokens), jnp.asarray(stop_arr), *sampling.row_params(B),
-                  method=sampling.method)
+    carry = _start(first, state, keys, jnp.int32(max_new_tokens), jnp.asarray(stop_arr), *sampling.row_params(B),
+                   method=sampling.method)
+    return spec.start(weights, cfg, carry, hidden, k) if k else carry
 
 
-def decode(weights, cfg: Config, carry: DecodeCarry) -> DecodeCarry:
-    """Run the ``lax.while_loop`` until every row of ``carry`` is done. ``carry`` is donated: do not reuse it."""
-    if bool(jnp.all(carry.done)):  # e.g. max_new_tokens == 1: nothing to do, nothing to compile
+def _base(carry) -> DecodeCarry:
+    """The :class:`DecodeCarry` of a plain or speculative carry."""
+    return getattr(carry, "base", carry)
+
+
+def decode(weights, cfg: Config, carry):
+    """Run the ``lax.while_loop`` until every row of ``carry`` (plain or speculative) is done. ``carry`` is donated:
+    do not reuse it."""
+    if bool(jnp.all(_base(carry).done)):  # e.g. max_new_tokens == 1: nothing to do, nothing to compile
         return carry
+    if carry is not _base(carry):
+        from dsv4_jax.speculative import decode_while
+
+        return decode_while(weights, cfg, carry)
     return _decode_while(weights, cfg, carry)
 
 
-def tokens(carry: DecodeCarry, check: bool = True) -> list[list[int]]:
+def tokens(carry, check: bool = True) -> list[list[int]]:
     """The generated ids of every row of a carry (one device-to-host copy).
 
     With ``check`` (default), raises :class:`~dsv4_jax.errors.NonFiniteError` if some row met non-finite logits
     (its ``tokens`` attribute holds what this returns with ``check=False``: each row's tokens up to its failure).
     """
+    carry = _base(carry)
     out, n_out, bad_step = jax.device_get((carry.out, carry.n_out, carry.bad_step))
     rows = [np.asarray(out)[b, :n].tolist() for b, n in enumerate(np.asarray(n_out).tolist())]
     if check:
@@ -325,7 +352,8 @@ def raise_if_nonfinite(bad_step: np.ndarray, rows: list[list[int]]) -> None:
 
 def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
              seed: int | Sequence[int] = 0, max_len: int | None = None, stop_tokens: Sequence[int] | None = None,
-             prefill_chunks: Sequence[int] = DEFAULT_CHUNKS) -> list[list[int]]:
+             prefill_chunks: Sequence[int] = DEFAULT_CHUNKS, speculative: int = 0,
+             stats: dict | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens after each prompt; the whole decode runs in one device loop.
 
     Args:
@@ -337,6 +365,11 @@ def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampl
       max_len: cache length; default :func:`bucket_len` of the longest prompt + ``max_new_tokens``.
       stop_tokens: ids that end a row (default ``(cfg.eos_token_id,)``; ``()`` never stops early).
       prefill_chunks: the allowed prefill chunk sizes (one compiled program each at most).
+      speculative: ``k`` in 1..4: speculative decoding, ``k`` tokens drafted per step by the MTP block and verified
+        in one forward (:mod:`dsv4_jax.speculative`); the same tokens as plain decoding when greedy, the same
+        distribution when sampling. Needs ``k - 1`` cache positions past prompt + ``max_new_tokens``. 0: plain.
+      stats: a dict to receive the speculative counters at the end (:func:`dsv4_jax.speculative.stats`:
+        ``mean_accepted_length`` etc.); left alone in plain decoding.
     Returns:
       The generated ids of each row, without the prompt; a row that stopped on a stop token ends with it.
     Raises:
@@ -347,18 +380,31 @@ def generate(weights, cfg: Config, prompts, max_new_tokens: int, sampling: Sampl
     """
     with use_mesh_of(weights):  # weights placed on a mesh (dsv4_jax.sharding): run under it
         carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
-                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
-        return tokens(decode(weights, cfg, carry))
+                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks, speculative=speculative)
+        carry = decode(weights, cfg, carry)
+    _fill_stats(carry, stats)
+    return tokens(carry)
+
+
+def _fill_stats(carry, stats: dict | None) -> None:
+    """Put a speculative carry's counters into ``stats`` (if given)."""
+    if stats is not None and carry is not _base(carry):
+        from dsv4_jax.speculative import stats as spec_stats
+
+        stats.update(spec_stats(carry))
 
 
 def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling: SamplingConfig | None = None, *,
                     seed: int | Sequence[int] = 0, max_len: int | None = None,
                     stop_tokens: Sequence[int] | None = None, prefill_chunks: Sequence[int] = DEFAULT_CHUNKS,
-                    steps_per_call: int = 8) -> Iterator[list[list[int]]]:
+                    steps_per_call: int = 8, speculative: int = 0,
+                    stats: dict | None = None) -> Iterator[list[list[int]]]:
     """Like :func:`generate`, but yields the new tokens of every row as they come.
 
     The first item holds token 0 of every row (right after prefill: time to first token); each later item holds
-    what ``steps_per_call`` on-device steps (one ``lax.scan`` call) produced per row (``[]`` for finished rows).
+    what ``steps_per_call`` on-device steps (one ``lax.scan`` call) produced per row (``[]`` for finished rows; with
+    ``speculative=k`` a step is one draft + verify iteration and yields 1..k+1 tokens per row). ``stats`` is
+    filled once generation ends, as in :func:`generate`.
     Concatenating the items of a row gives exactly :func:`generate`'s output for it. A row whose logits become
     non-finite yields nothing more from that step on (the others go on), and once every row is done the generator
     raises :class:`~dsv4_jax.errors.NonFiniteError` as :func:`generate` does (after the last item).
@@ -367,22 +413,29 @@ def generate_stream(weights, cfg: Config, prompts, max_new_tokens: int, sampling
         raise UserInputError(f"generate_stream: steps_per_call={steps_per_call} must be an int >= 1")
     with use_mesh_of(weights):
         carry = prefill(weights, cfg, prompts, max_new_tokens, sampling, seed=seed, max_len=max_len,
-                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks)
-    first, n_first, done, bad = jax.device_get((carry.last, carry.n_out, carry.done, carry.bad_step))
+                        stop_tokens=stop_tokens, prefill_chunks=prefill_chunks, speculative=speculative)
+    scan = _decode_scan
+    if speculative:
+        from dsv4_jax.speculative import decode_scan as scan
+    b = _base(carry)
+    first, n_first, done, bad = jax.device_get((b.last, b.n_out, b.done, b.bad_step))
     yield [[int(t)] if n else [] for t, n in zip(first, n_first)]  # n = 0: non-finite prefill logits
     while not bool(np.all(done)):  # done also covers max_new_tokens (n_out >= limit)
         with use_mesh_of(weights):
-            carry, toks = _decode_scan(weights, cfg, carry, n_steps=int(steps_per_call))
-        toks, done, bad = jax.device_get((toks, carry.done, carry.bad_step))
+            carry, toks = scan(weights, cfg, carry, n_steps=int(steps_per_call))
+        b = _base(carry)
+        toks, done, bad = jax.device_get((toks, b.done, b.bad_step))
         yield [[int(t) for t in row if t != PAD] for row in np.asarray(toks)]
+    _fill_stats(carry, stats)
     if np.any(np.asarray(bad) != NO_FAULT):
         tokens(carry)  # raises NonFiniteError naming the rows and steps, with the tokens kept
 
 
-def max_programs(n_chunk_sizes: int) -> int:
-    """Upper bound on programs per (config, batch size, max_len, sampling method): the state constructor, one per
-    prefill chunk size, start, and the two decode loops (while, and scan for one ``steps_per_call``)."""
-    return n_chunk_sizes + 4
+def max_programs(n_chunk_sizes: int, speculative: bool = False) -> int:
+    """Upper bound on programs per (config, batch size, max_len, sampling method[, k]): the state constructor, one
+    per prefill chunk size, start (with ``speculative``, also the MTP start), and the two decode loops (while, and
+    scan for one ``steps_per_call``)."""
+    return n_chunk_sizes + 4 + int(speculative)
 
 
 __all__ = ["DEFAULT_CHUNKS", "DecodeCarry", "bucket_len", "chunk_plan", "compiled_programs", "decode", "demo_model",
