@@ -13,6 +13,7 @@ Examples::
     python scripts/generate.py --ckpt DIR --chat --prompt "Hi!" --temperature 0.6
     python scripts/generate.py --ckpt DIR --interactive          # multi-turn chat
     python scripts/generate.py --ckpt DIR --batch-file prompts.txt --chat   # one prompt per line, one batch
+    python scripts/generate.py --ckpt DIR --speculative 3 --prompt "Hi"    # MTP drafts 3 tokens per step
 
 Compilation: every program (prefill chunk, first sample, decode loop) is compiled by XLA the first time it is needed
 and kept in a persistent cache (default ~/.cache/dsv4-jax/jax-compile, or $XDG_CACHE_HOME/dsv4-jax/jax-compile;
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (and the random weights without --ckpt)")
     ap.add_argument("--max-len", metavar="N", type=_bounded(int, "--max-len", lambda v: v >= 1, "an int >= 1"),
                     help="cache length (default: prompt + new tokens rounded up, at most max_position_embeddings)")
+    ap.add_argument("--speculative", metavar="K", default=0,
+                    type=_bounded(int, "--speculative", lambda v: 0 <= v <= 4, "an int in 0..4 (0 = off)"),
+                    help="speculative decoding: the MTP block drafts K tokens per step, one forward verifies them "
+                         "(greedy: the same tokens; sampling: the same distribution); prints the mean accepted "
+                         "length (default 0 = off)")
     ap.add_argument("--steps-per-call", metavar="N", default=8,
                     type=_bounded(int, "--steps-per-call", lambda v: v >= 1, "an int >= 1"),
                     help="decode steps per device call while streaming (default 8)")
@@ -218,23 +224,27 @@ class Model:
 
     def cache_len(self, prompts: list[tuple[str, list[int]]], new: int) -> int:
         """The cache length for these prompts: ``--max-len`` or the default bucket, after checking every row fits
-        in it and within the model's ``max_position_embeddings``."""
+        in it and within the model's ``max_position_embeddings`` (with ``--speculative K``, also the K-1 positions
+        verified past the last token)."""
         from dsv4_jax.generate import bucket_len
 
         limit, where = self.cfg.max_position_embeddings, f"max_position_embeddings of {self.source}"
+        extra = max(self.args.speculative - 1, 0)
+        spec = f" + {extra} positions --speculative {self.args.speculative} verifies past them" if extra else ""
         if self.args.max_len is not None and self.args.max_len > limit:
             raise UserInputError(f"--max-len {self.args.max_len} exceeds the {where} ({limit}); positions beyond it "
                                  "were never trained (refused rather than generating garbage)")
         cap = self.args.max_len or limit
         for label, ids in prompts:
-            need = len(ids) + new
+            need = len(ids) + new + extra
             if need > cap:
                 what = f"--max-len {cap}" if self.args.max_len else f"the {where} ({limit})"
-                fix = (f"lower --max-new-tokens to {cap - len(ids)}" if cap > len(ids) else "shorten the prompt")
-                raise UserInputError(f"{label}: {len(ids)} prompt tokens + --max-new-tokens {new} = {need} exceeds "
-                                     f"{what}; {fix}" + (" or raise --max-len" if self.args.max_len else ""))
+                room = cap - len(ids) - extra
+                fix = f"lower --max-new-tokens to {room}" if room > 0 else "shorten the prompt"
+                raise UserInputError(f"{label}: {len(ids)} prompt tokens + --max-new-tokens {new}{spec} = {need} "
+                                     f"exceeds {what}; {fix}" + (" or raise --max-len" if self.args.max_len else ""))
         longest = max(len(ids) for _, ids in prompts)
-        return self.args.max_len or min(bucket_len(longest + new), limit)
+        return self.args.max_len or min(bucket_len(longest + new + extra), limit)
 
     def default_prompt(self) -> list[int]:
         if self.tok is not None:
@@ -270,8 +280,10 @@ def run(model: Model, prompts: list[tuple[str, list[int]]], clock: compile_cache
     out: list[list[int]] = [[] for _ in prompts]
     t0 = clock.now()
     stamps = []  # (time, tokens so far) after each device call
+    stats: dict = {}
     stream = d.generate_stream(model.weights, model.cfg, ids, args.max_new_tokens, model.sampling, seed=args.seed,
-                               max_len=max_len, steps_per_call=args.steps_per_call)
+                               max_len=max_len, steps_per_call=args.steps_per_call, speculative=args.speculative,
+                               stats=stats)
     try:
         for new in stream:
             for b, toks in enumerate(new):
@@ -297,6 +309,9 @@ def run(model: Model, prompts: list[tuple[str, list[int]]], clock: compile_cache
          f"{t_first - t0:.2f} s (compile {c_first:.2f} s of it; {t_first - T_START:.2f} s after the process started)"
          f" | {decode} | prompt tokens {sum(map(len, ids))}, generated {n_gen}, batch {B}, max_len {max_len}, "
          f"{model.sampling}")
+    if stats:
+        _say(f"speculative {stats['k']}: mean accepted length {stats['mean_accepted_length']:.2f} tokens per verify "
+             f"step (accepted drafts + 1, at most {stats['k'] + 1}) over {sum(stats['verify_steps'])} steps")
     return out
 
 
@@ -358,6 +373,10 @@ def generate_main(args: argparse.Namespace, setup_cache: bool) -> int:
         prompts = [("default prompt", model.default_prompt())]
     else:
         prompts = [(label, model.encode(text, label, args.chat, args.thinking)) for label, text in texts]
+    if args.speculative:
+        from dsv4_jax.speculative import check_speculative
+
+        check_speculative(model.cfg, None, args.speculative)  # the model can draft? (before loading anything)
     if prompts:
         model.cache_len(prompts, args.max_new_tokens)  # fits? (before loading anything)
     if setup_cache:

@@ -316,3 +316,45 @@ def test_errors_before_compute(tmp_path_factory):
     with pytest.raises(UserInputError, match="drafts with the MTP block, but this model has none"):
         d.generate(w, no_mtp, [[0] * 20], 9, GREEDY, speculative=1)
     assert compiled_programs() == before  # nothing compiled
+
+
+def test_cli(tmp_path_factory, capsys, monkeypatch):
+    """``scripts/generate.py --speculative K``: range and fit errors before anything is loaded (exit 2, naming the
+    argument), and the mean accepted length printed after the run (generation itself faked: nothing compiles)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec_ = importlib.util.spec_from_file_location("dsv4_generate_cli_spec", Path(__file__).parents[1] / "scripts"
+                                                   / "generate.py")
+    cli = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(cli)
+    ckpt = tmp_path_factory.mktemp("cli") / "w4"
+    write_random_checkpoint(ckpt, hf_config_dict(**W4), seed=0)
+
+    def run(*argv):
+        try:
+            code = cli.main([str(a) for a in argv], setup_cache=False)
+        except SystemExit as e:  # argparse
+            code = e.code
+        return code, capsys.readouterr()
+
+    code, out = run("--ckpt", ckpt, "--speculative", "5")
+    assert code == 2 and "--speculative must be an int in 0..4 (0 = off)" in out.err
+    code, out = run("--ckpt", ckpt, "--speculative", "4", "--prompt", "0 1 2")
+    assert code == 2 and "more than the window (window_size=4)" in out.err
+    code, out = run("--ckpt", ckpt, "--speculative", "3", "--prompt", "0 1 2", "--max-new-tokens", "10",
+                    "--max-len", "14")
+    assert code == 2 and ("--prompt: 3 prompt tokens + --max-new-tokens 10 + 2 positions --speculative 3 verifies "
+                          "past them = 15 exceeds --max-len 14; lower --max-new-tokens to 9") in out.err, out.err
+
+    def fake(weights, cfg, prompts, n, sampling, *, speculative, stats, **kw):
+        assert speculative == 3 and kw["max_len"] >= len(prompts[0]) + n + 2
+        yield [[5] for _ in prompts]
+        yield [[6, 7, 8] for _ in prompts]
+        stats.update(k=3, mean_accepted_length=2.5, verify_steps=[2])
+
+    monkeypatch.setattr(cli.d, "generate_stream", fake)
+    code, out = run("--ckpt", ckpt, "--speculative", "3", "--prompt", "0 1 2", "--max-new-tokens", "4")
+    assert code == 0 and "5 6 7 8" in out.out
+    assert "speculative 3: mean accepted length 2.50 tokens per verify step (accepted drafts + 1, at most 4) over 2 " \
+           "steps" in out.err, out.err
