@@ -7,6 +7,14 @@ verifies, on a small random config, that every mesh of the available devices giv
 (float32 numerics).
 
     python scripts/bench_decode.py --model flash --layers 3 --batch 1,32 --meshes 1x1,1x2,2x1 --check
+
+``--speculative K`` also times, on the same weights, a (K+1)-token verify forward and one whole speculative
+iteration (K MTP drafts, verify, acceptance, exact rollback, MTP catch-up; ``dsv4_jax.speculative``), and derives
+the time per token at accepted lengths 1, 2, 2.8 and K+1 (the iteration's work does not depend on how many drafts
+are accepted; K+1 is what a draft forced to agree gives)::
+
+    python scripts/bench_decode.py --model flash --layers 3 --batch 1 --speculative 3   # GPU
+    python scripts/bench_decode.py --model tiny --batch 1 --speculative 2 --iters 2      # CPU smoke test
 """
 
 from __future__ import annotations
@@ -135,7 +143,7 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
     return total, rows
 
 
-def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",)) -> list[dict]:
+def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0) -> list[dict]:
     from dsv4_jax.kernels import use_triton
 
     results = []
@@ -160,6 +168,9 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
             c = cfg.with_(kernels=kern)
             res = step_timing(c, w, mesh, batch, max_len, iters, seed)
             res.update(kernels=kern, triton=use_triton(c))
+            if speculative:
+                res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
+                                                 res["median_step_s"])
             nbytes = step_bytes(cfg, w, d.init_state(cfg, batch, max_len), batch)
             # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
             per_dev = nbytes["total"] / n
@@ -202,6 +213,65 @@ def step_timing(cfg, w, mesh, batch, max_len, iters, seed) -> dict:
             "collectives": coll_rows}
 
 
+def _median_time(fn, carry, iters: int):
+    """Median seconds of ``carry = fn(carry)`` (``fn`` donates its argument; 2 warm-up calls) and the last carry."""
+    for _ in range(2):
+        carry = fn(carry)
+    jax.block_until_ready(carry)
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        carry = fn(carry)
+        jax.block_until_ready(carry)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), carry
+
+
+def spec_timing(cfg, w, mesh, batch, max_len, iters, k, seed, plain_s) -> dict:
+    """Speculative decoding with ``k`` drafts vs a plain step (``plain_s``): median time of a (k+1)-token verify
+    forward (state donated) and of a whole iteration, and the implied time per token at accepted lengths 1, 2, 2.8
+    and k+1. Greedy rows, MTP drafts (random weights: nearly every draft is rejected; the iteration's work is the
+    same whatever is accepted). Needs ``max_len`` >= 4 + (iters + 2) * (k + 1)."""
+    from dsv4_jax import speculative as spec
+    from dsv4_jax.generate import DecodeCarry
+    from dsv4_jax.modeling.model import forward_layers, head
+
+    S = k + 1
+    tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, S)), jnp.int32)
+    with jax.set_mesh(mesh):
+        def verify(w, state):
+            h, state, _ = forward_layers(w, cfg, tok, state, jnp.full((batch,), S, jnp.int32))
+            return head(cfg, w.head, w.hc_head, w.norm, h), state  # logits [B,k+1,V]
+
+        vf = jax.jit(verify, donate_argnums=1)
+        fresh = lambda: jax.tree_util.tree_map(jnp.copy, sh.shard_state(d.init_state(cfg, batch, max_len), mesh))
+        verify_s, _ = _median_time(lambda s: vf(w, s)[1], fresh(), iters)
+
+        state = fresh()  # distinct buffers (init_state shares one zeros array for pos and mtp_pos)
+        keys = jax.random.split(jax.random.key(seed), batch)
+        base = DecodeCarry(state=state, last=tok[:, 0], out=jnp.full((batch, max_len), -1, jnp.int32),
+                           n_out=jnp.ones((batch,), jnp.int32), step=jnp.int32(1), done=jnp.zeros((batch,), bool),
+                           bad_step=jnp.full((batch,), -1, jnp.int32), keys=keys,
+                           limit=jnp.int32(max_len), stop=jnp.full((4,), -1, jnp.int32),
+                           temperature=jnp.zeros((batch,), jnp.float32), top_k=jnp.zeros((batch,), jnp.int32),
+                           top_p=jnp.ones((batch,), jnp.float32))
+        carry = spec.SpecCarry(base=base, q_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+                               h_mtp=jnp.zeros((batch, cfg.hc_mult, cfg.dim), cfg.act_dtype),
+                               n_verify=jnp.zeros((batch,), jnp.int32), n_accepted=jnp.zeros((batch,), jnp.int32), k=k)
+        sf = jax.jit(lambda w, c: spec._step(w, cfg, c)[0], donate_argnums=1)
+        t0 = time.perf_counter()
+        sf.lower(w, carry).compile()
+        compile_s = time.perf_counter() - t0
+        iter_s, carry = _median_time(lambda c: sf(w, c), carry, iters)
+    acc = spec.stats(carry)["mean_accepted_length"]
+    per_token = {str(a): iter_s / a for a in (1, 2, 2.8, k + 1)}
+    return {"k": k, "verify_s": verify_s, "iteration_s": iter_s, "draft_rollback_catchup_s": iter_s - verify_s,
+            "iteration_over_plain": iter_s / plain_s, "s_per_token_at_accepted_length": per_token,
+            "speedup_at_accepted_length": {a: plain_s / t for a, t in per_token.items()},
+            "break_even_accepted_length": iter_s / plain_s, "measured_accepted_length_random_weights": acc,
+            "compile_s": compile_s}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["flash", "pro", "tiny"], default="flash", help="tiny: smoke test")
@@ -212,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--meshes", default="1x1", help="comma list of DATAxMODEL")
     ap.add_argument("--numerics", default="reference", choices=["reference", "float32"])
     ap.add_argument("--kernels", default="auto", help="comma list of Config.kernels values to time (before/after)")
+    ap.add_argument("--speculative", type=int, default=0, metavar="K",
+                    help="also time a (K+1)-token verify and a speculative iteration with K MTP drafts (1..4)")
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")
     ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
     ap.add_argument("--out", help="write results json here")
@@ -236,7 +308,8 @@ def main(argv=None) -> int:
     out["bench"] = []
     batches = [int(b) for b in args.batch.split(",")]
     bench(make(args.layers, args.numerics), meshes, batches, args.max_len, args.iters,
-          sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")))
+          sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")),
+          speculative=args.speculative)
     return 0
 
 
