@@ -21,12 +21,19 @@ One iteration of the loop, per row at main position ``P`` (tokens ``0..P-1`` fed
    last logits are the next iteration's ``d_1`` distribution.
 
 At every loop boundary the state is therefore the one of plain decoding of the same tokens, with the MTP block run
-after each of them (``mtp_pos == pos``): bit for bit in reference numerics (tests/test_speculative.py), because a
-multi-token forward computes every position as single-token calls do.
+after each of them (``mtp_pos == pos``): bit for bit in the tests (tests/test_speculative.py, reference numerics).
 
 Cost per iteration: one main forward of ``k+1`` tokens, one MTP call of ``k+1`` tokens, ``k-1`` of one token, the
-main head on ``k+1`` positions and the MTP head on ``k``; plus the rollback (the compressor projections of the
-``k+1`` tokens again, about 3 % of a V4-Flash verify step's weight reads at batch 1) and a few small gathers.
+main head on ``k+1`` positions and the MTP head on ``k`` (``k`` sequential reads of the head weights: at batch 1 the
+largest overhead); plus the rollback (the compressor projections of the
+``k+1`` tokens again: 0.61 GB of compressor weights re-read for V4-Flash, ~5 % of a batch-1 plain step's weight
+bytes) and a few small gathers and scatters per layer.
+
+Bit-for-bit equality with plain decoding assumes that the model computes a token the same way in a ``k+1``-token
+call as in a one-token call. The rollback itself is exact against feeding the kept tokens in that call; where the
+backend rounds an fp32 product differently for another number of tokens (XLA:CPU does for some shapes, a GPU GEMM
+may pick another algorithm), the logits differ in the last bits, as chunked prefill's do, and greedy output can
+differ from plain decoding's at a logit near-tie.
 
 Randomness: every iteration of a row uses ``fold_in(row_key, n_out)`` (``n_out`` = tokens the row has so far, which
 grows every iteration), split by purpose; token 0 is sampled from the prefill logits exactly as in plain decoding.

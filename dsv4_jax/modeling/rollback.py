@@ -16,9 +16,12 @@ What one chunk changes in a :class:`~dsv4_jax.modeling.state.LayerState`, and ho
   function on the same values, so the same bits.
 
 The saved pieces (:class:`UndoLog`) are small: ``S`` ring slots, ``(m-1+S)//m`` entries per compressed cache and
-the compressor buffers; nothing proportional to the context is copied (the chunk's writes can stay in place), so
-the cost of an exact rollback is the buffer recompute (two ``[S,D] x [D,c*d]`` fp32 products per compressor, about
-5 % of a V4-Flash CSA layer's multiply-adds per token) plus gathers and scatters of a few entries.
+the compressor buffers; nothing proportional to the context is copied (the chunk's writes can stay in place). The
+cost of the exact rollback is the buffer recompute: two ``[S,D] x [D,c*d]`` fp32 products per compressor, i.e.
+3.5 % of a V4-Flash CSA layer's multiply-adds per token (1.4 % for HCA), and re-reading the compressor weights once
+per verify (0.61 GB for V4-Flash, ~5 % of the ~11.5 GB a batch-1 plain step reads), plus gathers and scatters of a
+few entries. (Selecting the buffers from the pre- and post-chunk ones instead would avoid the recompute except when
+the chunk crossed a window boundary that the kept prefix does not reach, but needs a data-dependent branch.)
 
 The MTP drafts use :func:`undo` (``keep = 0`` for every row: the drafts' entries are all put back, the buffers
 restored as saved).
