@@ -25,9 +25,9 @@ after each of them (``mtp_pos == pos``): bit for bit in the tests (tests/test_sp
 
 Cost per iteration: one main forward of ``k+1`` tokens, one MTP call of ``k+1`` tokens, ``k-1`` of one token, the
 main head on ``k+1`` positions and the MTP head on ``k`` (``k`` sequential reads of the head weights: at batch 1 the
-largest overhead); plus the rollback (the compressor projections of the
-``k+1`` tokens again: 0.61 GB of compressor weights re-read for V4-Flash, ~5 % of a batch-1 plain step's weight
-bytes) and a few small gathers and scatters per layer.
+largest overhead); plus the rollback (the compressor projections of the ``k+1`` tokens again: 0.61 GB of compressor
+weights re-read for V4-Flash, ~5 % of a batch-1 plain step's weight bytes) and a few small gathers and scatters per
+layer. Timing: ``scripts/bench_decode.py --speculative K``; figures in ``docs/performance.md``.
 
 Bit-for-bit equality with plain decoding assumes that the model computes a token the same way in a ``k+1``-token
 call as in a one-token call. The rollback itself is exact against feeding the kept tokens in that call; where the
