@@ -12,13 +12,16 @@ import pytest  # noqa: E402
 
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
-# programs compiled by a pytest worker are reused by the next run on the same machine. One folder per worker: JAX's
-# on-disk cache aborted the process (a fatal error in get_executable_and_time) while two processes wrote and read the
-# same entry (seen twice on 2026-11-29 with several test runs sharing one folder).
-_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.environ.get("DSV4_JAX_CACHE", "/tmp/dsv4-jax-test-cache"), _worker))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# JAX's persistent compilation cache is OFF in the tests unless DSV4_JAX_CACHE names a folder (one subfolder per
+# pytest worker). jaxlib 0.10.2 segfaulted while writing an entry (compilation_cache.put_executable_and_time, CPU,
+# a speculative-decoding program) in two CI runs on 2026-11-29/30, and aborted reading an entry another process
+# was writing when workers shared a folder; CI starts from an empty cache anyway.
+if os.environ.get("DSV4_JAX_CACHE"):
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["DSV4_JAX_CACHE"], _worker))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+else:
+    jax.config.update("jax_enable_compilation_cache", False)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -19,31 +19,58 @@ dots) is only for AMD gfx950 (``arch() == "gfx950"``), every other target dequan
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
 MODES = ("auto", "reference", "triton")
 
 
+ROUTES = ("xla", "jax-triton")
+_route = [os.environ.get("DSV4_TRITON_LAUNCH", "jax-triton")]
+
+
+def launch_route() -> str:
+    """How a kernel is launched. ``"jax-triton"`` (default): ``jax_triton.triton_call``, a legacy custom call per
+    launch, outside XLA's CUDA graphs (~30 us of host time each on an H200); the route the GPU results so far were
+    measured with. ``"xla"``: XLA compiles the kernel's Triton IR into the executable (``__gpu$xla.gpu.triton``
+    custom calls, :mod:`dsv4_jax.kernels.xla_triton`), so the kernels sit in the step's CUDA graphs; it compiles for
+    sm_90 (checked without a GPU, jaxlib 0.10.2 and 0.11.2) but has not yet run on a GPU, hence opt-in. Set with the
+    ``DSV4_TRITON_LAUNCH`` environment variable or :func:`set_launch_route`."""
+    route = _route[0]
+    if route not in ROUTES:
+        raise ValueError(f"DSV4_TRITON_LAUNCH={route!r}, expected one of {ROUTES}")
+    return route
+
+
+def set_launch_route(route: str) -> None:
+    """Choose the launch route for programs traced from now on (see :func:`launch_route`)."""
+    if route not in ROUTES:
+        raise ValueError(f"launch route {route!r}, expected one of {ROUTES}")
+    _route[0] = route
+
+
 @functools.cache
-def _jax_triton_error() -> str | None:
-    """Why jax-triton cannot be used here (``None`` when it imports)."""
+def _import_error(module: str) -> str | None:
+    """Why ``module`` cannot be imported here (``None`` when it imports)."""
     try:
-        import jax_triton  # noqa: F401
-        import triton  # noqa: F401
+        __import__(module)
     except Exception as e:  # ImportError, or a broken install raising something else at import
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def triton_unavailable() -> str | None:
-    """Why the Triton kernels cannot run here (no GPU backend, or jax-triton/triton missing); ``None`` if they can."""
+    """Why the Triton kernels cannot run here (no GPU backend, or triton / jax-triton missing); ``None`` if they
+    can. The XLA route needs only the ``triton`` package (its frontend writes the kernels' IR)."""
     backend = jax.default_backend()
     if backend not in ("gpu", "cuda", "rocm"):
         return f"needs a GPU backend, JAX's default backend is {backend!r}"
-    err = _jax_triton_error()
-    if err is not None:
-        return f"needs jax-triton and triton ({err}); install them (pip install jax-triton)"
+    needed = ("triton",) if launch_route() == "xla" else ("triton", "jax_triton")
+    for module in needed:
+        err = _import_error(module)
+        if err is not None:
+            return f"needs {module} ({err}); install it (pip install {module.replace('_', '-')})"
     return None
 
 
@@ -100,13 +127,18 @@ def fp8_dot_supported() -> bool:
 
 # ---------------------------------------------------------------------------------------------- launching
 def triton_call(*args, **kwargs):
-    """``jax_triton.triton_call``: the one entry point of every kernel launcher here (imported lazily, so the model
-    imports without jax-triton; the CPU tests substitute the interpreter shim of ``tests/triton_shim.py``).
+    """Launch a ``@triton.jit`` kernel with jax-triton's ``triton_call`` signature, by :func:`launch_route`: the one
+    entry point of every kernel launcher here (the CPU tests substitute the interpreter shim of
+    ``tests/triton_shim.py`` through the jax-triton route).
 
-    Each call costs ~30 us of wall time beyond its kernel on an H200 (a 14 us FP8 GEMV: 45 us per call inside one
-    jitted program), with jax-triton 0.3.1's legacy custom call and equally with jaxlib's typed-FFI target
-    ``triton_kernel_call_ffi``, with or without ``CUSTOM_CALL`` command buffers (tried 2026-11-29,
-    docs/performance.md): that overhead, not the kernels, now bounds decode at small batch."""
-    import jax_triton as jt
+    The jax-triton route costs ~30 us of wall time per call beyond its kernel on an H200 (a 14 us FP8 GEMV: 45 us
+    per call inside one jitted program), with jax-triton 0.3.1's legacy custom call and equally with jaxlib's
+    typed-FFI target ``triton_kernel_call_ffi`` (tried 2026-11-29, docs/performance.md). The XLA route has no host
+    code per launch."""
+    if launch_route() == "jax-triton":
+        import jax_triton as jt
 
-    return jt.triton_call(*args, **kwargs)
+        return jt.triton_call(*args, **kwargs)
+    from dsv4_jax.kernels.xla_triton import triton_call as xla_call
+
+    return xla_call(*args, **kwargs)

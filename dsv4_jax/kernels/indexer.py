@@ -36,6 +36,9 @@ The two are equal bit for bit, ties included, wherever each total is a function 
   The running list starts as k sentinels (-inf, id -1). The last block is the range ``[Nc - block, Nc)`` (the
   static slice is clamped instead of padded, so the cache is not copied); its entries already seen in the previous
   block are masked to -inf: they are -1 either way, and they cannot displace a finite value.
+* one block (decode rows, the budget allowing): the reference itself, without the loop. Its trip count is data
+  dependent (blocks holding a visible entry), which on a GPU costs a device-to-host copy and a host sync per
+  condition check (``scripts/count_launches.py``).
 
 A Triton kernel (fused score + running top-k per query row) would dispatch from :func:`indexer_topk`; none exists
 yet, so every backend runs the blocked XLA loop.
@@ -121,6 +124,8 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
     k = min(k, n_c)
     blk = min(block or block_size(B, S, Hi, n_c), n_c)
     n_blocks = -(-n_c // blk)
+    if n_blocks == 1:  # decode rows: one block over the whole cache. No loop: a loop whose trip count is data-
+        return indexer_topk_reference(q, hw, keys, t, k)  # dependent costs two host round trips per call on a GPU
     limit = (t + 1) // 4  # [B,S] visible entries per query
     n_visit = jnp.minimum((jnp.max(limit) + blk - 1) // blk, n_blocks)  # blocks holding any visible entry
     lane = jnp.arange(blk, dtype=jnp.int32)  # [blk]

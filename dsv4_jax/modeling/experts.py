@@ -93,7 +93,10 @@ def group_pairs(e: jax.Array, n_local: int, block: int):
     slot = jnp.where(e_sorted < n_local, start_pad[e_c] + jnp.arange(R) - start[e_c], n_slots)  # [R] sorted order
     row_of_slot = jnp.full(n_slots, R, jnp.int32).at[slot].set(order.astype(jnp.int32), mode="drop")  # R = none
     used_blocks = jnp.sum(padded) // block
-    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a while loop (4 GPU launches per step, outside
+    # the CUDA graphs: scripts/count_launches.py)
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right",
+                                    method="compare_all").astype(jnp.int32)
     slot_of_pair = jnp.zeros(R, jnp.int32).at[order].set(slot.astype(jnp.int32))  # [R]
     return row_of_slot, block_expert, used_blocks.astype(jnp.int32), slot_of_pair
 

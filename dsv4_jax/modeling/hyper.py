@@ -25,16 +25,19 @@ def _mixes(cfg: Config, h: jax.Array, w: HcWeights) -> tuple[jax.Array, jax.Arra
 
 
 def sinkhorn(cfg: Config, c: jax.Array) -> jax.Array:
-    """Row softmax + eps, column normalisation, then (iters-1) x (row, column) normalisations, eps everywhere."""
+    """Row softmax + eps, column normalisation, then (iters-1) x (row, column) normalisations, eps everywhere.
+
+    Unrolled in Python: as a ``fori_loop`` each of the 19 iterations was 4 GPU launches (counter, two reductions,
+    a copy) outside any CUDA graph; unrolled, XLA makes about one fused kernel per iteration inside the step's graph
+    (``scripts/count_launches.py``). (Writing the 4-term sums as elementwise adds of slices fuses further in
+    principle, but XLA's GPU fusion pass then ran for over 15 minutes on one decode step.)"""
     eps = np.float32(cfg.hc_eps)
     c = jax.nn.softmax(c, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-
-    def body(_, c):
+    for _ in range(cfg.hc_sinkhorn_iters - 1):
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-
-    return jax.lax.fori_loop(0, cfg.hc_sinkhorn_iters - 1, body, c)
+        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    return c
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):

@@ -1,0 +1,246 @@
+"""What a decode step launches on an H200, counted WITHOUT a GPU: XLA compiles the step for sm_90 on this machine.
+
+JAX can compile for a GPU it does not have (a "compile-only" CUDA device made from a target description,
+``jax.experimental.topologies``). XLA then runs its whole GPU pipeline (fusion, scheduling, command buffers, PTX) and
+dumps the executable's thunk sequence: every kernel, copy and loop the step runs, in order. This script reads that
+sequence and reports:
+
+* ``kernels``: device kernels per step (XLA fusions, XLA-compiled Triton kernels, library calls, copies/memsets);
+* ``host_launches``: what the host issues per step: one per CUDA graph (XLA's command buffers), plus every kernel
+  outside a graph. That is what a small-batch step pays for in launch latency;
+* ``host_syncs``: device-to-host round trips: a ``while`` loop whose trip count XLA does not know copies its
+  predicate to the host before every iteration (counted once per loop: the trip count is data-dependent);
+* ``legacy_custom_calls``: jax-triton launches (outside every graph, host code per call);
+* the kernels per named scope (``layer_0/attn/indexer`` ...).
+
+Needs the CUDA plugin installed next to jax (``pip install "jax[cuda13]"``), no GPU and no driver. Example:
+
+    python scripts/count_launches.py --model flash --layers 3 --batch 1 --kernels reference,auto
+
+The target is an H200 (sm_90, 132 SMs, 141 GB, 4.8 TB/s) described in this file: fusion decisions that depend on
+XLA's cost model may differ slightly from a real H200's runtime-queried description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the default device stays the CPU
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver / cuPTI here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+# An H200 SXM as XLA's GpuTargetConfig (hardware facts: sm_90, 132 SMs, 50 MiB L2, 141 GB HBM3e at 4.8 TB/s)
+H200 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150754820096 cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  device_vendor: "NVIDIA Corporation" name: "NVIDIA H200"
+}
+platform_name: "CUDA"
+device_description_str: "NVIDIA H200"
+"""
+CONTAINERS = {"kCommandBuffer", "kSequential", "kWhile", "kConditional", "kWaitForStreams"}
+_LINE = re.compile(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)")
+
+
+def compile_for_h200(fn, *args, dump: str | None = None):
+    """``fn`` jitted and compiled for an sm_90 device that is not here; ``args``: pytrees of ShapeDtypeStructs.
+    Returns ``(compiled, dump folder)``."""
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=H200, topology="1x1x1")
+    mesh = topologies.make_mesh(topo, (1,), ("x",))
+    rep = NamedSharding(mesh, P())
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
+    dump = dump or tempfile.mkdtemp(prefix="dsv4_launches_")
+    compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compile(
+        compiler_options={"xla_dump_to": dump})
+    return compiled, dump
+
+
+def _tree(path: str) -> list[dict]:
+    """The thunk sequence file as a tree of ``{kind, name, children: {section: [...]}}``."""
+    root = {"kind": "root", "name": "", "children": {"": []}, "indent": -1}
+    stack, section = [root], {id(root): ""}
+    for line in open(path):
+        if not line.strip():
+            continue
+        m = _LINE.match(line)
+        ind = len(line) - len(line.lstrip())
+        if m is None:  # a section header of the innermost loop / conditional: "condition:", "body:", "branch 0:"
+            while len(stack) > 1 and stack[-1]["kind"] not in ("kWhile", "kConditional"):
+                stack.pop()
+            section[id(stack[-1])] = line.strip().rstrip(":")
+            stack[-1]["children"].setdefault(section[id(stack[-1])], [])
+            continue
+        while len(stack) > 1 and stack[-1]["indent"] >= ind and not (
+                stack[-1]["kind"] in ("kWhile", "kConditional") and section.get(id(stack[-1])) and
+                stack[-1]["indent"] < ind):
+            stack.pop()
+        node = {"kind": m.group(3), "id": int(m.group(2)), "name": m.group(4), "children": {"": []}, "indent": ind}
+        parent = stack[-1]
+        parent["children"].setdefault(section.get(id(parent), ""), []).append(node)
+        stack.append(node)
+        section[id(node)] = ""
+    return root["children"][""]
+
+
+def _annotations(dump: str) -> dict[int, str]:
+    """thunk id -> HLO instruction name, from the thunk metadata dump."""
+    out = {}
+    for path in glob.glob(f"{dump}/*thunk_metadata.txt"):
+        for blk in open(path).read().split("thunk_metadata {")[1:]:
+            ann, tid = re.search(r'profile_annotation: "([^"]*)"', blk), re.search(r"thunk_id: (\d+)", blk)
+            if ann and tid:
+                out[int(tid.group(1))] = ann.group(1)
+    return out
+
+
+def _hlo_info(dump: str) -> tuple[dict[str, str], dict[str, int]]:
+    """From the optimized HLO: instruction name -> named scope (op_name without the jit prefixes and the op), and
+    while-loop name -> known trip count."""
+    scopes, trips = {}, {}
+    for path in glob.glob(f"{dump}/*after_optimizations.txt"):
+        for line in open(path):
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", line)
+            if m:
+                parts = [p for p in m.group(2).split("/") if not p.startswith("jit(")]
+                scopes[m.group(1)] = "/".join(parts[:-1]) or parts[-1] if parts else ""
+            t = re.match(r"\s*%([\w.\-]+) = .* while\(.*\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
+            if t:
+                trips[t.group(1)] = int(t.group(2))
+    return scopes, trips
+
+
+def summarize(dump: str) -> dict:
+    """Counts of one compiled step from its dump folder (see the module docstring)."""
+    [seq] = glob.glob(f"{dump}/*thunk_sequence_after_thunk_passes.txt")
+    names = _annotations(dump)
+    scopes, trips = _hlo_info(dump)
+    res = Counter(dict.fromkeys(("kernels", "host_launches", "graphs", "host_syncs", "legacy_custom_calls"), 0))
+    by_scope, by_kind = Counter(), Counter()
+
+    def walk(nodes, mult: int, graphed: bool):
+        for n in nodes:
+            kind = n["kind"]
+            if kind == "kCommandBuffer":
+                res["host_launches"] += mult
+                res["graphs"] += mult
+                walk(n["children"][""], mult, True)
+            elif kind == "kWhile":
+                hlo = names.get(n["id"], "")
+                trip = trips.get(hlo.replace("_", "."), trips.get(hlo))
+                if trip is None:  # data-dependent: condition + predicate copy + host sync, counted once
+                    res["host_syncs"] += mult
+                    walk(n["children"].get("condition", []), mult, graphed)
+                walk(n["children"].get("body", []), mult * (trip or 1), graphed)
+            elif kind in ("kConditional",):
+                branches = [v for k, v in n["children"].items() if k.startswith("branch")]
+                res["host_syncs"] += mult  # the branch index is read on the host
+                walk(max(branches, key=len) if branches else [], mult, graphed)
+            elif kind in CONTAINERS:
+                walk(n["children"][""], mult, graphed)
+            else:
+                hlo = names.get(n["id"], n["name"])
+                res["kernels"] += mult
+                res["host_launches"] += 0 if graphed else mult
+                by_kind[kind] += mult
+                if kind == "kCustomCall":
+                    res["legacy_custom_calls"] += mult
+                by_scope[scopes.get(hlo, scopes.get(hlo.replace("_", "."), "?"))] += mult
+
+    walk(_tree(seq), 1, False)
+    return {**res, "by_kind": dict(by_kind), "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1]))}
+
+
+def pretend_gpu(kernels: str):
+    """Make the model's dispatchers take their GPU paths while JAX's default backend is the CPU: the Triton
+    kernels are then lowered for the compile-only H200 exactly as on a real one (launch route of
+    ``dsv4_jax.kernels.launch_route``)."""
+    import dsv4_jax.kernels as K
+
+    try:  # jax-triton asks the (absent) GPU for its compute capability when it compiles a kernel
+        from jax_triton import triton_lib
+
+        triton_lib.triton_kernel_call_lib.get_compute_capability = lambda device: 90
+    except ImportError:
+        pass
+    K.triton_unavailable = lambda: None
+    K.arch = lambda: "sm90"
+    K.fp8_dot_supported = lambda: True
+    for mod in [m for n, m in list(sys.modules.items()) if n.startswith("dsv4_jax") and m is not None]:
+        for attr, new in (("triton_unavailable", K.triton_unavailable), ("arch", K.arch)):
+            if hasattr(mod, attr):
+                setattr(mod, attr, new)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="flash", choices=["flash", "pro"])
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--kernels", default="reference,auto")
+    ap.add_argument("--route", default="jax-triton,xla", help="kernel launch routes to count (dsv4_jax.kernels)")
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--scopes", type=int, default=15, help="named scopes to list (most kernels first)")
+    ap.add_argument("--json", help="append each result as a JSON line to this file")
+    args = ap.parse_args(argv)
+
+    from bench_decode import flash_layers, pro_layers
+
+    import dsv4_jax as d
+    from dsv4_jax.modeling.model import forward_jit
+
+    base = (flash_layers if args.model == "flash" else pro_layers)(args.layers, "reference")
+    import dsv4_jax.kernels as K
+
+    runs = [(k, r) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])]
+    for kern, route in runs:
+        if kern != "reference":
+            pretend_gpu(kern)
+            K.set_launch_route(route)
+        cfg = base.with_(kernels=kern)
+        w = jax.eval_shape(lambda k, c=cfg: d.init_weights(c, k), jax.random.key(0))
+        for batch in [int(b) for b in args.batch.split(",")]:
+            state = jax.eval_shape(lambda c=cfg, b=batch: d.init_state(c, b, args.max_len))
+            tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+            t0 = time.perf_counter()
+            _, dump = compile_for_h200(lambda w, t, s, c=cfg: forward_jit(w, c, t, s, return_logits="last"),
+                                       w, tok, state)
+            res = summarize(dump)
+            res.update(model=args.model, layers=args.layers, batch=batch, mode=kern, route=route,
+                       max_len=args.max_len, compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__,
+                       dump=dump)
+            top = list(res["by_scope"].items())[:args.scopes]
+            print(f"{args.model} x{args.layers} batch {batch} kernels={kern} {route}: {res['kernels']} kernels, "
+                  f"{res['host_launches']} host launches ({res['graphs']} graphs), {res['host_syncs']} host syncs, "
+                  f"{res['legacy_custom_calls']} legacy custom calls; compiled in {res['compile_s']} s", flush=True)
+            print("  " + ", ".join(f"{k or '(top)'} {v}" for k, v in top), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
