@@ -144,7 +144,7 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
 
 
 def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0) -> list[dict]:
-    from dsv4_jax.kernels import use_triton
+    from dsv4_jax.kernels import launch_route, set_launch_route, use_triton
 
     results = []
     t0 = time.perf_counter()  # random weights made once on the first device, then placed on each mesh
@@ -165,9 +165,11 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
             if batch % shape[0]:
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
-            c = cfg.with_(kernels=kern)
+            mode, _, route = kern.partition("@")  # "auto@xla": kernels="auto" launched by XLA (kernels.launch_route)
+            set_launch_route(route or "jax-triton")
+            c = cfg.with_(kernels=mode)
             res = step_timing(c, w, mesh, batch, max_len, iters, seed)
-            res.update(kernels=kern, triton=use_triton(c))
+            res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
             if speculative:
                 res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
                                                  res["median_step_s"])
@@ -281,7 +283,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--meshes", default="1x1", help="comma list of DATAxMODEL")
     ap.add_argument("--numerics", default="reference", choices=["reference", "float32"])
-    ap.add_argument("--kernels", default="auto", help="comma list of Config.kernels values to time (before/after)")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma list of Config.kernels values to time (before/after); MODE@ROUTE picks the kernels' "
+                    "launch route too (auto@xla, auto@jax-triton: dsv4_jax.kernels.launch_route)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
                     help="also time a (K+1)-token verify and a speculative iteration with K MTP drafts (1..4)")
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")

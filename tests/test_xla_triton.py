@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv4_jax import kernels
 from dsv4_jax.kernels import fp8_linear, xla_triton
 from dsv4_jax.modeling.quant import Fp8Tensor
 
@@ -43,19 +44,18 @@ def test_fp8_launch_lowers_to_xla_triton_call(M):
     x = jnp.asarray(np.random.default_rng(M).normal(size=(M, G, K)), jnp.bfloat16)
 
     def launch(x, w):
-        from dsv4_jax import kernels as K_
+        if M <= fp8_linear.GEMV_ROWS:
+            p = fp8_linear.gemv_plan(M, N, K, G, sms=8)
+            return fp8_linear._launch_gemv(x, w, M, N, K, G, jnp.bfloat16, True, p)
+        sx = jnp.ones((M, G, -(-K // 128)), jnp.float32)
+        return fp8_linear._launch(x, sx, w, M, N, K, G, jnp.bfloat16, False, fp8_linear.plan(M, N, K, G))
 
-        K_.set_launch_route("xla")
-        try:
-            if M <= fp8_linear.GEMV_ROWS:
-                p = fp8_linear.gemv_plan(M, N, K, G, sms=8)
-                return fp8_linear._launch_gemv(x, w, M, N, K, G, jnp.bfloat16, True, p)
-            sx = jnp.ones((M, G, -(-K // 128)), jnp.float32)
-            return fp8_linear._launch(x, sx, w, M, N, K, G, jnp.bfloat16, False, fp8_linear.plan(M, N, K, G))
-        finally:
-            K_.set_launch_route("jax-triton")
-
-    text = _lowered_text(launch, x, w)
+    route = kernels.launch_route()
+    kernels.set_launch_route("xla")
+    try:
+        text = _lowered_text(launch, x, w)
+    finally:
+        kernels.set_launch_route(route)
     calls = re.findall(r'stablehlo.custom_call @"?__gpu\$xla\.gpu\.triton"?\((.*?)\)', text)
     assert len(calls) == 1, text[:2000]
     ir_text = _ir(text)

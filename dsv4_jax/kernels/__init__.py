@@ -44,9 +44,13 @@ def launch_route() -> str:
 
 
 def set_launch_route(route: str) -> None:
-    """Choose the launch route for programs traced from now on (see :func:`launch_route`)."""
+    """Choose the launch route for programs traced from now on (see :func:`launch_route`). A change clears JAX's
+    tracing and compilation caches: the route is not part of their keys, so a jitted function traced under the old
+    route would otherwise keep launching through it."""
     if route not in ROUTES:
         raise ValueError(f"launch route {route!r}, expected one of {ROUTES}")
+    if route != _route[0]:
+        jax.clear_caches()
     _route[0] = route
 
 

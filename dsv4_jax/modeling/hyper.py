@@ -24,20 +24,29 @@ def _mixes(cfg: Config, h: jax.Array, w: HcWeights) -> tuple[jax.Array, jax.Arra
     return mixes, x.reshape(B, S, hc, D)
 
 
+# Unroll the Sinkhorn iterations: None = on every backend but the CPU (see :func:`sinkhorn`); True/False forces it
+# (``scripts/count_launches.py`` compiles for a GPU from a CPU process).
+UNROLL_SINKHORN: bool | None = None
+
+
 def sinkhorn(cfg: Config, c: jax.Array) -> jax.Array:
     """Row softmax + eps, column normalisation, then (iters-1) x (row, column) normalisations, eps everywhere.
 
-    Unrolled in Python: as a ``fori_loop`` each of the 19 iterations was 4 GPU launches (counter, two reductions,
-    a copy) outside any CUDA graph; unrolled, XLA makes about one fused kernel per iteration inside the step's graph
-    (``scripts/count_launches.py``). (Writing the 4-term sums as elementwise adds of slices fuses further in
-    principle, but XLA's GPU fusion pass then ran for over 15 minutes on one decode step.)"""
+    On GPUs the iterations are unrolled: as a loop each of the 19 was 4 launches (counter, two reductions, a copy)
+    outside the step's CUDA graph; unrolled, XLA makes about one fused kernel per iteration inside it
+    (``scripts/count_launches.py``). On the CPU the loop stays: unrolled, a tiny model's decode step took twice as
+    long to compile, for the same arithmetic. (Writing the 4-term sums as elementwise adds of slices would fuse
+    further, but XLA's GPU fusion pass then ran for over 15 minutes on one decode step.)"""
     eps = np.float32(cfg.hc_eps)
     c = jax.nn.softmax(c, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    for _ in range(cfg.hc_sinkhorn_iters - 1):
+
+    def body(_, c):
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    return c
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+
+    unroll = jax.default_backend() != "cpu" if UNROLL_SINKHORN is None else UNROLL_SINKHORN
+    return jax.lax.fori_loop(0, cfg.hc_sinkhorn_iters - 1, body, c, unroll=bool(unroll))
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
