@@ -164,6 +164,14 @@ def _ttir(platform: str, kernel: _Hashable, pointers: tuple, constants: tuple, n
         mod = code_generator.ast_to_ttir(fn, ASTSource(fn, constexprs=consts, signature=signature, attrs=attrs),
                                          options=options, codegen_fns=backend.get_codegen_implementation(options),
                                          context=ctx, module_map=backend.get_module_map())
+        # inline the helper functions (a reduction's combine function is a call otherwise, which XLA's Triton
+        # cannot legalize inside the reduce region) and clean up; XLA runs the rest of Triton's pipeline itself
+        pm = libtriton.ir.pass_manager(ctx)
+        libtriton.passes.common.add_inliner(pm)
+        libtriton.passes.common.add_canonicalizer(pm)
+        libtriton.passes.common.add_cse(pm)
+        libtriton.passes.common.add_symbol_dce(pm)
+        pm.run(mod, "dsv4_ttir")
         return str(mod)
 
 
