@@ -32,11 +32,13 @@ UNROLL_SINKHORN: bool | None = None
 def sinkhorn(cfg: Config, c: jax.Array) -> jax.Array:
     """Row softmax + eps, column normalisation, then (iters-1) x (row, column) normalisations, eps everywhere.
 
-    On GPUs the iterations are unrolled: as a loop each of the 19 was 4 launches (counter, two reductions, a copy)
-    outside the step's CUDA graph; unrolled, XLA makes about one fused kernel per iteration inside it
-    (``scripts/count_launches.py``). On the CPU the loop stays: unrolled, a tiny model's decode step took twice as
-    long to compile, for the same arithmetic. (Writing the 4-term sums as elementwise adds of slices would fuse
-    further, but XLA's GPU fusion pass then ran for over 15 minutes on one decode step.)"""
+    On GPUs the iterations are unrolled, with an optimization barrier after each: as a loop each of the 19 was 4
+    launches (counter, two reductions, a copy) outside the step's CUDA graph; unrolled they are 2 fused kernels
+    each inside it (``scripts/count_launches.py``: one hc_pre site 82 kernels / 78 host launches -> 41 / 1).
+    Without the barriers XLA fuses the whole chain into ~5 kernels, but one hc_pre then took 3-10x longer to compile
+    for sm_90 (6.5 s at batch 1, 25 s at batch 32 on a 2-core CPU, against 2-2.7 s): minutes for a 43-layer model.
+    On the CPU the loop stays: a tiny model's step compiled 2x slower unrolled, for the same arithmetic. (Writing
+    the 4-term sums as elementwise adds of slices made XLA's GPU fusion pass run for over 15 minutes on one step.)"""
     eps = np.float32(cfg.hc_eps)
     c = jax.nn.softmax(c, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
@@ -46,7 +48,12 @@ def sinkhorn(cfg: Config, c: jax.Array) -> jax.Array:
         return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
     unroll = jax.default_backend() != "cpu" if UNROLL_SINKHORN is None else UNROLL_SINKHORN
-    return jax.lax.fori_loop(0, cfg.hc_sinkhorn_iters - 1, body, c, unroll=bool(unroll))
+    if not unroll:
+        return jax.lax.fori_loop(0, cfg.hc_sinkhorn_iters - 1, body, c)
+    for i in range(cfg.hc_sinkhorn_iters - 1):
+        c = body(i, c)
+        c = jax.lax.optimization_barrier(c)  # one fusion per iteration: XLA fusing them all compiled 4-10x slower
+    return c
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
