@@ -6,6 +6,12 @@ from pathlib import Path
 # 8 simulated CPU devices for the sharding tests; must be set before JAX starts its backends
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One LLVM codegen thread per compile (no numeric effect). Pytest workers died in XLA's CPU compiler three times
+# (2026-11-29/30: a segfault writing a compile-cache entry, then with the cache off an abort inside
+# backend_compile_and_load, all in tests/test_speculative.py, which compiles the largest programs; not reproduced
+# alone). Parallel codegen is the suspected race; on a 2-core machine running 2 workers it gains nothing.
+if "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + " --xla_cpu_parallel_codegen_split_count=1").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
