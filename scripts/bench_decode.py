@@ -147,6 +147,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
     from dsv4_jax.kernels import launch_route, set_launch_route, use_triton
 
     results = []
+    default_route = launch_route()
     t0 = time.perf_counter()  # random weights made once on the first device, then placed on each mesh
     w0 = d.init_weights(cfg, jax.random.key(seed))  # eager: one small program per leaf shape
     jax.block_until_ready(w0)
@@ -166,7 +167,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
             mode, _, route = kern.partition("@")  # "auto@xla": kernels="auto" launched by XLA (kernels.launch_route)
-            set_launch_route(route or "jax-triton")
+            set_launch_route(route or default_route)  # plain MODE: the route DSV4_TRITON_LAUNCH chose
             c = cfg.with_(kernels=mode)
             res = step_timing(c, w, mesh, batch, max_len, iters, seed)
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())

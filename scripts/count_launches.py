@@ -173,7 +173,7 @@ def summarize(dump: str) -> dict:
     return {**res, "by_kind": dict(by_kind), "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1]))}
 
 
-def pretend_gpu(kernels: str):
+def pretend_gpu():
     """Make the model's dispatchers take their GPU paths while JAX's default backend is the CPU: the Triton
     kernels are then lowered for the compile-only H200 exactly as on a real one (launch route of
     ``dsv4_jax.kernels.launch_route``)."""
@@ -187,7 +187,6 @@ def pretend_gpu(kernels: str):
         pass
     K.triton_unavailable = lambda: None
     K.arch = lambda: "sm90"
-    K.fp8_dot_supported = lambda: True
     for mod in [m for n, m in list(sys.modules.items()) if n.startswith("dsv4_jax") and m is not None]:
         for attr, new in (("triton_unavailable", K.triton_unavailable), ("arch", K.arch)):
             if hasattr(mod, attr):
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
     runs = [(k, r) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])]
     for kern, route in runs:
         if kern != "reference":
-            pretend_gpu(kern)
+            pretend_gpu()
             K.set_launch_route(route)
         cfg = base.with_(kernels=kern)
         w = jax.eval_shape(lambda k, c=cfg: d.init_weights(c, k), jax.random.key(0))
