@@ -1,15 +1,13 @@
 """Shared fixtures: the golden data folder (``../shared/golden`` next to the repo) and its tiny checkpoint."""
 
+import gc
 import os
 from pathlib import Path
 
 # 8 simulated CPU devices for the sharding tests; must be set before JAX starts its backends
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# One LLVM codegen thread per compile (no numeric effect). Pytest workers died in XLA's CPU compiler three times
-# (2026-11-29/30: a segfault writing a compile-cache entry, then with the cache off an abort inside
-# backend_compile_and_load, all in tests/test_speculative.py, which compiles the largest programs; not reproduced
-# alone). Parallel codegen is the suspected race; on a 2-core machine running 2 workers it gains nothing.
+# One LLVM codegen thread per compile (no numeric effect; on a 2-core machine running 2 workers it gains nothing).
 if "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + " --xla_cpu_parallel_codegen_split_count=1").strip()
 
@@ -19,9 +17,7 @@ import pytest  # noqa: E402
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
 # JAX's persistent compilation cache is OFF in the tests unless DSV4_JAX_CACHE names a folder (one subfolder per
-# pytest worker). jaxlib 0.10.2 segfaulted while writing an entry (compilation_cache.put_executable_and_time, CPU,
-# a speculative-decoding program) in two CI runs on 2026-11-29/30, and aborted reading an entry another process
-# was writing when workers shared a folder; CI starts from an empty cache anyway.
+# pytest worker): CI starts from an empty cache anyway.
 if os.environ.get("DSV4_JAX_CACHE"):
     _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["DSV4_JAX_CACHE"], _worker))
@@ -43,3 +39,18 @@ def golden_path() -> Path:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return golden_path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every XLA CPU executable keeps ~3 memory mappings of JIT code until it is freed, and JAX caches every program
+    it compiled: a pytest worker running ~1/2 of the suite reached tens of thousands of mappings, and at Linux's
+    ``vm.max_map_count`` (65530) LLVM's next mapping fails, which killed workers inside XLA's compiler (a segfault
+    or an abort in ``backend_compile_and_load`` / the compile-cache write, 2026-11-29/30, always late in the run,
+    in whichever test compiled then). Measured: 200 small jitted functions add 664 mappings, ``clear_caches`` gives
+    586 back. Test modules share no compiled programs worth keeping."""
+    yield
+    jax.clear_caches()
+    gc.collect()
