@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.mhc import hc_pre
 from dsv4_jax.modeling.attention import attention
-from dsv4_jax.modeling.hyper import hc_head, hc_post, hc_pre
+from dsv4_jax.modeling.hyper import hc_head, hc_post
 from dsv4_jax.modeling.layers import rms_norm, rope_freqs
 from dsv4_jax.modeling.moe import moe
 from dsv4_jax.modeling.quant import dot_f32, linear

@@ -1,0 +1,197 @@
+"""mHC's stream collapse ``hc_pre`` (spec 4) in two Triton kernels instead of ~40 XLA ones.
+
+Public function: :func:`hc_pre` ``h [B,S,hc,D]`` -> ``y [B,S,D]`` (act dtype), ``post [B,S,hc]``, ``comb
+[B,S,hc,hc]`` (fp32). The reference is :func:`dsv4_jax.modeling.hyper.hc_pre` (the spec, the CPU path).
+
+Why a kernel: per token the site is a 16K-long fp32 dot against 24 rows of ``fn``, a norm, three sigmoids, a 4x4
+Sinkhorn of 20 iterations and a weighted sum of the streams. XLA makes that ~41 kernels per site on an H200
+(``scripts/count_launches.py``: the iterations cannot fuse without multiplying the compile time), two sites per
+layer; each is a few microseconds of launch for almost no bytes. Here:
+
+1. :func:`_mix_partial_kernel`, grid ``(NS K-splits, token blocks)``: each program streams its slice of ``fn``
+   ``[n_mix, K/NS]`` once and writes, per token of its block, the partial dots and the partial sum of squares of
+   ``x = h.reshape(hc*D)`` in fp32 to a workspace ``[T, NS, P]`` (column ``n_mix`` holds the sum of squares). At
+   batch 1 the NS programs read ``fn`` (1.5 MB for V4-Flash) with all SMs busy.
+2. :func:`_finish_kernel`, grid ``(T, D / BD)``: each program reduces the NS partials of its token in split order,
+   forms ``mixes * rsqrt(mean(x^2) + eps)``, the sigmoids and the Sinkhorn exactly as the reference orders them
+   (every program recomputes this 4x4 work, it is tiny), writes ``post`` and ``comb`` (first program of the row)
+   and ``y = sum_i pre_i * x_i`` for its BD columns, in stream order, rounded once to the output dtype.
+
+Numerics contract: the same formula and operation order as the reference except the order of the fp32 sums over
+K (the dot and the sum of squares: split-K here, XLA's own order there) and ``exp``/``sigmoid`` implementations
+(ulp-level). With ``fn``-scaled mixes of order one the K-sums agree to ~2**-17 relative, hence ``post``/``comb``
+to ~1e-5 absolute and ``y`` to one bf16 ulp (``tests/test_kernels_mhc.py``).
+
+Portable Triton (fp32 arithmetic, plain masked loads), tested under the interpreter in CI and compiled for sm_90
+without a GPU; not yet run on a GPU, hence used only with ``kernels="triton"`` (as the sparse-attention kernel) until
+its GPU test and the golden criteria pass there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.kernels import arch, single_device, triton_call, use_triton
+from dsv4_jax.modeling import hyper
+from dsv4_jax.modeling.weights import HcWeights
+
+try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without the triton extra
+    triton = tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mix_partial_kernel(x_ptr, fn_ptr, T, part_ptr, K: tl.constexpr, NMIX: tl.constexpr, P: tl.constexpr,
+                            NS: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+        """Program (s, tb): tokens ``[tb*BT, tb*BT+BT)``, K range ``[s*KC, s*KC+KC)``; writes
+        ``part[t, s, :NMIX] = x[t, k] . fn[:, k]`` and ``part[t, s, NMIX] = sum_k x[t, k]**2`` (fp32)."""
+        s = tl.program_id(0)
+        tok = tl.program_id(1) * BT + tl.arange(0, BT)  # [BT]
+        live = tok < T
+        rows = tl.arange(0, P)  # [P] fn rows (NMIX real ones)
+        acc = tl.zeros((BT, P), tl.float32)
+        sq = tl.zeros((BT,), tl.float32)
+        for kk in range(0, KC, BK):
+            k = s * KC + kk + tl.arange(0, BK)  # [BK]
+            km = k < K
+            f = tl.load(fn_ptr + rows[:, None] * K + k[None, :], mask=(rows[:, None] < NMIX) & km[None, :],
+                        other=0.0)  # [P, BK]
+            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * K + k[None, :], mask=live[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)  # [BT, BK]
+            acc += tl.sum(x[:, None, :] * f[None, :, :], axis=2)
+            sq += tl.sum(x * x, axis=1)
+        acc = tl.where(rows[None, :] == NMIX, sq[:, None], acc)
+        dst = part_ptr + (tok[:, None].to(tl.int64) * NS + s) * P + rows[None, :]
+        tl.store(dst, acc, mask=live[:, None])
+
+    @triton.jit
+    def _finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, D: tl.constexpr,
+                       HC: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, P: tl.constexpr, NORM_EPS: tl.constexpr,
+                       HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr):
+        """Program (t, j): token t's mixes, sigmoids and Sinkhorn (recomputed by every j), ``post``/``comb``
+        (j == 0) and ``y[t, j*BD : j*BD+BD]``."""
+        t = tl.program_id(0).to(tl.int64)
+        K: tl.constexpr = HC * D
+        NMIX: tl.constexpr = HC * (2 + HC)
+        ns = tl.arange(0, NSP)
+        nsm = ns < NS
+        i = tl.arange(0, HC)
+        row = part_ptr + t * NS * P
+        sq = tl.sum(tl.load(row + ns * P + NMIX, mask=nsm, other=0.0), axis=0)
+        r = 1.0 / tl.sqrt(sq / K + NORM_EPS)
+        m_pre = tl.sum(tl.load(row + ns[:, None] * P + i[None, :], mask=nsm[:, None], other=0.0), axis=0) * r
+        m_post = tl.sum(tl.load(row + ns[:, None] * P + HC + i[None, :], mask=nsm[:, None], other=0.0), axis=0) * r
+        cidx = i[:, None] * HC + i[None, :]  # [HC, HC]
+        m_comb = tl.sum(tl.load(row + ns[:, None, None] * P + 2 * HC + cidx[None, :, :], mask=nsm[:, None, None],
+                                other=0.0), axis=0) * r
+        pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + HC_EPS  # [HC]
+        post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
+        c = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cidx)  # [HC, HC]
+        c = tl.exp(c - tl.max(c, axis=1)[:, None])  # Sinkhorn, as hyper.sinkhorn orders it
+        c = c / tl.sum(c, axis=1)[:, None] + HC_EPS
+        c = c / (tl.sum(c, axis=0)[None, :] + HC_EPS)
+        for _ in range(ITERS - 1):
+            c = c / (tl.sum(c, axis=1)[:, None] + HC_EPS)
+            c = c / (tl.sum(c, axis=0)[None, :] + HC_EPS)
+        if tl.program_id(1) == 0:
+            tl.store(post_ptr + t * HC + i, post)
+            tl.store(comb_ptr + t * HC * HC + cidx, c)
+        d = tl.program_id(1) * BD + tl.arange(0, BD)
+        dm = d < D
+        y = tl.zeros((BD,), tl.float32)
+        for j in tl.static_range(HC):  # stream order, as the reference sums
+            pj = tl.sum(tl.where(i == j, pre, 0.0), axis=0)
+            xj = tl.load(x_ptr + t * K + j * D + d, mask=dm, other=0.0).to(tl.float32)
+            if j == 0:
+                y = pj * xj
+            else:
+                y = y + pj * xj
+        tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def plan(T: int, K: int, target: str | None = None, sms: int = 132) -> dict:
+    """K splits ``NS`` (enough programs for ~2 per SM at decode, none at large T), the K step ``BK``, tokens per
+    program ``BT``, the y columns per program ``BD`` and launch options: the one place they are chosen."""
+    if target == "cpu":
+        return dict(NS=2, BK=64, BT=2, BD=128, num_warps=4)
+    BT, BK = 4, 64
+    blocks = math.ceil(T / BT)
+    NS = 1
+    while NS < 64 and NS * blocks < 2 * sms and K >= 2 * NS * BK * 4:
+        NS *= 2
+    return dict(NS=NS, BK=BK, BT=BT, BD=1024, num_warps=4)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
+    """The Triton path of :func:`hc_pre` (same returns)."""
+    B, S, hc, D = h.shape
+    T, K, nmix = B * S, hc * D, hc * (2 + hc)
+    if w.fn.shape != (nmix, K) or w.base.shape != (nmix,) or w.scale.shape != (3,):
+        raise ValueError(f"hc_pre: mHC weights fn {w.fn.shape}, base {w.base.shape}, scale {w.scale.shape} do not "
+                         f"match hc_mult={hc}, dim={D} (expected ({nmix}, {K}), ({nmix},), (3,))")
+    if hc & (hc - 1):
+        raise ValueError(f"hc_pre: the kernel needs a power-of-two hc_mult, got {hc}")
+    p = p or plan(T, K, arch())
+    x = h.reshape(T, K)
+    P = _pow2(nmix + 1)
+    KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
+    part = triton_call(x, w.fn.astype(jnp.float32), T, kernel=_mix_partial_kernel,
+                       out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32),
+                       grid=(p["NS"], math.ceil(T / p["BT"])), K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC, BK=p["BK"],
+                       BT=p["BT"], num_warps=p["num_warps"])
+    y, post, comb = triton_call(
+        part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), kernel=_finish_kernel,
+        out_shape=(jax.ShapeDtypeStruct((T, D), cfg.act_dtype), jax.ShapeDtypeStruct((T, hc), jnp.float32),
+                   jax.ShapeDtypeStruct((T, hc, hc), jnp.float32)),
+        grid=(T, math.ceil(D / p["BD"])), D=D, HC=hc, NS=p["NS"], NSP=_pow2(p["NS"]), P=P,
+        NORM_EPS=float(np.float32(cfg.norm_eps)), HC_EPS=float(np.float32(cfg.hc_eps)), ITERS=cfg.hc_sinkhorn_iters,
+        BD=p["BD"], num_warps=p["num_warps"])
+    return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc)
+
+
+def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
+    """Collapse the hc streams for a block: ``y [B,S,D]`` (act dtype), ``post [B,S,hc]``, ``comb [B,S,hc,hc]``
+    (see :func:`dsv4_jax.modeling.hyper.hc_pre`). The two kernels run only with ``cfg.kernels == "triton"`` on one
+    device: ``"auto"`` keeps the XLA reference until they have passed their GPU test and the golden criteria on a
+    GPU (so far: the interpreter and an sm_90 compile)."""
+    if cfg.kernels == "triton" and use_triton(cfg) and single_device() and h.shape[0] * h.shape[1] > 0:
+        return hc_pre_triton(cfg, h, w)
+    return hyper.hc_pre(cfg, h, w)
+
+
+# ---------------------------------------------------------------------------------------------- torch launcher
+def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p: dict):
+    """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``h [T, hc, D]`` -> y ``[T, D]`` fp32,
+    post ``[T, hc]``, comb ``[T, hc, hc]``."""
+    import torch
+
+    T, hc, D = h.shape
+    K, nmix = hc * D, hc * (2 + hc)
+    P = _pow2(nmix + 1)
+    KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
+    x = h.reshape(T, K).contiguous()
+    part = torch.full((T, p["NS"], P), float("nan"), dtype=torch.float32)
+    _mix_partial_kernel[(p["NS"], math.ceil(T / p["BT"]))](x, fn, T, part, K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC,
+                                                            BK=p["BK"], BT=p["BT"], num_warps=p["num_warps"])
+    y = torch.full((T, D), float("nan"), dtype=torch.float32)
+    post = torch.full((T, hc), float("nan"), dtype=torch.float32)
+    comb = torch.full((T, hc, hc), float("nan"), dtype=torch.float32)
+    _finish_kernel[(T, math.ceil(D / p["BD"]))](part, x, scale, base, y, post, comb, D=D, HC=hc, NS=p["NS"],
+                                                NSP=_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
+                                                HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"],
+                                                num_warps=p["num_warps"])
+    return y, post, comb

@@ -1,0 +1,185 @@
+"""The fused mHC ``hc_pre`` kernels (``dsv4_jax/kernels/mhc.py``) against the XLA reference (``modeling/hyper.py``).
+
+CPU: both ``@triton.jit`` kernels under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set
+before triton is imported) on torch CPU tensors; GPU: the jitted launcher (skipped without a GPU).
+
+Tolerance. Both sides evaluate the same formula in fp32 in the same order except the two K-long sums (the mixes'
+dot products and the sum of squares: split-K partials here, XLA's order there) and ``exp``/``sigmoid``
+(ulp-level). The inputs are scaled like the model's (``fn`` rows of norm ~1 against RMS-normalised streams), so
+the mixes are O(1) and their K-sums agree to ~sqrt(K) * 2**-24 relative (~2**-17 at K = 16K); through the sigmoids
+(slope <= 1/2) and the Sinkhorn normalisations of a 4x4 matrix of entries in (0, 1] that stays below 2**-14
+absolute for ``post`` and ``comb``. ``y`` is rounded once to bf16 on both sides from fp32 values that differ by
+~2**-14 relative at most: one bf16 ulp. A wrong stream, split, row or iteration count is off by O(1e-2..1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# (name, T tokens, hc, D, sinkhorn iters, plan override or None)
+CASES = [
+    ("decode", 1, 4, 256, 20, dict(NS=4, BK=64, BT=2, BD=128, num_warps=4)),
+    ("batch-ragged-split", 5, 4, 200, 20, dict(NS=3, BK=64, BT=2, BD=128, num_warps=4)),  # K tail, D tail, 3 splits
+    ("one-split-few-iters", 3, 2, 128, 3, dict(NS=1, BK=64, BT=4, BD=64, num_warps=4)),
+]
+SEED = 2718
+ABS_MIX = 2.0**-14
+
+
+def _inputs(T, hc, D, seed):
+    """Streams ``h [T, hc, D]`` (bf16, RMS ~1 with per-stream scales) and mHC weights shaped like the model's."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.weights import HcWeights
+
+    rng = np.random.default_rng(seed)
+    nmix, K = hc * (2 + hc), hc * D
+    h = jnp.asarray(rng.standard_normal((T, hc, D)) * np.exp2(rng.integers(-1, 2, (T, hc, 1))), jnp.bfloat16)
+    fn = jnp.asarray(rng.standard_normal((nmix, K)) / np.sqrt(K) * 2, jnp.float32)
+    base = jnp.asarray(rng.standard_normal(nmix), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
+    return h, HcWeights(fn=fn, base=base, scale=scale)
+
+
+def _cfg(hc, D, iters):
+    from dsv4_jax.config import Config
+
+    return Config.tiny(hc_mult=hc, dim=D, hc_sinkhorn_iters=iters)
+
+
+def _reference(cfg, h, w):
+    from dsv4_jax.modeling import hyper
+
+    y, post, comb = hyper.hc_pre(cfg, h[:, None], w)
+    return np.asarray(y[:, 0].astype(np.float32)), np.asarray(post[:, 0]), np.asarray(comb[:, 0])
+
+
+def _check(got, ref, what):
+    (y, post, comb), (ry, rpost, rcomb) = got, ref
+    for name, a in (("y", y), ("post", post), ("comb", comb)):
+        assert np.isfinite(a).all(), f"{what}: non-finite {name}"
+    np.testing.assert_allclose(post, rpost, rtol=0, atol=ABS_MIX, err_msg=f"{what}: post")
+    np.testing.assert_allclose(comb, rcomb, rtol=0, atol=ABS_MIX, err_msg=f"{what}: comb")
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(ry), 2.0**-126))) - 7)  # one bf16 ulp of the reference
+    err = np.abs(y - ry)
+    assert (err <= ulp).all(), f"{what}: y off by {np.max(err / ulp):.2f} bf16 ulps"
+
+
+def _interpret_main(path: str) -> None:
+    """Subprocess body: both kernels under the interpreter on every case stored in ``path``."""
+    import torch
+
+    from dsv4_jax.kernels.mhc import run_torch
+
+    z = dict(np.load(path))
+    res = {}
+    for i, (_, _, _, _, iters, p) in enumerate(CASES):
+        t = lambda k, i=i: torch.from_numpy(z[f"{k}{i}"].copy())  # noqa: E731
+        y, post, comb = run_torch(t("h").view(torch.bfloat16), t("fn"), t("scale"), t("base"), float(z["hc_eps"]),
+                                  float(z["norm_eps"]), iters, p)
+        res.update({f"y{i}": y.numpy(), f"post{i}": post.numpy(), f"comb{i}": comb.numpy()})
+    np.savez(path + ".out.npz", **res)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays, refs = {}, []
+    for i, (_, T, hc, D, iters, _) in enumerate(CASES):
+        cfg = _cfg(hc, D, iters)
+        h, w = _inputs(T, hc, D, SEED + i)
+        arrays.update({f"h{i}": np.asarray(h).view(np.uint16), f"fn{i}": np.asarray(w.fn),
+                       f"scale{i}": np.asarray(w.scale), f"base{i}": np.asarray(w.base)})
+        refs.append(_reference(cfg, h, w))
+    arrays.update(hc_eps=np.float32(cfg.hc_eps), norm_eps=np.float32(cfg.norm_eps))
+    path = str(tmp_path_factory.mktemp("mhc") / "in.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
+    return refs, dict(np.load(path + ".out.npz"))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_interpreter_matches_reference(interpreted, i):
+    refs, out = interpreted
+    _check((out[f"y{i}"], out[f"post{i}"], out[f"comb{i}"]), refs[i], CASES[i][0])
+
+
+def test_check_catches_plausible_kernel_bugs():
+    """The tolerances see the mistakes a kernel could make: one Sinkhorn iteration more (before convergence, at 3
+    iterations), ``comb`` transposed, the stream weights of streams 0 and 1 swapped."""
+    import jax.numpy as jnp
+
+    _, T, hc, D, iters, _ = CASES[2]
+    h, w = _inputs(T, hc, D, SEED)
+    ref = _reference(_cfg(hc, D, iters), h, w)
+    bad = {"one more iteration": _reference(_cfg(hc, D, iters + 1), h, w),
+           "comb transposed": (ref[0], ref[1], np.swapaxes(ref[2], -1, -2))}
+    swap = np.arange(hc * (2 + hc))
+    swap[[0, 1]] = [1, 0]
+    swapped = w.replace(fn=w.fn[jnp.asarray(swap)], base=w.base[jnp.asarray(swap)])
+    bad["pre weights swapped"] = _reference(_cfg(hc, D, iters), h, swapped)
+    for what, got in bad.items():
+        with pytest.raises(AssertionError):
+            _check(got, ref, what)
+
+
+def test_dispatch_keeps_reference_on_cpu_and_with_auto():
+    """``kernels="auto"`` (and the CPU backend) run the reference, bit for bit."""
+    from dsv4_jax.kernels.mhc import hc_pre
+    from dsv4_jax.modeling import hyper
+
+    _, T, hc, D, iters, _ = CASES[1]
+    h, w = _inputs(T, hc, D, 1)
+    cfg = _cfg(hc, D, iters)
+    a = hc_pre(cfg, h[:, None], w)
+    b = hyper.hc_pre(cfg, h[:, None], w)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x.astype(np.float32)), np.asarray(y.astype(np.float32)))
+
+
+def test_bad_weights_are_named():
+    """Weights of another hc_mult/dim are refused naming the shapes."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.mhc import hc_pre_triton
+
+    _, T, hc, D, iters, _ = CASES[0]
+    h, w = _inputs(T, hc, D, 3)
+    w = w.replace(fn=jnp.zeros((5, hc * D), jnp.float32))
+    with pytest.raises(ValueError, match="mHC weights fn"):
+        hc_pre_triton(_cfg(hc, D, iters), h[:, None], w)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.parametrize("case", [("flash-decode", 1, 4, 4096), ("flash-batch32", 32, 4, 4096),
+                                  ("pro-decode", 1, 4, 7168), ("flash-prefill", 512, 4, 4096)], ids=lambda c: c[0])
+def test_gpu_matches_reference(case):
+    """V4-Flash / V4-Pro shapes (hc 4, D 4096 / 7168, 20 Sinkhorn iterations) inside jit, with the plan of the
+    card."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"mHC GPU test: {why}")
+    import jax
+
+    from dsv4_jax.kernels.mhc import hc_pre_triton
+
+    name, T, hc, D = case
+    cfg = _cfg(hc, D, 20)
+    h, w = _inputs(T, hc, D, SEED)
+    y, post, comb = jax.jit(hc_pre_triton, static_argnums=0)(cfg, h[:, None], w)
+    got = (np.asarray(y[:, 0].astype(np.float32)), np.asarray(post[:, 0]), np.asarray(comb[:, 0]))
+    _check(got, _reference(cfg, h, w), name)
+
+
+if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
+    _interpret_main(sys.argv[1])
