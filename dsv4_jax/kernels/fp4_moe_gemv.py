@@ -56,11 +56,11 @@ def _dot_rows(we, wo, xe, xo):
 @triton.jit
 def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s, w3p, w3s, h_ptr,
                   R: tl.constexpr, D: tl.constexpr, I: tl.constexpr, LIMIT: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, NG: tl.constexpr):
+                  BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr):
     """h[slot, n] for the BM slots of block ``program_id(0)`` and BN columns n; ``x [T, D]`` holds the
     FP8-quantized token values (bf16, exact)."""
     b = tl.program_id(0)
-    if b >= tl.load(used_ptr):
+    if b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:  # unused, or another device's expert: no work
         return
     n = _weight_rows(bexp_ptr, b, I, BN)  # [BN] rows of the [E*I, D] stacks
     mrow = tl.arange(0, BM)
@@ -94,11 +94,11 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
 
 @triton.jit
 def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, NB: tl.constexpr):
+               BN: tl.constexpr, NB: tl.constexpr, E: tl.constexpr):
     """y[slot, n] = bf16(act_quant(h[slot]) @ w2[n].T) for the BM slots of one block and BN output columns; each step
     covers NB 128-wide blocks of h (4 NB scale groups of 32)."""
     b = tl.program_id(0)
-    if b >= tl.load(used_ptr):
+    if b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:
         return
     n = _weight_rows(bexp_ptr, b, D, BN)  # [BN] rows of the [E*D, I] stack
     mrow = tl.arange(0, BM)
@@ -136,24 +136,25 @@ def check_gemv_shapes(D: int, I: int, t: dict) -> None:
                          "I % 128*NB, I % BN1, D % BN2 == 0)")
 
 
-def _kw(t: dict, which: int) -> dict:
-    common = dict(BM=t["BM"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+def _kw(t: dict, which: int, E: int) -> dict:
+    common = dict(BM=t["BM"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"])
     return {**common, "BN": t["BN1"], "NG": t["NG"]} if which == 1 else {**common, "BN": t["BN2"], "NB": t["NB"]}
 
 
 def launch_gemv_jax(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
     """Both GEMV kernels through jax-triton: ``x [T, D]`` the FP8-quantized tokens in bf16 (exact), ``tok``, ``wt``
-    and the :func:`experts.group_pairs` layout with ``t["BM"]`` slots per block -> ``y [slots, D]`` bf16 (rows of
-    unused blocks undefined)."""
+    and the block layout of :func:`dsv4_jax.kernels.fp4_moe.schedule` with ``t["BM"]`` slots per block -> ``y
+    [slots, D]`` bf16 (rows of unused blocks and of blocks whose expert is ``E``, the "not here" sentinel, are
+    undefined)."""
     E, I, D2 = w1.packed.shape
     D, R, n_blocks = 2 * D2, tok.shape[0], bexp.shape[0]
     n_slots = n_blocks * t["BM"]
     h = triton_call(x, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
                        kernel=_gate_up_gemv, out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
-                       grid=(n_blocks, I // t["BN1"]), R=R, D=D, I=I, LIMIT=limit, **_kw(t, 1))
+                       grid=(n_blocks, I // t["BN1"]), R=R, D=D, I=I, LIMIT=limit, **_kw(t, 1, E))
     return triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_gemv,
                           out_shape=jax.ShapeDtypeStruct((n_slots, D), jnp.bfloat16), grid=(n_blocks, D // t["BN2"]),
-                          D=D, I=I, **_kw(t, 2))
+                          D=D, I=I, **_kw(t, 2, E))
 
 
 def launch_gemv_torch(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
@@ -167,6 +168,6 @@ def launch_gemv_torch(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t:
     h = torch.full((n_slots, I), float("nan"), dtype=torch.float32)
     y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
     _gate_up_gemv[(n_blocks, I // t["BN1"])](x, tok, wt, rows, bexp, used, *w1, *w3, h, R=R, D=D, I=I, LIMIT=limit,
-                                             **_kw(t, 1))
-    _down_gemv[(n_blocks, D // t["BN2"])](h, bexp, used, *w2, y, D=D, I=I, **_kw(t, 2))
+                                             **_kw(t, 1, E))
+    _down_gemv[(n_blocks, D // t["BN2"])](h, bexp, used, *w2, y, D=D, I=I, **_kw(t, 2, E))
     return h, y
