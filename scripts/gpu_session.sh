@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe decode attn kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc decode attn kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -18,6 +18,8 @@ for s in "${stages[@]}"; do
            tests/test_kernels_fp8.py -k "gpu and (${FP8_K:-sweep})" ;;
     moe) run moe_tests "${MOE_BOX:-90}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
            tests/test_kernels_fp4_moe.py -k "gpu and (${MOE_K:-2048})" ;;
+    mhc) run mhc_tests "${MHC_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
+           tests/test_kernels_mhc.py -k gpu ;;
     decode) TAIL=4 run decode 250 python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \
               --kernels "${DECODE_KERNELS:-reference,auto@jax-triton,auto@xla}" --iters 10 --out "$OUT/decode.json"
             python3 -c "

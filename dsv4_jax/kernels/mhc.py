@@ -38,11 +38,14 @@ import numpy as np
 from dsv4_jax.config import Config
 from dsv4_jax.kernels import arch, single_device, triton_call, use_triton
 from dsv4_jax.modeling import hyper
+from dsv4_jax.modeling.layers import rms_norm
 from dsv4_jax.modeling.weights import HcWeights
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
     import triton.language as tl
+
+    from dsv4_jax.kernels.common import round_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -74,11 +77,14 @@ if triton is not None:
         tl.store(dst, acc, mask=live[:, None])
 
     @triton.jit
-    def _finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, D: tl.constexpr,
+    def _finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr, D: tl.constexpr,
                        HC: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, P: tl.constexpr, NORM_EPS: tl.constexpr,
-                       HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr):
+                       HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr,
+                       Y_BF16: tl.constexpr):
         """Program (t, j): token t's mixes, sigmoids and Sinkhorn (recomputed by every j), ``post``/``comb``
-        (j == 0) and ``y[t, j*BD : j*BD+BD]``."""
+        (j == 0) and ``y[t, j*BD : j*BD+BD]``. With ``NORM`` (one program per token, ``BD >= D``) ``y`` is
+        followed by the block's RMSNorm with weight ``nw [D]``: ``y`` rounded to the activation dtype (bf16 when
+        ``Y_BF16``), then ``nw * (y * rsqrt(mean(y**2) + eps))`` in fp32, as ``layers.rms_norm`` computes it."""
         t = tl.program_id(0).to(tl.int64)
         K: tl.constexpr = HC * D
         NMIX: tl.constexpr = HC * (2 + HC)
@@ -115,37 +121,55 @@ if triton is not None:
                 y = pj * xj
             else:
                 y = y + pj * xj
+        if NORM:
+            if Y_BF16:
+                y = round_bf16(y)  # hc_pre's output as the reference rounds it
+            y = tl.where(dm, y, 0.0)
+            rr = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + NORM_EPS)
+            y = tl.load(nw_ptr + d, mask=dm, other=0.0).to(tl.float32) * (y * rr)
         tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def plan(T: int, K: int, target: str | None = None, sms: int = 132) -> dict:
+def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False, sms: int = 132) -> dict:
     """K splits ``NS`` (enough programs for ~2 per SM at decode, none at large T), the K step ``BK``, tokens per
-    program ``BT``, the y columns per program ``BD`` and launch options: the one place they are chosen."""
-    if target == "cpu":
-        return dict(NS=2, BK=64, BT=2, BD=128, num_warps=4)
+    program ``BT``, the y columns per program ``BD`` (a whole row with the fused norm) and launch options: the one
+    place they are chosen."""
+    K = hc * D
+    if target == "cpu":  # the interpreter pays per program and per op: whole rows
+        return dict(NS=2, BK=64, BT=2, BD=_pow2(D) if norm else min(_pow2(D), 1024), num_warps=4, warps2=4)
     BT, BK = 4, 64
     blocks = math.ceil(T / BT)
     NS = 1
     while NS < 64 and NS * blocks < 2 * sms and K >= 2 * NS * BK * 4:
         NS *= 2
-    return dict(NS=NS, BK=BK, BT=BT, BD=1024, num_warps=4)
+    BD = _pow2(D) if norm else 1024
+    return dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=8 if BD > 2048 else 4)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
-    """The Triton path of :func:`hc_pre` (same returns)."""
+def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
     B, S, hc, D = h.shape
-    T, K, nmix = B * S, hc * D, hc * (2 + hc)
+    K, nmix = hc * D, hc * (2 + hc)
     if w.fn.shape != (nmix, K) or w.base.shape != (nmix,) or w.scale.shape != (3,):
         raise ValueError(f"hc_pre: mHC weights fn {w.fn.shape}, base {w.base.shape}, scale {w.scale.shape} do not "
                          f"match hc_mult={hc}, dim={D} (expected ({nmix}, {K}), ({nmix},), (3,))")
+    if norm_w is not None and norm_w.shape != (D,):
+        raise ValueError(f"hc_pre: norm weight has shape {norm_w.shape}, expected ({D},)")
     if hc & (hc - 1):
         raise ValueError(f"hc_pre: the kernel needs a power-of-two hc_mult, got {hc}")
-    p = p or plan(T, K, arch())
+
+
+def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None):
+    B, S, hc, D = h.shape
+    _check(h, w, norm_w)
+    T, K, nmix = B * S, hc * D, hc * (2 + hc)
+    p = p or plan(T, hc, D, arch(), norm=norm_w is not None)
+    if norm_w is not None and p["BD"] < D:
+        raise ValueError(f"hc_pre: the fused norm needs a whole row per program, BD={p['BD']} < dim={D}")
     x = h.reshape(T, K)
     P = _pow2(nmix + 1)
     KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
@@ -153,14 +177,29 @@ def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None
                        out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32),
                        grid=(p["NS"], math.ceil(T / p["BT"])), K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC, BK=p["BK"],
                        BT=p["BT"], num_warps=p["num_warps"])
+    nw = jnp.zeros((1,), jnp.float32) if norm_w is None else norm_w
     y, post, comb = triton_call(
-        part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), kernel=_finish_kernel,
+        part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), nw, kernel=_finish_kernel,
         out_shape=(jax.ShapeDtypeStruct((T, D), cfg.act_dtype), jax.ShapeDtypeStruct((T, hc), jnp.float32),
                    jax.ShapeDtypeStruct((T, hc, hc), jnp.float32)),
         grid=(T, math.ceil(D / p["BD"])), D=D, HC=hc, NS=p["NS"], NSP=_pow2(p["NS"]), P=P,
         NORM_EPS=float(np.float32(cfg.norm_eps)), HC_EPS=float(np.float32(cfg.hc_eps)), ITERS=cfg.hc_sinkhorn_iters,
-        BD=p["BD"], num_warps=p["num_warps"])
+        BD=p["BD"], NORM=norm_w is not None, Y_BF16=cfg.act_dtype == jnp.bfloat16, num_warps=p["warps2"])
     return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc)
+
+
+def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
+    """The Triton path of :func:`hc_pre` (same returns)."""
+    return _launch(cfg, h, w, None, p)
+
+
+def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array, p: dict | None = None):
+    """The Triton path of :func:`hc_pre_norm` (same returns)."""
+    return _launch(cfg, h, w, norm_w, p)
+
+
+def _triton_ok(cfg: Config, h: jax.Array) -> bool:
+    return cfg.kernels == "triton" and use_triton(cfg) and single_device() and h.shape[0] * h.shape[1] > 0
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
@@ -168,15 +207,27 @@ def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
     (see :func:`dsv4_jax.modeling.hyper.hc_pre`). The two kernels run only with ``cfg.kernels == "triton"`` on one
     device: ``"auto"`` keeps the XLA reference until they have passed their GPU test and the golden criteria on a
     GPU (so far: the interpreter and an sm_90 compile)."""
-    if cfg.kernels == "triton" and use_triton(cfg) and single_device() and h.shape[0] * h.shape[1] > 0:
+    if _triton_ok(cfg, h):
         return hc_pre_triton(cfg, h, w)
     return hyper.hc_pre(cfg, h, w)
 
 
+def hc_pre_norm(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array):
+    """:func:`hc_pre` followed by the block's RMSNorm: ``rms_norm(y, norm_w) [B,S,D]`` (act dtype), ``post``,
+    ``comb``. The kernel path computes the norm in the second kernel (one program per token), one launch less per
+    site; same dispatch as :func:`hc_pre`."""
+    if _triton_ok(cfg, h):
+        return hc_pre_norm_triton(cfg, h, w, norm_w)
+    y, post, comb = hyper.hc_pre(cfg, h, w)
+    return rms_norm(y, norm_w, cfg.norm_eps, cfg.act_dtype), post, comb
+
+
 # ---------------------------------------------------------------------------------------------- torch launcher
-def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p: dict):
-    """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``h [T, hc, D]`` -> y ``[T, D]`` fp32,
-    post ``[T, hc]``, comb ``[T, hc, hc]``."""
+def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p: dict, norm_w=None,
+              y_bf16: bool = True):
+    """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``h [T, hc, D]`` -> y ``[T, D]`` fp32
+    (normed by ``norm_w [D]`` when given, after rounding y to bf16 if ``y_bf16``), post ``[T, hc]``, comb
+    ``[T, hc, hc]``."""
     import torch
 
     T, hc, D = h.shape
@@ -190,8 +241,9 @@ def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p:
     y = torch.full((T, D), float("nan"), dtype=torch.float32)
     post = torch.full((T, hc), float("nan"), dtype=torch.float32)
     comb = torch.full((T, hc, hc), float("nan"), dtype=torch.float32)
-    _finish_kernel[(T, math.ceil(D / p["BD"]))](part, x, scale, base, y, post, comb, D=D, HC=hc, NS=p["NS"],
+    nw = torch.zeros(1, dtype=torch.float32) if norm_w is None else norm_w
+    _finish_kernel[(T, math.ceil(D / p["BD"]))](part, x, scale, base, nw, y, post, comb, D=D, HC=hc, NS=p["NS"],
                                                 NSP=_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
                                                 HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"],
-                                                num_warps=p["num_warps"])
+                                                NORM=norm_w is not None, Y_BF16=y_bf16, num_warps=p["warps2"])
     return y, post, comb

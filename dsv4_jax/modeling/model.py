@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.mhc import hc_pre
+from dsv4_jax.kernels.mhc import hc_pre_norm
 from dsv4_jax.modeling.attention import attention
 from dsv4_jax.modeling.hyper import hc_head, hc_post
 from dsv4_jax.modeling.layers import rms_norm, rope_freqs
@@ -32,13 +32,12 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
     input, from which a speculative rollback rebuilds the compressor buffers).
     """
     with jax.named_scope("attn"):
-        y, post, comb = hc_pre(cfg, h, w.hc_attn)
-        x = rms_norm(y, w.attn_norm, cfg.norm_eps, cfg.act_dtype)
+        x, post, comb = hc_pre_norm(cfg, h, w.hc_attn, w.attn_norm)  # rms_norm(hc_pre's y)
         a, ls, chosen = attention(cfg, w.attn, x, ls, pos, n_new, ratio, rope_freqs(cfg, ratio))
         h = hc_post(cfg, a, h, post, comb)
     with jax.named_scope("ffn"):
-        y, post, comb = hc_pre(cfg, h, w.hc_ffn)
-        f, experts = moe(cfg, w.ffn, rms_norm(y, w.ffn_norm, cfg.norm_eps, cfg.act_dtype), ids)
+        xf, post, comb = hc_pre_norm(cfg, h, w.hc_ffn, w.ffn_norm)
+        f, experts = moe(cfg, w.ffn, xf, ids)
         h = hc_post(cfg, f, h, post, comb)
     return h, ls, {"indexer": chosen, "router": experts, "attn_input": x}
 
