@@ -1,12 +1,13 @@
 """The model's Triton kernel path against the golden data (criterion 1 of ``shared/golden/README.md``), on CPU.
 
 The same ``@triton.jit`` kernels the GPU runs (``kernels/fp8_linear.py``: FP8 linear and wo_a's grouped projection;
-``kernels/fp4_moe.py``: the routed experts; ``kernels/sparse_attention.py``; ``kernels/mhc.py``: mHC's hc_pre) are
-launched by their own jax launchers with ``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU
-stand-in for ``jax_triton.triton_call`` running Triton's interpreter inside ``jax.pure_callback``), in a subprocess
-because ``TRITON_INTERPRET=1`` must be set before triton is imported. So the
-launchers' grids, plans, layouts, rounding points and combine order are exercised as the GPU runs them; only the
-fp32 summation order inside a dot is numpy's (Hopper's narrower FP8 accumulator is not modelled).
+``kernels/fp4_moe.py``: the routed experts; ``kernels/sparse_attention.py``; ``kernels/mhc.py``: mHC's hc_pre with
+the block norm; ``kernels/router.py``: the MoE router) are launched by their own jax launchers with
+``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU stand-in for ``jax_triton.triton_call`` running
+Triton's interpreter inside ``jax.pure_callback``), in a subprocess because ``TRITON_INTERPRET=1`` must be set
+before triton is imported. So the launchers' grids, plans, layouts, rounding points and combine order are exercised
+as the GPU runs them; only the fp32 summation order inside a dot is numpy's (Hopper's narrower FP8 accumulator is
+not modelled).
 
 Plans: ``arch() == "cpu"`` (the interpreter's). At the golden dims the FP8 plans are the H200's ones (the same
 split-K grids: K has at most 2 blocks); the MoE uses whole-width N tiles and one scale group per K step instead of
@@ -36,7 +37,7 @@ import pytest
 CASE = "b1_len037"
 N_DECODE = 3
 KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_gate_up_gemv", "_down_gemv",
-           "_sparse_attn_kernel", "_mix_partial_kernel", "_finish_kernel")
+           "_sparse_attn_kernel", "_mix_partial_kernel", "_finish_kernel", "_logits_kernel", "_select_kernel")
 
 
 def _child(golden: str, out: str) -> None:

@@ -1,6 +1,6 @@
 """Hot-op kernels behind one seam: each op has a reference (pure XLA) and a Triton implementation.
 
-One module per op (``fp8_linear``, ``fp4_moe``) holds three things:
+One module per op (``fp8_linear``, ``fp4_moe``, ``sparse_attention``, ``mhc``) holds three things:
 
 * the public function the model calls, a small dispatcher on :func:`use_triton`;
 * ``*_reference``: the XLA code the model always ran (the spec, the CPU path; CPU results are pinned bit for bit by

@@ -26,24 +26,18 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels import router as kernels_router
 from dsv4_jax.kernels import use_triton
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
-from dsv4_jax.modeling.quant import HIGHEST, quantized_input
+from dsv4_jax.modeling.quant import quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
 from dsv4_jax.sharding import EXPERT_AXES
 
 
 def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32)."""
-    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), w.gate.astype(jnp.float32), precision=HIGHEST)
-    scores = jnp.sqrt(jnp.where(logits > 20.0, logits, jnp.log1p(jnp.exp(jnp.minimum(logits, 20.0)))))
-    if w.tid2eid is not None:  # hash routing
-        idx = w.tid2eid[ids]
-    else:  # the bias only influences the selection
-        _, idx = jax.lax.top_k(scores + w.bias, cfg.n_activated_experts)
-    wts = jnp.take_along_axis(scores, idx, axis=-1)
-    wts = wts / jnp.sum(wts, axis=-1, keepdims=True) * np.float32(cfg.route_scale)
-    return idx.astype(jnp.int32), wts
+    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32); the math and its kernel live in
+    :mod:`dsv4_jax.kernels.router`."""
+    return kernels_router.route(cfg, w.gate, w.bias, w.tid2eid, x, ids)
 
 
 def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,180 @@
+"""The MoE router (spec 9) in two Triton kernels: gate logits, then per token the scores, top-k and weights.
+
+Public function: :func:`route` ``x [T, D]`` -> expert ids ``[T, k]`` int32 and routing weights ``[T, k]`` fp32.
+The reference is :func:`route_reference`, the XLA code of ``modeling/moe.py`` (the spec, the CPU path):
+
+    logits = x_f32 @ gate_f32.T                     (fp32)
+    scores = sqrt(softplus(logits))                 (softplus = logits above 20, else log1p(exp(logits)))
+    ids    = top_k(scores + bias, k)                (learned routing; the bias only selects)
+           | tid2eid[token]                         (hash routing, the first layers)
+    wts    = scores[ids] / sum(scores[ids]) * route_scale
+
+Why: XLA makes that ~5 kernels per layer on an H200 (a reduction, the activation, a sort-based top-k, slices,
+the gather and the normalisation, ``scripts/count_launches.py``); here
+1. :func:`_logits_kernel`, grid ``(E / BE, T / BT)``: each program dots BT tokens with BE gate rows over the whole
+   D in fp32 (the gate, 2 MB in V4-Flash, is read by ~all SMs at batch 1);
+2. :func:`_select_kernel`, grid ``(T,)``: the scores, ``k`` rounds of "largest biased score, lowest expert id on
+   ties" (``jax.lax.top_k``'s order), the gathered weights summed in selection order and normalised.
+
+Numerics contract: the same formula; the fp32 sums (the D-long dot, the k-long weight sum) in another order and
+``exp``/``log``/``sqrt`` implementations (ulp-level; ``log1p`` is computed as ``log(u) * y / (u - 1)`` with
+``u = 1 + y``, accurate to a few ulps where ``log(1 + y)`` alone would lose everything below 2**-24). Selections
+equal the reference's except where two biased scores are within those ulps of each other.
+
+Portable Triton (fp32 arithmetic, plain loads), tested under the interpreter in CI and compiled for sm_90 without a
+GPU; not yet run on a GPU, hence used only with ``kernels="triton"`` until its GPU test passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.kernels import arch, single_device, triton_call, use_triton
+from dsv4_jax.modeling.quant import HIGHEST
+
+try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without the triton extra
+    triton = tl = None
+
+
+def route_reference(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
+    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32); ``ids [T]`` the token ids
+    (hash routing reads ``tid2eid [vocab, k]`` at them, learned routing adds ``bias [E]`` for the selection)."""
+    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), gate.astype(jnp.float32), precision=HIGHEST)
+    scores = jnp.sqrt(jnp.where(logits > 20.0, logits, jnp.log1p(jnp.exp(jnp.minimum(logits, 20.0)))))
+    if tid2eid is not None:  # hash routing
+        idx = tid2eid[ids]
+    else:  # the bias only influences the selection
+        _, idx = jax.lax.top_k(scores + bias, cfg.n_activated_experts)
+    wts = jnp.take_along_axis(scores, idx, axis=-1)
+    wts = wts / jnp.sum(wts, axis=-1, keepdims=True) * np.float32(cfg.route_scale)
+    return idx.astype(jnp.int32), wts
+
+
+if triton is not None:
+
+    @triton.jit
+    def _logits_kernel(x_ptr, g_ptr, T, out_ptr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                       BT: tl.constexpr, BK: tl.constexpr):
+        """``out[t, e] = sum_d x[t, d] * gate[e, d]`` in fp32 for BT tokens and BE experts."""
+        tok = tl.program_id(1) * BT + tl.arange(0, BT)
+        ex = tl.program_id(0) * BE + tl.arange(0, BE)
+        tm, em = tok < T, ex < E
+        acc = tl.zeros((BT, BE), tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + tl.arange(0, BK)
+            km = k < D
+            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + k[None, :], mask=tm[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)  # [BT, BK]
+            g = tl.load(g_ptr + ex[:, None].to(tl.int64) * D + k[None, :], mask=em[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)  # [BE, BK]
+            acc += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
+        tl.store(out_ptr + tok[:, None].to(tl.int64) * E + ex[None, :], acc, mask=tm[:, None] & em[None, :])
+
+    @triton.jit
+    def _select_kernel(logit_ptr, bias_ptr, map_ptr, ids_ptr, idx_ptr, wts_ptr, E: tl.constexpr, EP: tl.constexpr,
+                       K: tl.constexpr, KP: tl.constexpr, SCALE: tl.constexpr, HASH: tl.constexpr):
+        """Token ``program_id(0)``: scores, the top-K experts (or the hash map's), their normalised weights."""
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, EP)
+        em = e < E
+        lg = tl.load(logit_ptr + t * E + e, mask=em, other=0.0)
+        y = tl.exp(tl.minimum(lg, 20.0))
+        u = 1.0 + y
+        log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+        scores = tl.sqrt(tl.where(lg > 20.0, lg, log1p))  # [EP]
+        kk = tl.arange(0, KP)
+        chosen = tl.zeros((KP,), tl.int32)
+        w = tl.zeros((KP,), tl.float32)
+        if HASH:
+            tokid = tl.load(ids_ptr + t).to(tl.int64)
+            chosen = tl.load(map_ptr + tokid * K + kk, mask=kk < K, other=0)
+            for j in tl.static_range(K):
+                cj = tl.sum(tl.where(kk == j, chosen, 0), axis=0)
+                w = tl.where(kk == j, tl.sum(tl.where(e == cj, scores, 0.0), axis=0), w)
+        else:
+            biased = tl.where(em, scores + tl.load(bias_ptr + e, mask=em, other=0.0), float("-inf"))
+            for j in tl.static_range(K):
+                best = tl.max(biased, axis=0)
+                cj = tl.min(tl.where(biased == best, e, EP), axis=0)  # lowest id among the largest
+                chosen = tl.where(kk == j, cj, chosen)
+                w = tl.where(kk == j, tl.sum(tl.where(e == cj, scores, 0.0), axis=0), w)
+                biased = tl.where(e == cj, float("-inf"), biased)
+        total = tl.sum(tl.where(kk == 0, w, 0.0), axis=0)
+        for j in tl.static_range(1, K):  # in selection order
+            total = total + tl.sum(tl.where(kk == j, w, 0.0), axis=0)
+        tl.store(idx_ptr + t * K + kk, chosen, mask=kk < K)
+        tl.store(wts_ptr + t * K + kk, w / total * SCALE, mask=kk < K)
+
+
+def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
+    """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, launch options (the one place)."""
+    if target == "cpu":  # the interpreter: few programs
+        return dict(BE=min(64, _pow2(E)), BT=min(4, _pow2(T)), BK=128, num_warps=4)
+    return dict(BE=2, BT=min(4, _pow2(T)), BK=512, num_warps=4)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array, p: dict | None = None):
+    """The Triton path of :func:`route` (same returns)."""
+    T, D = x.shape
+    E, K = gate.shape[0], cfg.n_activated_experts
+    if gate.shape != (E, D):
+        raise ValueError(f"route: gate has shape {gate.shape}, expected ({E}, {D}) for x [..., {D}]")
+    if tid2eid is None and (bias is None or bias.shape != (E,)):
+        raise ValueError(f"route: learned routing needs a bias of shape ({E},), got "
+                         f"{None if bias is None else bias.shape}")
+    if tid2eid is not None and tid2eid.shape[1] != K:
+        raise ValueError(f"route: tid2eid has shape {tid2eid.shape}, expected [vocab, {K}]")
+    p = p or plan(T, E, D, arch())
+    logits = triton_call(x, gate, T, kernel=_logits_kernel, out_shape=jax.ShapeDtypeStruct((T, E), jnp.float32),
+                         grid=(math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), D=D, E=E, BE=p["BE"], BT=p["BT"],
+                         BK=p["BK"], num_warps=p["num_warps"])
+    dummy_f, dummy_i = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+    hashed = tid2eid is not None
+    return triton_call(
+        logits, dummy_f if hashed else bias.astype(jnp.float32), tid2eid.astype(jnp.int32) if hashed else dummy_i,
+        ids.astype(jnp.int32) if hashed else dummy_i, kernel=_select_kernel,
+        out_shape=(jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, K), jnp.float32)), grid=(T,),
+        E=E, EP=_pow2(E), K=K, KP=_pow2(K), SCALE=float(np.float32(cfg.route_scale)), HASH=hashed,
+        num_warps=p["num_warps"])
+
+
+def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
+    """Expert ids ``[T, k]`` (int32) and weights ``[T, k]`` (fp32) for tokens ``x [T, D]`` with token ids ``ids
+    [T]`` (see :func:`route_reference`). The kernels run only with ``cfg.kernels == "triton"`` on one device
+    (``"auto"`` keeps the reference until their GPU test has run)."""
+    if cfg.kernels == "triton" and use_triton(cfg) and single_device() and x.shape[0] > 0:
+        return route_triton(cfg, gate, bias, tid2eid, x, ids)
+    return route_reference(cfg, gate, bias, tid2eid, x, ids)
+
+
+# ---------------------------------------------------------------------------------------------- torch launcher
+def run_torch(x, gate, bias, tid2eid, ids, k: int, route_scale: float, p: dict):
+    """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``); ``bias`` or ``tid2eid``/``ids`` None.
+    Returns ``(idx [T, k] int32, wts [T, k] fp32, logits [T, E] fp32)``."""
+    import torch
+
+    T, D = x.shape
+    E = gate.shape[0]
+    logits = torch.full((T, E), float("nan"), dtype=torch.float32)
+    _logits_kernel[(math.ceil(E / p["BE"]), math.ceil(T / p["BT"]))](x, gate, T, logits, D=D, E=E, BE=p["BE"],
+                                                                      BT=p["BT"], BK=p["BK"], num_warps=p["num_warps"])
+    idx = torch.full((T, k), -1, dtype=torch.int32)
+    wts = torch.full((T, k), float("nan"), dtype=torch.float32)
+    hashed = tid2eid is not None
+    dummy_f, dummy_i = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.int32)
+    _select_kernel[(T,)](logits, dummy_f if hashed else bias, tid2eid if hashed else dummy_i,
+                         ids if hashed else dummy_i, idx, wts, E=E, EP=_pow2(E), K=k, KP=_pow2(k),
+                         SCALE=float(np.float32(route_scale)), HASH=hashed, num_warps=p["num_warps"])
+    return idx, wts, logits

@@ -1,0 +1,182 @@
+"""The router kernels (``dsv4_jax/kernels/router.py``) against the XLA reference (``route_reference``).
+
+CPU: both ``@triton.jit`` kernels under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set
+before triton is imported) on torch CPU tensors; GPU: the jitted launcher (skipped without a GPU).
+
+Tolerance. Both sides compute the same formula in fp32; the D-long dot and the k-long weight sum are added in other
+orders and ``exp``/``log``/``sqrt`` differ by ulps. With O(1) logits (gate rows and tokens scaled like the
+model's) the logits agree to ~sqrt(D) * 2**-24 * sum|x*g| ~ 1e-6 absolute, the scores to a few fp32 ulps more, and
+the normalised weights to ``RTOL = 2e-5`` relative. The selections must be EQUAL: the inputs keep distinct biased
+scores apart by far more than that, and the exact ties are built to be exact on both sides (identical gate rows
+and biases): two tied experts both selected (the lower id first) and a tie at the k-th place (only the lower id).
+The hash case uses logits down to -40, where ``log1p`` must not lose the weight (``log(1 + y)`` alone gives 0).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# (name, T, E, D, k, hash routing)
+CASES = [("learned-flash", 3, 256, 320, 6, False), ("learned-pro-ragged", 2, 384, 200, 6, False),
+         ("hash-tiny-logits", 4, 64, 128, 6, True)]
+SEED = 1618
+RTOL = 2e-5
+
+
+def _inputs(T, E, D, k, hashed, seed):
+    """Tokens, gate (bf16), bias with built-in exact ties, or a hash map; see the module docstring."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, D))
+    g = rng.standard_normal((E, D)) / np.sqrt(D)
+    ids = rng.integers(0, 50, T).astype(np.int32)
+    if hashed:
+        g[: E // 2] *= 40 * -np.sign(x[0] @ g[: E // 2].T)[:, None]  # half the logits far negative for token 0
+        tid2eid = np.stack([rng.permutation(E)[:k] for _ in range(50)]).astype(np.int32)
+        tid2eid[ids[0]] = np.arange(k)  # token 0 reads the far-negative experts
+        bias = None
+    else:
+        g[7], g[12] = g[3], g[11]  # identical rows: exactly tied scores
+        bias = np.full(E, -10.0)
+        bias[[3, 7]] = 10.0  # both tied experts first, the lower id first
+        bias[[20, 40, 60]] = 5.0 + np.arange(3)
+        bias[[11, 12]] = 2.0  # tied at the k-th place: only 11
+        bias = jnp.asarray(bias, jnp.float32)
+        tid2eid = None
+    return (jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16), bias,
+            None if tid2eid is None else jnp.asarray(tid2eid), jnp.asarray(ids))
+
+
+def _cfg(E, k):
+    from dsv4_jax.config import Config
+
+    return Config.tiny(n_routed_experts=E, n_activated_experts=k, route_scale=2.5)
+
+
+def _check(got, ref, what):
+    (idx, wts), (ridx, rwts) = got, ref
+    np.testing.assert_array_equal(idx, ridx, err_msg=f"{what}: selections")
+    assert np.isfinite(wts).all() and (wts > 0).all(), f"{what}: weights {wts}"
+    np.testing.assert_allclose(wts, rwts, rtol=RTOL, atol=0, err_msg=f"{what}: weights")
+
+
+def _reference(cfg, x, g, bias, tid2eid, ids):
+    from dsv4_jax.kernels.router import route_reference
+
+    idx, wts = route_reference(cfg, g, bias, tid2eid, x, ids)
+    return np.asarray(idx), np.asarray(wts)
+
+
+def _interpret_main(path: str) -> None:
+    import torch
+
+    from dsv4_jax.kernels.router import plan, run_torch
+
+    z = dict(np.load(path))
+    res = {}
+    for i, (_, T, E, D, k, hashed) in enumerate(CASES):
+        t = lambda n, i=i: torch.from_numpy(z[f"{n}{i}"].copy())  # noqa: E731
+        idx, wts, _ = run_torch(t("x").view(torch.bfloat16), t("g").view(torch.bfloat16), None if hashed else t("b"),
+                                t("map") if hashed else None, t("ids") if hashed else None, k, 2.5,
+                                plan(T, E, D, "cpu"))
+        res[f"idx{i}"], res[f"wts{i}"] = idx.numpy(), wts.numpy()
+    np.savez(path + ".out.npz", **res)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays, refs = {}, []
+    for i, (_, T, E, D, k, hashed) in enumerate(CASES):
+        x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED + i)
+        arrays.update({f"x{i}": np.asarray(x).view(np.uint16), f"g{i}": np.asarray(g).view(np.uint16),
+                       f"ids{i}": np.asarray(ids)})
+        if hashed:
+            arrays[f"map{i}"] = np.asarray(tid2eid)
+        else:
+            arrays[f"b{i}"] = np.asarray(bias)
+        refs.append(_reference(_cfg(E, k), x, g, bias, tid2eid, ids))
+    path = str(tmp_path_factory.mktemp("router") / "in.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
+    return refs, dict(np.load(path + ".out.npz"))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_interpreter_matches_reference(interpreted, i):
+    refs, out = interpreted
+    _check((out[f"idx{i}"], out[f"wts{i}"]), refs[i], CASES[i][0])
+
+
+def test_inputs_exercise_ties_and_tiny_scores():
+    """The built-in ties decide the order (3 before 7, 11 in and 12 out) and the hash case has weights that
+    ``log(1 + exp(l))`` would round to zero: the interpreter test would catch a wrong tie-break or a naive log1p."""
+    _, T, E, D, k, _ = CASES[0]
+    x, g, bias, _, ids = _inputs(T, E, D, k, False, SEED)
+    idx, _ = _reference(_cfg(E, k), x, g, bias, None, ids)
+    assert (idx[:, :2] == [3, 7]).all() and (idx == 11).any(axis=1).all() and not (idx == 12).any()
+    _, T, E, D, k, _ = CASES[2]
+    x, g, _, tid2eid, ids = _inputs(T, E, D, k, True, SEED + 2)
+    logits = np.asarray(x, np.float32) @ np.asarray(g, np.float32).T
+    sel = logits[0, np.asarray(tid2eid)[int(ids[0])]]
+    assert (sel < -17).any() and (np.log(np.float32(1) + np.exp(sel.astype(np.float32))) == 0).any()
+
+
+def test_dispatch_keeps_reference_with_auto():
+    """``kernels="auto"`` runs the reference, bit for bit (the model's MoE goes through :func:`route`)."""
+    from dsv4_jax.kernels.router import route
+
+    _, T, E, D, k, _ = CASES[1]
+    x, g, bias, _, ids = _inputs(T, E, D, k, False, 5)
+    cfg = _cfg(E, k)
+    a, b = route(cfg, g, bias, None, x, ids), _reference(cfg, x, g, bias, None, ids)
+    np.testing.assert_array_equal(np.asarray(a[0]), b[0])
+    np.testing.assert_array_equal(np.asarray(a[1]), b[1])
+
+
+def test_bad_shapes_are_named():
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.router import route_triton
+
+    _, T, E, D, k, _ = CASES[0]
+    x, g, bias, _, ids = _inputs(T, E, D, k, False, 3)
+    with pytest.raises(ValueError, match="bias of shape"):
+        route_triton(_cfg(E, k), g, jnp.zeros((E - 1,)), None, x, ids)
+    with pytest.raises(ValueError, match="gate has shape"):
+        route_triton(_cfg(E, k), g[:, :-1], bias, None, x, ids)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.parametrize("case", [("flash-decode", 1, 256, 4096, 6, False), ("flash-batch32", 32, 256, 4096, 6, False),
+                                  ("pro-decode", 1, 384, 7168, 6, False), ("flash-hash", 8, 256, 4096, 6, True),
+                                  ("flash-prefill", 2048, 256, 4096, 6, False)], ids=lambda c: c[0])
+def test_gpu_matches_reference(case):
+    """V4-Flash / V4-Pro router shapes inside jit."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"router GPU test: {why}")
+    import jax
+
+    from dsv4_jax.kernels.router import route_triton
+
+    name, T, E, D, k, hashed = case
+    x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED)
+    cfg = _cfg(E, k)
+    idx, wts = jax.jit(route_triton, static_argnums=0)(cfg, g, bias, tid2eid, x, ids)
+    _check((np.asarray(idx), np.asarray(wts)), _reference(cfg, x, g, bias, tid2eid, ids), name)
+
+
+if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
+    _interpret_main(sys.argv[1])
