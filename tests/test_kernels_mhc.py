@@ -14,12 +14,14 @@ absolute for ``post`` and ``comb``. ``y`` is rounded once to bf16 on both sides 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_shim  # noqa: E402
 
 # (name, T tokens, hc, D, sinkhorn iters, plan, fused norm)
 CASES = [
@@ -114,12 +116,7 @@ def interpreted(tmp_path_factory):
                        f"nw{i}": np.asarray(nw).view(np.uint16)})
         refs.append(_reference(cfg, h, w, nw if norm else None))
     arrays.update(hc_eps=np.float32(cfg.hc_eps), norm_eps=np.float32(cfg.norm_eps))
-    path = str(tmp_path_factory.mktemp("mhc") / "in.npz")
-    np.savez(path, **arrays)
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
-    return refs, dict(np.load(path + ".out.npz"))
+    return refs, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("mhc"))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])

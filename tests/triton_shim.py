@@ -251,3 +251,17 @@ def install(target: str = "sm90") -> None:
             mod.use_triton = fake_use_triton
         if getattr(mod, "arch", None) is arch0:
             mod.arch = lambda: target
+
+
+def interpret(script: str, arrays: dict, folder, timeout: int = 600) -> dict:
+    """Run ``python script <folder>/in.npz`` with ``TRITON_INTERPRET=1`` on the CPU (the kernel tests' interpreter
+    subprocess: the variable must be set before triton is imported) after saving ``arrays`` there; returns the
+    arrays the script saved to ``<folder>/in.npz.out.npz``. A failing subprocess fails the caller with its stderr."""
+    import subprocess
+
+    path = os.path.join(str(folder), "in.npz")
+    np.savez(path, **arrays)
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, script, path], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
+    return dict(np.load(path + ".out.npz"))
