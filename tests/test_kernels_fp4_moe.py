@@ -94,9 +94,10 @@ def _close_bf16(got, ref, what):
 # (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
 # exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
 # CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
-# "gemv" rows run the decode kernels of fp4_moe_gemv with that many slots per block (tile sizes of gemv_tiles("cpu")).
+# "gemv" rows run the decode kernels of fp4_moe_gemv with that many slots per block (tile sizes of gemv_tiles("cpu")),
+# stage 1 quantizing the raw tokens itself; "gemv-pre" feeds it the already-quantized tokens (QUANT=0).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
-         (1, "ragged", 1, "gemv"), (5, "ragged", 2, "gemv"), (40, "hot", 4, "gemv")]
+         (1, "ragged", 1, "gemv"), (5, "ragged", 2, "gemv"), (40, "hot", 4, "gemv-pre")]
 
 
 def _interpret_main(inp: str, out: str):
@@ -136,14 +137,16 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        if codes == "gemv":
-            t = gemv_tiles("cpu", D, I, bm)
+        if codes in ("gemv", "gemv-pre"):
+            t = {**gemv_tiles("cpu", D, I, bm), "QUANT": int(codes == "gemv")}
         else:
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
         if codes == 1:
             t["G"] = 4
             qa = quantize_act(x, 128)
             xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
+        elif codes == "gemv":
+            xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: the kernel quantizes
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
         rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
@@ -164,8 +167,9 @@ def interpreted(tmp_path_factory):
     return cfg, (w1, w2, w3), cases, out
 
 
-@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-" + (f"gemv{bm}" if c == "gemv" else f"codes{c}")
-                                                for T, kind, bm, c in CASES])
+@pytest.mark.parametrize("c", range(len(CASES)),
+                         ids=[f"T{T}-{kind}-" + (f"{c}{bm}" if str(c).startswith("gemv") else f"codes{c}")
+                              for T, kind, bm, c in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
     empty experts and ids of other devices' experts (rows 1, 5) and one hot expert (40 tokens)."""

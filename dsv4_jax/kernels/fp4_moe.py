@@ -319,8 +319,9 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN1"], BN2=t["BN2"], CODES=0))
         check_gemv_shapes(D, I, t)
         rows, bexp, used, slot = schedule(e, n_local, t["BM"])
-        y = launch_gemv_jax(xq.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used,
-                            w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        xin = x if t.get("QUANT") else xq  # raw tokens: stage 1 quantizes them (xq is then unused, XLA drops it)
+        y = launch_gemv_jax(xin.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp,
+                            used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
         has = slot < y.shape[0]
         if t["BM"] == 1:  # slot r is pair r
             return jnp.where(has[:, None], y.astype(jnp.float32), 0.0)

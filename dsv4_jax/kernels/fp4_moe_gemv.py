@@ -7,12 +7,14 @@ the weight bytes. Here every program streams ``BN`` weight rows of one expert ov
 the 1x32 e8m0 scale) and multiplies it by the ``BM`` slots' activations in fp32 (exact products), summing in fp32.
 The grid is (blocks of ``BM`` slots, ``N / BN``): thousands of small programs keep enough loads in flight.
 
-Same layout (:func:`experts.group_pairs` with ``BM`` slots per block), same roundings and same order contract as
-:mod:`fp4_moe` (its docstring): stage 1 writes ``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u``
-rounded to bf16; stage 2 quantizes ``h`` per 128-wide block as the reference's ``act_quant`` (recomputed by every
-program from ``h``, which is tiny) and writes ``y = bf16(hq @ w2.T)``. Only the fp32 summation order inside each
-dot differs from the reference. Padding slots of a block are computed on zero activations (cheap at these sizes)
-and dropped by the caller.
+Layout: :func:`dsv4_jax.kernels.fp4_moe.schedule` (one slot per block: the pairs as they come; more: the
+expert-sorted blocks of :func:`experts.group_pairs`). Stage 1 takes the raw tokens and quantizes them itself
+(``QUANT``, the reference's ``act_quant`` per 128-wide block) or the already-quantized ones. Same roundings and
+same order contract as :mod:`fp4_moe` (its docstring): stage 1 writes
+``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u`` rounded to bf16; stage 2 quantizes ``h`` per
+128-wide block as the reference's ``act_quant`` (recomputed by every program from ``h``, which is tiny) and writes
+``y = bf16(hq @ w2.T)``. Only the fp32 summation order inside each dot differs from the reference. Padding slots of
+a block are computed on zero activations (cheap at these sizes) and dropped by the caller.
 
 Portable Triton (integer/fp32 arithmetic and plain loads, see :mod:`dsv4_jax.kernels.common`); tested under the
 interpreter in CI and against the reference on an H200.
@@ -54,11 +56,23 @@ def _dot_rows(we, wo, xe, xo):
 
 
 @triton.jit
+def _act_quant(ve, vo, NB: tl.constexpr):
+    """The reference's ``act_quant`` of NB 128-wide blocks held as even/odd columns ``[4NB, 16]`` each (group g =
+    32 consecutive columns): per block the power-of-two scale of its amax, values on the e4m3 grid times it."""
+    a32 = tl.maximum(tl.max(tl.abs(ve), axis=1), tl.max(tl.abs(vo), axis=1))  # [4NB] per group of 32
+    e = act_exp(tl.max(tl.reshape(a32, (NB, 4)), axis=1))  # [NB] per 128-wide block
+    e = tl.reshape(tl.broadcast_to(e[:, None], (NB, 4)), (4 * NB,))[:, None]  # [4NB, 1]
+    return e4m3_grid(ve * pow2(-e)) * pow2(e), e4m3_grid(vo * pow2(-e)) * pow2(e)
+
+
+@triton.jit
 def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s, w3p, w3s, h_ptr,
                   R: tl.constexpr, D: tl.constexpr, I: tl.constexpr, LIMIT: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr):
-    """h[slot, n] for the BM slots of block ``program_id(0)`` and BN columns n; ``x [T, D]`` holds the
-    FP8-quantized token values (bf16, exact)."""
+                  BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr, QUANT: tl.constexpr):
+    """h[slot, n] for the BM slots of block ``program_id(0)`` and BN columns n; ``x [T, D]`` holds the tokens
+    (bf16): already FP8-quantized (exact in bf16), or raw with ``QUANT``, quantized here per 128-wide block as the
+    reference's ``act_quant`` (recomputed by every program: a token row is 8 KB against the program's weight rows,
+    and it saves the two XLA kernels of a separate quantization)."""
     b = tl.program_id(0)
     if b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:  # unused, or another device's expert: no work
         return
@@ -76,6 +90,8 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
             tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
             xe = tl.load(x_ptr + tok * D + c0 + gi, mask=live, other=0.0).to(tl.float32)  # [NG, 16]
             xo = tl.load(x_ptr + tok * D + c0 + 1 + gi, mask=live, other=0.0).to(tl.float32)
+            if QUANT:
+                xe, xo = _act_quant(xe, xo, NG // 4)
             sel = mrow[:, None] == m
             acc_g = tl.where(sel, acc_g + _dot_rows(ge, go, xe, xo)[None, :], acc_g)
             acc_u = tl.where(sel, acc_u + _dot_rows(ue, uo, xe, xo)[None, :], acc_u)
@@ -110,11 +126,7 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
             hrow = h_ptr + (b * BM + m).to(tl.int64) * I + c0
             he = tl.load(hrow + gi).to(tl.float32)  # [4NB, 16]
             ho = tl.load(hrow + 1 + gi).to(tl.float32)
-            a32 = tl.maximum(tl.max(tl.abs(he), axis=1), tl.max(tl.abs(ho), axis=1))  # [4NB] per group of 32
-            e = act_exp(tl.max(tl.reshape(a32, (NB, 4)), axis=1))  # [NB] per 128-wide block
-            e = tl.reshape(tl.broadcast_to(e[:, None], (NB, 4)), (4 * NB,))[:, None]  # [4NB, 1]
-            qe = e4m3_grid(he * pow2(-e)) * pow2(e)
-            qo = e4m3_grid(ho * pow2(-e)) * pow2(e)
+            qe, qo = _act_quant(he, ho, NB)
             acc = tl.where(mrow[:, None] == m, acc + _dot_rows(we, wo, qe, qo)[None, :], acc)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     slot = b * BM + mrow
@@ -124,25 +136,31 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
 # ---------------------------------------------------------------------------------------------- plans, launchers
 def gemv_tiles(target: str, D: int, I: int, BM: int) -> dict:
     """Tile sizes of the GEMV kernels (one place): ``BN1``/``NG`` (stage 1: rows per program, 32-column groups per
-    step) and ``BN2``/``NB`` (stage 2: rows per program, 128-column blocks per step)."""
+    step) and ``BN2``/``NB`` (stage 2: rows per program, 128-column blocks per step); ``QUANT``: stage 1 quantizes
+    the raw tokens itself."""
     if target == "cpu":  # the interpreter: few, wide programs
-        return dict(BM=BM, BN1=min(64, I), NG=4, BN2=min(64, D), NB=1, num_warps=4, num_stages=1)
-    return dict(BM=BM, BN1=16, NG=8, BN2=16, NB=2, num_warps=4, num_stages=3)
+        return dict(BM=BM, BN1=min(64, I), NG=4, BN2=min(64, D), NB=1, num_warps=4, num_stages=1, QUANT=1)
+    return dict(BM=BM, BN1=16, NG=8, BN2=16, NB=2, num_warps=4, num_stages=3, QUANT=1)
 
 
 def check_gemv_shapes(D: int, I: int, t: dict) -> None:
     if D % (32 * t["NG"]) or I % (128 * t["NB"]) or I % t["BN1"] or D % t["BN2"]:
         raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D % 32*NG, "
                          "I % 128*NB, I % BN1, D % BN2 == 0)")
+    if t.get("QUANT") and t["NG"] % 4:
+        raise ValueError(f"fp4_moe (GEMV): quantizing in stage 1 needs whole 128-wide blocks per step, NG={t['NG']}")
 
 
 def _kw(t: dict, which: int, E: int) -> dict:
     common = dict(BM=t["BM"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"])
-    return {**common, "BN": t["BN1"], "NG": t["NG"]} if which == 1 else {**common, "BN": t["BN2"], "NB": t["NB"]}
+    if which == 1:
+        return {**common, "BN": t["BN1"], "NG": t["NG"], "QUANT": bool(t.get("QUANT", 0))}
+    return {**common, "BN": t["BN2"], "NB": t["NB"]}
 
 
 def launch_gemv_jax(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
-    """Both GEMV kernels through jax-triton: ``x [T, D]`` the FP8-quantized tokens in bf16 (exact), ``tok``, ``wt``
+    """Both GEMV kernels through jax-triton: ``x [T, D]`` the tokens in bf16 (raw with ``t["QUANT"]``, else already
+    FP8-quantized, exact in bf16), ``tok``, ``wt``
     and the block layout of :func:`dsv4_jax.kernels.fp4_moe.schedule` with ``t["BM"]`` slots per block -> ``y
     [slots, D]`` bf16 (rows of unused blocks and of blocks whose expert is ``E``, the "not here" sentinel, are
     undefined)."""
