@@ -50,6 +50,7 @@ def _pairs(rng, T, k, E, kind):
         e = np.where(rng.random(T * k) < 0.8, 2, rng.choice([0, 5, E + 1], T * k))
     else:
         e = rng.integers(-1, E + 2, T * k)
+        e[-1] = E + 1  # at least one pair of another device's expert
     return tok, e.astype(np.int32), rng.uniform(0.05, 2.0, T * k).astype(np.float32)
 
 
@@ -149,14 +150,21 @@ def interpreted(tmp_path_factory):
             xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: the kernel quantizes
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
-        rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
+        if t.get("NG") and t["BM"] == 1:  # DIRECT: block r = pair r, its expert id as it comes
+            t["DIRECT"] = 1
+            none = np.zeros(1, np.int32)
+            rows, bexp, used = none, np.asarray(e, np.int32), none
+            slot = np.where((e >= 0) & (e < E), np.arange(len(e)), len(e))
+        else:
+            rows, bexp, used, slot = schedule(jnp.asarray(e), E, t["BM"])
         arrays[f"{c}_tile_keys"] = np.array(list(t))
         arrays.update({f"{c}_tiles": np.array(list(t.values())), f"{c}_xin": xin, f"{c}_xs": xs, f"{c}_tok": tok,
                        f"{c}_wt": wt, f"{c}_rows": np.asarray(rows), f"{c}_bexp": np.asarray(bexp),
                        f"{c}_used": np.asarray(used)})
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
-        cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot)))
+        cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
+                          direct=bool(t.get("DIRECT"))))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -188,6 +196,8 @@ def test_interpreter_matches_reference(interpreted, c):
     hv = h_k[slot[valid]]  # [V, I]
     _close_bf16(hv, h_ref, f"case {c} stage 1 (h)")
     _close_bf16(y_k[slot[valid]], _down_ref(hv, e[valid], w2), f"case {c} stage 2 (y from the kernel's h)")
+    if cs["direct"]:  # the output is the pairs' result as it stands: other devices' pairs are zeros
+        assert (~valid).any() and (y_k[~valid] == 0).all(), f"case {c}: other devices' pairs not zero"
     y_pairs = np.where(valid[:, None], y_k[np.minimum(slot, n_slots - 1)], 0.0)
     args = (cs["x"], cs["xq"], *map(jnp.asarray, (tok, e, wt)), w1, w2, w3)
     ref = np.asarray(jax.jit(ex.pairs_gathered, static_argnums=0)(cfg, *args))

@@ -285,21 +285,8 @@ def gemv_rows(n_pairs: int, n_local: int) -> int | None:
 
 
 def schedule(e: jax.Array, n_local: int, block: int):
-    """The kernels' block schedule: ``(row_of_slot, block_expert, used_blocks [1], slot_of_pair)`` as
-    :func:`experts.group_pairs` defines them.
-
-    One slot per block (the decode GEMV kernels) takes the pairs as they come: block r is pair r, its expert
-    ``e[r]``, or ``n_local`` (the kernels' "not here" sentinel: no work) for another device's expert. Sorting by
-    expert buys nothing there (each block is one pair either way, and repeated experts meet in L2 because the grid
-    walks all blocks of one weight tile together), while the sort, scatters and cumsums of ``group_pairs`` were ~10
-    of the ~70 kernels of a decode layer on an H200 (``scripts/count_launches.py``). Every pair's result is the
-    same bits in either layout."""
-    if block == 1:
-        R = e.shape[0]
-        valid = (e >= 0) & (e < n_local)
-        pairs = jnp.arange(R, dtype=jnp.int32)
-        bexp = jnp.where(valid, e, n_local).astype(jnp.int32)
-        return pairs, bexp, jnp.full((1,), R, jnp.int32), jnp.where(valid, pairs, R)
+    """The kernels' block schedule (:func:`experts.group_pairs`) with ``used_blocks`` as a 1-element array. (The
+    decode GEMV kernels with one slot per block need none: ``DIRECT``, see :func:`fp4_moe_pairs_triton`.)"""
     rows, bexp, used, slot = group_pairs(e, n_local, block)
     assert bexp.shape[0] == n_blocks_bound(e.shape[0], n_local, block)
     return rows, bexp, used.reshape(1), slot
@@ -318,13 +305,20 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         t.pop("GEMV", None)
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN1"], BN2=t["BN2"], CODES=0))
         check_gemv_shapes(D, I, t)
-        rows, bexp, used, slot = schedule(e, n_local, t["BM"])
         xin = x if t.get("QUANT") else xq  # raw tokens: stage 1 quantizes them (xq is then unused, XLA drops it)
-        y = launch_gemv_jax(xin.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp,
-                            used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        args = (xin.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32))
+        if t["BM"] == 1:
+            # DIRECT: block r is pair r with its expert e[r] as it comes (another device's: zeros). Sorting by
+            # expert buys nothing with one pair per block (repeated experts meet in L2: the grid walks all blocks
+            # of one weight tile together), while group_pairs' sort, scatters and cumsums and the gather back were
+            # ~12 of the ~70 kernels of a decode layer on an H200 (scripts/count_launches.py). Same bits per pair.
+            t["DIRECT"] = 1
+            none = jnp.zeros((1,), jnp.int32)
+            y = launch_gemv_jax(*args, none, e.astype(jnp.int32), none, w1s, w2s, w3s, float(cfg.swiglu_limit), t)
+            return y.astype(jnp.float32)  # [R, D]
+        rows, bexp, used, slot = schedule(e, n_local, t["BM"])
+        y = launch_gemv_jax(*args, rows, bexp, used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
         has = slot < y.shape[0]
-        if t["BM"] == 1:  # slot r is pair r
-            return jnp.where(has[:, None], y.astype(jnp.float32), 0.0)
         return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
     t = {**tiles(arch(), R, n_local, D, I), **(tile or {})}
     t.pop("GEMV", None)

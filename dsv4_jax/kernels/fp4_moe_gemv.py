@@ -68,13 +68,18 @@ def _act_quant(ve, vo, NB: tl.constexpr):
 @triton.jit
 def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s, w3p, w3s, h_ptr,
                   R: tl.constexpr, D: tl.constexpr, I: tl.constexpr, LIMIT: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr, QUANT: tl.constexpr):
+                  BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr, QUANT: tl.constexpr, DIRECT: tl.constexpr):
     """h[slot, n] for the BM slots of block ``program_id(0)`` and BN columns n; ``x [T, D]`` holds the tokens
     (bf16): already FP8-quantized (exact in bf16), or raw with ``QUANT``, quantized here per 128-wide block as the
     reference's ``act_quant`` (recomputed by every program: a token row is 8 KB against the program's weight rows,
-    and it saves the two XLA kernels of a separate quantization)."""
+    and it saves the two XLA kernels of a separate quantization). ``DIRECT``: one slot per block, block b is pair b
+    and ``bexp`` holds the pairs' local expert ids as they are (outside ``[0, E)``: another device's, no work)."""
     b = tl.program_id(0)
-    if b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:  # unused, or another device's expert: no work
+    if DIRECT:
+        ex = tl.load(bexp_ptr + b)
+        if ex < 0 or ex >= E:
+            return
+    elif b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:  # unused, or another device's expert: no work
         return
     n = _weight_rows(bexp_ptr, b, I, BN)  # [BN] rows of the [E*I, D] stacks
     mrow = tl.arange(0, BM)
@@ -85,7 +90,10 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
         ge, go = _nibbles(w1p, w1s, n, D, c0, NG)
         ue, uo = _nibbles(w3p, w3s, n, D, c0, NG)
         for m in tl.static_range(BM):
-            pair = tl.load(rows_ptr + b * BM + m)
+            if DIRECT:
+                pair = b
+            else:
+                pair = tl.load(rows_ptr + b * BM + m)
             live = pair < R
             tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
             xe = tl.load(x_ptr + tok * D + c0 + gi, mask=live, other=0.0).to(tl.float32)  # [NG, 16]
@@ -96,7 +104,10 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
             acc_g = tl.where(sel, acc_g + _dot_rows(ge, go, xe, xo)[None, :], acc_g)
             acc_u = tl.where(sel, acc_u + _dot_rows(ue, uo, xe, xo)[None, :], acc_u)
     slot = b * BM + mrow  # [BM]
-    pair = tl.load(rows_ptr + slot)
+    if DIRECT:
+        pair = slot
+    else:
+        pair = tl.load(rows_ptr + slot)
     wt = tl.load(wt_ptr + pair, mask=pair < R, other=0.0)  # [BM]
     g = round_bf16(acc_g)
     u = round_bf16(acc_u)
@@ -110,11 +121,18 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
 
 @triton.jit
 def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, NB: tl.constexpr, E: tl.constexpr):
+               BN: tl.constexpr, NB: tl.constexpr, E: tl.constexpr, DIRECT: tl.constexpr):
     """y[slot, n] = bf16(act_quant(h[slot]) @ w2[n].T) for the BM slots of one block and BN output columns; each step
-    covers NB 128-wide blocks of h (4 NB scale groups of 32)."""
+    covers NB 128-wide blocks of h (4 NB scale groups of 32). ``DIRECT`` (see stage 1): another device's pair gets
+    zeros, so the output is the pairs' result as it stands."""
     b = tl.program_id(0)
-    if b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:
+    col = tl.program_id(1) * BN + tl.arange(0, BN)
+    if DIRECT:
+        ex = tl.load(bexp_ptr + b)
+        if ex < 0 or ex >= E:
+            tl.store(y_ptr + b.to(tl.int64) * D + col, tl.zeros((BN,), tl.float32).to(y_ptr.dtype.element_ty))
+            return
+    elif b >= tl.load(used_ptr) or tl.load(bexp_ptr + b) >= E:
         return
     n = _weight_rows(bexp_ptr, b, D, BN)  # [BN] rows of the [E*D, I] stack
     mrow = tl.arange(0, BM)
@@ -128,7 +146,6 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
             ho = tl.load(hrow + 1 + gi).to(tl.float32)
             qe, qo = _act_quant(he, ho, NB)
             acc = tl.where(mrow[:, None] == m, acc + _dot_rows(we, wo, qe, qo)[None, :], acc)
-    col = tl.program_id(1) * BN + tl.arange(0, BN)
     slot = b * BM + mrow
     tl.store(y_ptr + slot[:, None].to(tl.int64) * D + col[None, :], round_bf16(acc).to(y_ptr.dtype.element_ty))
 
@@ -152,18 +169,19 @@ def check_gemv_shapes(D: int, I: int, t: dict) -> None:
 
 
 def _kw(t: dict, which: int, E: int) -> dict:
-    common = dict(BM=t["BM"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"])
+    common = dict(BM=t["BM"], E=E, DIRECT=bool(t.get("DIRECT", 0)), num_warps=t["num_warps"],
+                  num_stages=t["num_stages"])
     if which == 1:
         return {**common, "BN": t["BN1"], "NG": t["NG"], "QUANT": bool(t.get("QUANT", 0))}
     return {**common, "BN": t["BN2"], "NB": t["NB"]}
 
 
 def launch_gemv_jax(x, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
-    """Both GEMV kernels through jax-triton: ``x [T, D]`` the tokens in bf16 (raw with ``t["QUANT"]``, else already
-    FP8-quantized, exact in bf16), ``tok``, ``wt``
-    and the block layout of :func:`dsv4_jax.kernels.fp4_moe.schedule` with ``t["BM"]`` slots per block -> ``y
-    [slots, D]`` bf16 (rows of unused blocks and of blocks whose expert is ``E``, the "not here" sentinel, are
-    undefined)."""
+    """Both GEMV kernels: ``x [T, D]`` the tokens in bf16 (raw with ``t["QUANT"]``, else already FP8-quantized,
+    exact in bf16), ``tok``, ``wt`` and the block layout of :func:`dsv4_jax.kernels.fp4_moe.schedule` with
+    ``t["BM"]`` slots per block -> ``y [slots, D]`` bf16 (rows of unused blocks undefined). With ``t["DIRECT"]``
+    (one slot per block) ``bexp`` is the pairs' local expert ids ``e [R]`` as they come, ``rows``/``used`` are not
+    read, and ``y [R, D]`` is every pair's result (zeros for ids outside ``[0, E)``)."""
     E, I, D2 = w1.packed.shape
     D, R, n_blocks = 2 * D2, tok.shape[0], bexp.shape[0]
     n_slots = n_blocks * t["BM"]
