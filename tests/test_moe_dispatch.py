@@ -109,3 +109,31 @@ def test_kernel_moe_equals_reference(setup, strategy):
         got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert rel <= 2e-2, f"seed {seed} {len(jax.devices())} GPUs layer {layer} {strategy}: {rel:.2e}"
+
+
+def test_combine_adds_in_ascending_expert_id():
+    """``experts.combine`` (ranks and selects, no sort) equals the spec's order written with a stable argsort, bit
+    for bit: each token's choices added in ascending expert id, equal ids (a repeated hash-map entry, another
+    device's -1) in choice order. Magnitudes spread over 2**+-20 so that any other order changes the fp32 sums."""
+    rng = np.random.default_rng(SEED)
+
+    def by_argsort(y, idx):
+        T, k = idx.shape
+        order = jnp.argsort(idx, axis=-1, stable=True)
+        ys = jnp.take_along_axis(y.reshape(T, k, -1), order[..., None], axis=1)
+        acc = ys[:, 0]
+        for j in range(1, k):
+            acc = acc + ys[:, j]
+        return acc
+
+    orders_differ = 0
+    for trial in range(40):
+        T, k, D = int(rng.integers(1, 5)), int(rng.integers(1, 8)), 16
+        idx = jnp.asarray(rng.integers(-1, 6, (T, k)), jnp.int32)  # duplicates and -1 included
+        y = jnp.asarray(rng.standard_normal((T * k, D)) * np.exp2(rng.integers(-20, 21, (T * k, D))), jnp.float32)
+        got, want = jax.jit(ex.combine)(y, idx), jax.jit(by_argsort)(y, idx)
+        np.testing.assert_array_equal(np.asarray(got).view(np.int32), np.asarray(want).view(np.int32),
+                                      err_msg=f"trial {trial} ids {np.asarray(idx).tolist()} (seed {SEED})")
+        plain = np.asarray(y).reshape(T, k, D).sum(1, dtype=np.float32)
+        orders_differ += int((plain != np.asarray(want)).any())
+    assert orders_differ > 10, "inputs too tame: the choice order and the id order give the same sums"

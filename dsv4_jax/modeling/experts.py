@@ -136,9 +136,15 @@ def combine(y: jax.Array, idx: jax.Array) -> jax.Array:
     """Per-pair outputs ``[T*k, D]`` (pair ``t*k + j`` = token t's j-th choice ``idx[t, j]``) -> fp32 ``[T, D]``,
     each token's experts added in ascending expert id, as the reference loops over experts."""
     T, k = idx.shape
-    order = jnp.argsort(idx, axis=-1)  # [T,k]
-    y = jnp.take_along_axis(y.reshape(T, k, -1), order[..., None], axis=1)
-    acc = y[:, 0]
-    for j in range(1, k):
-        acc = acc + y[:, j]
+    y = y.reshape(T, k, -1)
+    # rank of each choice in (expert id, position) order: the stable argsort's inverse, without a sort (on GPUs a
+    # sort kernel and a copy per layer; here the ranks, selects and adds fuse into one kernel)
+    lower = (idx[:, None, :] < idx[:, :, None]) | ((idx[:, None, :] == idx[:, :, None]) & jnp.tri(k, k, -1, bool))
+    rank = jnp.sum(lower, axis=-1)  # [T,k]: how many choices come before choice j
+    acc = None
+    for r in range(k):  # the choice of rank r, picked by selects (exact), added in rank order
+        pick = y[:, k - 1]
+        for j in range(k - 2, -1, -1):
+            pick = jnp.where((rank[:, j] == r)[:, None], y[:, j], pick)
+        acc = pick if acc is None else acc + pick
     return acc
