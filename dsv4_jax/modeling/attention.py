@@ -101,6 +101,11 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         end = pos + n_new
         keep = (t < end[:, None]) & (t >= end[:, None] - W)  # the last W valid tokens: unique slots
         slot = jnp.where(keep, t % W, W)
-        rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
-        new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ls.kv, kv)
+        if S == 1:  # decode: a select over the whole (small) ring; XLA made the one-row scatter a slice + select
+            hit = jnp.arange(W)[None, :] == slot  # [B,W]     + update per leaf, twice the kernels (same result)
+            new["kv"] = jax.tree_util.tree_map(
+                lambda c, v: jnp.where(hit.reshape(B, W, *([1] * (c.ndim - 2))), v, c), ls.kv, kv)
+        else:
+            rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
+            new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ls.kv, kv)
     return out, ls.replace(**new), chosen
