@@ -94,6 +94,18 @@ def use_triton(cfg) -> bool:
     return why is None
 
 
+def use_opt_in_triton(kernels: str) -> bool:
+    """Whether a kernel that has not yet run on a GPU (sparse attention, mHC, router) runs: only with
+    ``kernels="triton"``, on one device, where :func:`use_triton` says yes. ``"auto"`` keeps their XLA references
+    until their GPU tests and the golden criteria pass on a GPU; this is the one switch that then moves them."""
+    return kernels == "triton" and use_triton(kernels) and single_device()
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block shapes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def single_device() -> bool:
     """True unless a mesh of several devices is in context. The kernels are launched on one device's arrays; under a
     multi-device mesh the callers keep the XLA path (which GSPMD partitions), see each op's docstring."""

@@ -45,7 +45,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import arch, fp8_dot_supported, single_device, triton_call, use_triton
+from dsv4_jax.kernels import arch, fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -218,7 +218,7 @@ def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(n_kb, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(n_kb / split)
-    return dict(BLOCK_M=max(16, 1 << (M - 1).bit_length()), BLOCK_N=block_n, SPLIT=math.ceil(n_kb / kps), KPS=kps,
+    return dict(BLOCK_M=max(16, next_pow2(M)), BLOCK_N=block_n, SPLIT=math.ceil(n_kb / kps), KPS=kps,
                 GROUP_M=1, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -271,7 +271,7 @@ def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, quant: bool, p: dict) -
     out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
     kw = {k: v for k, v in p.items() if k != "GEMV"}
     y = triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
-                       MP=1 << (M - 1).bit_length(), N=N, K=K, G=G, SWK=w.scale.shape[1], QUANT=quant, **kw)
+                       MP=next_pow2(M), N=N, K=K, G=G, SWK=w.scale.shape[1], QUANT=quant, **kw)
     if split > 1:
         y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
     return y
@@ -375,6 +375,6 @@ def run_gemv_torch(x, wq, ws, G: int, out_dtype, quant: bool, p: dict):
     shape = (split, M, G, N) if split > 1 else (M, G, N)
     out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
     kw = {k: v for k, v in p.items() if k != "GEMV"}
-    fp8_gemv_kernel[grid(M, N, G, p)](x, wq, ws, out, M=M, MP=1 << (M - 1).bit_length(), N=N, K=K, G=G,
+    fp8_gemv_kernel[grid(M, N, G, p)](x, wq, ws, out, M=M, MP=next_pow2(M), N=N, K=K, G=G,
                                       SWK=ws.shape[1], QUANT=quant, **kw)
     return out.sum(0).to(out_dtype) if split > 1 else out

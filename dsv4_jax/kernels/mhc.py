@@ -1,7 +1,8 @@
 """mHC's stream collapse ``hc_pre`` (spec 4) in two Triton kernels instead of ~40 XLA ones.
 
-Public function: :func:`hc_pre` ``h [B,S,hc,D]`` -> ``y [B,S,D]`` (act dtype), ``post [B,S,hc]``, ``comb
-[B,S,hc,hc]`` (fp32). The reference is :func:`dsv4_jax.modeling.hyper.hc_pre` (the spec, the CPU path).
+Public functions: :func:`hc_pre` ``h [B,S,hc,D]`` -> ``y [B,S,D]`` (act dtype), ``post [B,S,hc]``, ``comb
+[B,S,hc,hc]`` (fp32), and :func:`hc_pre_norm` (what the block calls: ``y`` followed by the block's RMSNorm). The
+reference is :func:`dsv4_jax.modeling.hyper.hc_pre` (the spec, the CPU path).
 
 Why a kernel: per token the site is a 16K-long fp32 dot against 24 rows of ``fn``, a norm, three sigmoids, a 4x4
 Sinkhorn of 20 iterations and a weighted sum of the streams. XLA makes that ~41 kernels per site on an H200
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, single_device, triton_call, use_triton
+from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
 from dsv4_jax.modeling import hyper
 from dsv4_jax.modeling.layers import rms_norm
 from dsv4_jax.modeling.weights import HcWeights
@@ -137,18 +138,14 @@ def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False,
     place they are chosen."""
     K = hc * D
     if target == "cpu":  # the interpreter pays per program and per op: whole rows
-        return dict(NS=2, BK=64, BT=2, BD=_pow2(D) if norm else min(_pow2(D), 1024), num_warps=4, warps2=4)
+        return dict(NS=2, BK=64, BT=2, BD=next_pow2(D) if norm else min(next_pow2(D), 1024), num_warps=4, warps2=4)
     BT, BK = 4, 64
     blocks = math.ceil(T / BT)
     NS = 1
     while NS < 64 and NS * blocks < 2 * sms and K >= 2 * NS * BK * 4:
         NS *= 2
-    BD = _pow2(D) if norm else 1024
+    BD = next_pow2(D) if norm else 1024
     return dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=8 if BD > 2048 else 4)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
@@ -163,28 +160,37 @@ def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
         raise ValueError(f"hc_pre: the kernel needs a power-of-two hc_mult, got {hc}")
 
 
+def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, norm_eps: float, hc_eps: float,
+                 iters: int):
+    """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``, and the workspace width
+    ``P``: the one place the jax and the torch launchers take them from."""
+    K, nmix = hc * D, hc * (2 + hc)
+    P = next_pow2(nmix + 1)
+    KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
+    meta1 = dict(K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC, BK=p["BK"], BT=p["BT"], num_warps=p["num_warps"])
+    meta2 = dict(D=D, HC=hc, NS=p["NS"], NSP=next_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
+                 HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"], NORM=norm, Y_BF16=y_bf16,
+                 num_warps=p["warps2"])
+    return ((p["NS"], math.ceil(T / p["BT"])), meta1), ((T, math.ceil(D / p["BD"])), meta2), P
+
+
 def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None):
     B, S, hc, D = h.shape
     _check(h, w, norm_w)
-    T, K, nmix = B * S, hc * D, hc * (2 + hc)
+    T = B * S
     p = p or plan(T, hc, D, arch(), norm=norm_w is not None)
     if norm_w is not None and p["BD"] < D:
         raise ValueError(f"hc_pre: the fused norm needs a whole row per program, BD={p['BD']} < dim={D}")
-    x = h.reshape(T, K)
-    P = _pow2(nmix + 1)
-    KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
+    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, cfg.act_dtype == jnp.bfloat16,
+                                         cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
+    x = h.reshape(T, hc * D)
     part = triton_call(x, w.fn.astype(jnp.float32), T, kernel=_mix_partial_kernel,
-                       out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32),
-                       grid=(p["NS"], math.ceil(T / p["BT"])), K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC, BK=p["BK"],
-                       BT=p["BT"], num_warps=p["num_warps"])
+                       out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32), grid=g1, **m1)
     nw = jnp.zeros((1,), jnp.float32) if norm_w is None else norm_w
     y, post, comb = triton_call(
         part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), nw, kernel=_finish_kernel,
         out_shape=(jax.ShapeDtypeStruct((T, D), cfg.act_dtype), jax.ShapeDtypeStruct((T, hc), jnp.float32),
-                   jax.ShapeDtypeStruct((T, hc, hc), jnp.float32)),
-        grid=(T, math.ceil(D / p["BD"])), D=D, HC=hc, NS=p["NS"], NSP=_pow2(p["NS"]), P=P,
-        NORM_EPS=float(np.float32(cfg.norm_eps)), HC_EPS=float(np.float32(cfg.hc_eps)), ITERS=cfg.hc_sinkhorn_iters,
-        BD=p["BD"], NORM=norm_w is not None, Y_BF16=cfg.act_dtype == jnp.bfloat16, num_warps=p["warps2"])
+                   jax.ShapeDtypeStruct((T, hc, hc), jnp.float32)), grid=g2, **m2)
     return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc)
 
 
@@ -199,7 +205,7 @@ def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Arra
 
 
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
-    return cfg.kernels == "triton" and use_triton(cfg) and single_device() and h.shape[0] * h.shape[1] > 0
+    return use_opt_in_triton(cfg.kernels) and h.shape[0] * h.shape[1] > 0
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
@@ -231,19 +237,13 @@ def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p:
     import torch
 
     T, hc, D = h.shape
-    K, nmix = hc * D, hc * (2 + hc)
-    P = _pow2(nmix + 1)
-    KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
-    x = h.reshape(T, K).contiguous()
+    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters)
+    x = h.reshape(T, hc * D).contiguous()
     part = torch.full((T, p["NS"], P), float("nan"), dtype=torch.float32)
-    _mix_partial_kernel[(p["NS"], math.ceil(T / p["BT"]))](x, fn, T, part, K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC,
-                                                            BK=p["BK"], BT=p["BT"], num_warps=p["num_warps"])
+    _mix_partial_kernel[g1](x, fn, T, part, **m1)
     y = torch.full((T, D), float("nan"), dtype=torch.float32)
     post = torch.full((T, hc), float("nan"), dtype=torch.float32)
     comb = torch.full((T, hc, hc), float("nan"), dtype=torch.float32)
     nw = torch.zeros(1, dtype=torch.float32) if norm_w is None else norm_w
-    _finish_kernel[(T, math.ceil(D / p["BD"]))](part, x, scale, base, nw, y, post, comb, D=D, HC=hc, NS=p["NS"],
-                                                NSP=_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
-                                                HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"],
-                                                NORM=norm_w is not None, Y_BF16=y_bf16, num_warps=p["warps2"])
+    _finish_kernel[g2](part, x, scale, base, nw, y, post, comb, **m2)
     return y, post, comb

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, single_device, triton_call, use_triton
+from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
 from dsv4_jax.modeling.quant import HIGHEST
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -117,12 +117,17 @@ if triton is not None:
 def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
     """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, launch options (the one place)."""
     if target == "cpu":  # the interpreter: few programs
-        return dict(BE=min(64, _pow2(E)), BT=min(4, _pow2(T)), BK=128, num_warps=4)
-    return dict(BE=2, BT=min(4, _pow2(T)), BK=512, num_warps=4)
+        return dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, num_warps=4)
+    return dict(BE=2, BT=min(4, next_pow2(T)), BK=512, num_warps=4)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _kernel_args(T: int, E: int, D: int, k: int, hashed: bool, route_scale: float, p: dict):
+    """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``: the one place the jax and
+    the torch launchers take them from."""
+    meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], num_warps=p["num_warps"])
+    meta2 = dict(E=E, EP=next_pow2(E), K=k, KP=next_pow2(k), SCALE=float(np.float32(route_scale)), HASH=hashed,
+                 num_warps=p["num_warps"])
+    return ((math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), meta1), ((T,), meta2)
 
 
 def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array, p: dict | None = None):
@@ -137,24 +142,23 @@ def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids:
     if tid2eid is not None and tid2eid.shape[1] != K:
         raise ValueError(f"route: tid2eid has shape {tid2eid.shape}, expected [vocab, {K}]")
     p = p or plan(T, E, D, arch())
-    logits = triton_call(x, gate, T, kernel=_logits_kernel, out_shape=jax.ShapeDtypeStruct((T, E), jnp.float32),
-                         grid=(math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), D=D, E=E, BE=p["BE"], BT=p["BT"],
-                         BK=p["BK"], num_warps=p["num_warps"])
-    dummy_f, dummy_i = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
     hashed = tid2eid is not None
+    (g1, m1), (g2, m2) = _kernel_args(T, E, D, K, hashed, cfg.route_scale, p)
+    logits = triton_call(x, gate, T, kernel=_logits_kernel, out_shape=jax.ShapeDtypeStruct((T, E), jnp.float32),
+                         grid=g1, **m1)
+    dummy_f, dummy_i = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
     return triton_call(
         logits, dummy_f if hashed else bias.astype(jnp.float32), tid2eid.astype(jnp.int32) if hashed else dummy_i,
         ids.astype(jnp.int32) if hashed else dummy_i, kernel=_select_kernel,
-        out_shape=(jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, K), jnp.float32)), grid=(T,),
-        E=E, EP=_pow2(E), K=K, KP=_pow2(K), SCALE=float(np.float32(cfg.route_scale)), HASH=hashed,
-        num_warps=p["num_warps"])
+        out_shape=(jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, K), jnp.float32)), grid=g2,
+        **m2)
 
 
 def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
     """Expert ids ``[T, k]`` (int32) and weights ``[T, k]`` (fp32) for tokens ``x [T, D]`` with token ids ``ids
     [T]`` (see :func:`route_reference`). The kernels run only with ``cfg.kernels == "triton"`` on one device
     (``"auto"`` keeps the reference until their GPU test has run)."""
-    if cfg.kernels == "triton" and use_triton(cfg) and single_device() and x.shape[0] > 0:
+    if use_opt_in_triton(cfg.kernels) and x.shape[0] > 0:
         return route_triton(cfg, gate, bias, tid2eid, x, ids)
     return route_reference(cfg, gate, bias, tid2eid, x, ids)
 
@@ -167,14 +171,13 @@ def run_torch(x, gate, bias, tid2eid, ids, k: int, route_scale: float, p: dict):
 
     T, D = x.shape
     E = gate.shape[0]
+    hashed = tid2eid is not None
+    (g1, m1), (g2, m2) = _kernel_args(T, E, D, k, hashed, route_scale, p)
     logits = torch.full((T, E), float("nan"), dtype=torch.float32)
-    _logits_kernel[(math.ceil(E / p["BE"]), math.ceil(T / p["BT"]))](x, gate, T, logits, D=D, E=E, BE=p["BE"],
-                                                                      BT=p["BT"], BK=p["BK"], num_warps=p["num_warps"])
+    _logits_kernel[g1](x, gate, T, logits, **m1)
     idx = torch.full((T, k), -1, dtype=torch.int32)
     wts = torch.full((T, k), float("nan"), dtype=torch.float32)
-    hashed = tid2eid is not None
     dummy_f, dummy_i = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.int32)
-    _select_kernel[(T,)](logits, dummy_f if hashed else bias, tid2eid if hashed else dummy_i,
-                         ids if hashed else dummy_i, idx, wts, E=E, EP=_pow2(E), K=k, KP=_pow2(k),
-                         SCALE=float(np.float32(route_scale)), HASH=hashed, num_warps=p["num_warps"])
+    _select_kernel[g2](logits, dummy_f if hashed else bias, tid2eid if hashed else dummy_i,
+                       ids if hashed else dummy_i, idx, wts, **m2)
     return idx, wts, logits

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import single_device, triton_call, use_triton
+from dsv4_jax.kernels import triton_call, use_opt_in_triton
 from dsv4_jax.modeling.quant import Fp8Cache, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -213,7 +213,7 @@ def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, 
     :func:`sparse_attention_reference`). The Triton kernel runs only with ``kernels="triton"`` (on one device, bf16
     queries with bf16 P): ``"auto"`` keeps the XLA reference here until the kernel has passed its GPU test and the
     golden criteria on a GPU (it has only run under the interpreter so far)."""
-    if (kernels == "triton" and use_triton(kernels) and single_device() and q.dtype == jnp.bfloat16
+    if (use_opt_in_triton(kernels) and q.dtype == jnp.bfloat16
             and p_dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0):
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale)
     return sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
