@@ -16,12 +16,14 @@ output and block). The sweep ran on an H200 with that dot, before the default ch
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_shim  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ cases
 # (M rows, G groups, N rows per group, K, fp8 activation?); rows <= GEMV_ROWS take the GEMV kernel
@@ -140,12 +142,7 @@ def interpreted(tmp_path_factory):
         arrays[f"wq{i}"] = np.asarray(w.q).view(np.uint8)
         arrays[f"ws{i}"] = np.asarray(w.scale)
         cases.append((x, w))
-    path = str(tmp_path_factory.mktemp("fp8k") / "in.npz")
-    np.savez(path, **arrays)
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
-    return cases, dict(np.load(path + ".out.npz"))
+    return cases, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("fp8k"))
 
 
 @pytest.mark.parametrize("i", range(len(CPU_CASES)), ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES])

@@ -16,12 +16,14 @@ no compressed source (window-only layers).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_shim  # noqa: E402
 
 # (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8)
 CASES = [
@@ -130,12 +132,7 @@ def interpreted(tmp_path_factory):
         q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i)
         arrays.update(_arrays(i, q, caches if Nc else caches[:2], idx, sink, fp8))
         cases.append(_reference(q, caches, idx, sink, Nc))
-    path = str(tmp_path_factory.mktemp("sparse_attn") / "in.npz")
-    np.savez(path, **arrays)
-    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"interpreter subprocess failed:\n{r.stderr[-4000:]}"
-    return cases, dict(np.load(path + ".out.npz"))
+    return cases, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("sparse_attn"))
 
 
 def _close(got, ref, mag, what, ulps=0.5):
