@@ -210,10 +210,33 @@ def step_timing(cfg, w, mesh, batch, max_len, iters, seed) -> dict:
             logits, state = step(w, tok, state)
             jax.block_until_ready(logits)
             ts.append(time.perf_counter() - t)
+        loop_s = loop_timing(cfg, w, tok, state, iters)
     coll, coll_rows = collective_time(mesh, colls) if mesh.size > 1 else (0.0, [])
     return {"median_step_s": float(np.median(ts)), "min_step_s": float(np.min(ts)), "iters": iters,
+            "loop_step_s": loop_s, "loop_steps": LOOP_STEPS,
             "compile_s": t_compile, "collectives_in_step": len(colls), "collective_s_sum_alone": coll,
             "collectives": coll_rows}
+
+
+LOOP_STEPS = 16
+
+
+def loop_timing(cfg, w, tok, state, iters: int) -> float:
+    """Seconds per step of ``LOOP_STEPS`` greedy decode steps inside one jitted ``fori_loop`` (each step's argmax is
+    the next step's token), as the jitted generate loop runs them: no host dispatch between steps, unlike the
+    per-call median (one jitted step per Python call: it pays the call's dispatch of every weight leaf and the
+    host's wait, which a ``while_loop`` does not)."""
+    def run(w, t, s):
+        def body(_, c):
+            t, s = c
+            logits, s = forward_jit(w, cfg, t, s, return_logits="last")
+            return jnp.argmax(logits.reshape(t.shape[0], -1), -1).astype(jnp.int32)[:, None], s
+
+        return jax.lax.fori_loop(0, LOOP_STEPS, body, (t, s))
+
+    f = jax.jit(run, donate_argnums=2)
+    t_s, _ = _median_time(lambda c: f(w, *c), (tok, state), max(3, iters // 2))
+    return t_s / LOOP_STEPS
 
 
 def _median_time(fn, carry, iters: int):

@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc decode attn kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc decode attn attnb kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -25,15 +25,17 @@ for s in "${stages[@]}"; do
             python3 -c "
 import json; r=json.load(open('$OUT/decode.json'))['bench']
 for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['triton'] else 'xla',
-  f\"{x['median_step_s']*1e3:.3f} ms  floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")" ;;
+  f\"{x['median_step_s']*1e3:.3f} ms per call, {x['loop_step_s']*1e3:.3f} ms in a loop;\",
+  f\"floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")" ;;
     attn) run attn_tests "${ATTN_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
-            tests/test_kernels_sparse_attn.py -k gpu
-          TAIL=20 run bench_attention "${ATTN_BENCH_BOX:-200}" python3 scripts/bench_attention.py --mode decode \
+            tests/test_kernels_sparse_attn.py -k gpu ;;
+    attnb) TAIL=20 run bench_attention "${ATTN_BENCH_BOX:-200}" python3 scripts/bench_attention.py --mode decode \
             --contexts 4096,32768,131072,1048576 ;;
     kern) TAIL=30 run bench_kernels 100 python3 scripts/bench_kernels.py --models flash --rows 1,16,64,2048 --trials 3
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
-    profile) TAIL=60 run profile 240 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
-              --kernels reference,auto --out "$OUT" ;;
+    profile) TAIL=${PROFILE_TAIL:-60} run profile "${PROFILE_BOX:-240}" python3 scripts/profile_decode.py --model flash \
+              --layers 3 --batch "${PROFILE_BATCH:-1}" --kernels "${PROFILE_KERNELS:-reference,auto}" \
+              --top "${PROFILE_TOP:-25}" --out "$OUT" ;;
     golden) for k in ${GOLDEN_KERNELS:-auto reference}; do  # failures are reported as they happen (-rf, -s)
               DSV4_KERNELS=$k run golden_$k "${GOLDEN_BOX:-280}" python3 -m pytest -q -s -rf --tb=line \
                 -p no:cacheprovider tests/test_golden.py -k "${GOLDEN_K:-end_to_end or all_positions or layer_isolated}"

@@ -7,7 +7,7 @@ Perfetto JSON the profiler writes: device kernels (events of the processes whose
 count and device time per step, the device-busy time per step beside the wall time (the rest is launch gaps), and
 the number of kernels per step. One call answers "which kernels, how many launches, how much idle".
 
-    python scripts/profile_decode.py --model flash --layers 3 --batch 1 --kernels reference,auto --out $OUT
+    python scripts/profile_decode.py --model flash --layers 3 --batch 1,32 --kernels reference,auto@xla --out $OUT
     python scripts/profile_decode.py --model tiny --device-match CPU     # smoke test of the parser on a CPU
 """
 
@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
+from dsv4_jax.kernels import launch_route, set_launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
 from scripts.bench_decode import flash_layers, pro_layers  # noqa: E402
 
@@ -65,12 +66,16 @@ def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
-            seed: int = 0) -> list[dict]:
-    w = d.init_weights(cfg, jax.random.key(seed))  # eager: one small program per leaf shape
+            seed: int = 0, w=None, top: int = 25) -> list[dict]:
+    """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows."""
+    w = d.init_weights(cfg, jax.random.key(seed)) if w is None else w  # eager: one small program per leaf shape
     tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
     out = []
+    default_route = launch_route()
     for kern in kernels:
-        c = cfg.with_(kernels=kern)
+        mode, _, route = kern.partition("@")  # "auto@xla": kernels="auto" launched by XLA (kernels.launch_route)
+        set_launch_route(route or default_route)
+        c = cfg.with_(kernels=mode)
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
         state = d.init_state(c, batch, max_len)
         for _ in range(3):
@@ -93,7 +98,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
         out.append(tab)
         print(f"\n== kernels={kern} batch={batch}: wall {tab['wall_us_per_step']:.0f} us/step, device busy "
               f"{tab['busy_us_per_step']:.0f} us/step, {tab['kernels_per_step']:.0f} kernels/step ({tab['device']})")
-        for r in tab["rows"][:25]:
+        for r in tab["rows"][:top]:
             print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['kernel']}")
     return out
 
@@ -102,17 +107,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["flash", "pro", "tiny"], default="flash")
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes")
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=5, help="steps inside the trace")
-    ap.add_argument("--kernels", default="reference,auto", help="comma list of Config.kernels values")
+    ap.add_argument("--kernels", default="reference,auto",
+                    help="comma list of Config.kernels values; MODE@ROUTE picks the launch route too (auto@xla)")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per configuration")
     ap.add_argument("--device-match", default="/device:GPU", help="substring of the device processes' names")
     ap.add_argument("--out", help="folder for profile.json")
     args = ap.parse_args(argv)
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
-    res = profile(make(args.layers, "reference"), tuple(args.kernels.split(",")), args.batch, args.max_len,
-                  args.steps, args.device_match)
+    cfg = make(args.layers, "reference")
+    w = d.init_weights(cfg, jax.random.key(0))
+    res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
+                                                             args.max_len, args.steps, args.device_match, w=w,
+                                                             top=args.top)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))

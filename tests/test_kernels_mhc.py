@@ -9,7 +9,12 @@ dot products and the sum of squares: split-K partials here, XLA's order there) a
 the mixes are O(1) and their K-sums agree to ~sqrt(K) * 2**-24 relative (~2**-17 at K = 16K); through the sigmoids
 (slope <= 1/2) and the Sinkhorn normalisations of a 4x4 matrix of entries in (0, 1] that stays below 2**-14
 absolute for ``post`` and ``comb``. ``y`` is rounded once to bf16 on both sides from fp32 values that differ by
-~2**-14 relative at most: one bf16 ulp. A wrong stream, split, row or iteration count is off by O(1e-2..1).
+~2**-14 relative at most: one bf16 ulp, plus an absolute slack for cancellation. Where the streams nearly cancel
+(``|y|`` far below ``sum_j |pre_j x_j|``, which half a million outputs of a prefill case always contain) the fp32
+sums of both sides differ by their rounding and by the ~2**-20 drift of ``pre`` (measured: the excess over one ulp
+stays below 2**-26 ``sum_j |x_j|`` at the V4-Flash batch-32 shape under the interpreter), so ``y`` may also be off by
+``2**-18 sum_j |x_j|`` (times the norm's scale with the fused norm). A wrong stream, split, row or iteration count
+is off by O(1e-2..1) of that sum.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ CASES = [
 ]
 SEED = 2718
 ABS_MIX = 2.0**-14
+ABS_Y = 2.0**-18  # cancellation slack of y, relative to sum_j |x_j| (module docstring)
 NORM_ULPS = 2.0  # hc_pre_norm: y's bf16 rounding may differ by one ulp on either side of a tie, then the norm rounds
 
 
@@ -64,26 +70,31 @@ def _norm_weight(D, seed):
 
 
 def _reference(cfg, h, w, nw=None):
-    """``hyper.hc_pre`` (then ``rms_norm`` with ``nw``, as ``hc_pre_norm``'s reference) -> fp32 numpy arrays."""
+    """``hyper.hc_pre`` (then ``rms_norm`` with ``nw``, as ``hc_pre_norm``'s reference) -> fp32 numpy arrays
+    ``y, post, comb`` and ``mag [T, D]``: the size of y's terms, ``sum_j |x_j|`` (times ``nw * rsqrt(mean(y**2) +
+    eps)`` with the norm), the scale of its cancellation slack."""
     from dsv4_jax.kernels.mhc import hc_pre_norm
     from dsv4_jax.modeling import hyper
 
-    if nw is None:
-        y, post, comb = hyper.hc_pre(cfg, h[:, None], w)
-    else:
+    y, post, comb = hyper.hc_pre(cfg, h[:, None], w)
+    mag = np.abs(np.asarray(h, np.float32)).sum(1)
+    if nw is not None:
+        y0 = np.asarray(y[:, 0].astype(np.float32))
+        mag *= np.asarray(nw, np.float32) / np.sqrt((y0 * y0).mean(-1, keepdims=True) + cfg.norm_eps)
         y, post, comb = hc_pre_norm(cfg.with_(kernels="reference"), h[:, None], w, nw)
-    return np.asarray(y[:, 0].astype(np.float32)), np.asarray(post[:, 0]), np.asarray(comb[:, 0])
+    return np.asarray(y[:, 0].astype(np.float32)), np.asarray(post[:, 0]), np.asarray(comb[:, 0]), mag
 
 
 def _check(got, ref, what, ulps=1.0):
-    (y, post, comb), (ry, rpost, rcomb) = got, ref
+    (y, post, comb), (ry, rpost, rcomb, mag) = got, ref
     for name, a in (("y", y), ("post", post), ("comb", comb)):
         assert np.isfinite(a).all(), f"{what}: non-finite {name}"
     np.testing.assert_allclose(post, rpost, rtol=0, atol=ABS_MIX, err_msg=f"{what}: post")
     np.testing.assert_allclose(comb, rcomb, rtol=0, atol=ABS_MIX, err_msg=f"{what}: comb")
     ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(ry), 2.0**-126))) - 7)  # one bf16 ulp of the reference
-    err = np.abs(y - ry)
-    assert (err <= ulps * ulp).all(), f"{what}: y off by {np.max(err / ulp):.2f} bf16 ulps (allowed {ulps})"
+    err = np.abs(y - ry) - ABS_Y * mag  # beyond the cancellation slack
+    assert (err <= ulps * ulp).all(), (f"{what}: y off by {np.max(err / ulp):.2f} bf16 ulps beyond "
+                                       f"{ABS_Y:.1e} sum|x| (allowed {ulps})")
 
 
 def _interpret_main(path: str) -> None:
@@ -134,14 +145,14 @@ def test_check_catches_plausible_kernel_bugs():
     h, w = _inputs(T, hc, D, SEED)
     ref = _reference(_cfg(hc, D, iters), h, w)
     bad = {"one more iteration": _reference(_cfg(hc, D, iters + 1), h, w),
-           "comb transposed": (ref[0], ref[1], np.swapaxes(ref[2], -1, -2))}
+           "comb transposed": (ref[0], ref[1], np.swapaxes(ref[2], -1, -2), ref[3])}
     swap = np.arange(hc * (2 + hc))
     swap[[0, 1]] = [1, 0]
     swapped = w.replace(fn=w.fn[jnp.asarray(swap)], base=w.base[jnp.asarray(swap)])
     bad["pre weights swapped"] = _reference(_cfg(hc, D, iters), h, swapped)
     for what, got in bad.items():
         with pytest.raises(AssertionError):
-            _check(got, ref, what)
+            _check(got[:3], ref, what)
 
 
 def test_dispatch_keeps_reference_on_cpu_and_with_auto():
