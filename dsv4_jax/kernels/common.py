@@ -5,6 +5,8 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 * :func:`round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32.
 * :func:`pow2`, :func:`e8m0`: powers of two from integer exponents / e8m0 scale bytes.
 * :func:`e2m1`: packed-nibble codes -> their fp32 values (the 3 magnitude bits placed under the exponent).
+* :func:`e2m1_pair`, :func:`e2m1_factors`: the same for both nibbles of a packed byte in 3 integer operations each
+  (values times 2**-126), and the two powers of two that scale them to the weights (the e8m0 scale and the 2**126).
 * :func:`act_exp`, :func:`e4m3_grid`: the reference's FP8 activation quantization (``act_quant``, spec 3.1): the
   block's power-of-two scale exponent (rounded up from ``amax / 448``), and values rounded to the e4m3 grid
   (nearest even) after scaling by it.
@@ -42,6 +44,29 @@ def e2m1(code):
     0.5 lands on an fp32 denormal, scaled back by 2**126."""
     bits = ((code & 7) << 22) | ((code & 8) << 28)
     return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
+
+
+@triton.jit
+def e2m1_pair(p):
+    """Packed bytes ``p`` (int32, 0..255) -> the low and the high nibble's e2m1 values times 2**-126 (fp32; 0.5
+    lands on a denormal), 3 integer operations each instead of :func:`e2m1`'s 6 and its multiply: the nibble is
+    shifted to bits 28-31, arithmetically back by 6 (its sign stays at bit 31, its 3 magnitude bits land on bits
+    22-24, the exponent's lowest two and the mantissa's first), and the copies of the sign in bits 25-30 masked off
+    (mask 0x81C00000). Decoding is what bounds the FP4 kernels at decode sizes, not the bytes."""
+    lo = (((p << 28) >> 6) & -2118123520).to(tl.float32, bitcast=True)
+    hi = (((p << 24) >> 6) & -2118123520).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def e2m1_factors(b):
+    """e8m0 scale bytes ``b`` (int32) -> powers of two ``(f1, f2)`` with ``f1 * f2 = 2**(b - 127) * 2**126``: the
+    factor from :func:`e2m1_pair`'s values to the weights. ``f1 = 2**(min(b, 128) - 1)``, ``f2 = 2**(max(b, 128) -
+    128)``: apart, neither overflows; ``f2`` is 1 for every scale up to 2 (weights up to 12, all the checkpoints
+    hold), so a kernel may apply it to a group's partial sum instead of to every weight (exact: powers of two)."""
+    f1 = ((tl.minimum(b, 128) + 126) << 23).to(tl.float32, bitcast=True)
+    f2 = ((tl.maximum(b, 128) - 1) << 23).to(tl.float32, bitcast=True)
+    return f1, f2
 
 
 @triton.jit

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import arch, triton_call, use_triton
-from dsv4_jax.kernels.common import act_exp, e2m1, e4m3_grid, e8m0, pow2, round_bf16
+from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid, e8m0, pow2, round_bf16
 from dsv4_jax.kernels.fp4_moe_gemv import check_gemv_shapes, gemv_tiles, launch_gemv_jax
 from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
 from dsv4_jax.modeling.quant import Fp4Tensor, quantize_act
@@ -67,9 +67,10 @@ def _fp4_group(acc, wp_ptr, ws_ptr, n, kk, K2, K32, xe, xo, DOT: tl.constexpr):
     even/odd columns (the low/high nibbles of the 16 packed bytes)."""
     i = tl.arange(0, 16)
     p = tl.load(wp_ptr + n[:, None] * K2 + (kk // 2 + i)[None, :]).to(tl.int32)  # [BN, 16] bytes
-    s = e8m0(tl.load(ws_ptr + n * K32 + kk // 32))[:, None]  # [BN, 1]
-    acc = tl.dot((e2m1(p & 15) * s).to(DOT), xe, acc)
-    return tl.dot((e2m1(p >> 4) * s).to(DOT), xo, acc)
+    f1, f2 = e2m1_factors(tl.load(ws_ptr + n * K32 + kk // 32).to(tl.int32))  # [BN] each
+    lo, hi = e2m1_pair(p)  # 3 integer operations per weight (common.e2m1_pair)
+    acc = tl.dot((lo * f1[:, None] * f2[:, None]).to(DOT), xe, acc)
+    return tl.dot((hi * f1[:, None] * f2[:, None]).to(DOT), xo, acc)
 
 
 @triton.jit
@@ -277,11 +278,13 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
 
 
 def gemv_rows(n_pairs: int, n_local: int) -> int | None:
-    """Slots per block for the GEMV kernels (:mod:`fp4_moe_gemv`), ``None`` for the tiled kernels. Measured on an
-    H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``): one slot per block beats the tiled kernels up to 16
-    tokens (96 pairs: 1.29 vs 1.50 ms) and loses at 64 (384 pairs: 4.11 vs 3.25 ms); 2 or 4 slots per block were
-    slower than one at every size (the padding slots cost FMAs, the kernel is bound by per-element work)."""
-    return 1 if n_pairs <= max(1, n_local // 2) else None
+    """Slots per block for the GEMV kernels (:mod:`fp4_moe_gemv`), ``None`` for the tiled kernels: one slot per
+    block (``DIRECT``) up to ``n_local`` pairs. Measured on an H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``,
+    wall per MoE call): 32 tokens (192 pairs) GEMV 1.70 ms vs tiled 2.10 ms (2026-11-30, after the GEMV's
+    per-group accumulators); 64 tokens (384 pairs) GEMV 4.11 vs tiled 3.25 ms (2026-11-29, the GEMV before them), so
+    the crossover lies between 192 and 384 pairs. 2 or 4 slots per block were slower than one at every size (the
+    padding slots cost FMAs)."""
+    return 1 if n_pairs <= max(1, n_local) else None
 
 
 def schedule(e: jax.Array, n_local: int, block: int):

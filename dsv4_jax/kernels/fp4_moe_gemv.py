@@ -1,11 +1,12 @@
 """The FP4 routed experts at decode sizes: two GEMV kernels (no tensor cores) over the packed e2m1 weights.
 
-At decode a touched expert sees one or a few tokens, so the tiled kernels of :mod:`fp4_moe` (a 16-row ``tl.dot``
-per block, its weight operand rebuilt through shared memory) are bound by latency and per-element work, not by
-the weight bytes. Here every program streams ``BN`` weight rows of one expert over the whole K range in
-``[BN, NG, 16]``-byte steps, decodes each nibble once to its exact fp32 value (code bits under the exponent, times
-the 1x32 e8m0 scale) and multiplies it by the ``BM`` slots' activations in fp32 (exact products), summing in fp32.
-The grid is (blocks of ``BM`` slots, ``N / BN``): thousands of small programs keep enough loads in flight.
+At decode a touched expert sees one or a few tokens, so the tiled kernels of :mod:`fp4_moe` (a 16-row ``tl.dot`` per
+block, its weight operand rebuilt through shared memory) are bound by latency and per-element work, not by the
+weight bytes. Here every program streams ``BN`` weight rows of one expert over the whole K range in ``[BN, NG,
+16]``-byte steps, decodes each nibble once to its exact fp32 value (code bits under the exponent in three integer
+operations, times the 1x32 e8m0 scale folded with 2**126: :func:`common.e2m1_pair`) and multiplies it by the ``BM``
+slots' activations in fp32 (exact products), summing in fp32. The grid is (blocks of ``BM`` slots, ``N / BN``):
+thousands of small programs keep enough loads in flight.
 
 Layout: :func:`dsv4_jax.kernels.fp4_moe.schedule` (one slot per block: the pairs as they come; more: the
 expert-sorted blocks of :func:`experts.group_pairs`). Stage 1 takes the raw tokens and quantizes them itself
@@ -28,17 +29,32 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_exp, e2m1, e4m3_grid, e8m0, pow2, round_bf16
+from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid, pow2, round_bf16
 
 
 @triton.jit
 def _nibbles(wp, ws, n, K: tl.constexpr, c0, NG: tl.constexpr):
     """Weight rows ``n [BN]`` (int64), columns ``[c0, c0 + 32 NG)``: exact fp32 values of the even and of the odd
-    columns, ``[BN, NG, 16]`` each (byte j holds column 2j in its low nibble, 2j+1 in its high one)."""
+    columns, ``[BN, NG, 16]`` each (byte j holds column 2j in its low nibble, 2j+1 in its high one), divided by the
+    per-group power of two ``f2 [BN, NG, 1]`` (1 unless a scale exceeds 2), returned third: :func:`_dot_groups` applies
+    it to each group's partial sum. 3 integer operations and one multiply per weight (:func:`common.e2m1_pair`)."""
     gi = tl.arange(0, NG)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NG, 16]
     p = tl.load(wp + n[:, None, None] * (K // 2) + c0 // 2 + gi).to(tl.int32)  # [BN, NG, 16] bytes
-    s = e8m0(tl.load(ws + n[:, None] * (K // 32) + c0 // 32 + tl.arange(0, NG)[None, :]))[:, :, None]  # [BN, NG, 1]
-    return e2m1(p & 15) * s, e2m1(p >> 4) * s
+    b = tl.load(ws + n[:, None] * (K // 32) + c0 // 32 + tl.arange(0, NG)[None, :]).to(tl.int32)  # [BN, NG]
+    f1, f2 = e2m1_factors(b)
+    lo, hi = e2m1_pair(p)
+    return lo * f1[:, :, None], hi * f1[:, :, None], f2[:, :, None]
+
+
+@triton.jit
+def _columns(row_ptr, c0, NG: tl.constexpr, live):
+    """Activation columns ``[c0, c0 + 32 NG)`` of one row as fp32 even and odd columns ``[NG, 16]`` each. (Loading
+    them contiguously and splitting in registers, or in the weights' 3-d shape, made Triton convert the weight tiles'
+    layout in every K step instead: ptxas, sm_90a.)"""
+    c = c0 + 2 * (tl.arange(0, NG)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [NG, 16] even columns
+    ve = tl.load(row_ptr + c, mask=live, other=0.0).to(tl.float32)
+    vo = tl.load(row_ptr + c + 1, mask=live, other=0.0).to(tl.float32)
+    return ve, vo
 
 
 @triton.jit
@@ -50,9 +66,13 @@ def _weight_rows(bexp_ptr, b, N: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _dot_rows(we, wo, xe, xo):
-    """sum over (NG, 16) of ``we * xe + wo * xo`` -> [BN] (``xe``/``xo`` [NG, 16])."""
-    return tl.sum(tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2), axis=1)
+def _dot_groups(we, wo, f2, xe, xo):
+    """Per 32-column group, sum over its 16 bytes of ``we * xe + wo * xo`` times the group's ``f2`` -> ``[BN, NG, 1]``
+    (``xe``/``xo`` [NG, 16]; ``f2`` see :func:`_nibbles`: exact, a power of two). The 16 bytes of a group are one
+    thread's 16-byte load, so this sum stays in registers; the kernels add these partials across K steps and reduce
+    over the groups once, after the K loop (no cross-thread reduction per step)."""
+    return tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2, keep_dims=True) * f2  # [BN, NG, 1]: the layout
+    # of the weight tiles, so the K loop carries the accumulators without converting them
 
 
 @triton.jit
@@ -83,12 +103,15 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
         return
     n = _weight_rows(bexp_ptr, b, I, BN)  # [BN] rows of the [E*I, D] stacks
     mrow = tl.arange(0, BM)
-    gi = 2 * (tl.arange(0, NG)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [NG, 16] even columns of a step
-    acc_g = tl.zeros((BM, BN), tl.float32)
-    acc_u = tl.zeros((BM, BN), tl.float32)
+    if BM == 1:  # per-group partial sums, reduced over NG after the K loop
+        acc_g = tl.zeros((BN, NG, 1), tl.float32)
+        acc_u = tl.zeros((BN, NG, 1), tl.float32)
+    else:
+        acc_g = tl.zeros((BM, BN, NG), tl.float32)
+        acc_u = tl.zeros((BM, BN, NG), tl.float32)
     for c0 in range(0, D, 32 * NG):
-        ge, go = _nibbles(w1p, w1s, n, D, c0, NG)
-        ue, uo = _nibbles(w3p, w3s, n, D, c0, NG)
+        ge, go, gf = _nibbles(w1p, w1s, n, D, c0, NG)
+        ue, uo, uf = _nibbles(w3p, w3s, n, D, c0, NG)
         for m in tl.static_range(BM):
             if DIRECT:
                 pair = b
@@ -96,21 +119,27 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
                 pair = tl.load(rows_ptr + b * BM + m)
             live = pair < R
             tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
-            xe = tl.load(x_ptr + tok * D + c0 + gi, mask=live, other=0.0).to(tl.float32)  # [NG, 16]
-            xo = tl.load(x_ptr + tok * D + c0 + 1 + gi, mask=live, other=0.0).to(tl.float32)
+            xe, xo = _columns(x_ptr + tok * D, c0, NG, live)  # [NG, 16] each
             if QUANT:
                 xe, xo = _act_quant(xe, xo, NG // 4)
-            sel = mrow[:, None] == m
-            acc_g = tl.where(sel, acc_g + _dot_rows(ge, go, xe, xo)[None, :], acc_g)
-            acc_u = tl.where(sel, acc_u + _dot_rows(ue, uo, xe, xo)[None, :], acc_u)
+            if BM == 1:
+                acc_g += _dot_groups(ge, go, gf, xe, xo)
+                acc_u += _dot_groups(ue, uo, uf, xe, xo)
+            else:
+                sel = (mrow == m)[:, None, None]
+                acc_g = tl.where(sel, acc_g + tl.reshape(_dot_groups(ge, go, gf, xe, xo), (1, BN, NG)), acc_g)
+                acc_u = tl.where(sel, acc_u + tl.reshape(_dot_groups(ue, uo, uf, xe, xo), (1, BN, NG)), acc_u)
+    if BM == 1:
+        acc_g = tl.reshape(acc_g, (1, BN, NG))
+        acc_u = tl.reshape(acc_u, (1, BN, NG))
     slot = b * BM + mrow  # [BM]
     if DIRECT:
         pair = slot
     else:
         pair = tl.load(rows_ptr + slot)
     wt = tl.load(wt_ptr + pair, mask=pair < R, other=0.0)  # [BM]
-    g = round_bf16(acc_g)
-    u = round_bf16(acc_u)
+    g = round_bf16(tl.sum(acc_g, axis=2))  # [BM, BN]
+    u = round_bf16(tl.sum(acc_u, axis=2))
     if LIMIT > 0:
         u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
         g = tl.minimum(g, LIMIT)
@@ -136,18 +165,25 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
         return
     n = _weight_rows(bexp_ptr, b, D, BN)  # [BN] rows of the [E*D, I] stack
     mrow = tl.arange(0, BM)
-    gi = 2 * (tl.arange(0, 4 * NB)[:, None] * 16 + tl.arange(0, 16)[None, :])  # [4NB, 16]
-    acc = tl.zeros((BM, BN), tl.float32)
+    if BM == 1:  # per-group partial sums, reduced after the K loop
+        acc = tl.zeros((BN, 4 * NB, 1), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN, 4 * NB), tl.float32)
     for c0 in range(0, I, 128 * NB):
-        we, wo = _nibbles(w2p, w2s, n, I, c0, 4 * NB)
+        we, wo, wf = _nibbles(w2p, w2s, n, I, c0, 4 * NB)
         for m in tl.static_range(BM):
-            hrow = h_ptr + (b * BM + m).to(tl.int64) * I + c0
-            he = tl.load(hrow + gi).to(tl.float32)  # [4NB, 16]
-            ho = tl.load(hrow + 1 + gi).to(tl.float32)
+            he, ho = _columns(h_ptr + (b * BM + m).to(tl.int64) * I, c0, 4 * NB, True)  # [4NB, 16] each
             qe, qo = _act_quant(he, ho, NB)
-            acc = tl.where(mrow[:, None] == m, acc + _dot_rows(we, wo, qe, qo)[None, :], acc)
+            if BM == 1:
+                acc += _dot_groups(we, wo, wf, qe, qo)
+            else:
+                acc = tl.where((mrow == m)[:, None, None],
+                               acc + tl.reshape(_dot_groups(we, wo, wf, qe, qo), (1, BN, 4 * NB)), acc)
+    if BM == 1:
+        acc = tl.reshape(acc, (1, BN, 4 * NB))
     slot = b * BM + mrow
-    tl.store(y_ptr + slot[:, None].to(tl.int64) * D + col[None, :], round_bf16(acc).to(y_ptr.dtype.element_ty))
+    y = round_bf16(tl.sum(acc, axis=2))  # [BM, BN]
+    tl.store(y_ptr + slot[:, None].to(tl.int64) * D + col[None, :], y.to(y_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------- plans, launchers
@@ -157,6 +193,9 @@ def gemv_tiles(target: str, D: int, I: int, BM: int) -> dict:
     the raw tokens itself."""
     if target == "cpu":  # the interpreter: few, wide programs
         return dict(BM=BM, BN1=min(64, I), NG=4, BN2=min(64, D), NB=1, num_warps=4, num_stages=1, QUANT=1)
+    # 16 rows per program: 91.5 us per V4-Flash MoE call at one token on an H200 vs 111-120 us with 32, with the
+    # per-group accumulators (before them 32 rows won: 104 vs 123-152 us); scripts/bench_moe.py --variants,
+    # docs/performance.md
     return dict(BM=BM, BN1=16, NG=8, BN2=16, NB=2, num_warps=4, num_stages=3, QUANT=1)
 
 
