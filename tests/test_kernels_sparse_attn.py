@@ -9,9 +9,15 @@ relative). The kernel follows the official loop (online softmax in blocks of 64,
 running maximum); the reference rounds P relative to the row's final maximum. Each P element carries one bf16
 rounding (relative <= 2**-9) on either side, so the outputs differ by at most 2**-8 * sum_j (p_j / l) |v_j| per
 element; the reference output is itself rounded to bf16 (half an ulp), and a 2**-12 relative slack covers the fp32
-sums and exp. Cases: decode rows at different positions (windows not yet full: masked slots first, a fully masked
-first block), prefill chunks, compressed entries with -1 holes, K not a multiple of 64, plain and FP8-snapped caches,
-no compressed source (window-only layers).
+sums and exp. Splitting an index list (flash-decoding) changes only where P is rounded (each split's running
+maximum instead of the whole list's: still one bf16 rounding per element, rescaled in fp32 by the merge) and the fp32
+summation order, so the same bound holds.
+
+Cases: decode rows at different positions (windows not yet full: masked slots first, a fully masked first block),
+prefill chunks, compressed entries with -1 holes, K not a multiple of 64, plain and FP8-snapped caches, no
+compressed source (window-only layers); the split path: several splits, a split whose whole range is masked (the
+first, and one in the middle), uneven splits (the last one short), splits of prefill rows; output tiles of 64 dims
+and of the whole head (a tile straddling the FP8 / RoPE boundary).
 """
 
 from __future__ import annotations
@@ -25,19 +31,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
-# (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8)
+# (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8, plan overrides): "bps" = index blocks per split
+# (else the CPU plan's choice), "DC" = output dims per program (else 64), "hole" = list slots set to -1; a name with
+# "split" must take the split path
 CASES = [
-    ("decode-fp8", 2, 1, 4, 128, 128, 40, 24, [5, 300], True),
-    ("decode-plain", 2, 1, 4, 128, 128, 40, 24, [70, 129], False),
-    ("prefill-fp8", 1, 9, 4, 128, 128, 16, 8, [20], True),
-    ("window-only", 2, 3, 2, 128, 128, 0, 0, [0, 200], True),
+    ("decode-fp8-split3", 2, 1, 4, 128, 128, 40, 24, [5, 300], True, dict(bps=1, DC=128)),
+    ("decode-plain-uneven-split", 2, 1, 4, 128, 128, 40, 24, [70, 129], False, dict(bps=2)),
+    ("prefill-fp8", 1, 9, 4, 128, 128, 16, 8, [20], True, dict()),
+    ("window-only-split", 2, 3, 2, 128, 128, 0, 0, [0, 200], True, dict(bps=1, DC=128)),
+    ("decode-masked-split", 1, 1, 4, 128, 128, 300, 200, [1000], True, dict(bps=1, hole=(192, 256))),
 ]
 SEED = 4321
 
 
-def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed):
+def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None):
     """q, the three caches (stored layout) and index lists like the model's: window lists from
-    ``attention.window_indices``, then random compressed ids with -1 holes."""
+    ``attention.window_indices``, then random compressed ids with -1 holes (list slots ``hole[0]:hole[1]`` all -1)."""
     import jax.numpy as jnp
 
     from dsv4_jax.modeling.attention import window_indices
@@ -55,6 +64,8 @@ def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed):
         comp = rng.integers(0, Nc, (B, S, n_comp)) + W + S
         comp = np.where(rng.random((B, S, n_comp)) < 0.3, -1, comp)
         idx = jnp.concatenate([idx, jnp.asarray(comp, jnp.int32)], -1)
+    if hole is not None:
+        idx = idx.at[..., hole[0]:hole[1]].set(-1)
     sink = jnp.asarray(rng.standard_normal(H) * 2, jnp.float32)
     return q, caches, idx, sink
 
@@ -97,15 +108,27 @@ def _arrays(i, q, caches, idx, sink, fp8):
     return out
 
 
+def _plan(case, K, target="cpu"):
+    """The case's launch plan: :func:`plan` for its rows and K, with its overrides."""
+    from dsv4_jax.kernels.sparse_attention import plan
+
+    _, B, S, H, Dh, *_, kw = case
+    p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"))
+    if "DC" in kw:
+        p["DC"] = kw["DC"]
+    return p
+
+
 def _interpret_main(path: str) -> None:
     """Subprocess body: the kernel under the interpreter on every case stored in ``path``."""
     import torch
 
-    from dsv4_jax.kernels.sparse_attention import plan, run_torch
+    from dsv4_jax.kernels.sparse_attention import run_torch
 
     z = dict(np.load(path))
     res = {}
-    for i, (_, _, _, H, Dh, W, Nc, _, _, fp8) in enumerate(CASES):
+    for i, case in enumerate(CASES):
+        _, _, _, H, Dh, W, Nc, _, _, fp8, _ = case
         t = lambda k: torch.from_numpy(z[k].copy())  # noqa: E731
         dummy = torch.zeros(1, dtype=torch.uint8)
         srcs = []
@@ -117,9 +140,10 @@ def _interpret_main(path: str) -> None:
                              t(f"c{i}_{j}_2").view(torch.bfloat16)))
             else:
                 srcs.append((t(f"c{i}_{j}_0").view(torch.bfloat16), dummy, dummy))
-        o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, t(f"idx{i}"), t(f"sink{i}"), W, max(Nc, 1),
-                      Dh**-0.5, plan(H, Dh, "cpu"))
-        res[f"o{i}"] = o.numpy()
+        idx = t(f"idx{i}")
+        p = _plan(case, idx.shape[-1])
+        o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W, max(Nc, 1), Dh**-0.5, p)
+        res[f"o{i}"], res[f"split{i}"] = o.numpy(), np.int64(p["SPLIT"])
     np.savez(path + ".out.npz", **res)
 
 
@@ -128,8 +152,8 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     pytest.importorskip("torch")
     arrays, cases = {}, []
-    for i, (_, B, S, H, Dh, W, Nc, n_comp, positions, fp8) in enumerate(CASES):
-        q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i)
+    for i, (_, B, S, H, Dh, W, Nc, n_comp, positions, fp8, kw) in enumerate(CASES):
+        q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i, kw.get("hole"))
         arrays.update(_arrays(i, q, caches if Nc else caches[:2], idx, sink, fp8))
         cases.append(_reference(q, caches, idx, sink, Nc))
     return cases, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("sparse_attn"))
@@ -151,6 +175,8 @@ def test_interpreter_matches_reference(interpreted, i):
     cases, out = interpreted
     ref, mag = cases[i]
     _close(out[f"o{i}"], ref, mag, CASES[i][0])
+    if "split" in CASES[i][0]:  # the cases meant for the split path took it
+        assert out[f"split{i}"] > 1, f"{CASES[i][0]}: ran unsplit"
 
 
 def test_reference_path_unchanged_on_cpu():
@@ -162,7 +188,7 @@ def test_reference_path_unchanged_on_cpu():
 
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU dispatch")
-    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8 = CASES[0]
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8, _ = CASES[0]
     q, (ring, chunk, comp), idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, 1)
     a = sparse_attention(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16, kernels="auto")
     b = sparse_attention_reference(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16)
@@ -170,11 +196,22 @@ def test_reference_path_unchanged_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------------ GPU
-@pytest.mark.parametrize("case", [("flash-decode", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True),
-                                  ("flash-prefill", 1, 256, 64, 512, 128, 64, 512, [1000], True)],
-                         ids=lambda c: c[0])
+_POS32 = [3 + 97 * k for k in range(32)]  # 32 decode rows, windows full or not
+GPU_CASES = [  # V4-Flash: 64 heads, head_dim 512, window 128; CSA: top-512 compressed (K 640), HCA at 1M: 8192 (K 8320)
+    ("flash-decode", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True, {}),
+    ("flash-prefill", 1, 256, 64, 512, 128, 64, 512, [1000], True, {}),
+    ("csa-decode-b1", 1, 1, 64, 512, 128, 2048, 512, [8000], True, {}),
+    ("csa-decode-b32", 32, 1, 64, 512, 128, 2048, 512, _POS32, True, {}),
+    ("hca-1m-decode-b1", 1, 1, 64, 512, 128, 8192, 8192, [1 << 20], True, {}),
+    ("hca-1m-decode-b32", 32, 1, 64, 512, 128, 8192, 8192, _POS32, True, {}),
+    ("flash-decode-unsplit", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True, dict(bps=1 << 10)),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
 def test_gpu_matches_reference(case):
-    """V4-Flash shapes (64 heads, head_dim 512, window 128, top-512 compressed entries) inside jit."""
+    """V4-Flash shapes inside jit, with the GPU's own plan (split index lists at decode) unless the case overrides
+    it."""
     from dsv4_jax.kernels import triton_unavailable
 
     why = triton_unavailable()
@@ -185,9 +222,10 @@ def test_gpu_matches_reference(case):
 
     from dsv4_jax.kernels.sparse_attention import sparse_attention_triton
 
-    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8 = case
-    q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED)
-    got = jax.jit(sparse_attention_triton, static_argnums=6)(q, *caches, idx, sink, Dh**-0.5)
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8, kw = case
+    q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED, kw.get("hole"))
+    p = _plan(case, idx.shape[-1], target=None) if kw else None
+    got = jax.jit(lambda *a: sparse_attention_triton(*a, Dh**-0.5, p))(q, *caches, idx, sink)
     ref, mag = _reference(q, caches, idx, sink, Nc)
     _close(np.asarray(got.astype(jnp.float32)), ref, mag, case[0], ulps=1.0)  # the kernel rounds to bf16 too
 

@@ -8,37 +8,67 @@ buffers, gathers, and rounds P to bf16 relative to each row's final maximum.
 The Triton kernel (:func:`_sparse_attn_kernel`) follows the official kernel's loop instead: blocks of ``BK`` (64)
 indices in list order, online softmax (running max ``m``, ``alpha = exp(m - m_new)``), P rounded to bf16 relative to
 the running max for the P.V product only, the sink added to the denominator at the end. It reads each gathered
-entry straight from the buffer it lives in (one load per element: the three sources share one layout, so a
-per-entry pointer select picks the source; no concatenated copy) and decodes FP8-snapped entries in registers
-(e4m3 code x its 1x64 e8m0 scale, exact in bf16; RoPE dims bf16). Grid ``(B*S, H/BH, Dh/DC)``: a program holds
-``BH`` heads (all 64 of V4 by default) of one row and ``DC`` (64) of the output dims: it computes the full scores
-(q.k over all of Dh, in 64-dim chunks) and P.V for its own dims only. So every entry's bytes are read once per
-output chunk (8x at Dh 512; after the first from L2), in exchange for small register tiles: the variant holding a
-row's whole ``[64 heads, 512]`` fp32 accumulator and ``[64, 512]`` gathered tile spilled 1.7-2.8 KB per thread
-(ptxas for sm_90a, every tile choice tried). A block whose entries are all masked leaves ``m``, ``l`` and ``acc``
-unchanged (the official kernel relies on the first block holding a valid index; our window lists put the masked
-slots first, so the kernel guards ``-inf - -inf``).
+entry straight from the buffer it lives in (the three sources share one layout, so a per-entry pointer select picks
+the source; no concatenated copy) and decodes FP8-snapped entries in registers (e4m3 code x its 1x64 e8m0 scale,
+exact in bf16; RoPE dims bf16).
+
+Work split (:func:`plan`, one flat grid of ``rows x SPLIT x (H/BH) x (Dh/DC)`` programs). A program holds ``BH``
+heads of one row, ``DC`` output dims and one range of the index list:
+
+* output dims: the program loads its own ``[BK, DC]`` tile once per block and uses it for both its share of q.k and
+  its P.V; the other ``Dh - DC`` dims of q.k come in 64-dim chunks. The GPU plan takes ``DC = Dh``: scores are
+  computed once per head group. The first version (``DC = 64``) recomputed all of q.k for each of V4's 8 output
+  chunks and took 112 us per decode call at K = 640 on an H200 (batch 1: 16 programs on 132 SMs; batch 32: 410 us).
+* index list ("flash-decoding"): decode rows alone cannot fill the card, so the list's ``ceil(K / BK)`` blocks are cut
+  into ``SPLIT`` ranges of ``BPS`` blocks (a constant trip count; the last range's blocks past K are all masked:
+  no memory traffic). Each program runs the online softmax over its range and writes its partial ``(m, l, acc)`` in
+  fp32 to a workspace; :func:`_combine_kernel` merges the splits in fp32 (a fixed reduction order: deterministic),
+  adds the sink, divides and rounds to bf16. ``SPLIT = 1`` (prefill: rows fill the card) writes the output
+  directly, no workspace, one launch.
+
+A block whose entries are all masked leaves ``m``, ``l`` and ``acc`` unchanged (the official kernel relies on the
+first block holding a valid index; our window lists put the masked slots first, so the kernel guards
+``-inf - -inf``); a split whose whole range is masked writes ``m = -inf, l = 0, acc = 0`` and weighs 0 in the merge.
 
 Numerics contract (tested): kernel and reference form the same exact bf16 x bf16 products; they differ in the fp32
-summation order and in the point P is rounded at (running vs final max: each P element carries one bf16 rounding
-either way), so outputs agree within ``2**-8`` of ``sum_j p_j |v_j| / l`` plus one bf16 ulp.
+summation order and in the point P is rounded at (running max of the block's split, vs the row's final max: each P
+element carries one bf16 rounding either way; the merge rescales by ``exp(m_split - m_row)`` in fp32), so outputs
+agree within ``2**-8`` of ``sum_j p_j |v_j| / l`` plus one bf16 ulp, split or not. With ``DC < Dh`` the split path
+takes ``m`` and ``l`` from the first dim group; the others' scores may differ from it in the last fp32 bits
+(summation order), ~1e-6 relative on their ``acc``, inside the same fp32 slack.
 
-Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`); not yet run on a GPU
-(no device time was left in the session that wrote it), hence opt-in (``kernels="triton"``) while ``"auto"`` keeps
-the reference: CI runs it under ``TRITON_INTERPRET=1`` (kernel tests, and golden criterion 1 with the model's own
-launches); the GPU test (``tests/test_kernels_sparse_attn.py -k gpu``) and ``scripts/bench_attention.py`` are the
-next step.
+Registers (ptxas for sm_90a, triton 3.6, compiled without a GPU with the 16-byte pointer alignment jax-triton and
+XLA declare: without it no load vectorizes and every variant spills), V4-Flash FP8 layout (H 64, Dh 512), 8 warps,
+2 stages, the GPU plan BH 16 x DC 512 (mma.sync): rows 1 / 32 at K 640: 186 / 202 registers; at K 8320: 204 / 202;
+prefill (256 rows, unsplit): 204; no spills (one 256-thread program resident per SM). The merge: 23-32 registers.
+Shared memory: 2 pipeline stages need 246,016 B wherever a program loops over more than one block (more than an
+H100/H200 block may have, 232,448 B: the launch failed on an H200), 1 stage 147,456 B; hence ``num_stages = 1``,
+checked for every plan by ``tests/test_kernels_sm90.py`` without a GPU.
+Alternatives measured the same way: BH 64 x DC 256 (wgmma; q.k twice, entries read twice per row instead of four
+times): 141-255 registers, no spills; BH 64 x DC 512: 52-56 B of spills per thread; BH 32 x DC 512: 376 B.
+Which of the first two is faster is for the GPU
+(``bench_attention.py``) to say: one line of :func:`plan`.
+
+Status: the single-pass ``DC = 64`` kernel passed its GPU test on an H200. This design (split path, ``DC = Dh``
+tiles, merge kernel) ran once on an H200 with 2 pipeline stages (2026-11-30): at one row and K 640 it took 49-82 us
+per call through jax-triton (``bench_attention.py``; the reference 62-109 us), its GPU test failed 3 of its first 4
+cases (the log was cut before the reasons; the cases that loop over several blocks cannot launch with 2 stages);
+with 1 stage it has run only under ``TRITON_INTERPRET=1`` and been compiled for sm_90a. Hence still opt-in
+(``kernels="triton"``; ``"auto"`` keeps the reference) until ``tests/test_kernels_sparse_attn.py -k gpu`` passes.
+Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
+meant for ROCm as well (untried there).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import triton_call, use_opt_in_triton
+from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
 from dsv4_jax.modeling.quant import Fp8Cache, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -77,51 +107,68 @@ def sparse_attention_reference(q: jax.Array, ring, chunk, comp, idx: jax.Array, 
     return (acc / denom).astype(q.dtype)
 
 
-# ---------------------------------------------------------------------------------------------- kernel
+# ---------------------------------------------------------------------------------------------- kernels
 if triton is not None:
     @triton.jit
-    def _chunk(codes, scales, rope, ok, c0, DN: tl.constexpr, DC: tl.constexpr, FP8: tl.constexpr):
-        """Dims ``[c0, c0 + DC)`` of the gathered entries, ``[BK, DC]`` fp32 (bf16-exact; masked entries 0).
+    def _tile(codes, scales, rope, ok, c0, DN: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr):
+        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` fp32 (bf16-exact; masked entries 0).
         ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. FP8 layout: dims below DN are
-        e4m3 codes times their 1x64 e8m0 scale (a chunk lies in one scale group), the rest bf16 RoPE dims; plain
-        layout: ``codes`` holds the values."""
-        i = tl.arange(0, DC)[None, :]
+        e4m3 codes times their 1x64 e8m0 scale, the rest bf16 RoPE dims (a tile may straddle DN); plain layout:
+        ``codes`` holds the values."""
+        d = c0 + tl.arange(0, DW)[None, :]  # [1, DW]
         if FP8:
-            if c0 < DN:
-                c = tl.load(codes[:, None] + c0 + i, mask=ok[:, None], other=0.0).to(tl.float32)
-                sc = e8m0(tl.load(scales + c0 // 64, mask=ok, other=127))  # [BK]
-                v = c * sc[:, None]
-            else:
-                v = tl.load(rope[:, None] + (c0 - DN) + i, mask=ok[:, None], other=0.0).to(tl.float32)
+            nope = ok[:, None] & (d < DN)
+            c = tl.load(codes[:, None] + d, mask=nope, other=0.0).to(tl.float32)
+            if DW == 64:  # 64-dim chunks lie in one scale group: one scale per entry
+                sc = e8m0(tl.load(scales + c0 // 64, mask=ok & (c0 < DN), other=127))[:, None]  # [BK, 1]
+            else:  # each element's scale byte (L1 hits): ~50 registers fewer on sm_90a than a [BK, DW/64] load
+                sc = e8m0(tl.load(scales[:, None] + d // 64, mask=nope, other=127))  # spread by tl.reshape
+            r = tl.load(rope[:, None] + (d - DN), mask=ok[:, None] & (d >= DN), other=0.0).to(tl.float32)
+            v = tl.where(d < DN, c * sc, r)
         else:
-            v = tl.load(codes[:, None] + c0 + i, mask=ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(codes[:, None] + d, mask=ok[:, None], other=0.0).to(tl.float32)
         return v
 
     @triton.jit
-    def _sparse_attn_kernel(q_ptr, idx_ptr, sink_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr,
+    def _dot(a, b, INTERPRET: tl.constexpr):
+        """``a @ b`` of bf16-exact operands, fp32 accumulation (the interpreter's bf16 dots are not faithful: the
+        same exact products in fp32 there)."""
+        if INTERPRET:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))  # exact casts
+
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, idx_ptr, sink_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
                             S: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, H: tl.constexpr,
                             BH: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr,
-                            SCALE: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr,
-                            INTERPRET: tl.constexpr = False):
-        """o[b, s, h, oc*DC:(oc+1)*DC] for BH heads of one query row and output chunk ``oc = program_id(2)``;
-        ``rc/rs/rr`` (ring), ``cc/cs/cr`` (chunk), ``kc/ks/kr`` (compressed) are each source's codes / scales /
-        RoPE arrays (FP8), or its values and two unused pointers. Every program computes the full scores (all
-        ``DH / DC`` chunks of q.k) and accumulates P.V for its own output chunk only: registers stay at
-        ``[BH, DC]`` accumulators and ``[BK, DC]`` tiles."""
-        row = tl.program_id(0)  # b * S + s
-        b = row // S
-        h = tl.program_id(1) * BH + tl.arange(0, BH)  # [BH]
-        oc = tl.program_id(2) * DC  # first output dim of this program
+                            SCALE: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr, SPLIT: tl.constexpr,
+                            BPS: tl.constexpr, INTERPRET: tl.constexpr = False):
+        """One program: ``BH`` heads x ``DC`` output dims of one query row over index blocks
+        ``[sp * BPS, (sp + 1) * BPS)``. ``rc/rs/rr`` (ring), ``cc/cs/cr`` (chunk), ``kc/ks/kr`` (compressed) are
+        each source's codes / scales / RoPE arrays (FP8), or its values and two unused pointers. ``SPLIT == 1``:
+        ``o_ptr`` is the output ``[B*S, H, DH]`` bf16 (``m_ptr/l_ptr`` unused); else the fp32 workspace
+        ``acc [B*S, SPLIT, H, DH]`` with ``m``, ``l`` ``[B*S, SPLIT, H]``."""
         DH: tl.constexpr = DN + DR
         NS: tl.constexpr = DN // 64
         DV: tl.constexpr = DN if FP8 else DH  # row length of the codes / values array
-        i = tl.arange(0, DC)[None, :]
+        DG: tl.constexpr = DH // DC
+        G: tl.constexpr = (H // BH) * DG
+        pid = tl.program_id(0)  # ((row * SPLIT + sp) * G + g): a row's splits and groups are neighbours (L2)
+        g = pid % G
+        sp = (pid // G) % SPLIT
+        row = pid // (G * SPLIT)  # b * S + s
+        b = row // S
+        h = (g // DG) * BH + tl.arange(0, BH)  # [BH]
+        oc = (g % DG) * DC  # first output dim of this program
+        i = tl.arange(0, 64)[None, :]
+        io = tl.arange(0, DC)[None, :]
         q_rows = q_ptr + (row * H + h).to(tl.int64)[:, None] * DH  # [BH, 1]
         m = tl.full((BH,), float("-inf"), tl.float32)
         l = tl.zeros((BH,), tl.float32)
         acc = tl.zeros((BH, DC), tl.float32)
-        for j0 in range(0, K, BK):
-            jj = j0 + tl.arange(0, BK)
+        NJ: tl.constexpr = (K + BK - 1) // BK if SPLIT == 1 else BPS  # blocks per program (the whole list, or BPS)
+        for jb in range(NJ):  # a constant trip count: the last split's blocks past K are all masked (no-ops)
+            jj = sp * (BPS * BK) + jb * BK + tl.arange(0, BK)
             ids = tl.load(idx_ptr + row.to(tl.int64) * K + jj, mask=jj < K, other=-1)  # [BK]
             valid = ids >= 0
             in_r = ids < W
@@ -130,14 +177,12 @@ if triton is not None:
             codes = tl.where(in_r, rc, tl.where(in_c, cc, kc)) + r * DV  # [BK] row pointers, per source
             scales = tl.where(in_r, rs, tl.where(in_c, cs, ks)) + r * NS
             rope = tl.where(in_r, rr, tl.where(in_c, cr, kr)) + r * DR
-            s = tl.zeros((BH, BK), tl.float32)
-            for c in range(DH // DC):  # a loop, not unrolled: one chunk's tiles live at a time
-                kv = _chunk(codes, scales, rope, valid, c * DC, DN, DC, FP8)  # [BK, DC]
-                qc = tl.load(q_rows + c * DC + i)  # [BH, DC] bf16
-                if INTERPRET:  # the interpreter's bf16 dots are not faithful: the same exact products in fp32
-                    s += tl.dot(qc.to(tl.float32), tl.trans(kv), input_precision="ieee")
-                else:
-                    s += tl.dot(qc, tl.trans(kv.to(tl.bfloat16)))  # [BH, BK] fp32
+            kv = _tile(codes, scales, rope, valid, oc, DN, DC, FP8).to(tl.bfloat16)  # [BK, DC] own dims, exact
+            s = _dot(tl.load(q_rows + oc + io), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims' share
+            for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time (none when DC == DH)
+                c0 = c + DC * (c >= oc).to(tl.int32)
+                kc64 = _tile(codes, scales, rope, valid, c0, DN, 64, FP8).to(tl.bfloat16)  # [BK, 64]
+                s += _dot(tl.load(q_rows + c0 + i), tl.trans(kc64), INTERPRET)
             s = tl.where(valid[None, :], s * SCALE, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
@@ -145,26 +190,93 @@ if triton is not None:
             p = tl.exp(s - m_ref[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             pb = round_bf16(p)  # P rounded (nearest even, by arithmetic: the interpreter's cast truncates)
-            kv = _chunk(codes, scales, rope, valid, oc, DN, DC, FP8)  # [BK, DC] this program's output dims
-            if INTERPRET:
-                pv = tl.dot(pb, kv, input_precision="ieee")
-            else:
-                pv = tl.dot(pb.to(tl.bfloat16), kv.to(tl.bfloat16))  # exact casts
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(pb, kv, INTERPRET)
             m = m_new
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        l = l + tl.exp(tl.load(sink_ptr + h) - m_ref)
-        o = acc / l[:, None]
-        o_rows = o_ptr + (row * H + h).to(tl.int64)[:, None] * DH
-        tl.store(o_rows + oc + i, o.to(o_ptr.dtype.element_ty))
+        if SPLIT == 1:
+            m_ref = tl.where(m == float("-inf"), 0.0, m)
+            l = l + tl.exp(tl.load(sink_ptr + h) - m_ref)
+            o_rows = o_ptr + (row * H + h).to(tl.int64)[:, None] * DH
+            tl.store(o_rows + oc + io, (acc / l[:, None]).to(o_ptr.dtype.element_ty))
+        else:
+            ws = (row * SPLIT + sp) * H + h  # [BH] workspace rows
+            tl.store(o_ptr + ws.to(tl.int64)[:, None] * DH + oc + io, acc)
+            if oc == 0:
+                tl.store(m_ptr + ws, m)
+                tl.store(l_ptr + ws, l)
+
+    @triton.jit
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H: tl.constexpr, DH: tl.constexpr,
+                        SPLIT: tl.constexpr, SP2: tl.constexpr, DCC: tl.constexpr):
+        """o[row, h, dims of this program] from the workspace of :func:`_sparse_attn_kernel`: weights
+        ``w_s = exp(m_s - max_s m_s)`` per split, ``l = sum_s w_s l_s + exp(sink - max)``,
+        ``o = bf16(sum_s w_s acc_s / l)`` (fp32; a fixed reduction tree: deterministic). One program per (row, head,
+        ``DCC`` dims): all splits in one ``[SP2, DCC]`` tile."""
+        pid = tl.program_id(0)  # (row * H + h) * (DH // DCC) + dim chunk
+        d = (pid % (DH // DCC)) * DCC + tl.arange(0, DCC)  # [DCC]
+        rh = pid // (DH // DCC)
+        row = rh // H
+        h = rh % H
+        s = tl.arange(0, SP2)  # [SP2]
+        ws = (row * SPLIT + s) * H + h  # [SP2] workspace rows
+        m = tl.load(m_ptr + ws, mask=s < SPLIT, other=float("-inf"))
+        mx = tl.max(m, axis=0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)  # every split fully masked (never the case in the model)
+        w = tl.exp(m - mx)  # [SP2], 0 for masked splits and the padding
+        l = tl.sum(w * tl.load(l_ptr + ws, mask=s < SPLIT, other=0.0), axis=0) + tl.exp(tl.load(sink_ptr + h) - mx)
+        a = tl.load(acc_ptr + ws.to(tl.int64)[:, None] * DH + d[None, :], mask=(s < SPLIT)[:, None], other=0.0)
+        o = tl.sum(w[:, None] * a, axis=0) / l  # [DCC]
+        tl.store(o_ptr + rh.to(tl.int64) * DH + d, o.to(o_ptr.dtype.element_ty))
 
 
-def plan(H: int, Dh: int, target: str | None = None) -> dict:
-    """Heads per program ``BH``, indices per online-softmax block ``BK`` (64: the official kernel's block, which
-    fixes where P is rounded), output dims per program ``DC`` and launch options (the one place they are chosen)."""
+# ---------------------------------------------------------------------------------------------- planning
+SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}
+PER_SM = 1  # decode: split the index list until about this many programs per SM (one is resident at a time)
+
+
+def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K: int | None = None,
+         bps: int | None = None) -> dict:
+    """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (64: the official
+    kernel's block, which fixes where P is rounded), the index-list split (``SPLIT`` ranges of ``BPS`` blocks, no
+    empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and launch options: the one place they are chosen.
+
+    ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows until about ``PER_SM`` programs
+    per SM exist, ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps`` forces the blocks
+    per split (tests). GPU tiles: BH 16 x DC Dh (q.k once per head group; registers: the module docstring). At
+    186-204 registers x 256 threads one program is resident per SM, so more than ``PER_SM = 1`` would only add
+    waves (and workspace); a split costs an fp32 workspace of ``H * Dh * 4`` bytes per row and split (written and
+    read back, mostly in L2)."""
+    target = target or arch()
     if target == "cpu":
-        return dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
-    return dict(BH=min(H, 32), BK=64, DC=64, num_warps=8, num_stages=2)  # ptxas sm_90a: 8 B spills at H 64
+        p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
+    else:
+        dc = Dh if Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
+        p = dict(BH=min(H, 16), BK=64, DC=dc, num_warps=8, num_stages=1)  # 2 stages: 246 KB of smem (> 227)
+    nb = math.ceil((K or 1) / p["BK"])
+    groups = (H // p["BH"]) * (Dh // p["DC"])
+    if bps is None:
+        split = 1 if rows is None else max(1, min(nb, math.ceil(PER_SM * SM_COUNT[target] / (rows * groups))))
+        bps = math.ceil(nb / split)
+    p.update(BPS=bps, SPLIT=math.ceil(nb / bps))
+    sp2 = next_pow2(p["SPLIT"])
+    dcc = 64
+    while dcc * 2 <= min(Dh, 4096 // sp2) and Dh % (dcc * 2) == 0:
+        dcc *= 2
+    p.update(SP2=sp2, DCC=dcc)
+    return p
+
+
+def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p: dict) -> dict:
+    """The main kernel's metaparameters (shared by the jax and torch launchers)."""
+    B, S, H, Dh = q_shape
+    return dict(S=S, K=K, W=W, NC=NC, H=H, BH=p["BH"], DN=DN, DR=Dh - DN, FP8=fp8, SCALE=float(np.float32(scale)),
+                BK=p["BK"], DC=p["DC"], SPLIT=p["SPLIT"], BPS=p["BPS"], num_warps=p["num_warps"],
+                num_stages=p["num_stages"])
+
+
+def _grid(q_shape, p: dict) -> tuple[int, int]:
+    """(main kernel programs, merge programs)."""
+    B, S, H, Dh = q_shape
+    return B * S * p["SPLIT"] * (H // p["BH"]) * (Dh // p["DC"]), B * S * H * (Dh // p["DCC"])
 
 
 def _parts(c, Dh: int):
@@ -190,29 +302,37 @@ def _check(q, ring, chunk, comp, idx):
 
 
 def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: dict | None = None) -> jax.Array:
-    """The Triton path of :func:`sparse_attention` (bf16 q, bf16 P)."""
+    """The Triton path of :func:`sparse_attention` (bf16 q, bf16 P): the main kernel, plus the merge when the plan
+    splits the index lists."""
     _check(q, ring, chunk, comp, idx)
     B, S, H, Dh = q.shape
     W, K = ring.shape[1], idx.shape[-1]
     if comp is None:  # HCA/window-only layers: no compressed source (a 1-row dummy, never indexed)
         comp = jax.tree_util.tree_map(lambda a: a[:, :1], ring)
     fp8 = isinstance(ring, Fp8Cache)
-    p = p or plan(H, Dh)
-    args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink.astype(jnp.float32)]
+    p = p or plan(H, Dh, rows=B * S, K=K)
+    sink = sink.astype(jnp.float32)
+    args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink]
     for c in (ring, chunk, comp):
         args += _parts(c, Dh)
-    return triton_call(*args, kernel=_sparse_attn_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
-                       grid=(B * S, H // p["BH"], Dh // p["DC"]), S=S, K=K, W=W, NC=comp.shape[1], H=H, BH=p["BH"],
-                       DN=ring.codes.shape[-1] if fp8 else Dh, DR=ring.rope.shape[-1] if fp8 else 0, FP8=fp8,
-                       SCALE=float(np.float32(scale)), BK=p["BK"], DC=p["DC"], num_warps=p["num_warps"],
-                       num_stages=p["num_stages"])
+    meta = _meta(q.shape, W, comp.shape[1], K, fp8, ring.codes.shape[-1] if fp8 else Dh, scale, p)
+    n_main, n_merge = _grid(q.shape, p)
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
+        out = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), f32(1), f32(1)]
+        return triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), **meta)[0]
+    R, sp = B * S, p["SPLIT"]
+    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
+                                                                          f32(R, sp, H)], grid=(n_main,), **meta)
+    return triton_call(acc, m, l, sink, kernel=_combine_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
+                       grid=(n_merge,), H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4, num_stages=1)
 
 
 def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, kernels: str = "auto") -> jax.Array:
     """Attention of queries ``q [B,S,H,Dh]`` over index lists ``idx [B,S,K]`` into ``[ring | chunk | comp]`` (see
     :func:`sparse_attention_reference`). The Triton kernel runs only with ``kernels="triton"`` (on one device, bf16
     queries with bf16 P): ``"auto"`` keeps the XLA reference here until the kernel has passed its GPU test and the
-    golden criteria on a GPU (it has only run under the interpreter so far)."""
+    golden criteria on a GPU."""
     if (use_opt_in_triton(kernels) and q.dtype == jnp.bfloat16
             and p_dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0):
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale)
@@ -221,17 +341,27 @@ def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, 
 
 # ---------------------------------------------------------------------------------------------- torch launcher
 def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: float, p: dict):
-    """Launch the kernel on torch tensors (CI: under ``TRITON_INTERPRET=1``). ``sources``: three tuples
-    (codes, scales, rope) or (values, dummy, dummy) for ring, chunk, compressed. Returns o ``[B,S,H,Dh]`` fp32."""
+    """Launch the kernel(s) on torch tensors (CI: under ``TRITON_INTERPRET=1``). ``sources``: three tuples
+    (codes, scales, rope) or (values, dummy, dummy) for ring, chunk, compressed; ``p``: a :func:`plan` for this
+    ``K``. Returns o ``[B,S,H,Dh]`` fp32."""
     import torch
 
     B, S, H, Dh = q.shape
-    o = torch.full((B, S, H, Dh), float("nan"), dtype=torch.float32)
+    K = idx.shape[-1]
     flat = [t for src in sources for t in src]
     DN = sources[0][0].shape[-1] if fp8 else Dh
-    _sparse_attn_kernel[(B * S, H // p["BH"], Dh // p["DC"])](q, idx, sink, *flat, o, S=S, K=idx.shape[-1], W=W,
-                                                               NC=NC, H=H, BH=p["BH"], DN=DN, DR=Dh - DN, FP8=fp8,
-                                                               SCALE=float(np.float32(scale)), BK=p["BK"], DC=p["DC"],
-                                                INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-                                                num_warps=p["num_warps"], num_stages=p["num_stages"])
+    meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p)
+    n_main, n_merge = _grid(q.shape, p)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt)  # noqa: E731  (unwritten shows)
+    R, sp = B * S, p["SPLIT"]
+    if sp == 1:
+        o = nan(B, S, H, Dh)
+        _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, o, o, o, INTERPRET=interp, **meta)
+        return o
+    acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
+    _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, acc, m, l, INTERPRET=interp, **meta)
+    o = nan(B, S, H, Dh)
+    _combine_kernel[(n_merge,)](acc, m, l, sink, o, H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4,
+                                num_stages=1)
     return o

@@ -1,0 +1,88 @@
+"""The Triton kernels compiled for an H200 (sm_90) on the CPU, at the plans the GPU path picks for V4 shapes: each
+must fit the card's shared memory (227 KB per block) and not spill registers. No GPU needed: Triton's frontend and
+its bundled ptxas compile for a named target. Why: a plan that asks for more shared memory than the card has fails
+only at launch on the GPU (the split sparse-attention plan with 2 pipeline stages asked for 246,016 bytes: it failed
+on an H200 on 2026-11-30, after passing every interpreter test), and spills cost bandwidth silently."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+SMEM_SM90 = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KB)
+
+
+def _compile(fn, pointers: dict, constexprs: dict, options: dict):
+    """Compile ``fn`` for sm_90 with 16-byte-aligned pointers (as jax-triton and the XLA route declare them) ->
+    (shared memory bytes, ptxas spill-store bytes)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {a: pointers[a] if a in pointers else "constexpr" for a in fn.arg_names}
+    missing = [a for a in fn.arg_names if a not in pointers and a not in constexprs]
+    assert not missing, f"{fn.__name__}: arguments {missing} neither pointers nor constexprs"
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as e:  # pragma: no cover - a triton build without the NVIDIA backend
+        pytest.skip(f"no sm_90 compile here: {e}")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=120).stderr
+    finally:
+        os.unlink(f.name)
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out)]
+    assert spills, f"ptxas printed no register report:\n{out[-2000:]}"
+    return k.metadata.shared, max(spills)
+
+
+@pytest.mark.parametrize("rows,K", [(1, 640), (32, 640), (1, 8320), (32, 8320), (256, 640)],
+                         ids=["decode-csa", "batch32-csa", "decode-hca-1M", "batch32-hca-1M", "prefill"])
+def test_sparse_attention_plans_fit(rows, K):
+    """V4-Flash attention (64 heads, head_dim 512 = 448 FP8 + 64 bf16 dims, window 128) at decode, batch 32 and
+    prefill row counts, CSA (K = 640) and HCA at 1M context (K = 8320)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    p = sa.plan(64, 512, "sm90", rows=rows, K=K)
+    meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    out_t = "*fp32" if p["SPLIT"] > 1 else "*bf16"
+    pointers = dict(q_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32", rc="*fp8e4nv", rs="*u8", rr="*bf16",
+                    cc="*fp8e4nv", cs="*u8", cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16")
+    pointers.update({a: out_t for a in sa._sparse_attn_kernel.arg_names if a not in pointers and a not in meta
+                     and a != "INTERPRET"})
+    smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options)
+    assert smem <= SMEM_SM90, f"sparse attention {p}: {smem} bytes of shared memory > {SMEM_SM90}"
+    assert spill == 0, f"sparse attention {p}: {spill} bytes of register spills"
+
+
+@pytest.mark.parametrize("model", ["flash", "pro"])
+def test_moe_gemv_plans_fit(model):
+    """The FP4 MoE decode GEMV kernels (one slot per block, ``DIRECT``) at V4-Flash / V4-Pro expert shapes."""
+    pytest.importorskip("triton")
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels import fp4_moe_gemv as g
+
+    cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
+    D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
+    t = {**g.gemv_tiles("sm90", D, I, 1), "DIRECT": 1}
+    options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    meta1 = {k: v for k, v in g._kw(t, 1, E).items() if not k.startswith("num_")}
+    p1 = dict(x_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
+              w1p="*u8", w1s="*u8", w3p="*u8", w3s="*u8", h_ptr="*bf16")
+    smem, spill = _compile(g._gate_up_gemv, p1, dict(R=6, D=D, I=I, LIMIT=10.0, **meta1), options)
+    assert smem <= SMEM_SM90 and spill == 0, f"gate/up GEMV {t}: {smem} B shared, {spill} B spills"
+    meta2 = {k: v for k, v in g._kw(t, 2, E).items() if not k.startswith("num_")}
+    p2 = dict(h_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
+    smem, spill = _compile(g._down_gemv, p2, dict(D=D, I=I, **meta2), options)
+    assert smem <= SMEM_SM90 and spill == 0, f"down GEMV {t}: {smem} B shared, {spill} B spills"
