@@ -143,10 +143,14 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
     return total, rows
 
 
-def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0) -> list[dict]:
+def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0,
+          spec_on=None) -> list[dict]:
+    """Time every (mesh, batch, kernels) combination; ``spec_on = (batches, kernels)`` limits the speculative
+    timing (``speculative`` drafts) to those (default: all)."""
     from dsv4_jax.kernels import launch_route, set_launch_route, use_triton
 
     results = []
+    spec_on = spec_on or (tuple(batches), tuple(kernels))
     default_route = launch_route()
     t0 = time.perf_counter()  # random weights made once on the first device, then placed on each mesh
     w0 = d.init_weights(cfg, jax.random.key(seed))  # eager: one small program per leaf shape
@@ -171,7 +175,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
             c = cfg.with_(kernels=mode)
             res = step_timing(c, w, mesh, batch, max_len, iters, seed)
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
-            if speculative:
+            if speculative and batch in spec_on[0] and kern in spec_on[1]:
                 res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
                                                  res["median_step_s"])
             nbytes = step_bytes(cfg, w, d.init_state(cfg, batch, max_len), batch)
@@ -312,6 +316,8 @@ def main(argv=None) -> int:
                     "launch route too (auto@xla, auto@jax-triton: dsv4_jax.kernels.launch_route)")
     ap.add_argument("--speculative", type=int, default=0, metavar="K",
                     help="also time a (K+1)-token verify and a speculative iteration with K MTP drafts (1..4)")
+    ap.add_argument("--speculative-batch", default="", help="comma list: time speculation at these batches only")
+    ap.add_argument("--speculative-kernels", default="", help="comma list: time speculation for these --kernels only")
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")
     ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
     ap.add_argument("--out", help="write results json here")
@@ -337,7 +343,9 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",")]
     bench(make(args.layers, args.numerics), meshes, batches, args.max_len, args.iters,
           sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")),
-          speculative=args.speculative)
+          speculative=args.speculative,
+          spec_on=(tuple(int(b) for b in (args.speculative_batch or args.batch).split(",")),
+                   tuple((args.speculative_kernels or args.kernels).split(","))))
     return 0
 
 

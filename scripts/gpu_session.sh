@@ -21,12 +21,15 @@ for s in "${stages[@]}"; do
     mhc) run mhc_tests "${MHC_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
            tests/test_kernels_mhc.py tests/test_kernels_router.py -k gpu ;;
     decode) TAIL=4 run decode "${DECODE_BOX:-250}" python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \
-              --kernels "${DECODE_KERNELS:-reference,auto@jax-triton,auto@xla}" --iters 10 --out "$OUT/decode.json"
+              --kernels "${DECODE_KERNELS:-reference,auto@jax-triton,auto@xla}" --iters 10 --out "$OUT/decode.json" \
+              ${DECODE_EXTRA:-}
             python3 -c "
 import json; r=json.load(open('$OUT/decode.json'))['bench']
-for x in r: print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['triton'] else 'xla',
-  f\"{x['median_step_s']*1e3:.3f} ms per call, {x['loop_step_s']*1e3:.3f} ms in a loop;\",
-  f\"floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")" ;;
+for x in r:
+  print(x['mesh'], 'batch', x['batch'], x['kernels'], 'triton' if x['triton'] else 'xla',
+        f\"{x['median_step_s']*1e3:.3f} ms per call, {x['loop_step_s']*1e3:.3f} ms in a loop;\",
+        f\"floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")
+  if 'speculative' in x: print('  speculative', json.dumps(x['speculative']))" ;;
     attn) run attn_tests "${ATTN_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
             tests/test_kernels_sparse_attn.py -k gpu ;;
     attnb) TAIL=20 run bench_attention "${ATTN_BENCH_BOX:-200}" python3 scripts/bench_attention.py --mode decode \
