@@ -86,3 +86,21 @@ def test_moe_gemv_plans_fit(model):
     p2 = dict(h_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
     smem, spill = _compile(g._down_gemv, p2, dict(D=D, I=I, **meta2), options)
     assert smem <= SMEM_SM90 and spill == 0, f"down GEMV {t}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 32768, 1024), (1, 4096, 8192), (4, 4096, 8192), (8, 1024, 4096)],
+                         ids=["wq_b-1", "wo_b-1", "wo_b-4", "wq_a-8"])
+def test_fp8_gemv_plans_fit(M, N, K):
+    """The FP8 GEMV kernel at V4-Flash projection shapes and decode row counts (one row: 16-column chunks with
+    per-chunk accumulators; several rows: 128-wide blocks)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import fp8_linear as f
+    from dsv4_jax.kernels import next_pow2
+
+    p = f.gemv_plan(M, N, K, 1, f.SM_COUNT["sm90"])
+    options = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
+    meta = dict(M=M, MP=next_pow2(M), N=N, K=K, G=1, SWK=(K + 127) // 128, QUANT=True,
+                **{k: v for k, v in p.items() if k not in ("GEMV", "num_warps", "num_stages")})
+    pointers = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*u8", out_ptr="*fp32" if p["SPLIT"] > 1 else "*bf16")
+    smem, spill = _compile(f.fp8_gemv_kernel, pointers, meta, options)
+    assert smem <= SMEM_SM90 and spill == 0, f"FP8 GEMV {p}: {smem} B shared, {spill} B spills"

@@ -146,15 +146,16 @@ if triton is not None:
     @triton.jit
     def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                         K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, QUANT: tl.constexpr,
-                        SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr):
+                        SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CW: tl.constexpr = 128):
         """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
-        No tensor cores: each weight element is decoded once (e4m3 -> fp32 times its 128x128 scale, exact) and
-        multiplied by every row's activation in fp32 (exact products), summed in fp32. x ``[M, G, K]`` is the raw
-        activation (``QUANT``: quantized here per 1x128 block exactly as ``quantize_act``, so no separate
-        quantization launch; else used as it is, the bf16 ``wo_a`` path). Each step covers ``NB`` 128-wide K blocks
-        (a ``[BLOCK_N, NB, 128]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or fp32
-        partials ``[SPLIT, M, G, N]``."""
+        No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
+        activation in fp32 (exact products); each 16-column sum is scaled by its 128x128 block's power-of-two scale
+        (exact) and summed in fp32. x ``[M, G, K]`` is the raw activation (``QUANT``: quantized here per 1x128 block
+        exactly as ``quantize_act``, so no separate quantization launch; else used as it is, the bf16 ``wo_a``
+        path). Each step covers ``NB`` 128-wide K blocks (a ``[BLOCK_N, NB*8, 16]`` weight tile, one 16-byte load
+        per thread and chunk). out ``[M, G, N]`` (``SPLIT == 1``) or fp32 partials ``[SPLIT, M, G, N]``."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         g = tl.program_id(2)
@@ -163,26 +164,43 @@ if triton is not None:
         wrow = g * N + offs_n
         w_rows = w_ptr + wrow.to(tl.int64) * K  # [BN]
         sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
-        jb = tl.arange(0, NB)
-        kk = tl.arange(0, 128)
+        # a step's K range as NC chunks of CW columns. One row (CW 16): one 16-byte load per thread and chunk, so the
+        # 16-column sums stay in registers and per-chunk partial sums cross the K loop, reduced once at the end (no
+        # cross-lane reduction per step). Several rows (CW 128, 128-wide blocks): per-chunk sums for every row would
+        # cost registers (ptxas sm_90a at 4 rows: 96 registers and spills vs 90 and none), so each step's partial is
+        # reduced at once.
+        CPB: tl.constexpr = 128 // CW  # chunks per 128-wide K block
+        NC: tl.constexpr = NB * CPB
+        ch = tl.arange(0, NC)  # [NC] chunk c covers K block c // CPB, columns (c % CPB) * CW ...
+        cc = tl.arange(0, CW)
         mrow = tl.arange(0, MP)
-        acc = tl.zeros((MP, BLOCK_N), tl.float32)
+        if M == 1:  # [BN, NC, 1]: the weight tile's layout, so the loop carries it without conversions
+            acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
+        else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
+            acc = tl.zeros((MP, BLOCK_N), tl.float32)
         for i in range(KPS):
-            kb = (pid_k * KPS + i) * NB + jb  # [NB] 128-wide K blocks of this step
-            k = kb[:, None] * 128 + kk[None, :]  # [NB, 128]
+            kb0 = (pid_k * KPS + i) * NB  # first 128-wide K block of this step
+            k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
             k_ok = k < K
             w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
-                        other=0.0).to(tl.float32)  # [BN, NB, 128]
+                        other=0.0).to(tl.float32)  # [BN, NC, CW]
+            kb = kb0 + ch // CPB  # [NC]
             sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
-                              other=127))  # [BN, NB]
-            w = w * sw[:, :, None]  # exact weight values
+                              other=127))  # [BN, NC]: the weight block's scale, per chunk
             for m in tl.static_range(M):
-                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NB, 128]
-                if QUANT:
-                    e = act_exp(tl.max(tl.abs(xr), axis=1))  # [NB] block scale exponents
-                    xr = e4m3_grid(xr * pow2(-e)[:, None]) * pow2(e)[:, None]  # the quantized values, exact
-                part = tl.sum(tl.sum(w * xr[None, :, :], axis=2), axis=1)  # [BN]
-                acc = tl.where(mrow[:, None] == m, acc + part[None, :], acc)
+                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
+                if QUANT:  # the block's amax over its chunks -> one exponent per 128-wide block
+                    a = tl.max(tl.reshape(tl.max(tl.abs(xr), axis=1), (NB, CPB)), axis=1)  # [NB]
+                    e = tl.reshape(tl.broadcast_to(act_exp(a)[:, None], (NB, CPB)), (NC,))[:, None]  # [NC, 1]
+                    xr = e4m3_grid(xr * pow2(-e)) * pow2(e)  # the quantized values, exact
+                # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
+                part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
+                if M == 1:
+                    acc += part
+                else:
+                    acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
+        if M == 1:
+            acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
         out_rows = (mrow.to(tl.int64) * G + g) * N  # [MP]
         mask = (mrow < M)[:, None] & n_ok[None, :]
         if SPLIT == 1:
@@ -233,8 +251,8 @@ def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: i
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(steps / split)
-    return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, num_warps=num_warps,
-                num_stages=num_stages)
+    return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, CW=16 if M == 1 else 128,
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
