@@ -113,6 +113,9 @@ def single_device() -> bool:
     return mesh.empty or mesh.size == 1
 
 
+SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}  # compute units per arch() family
+
+
 @functools.cache
 def arch() -> str:
     """The accelerator family the block sizes are chosen for: "sm90" (Hopper), "sm80" (Ampere/Ada/other NVIDIA),

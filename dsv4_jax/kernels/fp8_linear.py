@@ -45,7 +45,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import arch, fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
+from dsv4_jax.kernels import SM_COUNT, arch, fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -211,7 +211,6 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}
 
 
 def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:

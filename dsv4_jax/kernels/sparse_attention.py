@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, triton_call, use_opt_in_triton
 from dsv4_jax.modeling.quant import Fp8Cache, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -229,7 +229,6 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}
 PER_SM = 1  # decode: split the index list until about this many programs per SM (one is resident at a time)
 
 
