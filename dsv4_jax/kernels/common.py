@@ -4,9 +4,9 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 
 * :func:`round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32.
 * :func:`pow2`, :func:`e8m0`: powers of two from integer exponents / e8m0 scale bytes.
-* :func:`e2m1`: packed-nibble codes -> their fp32 values (the 3 magnitude bits placed under the exponent).
-* :func:`e2m1_pair`, :func:`e2m1_factors`: the same for both nibbles of a packed byte in 3 integer operations each
-  (values times 2**-126), and the two powers of two that scale them to the weights (the e8m0 scale and the 2**126).
+* :func:`e2m1_pair`, :func:`e2m1_factors`: both nibbles of a packed e2m1 byte as fp32 values times 2**-126 (the 3
+  magnitude bits placed under the exponent, 3 integer operations each), and the two powers of two that scale them to
+  the weights (the e8m0 scale and the 2**126).
 * :func:`act_exp`, :func:`e4m3_grid`: the reference's FP8 activation quantization (``act_quant``, spec 3.1): the
   block's power-of-two scale exponent (rounded up from ``amax / 448``), and values rounded to the e4m3 grid
   (nearest even) after scaling by it.
@@ -39,17 +39,10 @@ def e8m0(s):
 
 
 @triton.jit
-def e2m1(code):
-    """Nibble codes (int32, 0..15) -> their exact e2m1 values in fp32: the magnitude bits go under the exponent, so
-    0.5 lands on an fp32 denormal, scaled back by 2**126."""
-    bits = ((code & 7) << 22) | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
-
-
-@triton.jit
 def e2m1_pair(p):
     """Packed bytes ``p`` (int32, 0..255) -> the low and the high nibble's e2m1 values times 2**-126 (fp32; 0.5
-    lands on a denormal), 3 integer operations each instead of :func:`e2m1`'s 6 and its multiply: the nibble is
+    lands on a denormal), 3 integer operations each (masking and shifting sign and magnitude apart took 6, and a
+    multiply by 2**126 followed): the nibble is
     shifted to bits 28-31, arithmetically back by 6 (its sign stays at bit 31, its 3 magnitude bits land on bits
     22-24, the exponent's lowest two and the mantissa's first), and the copies of the sign in bits 25-30 masked off
     (mask 0x81C00000). Decoding is what bounds the FP4 kernels at decode sizes, not the bytes."""

@@ -19,9 +19,10 @@ Two kernels, both with fp32 accumulation of exact products and the reference's r
    ``y = bf16(hq @ w2.T)`` -> ``y [slots, D]``.
 
 The weights' e2m1 codes become fp32 by placing the 3 magnitude bits under the exponent (``0.5`` lands on an fp32
-denormal, scaled back by ``2**126``), times the 1x32 e8m0 scale: exact, as are bf16 copies of them and of the
-FP8-quantized activations, so a bf16 ``tl.dot`` with fp32 accumulation sums exactly the reference's products, in
-another order. e8m0 bytes 0 and 255 (2**-127 and NaN) are not decoded (0 and inf): checkpoints do not use them.
+denormal, scaled back by ``2**126`` folded with the 1x32 e8m0 scale: :func:`common.e2m1_pair`): exact, as are bf16
+copies of them and of the FP8-quantized activations, so a bf16 ``tl.dot`` with fp32 accumulation sums exactly the
+reference's products, in another order. e8m0 bytes 0 and 255 (2**-127 and NaN) are not decoded (0 and inf):
+checkpoints do not use them.
 
 Two dot variants (``tiles()["CODES"]``): 0 (default, verified on an H200) dots the scaled values as bf16 and
 accumulates each 1x32 group into one fp32 accumulator; 1 dots the raw codes as fp16 (e2m1 code bits placed under the

@@ -71,8 +71,8 @@ def _dot_groups(we, wo, f2, xe, xo):
     (``xe``/``xo`` [NG, 16]; ``f2`` see :func:`_nibbles`: exact, a power of two). The 16 bytes of a group are one
     thread's 16-byte load, so this sum stays in registers; the kernels add these partials across K steps and reduce
     over the groups once, after the K loop (no cross-thread reduction per step)."""
-    return tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2, keep_dims=True) * f2  # [BN, NG, 1]: the layout
-    # of the weight tiles, so the K loop carries the accumulators without converting them
+    # [BN, NG, 1]: the weight tiles' layout, so the K loop carries the accumulators without converting them
+    return tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2, keep_dims=True) * f2
 
 
 @triton.jit

@@ -151,11 +151,11 @@ if triton is not None:
         """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
-        activation in fp32 (exact products); each 16-column sum is scaled by its 128x128 block's power-of-two scale
-        (exact) and summed in fp32. x ``[M, G, K]`` is the raw activation (``QUANT``: quantized here per 1x128 block
-        exactly as ``quantize_act``, so no separate quantization launch; else used as it is, the bf16 ``wo_a``
-        path). Each step covers ``NB`` 128-wide K blocks (a ``[BLOCK_N, NB*8, 16]`` weight tile, one 16-byte load
-        per thread and chunk). out ``[M, G, N]`` (``SPLIT == 1``) or fp32 partials ``[SPLIT, M, G, N]``."""
+        activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
+        scale (exact) and summed in fp32. x ``[M, G, K]`` is the raw activation (``QUANT``: quantized here per 1x128
+        block exactly as ``quantize_act``, so no separate quantization launch; else used as it is, the bf16 ``wo_a``
+        path). Each step covers ``NB`` 128-wide K blocks (a ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads
+        along K). out ``[M, G, N]`` (``SPLIT == 1``) or fp32 partials ``[SPLIT, M, G, N]``."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         g = tl.program_id(2)
@@ -166,9 +166,9 @@ if triton is not None:
         sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
         # a step's K range as NC chunks of CW columns. One row (CW 16): one 16-byte load per thread and chunk, so the
         # 16-column sums stay in registers and per-chunk partial sums cross the K loop, reduced once at the end (no
-        # cross-lane reduction per step). Several rows (CW 128, 128-wide blocks): per-chunk sums for every row would
-        # cost registers (ptxas sm_90a at 4 rows: 96 registers and spills vs 90 and none), so each step's partial is
-        # reduced at once.
+        # cross-lane reduction per step). Several rows (CW 128, 128-wide blocks), each step's partial reduced at once:
+        # ptxas sm_90a at 4 rows, wo_b: 96 registers, no spills; 16-column chunks there took 164 registers with
+        # per-row chunk sums, 96 and 8 B of spills without.
         CPB: tl.constexpr = 128 // CW  # chunks per 128-wide K block
         NC: tl.constexpr = NB * CPB
         ch = tl.arange(0, NC)  # [NC] chunk c covers K block c // CPB, columns (c % CPB) * CW ...
