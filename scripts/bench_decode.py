@@ -143,11 +143,21 @@ def collective_time(mesh, colls, reps: int = 50) -> tuple[float, list[dict]]:
     return total, rows
 
 
+def kernels_mode(kern: str, default_route: str) -> str:
+    """``MODE`` or ``MODE@ROUTE`` (``auto@xla``: ``kernels="auto"`` launched by XLA) -> ``MODE``, with the launch
+    route set for the programs traced next (plain ``MODE``: ``default_route``, what ``DSV4_TRITON_LAUNCH`` chose)."""
+    from dsv4_jax.kernels import set_launch_route
+
+    mode, _, route = kern.partition("@")
+    set_launch_route(route or default_route)
+    return mode
+
+
 def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0,
           spec_on=None) -> list[dict]:
     """Time every (mesh, batch, kernels) combination; ``spec_on = (batches, kernels)`` limits the speculative
     timing (``speculative`` drafts) to those (default: all)."""
-    from dsv4_jax.kernels import launch_route, set_launch_route, use_triton
+    from dsv4_jax.kernels import launch_route, use_triton
 
     results = []
     spec_on = spec_on or (tuple(batches), tuple(kernels))
@@ -170,9 +180,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
             if batch % shape[0]:
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
-            mode, _, route = kern.partition("@")  # "auto@xla": kernels="auto" launched by XLA (kernels.launch_route)
-            set_launch_route(route or default_route)  # plain MODE: the route DSV4_TRITON_LAUNCH chose
-            c = cfg.with_(kernels=mode)
+            c = cfg.with_(kernels=kernels_mode(kern, default_route))
             res = step_timing(c, w, mesh, batch, max_len, iters, seed)
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
             if speculative and batch in spec_on[0] and kern in spec_on[1]:

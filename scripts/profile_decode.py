@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
-from dsv4_jax.kernels import launch_route, set_launch_route  # noqa: E402
+from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_decode import flash_layers, pro_layers  # noqa: E402
+from scripts.bench_decode import flash_layers, kernels_mode, pro_layers  # noqa: E402
 
 
 def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
@@ -73,9 +73,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
     out = []
     default_route = launch_route()
     for kern in kernels:
-        mode, _, route = kern.partition("@")  # "auto@xla": kernels="auto" launched by XLA (kernels.launch_route)
-        set_launch_route(route or default_route)
-        c = cfg.with_(kernels=mode)
+        c = cfg.with_(kernels=kernels_mode(kern, default_route))
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
         state = d.init_state(c, batch, max_len)
         for _ in range(3):
