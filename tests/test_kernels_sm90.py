@@ -66,16 +66,17 @@ def test_sparse_attention_plans_fit(rows, K):
     assert spill == 0, f"sparse attention {p}: {spill} bytes of register spills"
 
 
-@pytest.mark.parametrize("model", ["flash", "pro"])
-def test_moe_gemv_plans_fit(model):
-    """The FP4 MoE decode GEMV kernels (one slot per block, ``DIRECT``) at V4-Flash / V4-Pro expert shapes."""
+@pytest.mark.parametrize("model,n_pairs", [("flash", 6), ("flash", 192), ("pro", 6), ("pro", 192)])
+def test_moe_gemv_plans_fit(model, n_pairs):
+    """The FP4 MoE decode GEMV kernels (one slot per block, ``DIRECT``) at V4-Flash / V4-Pro expert shapes, with the
+    rows per program of one token (6 pairs) and of 32 tokens (192 pairs)."""
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe_gemv as g
 
     cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
-    t = {**g.gemv_tiles("sm90", D, I, 1), "DIRECT": 1}
+    t = {**g.gemv_tiles("sm90", D, I, 1, n_pairs), "DIRECT": 1}
     options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
     meta1 = {k: v for k, v in g._kw(t, 1, E).items() if not k.startswith("num_")}
     p1 = dict(x_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",

@@ -305,7 +305,7 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     D, I = x.shape[-1], w1s.packed.shape[1]
     bm = (tile or {}).get("BM", gemv_rows(R, n_local)) if (tile or {}).get("GEMV", 1) else None
     if bm is not None and bm <= 8:  # decode: the GEMV kernels
-        t = {**gemv_tiles(arch(), D, I, bm), **(tile or {})}
+        t = {**gemv_tiles(arch(), D, I, bm, R), **(tile or {})}
         t.pop("GEMV", None)
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN1"], BN2=t["BN2"], CODES=0))
         check_gemv_shapes(D, I, t)

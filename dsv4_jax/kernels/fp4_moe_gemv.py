@@ -3,10 +3,11 @@
 At decode a touched expert sees one or a few tokens, so the tiled kernels of :mod:`fp4_moe` (a 16-row ``tl.dot`` per
 block, its weight operand rebuilt through shared memory) are bound by latency and per-element work, not by the
 weight bytes. Here every program streams ``BN`` weight rows of one expert over the whole K range in ``[BN, NG,
-16]``-byte steps, decodes each nibble once to its exact fp32 value (code bits under the exponent in three integer
-operations, times the 1x32 e8m0 scale folded with 2**126: :func:`common.e2m1_pair`) and multiplies it by the ``BM``
-slots' activations in fp32 (exact products), summing in fp32. The grid is (blocks of ``BM`` slots, ``N / BN``):
-thousands of small programs keep enough loads in flight.
+16]``-byte steps, decodes each nibble once to its e2m1 value times 2**-126 (code bits under the exponent in three
+integer operations: :func:`common.e2m1_pair`) and multiplies it by the ``BM`` slots' activation codes times 2**24
+(:func:`_act_codes`) in fp32: exact, normal products, summed in fp32 per 32-column group, whose weight scale and
+activation scale (powers of two) multiply the group's sum once (:func:`_dot_groups`). The grid is (blocks of ``BM``
+slots, ``N / BN``): thousands of small programs keep enough loads in flight.
 
 Layout: :func:`dsv4_jax.kernels.fp4_moe.schedule` (one slot per block: the pairs as they come; more: the
 expert-sorted blocks of :func:`experts.group_pairs`). Stage 1 takes the raw tokens and quantizes them itself
@@ -34,16 +35,17 @@ from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid,
 
 @triton.jit
 def _nibbles(wp, ws, n, K: tl.constexpr, c0, NG: tl.constexpr):
-    """Weight rows ``n [BN]`` (int64), columns ``[c0, c0 + 32 NG)``: exact fp32 values of the even and of the odd
-    columns, ``[BN, NG, 16]`` each (byte j holds column 2j in its low nibble, 2j+1 in its high one), divided by the
-    per-group power of two ``f2 [BN, NG, 1]`` (1 unless a scale exceeds 2), returned third: :func:`_dot_groups` applies
-    it to each group's partial sum. 3 integer operations and one multiply per weight (:func:`common.e2m1_pair`)."""
+    """Weight rows ``n [BN]`` (int64), columns ``[c0, c0 + 32 NG)``: the even and the odd columns' e2m1 values times
+    2**-126, ``[BN, NG, 16]`` fp32 each (byte j holds column 2j in its low nibble, 2j+1 in its high one; 3 integer
+    operations per weight, :func:`common.e2m1_pair`), and the two per-group powers of two ``f1, f2 [BN, NG, 1]``
+    (:func:`common.e2m1_factors`) that scale them to the weights: :func:`_dot_groups` applies both to each group's
+    partial sum, not to every weight."""
     gi = tl.arange(0, NG)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # [1, NG, 16]
     p = tl.load(wp + n[:, None, None] * (K // 2) + c0 // 2 + gi).to(tl.int32)  # [BN, NG, 16] bytes
     b = tl.load(ws + n[:, None] * (K // 32) + c0 // 32 + tl.arange(0, NG)[None, :]).to(tl.int32)  # [BN, NG]
     f1, f2 = e2m1_factors(b)
     lo, hi = e2m1_pair(p)
-    return lo * f1[:, :, None], hi * f1[:, :, None], f2[:, :, None]
+    return lo, hi, f1[:, :, None], f2[:, :, None]
 
 
 @triton.jit
@@ -66,23 +68,35 @@ def _weight_rows(bexp_ptr, b, N: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _dot_groups(we, wo, f2, xe, xo):
-    """Per 32-column group, sum over its 16 bytes of ``we * xe + wo * xo`` times the group's ``f2`` -> ``[BN, NG, 1]``
-    (``xe``/``xo`` [NG, 16]; ``f2`` see :func:`_nibbles`: exact, a power of two). The 16 bytes of a group are one
-    thread's 16-byte load, so this sum stays in registers; the kernels add these partials across K steps and reduce
-    over the groups once, after the K loop (no cross-thread reduction per step)."""
+def _dot_groups(we, wo, f1, f2, xe, xo, fx):
+    """Per 32-column group, ``sum(we * xe + wo * xo)`` over its 16 bytes, times the group's weight factors ``f1, f2``
+    and activation factor ``fx [NG, 1]`` -> ``[BN, NG, 1]``. The operands are scaled copies (:func:`_nibbles`: weights
+    times 2**-126; :func:`_act_codes`: activations divided by their block's power of two, times 2**24), so every
+    product is exact and a normal fp32 number, and the sum equals the sum of the true products times one power of two
+    (the same fp32 roundings); the factors then restore it exactly. One multiply per group of 32 weights instead of one
+    per weight. The 16 bytes of a group are one thread's 16-byte load, so this sum stays in registers; the kernels add
+    these partials across K steps and reduce over the groups once, after the K loop (no cross-thread reduction per
+    step)."""
     # [BN, NG, 1]: the weight tiles' layout, so the K loop carries the accumulators without converting them
-    return tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2, keep_dims=True) * f2
+    return tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2, keep_dims=True) * (f1 * fx[None, :, :]) * f2
 
 
 @triton.jit
-def _act_quant(ve, vo, NB: tl.constexpr):
-    """The reference's ``act_quant`` of NB 128-wide blocks held as even/odd columns ``[4NB, 16]`` each (group g =
-    32 consecutive columns): per block the power-of-two scale of its amax, values on the e4m3 grid times it."""
+def _act_codes(ve, vo, NB: tl.constexpr, ROUND: tl.constexpr):
+    """NB 128-wide blocks held as even/odd columns ``[4NB, 16]`` each (group g = 32 consecutive columns) -> the
+    values divided by their block's power of two ``2**e`` (``ROUND``: the reference's ``act_quant``, e from the
+    block's amax and the quotient rounded to the e4m3 grid; else already-quantized values, only divided, exactly)
+    times ``2**24``, and the factor ``2**(e - 24) [4NB, 1]`` per group that gives the values back. With quotients in
+    ``[2**-9, 896]`` and decoded nibbles in ``[0.5, 6] * 2**-126``, every product lies in ``[2**-112, 2**-89]``:
+    normal fp32, exact."""
     a32 = tl.maximum(tl.max(tl.abs(ve), axis=1), tl.max(tl.abs(vo), axis=1))  # [4NB] per group of 32
     e = act_exp(tl.max(tl.reshape(a32, (NB, 4)), axis=1))  # [NB] per 128-wide block
     e = tl.reshape(tl.broadcast_to(e[:, None], (NB, 4)), (4 * NB,))[:, None]  # [4NB, 1]
-    return e4m3_grid(ve * pow2(-e)) * pow2(e), e4m3_grid(vo * pow2(-e)) * pow2(e)
+    if ROUND:
+        ce, co = e4m3_grid(ve * pow2(-e)), e4m3_grid(vo * pow2(-e))
+    else:
+        ce, co = ve * pow2(-e), vo * pow2(-e)
+    return ce * 16777216.0, co * 16777216.0, pow2(e - 24)
 
 
 @triton.jit
@@ -110,8 +124,8 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
         acc_g = tl.zeros((BM, BN, NG), tl.float32)
         acc_u = tl.zeros((BM, BN, NG), tl.float32)
     for c0 in range(0, D, 32 * NG):
-        ge, go, gf = _nibbles(w1p, w1s, n, D, c0, NG)
-        ue, uo, uf = _nibbles(w3p, w3s, n, D, c0, NG)
+        ge, go, g1, g2 = _nibbles(w1p, w1s, n, D, c0, NG)
+        ue, uo, u1, u2 = _nibbles(w3p, w3s, n, D, c0, NG)
         for m in tl.static_range(BM):
             if DIRECT:
                 pair = b
@@ -120,15 +134,16 @@ def _gate_up_gemv(x_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p, w1s
             live = pair < R
             tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
             xe, xo = _columns(x_ptr + tok * D, c0, NG, live)  # [NG, 16] each
-            if QUANT:
-                xe, xo = _act_quant(xe, xo, NG // 4)
+            xe, xo, fx = _act_codes(xe, xo, NG // 4, QUANT)
             if BM == 1:
-                acc_g += _dot_groups(ge, go, gf, xe, xo)
-                acc_u += _dot_groups(ue, uo, uf, xe, xo)
+                acc_g += _dot_groups(ge, go, g1, g2, xe, xo, fx)
+                acc_u += _dot_groups(ue, uo, u1, u2, xe, xo, fx)
             else:
                 sel = (mrow == m)[:, None, None]
-                acc_g = tl.where(sel, acc_g + tl.reshape(_dot_groups(ge, go, gf, xe, xo), (1, BN, NG)), acc_g)
-                acc_u = tl.where(sel, acc_u + tl.reshape(_dot_groups(ue, uo, uf, xe, xo), (1, BN, NG)), acc_u)
+                acc_g = tl.where(sel, acc_g + tl.reshape(_dot_groups(ge, go, g1, g2, xe, xo, fx), (1, BN, NG)),
+                                 acc_g)
+                acc_u = tl.where(sel, acc_u + tl.reshape(_dot_groups(ue, uo, u1, u2, xe, xo, fx), (1, BN, NG)),
+                                 acc_u)
     if BM == 1:
         acc_g = tl.reshape(acc_g, (1, BN, NG))
         acc_u = tl.reshape(acc_u, (1, BN, NG))
@@ -170,15 +185,15 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
     else:
         acc = tl.zeros((BM, BN, 4 * NB), tl.float32)
     for c0 in range(0, I, 128 * NB):
-        we, wo, wf = _nibbles(w2p, w2s, n, I, c0, 4 * NB)
+        we, wo, w1f, w2f = _nibbles(w2p, w2s, n, I, c0, 4 * NB)
         for m in tl.static_range(BM):
             he, ho = _columns(h_ptr + (b * BM + m).to(tl.int64) * I, c0, 4 * NB, True)  # [4NB, 16] each
-            qe, qo = _act_quant(he, ho, NB)
+            qe, qo, fq = _act_codes(he, ho, NB, True)
             if BM == 1:
-                acc += _dot_groups(we, wo, wf, qe, qo)
+                acc += _dot_groups(we, wo, w1f, w2f, qe, qo, fq)
             else:
                 acc = tl.where((mrow == m)[:, None, None],
-                               acc + tl.reshape(_dot_groups(we, wo, wf, qe, qo), (1, BN, 4 * NB)), acc)
+                               acc + tl.reshape(_dot_groups(we, wo, w1f, w2f, qe, qo, fq), (1, BN, 4 * NB)), acc)
     if BM == 1:
         acc = tl.reshape(acc, (1, BN, 4 * NB))
     slot = b * BM + mrow
@@ -187,16 +202,18 @@ def _down_gemv(h_ptr, bexp_ptr, used_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: t
 
 
 # ---------------------------------------------------------------------------------------------- plans, launchers
-def gemv_tiles(target: str, D: int, I: int, BM: int) -> dict:
+def gemv_tiles(target: str, D: int, I: int, BM: int, n_pairs: int = 1) -> dict:
     """Tile sizes of the GEMV kernels (one place): ``BN1``/``NG`` (stage 1: rows per program, 32-column groups per
     step) and ``BN2``/``NB`` (stage 2: rows per program, 128-column blocks per step); ``QUANT``: stage 1 quantizes
-    the raw tokens itself."""
+    the raw tokens itself. ``n_pairs``: the call's (token, expert) pairs, which choose the rows per program."""
     if target == "cpu":  # the interpreter: few, wide programs
         return dict(BM=BM, BN1=min(64, I), NG=4, BN2=min(64, D), NB=1, num_warps=4, num_stages=1, QUANT=1)
-    # 16 rows per program: 91.5 us per V4-Flash MoE call at one token on an H200 vs 111-120 us with 32, with the
-    # per-group accumulators (before them 32 rows won: 104 vs 123-152 us); scripts/bench_moe.py --variants,
-    # docs/performance.md
-    return dict(BM=BM, BN1=16, NG=8, BN2=16, NB=2, num_warps=4, num_stages=3, QUANT=1)
+    # Rows per program, V4-Flash MoE call on an H200 (scripts/bench_moe.py --variants, docs/performance.md): one
+    # token (6 pairs) 95 us with 16 rows vs 104 with 32 and 99 with 64 (few pairs need many programs); 32 tokens
+    # (192 pairs) 1.83 ms with 16, 1.63 with 32, 1.76 with 64 (the activations' quantization, recomputed per
+    # program, is shared by more rows). 32 from 32 pairs on: between the two points, not measured.
+    bn = 32 if n_pairs >= 32 else 16
+    return dict(BM=BM, BN1=bn, NG=8, BN2=bn, NB=2, num_warps=4, num_stages=3, QUANT=1)
 
 
 def check_gemv_shapes(D: int, I: int, t: dict) -> None:
