@@ -36,7 +36,7 @@ from bench_common import card_rates, copies_for, print_rates, time_call  # noqa:
 
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
-from dsv4_jax.kernels.sparse_attention import sparse_attention_reference, sparse_attention_triton  # noqa: E402
+from dsv4_jax.kernels.sparse_attention import plan, sparse_attention_reference, sparse_attention_triton  # noqa: E402
 from dsv4_jax.modeling.attention import window_indices  # noqa: E402
 from dsv4_jax.modeling.quant import Fp8Cache  # noqa: E402
 
@@ -69,8 +69,15 @@ def decode_case(cfg, B: int, ctx: int, kind: str, key):
     return q, ring, chunk, comp, idx, sink
 
 
+def parse_variants(text: str) -> list[dict]:
+    """``'BH=64,DC=256;num_warps=4'`` -> ``[{"BH": 64, "DC": 256}, {"num_warps": 4}]`` (overrides of
+    :func:`sparse_attention.plan`, each timed as one more Triton row)."""
+    return [{k: int(v) for k, v in (kv.split("=") for kv in part.split(","))} for part in text.split(";") if part]
+
+
 def bench_decode(cfg, args, rates) -> list[dict]:
     impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
+    impls += [f"triton[{v}]" for v in (args.variants.split(";") if args.variants and len(impls) > 1 else [])]
     rows = []
     for ctx in map(int, args.contexts.split(",")):
         for kind in ("csa", "hca"):
@@ -86,13 +93,17 @@ def bench_decode(cfg, args, rates) -> list[dict]:
                 if impl == "reference":
                     op = lambda c, sc=sc: sparse_attention_reference(*c[:5], c[5], sc, jnp.bfloat16)  # noqa: E731
                 else:
-                    op = lambda c, sc=sc: sparse_attention_triton(*c[:5], c[5], sc)  # noqa: E731
+                    over = parse_variants(impl[7:-1])[0] if "[" in impl else {}
+                    p = {**plan(cfg.n_heads, cfg.head_dim, rows=args.batch, K=K), **over}
+                    if "BPS" in over or "SPLIT" in over:  # a forced split: recompute its dependants
+                        p = {**plan(cfg.n_heads, cfg.head_dim, rows=args.batch, K=K, bps=over.get("BPS")), **over}
+                    op = lambda c, sc=sc, p=p: sparse_attention_triton(*c[:5], c[5], sc, p)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n
                 r = dict(context=ctx, layer=kind, impl=impl, entries=K, MB=nbytes / 1e6, us=t * 1e6,
                          frac_copy=nbytes / t / rates["copy_best"], device=rates["device"])
                 rows.append(r)
-                print(f"ctx {ctx:8d} {kind} {impl:9s} {K:6d} entries/row  {r['MB']:8.2f} MB  {r['us']:9.1f} us  "
+                print(f"ctx {ctx:8d} {kind} {impl:24s} {K:6d} entries/row  {r['MB']:8.2f} MB  {r['us']:9.1f} us  "
                       f"{100 * r['frac_copy']:5.1f}% of copy bw", flush=True)
             del cases
     return rows
@@ -104,6 +115,7 @@ def bench_prefill(args) -> list[dict]:
     from dsv4_jax.modeling.model import forward_jit
 
     cfg = flash_layers(args.layers, "reference") if args.model == "flash" else d.Config.tiny()
+    cfg = cfg.with_(kernels=args.kernels)
     w = d.init_weights(cfg, jax.random.key(0))
     L, C = args.prefill_len, args.chunk
     state = d.init_state(cfg, 1, L + args.decode)
@@ -124,7 +136,7 @@ def bench_prefill(args) -> list[dict]:
         dec.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     warm = times[1:] or times  # the first chunk includes compilation
-    r = dict(mode="prefill", model=args.model, layers=cfg.n_layers, prompt=L, chunk=C,
+    r = dict(mode="prefill", model=args.model, kernels=args.kernels, layers=cfg.n_layers, prompt=L, chunk=C,
              tokens_per_s_per_layer=C / np.median(warm) * cfg.n_layers, first_chunk_s=times[0],
              decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
              peak_bytes=stats.get("peak_bytes_in_use"), device=jax.devices()[0].device_kind)
@@ -139,6 +151,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=8, help="calls per timed program (different caches)")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4'")
     ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)
@@ -146,6 +159,7 @@ def main():
     ap.add_argument("--model", choices=["flash", "tiny"], default="flash", help="prefill: real V4-Flash layers, or "
                     "the tiny built-in config (a CPU smoke test)")
     ap.add_argument("--decode", type=int, default=4, help="decode steps after the prefill")
+    ap.add_argument("--kernels", default="auto", help="prefill: the config's kernels (reference | triton | auto)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     if args.mode == "decode":

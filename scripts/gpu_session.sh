@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc decode attn attnb kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc decode attn attnb prefill kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -33,7 +33,11 @@ for x in r:
     attn) run attn_tests "${ATTN_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
             tests/test_kernels_sparse_attn.py -k gpu ;;
     attnb) TAIL=20 run bench_attention "${ATTN_BENCH_BOX:-200}" python3 scripts/bench_attention.py --mode decode \
-            --contexts 4096,32768,131072,1048576 ;;
+            --contexts "${ATTN_CONTEXTS:-4096,32768,131072,1048576}" --batch "${ATTN_BATCH:-1}" \
+            --variants "${ATTN_VARIANTS:-}" ;;
+    prefill) TAIL=8 run bench_prefill "${PREFILL_BOX:-240}" python3 scripts/bench_attention.py --mode prefill \
+              --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
+              --kernels "${PREFILL_KERNELS:-auto}" --out "$OUT/prefill.json" ;;
     kern) TAIL=30 run bench_kernels 100 python3 scripts/bench_kernels.py --models flash --rows 1,16,64,2048 --trials 3
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
     profile) TAIL=${PROFILE_TAIL:-60} run profile "${PROFILE_BOX:-240}" python3 scripts/profile_decode.py --model flash \

@@ -37,24 +37,19 @@ agree within ``2**-8`` of ``sum_j p_j |v_j| / l`` plus one bf16 ulp, split or no
 takes ``m`` and ``l`` from the first dim group; the others' scores may differ from it in the last fp32 bits
 (summation order), ~1e-6 relative on their ``acc``, inside the same fp32 slack.
 
-Registers (ptxas for sm_90a, triton 3.6, compiled without a GPU with the 16-byte pointer alignment jax-triton and
-XLA declare: without it no load vectorizes and every variant spills), V4-Flash FP8 layout (H 64, Dh 512), 8 warps,
-2 stages, the GPU plan BH 16 x DC 512 (mma.sync): rows 1 / 32 at K 640: 186 / 202 registers; at K 8320: 204 / 202;
-prefill (256 rows, unsplit): 204; no spills (one 256-thread program resident per SM). The merge: 23-32 registers.
-Shared memory: 2 pipeline stages need 246,016 B wherever a program loops over more than one block (more than an
-H100/H200 block may have, 232,448 B: the launch failed on an H200), 1 stage 147,456 B; hence ``num_stages = 1``,
-checked for every plan by ``tests/test_kernels_sm90.py`` without a GPU.
-Alternatives measured the same way: BH 64 x DC 256 (wgmma; q.k twice, entries read twice per row instead of four
-times): 141-255 registers, no spills; BH 64 x DC 512: 52-56 B of spills per thread; BH 32 x DC 512: 376 B.
-Which of the first two is faster is for the GPU
-(``bench_attention.py``) to say: one line of :func:`plan`.
+GPU plan (:func:`plan`), measured on an H200 (``scripts/bench_attention.py --mode decode --batch 32 --variants``,
+2026-11-30, V4-Flash FP8 layout, jax-triton route, per call): BH 64 x DC 256, BK 32, 2 pipeline stages (75,776 B of
+shared memory, 8 warps; ``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without a GPU: shared memory
+within the card's, no spills). At 128K context: CSA 114 us, HCA 126 us against 231-237 us for the first plan (BH 16 x
+DC 512, BK 64, 1 stage; 2 stages did not fit in shared memory) and 141-145 us for the XLA reference; HCA at 1M
+(8,320 entries per row): 599 us against 1,355 us and the reference's 599 us; CSA at 1M: 125 us against the
+reference's 95 us. That is 3.5-7.2 % of the copy bandwidth, far from bound by bytes; not yet profiled (the likely
+cost: the latency of each block's dependent gather -> dot -> softmax -> dot chain, one 256-thread program per SM).
 
-Status: the single-pass ``DC = 64`` kernel passed its GPU test on an H200. This design (split path, ``DC = Dh``
-tiles, merge kernel) ran once on an H200 with 2 pipeline stages (2026-11-30): at one row and K 640 it took 49-82 us
-per call through jax-triton (``bench_attention.py``; the reference 62-109 us), its GPU test failed 3 of its first 4
-cases (the log was cut before the reasons; the cases that loop over several blocks cannot launch with 2 stages);
-with 1 stage it has run only under ``TRITON_INTERPRET=1`` and been compiled for sm_90a. Hence still opt-in
-(``kernels="triton"``; ``"auto"`` keeps the reference) until ``tests/test_kernels_sparse_attn.py -k gpu`` passes.
+Status: this plan passed ``tests/test_kernels_sparse_attn.py -k gpu`` on an H200 (all 7 cases: split and unsplit,
+decode at batch 1 and 32, prefill rows, HCA at 1M; so did the first plan, 6 of them). It stays opt-in
+(``kernels="triton"``; ``"auto"`` keeps the reference) because it is not faster than the reference everywhere.
+
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
 """
@@ -234,26 +229,27 @@ PER_SM = 1  # decode: split the index list until about this many programs per SM
 
 def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K: int | None = None,
          bps: int | None = None) -> dict:
-    """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (64: the official
-    kernel's block, which fixes where P is rounded), the index-list split (``SPLIT`` ranges of ``BPS`` blocks, no
-    empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and launch options: the one place they are chosen.
+    """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (the official kernel
+    takes 64; the block fixes where P is rounded, inside the tested tolerance either way), the index-list split
+    (``SPLIT`` ranges of ``BPS`` blocks, no empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and
+    launch options: the one place they are chosen.
 
-    ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows until about ``PER_SM`` programs
-    per SM exist, ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps`` forces the blocks
-    per split (tests). GPU tiles: BH 16 x DC Dh (q.k once per head group; registers: the module docstring). At
-    186-204 registers x 256 threads one program is resident per SM, so more than ``PER_SM = 1`` would only add
-    waves (and workspace); a split costs an fp32 workspace of ``H * Dh * 4`` bytes per row and split (written and
-    read back, mostly in L2)."""
+    ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows while the programs still fit
+    ``PER_SM`` per SM (one wave), ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps``
+    forces the blocks per split (tests). GPU tiles: BH 64 x DC Dh/2, BK 32, 2 stages (the module docstring's
+    measurements). At this many registers x 256 threads one program is resident per SM, so more than ``PER_SM = 1``
+    would only add waves (and workspace; ``BPS`` halved: 5-13 % slower); a split costs an fp32 workspace of ``H * Dh
+    * 4`` bytes per row and split (written and read back, mostly in L2)."""
     target = target or arch()
     if target == "cpu":
         p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
-    else:
-        dc = Dh if Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
-        p = dict(BH=min(H, 16), BK=64, DC=dc, num_warps=8, num_stages=1)  # 2 stages: 246 KB of smem (> 227)
+    else:  # measured on an H200 at batch 32 (module docstring): 64 heads x half the dims, 32-entry blocks, 2 stages
+        dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
+        p = dict(BH=min(H, 64), BK=32, DC=dc, num_warps=8, num_stages=2)
     nb = math.ceil((K or 1) / p["BK"])
     groups = (H // p["BH"]) * (Dh // p["DC"])
     if bps is None:
-        split = 1 if rows is None else max(1, min(nb, math.ceil(PER_SM * SM_COUNT[target] / (rows * groups))))
+        split = 1 if rows is None else max(1, min(nb, PER_SM * SM_COUNT[target] // (rows * groups)))  # one wave
         bps = math.ceil(nb / split)
     p.update(BPS=bps, SPLIT=math.ceil(nb / bps))
     sp2 = next_pow2(p["SPLIT"])
