@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
+from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers  # noqa: E402
@@ -66,39 +67,50 @@ def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
-            seed: int = 0, w=None, top: int = 25) -> list[dict]:
-    """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows."""
+            seed: int = 0, w=None, top: int = 25, mesh=None) -> list[dict]:
+    """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows; with a
+    ``mesh``, ``w`` already placed on it (the state is sharded here)."""
     w = d.init_weights(cfg, jax.random.key(seed)) if w is None else w  # eager: one small program per leaf shape
+    mesh = mesh or sh.make_mesh(1, 1, devices=jax.devices()[:1])
     tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
     out = []
     default_route = launch_route()
     for kern in kernels:
         c = cfg.with_(kernels=kernels_mode(kern, default_route))
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
-        state = d.init_state(c, batch, max_len)
-        for _ in range(3):
-            logits, state = step(w, tok, state)
-        jax.block_until_ready(logits)
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            logits, state = step(w, tok, state)
-            jax.block_until_ready(logits)
-            ts.append(time.perf_counter() - t0)
-        with tempfile.TemporaryDirectory() as tmp:
-            with jax.profiler.trace(tmp, create_perfetto_trace=True):
-                for _ in range(steps):
-                    logits, state = step(w, tok, state)
-                jax.block_until_ready(logits)
-            tab = kernel_table(Path(tmp), device_match, steps)
-        tab.update(kernels=kern, batch=batch, layers=cfg.n_layers, wall_us_per_step=float(np.median(ts)) * 1e6,
+        state = sh.shard_state(d.init_state(c, batch, max_len), mesh)
+        with jax.set_mesh(mesh):
+            tab = _traced(step, w, tok, state, steps, device_match)
+        tab.update(kernels=kern, batch=batch, layers=cfg.n_layers, mesh=list(mesh.devices.shape),
                    device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
         out.append(tab)
-        print(f"\n== kernels={kern} batch={batch}: wall {tab['wall_us_per_step']:.0f} us/step, device busy "
-              f"{tab['busy_us_per_step']:.0f} us/step, {tab['kernels_per_step']:.0f} kernels/step ({tab['device']})")
+        print(f"\n== kernels={kern} batch={batch} mesh={tab['mesh']}: wall {tab['wall_us_per_step']:.0f} us/step, "
+              f"device busy {tab['busy_us_per_step']:.0f} us/step, {tab['kernels_per_step']:.0f} kernels/step "
+              f"({tab['device']}; {', '.join(tab['processes'])})")
         for r in tab["rows"][:top]:
             print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['kernel']}")
     return out
+
+
+def _traced(step, w, tok, state, steps: int, device_match: str) -> dict:
+    """Median wall of 10 steps after 3 warm-up ones, then the kernel table of ``steps`` traced steps."""
+    for _ in range(3):
+        logits, state = step(w, tok, state)
+    jax.block_until_ready(logits)
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        logits, state = step(w, tok, state)
+        jax.block_until_ready(logits)
+        ts.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                logits, state = step(w, tok, state)
+            jax.block_until_ready(logits)
+        tab = kernel_table(Path(tmp), device_match, steps)
+    tab["wall_us_per_step"] = float(np.median(ts)) * 1e6
+    return tab
 
 
 def main(argv=None) -> int:
@@ -112,15 +124,21 @@ def main(argv=None) -> int:
                     help="comma list of Config.kernels values; MODE@ROUTE picks the launch route too (auto@xla)")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per configuration")
     ap.add_argument("--device-match", default="/device:GPU", help="substring of the device processes' names")
+    ap.add_argument("--mesh", default="1x1", help="DATAxMODEL (e.g. 1x2; --device-match /device:GPU:0 then keeps "
+                    "one device's kernels)")
     ap.add_argument("--out", help="folder for profile.json")
     args = ap.parse_args(argv)
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
     cfg = make(args.layers, "reference")
     w = d.init_weights(cfg, jax.random.key(0))
+    shape = tuple(int(x) for x in args.mesh.split("x"))
+    mesh = sh.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    if mesh.size > 1:
+        w = jax.device_put(w, sh.weight_shardings(cfg, mesh))
     res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
                                                              args.max_len, args.steps, args.device_match, w=w,
-                                                             top=args.top)]
+                                                             top=args.top, mesh=mesh)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))
