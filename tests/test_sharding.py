@@ -161,3 +161,26 @@ def test_generate_on_mesh_equals_single_device(model, generated, shape):
     ws = sh.shard_weights(w, cfg, sh.make_mesh(*shape))
     got = d.generate(ws, cfg, prompts, 5, d.SamplingConfig(), seed=7, stop_tokens=())
     assert got == ref, f"seed {seed} mesh {shape}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(1, 2), (2, 4)])
+def test_embedding_lookup_on_a_mesh_is_bit_exact(shape, dtype):
+    """The vocab-parallel lookup (each device its own rows, summed over ``model`` as integers) returns exactly the
+    rows a plain gather returns: signed zeros, NaN payloads and clipped out-of-range ids included."""
+    from dsv4_jax.modeling.model import embed
+
+    V, D, B, S = 64, 16, 2, 5
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    table[5, :4] = -0.0  # -0 would become +0 in a float sum of zeros
+    table[9, 0] = np.nan
+    table = jnp.asarray(table).astype(dtype)
+    ids = jnp.asarray(rng.integers(-3, V + 3, (B, S)), jnp.int32).at[0, :2].set(jnp.array([5, 9]))
+    want = np.asarray(table[jnp.clip(ids, 0, V - 1)])
+    mesh = sh.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    with jax.set_mesh(mesh):
+        t = jax.device_put(table, jax.sharding.NamedSharding(mesh, P(sh.MODEL, None)))
+        got = np.asarray(jax.jit(embed, static_argnums=2)(t, ids, V))
+    bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
+    np.testing.assert_array_equal(got.view(bits), want.view(bits))

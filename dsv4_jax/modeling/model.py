@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.mhc import hc_pre_norm
@@ -21,6 +22,35 @@ from dsv4_jax.modeling.moe import moe
 from dsv4_jax.modeling.quant import dot_f32, linear
 from dsv4_jax.modeling.state import LayerState, State
 from dsv4_jax.modeling.weights import BlockWeights, HcWeights, Weights
+from dsv4_jax.sharding import MODEL
+
+
+def embed(table: jax.Array, tokens: jax.Array, vocab_size: int) -> jax.Array:
+    """Rows of the embedding ``table [V, D]`` for ``tokens [B, S]`` (clipped into the vocabulary) -> ``[B, S, D]``.
+
+    The table is split by rows over the mesh's ``model`` axis (the vocabulary). Left to XLA's partitioner, a GPU
+    compile all-gathered the whole table (1.06 GB for V4-Flash) on every step: its kernel took 2.0 ms of the 3.6 ms
+    batch-1 step on two H200s (``profile_decode.py --mesh 1x2``). Here each device looks up the tokens in its own
+    rows and the rows are summed over ``model`` as integers: one device holds each row, the others give zero bits,
+    so the sum is the row, bit for bit ([B, S, D] int32 moves instead of the table)."""
+    ids = jnp.clip(tokens, 0, vocab_size - 1)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get(MODEL, 1) == 1:
+        return table[ids]
+
+    size = jnp.dtype(table.dtype).itemsize
+    if size not in (2, 4):
+        raise ValueError(f"embed: a {table.dtype} table under a mesh (the exact lookup sums 16- or 32-bit patterns)")
+    bits_t = jnp.uint16 if size == 2 else jnp.int32
+
+    def local(t, i):  # t [V / model, D]: this device's rows
+        j = i - jax.lax.axis_index(MODEL) * t.shape[0]
+        mine = (j >= 0) & (j < t.shape[0])
+        bits = jax.lax.bitcast_convert_type(t[jnp.clip(j, 0, t.shape[0] - 1)], bits_t).astype(jnp.int32)
+        bits = jax.lax.psum(jnp.where(mine[..., None], bits, 0), MODEL)  # [B, S, D] one nonzero term per element
+        return jax.lax.bitcast_convert_type(bits.astype(bits_t), table.dtype)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(MODEL, None), P()), out_specs=P())(table, ids)
 
 
 def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array, ls: LayerState, pos: jax.Array,
@@ -73,7 +103,7 @@ def forward_layers(weights: Weights, cfg: Config, tokens: jax.Array, state: Stat
     pos = state.pos
     tokens = tokens.astype(jnp.int32)
     with jax.named_scope("embed"):
-        e = weights.embed[jnp.clip(tokens, 0, cfg.vocab_size - 1)].astype(cfg.act_dtype)  # [B,S,D]
+        e = embed(weights.embed, tokens, cfg.vocab_size).astype(cfg.act_dtype)  # [B,S,D]
         h = jnp.broadcast_to(e[:, :, None, :], (*e.shape[:2], cfg.hc_mult, cfg.dim))
     layers, attn_inputs = [], []
     for i, (w, ls) in enumerate(zip(weights.layers, state.layers)):
@@ -115,7 +145,7 @@ def mtp_block(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax
     pos = state.mtp_pos
     next_tokens = next_tokens.astype(jnp.int32)
     with jax.named_scope("mtp"):
-        e = weights.embed[jnp.clip(next_tokens, 0, cfg.vocab_size - 1)].astype(dt)
+        e = embed(weights.embed, next_tokens, cfg.vocab_size).astype(dt)
         e = rms_norm(e, w.enorm, cfg.norm_eps, dt)
         x = rms_norm(hidden.astype(dt), w.hnorm, cfg.norm_eps, dt)  # per stream
         x = (linear(e, w.e_proj, dt, sim, kernels=cfg.kernels)[:, :, None].astype(jnp.float32)
