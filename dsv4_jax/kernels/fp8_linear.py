@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import SM_COUNT, arch, fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
+from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -333,14 +334,20 @@ def _triton_ok(kernels: str) -> bool:
 
 
 def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None, *,
-               kernels: str = "auto") -> jax.Array:
+               kernels: str = "auto", parallel: str | None = None) -> jax.Array:
     """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype`` with the FP8 activation quantization (spec 3.4).
 
     ``xq``: the input's precomputed :class:`QuantAct` (or its fp32 value, which the kernel path ignores and
-    recomputes as codes). ``kernels`` as ``Config.kernels``. The XLA path is kept (same function up to fp32 summation
-    order) under a multi-device mesh (the kernel has no partitioning rule yet) and, with ``"auto"``, on devices
-    without e4m3 tensor-core dots.
+    recomputes as codes). ``kernels`` as ``Config.kernels``. ``parallel``: how the weight is split under a mesh
+    (:mod:`dsv4_jax.kernels.on_mesh`: ``"cols"``, ``"rows"``, ``"none"``); there the kernel runs per device on its
+    shards. The XLA path is kept (same function up to fp32 summation order) under a mesh for a caller that does not
+    say (``None``) or a split that would cut a scale block, and, with ``"auto"``, on devices without e4m3
+    tensor-core dots.
     """
+    if parallel is not None and use_triton(kernels) and not single_device() and fp8_dot_supported():
+        y = linear_on_mesh(lambda xl, wl, dt: _fp8_linear_triton(xl, wl, dt, None), x, w, out_dtype, parallel)
+        if y is not None:
+            return y
     if _triton_ok(kernels):
         if fp8_dot_supported():
             return _fp8_linear_triton(x, w, out_dtype, xq)
@@ -354,9 +361,14 @@ def grouped_proj(o: jax.Array, w: Fp8Tensor, out_dtype, *, kernels: str = "auto"
     """``wo_a``'s grouped projection ``o [..., G, d] -> [..., G, R]`` (spec 6), reading wo_a's FP8 in place.
 
     The weight is rounded to ``out_dtype`` (bf16 in reference numerics, fp32 in the float32 oracle) as the reference
-    does; the kernel runs for bf16 activations and outputs with an FP8 weight, the reference otherwise."""
-    if isinstance(w, Fp8Tensor) and o.dtype == out_dtype == jnp.bfloat16 and _triton_ok(kernels):
-        return _grouped_triton(o, w, out_dtype)
+    does; the kernel runs for bf16 activations and outputs with an FP8 weight, the reference otherwise. Under a mesh
+    the kernel runs per device on its groups (:func:`dsv4_jax.kernels.on_mesh.grouped_on_mesh`)."""
+    if isinstance(w, Fp8Tensor) and o.dtype == out_dtype == jnp.bfloat16 and use_triton(kernels):
+        if single_device():
+            return _grouped_triton(o, w, out_dtype)
+        y = grouped_on_mesh(lambda ol, wl, dt: _grouped_triton(ol, wl, dt), o, w, out_dtype)
+        if y is not None:
+            return y
     return grouped_proj_reference(o, w, out_dtype)
 
 

@@ -53,13 +53,13 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
 
     with jax.named_scope("q_proj"):
         xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
-        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq, kernels=kn), w.q_norm, cfg.norm_eps, dt)  # [B,S,q_lora]
-        q = linear(qr, w.wq_b, dt, sim, kernels=kn).reshape(B, S, H, Dh)
+        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq, kernels=kn, parallel="none"), w.q_norm, cfg.norm_eps, dt)
+        q = linear(qr, w.wq_b, dt, sim, kernels=kn, parallel="cols").reshape(B, S, H, Dh)  # qr [B,S,q_lora]
         q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
 
     with jax.named_scope("kv_proj"):
-        kv = rms_norm(linear(x, w.wkv, dt, sim, xq, kernels=kn), w.kv_norm, cfg.norm_eps, dt)  # [B,S,Dh]
+        kv = rms_norm(linear(x, w.wkv, dt, sim, xq, kernels=kn, parallel="none"), w.kv_norm, cfg.norm_eps, dt)
         kv = apply_rope(kv, cos, sin)
         if cfg.kv_fp8_sim:
             kv = encode_fp8_cache(kv, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
@@ -95,7 +95,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, S, G, H * Dh // G)
         z = grouped_proj(o, w.wo_a, dt, kernels=kn)  # [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation
-        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn)  # [B,S,D]
+        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn, parallel="rows")  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):
         end = pos + n_new

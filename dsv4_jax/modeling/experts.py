@@ -23,12 +23,16 @@ from dsv4_jax.config import Config
 from dsv4_jax.modeling.quant import linear
 
 
-def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool):
-    """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs)."""
+def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool,
+           shared: bool = False):
+    """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs).
+    ``shared``: the shared expert, whose width is split over the mesh's ``model`` axis (w1/w3 by output, w2 by
+    input features); routed experts are whole on the device that holds them."""
     dt, sim = cfg.act_dtype, cfg.simulate
     kn = cfg.kernels  # FP8 weights (the shared expert) go through kernels.fp8_linear; FP4 ones stay on the reference
-    g = linear(x, w1, dt, sim, xq, kernels=kn).astype(jnp.float32)
-    u = linear(x, w3, dt, sim, xq, kernels=kn).astype(jnp.float32)
+    cols, rows = ("cols", "rows") if shared else (None, None)
+    g = linear(x, w1, dt, sim, xq, kernels=kn, parallel=cols).astype(jnp.float32)
+    u = linear(x, w3, dt, sim, xq, kernels=kn, parallel=cols).astype(jnp.float32)
     if clamp and cfg.swiglu_limit > 0:
         lim = np.float32(cfg.swiglu_limit)
         u = jnp.clip(u, -lim, lim)
@@ -36,7 +40,7 @@ def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Arr
     a = jax.nn.silu(g) * u
     if weight is not None:
         a = weight[:, None] * a
-    return linear(a.astype(dt), w2, dt, sim, kernels=kn)
+    return linear(a.astype(dt), w2, dt, sim, kernels=kn, parallel=rows)
 
 
 def _take(tree, i):

@@ -148,8 +148,8 @@ def mtp_block(weights: Weights, cfg: Config, hidden: jax.Array, next_tokens: jax
         e = embed(weights.embed, next_tokens, cfg.vocab_size).astype(dt)
         e = rms_norm(e, w.enorm, cfg.norm_eps, dt)
         x = rms_norm(hidden.astype(dt), w.hnorm, cfg.norm_eps, dt)  # per stream
-        x = (linear(e, w.e_proj, dt, sim, kernels=cfg.kernels)[:, :, None].astype(jnp.float32)
-             + linear(x, w.h_proj, dt, sim, kernels=cfg.kernels).astype(jnp.float32)).astype(dt)
+        x = (linear(e, w.e_proj, dt, sim, kernels=cfg.kernels, parallel="none")[:, :, None].astype(jnp.float32)
+             + linear(x, w.h_proj, dt, sim, kernels=cfg.kernels, parallel="none").astype(jnp.float32)).astype(dt)
         h, ls, _ = block(cfg, w.block, cfg.ratio(cfg.n_layers), x, next_tokens, state.mtp[0], pos, n_new)
     return h, state.replace(mtp=(ls,) + tuple(state.mtp[1:]), mtp_pos=pos + n_new)
 

@@ -53,7 +53,8 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.A
     with jax.named_scope("routed_experts"):
         y = routed_experts(cfg, w, xt, xq, idx, wts)
     with jax.named_scope("shared_expert"):
-        y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp).astype(jnp.float32)
+        y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp,
+                       shared=True).astype(jnp.float32)
     return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)
 
 

@@ -250,18 +250,19 @@ def quantized_input(x: jax.Array, simulate: bool) -> jax.Array:
 
 
 def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None, *,
-           kernels: str = "reference") -> jax.Array:
+           kernels: str = "reference", parallel: str | None = None) -> jax.Array:
     """``y = x @ W.T`` with the official dispatch on the weight type (spec 3.4).
 
     ``xq`` may pass the input's precomputed quantization (a :class:`QuantAct`, or the fp32 ``quantized_input(x)``).
     ``kernels`` (``Config.kernels``) selects the implementation of FP8 weights with the simulations on:
     :func:`dsv4_jax.kernels.fp8_linear.fp8_linear` (Triton where :func:`dsv4_jax.kernels.use_triton` says so);
-    everything else is :func:`linear_reference`.
+    everything else is :func:`linear_reference`. ``parallel`` (``"cols"``, ``"rows"``, ``"none"``): how the weight is
+    split under a mesh, which lets the kernel run per device (:mod:`dsv4_jax.kernels.on_mesh`).
     """
     if kernels != "reference" and simulate and isinstance(w, Fp8Tensor):
         from dsv4_jax.kernels.fp8_linear import fp8_linear
 
-        return fp8_linear(x, w, out_dtype, xq, kernels=kernels)
+        return fp8_linear(x, w, out_dtype, xq, kernels=kernels, parallel=parallel)
     return linear_reference(x, w, out_dtype, simulate, xq)
 
 

@@ -1,0 +1,138 @@
+"""The per-device wrappers of :mod:`dsv4_jax.kernels.on_mesh` (FP8 linears under a multi-device mesh), checked on
+simulated CPU devices with the XLA reference as the one-device function (the Triton kernels they wrap on GPUs have
+their own tests): every device sees only its shards, and the result equals the one-device product within one bf16
+ulp (only the fp32 summation order may differ: the rows split sums per-device partials, then across devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsv4_jax import sharding as sh
+from dsv4_jax.kernels.fp8_linear import fp8_linear_reference, grouped_proj_reference
+from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh
+from dsv4_jax.modeling.quant import Fp8Tensor, quantize_fp8_weight_np
+
+SEED = 11
+
+
+def _weight(rng, N, K):
+    w = rng.standard_normal((N, K)).astype(np.float32) * np.exp2(rng.integers(-8, 0, (N, 1)))
+    q, s = quantize_fp8_weight_np(w)
+    return Fp8Tensor(q=jnp.asarray(q), scale=jnp.asarray(s))
+
+
+def _within_one_ulp(got, want, what):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(want), 2.0**-126))) - 7)  # bf16: 8 significant bits
+    bad = np.abs(got - want) > ulp
+    assert not bad.any(), f"{what}: {bad.sum()} of {bad.size} elements differ by more than one bf16 ulp"
+
+
+def _mesh(shape):
+    return sh.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 4)])
+@pytest.mark.parametrize("parallel", ["cols", "rows", "none"])
+def test_linear_on_mesh_equals_one_device(shape, parallel):
+    rng = np.random.default_rng(SEED)
+    B, S, N, K = 4, 3, 1024, 512
+    x = jnp.asarray(rng.standard_normal((B, S, K)) * 3, jnp.bfloat16)
+    w = _weight(rng, N, K)
+    want = fp8_linear_reference(x, w, jnp.bfloat16)
+    mesh, m = _mesh(shape), shape[1]
+    seen = []
+
+    def one_device(xl, wl, dt):
+        seen.append((xl.shape, wl.q.shape, wl.scale.shape, dt))
+        return fp8_linear_reference(xl, wl, dt)
+
+    wspec = {"cols": P(sh.MODEL, None), "rows": P(None, sh.MODEL), "none": P()}[parallel]
+    with jax.set_mesh(mesh):
+        q = jax.device_put(w.q, NamedSharding(mesh, wspec))
+        s = jax.device_put(w.scale, NamedSharding(mesh, wspec))
+        got = jax.jit(lambda x, q, s: linear_on_mesh(one_device, x, Fp8Tensor(q=q, scale=s), jnp.bfloat16,
+                                                     parallel))(x, q, s)
+    xl, wq, ws, dt = seen[-1]
+    b = B // shape[0]
+    local = {"cols": ((b, S, K), (N // m, K)), "rows": ((b, S, K // m), (N, K // m)), "none": ((b, S, K), (N, K))}
+    assert (xl, wq) == local[parallel], f"{parallel}: the one-device function saw x {xl}, W {wq}"
+    assert ws == (wq[0] // 128, wq[1] // 128)
+    assert dt == (jnp.float32 if parallel == "rows" else jnp.bfloat16)  # rows: fp32 partials, one rounding
+    assert got.dtype == jnp.bfloat16 and got.shape == (B, S, N)
+    _within_one_ulp(got, want, f"{parallel} on {shape}")
+
+
+def test_split_that_cuts_a_scale_block_keeps_the_reference():
+    """N = 256 over 4 devices would give each 64 rows, half a 128-row scale block: ``None`` (the caller keeps the
+    XLA path), and no mesh at all is ``None`` too."""
+    rng = np.random.default_rng(SEED)
+    x = jnp.asarray(rng.standard_normal((4, 1, 256)), jnp.bfloat16)
+    w = _weight(rng, 256, 256)
+    with jax.set_mesh(_mesh((1, 4))):
+        assert linear_on_mesh(lambda *a: a[0], x, w, jnp.bfloat16, "cols") is None
+        assert linear_on_mesh(lambda *a: a[0], x, w, jnp.bfloat16, "rows") is None
+    assert linear_on_mesh(lambda *a: a[0], x, w, jnp.bfloat16, "cols") is None
+    with pytest.raises(ValueError, match="parallel='col'"):
+        with jax.set_mesh(_mesh((1, 2))):
+            linear_on_mesh(lambda *a: a[0], x, w, jnp.bfloat16, "col")
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 4)])
+def test_grouped_on_mesh_equals_one_device(shape):
+    rng = np.random.default_rng(SEED + 1)
+    B, S, G, R, d = 4, 2, 8, 128, 256
+    o = jnp.asarray(rng.standard_normal((B, S, G, d)), jnp.bfloat16)
+    w = _weight(rng, G * R, d)
+    want = grouped_proj_reference(o, w, jnp.bfloat16)
+    mesh, m = _mesh(shape), shape[1]
+    seen = []
+
+    def one_device(ol, wl, dt):
+        seen.append((ol.shape, wl.q.shape))
+        return grouped_proj_reference(ol, wl, dt)
+
+    with jax.set_mesh(mesh):
+        q = jax.device_put(w.q, NamedSharding(mesh, P(sh.MODEL, None)))
+        s = jax.device_put(w.scale, NamedSharding(mesh, P(sh.MODEL, None)))
+        got = jax.jit(lambda o, q, s: grouped_on_mesh(one_device, o, Fp8Tensor(q=q, scale=s), jnp.bfloat16))(o, q, s)
+    assert seen[-1] == ((B // shape[0], S, G // m, d), (G * R // m, d)), seen[-1]
+    assert got.shape == (B, S, G, R)
+    _within_one_ulp(got, want, f"grouped on {shape}")
+
+
+@pytest.mark.parametrize("parallel", ["cols", "rows", "none", "grouped"])
+def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
+    """The Triton FP8 kernels per device on a 1 x n GPU mesh (``kernels="auto"``) vs the one-device XLA reference,
+    at V4-Flash decode shapes (``wq_b``, ``wo_b``, ``wq_a``, ``wo_a``), within one bf16 ulp."""
+    from dsv4_jax.kernels import triton_unavailable
+    from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
+
+    why = triton_unavailable()
+    if why is not None or len(jax.devices()) < 2:
+        pytest.skip(f"GPU mesh test: {why or 'needs 2 GPUs'}")
+    n = 2
+    rng = np.random.default_rng(SEED + 2)
+    shapes = {"cols": (32768, 1024), "rows": (4096, 8192), "none": (1024, 4096), "grouped": (8 * 1024, 4096)}
+    N, K = shapes[parallel]
+    w = _weight(rng, N, K)
+    mesh = sh.make_mesh(1, n, devices=jax.devices()[:n])
+    if parallel == "grouped":
+        x = jnp.asarray(rng.standard_normal((2, 1, 8, K)), jnp.bfloat16)
+        want = grouped_proj_reference(x, w, jnp.bfloat16)
+        spec = P(sh.MODEL, None)
+        op = lambda x, w: grouped_proj(x, w, jnp.bfloat16, kernels="auto")  # noqa: E731
+    else:
+        x = jnp.asarray(rng.standard_normal((2, 1, K)), jnp.bfloat16)
+        want = fp8_linear_reference(x, w, jnp.bfloat16)
+        spec = {"cols": P(sh.MODEL, None), "rows": P(None, sh.MODEL), "none": P()}[parallel]
+        op = lambda x, w: fp8_linear(x, w, jnp.bfloat16, kernels="auto", parallel=parallel)  # noqa: E731
+    with jax.set_mesh(mesh):
+        ws = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), w)
+        fn = jax.jit(op)
+        assert "triton" in fn.lower(x, ws).as_text(), f"{parallel}: no Triton call in the program"
+        got = fn(x, ws)
+    _within_one_ulp(got, want, f"{parallel} on {n} GPUs")
