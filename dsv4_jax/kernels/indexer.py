@@ -15,7 +15,7 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
 
 The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
 
-* both compute the totals with :func:`_totals`: bf16 score from an fp32 HIGHEST dot over ``Di``, relu, times the
+* both compute the totals with :func:`_totals`: bf16 score from a dot over ``Di`` accumulated in fp32, relu, times the
   head weight rounded to bf16, summed over heads in fp32, rounded to bf16. Only the number of key columns of the
   dot differs (``block`` vs ``Nc``). In reference numerics q and keys are FP4-snapped (e2m1 times a power of two
   per 32 dims), so every product and partial sum of the 128-term dot is exact in fp32 (unless the four 32-dim
@@ -49,7 +49,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.modeling.quant import HIGHEST, cache_values
+from dsv4_jax.modeling.quant import cache_values, dot_f32
 
 BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and products [B,S,Hi,block]
 
@@ -79,11 +79,13 @@ def _rounded(x: jax.Array, dt) -> jax.Array:
 def _totals(q: jax.Array, hw: jax.Array, kv: jax.Array) -> jax.Array:
     """Per-query totals ``[B,S,T]`` (act-dtype values in fp32) of queries ``q [B,S,Hi,Di]`` with head weights
     ``hw [B,S,Hi]`` over ``T`` keys ``kv [B,T,Di]`` (all in the act dtype): the spec's arithmetic, shared by both
-    implementations so that they cannot drift apart. bf16 score from an fp32 HIGHEST dot, relu, times the head
-    weight rounded to bf16, summed over heads in fp32, rounded to bf16."""
+    implementations so that they cannot drift apart. bf16 score from a dot accumulated in fp32, relu, times the head
+    weight rounded to bf16, summed over heads in fp32, rounded to bf16. The dot is :func:`dot_f32`: fp32 HIGHEST on
+    CPUs; on accelerators bf16 operands stay bf16 (tensor cores, fp32 accumulation): the same exact products, and in
+    reference numerics (FP4-snapped q and keys) every partial sum is exact too, so the same scores."""
     dt = q.dtype
     f32 = jnp.float32
-    score = _rounded(jnp.einsum("bshd,btd->bsht", q.astype(f32), kv.astype(f32), precision=HIGHEST), dt)  # [B,S,Hi,T]
+    score = _rounded(dot_f32(q, kv.astype(dt), "bshd,btd->bsht"), dt)  # [B,S,Hi,T]
     prod = _rounded(jax.nn.relu(score) * hw.astype(f32)[..., None], dt)  # [B,S,Hi,T]
     return _rounded(jnp.sum(prod, axis=2), dt)  # [B,S,T]
 
