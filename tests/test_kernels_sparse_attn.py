@@ -195,6 +195,28 @@ def test_reference_path_unchanged_on_cpu():
     np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
+@pytest.mark.parametrize("case", [(2, 10, 4, 128, 128, 16, 8, [20, 300], True), (1, 7, 2, 128, 128, 0, 0, [5], False)],
+                         ids=["fp8-compressed", "plain-window-only"])
+def test_reference_in_row_blocks_is_bit_exact(case):
+    """Long chunks: the reference in blocks of query rows (a budget that forces 3-row blocks, the last one padded)
+    gives the one-block result bit for bit (every row depends on its own q and index list only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.sparse_attention import rows_per_block, sparse_attention_reference
+
+    B, S, H, Dh, W, Nc, n_comp, positions, fp8 = case
+    q, (ring, chunk, comp), idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, 5)
+    comp = comp if Nc else None
+    K = idx.shape[-1]
+    budget = 3 * B * K * (6 * Dh + 8 * H)
+    assert rows_per_block(B, S, H, Dh, K, budget) == 3 and S % 3, "the case must give several, uneven blocks"
+    f = jax.jit(sparse_attention_reference, static_argnums=(6, 7, 8))
+    a = f(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16, budget)
+    b = f(q, ring, chunk, comp, idx, sink, Dh**-0.5, jnp.bfloat16, 1 << 40)
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 _POS32 = [3 + 97 * k for k in range(32)]  # 32 decode rows, windows full or not
 GPU_CASES = [  # V4-Flash: 64 heads, head_dim 512, window 128; CSA: top-512 compressed (K 640), HCA at 1M: 8192 (K 8320)
