@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from bench_common import card_rates, copies_for, print_rates, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
-from dsv4_jax.kernels import triton_unavailable  # noqa: E402
+from dsv4_jax.kernels import SM_COUNT, arch, triton_unavailable  # noqa: E402
 from dsv4_jax.kernels.sparse_attention import plan, sparse_attention_reference, sparse_attention_triton  # noqa: E402
 from dsv4_jax.modeling.attention import window_indices  # noqa: E402
 from dsv4_jax.modeling.quant import Fp8Cache  # noqa: E402
@@ -75,6 +75,24 @@ def parse_variants(text: str) -> list[dict]:
     return [{k: int(v) for k, v in (kv.split("=") for kv in part.split(","))} for part in text.split(";") if part]
 
 
+def plan_variant(cfg, rows: int, K: int, over: dict) -> dict:
+    """The GPU plan with ``over``'s entries; ``BPS`` (blocks per split) and ``PER_SM`` (programs per SM the split
+    aims at, e.g. 2 with 4-warp programs) recompute the split, ``BH`` and ``BK`` too (they change the block count
+    and the programs per row)."""
+    over = dict(over)
+    per_sm = over.pop("PER_SM", None)
+    base = plan(cfg.n_heads, cfg.head_dim, rows=rows, K=K)
+    if {"BH", "DC", "BK"} & set(over) or per_sm or "BPS" in over:  # recompute the split for the new tiles
+        tiles = {k: over[k] for k in ("BH", "DC", "BK") if k in over}
+        nb = -(-K // tiles.get("BK", base["BK"]))
+        groups = (cfg.n_heads // tiles.get("BH", base["BH"])) * (cfg.head_dim // tiles.get("DC", base["DC"]))
+        split = max(1, min(nb, (per_sm or 1) * SM_COUNT[arch()] // (rows * groups)))
+        bps = over.pop("BPS", -(-nb // split))
+        base = {**plan(cfg.n_heads, cfg.head_dim, rows=rows, K=K, bps=bps), **tiles}
+        base.update(BPS=bps, SPLIT=-(-nb // bps))
+    return {**base, **over}
+
+
 def bench_decode(cfg, args, rates) -> list[dict]:
     impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
     impls += [f"triton[{v}]" for v in (args.variants.split(";") if args.variants and len(impls) > 1 else [])]
@@ -94,9 +112,7 @@ def bench_decode(cfg, args, rates) -> list[dict]:
                     op = lambda c, sc=sc: sparse_attention_reference(*c[:5], c[5], sc, jnp.bfloat16)  # noqa: E731
                 else:
                     over = parse_variants(impl[7:-1])[0] if "[" in impl else {}
-                    p = {**plan(cfg.n_heads, cfg.head_dim, rows=args.batch, K=K), **over}
-                    if "BPS" in over or "SPLIT" in over:  # a forced split: recompute its dependants
-                        p = {**plan(cfg.n_heads, cfg.head_dim, rows=args.batch, K=K, bps=over.get("BPS")), **over}
+                    p = plan_variant(cfg, args.batch, K, over)
                     op = lambda c, sc=sc, p=p: sparse_attention_triton(*c[:5], c[5], sc, p)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n

@@ -258,7 +258,7 @@ PER_SM = 1  # decode: split the index list until about this many programs per SM
 
 
 def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K: int | None = None,
-         bps: int | None = None) -> dict:
+         bps: int | None = None, per_sm: int = PER_SM) -> dict:
     """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (the official kernel
     takes 64; the block fixes where P is rounded, inside the tested tolerance either way), the index-list split
     (``SPLIT`` ranges of ``BPS`` blocks, no empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and
@@ -279,7 +279,7 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     nb = math.ceil((K or 1) / p["BK"])
     groups = (H // p["BH"]) * (Dh // p["DC"])
     if bps is None:
-        split = 1 if rows is None else max(1, min(nb, PER_SM * SM_COUNT[target] // (rows * groups)))  # one wave
+        split = 1 if rows is None else max(1, min(nb, per_sm * SM_COUNT[target] // (rows * groups)))  # one wave
         bps = math.ceil(nb / split)
     p.update(BPS=bps, SPLIT=math.ceil(nb / bps))
     sp2 = next_pow2(p["SPLIT"])
