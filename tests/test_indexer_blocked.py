@@ -147,6 +147,18 @@ def test_block_size_bounds_the_transient():
         assert B * S * Hi * blk * 8 <= BUDGET < B * S * Hi * (2 * blk) * 8
 
 
+def test_block_size_default_on_accelerators(monkeypatch):
+    """Off the CPU the default budget is BUDGET_ACCEL (fewer top-k merges per long chunk): 512-entry blocks for an
+    8192-row V4-Flash chunk, still within the budget."""
+    from dsv4_jax.kernels.indexer import BUDGET_ACCEL
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert block_size(1, 8192, 64, 32768) == 512
+    for B, S, Hi in ((1, 8192, 64), (1, 65536, 64), (4, 2048, 64)):
+        blk = block_size(B, S, Hi, 2**20)
+        assert B * S * Hi * blk * 8 <= BUDGET_ACCEL < B * S * Hi * (2 * blk) * 8
+
+
 def _temp_bytes(fn, *args):
     stats = jax.jit(fn, static_argnums=4).lower(*args).compile().memory_analysis()
     if stats is None:

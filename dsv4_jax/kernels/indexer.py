@@ -8,10 +8,11 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   (64 GiB for one V4-Flash layer with an 8192-token chunk over a 131072-token cache; XLA CPU also materializes the
   products: 128 GiB of temporaries), then one ``jax.lax.top_k`` over each row of ``[B,S,Nc]`` totals.
 * :func:`indexer_topk_blocked`: a loop over blocks of ``block`` compressed entries (:func:`block_size`: the block's
-  fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB by default). Each block's totals
-  are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))`` plus the block's
-  transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a 1M-token cache
-  holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored layout.
+  fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB on CPUs, 2 GiB on accelerators).
+  Each block's totals are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))``
+  plus the block's transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a
+  1M-token cache holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored
+  layout.
 
 The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
 
@@ -51,7 +52,11 @@ import jax.numpy as jnp
 
 from dsv4_jax.modeling.quant import cache_values, dot_f32
 
-BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and products [B,S,Hi,block]
+BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and products [B,S,Hi,block] (CPU)
+# Accelerators: each block costs one top-k merge over [B,S,k+block] rows, and an 8192-row chunk at 128K context on an
+# H200 grew by 22.5 ms per 8K of context with 64-entry blocks (512 merges per chunk at the end; docs/performance.md);
+# 2 GiB gives 512-entry blocks there (8x fewer merges) at 2 GiB of a 141 GB card.
+BUDGET_ACCEL = 2 * 2**30
 
 
 def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
@@ -107,11 +112,15 @@ def indexer_topk_reference(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: i
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
-def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int = BUDGET) -> int:
+def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int | None = None) -> int:
     """Entries per block: the largest power of two (at least 1, at most ``n_c``) whose per-block transient fits
-    ``budget`` bytes. The transient is counted as two fp32 ``[batch, rows, heads, block]`` tensors, the dot's scores
-    and the rounded products (XLA CPU materializes both; a GPU fusion may keep the second in registers). Decode rows
-    get one block over the whole cache; an 8192-row V4-Flash chunk (64 heads, 4 MiB per entry) gets 64."""
+    ``budget`` bytes (default :data:`BUDGET` on CPUs, :data:`BUDGET_ACCEL` elsewhere; the block size never changes
+    the result). The transient is counted as two fp32 ``[batch, rows, heads, block]`` tensors, the dot's scores and
+    the rounded products (XLA CPU materializes both; a GPU fusion may keep the second in registers). Decode rows get
+    one block over the whole cache; an 8192-row V4-Flash chunk (64 heads, 4 MiB per entry) gets 64 on a CPU, 512 on
+    an accelerator."""
+    if budget is None:
+        budget = BUDGET if jax.default_backend() == "cpu" else BUDGET_ACCEL
     fit = max(1, budget // (batch * rows * heads * 8))
     return min(1 << (fit.bit_length() - 1), n_c)
 
