@@ -136,3 +136,50 @@ def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
         assert "triton" in fn.lower(x, ws).as_text(), f"{parallel}: no Triton call in the program"
         got = fn(x, ws)
     _within_one_ulp(got, want, f"{parallel} on {n} GPUs")
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2)])
+def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
+    """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the two kernel entry points stood
+    in by their XLA references: the FP8 linears whose split falls on 128-row blocks run per device (the entry points
+    see local shapes), and the logits equal those of the GSPMD reference path on the same mesh (bit for bit on XLA
+    CPU, where both compute the same per-device dots and the same fp32 all-reduce)."""
+    import dsv4_jax as d
+    import dsv4_jax.kernels.fp8_linear as F
+
+    cfg = d.Config.tiny(numerics="reference", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
+                        vocab_size=512, window_size=8, index_topk=4, n_layers=2, compress_ratios=(4, 128, 0),
+                        n_hash_layers=1)
+    w = d.init_weights(cfg, jax.random.key(SEED))
+    toks = jnp.asarray(np.random.default_rng(SEED).integers(0, cfg.vocab_size, (4, 12)))
+    mesh = _mesh(shape)
+    ws = sh.shard_weights(w, cfg, mesh)
+
+    def run(kernels):
+        c = cfg.with_(kernels=kernels)
+        logits, st = d.forward(ws, c, toks[:, :11], sh.shard_state(d.init_state(c, 4, 32), mesh))
+        dec, _ = d.forward(ws, c, toks[:, 11:], st, return_logits="last")
+        return np.asarray(logits), np.asarray(dec)
+
+    want = run("reference")
+    seen = []
+
+    def linear(x, wl, dt, xq, p=None):
+        seen.append(("linear", wl.q.shape))
+        return fp8_linear_reference(x, wl, dt)
+
+    def grouped(o, wl, dt, p=None):
+        seen.append(("grouped", wl.q.shape))
+        return grouped_proj_reference(o, wl, dt)
+
+    monkeypatch.setattr(F, "use_triton", lambda kernels: True)
+    monkeypatch.setattr(F, "fp8_dot_supported", lambda: True)
+    monkeypatch.setattr(F, "_fp8_linear_triton", linear)
+    monkeypatch.setattr(F, "_grouped_triton", grouped)
+    got = run("auto")
+    m, H, Dh, G, R, D = shape[1], cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank, cfg.dim
+    for what, local in [("linear", (H * Dh // m, cfg.q_lora_rank)), ("linear", (D, G * R // m)),
+                        ("grouped", (G * R // m, H * Dh // G)), ("linear", (cfg.q_lora_rank, D))]:
+        assert (what, local) in seen, f"{what} never ran per device with W {local}; saw {sorted(set(seen))}"
+    for a, b, name in zip(got, want, ("prefill", "decode")):  # on XLA CPU the same per-device dots: bit for bit
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=name)
