@@ -35,8 +35,13 @@ import numpy as np  # noqa: E402
 from bench_common import card_rates, copies_for, print_rates, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
-from dsv4_jax.kernels import SM_COUNT, arch, triton_unavailable  # noqa: E402
-from dsv4_jax.kernels.sparse_attention import plan, sparse_attention_reference, sparse_attention_triton  # noqa: E402
+from dsv4_jax.kernels import triton_unavailable  # noqa: E402
+from dsv4_jax.kernels.sparse_attention import (  # noqa: E402
+    PER_SM,
+    plan,
+    sparse_attention_reference,
+    sparse_attention_triton,
+)
 from dsv4_jax.modeling.attention import window_indices  # noqa: E402
 from dsv4_jax.modeling.quant import Fp8Cache  # noqa: E402
 
@@ -76,21 +81,11 @@ def parse_variants(text: str) -> list[dict]:
 
 
 def plan_variant(cfg, rows: int, K: int, over: dict) -> dict:
-    """The GPU plan with ``over``'s entries; ``BPS`` (blocks per split) and ``PER_SM`` (programs per SM the split
-    aims at, e.g. 2 with 4-warp programs) recompute the split, ``BH`` and ``BK`` too (they change the block count
-    and the programs per row)."""
+    """The GPU plan with ``over``'s tile entries; ``BPS`` (blocks per split) and ``PER_SM`` (programs per SM the split
+    aims at, e.g. 2 with 4-warp programs) size the split (:func:`sparse_attention.plan`)."""
     over = dict(over)
-    per_sm = over.pop("PER_SM", None)
-    base = plan(cfg.n_heads, cfg.head_dim, rows=rows, K=K)
-    if {"BH", "DC", "BK"} & set(over) or per_sm or "BPS" in over:  # recompute the split for the new tiles
-        tiles = {k: over[k] for k in ("BH", "DC", "BK") if k in over}
-        nb = -(-K // tiles.get("BK", base["BK"]))
-        groups = (cfg.n_heads // tiles.get("BH", base["BH"])) * (cfg.head_dim // tiles.get("DC", base["DC"]))
-        split = max(1, min(nb, (per_sm or 1) * SM_COUNT[arch()] // (rows * groups)))
-        bps = over.pop("BPS", -(-nb // split))
-        base = {**plan(cfg.n_heads, cfg.head_dim, rows=rows, K=K, bps=bps), **tiles}
-        base.update(BPS=bps, SPLIT=-(-nb // bps))
-    return {**base, **over}
+    bps, per_sm = over.pop("BPS", None), over.pop("PER_SM", PER_SM)
+    return plan(cfg.n_heads, cfg.head_dim, rows=rows, K=K, bps=bps, per_sm=per_sm, tiles=over)
 
 
 def bench_decode(cfg, args, rates) -> list[dict]:

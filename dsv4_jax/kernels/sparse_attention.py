@@ -258,7 +258,7 @@ PER_SM = 1  # decode: split the index list until about this many programs per SM
 
 
 def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K: int | None = None,
-         bps: int | None = None, per_sm: int = PER_SM) -> dict:
+         bps: int | None = None, per_sm: int = PER_SM, tiles: dict | None = None) -> dict:
     """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (the official kernel
     takes 64; the block fixes where P is rounded, inside the tested tolerance either way), the index-list split
     (``SPLIT`` ranges of ``BPS`` blocks, no empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and
@@ -266,16 +266,18 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
 
     ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows while the programs still fit
     ``PER_SM`` per SM (one wave), ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps``
-    forces the blocks per split (tests). GPU tiles: BH 64 x DC Dh/2, BK 32, 2 stages (the module docstring's
-    measurements). At this many registers x 256 threads one program is resident per SM, so more than ``PER_SM = 1``
-    would only add waves (and workspace; ``BPS`` halved: 5-13 % slower); a split costs an fp32 workspace of ``H * Dh
-    * 4`` bytes per row and split (written and read back, mostly in L2)."""
+    forces the blocks per split (tests); ``tiles`` overrides the tile and launch entries (``BH``, ``BK``, ``DC``,
+    ``num_warps``, ``num_stages``: benchmarks) before the split is sized for them. GPU tiles: BH 64 x DC Dh/2, BK
+    32, 2 stages (the module docstring's measurements). At this many registers x 256 threads one program is resident
+    per SM, so more than ``PER_SM = 1`` would only add waves (and workspace; ``BPS`` halved: 5-13 % slower); a split
+    costs an fp32 workspace of ``H * Dh * 4`` bytes per row and split (written and read back, mostly in L2)."""
     target = target or arch()
     if target == "cpu":
         p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
     else:  # measured on an H200 at batch 32 (module docstring): 64 heads x half the dims, 32-entry blocks, 2 stages
         dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
         p = dict(BH=min(H, 64), BK=32, DC=dc, num_warps=8, num_stages=2)
+    p.update(tiles or {})
     nb = math.ceil((K or 1) / p["BK"])
     groups = (H // p["BH"]) * (Dh // p["DC"])
     if bps is None:
