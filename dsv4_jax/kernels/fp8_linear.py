@@ -366,7 +366,7 @@ def grouped_proj(o: jax.Array, w: Fp8Tensor, out_dtype, *, kernels: str = "auto"
     if isinstance(w, Fp8Tensor) and o.dtype == out_dtype == jnp.bfloat16 and use_triton(kernels):
         if single_device():
             return _grouped_triton(o, w, out_dtype)
-        y = grouped_on_mesh(lambda ol, wl, dt: _grouped_triton(ol, wl, dt), o, w, out_dtype)
+        y = grouped_on_mesh(_grouped_triton, o, w, out_dtype)
         if y is not None:
             return y
     return grouped_proj_reference(o, w, out_dtype)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv4_jax.kernels import single_device
 from dsv4_jax.modeling.quant import Fp8Tensor
 from dsv4_jax.sharding import DATA, MODEL
 
@@ -39,8 +40,7 @@ PARALLEL = ("cols", "rows", "none")
 
 
 def _mesh():
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or mesh.size == 1 else mesh
+    return None if single_device() else jax.sharding.get_abstract_mesh()
 
 
 def _lead(mesh, x: jax.Array) -> tuple:
