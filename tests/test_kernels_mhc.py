@@ -156,7 +156,7 @@ def test_check_catches_plausible_kernel_bugs():
 
 
 def test_dispatch_keeps_reference_on_cpu_and_with_auto():
-    """``kernels="auto"`` (and the CPU backend) run the reference, bit for bit."""
+    """On the CPU backend ``kernels="auto"`` runs the reference, bit for bit."""
     from dsv4_jax.kernels.mhc import hc_pre, hc_pre_norm
     from dsv4_jax.modeling import hyper
     from dsv4_jax.modeling.layers import rms_norm

@@ -129,7 +129,8 @@ def test_inputs_exercise_ties_and_tiny_scores():
 
 
 def test_dispatch_keeps_reference_with_auto():
-    """``kernels="auto"`` runs the reference, bit for bit (the model's MoE goes through :func:`route`)."""
+    """On the CPU backend ``kernels="auto"`` runs the reference, bit for bit (the model's MoE goes through
+    :func:`route`)."""
     from dsv4_jax.kernels.router import route
 
     _, T, E, D, k, _ = CASES[1]

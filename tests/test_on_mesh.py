@@ -140,12 +140,17 @@ def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 2)])
 def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
-    """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the two kernel entry points stood
-    in by their XLA references: the FP8 linears whose split falls on 128-row blocks run per device (the entry points
-    see local shapes), and the logits equal those of the GSPMD reference path on the same mesh (bit for bit on XLA
-    CPU, where both compute the same per-device dots and the same fp32 all-reduce)."""
+    """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the kernel entry points (FP8
+    linear, grouped projection, mHC, router) stood in by their XLA references: the FP8 linears whose split falls on
+    128-row blocks run per device (the entry points see local shapes), mHC and the router on each device's batch
+    rows, and the logits equal those of the GSPMD reference path on the same mesh (bit for bit on XLA CPU, where both
+    compute the same per-device dots and the same fp32 all-reduce)."""
     import dsv4_jax as d
     import dsv4_jax.kernels.fp8_linear as F
+    import dsv4_jax.kernels.mhc as M
+    import dsv4_jax.kernels.router as R
+    from dsv4_jax.modeling import hyper
+    from dsv4_jax.modeling.layers import rms_norm
 
     cfg = d.Config.tiny(numerics="reference", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
                         vocab_size=512, window_size=8, index_topk=4, n_layers=2, compress_ratios=(4, 128, 0),
@@ -176,7 +181,24 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     monkeypatch.setattr(F, "fp8_dot_supported", lambda: True)
     monkeypatch.setattr(F, "_fp8_linear_triton", linear)
     monkeypatch.setattr(F, "_grouped_triton", grouped)
+
+    def hc_norm(c, h, wl, norm_w, p=None):
+        seen.append(("hc_pre_norm", h.shape[:2]))
+        y, post, comb = hyper.hc_pre(c, h, wl)
+        return rms_norm(y, norm_w, c.norm_eps, c.act_dtype), post, comb
+
+    def router(c, gate, bias, tid2eid, x, ids, p=None):
+        seen.append(("route", x.shape[0]))
+        return R.route_reference(c, gate, bias, tid2eid, x, ids)
+
+    for mod in (M, R):
+        monkeypatch.setattr(mod, "use_triton", lambda kernels: True)
+    monkeypatch.setattr(M, "hc_pre_norm_triton", hc_norm)
+    monkeypatch.setattr(R, "route_triton", router)
     got = run("auto")
+    rows = 4 // shape[0]  # batch rows per device (split over data)
+    assert ("hc_pre_norm", (rows, 11)) in seen and ("hc_pre_norm", (rows, 1)) in seen, sorted(set(seen))
+    assert ("route", rows * 11) in seen and ("route", rows) in seen, sorted(set(seen))
     m, H, Dh, G, R, D = shape[1], cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank, cfg.dim
     for what, local in [("linear", (H * Dh // m, cfg.q_lora_rank)), ("linear", (D, G * R // m)),
                         ("grouped", (G * R // m, H * Dh // G)), ("linear", (cfg.q_lora_rank, D))]:

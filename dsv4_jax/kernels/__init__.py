@@ -95,9 +95,10 @@ def use_triton(cfg) -> bool:
 
 
 def use_opt_in_triton(kernels: str) -> bool:
-    """Whether a kernel that has not yet run on a GPU (sparse attention, mHC, router) runs: only with
-    ``kernels="triton"``, on one device, where :func:`use_triton` says yes. ``"auto"`` keeps their XLA references
-    until their GPU tests and the golden criteria pass on a GPU; this is the one switch that then moves them."""
+    """Whether an opt-in kernel (sparse attention: it passes its GPU tests but is not faster than its reference
+    everywhere) runs: only with ``kernels="triton"``, on one device, where :func:`use_triton` says yes. ``"auto"``
+    keeps its XLA reference. (mHC and the router left this switch on 2026-11-30, after the golden tests of criteria 1
+    and 2 passed on an H200 with them on.)"""
     return kernels == "triton" and use_triton(kernels) and single_device()
 
 

@@ -24,8 +24,9 @@ K (the dot and the sum of squares: split-K here, XLA's own order there) and ``ex
 to ~1e-5 absolute and ``y`` to one bf16 ulp (``tests/test_kernels_mhc.py``).
 
 Portable Triton (fp32 arithmetic, plain masked loads), tested under the interpreter in CI and compiled for sm_90
-without a GPU; not yet run on a GPU, hence used only with ``kernels="triton"`` (as the sparse-attention kernel) until
-its GPU test and the golden criteria pass there.
+without a GPU; its GPU test passed on an H200, and so did the golden tests of criteria 1 and 2 with it on
+(``kernels="triton"``, 2026-11-30: layer-isolated, end to end, both releases), so ``"auto"`` runs it on GPUs; under
+a mesh every device runs it on its own batch rows.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.kernels import arch, next_pow2, triton_call, use_triton
+from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling import hyper
 from dsv4_jax.modeling.layers import rms_norm
 from dsv4_jax.modeling.weights import HcWeights
@@ -205,16 +207,17 @@ def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Arra
 
 
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
-    return use_opt_in_triton(cfg.kernels) and h.shape[0] * h.shape[1] > 0
+    return use_triton(cfg) and h.shape[0] * h.shape[1] > 0
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
     """Collapse the hc streams for a block: ``y [B,S,D]`` (act dtype), ``post [B,S,hc]``, ``comb [B,S,hc,hc]``
-    (see :func:`dsv4_jax.modeling.hyper.hc_pre`). The two kernels run only with ``cfg.kernels == "triton"`` on one
-    device: ``"auto"`` keeps the XLA reference until they have passed their GPU test and the golden criteria on a
-    GPU (so far: the interpreter and an sm_90 compile)."""
+    (see :func:`dsv4_jax.modeling.hyper.hc_pre`). The two kernels run where :func:`dsv4_jax.kernels.use_triton`
+    says so (``"auto"`` on GPUs); under a mesh each device runs them on its batch rows
+    (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`)."""
     if _triton_ok(cfg, h):
-        return hc_pre_triton(cfg, h, w)
+        on = replicated_on_mesh(lambda h, w: hc_pre_triton(cfg, h, w), (h,), w)
+        return on if on is not None else hc_pre_triton(cfg, h, w)
     return hyper.hc_pre(cfg, h, w)
 
 
@@ -223,7 +226,8 @@ def hc_pre_norm(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array):
     ``comb``. The kernel path computes the norm in the second kernel (one program per token), one launch less per
     site; same dispatch as :func:`hc_pre`."""
     if _triton_ok(cfg, h):
-        return hc_pre_norm_triton(cfg, h, w, norm_w)
+        on = replicated_on_mesh(lambda h, p: hc_pre_norm_triton(cfg, h, *p), (h,), (w, norm_w))
+        return on if on is not None else hc_pre_norm_triton(cfg, h, w, norm_w)
     y, post, comb = hyper.hc_pre(cfg, h, w)
     return rms_norm(y, norm_w, cfg.norm_eps, cfg.act_dtype), post, comb
 

@@ -1,4 +1,4 @@
-"""The FP8 linears under a multi-device mesh: each device runs a one-device implementation on its own shards.
+"""The kernels under a multi-device mesh: each device runs a one-device implementation on its own shards.
 
 A Triton kernel (a jax-triton or XLA custom call) has no partitioning rule, so under a mesh XLA cannot split it; the
 linears used to fall back to their XLA recipes there (``dequant`` copies + a GEMM per weight: on two H200s, batch 1,
@@ -16,6 +16,9 @@ is split (the logical axes of :mod:`dsv4_jax.modeling.weights`) and :func:`linea
 * ``"none"`` (``wq_a``, ``wkv``, the MTP projections: replicated): every device computes the whole product, as
   GSPMD does with the reference.
 * :func:`grouped_on_mesh` (``wo_a``: its groups split over ``model``): o and W split by group.
+
+* :func:`replicated_on_mesh` (mHC's ``hc_pre``, the router: activations replicated over ``model``, small replicated
+  weights): every device computes its batch rows whole, exactly what one device computes for them.
 
 Batch rows stay split over ``data`` where the batch divides. ``None`` is returned where a split would cut a
 128x128 scale block (the caller then keeps the XLA reference, which GSPMD partitions). The one-device function is
@@ -100,3 +103,17 @@ def grouped_on_mesh(fn: Callable, o: jax.Array, w: Fp8Tensor, out_dtype) -> jax.
 
     specs = (P(*lead, MODEL, None), P(MODEL, None), P(MODEL, None))
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(*lead, MODEL, None))(o, w.q, w.scale)
+
+
+def replicated_on_mesh(fn: Callable, acts: tuple, params) -> tuple | jax.Array | None:
+    """``fn(*acts_local, params)`` on every device under the current mesh: each activation's leading (batch) dim
+    over ``data`` where every one divides, otherwise whole; ``params`` (a pytree of weights replicated by the
+    sharding rules) whole. Every device computes all of its rows as one device would (the ``model`` devices the
+    same rows): results identical to one device's. ``None`` when there is no multi-device mesh."""
+    mesh = _mesh()
+    if mesh is None:
+        return None
+    d = mesh.shape.get(DATA, 1)
+    row = P(DATA) if d > 1 and all(a.shape[0] % d == 0 for a in acts) else P()
+    return jax.shard_map(lambda *a: fn(*a), mesh=mesh, in_specs=(row,) * len(acts) + (P(),),
+                         out_specs=row)(*acts, params)

@@ -22,7 +22,9 @@ Numerics contract: the same formula; the fp32 sums (the D-long dot, the k-long w
 equal the reference's except where two biased scores are within those ulps of each other.
 
 Portable Triton (fp32 arithmetic, plain loads), tested under the interpreter in CI and compiled for sm_90 without a
-GPU; not yet run on a GPU, hence used only with ``kernels="triton"`` until its GPU test passes.
+GPU; its GPU test passed on an H200, and so did the golden tests of criteria 1 and 2 with it on (``kernels="triton"``,
+2026-11-30: layer-isolated, end to end, both releases),
+so ``"auto"`` runs it on GPUs; under a mesh every device routes its own batch rows' tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.kernels import arch, next_pow2, triton_call, use_triton
+from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.quant import HIGHEST
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -156,10 +159,12 @@ def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids:
 
 def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
     """Expert ids ``[T, k]`` (int32) and weights ``[T, k]`` (fp32) for tokens ``x [T, D]`` with token ids ``ids
-    [T]`` (see :func:`route_reference`). The kernels run only with ``cfg.kernels == "triton"`` on one device
-    (``"auto"`` keeps the reference until their GPU test has run)."""
-    if use_opt_in_triton(cfg.kernels) and x.shape[0] > 0:
-        return route_triton(cfg, gate, bias, tid2eid, x, ids)
+    [T]`` (see :func:`route_reference`). The kernels run where :func:`dsv4_jax.kernels.use_triton` says so
+    (``"auto"`` on GPUs); under a mesh each device routes its batch rows' tokens
+    (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`)."""
+    if use_triton(cfg) and x.shape[0] > 0:
+        on = replicated_on_mesh(lambda x, ids, p: route_triton(cfg, *p, x, ids), (x, ids), (gate, bias, tid2eid))
+        return on if on is not None else route_triton(cfg, gate, bias, tid2eid, x, ids)
     return route_reference(cfg, gate, bias, tid2eid, x, ids)
 
 
