@@ -92,3 +92,23 @@ def test_scalar_arguments_become_constants_and_errors():
     with pytest.raises(TypeError, match="no Triton pointer type for dtype complex64"):
         _lowered_text(lambda x: xla_triton.triton_call(x.astype(jnp.complex64), 1, kernel=add_n, out_shape=out,
                                                       grid=1, BLOCK=16), x)
+
+
+def test_auto_route_sends_only_tiled_kernels_to_jax_triton(monkeypatch):
+    """``"auto"`` (the default): untiled kernels through XLA, tiled ones through jax-triton where it imports (else
+    XLA too); the two explicit routes are taken as they are; an unknown route is refused by name."""
+    route = kernels.launch_route()
+    has_jt = kernels._import_error("jax_triton") is None
+    try:
+        kernels.set_launch_route("auto")
+        assert kernels.route_for(False) == "xla"
+        assert kernels.route_for(True) == ("jax-triton" if has_jt else "xla")
+        monkeypatch.setattr(kernels, "_import_error", lambda m: "missing" if m == "jax_triton" else None)
+        assert kernels.route_for(True) == "xla"
+        for r in ("xla", "jax-triton"):
+            kernels.set_launch_route(r)
+            assert kernels.route_for(True) == kernels.route_for(False) == r
+    finally:
+        kernels.set_launch_route(route)
+    with pytest.raises(ValueError, match="'cuda-graph'"):
+        kernels.set_launch_route("cuda-graph")

@@ -5,11 +5,13 @@ One module per op (``fp8_linear``, ``fp4_moe``, ``sparse_attention``, ``mhc``) h
 * the public function the model calls, a small dispatcher on :func:`use_triton`;
 * ``*_reference``: the XLA code the model always ran (the spec, the CPU path; CPU results are pinned bit for bit by
   the golden tests);
-* the ``@triton.jit`` kernels and their jax-triton launcher. The kernels import with plain ``triton`` (CI runs them
-  on CPU under ``TRITON_INTERPRET=1`` with torch tensors); ``jax_triton`` is imported lazily in the launcher only.
+* the ``@triton.jit`` kernels and their launcher (:func:`triton_call`: XLA's Triton custom call, or jax-triton; see
+  :func:`launch_route`). The kernels import with plain ``triton`` (CI runs them on CPU under ``TRITON_INTERPRET=1``
+  with torch tensors); ``jax_triton`` is imported lazily in the launcher only.
 
 ``Config.kernels`` chooses: ``"reference"`` never uses Triton; ``"triton"`` always does and fails loudly where it
-cannot (CPU backend, jax-triton or triton missing); ``"auto"`` uses Triton on a GPU backend when jax-triton imports.
+cannot (CPU backend, or the packages its launch route needs missing); ``"auto"`` uses Triton on a GPU backend when they
+import.
 Both implementations compute the same function up to fp32 summation order (each module's docstring says exactly).
 
 Block sizes per architecture are chosen in one place, :func:`arch`; ``tl.dot_scaled`` (native MXFP4/FP8 scaled
@@ -26,20 +28,38 @@ import jax
 MODES = ("auto", "reference", "triton")
 
 
-ROUTES = ("xla", "jax-triton")
-_route = [os.environ.get("DSV4_TRITON_LAUNCH", "jax-triton")]
+ROUTES = ("auto", "xla", "jax-triton")
+_route = [os.environ.get("DSV4_TRITON_LAUNCH", "auto")]
+TILED_MIN_ROWS = 256  # the FP8 GEMM launches from this many rows on (prefill) count as tiled for the "auto" route
 
 
 def launch_route() -> str:
-    """How a kernel is launched. ``"jax-triton"`` (default): ``jax_triton.triton_call``, a legacy custom call per
-    launch, outside XLA's CUDA graphs (~30 us of host time each on an H200); the route the GPU results so far were
-    measured with. ``"xla"``: XLA compiles the kernel's Triton IR into the executable (``__gpu$xla.gpu.triton``
-    custom calls, :mod:`dsv4_jax.kernels.xla_triton`), so the kernels sit in the step's CUDA graphs; it compiles for
-    sm_90 (checked without a GPU, jaxlib 0.10.2 and 0.11.2) but has not yet run on a GPU, hence opt-in. Set with the
-    ``DSV4_TRITON_LAUNCH`` environment variable or :func:`set_launch_route`."""
+    """How kernels are launched (set with the ``DSV4_TRITON_LAUNCH`` environment variable or
+    :func:`set_launch_route`):
+
+    * ``"xla"``: XLA compiles the kernel's Triton IR into the executable (``__gpu$xla.gpu.triton`` custom calls,
+      :mod:`dsv4_jax.kernels.xla_triton`), so the kernels sit in the step's CUDA graphs with no host code per launch;
+    * ``"jax-triton"``: ``jax_triton.triton_call``, a legacy custom call per launch, outside XLA's CUDA graphs
+      (~30 us of host time each on an H200);
+    * ``"auto"`` (default): the tiled kernels (the FP4 MoE's grouped GEMMs, the FP8 GEMM from
+      :data:`TILED_MIN_ROWS` rows) through jax-triton where it is installed, every other kernel through XLA.
+
+    Measured on H200s (2026-11-30, ``docs/performance.md``): with the mHC and router kernels on, a 3-layer V4-Flash
+    decode step took 1.20 ms through XLA against 1.38 ms through jax-triton at batch 1, and 5.67 against 6.52 ms at
+    batch 32 (one GPU, gathered GEMV experts); but on two GPUs at batch 32, where the experts run the tiled kernels,
+    XLA's build of them made the step 5.42 ms against 4.68 ms. XLA compiles the TTIR with its own bundled Triton,
+    whose pipeline differs from the ``triton`` wheel's; why the tiled kernels lose there is not profiled."""
     route = _route[0]
     if route not in ROUTES:
         raise ValueError(f"DSV4_TRITON_LAUNCH={route!r}, expected one of {ROUTES}")
+    return route
+
+
+def route_for(tiled: bool) -> str:
+    """The route a launch takes: :func:`launch_route`, with ``"auto"`` resolved for a tiled or an untiled kernel."""
+    route = launch_route()
+    if route == "auto":
+        return "jax-triton" if tiled and _import_error("jax_triton") is None else "xla"
     return route
 
 
@@ -70,7 +90,7 @@ def triton_unavailable() -> str | None:
     backend = jax.default_backend()
     if backend not in ("gpu", "cuda", "rocm"):
         return f"needs a GPU backend, JAX's default backend is {backend!r}"
-    needed = ("triton",) if launch_route() == "xla" else ("triton", "jax_triton")
+    needed = ("triton", "jax_triton") if launch_route() == "jax-triton" else ("triton",)
     for module in needed:
         err = _import_error(module)
         if err is not None:
@@ -146,16 +166,16 @@ def fp8_dot_supported() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def triton_call(*args, **kwargs):
-    """Launch a ``@triton.jit`` kernel with jax-triton's ``triton_call`` signature, by :func:`launch_route`: the one
-    entry point of every kernel launcher here (the CPU tests substitute the interpreter shim of
-    ``tests/triton_shim.py`` through the jax-triton route).
+def triton_call(*args, tiled: bool = False, **kwargs):
+    """Launch a ``@triton.jit`` kernel with jax-triton's ``triton_call`` signature, by :func:`route_for` (``tiled``:
+    the launcher's kernel is a tiled GEMM, see :func:`launch_route`): the one entry point of every kernel launcher
+    here (the CPU tests substitute the interpreter shim of ``tests/triton_shim.py`` through the jax-triton route).
 
     The jax-triton route costs ~30 us of wall time per call beyond its kernel on an H200 (a 14 us FP8 GEMV: 45 us
     per call inside one jitted program), with jax-triton 0.3.1's legacy custom call and equally with jaxlib's
     typed-FFI target ``triton_kernel_call_ffi`` (tried 2026-11-29, docs/performance.md). The XLA route has no host
     code per launch."""
-    if launch_route() == "jax-triton":
+    if route_for(tiled) == "jax-triton":
         import jax_triton as jt
 
         return jt.triton_call(*args, **kwargs)

@@ -264,8 +264,8 @@ def launch_jax(x, xs, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w
     h = triton_call(x, xs, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
                        kernel=_gate_up_kernel, out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
                        grid=(n_blocks, I // t["BN1"]), R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], BN=t["BN1"], G=t["G"],
-                       DOT=dot, CODES=t["CODES"], **kw)
-    return triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_kernel,
+                       DOT=dot, CODES=t["CODES"], tiled=True, **kw)
+    return triton_call(h, bexp, used, w2.packed, w2.scale, kernel=_down_kernel, tiled=True,
                           out_shape=jax.ShapeDtypeStruct((n_slots, D), jnp.bfloat16), grid=(n_blocks, D // t["BN2"]),
                           D=D, I=I, BM=t["BM"], BN=t["BN2"], DOT=dot, CODES=t["CODES"], **kw)
 

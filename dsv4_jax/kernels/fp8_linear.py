@@ -45,7 +45,16 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import SM_COUNT, arch, fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
+from dsv4_jax.kernels import (
+    SM_COUNT,
+    TILED_MIN_ROWS,
+    arch,
+    fp8_dot_supported,
+    next_pow2,
+    single_device,
+    triton_call,
+    use_triton,
+)
 from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
@@ -277,7 +286,8 @@ def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | N
     split = p["SPLIT"]
     out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
     y = triton_call(x, sx, w.q, w.scale, M, kernel=fp8_gemm_kernel, out_shape=out_t, grid=grid(M, N, G, p),
-                       N=N, K=K, G=G, KB=math.ceil(K / QBLOCK), SWK=w.scale.shape[1], X_FP8=x_fp8, **p)
+                    tiled=M >= TILED_MIN_ROWS, N=N, K=K, G=G, KB=math.ceil(K / QBLOCK), SWK=w.scale.shape[1],
+                    X_FP8=x_fp8, **p)
     if split > 1:
         y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
     return y
