@@ -17,7 +17,12 @@ Cases: decode rows at different positions (windows not yet full: masked slots fi
 prefill chunks, compressed entries with -1 holes, K not a multiple of 64, plain and FP8-snapped caches, no
 compressed source (window-only layers); the split path: several splits, a split whose whole range is masked (the
 first, and one in the middle), uneven splits (the last one short), splits of prefill rows; output tiles of 64 dims
-and of the whole head (a tile straddling the FP8 / RoPE boundary).
+and of the whole head (a tile straddling the FP8 / RoPE boundary), of half a 256-dim head with 128 RoPE dims (two
+64-dim chunks for the other half), of a quarter of a 256-dim head (three chunks, only the last may hold RoPE dims).
+
+Load variants (:func:`plan` keys ``VEC``, ``QHOIST``, ``PREFETCH``): they change only how and when the kernel loads
+its operands, so every case also runs with each of them and must give the default plan's output bit for bit
+(interpreter; on a GPU, :func:`test_gpu_variants_bit_identical`).
 """
 
 from __future__ import annotations
@@ -32,21 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
 # (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8, plan overrides): "bps" = index blocks per split
-# (else the CPU plan's choice), "DC" = output dims per program (else 64), "hole" = list slots set to -1; a name with
-# "split" must take the split path
+# (else the CPU plan's choice), "DC" = output dims per program (else 64), "hole" = list slots set to -1, "dr" = RoPE
+# dims of the FP8 layout (else 64); a name with "split" must take the split path
 CASES = [
     ("decode-fp8-split3", 2, 1, 4, 128, 128, 40, 24, [5, 300], True, dict(bps=1, DC=128)),
     ("decode-plain-uneven-split", 2, 1, 4, 128, 128, 40, 24, [70, 129], False, dict(bps=2)),
     ("prefill-fp8", 1, 9, 4, 128, 128, 16, 8, [20], True, dict()),
     ("window-only-split", 2, 3, 2, 128, 128, 0, 0, [0, 200], True, dict(bps=1, DC=128)),
     ("decode-masked-split", 1, 1, 4, 128, 128, 300, 200, [1000], True, dict(bps=1, hole=(192, 256))),
+    ("decode-dh256-dr128-split", 1, 1, 2, 256, 64, 40, 24, [300], True, dict(bps=1, DC=128, dr=128)),
+    ("prefill-dh256", 1, 2, 2, 256, 64, 40, 24, [90], True, dict()),
+    ("prefill-padded-heads", 1, 9, 4, 128, 128, 16, 8, [20], True, dict(BH=16)),  # 4 heads in a 16-head block
 ]
 SEED = 4321
+VARIANTS = [dict(VEC=1), dict(QHOIST=1), dict(VEC=1, QHOIST=1), dict(PREFETCH=1)]  # must give the default's bits
 
 
-def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None):
-    """q, the three caches (stored layout) and index lists like the model's: window lists from
-    ``attention.window_indices``, then random compressed ids with -1 holes (list slots ``hole[0]:hole[1]`` all -1)."""
+def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None, dr=64):
+    """q, the three caches (stored layout, ``dr`` RoPE dims if FP8) and index lists like the model's: window lists
+    from ``attention.window_indices``, then random compressed ids with -1 holes (list slots ``hole[0]:hole[1]`` all
+    -1)."""
     import jax.numpy as jnp
 
     from dsv4_jax.modeling.attention import window_indices
@@ -57,7 +67,7 @@ def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None):
     q = bf(rng.standard_normal((B, S, H, Dh)) * 2)
     caches = [bf(rng.standard_normal((B, n, Dh)) * np.exp2(rng.integers(-2, 3, (B, n, 1)))) for n in (W, S, Nc)]
     if fp8:
-        caches = [encode_fp8_cache(c, Dh - 64) for c in caches]
+        caches = [encode_fp8_cache(c, Dh - dr) for c in caches]
     pos = jnp.asarray(positions, jnp.int32)
     idx = window_indices(pos, S, W)  # [B,S,W]
     if n_comp:
@@ -108,14 +118,13 @@ def _arrays(i, q, caches, idx, sink, fp8):
     return out
 
 
-def _plan(case, K, target="cpu"):
-    """The case's launch plan: :func:`plan` for its rows and K, with its overrides."""
+def _plan(case, K, target="cpu", **over):
+    """The case's launch plan: :func:`plan` for its rows and K, with its overrides and ``over``."""
     from dsv4_jax.kernels.sparse_attention import plan
 
     _, B, S, H, Dh, *_, kw = case
     p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"))
-    if "DC" in kw:
-        p["DC"] = kw["DC"]
+    p.update({k: v for k, v in kw.items() if k in p}, **over)
     return p
 
 
@@ -141,9 +150,11 @@ def _interpret_main(path: str) -> None:
             else:
                 srcs.append((t(f"c{i}_{j}_0").view(torch.bfloat16), dummy, dummy))
         idx = t(f"idx{i}")
-        p = _plan(case, idx.shape[-1])
-        o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W, max(Nc, 1), Dh**-0.5, p)
-        res[f"o{i}"], res[f"split{i}"] = o.numpy(), np.int64(p["SPLIT"])
+        for j, over in enumerate([{}] + VARIANTS):
+            p = _plan(case, idx.shape[-1], **{"VEC": 0, "QHOIST": 0, **over})
+            o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W, max(Nc, 1), Dh**-0.5, p)
+            res[f"o{i}" + (f"_v{j}" if j else "")] = o.numpy()
+        res[f"split{i}"] = np.int64(p["SPLIT"])
     np.savez(path + ".out.npz", **res)
 
 
@@ -153,7 +164,8 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("torch")
     arrays, cases = {}, []
     for i, (_, B, S, H, Dh, W, Nc, n_comp, positions, fp8, kw) in enumerate(CASES):
-        q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i, kw.get("hole"))
+        q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i, kw.get("hole"),
+                                       kw.get("dr", 64))
         arrays.update(_arrays(i, q, caches if Nc else caches[:2], idx, sink, fp8))
         cases.append(_reference(q, caches, idx, sink, Nc))
     return cases, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("sparse_attn"))
@@ -177,6 +189,15 @@ def test_interpreter_matches_reference(interpreted, i):
     _close(out[f"o{i}"], ref, mag, CASES[i][0])
     if "split" in CASES[i][0]:  # the cases meant for the split path took it
         assert out[f"split{i}"] > 1, f"{CASES[i][0]}: ran unsplit"
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_interpreter_variants_bit_identical(interpreted, i):
+    """Each load variant gives the default plan's output bit for bit (same operands, same dots in the same order)."""
+    _, out = interpreted
+    for j, over in enumerate(VARIANTS, 1):
+        np.testing.assert_array_equal(out[f"o{i}_v{j}"].view(np.uint32), out[f"o{i}"].view(np.uint32),
+                                      err_msg=f"{CASES[i][0]} with {over}")
 
 
 def test_reference_path_unchanged_on_cpu():
@@ -227,6 +248,10 @@ GPU_CASES = [  # V4-Flash: 64 heads, head_dim 512, window 128; CSA: top-512 comp
     ("hca-1m-decode-b1", 1, 1, 64, 512, 128, 8192, 8192, [1 << 20], True, {}),
     ("hca-1m-decode-b32", 32, 1, 64, 512, 128, 8192, 8192, _POS32, True, {}),
     ("flash-decode-unsplit", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True, dict(bps=1 << 10)),
+    # the tiny golden model's prefill (4 heads of 128 dims, window 16, top-4 compressed): its all-position golden
+    # test failed on an H200 with the 4-head plan; 4 heads in a padded 16-head block (the plan now), and BH = 4
+    ("tiny-prefill-padded", 1, 37, 4, 128, 16, 9, 4, [0], True, {}),
+    ("tiny-prefill-bh4", 1, 37, 4, 128, 16, 9, 4, [0], True, dict(BH=4)),
 ]
 
 
@@ -250,6 +275,29 @@ def test_gpu_matches_reference(case):
     got = jax.jit(lambda *a: sparse_attention_triton(*a, Dh**-0.5, p))(q, *caches, idx, sink)
     ref, mag = _reference(q, caches, idx, sink, Nc)
     _close(np.asarray(got.astype(jnp.float32)), ref, mag, case[0], ulps=1.0)  # the kernel rounds to bf16 too
+
+
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] in ("flash-prefill", "csa-decode-b32",
+                                                                   "hca-1m-decode-b32")], ids=lambda c: c[0])
+def test_gpu_variants_bit_identical(case):
+    """The load variants inside jit on a GPU give the bits of the plan without them (``VEC = QHOIST = 0``): unsplit
+    prefill rows (bf16 output written directly), CSA and HCA-1M decode at batch 32 (split, merged)."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"sparse attention GPU test: {why}")
+    import jax
+
+    from dsv4_jax.kernels.sparse_attention import sparse_attention_triton
+
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8, kw = case
+    q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED)
+    run = lambda **o: np.asarray(jax.jit(lambda *a: sparse_attention_triton(  # noqa: E731
+        *a, Dh**-0.5, _plan(case, idx.shape[-1], target=None, **{"VEC": 0, "QHOIST": 0, **o})))(q, *caches, idx, sink))
+    base = run().view(np.uint16)
+    for over in VARIANTS:
+        np.testing.assert_array_equal(run(**over).view(np.uint16), base, err_msg=f"{case[0]} with {over}")
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
