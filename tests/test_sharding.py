@@ -184,3 +184,26 @@ def test_embedding_lookup_on_a_mesh_is_bit_exact(shape, dtype):
         got = np.asarray(jax.jit(embed, static_argnums=2)(t, ids, V))
     bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
     np.testing.assert_array_equal(got.view(bits), want.view(bits))
+
+
+def test_indexer_needs_no_collective_on_a_mesh(model):
+    """The indexer's heads are replicated (``sharding.REPLICATED``): on a 1 x 2 mesh the compiled step has no
+    collective coming from the indexer (split over heads, its sum over heads was an all-reduce per CSA layer), and the
+    indexer's weights are whole on every device."""
+    import re
+
+    cfg, w, _, _ = model
+    mesh = sh.make_mesh(1, 2, devices=jax.devices()[:2])
+    ws = sh.shard_weights(w, cfg, mesh)
+    st = sh.shard_state(d.init_state(cfg, 2, 64), mesh)
+    toks = jnp.zeros((2, 1), jnp.int32)
+    from dsv4_jax.modeling.model import forward_jit
+
+    step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"))
+    with jax.set_mesh(mesh):
+        hlo = step.lower(ws, toks, st).compile().as_text()
+    coll = [ln for ln in hlo.splitlines() if re.search(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all)", ln)]
+    assert coll, "expected the attention / MoE collectives in the step"  # the check can see collectives at all
+    assert not [ln for ln in coll if "/indexer/" in ln], [ln[:200] for ln in coll if "/indexer/" in ln]
+    idx = ws.layers[0].attn.indexer
+    assert idx.wq_b.q.sharding.is_fully_replicated and idx.weights_proj.sharding.is_fully_replicated

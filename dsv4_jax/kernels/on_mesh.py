@@ -6,17 +6,16 @@ linears used to fall back to their XLA recipes there (``dequant`` copies + a GEM
 is split (the logical axes of :mod:`dsv4_jax.modeling.weights`) and :func:`linear_on_mesh` /
 :func:`grouped_on_mesh` wrap the one-device function in ``jax.shard_map`` with matching specs:
 
-* ``"cols"`` (``wq_b``, the indexer's ``wq_b``, the shared expert's ``w1``/``w3``: output features split over
+* ``"cols"`` (``wq_b``, the shared expert's ``w1``/``w3``: output features split over
   ``model``): x whole, W's rows split, y split on its last dim. Every output element is one device's: same sums as
   one device.
 * ``"rows"`` (``wo_b``, the shared expert's ``w2``: input features split over ``model``): x and W split on K,
   each device's fp32 partial sum, ``psum`` over ``model``, one rounding to ``out_dtype``: the order of the GSPMD
   reference (partial dots in fp32 + all-reduce + convert). K splits on whole 128-wide blocks, so the activation
   quantization per 1x128 block is unchanged.
-* ``"none"`` (``wq_a``, ``wkv``, the MTP projections: replicated): every device computes the whole product, as
-  GSPMD does with the reference.
+* ``"none"`` (``wq_a``, ``wkv``, the indexer's ``wq_b``, the MTP projections: replicated): every device computes
+  the whole product, as GSPMD does with the reference.
 * :func:`grouped_on_mesh` (``wo_a``: its groups split over ``model``): o and W split by group.
-
 * :func:`replicated_on_mesh` (mHC's ``hc_pre``, the router: activations replicated over ``model``, small replicated
   weights): every device computes its batch rows whole, exactly what one device computes for them.
 

@@ -31,7 +31,7 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
     dt = cfg.act_dtype
     B, S, _ = x.shape
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
-    q = linear(qr, w.wq_b, dt, cfg.simulate, kernels=cfg.kernels, parallel="cols").reshape(B, S, Hi, Di)
+    q = linear(qr, w.wq_b, dt, cfg.simulate, kernels=cfg.kernels, parallel="none").reshape(B, S, Hi, Di)  # replicated
     q = apply_rope(q, cos[:, :, None], sin[:, :, None])
     q = hadamard(q, dt)
     if cfg.simulate:
