@@ -51,6 +51,10 @@ CASES = [
 ]
 SEED = 4321
 VARIANTS = [dict(VEC=1), dict(QHOIST=1), dict(VEC=1, QHOIST=1), dict(PREFETCH=1)]  # must give the default's bits
+# the cases the variants run on under the interpreter (CI time): split and unsplit, 64 and 128 RoPE dims, one and
+# three 64-dim chunks outside the own dims, a plain layout, padded heads
+VARIANT_CASES = ("decode-fp8-split3", "decode-plain-uneven-split", "decode-dh256-dr128-split", "prefill-dh256",
+                 "prefill-padded-heads")
 
 
 def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None, dr=64):
@@ -150,7 +154,7 @@ def _interpret_main(path: str) -> None:
             else:
                 srcs.append((t(f"c{i}_{j}_0").view(torch.bfloat16), dummy, dummy))
         idx = t(f"idx{i}")
-        for j, over in enumerate([{}] + VARIANTS):
+        for j, over in enumerate([{}] + (VARIANTS if case[0] in VARIANT_CASES else [])):
             p = _plan(case, idx.shape[-1], **{"VEC": 0, "QHOIST": 0, **over})
             o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W, max(Nc, 1), Dh**-0.5, p)
             res[f"o{i}" + (f"_v{j}" if j else "")] = o.numpy()
@@ -191,7 +195,8 @@ def test_interpreter_matches_reference(interpreted, i):
         assert out[f"split{i}"] > 1, f"{CASES[i][0]}: ran unsplit"
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CASES) if c[0] in VARIANT_CASES],
+                         ids=[c[0] for c in CASES if c[0] in VARIANT_CASES])
 def test_interpreter_variants_bit_identical(interpreted, i):
     """Each load variant gives the default plan's output bit for bit (same operands, same dots in the same order)."""
     _, out = interpreted
