@@ -32,7 +32,7 @@ for x in r:
   if 'speculative' in x: print('  speculative', json.dumps(x['speculative']))" ;;
     mesh) run mesh_tests "${MESH_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
             tests/test_on_mesh.py tests/test_sharding.py -k "gpu or embedding" ;;  # needs the 2-GPU kind
-    attn) run attn_tests "${ATTN_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
+    attn) run attn_tests "${ATTN_BOX:-200}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
             tests/test_kernels_sparse_attn.py -k gpu ;;
     attnb) TAIL=20 run bench_attention "${ATTN_BENCH_BOX:-200}" python3 scripts/bench_attention.py --mode decode \
             --contexts "${ATTN_CONTEXTS:-4096,32768,131072,1048576}" --batch "${ATTN_BATCH:-1}" \
