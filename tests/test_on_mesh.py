@@ -138,7 +138,7 @@ def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
     _within_one_ulp(got, want, f"{parallel} on {n} GPUs")
 
 
-@pytest.mark.parametrize("shape", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("shape", [(2, 2)])  # batch rows over data and weights over model at once (CI time)
 def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the kernel entry points (FP8
     linear, grouped projection, mHC, router) stood in by their XLA references: the FP8 linears whose split falls on
