@@ -216,8 +216,7 @@ def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
     says so (``"auto"`` on GPUs); under a mesh each device runs them on its batch rows
     (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`)."""
     if _triton_ok(cfg, h):
-        on = replicated_on_mesh(lambda h, w: hc_pre_triton(cfg, h, w), (h,), w)
-        return on if on is not None else hc_pre_triton(cfg, h, w)
+        return replicated_on_mesh(lambda h, w: hc_pre_triton(cfg, h, w), (h,), w)
     return hyper.hc_pre(cfg, h, w)
 
 
@@ -226,8 +225,7 @@ def hc_pre_norm(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array):
     ``comb``. The kernel path computes the norm in the second kernel (one program per token), one launch less per
     site; same dispatch as :func:`hc_pre`."""
     if _triton_ok(cfg, h):
-        on = replicated_on_mesh(lambda h, p: hc_pre_norm_triton(cfg, h, *p), (h,), (w, norm_w))
-        return on if on is not None else hc_pre_norm_triton(cfg, h, w, norm_w)
+        return replicated_on_mesh(lambda h, p: hc_pre_norm_triton(cfg, h, *p), (h,), (w, norm_w))
     y, post, comb = hyper.hc_pre(cfg, h, w)
     return rms_norm(y, norm_w, cfg.norm_eps, cfg.act_dtype), post, comb
 

@@ -104,15 +104,14 @@ def grouped_on_mesh(fn: Callable, o: jax.Array, w: Fp8Tensor, out_dtype) -> jax.
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(*lead, MODEL, None))(o, w.q, w.scale)
 
 
-def replicated_on_mesh(fn: Callable, acts: tuple, params) -> tuple | jax.Array | None:
-    """``fn(*acts_local, params)`` on every device under the current mesh: each activation's leading (batch) dim
-    over ``data`` where every one divides, otherwise whole; ``params`` (a pytree of weights replicated by the
-    sharding rules) whole. Every device computes all of its rows as one device would (the ``model`` devices the
-    same rows): results identical to one device's. ``None`` when there is no multi-device mesh."""
+def replicated_on_mesh(fn: Callable, acts: tuple, params) -> tuple | jax.Array:
+    """``fn(*acts, params)``, under a multi-device mesh on every device with its local rows: each activation's
+    leading (batch) dim over ``data`` where every one divides, otherwise whole; ``params`` (a pytree of weights
+    replicated by the sharding rules) whole. Every device computes all of its rows as one device would (the
+    ``model`` devices the same rows): results identical to one device's. Without such a mesh, ``fn`` runs as is."""
     mesh = _mesh()
     if mesh is None:
-        return None
+        return fn(*acts, params)
     d = mesh.shape.get(DATA, 1)
     row = P(DATA) if d > 1 and all(a.shape[0] % d == 0 for a in acts) else P()
-    return jax.shard_map(lambda *a: fn(*a), mesh=mesh, in_specs=(row,) * len(acts) + (P(),),
-                         out_specs=row)(*acts, params)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(row,) * len(acts) + (P(),), out_specs=row)(*acts, params)

@@ -23,8 +23,8 @@ equal the reference's except where two biased scores are within those ulps of ea
 
 Portable Triton (fp32 arithmetic, plain loads), tested under the interpreter in CI and compiled for sm_90 without a
 GPU; its GPU test passed on an H200, and so did the golden tests of criteria 1 and 2 with it on (``kernels="triton"``,
-2026-11-30: layer-isolated, end to end, both releases),
-so ``"auto"`` runs it on GPUs; under a mesh every device routes its own batch rows' tokens.
+2026-11-30: layer-isolated, end to end, both releases), so ``"auto"`` runs it on GPUs; under a mesh every device
+routes its own batch rows' tokens.
 """
 
 from __future__ import annotations
@@ -163,8 +163,7 @@ def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Ar
     (``"auto"`` on GPUs); under a mesh each device routes its batch rows' tokens
     (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`)."""
     if use_triton(cfg) and x.shape[0] > 0:
-        on = replicated_on_mesh(lambda x, ids, p: route_triton(cfg, *p, x, ids), (x, ids), (gate, bias, tid2eid))
-        return on if on is not None else route_triton(cfg, gate, bias, tid2eid, x, ids)
+        return replicated_on_mesh(lambda x, ids, p: route_triton(cfg, *p, x, ids), (x, ids), (gate, bias, tid2eid))
     return route_reference(cfg, gate, bias, tid2eid, x, ids)
 
 

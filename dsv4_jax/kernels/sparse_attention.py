@@ -252,9 +252,9 @@ if triton is not None:
         return ids >= 0, codes, scales, rope
 
     @triton.jit
-    def _c0(k: tl.constexpr, oc, DC: tl.constexpr):
-        """First dim of the ``k``-th 64-dim chunk outside the own dims ``[oc, oc + DC)``."""
-        return 64 * k + DC * (oc <= 64 * k).to(tl.int32)
+    def _c0(c, oc, DC: tl.constexpr):
+        """First dim of the 64-dim chunk at offset ``c`` of the dims outside the own dims ``[oc, oc + DC)``."""
+        return c + DC * (c >= oc).to(tl.int32)
 
     @triton.jit
     def _gather(ok, codes, scales, rope, oc, DN: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr,
@@ -263,7 +263,8 @@ if triton is not None:
         RoPE dims only the last chunk can hold RoPE dims (they end the head)."""
         oth = ()
         for k in tl.static_range(NCH):
-            oth = oth + (_load3(codes, scales, rope, ok, _c0(k, oc, DC), DN, DR, 64, FP8, k + 1 == NCH or DR != 64),)
+            c0 = _c0(64 * k, oc, DC)
+            oth = oth + (_load3(codes, scales, rope, ok, c0, DN, DR, 64, FP8, k + 1 == NCH or DR != 64),)
         return _load3(codes, scales, rope, ok, oc, DN, DR, DC, FP8), oth
 
     @triton.jit
@@ -318,7 +319,7 @@ if triton is not None:
             q_own = _hload(q_rows + oc + io, hm, PADH)
             q_oth = ()
             for k in tl.static_range(NCH):
-                q_oth = q_oth + (_hload(q_rows + _c0(k, oc, DC) + i, hm, PADH),)
+                q_oth = q_oth + (_hload(q_rows + _c0(64 * k, oc, DC) + i, hm, PADH),)
         if PREFETCH:  # block jb's bytes are requested during block jb - 1 (into registers), its ids during jb - 2
             ok, codes, scales, rope = _rows(_ids(idx_ptr, row, j0, True, K, BK), b, rc, rs, rr, cc, cs, cr, kc, ks, kr,
                                             S, W, NC, DN, DR, FP8)
@@ -334,7 +335,7 @@ if triton is not None:
                 s = _dot(q_own, tl.trans(kv), INTERPRET)
                 for k in tl.static_range(NCH):
                     t = oth[k]
-                    kc64 = _decode3(t[0], t[1], t[2], _c0(k, oc, DC), DN, 64, FP8, k + 1 == NCH or DR != 64)
+                    kc64 = _decode3(t[0], t[1], t[2], _c0(64 * k, oc, DC), DN, 64, FP8, k + 1 == NCH or DR != 64)
                     s += _dot(q_oth[k], tl.trans(kc64.to(tl.bfloat16)), INTERPRET)  # (bf16: exact)
             else:
                 valid, codes, scales, rope = _rows(_ids(idx_ptr, row, j0 + jb * BK, True, K, BK), b, rc, rs, rr, cc, cs,
@@ -343,13 +344,13 @@ if triton is not None:
                 if QHOIST:  # the same dots in the same order, the chunk loop unrolled
                     s = _dot(q_own, tl.trans(kv), INTERPRET)
                     for k in tl.static_range(NCH):
-                        kc64 = _vtile(codes, scales, rope, valid, _c0(k, oc, DC), DN, DR, 64, FP8, VEC,
+                        kc64 = _vtile(codes, scales, rope, valid, _c0(64 * k, oc, DC), DN, DR, 64, FP8, VEC,
                                       k + 1 == NCH or DR != 64)
                         s += _dot(q_oth[k], tl.trans(kc64), INTERPRET)
                 else:
                     s = _dot(_hload(q_rows + oc + io, hm, PADH), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims
                     for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time
-                        c0 = c + DC * (c >= oc).to(tl.int32)
+                        c0 = _c0(c, oc, DC)
                         kc64 = _vtile(codes, scales, rope, valid, c0, DN, DR, 64, FP8, VEC)  # [BK, 64]
                         s += _dot(_hload(q_rows + c0 + i, hm, PADH), tl.trans(kc64), INTERPRET)
             s = tl.where(valid[None, :], s * SCALE, float("-inf"))
