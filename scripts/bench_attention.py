@@ -14,7 +14,7 @@ a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the st
 
     python scripts/bench_attention.py --mode decode --contexts 4096,32768,131072,1048576
     python scripts/bench_attention.py --mode decode --batch 32 --contexts 131072,1048576 \
-        --variants "VEC=1;QHOIST=1;VEC=1,QHOIST=1;PREFETCH=1"   # the kernel's load variants
+        --variants "BK=32,num_stages=2;num_warps=4"             # other plans, timed beside the default
     python scripts/bench_attention.py --mode prefill --prefill-len 131072 --chunk 8192 --layers 2
     python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke tests
     python scripts/bench_attention.py --mode prefill --model tiny --prefill-len 512 --chunk 128
@@ -78,8 +78,8 @@ def decode_case(cfg, B: int, ctx: int, kind: str, key):
 
 def parse_variants(text: str) -> list[dict]:
     """``'BH=64,DC=256;num_warps=4'`` -> ``[{"BH": 64, "DC": 256}, {"num_warps": 4}]`` (overrides of
-    :func:`sparse_attention.plan`, each timed as one more Triton row; any plan key: tiles, launch options, the load
-    variants ``VEC``, ``QHOIST``, ``PREFETCH``, and ``BPS`` / ``PER_SM`` below)."""
+    :func:`sparse_attention.plan`, each timed as one more Triton row; any plan key: tiles, launch options, and
+    ``BPS`` / ``PER_SM`` below)."""
     return [{k: int(v) for k, v in (kv.split("=") for kv in part.split(","))} for part in text.split(";") if part]
 
 
@@ -165,8 +165,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=8, help="calls per timed program (different caches)")
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4' "
-                    "or the load variants 'VEC=1;QHOIST=1;PREFETCH=1'")
+    ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4'")
     ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)

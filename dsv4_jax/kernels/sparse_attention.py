@@ -38,46 +38,36 @@ agree within ``2**-8`` of ``sum_j p_j |v_j| / l`` plus one bf16 ulp, split or no
 takes ``m`` and ``l`` from the first dim group; the others' scores may differ from it in the last fp32 bits
 (summation order), ~1e-6 relative on their ``acc``, inside the same fp32 slack.
 
-GPU plan (:func:`plan`), measured on an H200 (``scripts/bench_attention.py --mode decode --batch 32 --variants``,
-2026-11-30, V4-Flash FP8 layout, jax-triton route, per call, before the load variants below: ``VEC = 0``): BH 64 x
-DC 256, BK 32, 2 pipeline stages (75,776 B of shared memory, 8 warps; ``tests/test_kernels_sm90.py`` compiles every
-plan for sm_90a without a GPU: shared memory within the card's, no spills). At 128K context: CSA 114 us, HCA 126 us
-against 231-237 us for the first plan (BH 16 x DC 512, BK 64, 1 stage; 2 stages did not fit in shared memory) and
-141-145 us for the XLA reference; HCA at 1M (8,320 entries per row): 599 us against 1,355 us and the reference's 599
-us; CSA at 1M: 125 us against the reference's 95 us. That is 3.5-7.2 % of the copy bandwidth, far from bound by
-bytes; not yet profiled (the likely cost: the latency of each block's dependent gather -> dot -> softmax -> dot
-chain, one 256-thread program per SM).
+Loads: a tile's dims come as ``[BK, DW/64, 64]`` groups (DN and tile starts are multiples of 64, so a group lies in
+one scale group and is all codes or all RoPE): masks and scales are per group, one scale byte per group and thread
+(the per-element form moved a byte per element through shared memory: 1,504 -> 1,282 SASS instructions per block
+on sm_90a, 36 -> 8 byte loads).
 
-Load variants (plan keys, kernel constexprs). They change how and when bytes are loaded, not the values or the dots
-(same operands, same order), so outputs are bit-identical to ``VEC = QHOIST = PREFETCH = 0`` (tested under the
-interpreter; not yet on a GPU). Measured only statically, nothing here is timed: sm_90a compiles without a GPU
-(Triton 3.6, ptxas), SASS instructions per block of the batch-32 decode plans (CSA and HCA-1M alike):
+GPU plan (:func:`plan`): BH 64 (16 to 64 heads; fewer are padded and masked) x DC 256, BK 64, 3 pipeline stages, 8
+warps (122,880 B of shared memory, 255 registers, no spills; ``tests/test_kernels_sm90.py`` compiles every plan for
+sm_90a without a GPU). Measured on an H200 (2026-11-30, ``scripts/bench_attention.py --mode decode --batch 32
+--variants``, V4-Flash FP8 layout, jax-triton route, one call; ``docs/performance.md``), per call:
 
-* ``VEC = 1``: tiles load as ``[BK, DW/64, 64]`` groups (DN and tile starts are multiples of 64: a group is in one
-  scale group, all codes or all RoPE), so masks and scales are per group. The codes already loaded 16 bytes at a
-  time; the byte loads were the scales, one per element, moved through shared memory to the codes' layout: now one
-  per group and thread, and RoPE dims load only where a tile holds them. 1,504 -> 1,282 instructions per block, 36
-  -> 8 byte loads, 34 -> 20 shared stores, 255 -> 224 registers, the same 75,776 B of shared memory, no spills
-  (fewer instructions of every kind, more of none). Still off by default: the GPU-tested plan stays until a GPU run
-  has checked and timed it.
-* ``QHOIST = 1``: q's tiles load once before the block loop (the compiler hoisted the own ``[BH, DC]`` tile already;
-  the 64-dim chunks, 32 KB, came again every block) and the chunk loop is unrolled, which makes the block loop the
-  innermost one, software-pipelined by Triton (``cp.async``). With VEC: 1,117 instructions, 9 barriers instead of
-  28, 190 registers, 110,720 B of shared memory (q: 64 KB), no spills. A block's rows are still awaited at its
-  start: the pipeliner requests them at the end of the block before (2 to 4 stages alike).
-* ``PREFETCH = 1`` (VEC's and QHOIST's loads): the kernel requests block j + 1's bytes (into registers) and block
-  j + 2's indices at the start of block j, so no block waits on global memory unless its predecessor's compute was
-  shorter than a load. 1,308 instructions, 255 registers (a 4-byte spill at 256 prefill rows), 86,016 B.
+========================  ==============  ==============  ==============  ==============
+plan                      CSA 128K        HCA 128K        CSA 1M          HCA 1M
+========================  ==============  ==============  ==============  ==============
+BK 32, 2 stages (before)  150 us          227 us          153 us          1,161 us
+BK 64, 3 stages (now)     95 us           149 us          115 us          602 us
+XLA reference             89 us           139 us          139 us          607 us
+========================  ==============  ==============  ==============  ==============
 
-Heads: the GPU plan takes BH a power of two from 16 (``tl.dot``'s tensor-core tile) to 64; fewer heads (the tiny
-golden model's 4) are padded to 16 and masked. With BH = 4 (dots of 4 rows, 8 warps) the golden all-position test
-failed on an H200 with ``kernels="triton"`` (mean abs dlogit 1.50; under the interpreter with the same plan 0.034):
-the suspect, not confirmed; the padded plan has not run on a GPU either.
+That is 4-7 % of the copy bandwidth (3.76 TB/s in that run): latency-bound, not bytes-bound. Per 64-entry block a
+program runs a dependent chain (index load -> gather -> 5 dots -> softmax -> dot), one 8-warp program per SM (1,726
+instructions per block). Smaller programs that fit 2-3 per SM (BH 64 x DC 128, 4 warps) recompute q.k four times and
+were not faster at 1M (854-943 us). XLA's own Triton route compiles this kernel slower than jax-triton does (HCA 1M
+1,352 vs 1,064 us with the BK 32 plan, two calls). A variant that hoisted q's tiles out of the block loop (and one
+that prefetched the next block into registers) lost everywhere (up to 5x) and was deleted; the hoisted one also
+changed the last bit of a few outputs on the GPU (a different dot order).
 
-Status: this plan with ``VEC = 0`` passed ``tests/test_kernels_sparse_attn.py -k gpu`` on an H200 (all 7 cases:
-split and unsplit, decode at batch 1 and 32, prefill rows, HCA at 1M; so did the first plan, 6 of them); no load
-variant has run on a GPU yet (``-k gpu`` also compares their bits with ``VEC = 0``'s). It stays opt-in
-(``kernels="triton"``; ``"auto"`` keeps the reference) because it is not faster than the reference everywhere.
+Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 (split and unsplit, decode at batch 1 and 32,
+prefill rows, HCA at 1M, the tiny golden model's 4 heads padded to 16), and so does the golden all-position test with
+``kernels="triton"`` (mean abs dlogit 0.032; with the unpadded BH = 4 plan it was 1.50). It stays opt-in
+(``kernels="triton"``; ``"auto"`` keeps the XLA reference): it ties the reference at batch 32 rather than beating it.
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
@@ -164,32 +154,13 @@ def _attend(q: jax.Array, kv, idx: jax.Array, sink: jax.Array, scale: float, p_d
 # ---------------------------------------------------------------------------------------------- kernels
 if triton is not None:
     @triton.jit
-    def _tile(codes, scales, rope, ok, c0, DN: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr):
-        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` fp32 (bf16-exact; masked entries 0).
-        ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. FP8 layout: dims below DN are
-        e4m3 codes times their 1x64 e8m0 scale, the rest bf16 RoPE dims (a tile may straddle DN); plain layout:
-        ``codes`` holds the values."""
-        d = c0 + tl.arange(0, DW)[None, :]  # [1, DW]
-        if FP8:
-            nope = ok[:, None] & (d < DN)
-            c = tl.load(codes[:, None] + d, mask=nope, other=0.0).to(tl.float32)
-            if DW == 64:  # 64-dim chunks lie in one scale group: one scale per entry
-                sc = e8m0(tl.load(scales + c0 // 64, mask=ok & (c0 < DN), other=127))[:, None]  # [BK, 1]
-            else:  # each element's scale byte (L1 hits): ~50 registers fewer on sm_90a than a [BK, DW/64] load
-                sc = e8m0(tl.load(scales[:, None] + d // 64, mask=nope, other=127))  # spread by tl.reshape
-            r = tl.load(rope[:, None] + (d - DN), mask=ok[:, None] & (d >= DN), other=0.0).to(tl.float32)
-            v = tl.where(d < DN, c * sc, r)
-        else:
-            v = tl.load(codes[:, None] + d, mask=ok[:, None], other=0.0).to(tl.float32)
-        return v
-
-    @triton.jit
-    def _load3(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr,
-               FP8: tl.constexpr, ROPE: tl.constexpr = True):
-        """``VEC``: the bytes of :func:`_tile`'s dims as ``[BK, DW/64, 64]`` groups, raw (e4m3 codes, their scale
-        bytes ``[BK, DW/64, 1]``, RoPE dims; or the values three times): ``c0`` and DN are multiples of 64, so a
-        group lies in one scale group and is all codes or all RoPE, and every mask and scale is per group (one
-        scale byte per group and thread, not per element). ``ROPE = False``: the tile holds no RoPE dims."""
+    def _load(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr,
+              FP8: tl.constexpr, ROPE: tl.constexpr = True):
+        """Dims ``[c0, c0 + DW)`` of the gathered entries, raw, as ``[BK, DW/64, 64]`` groups: e4m3 codes, their
+        scale bytes ``[BK, DW/64, 1]`` and RoPE dims (FP8 layout), or the values three times (plain layout).
+        ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. ``c0`` and DN are multiples of
+        64, so a group lies in one scale group and is all codes or all RoPE: every mask and scale is per group (one
+        scale byte per group and thread). ``ROPE = False``: the tile holds no RoPE dims."""
         gd = c0 + 64 * tl.arange(0, DW // 64)[None, :, None]  # [1, NG, 1] each group's first dim
         d = gd + tl.arange(0, 64)[None, None, :]  # [1, NG, 64]
         ok3 = ok[:, None, None]
@@ -198,7 +169,7 @@ if triton is not None:
             sc = tl.load(scales[:, None, None] + gd // 64, mask=ok3 & (gd < DN), other=127)
             if not ROPE:
                 r = c
-            elif DR == 64:  # one RoPE group: [BK, 1, 64] (if the tile holds it), spread by _decode3's where
+            elif DR == 64:  # one RoPE group: [BK, 1, 64] (if the tile holds it), spread by _decode's where
                 i = tl.arange(0, 64)[None, None, :]
                 r = tl.load(rope[:, None, None] + i, mask=ok3 & (c0 <= DN) & (DN < c0 + DW), other=0.0)
             else:
@@ -209,8 +180,9 @@ if triton is not None:
         return c, sc, r
 
     @triton.jit
-    def _decode3(c, sc, r, c0, DN: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr = True):
-        """:func:`_load3`'s bytes -> :func:`_tile`'s values, ``[BK, DW]`` fp32."""
+    def _decode(c, sc, r, c0, DN: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr = True):
+        """:func:`_load`'s bytes -> values ``[BK, DW]`` fp32 (bf16-exact; masked entries 0): e4m3 code x its 1x64
+        e8m0 scale below DN, the bf16 RoPE dims above."""
         if FP8 and ROPE:
             v = tl.where(c0 + 64 * tl.arange(0, DW // 64)[None, :, None] < DN, c.to(tl.float32) * e8m0(sc),
                          r.to(tl.float32))
@@ -222,14 +194,10 @@ if triton is not None:
 
     @triton.jit
     def _vtile(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr,
-               VEC: tl.constexpr, ROPE: tl.constexpr = True):
-        """:func:`_tile`'s values, bf16 (exact), loaded as ``VEC`` says."""
-        if VEC:
-            c, sc, r = _load3(codes, scales, rope, ok, c0, DN, DR, DW, FP8, ROPE)
-            v = _decode3(c, sc, r, c0, DN, DW, FP8, ROPE)
-        else:
-            v = _tile(codes, scales, rope, ok, c0, DN, DW, FP8)
-        return v.to(tl.bfloat16)
+               ROPE: tl.constexpr = True):
+        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` bf16 (exact)."""
+        c, sc, r = _load(codes, scales, rope, ok, c0, DN, DR, DW, FP8, ROPE)
+        return _decode(c, sc, r, c0, DN, DW, FP8, ROPE).to(tl.bfloat16)
 
     @triton.jit
     def _ids(idx_ptr, row, j0, live, K: tl.constexpr, BK: tl.constexpr):
@@ -257,17 +225,6 @@ if triton is not None:
         return c + DC * (c >= oc).to(tl.int32)
 
     @triton.jit
-    def _gather(ok, codes, scales, rope, oc, DN: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr,
-                FP8: tl.constexpr, NCH: tl.constexpr):
-        """One block's bytes, raw (:func:`_load3`): the own dims' tile and the ``NCH`` chunks' (a tuple). With 64
-        RoPE dims only the last chunk can hold RoPE dims (they end the head)."""
-        oth = ()
-        for k in tl.static_range(NCH):
-            c0 = _c0(64 * k, oc, DC)
-            oth = oth + (_load3(codes, scales, rope, ok, c0, DN, DR, 64, FP8, k + 1 == NCH or DR != 64),)
-        return _load3(codes, scales, rope, ok, oc, DN, DR, DC, FP8), oth
-
-    @triton.jit
     def _hload(ptrs, hm, PADH: tl.constexpr):
         """A ``[BH, n]`` tile of q; rows of padded heads (``hm`` False) read as 0 where the head block is padded."""
         if PADH:
@@ -287,8 +244,7 @@ if triton is not None:
                             S: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, H: tl.constexpr,
                             BH: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr,
                             SCALE: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr, SPLIT: tl.constexpr,
-                            BPS: tl.constexpr, VEC: tl.constexpr = 0, QHOIST: tl.constexpr = 0,
-                            PREFETCH: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
+                            BPS: tl.constexpr, INTERPRET: tl.constexpr = False):
         """One program: ``BH`` heads x ``DC`` output dims of one query row over index blocks
         ``[sp * BPS, (sp + 1) * BPS)``. ``rc/rs/rr`` (ring), ``cc/cs/cr`` (chunk), ``kc/ks/kr`` (compressed) are
         each source's codes / scales / RoPE arrays (FP8), or its values and two unused pointers. ``SPLIT == 1``:
@@ -313,46 +269,16 @@ if triton is not None:
         l = tl.zeros((BH,), tl.float32)
         acc = tl.zeros((BH, DC), tl.float32)
         NJ: tl.constexpr = (K + BK - 1) // BK if SPLIT == 1 else BPS  # blocks per program (the whole list, or BPS)
-        NCH: tl.constexpr = (DH - DC) // 64  # 64-dim chunks of the other dims of q.k (none when DC == DH)
         j0 = sp * (BPS * BK)  # the program's first list slot
-        if QHOIST or PREFETCH:  # q's tiles once (loop invariant): the own dims, then the other dims' chunks
-            q_own = _hload(q_rows + oc + io, hm, PADH)
-            q_oth = ()
-            for k in tl.static_range(NCH):
-                q_oth = q_oth + (_hload(q_rows + _c0(64 * k, oc, DC) + i, hm, PADH),)
-        if PREFETCH:  # block jb's bytes are requested during block jb - 1 (into registers), its ids during jb - 2
-            ok, codes, scales, rope = _rows(_ids(idx_ptr, row, j0, True, K, BK), b, rc, rs, rr, cc, cs, cr, kc, ks, kr,
-                                            S, W, NC, DN, DR, FP8)
-            own_n, oth_n = _gather(ok, codes, scales, rope, oc, DN, DR, DC, FP8, NCH)
-            ids_n = _ids(idx_ptr, row, j0 + BK, NJ > 1, K, BK)
         for jb in range(NJ):  # a constant trip count: the last split's blocks past K are all masked (no-ops)
-            if PREFETCH:  # the same values and dots as below
-                valid, own, oth = ok, own_n, oth_n
-                ok, codes, scales, rope = _rows(ids_n, b, rc, rs, rr, cc, cs, cr, kc, ks, kr, S, W, NC, DN, DR, FP8)
-                own_n, oth_n = _gather(ok, codes, scales, rope, oc, DN, DR, DC, FP8, NCH)
-                ids_n = _ids(idx_ptr, row, j0 + (jb + 2) * BK, jb + 2 < NJ, K, BK)
-                kv = _decode3(own[0], own[1], own[2], oc, DN, DC, FP8).to(tl.bfloat16)
-                s = _dot(q_own, tl.trans(kv), INTERPRET)
-                for k in tl.static_range(NCH):
-                    t = oth[k]
-                    kc64 = _decode3(t[0], t[1], t[2], _c0(64 * k, oc, DC), DN, 64, FP8, k + 1 == NCH or DR != 64)
-                    s += _dot(q_oth[k], tl.trans(kc64.to(tl.bfloat16)), INTERPRET)  # (bf16: exact)
-            else:
-                valid, codes, scales, rope = _rows(_ids(idx_ptr, row, j0 + jb * BK, True, K, BK), b, rc, rs, rr, cc, cs,
-                                                   cr, kc, ks, kr, S, W, NC, DN, DR, FP8)
-                kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8, VEC)  # [BK, DC] own dims, exact
-                if QHOIST:  # the same dots in the same order, the chunk loop unrolled
-                    s = _dot(q_own, tl.trans(kv), INTERPRET)
-                    for k in tl.static_range(NCH):
-                        kc64 = _vtile(codes, scales, rope, valid, _c0(64 * k, oc, DC), DN, DR, 64, FP8, VEC,
-                                      k + 1 == NCH or DR != 64)
-                        s += _dot(q_oth[k], tl.trans(kc64), INTERPRET)
-                else:
-                    s = _dot(_hload(q_rows + oc + io, hm, PADH), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims
-                    for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time
-                        c0 = _c0(c, oc, DC)
-                        kc64 = _vtile(codes, scales, rope, valid, c0, DN, DR, 64, FP8, VEC)  # [BK, 64]
-                        s += _dot(_hload(q_rows + c0 + i, hm, PADH), tl.trans(kc64), INTERPRET)
+            valid, codes, scales, rope = _rows(_ids(idx_ptr, row, j0 + jb * BK, True, K, BK), b, rc, rs, rr, cc, cs,
+                                               cr, kc, ks, kr, S, W, NC, DN, DR, FP8)
+            kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8)  # [BK, DC] own dims, exact
+            s = _dot(_hload(q_rows + oc + io, hm, PADH), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims
+            for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time
+                c0 = _c0(c, oc, DC)
+                kc64 = _vtile(codes, scales, rope, valid, c0, DN, DR, 64, FP8)  # [BK, 64]
+                s += _dot(_hload(q_rows + c0 + i, hm, PADH), tl.trans(kc64), INTERPRET)
             s = tl.where(valid[None, :], s * SCALE, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
@@ -405,27 +331,23 @@ PER_SM = 1  # decode: split the index list until about this many programs per SM
 def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K: int | None = None,
          bps: int | None = None, per_sm: int = PER_SM, tiles: dict | None = None) -> dict:
     """Heads ``BH`` and output dims ``DC`` per program, indices per online-softmax block ``BK`` (the official kernel
-    takes 64; the block fixes where P is rounded, inside the tested tolerance either way), the index-list split
-    (``SPLIT`` ranges of ``BPS`` blocks, no empty range), the merge's tile (``DCC`` dims x ``SP2`` splits) and
-    launch options: the one place they are chosen.
+    takes 64), the index-list split (``SPLIT`` ranges of ``BPS`` blocks, no empty range), the merge's tile (``DCC``
+    dims x ``SP2`` splits) and launch options: the one place they are chosen.
 
     ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows while the programs still fit
     ``PER_SM`` per SM (one wave), ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps``
     forces the blocks per split (tests); ``tiles`` overrides the tile and launch entries (``BH``, ``BK``, ``DC``,
-    ``num_warps``, ``num_stages``, the load variants ``VEC``, ``QHOIST``, ``PREFETCH``: benchmarks) before the split
-    is sized for them. GPU tiles: BH 64 (16 to 64 heads, padded) x DC Dh/2, BK 32, 2 stages (the module docstring's
-    measurements), load variants off (``VEC = 1``: same bits, fewer instructions, not yet run on a GPU). At this
-    many registers x 256 threads one program is resident per SM, so more than ``PER_SM = 1`` would only add waves
-    (and workspace; ``BPS`` halved: 5-13 % slower); a split costs an fp32 workspace of ``H * Dh * 4`` bytes per row
-    and split (written and read back, mostly in L2)."""
+    ``num_warps``, ``num_stages``: benchmarks) before the split is sized for them. GPU tiles (module docstring):
+    BH 64 (16 to 64 heads, padded) x DC Dh/2, BK 64, 3 stages, 8 warps. At 255 registers x 256 threads one program
+    is resident per SM, so more than ``PER_SM = 1`` would only add waves; a split costs an fp32 workspace of
+    ``H * Dh * 4`` bytes per row and split (written and read back, mostly in L2)."""
     target = target or arch()
     if target == "cpu":
-        p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1, VEC=0, QHOIST=0, PREFETCH=0)
-    else:  # measured on an H200 at batch 32 (module docstring): 64 heads x half the dims, 32-entry blocks, 2 stages
+        p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
+    else:  # measured on an H200 at batch 32 (module docstring): 64 heads x half the dims, 64-entry blocks, 3 stages
         dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
         # heads: a power of two from 16 (tl.dot's tensor-core tile; fewer heads are padded and masked) to 64
-        p = dict(BH=min(max(next_pow2(H), 16), 64), BK=32, DC=dc, num_warps=8, num_stages=2, VEC=0, QHOIST=0,
-                 PREFETCH=0)
+        p = dict(BH=min(max(next_pow2(H), 16), 64), BK=64, DC=dc, num_warps=8, num_stages=3)
     p.update(tiles or {})
     nb = math.ceil((K or 1) / p["BK"])
     groups = -(-H // p["BH"]) * (Dh // p["DC"])
@@ -445,8 +367,8 @@ def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p:
     """The main kernel's metaparameters (shared by the jax and torch launchers)."""
     B, S, H, Dh = q_shape
     return dict(S=S, K=K, W=W, NC=NC, H=H, BH=p["BH"], DN=DN, DR=Dh - DN, FP8=fp8, SCALE=float(np.float32(scale)),
-                BK=p["BK"], DC=p["DC"], SPLIT=p["SPLIT"], BPS=p["BPS"], VEC=p.get("VEC", 0), QHOIST=p.get("QHOIST", 0),
-                PREFETCH=p.get("PREFETCH", 0), num_warps=p["num_warps"], num_stages=p["num_stages"])
+                BK=p["BK"], DC=p["DC"], SPLIT=p["SPLIT"], BPS=p["BPS"], num_warps=p["num_warps"],
+                num_stages=p["num_stages"])
 
 
 def _grid(q_shape, p: dict) -> tuple[int, int]:
