@@ -98,14 +98,17 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn, parallel="rows")  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):
+        # the write after the last read of the old ring (attention above): without this order XLA copied every
+        # donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200)
+        out, ring = jax.lax.optimization_barrier((out, ls.kv))
         end = pos + n_new
         keep = (t < end[:, None]) & (t >= end[:, None] - W)  # the last W valid tokens: unique slots
         slot = jnp.where(keep, t % W, W)
         if S == 1:  # decode: a select over the whole (small) ring; XLA made the one-row scatter a slice + select
             hit = jnp.arange(W)[None, :] == slot  # [B,W]     + update per leaf, twice the kernels (same result)
             new["kv"] = jax.tree_util.tree_map(
-                lambda c, v: jnp.where(hit.reshape(B, W, *([1] * (c.ndim - 2))), v, c), ls.kv, kv)
+                lambda c, v: jnp.where(hit.reshape(B, W, *([1] * (c.ndim - 2))), v, c), ring, kv)
         else:
             rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
-            new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ls.kv, kv)
+            new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ring, kv)
     return out, ls.replace(**new), chosen
