@@ -135,12 +135,19 @@ def bench_prefill(args) -> list[dict]:
     state = d.init_state(cfg, 1, L + args.decode)
     toks = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (1, L + args.decode)), jnp.int32)
     step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"), donate_argnums=2)
-    times = []
+    times, prof = [], None
     for c0 in range(0, L, C):
+        traced = args.profile and c0 + C >= L and c0 > 0  # the last chunk, warm
+        if traced:
+            jax.profiler.start_trace(args.profile)
         t0 = time.perf_counter()
         logits, state = step(w, toks[:, c0:c0 + C], state)
         jax.block_until_ready(logits)
         times.append(time.perf_counter() - t0)
+        if traced:
+            jax.profiler.stop_trace()
+            hlo = step.lower(w, toks[:, c0:c0 + C], state).compile().as_text()  # the program just traced
+            prof = scope_table(Path(args.profile), op_scopes(hlo))
         print(f"prefill chunk at {c0:8d}: {times[-1] * 1e3:9.1f} ms", flush=True)
     dec = []
     for k in range(args.decode):
@@ -155,7 +162,58 @@ def bench_prefill(args) -> list[dict]:
              decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
              peak_bytes=stats.get("peak_bytes_in_use"), device=jax.devices()[0].device_kind)
     print(json.dumps(r), flush=True)
+    if prof:
+        r["profile"] = prof
+        print(f"last chunk profiled: {prof['kernels']} kernels, {prof['busy_ms']:.1f} ms of device time", flush=True)
+        for what in ("scopes", "names"):
+            print(f"by {what[:-1]}:", flush=True)
+            for row in prof[what][:args.profile_top]:
+                print(f"  {row['ms']:9.2f} ms {row['kernels']:6d} kernels  {row['scope']}", flush=True)
     return [r]
+
+
+def op_scopes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its ``op_name`` metadata (the JAX named scopes), from a compiled module's text."""
+    import re
+
+    pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
+    return {m.group(1): m.group(2) for m in map(pat.match, hlo_text.splitlines()) if m}
+
+
+def scope_table(trace_dir: Path, scopes: dict[str, str], depth: int = 3) -> dict:
+    """Device time of the newest Perfetto trace under ``trace_dir`` (GPU 0), summed per kernel name and per named
+    scope: the kernel's HLO instruction (``hlo_op``, else the event name) looked up in ``scopes``
+    (:func:`op_scopes`), cut to its first ``depth`` levels below the jit, e.g. ``layer_0/attn/indexer``."""
+    import gzip
+    import re
+
+    files = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, n in names.items() if "/device:GPU:0" in n}
+    per_scope: dict[str, list] = {}
+    per_name: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu or "dur" not in e or e.get("name", "").startswith("Xla"):
+            continue
+        a, ms = e.get("args", {}), float(e["dur"]) / 1e3
+        op = str(a.get("hlo_op") or e.get("name", "?"))
+        parts = [x for x in scopes.get(op, "").split("/") if x and not x.startswith("jit(")]
+        for table, key in ((per_scope, "/".join(parts[:depth]) or "(no scope)"),
+                           (per_name, re.sub(r"[._]?\d+$", "", op)[:60])):
+            row = table.setdefault(key, [0, 0.0])
+            row[0] += 1
+            row[1] += ms
+    rank = lambda t: sorted(({"scope": k, "kernels": n, "ms": ms} for k, (n, ms) in t.items()),  # noqa: E731
+                            key=lambda r: -r["ms"])
+    rows = rank(per_scope)
+    return {"trace": str(files[-1]), "kernels": sum(r["kernels"] for r in rows), "busy_ms": sum(r["ms"] for r in rows),
+            "scopes": rows, "names": rank(per_name)}
 
 
 def main():
@@ -175,6 +233,8 @@ def main():
     ap.add_argument("--decode", type=int, default=4, help="decode steps after the prefill")
     ap.add_argument("--kernels", default="auto", help="prefill: the config's kernels (reference | triton | auto)")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--profile", help="prefill: trace the last chunk into this folder; device time per named scope")
+    ap.add_argument("--profile-top", type=int, default=30, help="scopes to print with --profile")
     args = ap.parse_args()
     if args.mode == "decode":
         rates = card_rates(copy_gib=1 if jax.default_backend() == "cpu" else 4, with_matmul=False)

@@ -5,14 +5,15 @@ What is asserted (``dsv4_jax.kernels.indexer``; module docstring there for why t
     :func:`indexer_topk_blocked` equal :func:`indexer_topk_reference` bit for bit: Nc not a multiple of the block
     (clamped last block), Nc < k (fewer ids), block 1, block = Nc and > Nc, V4's 64 heads, rows of a batch at
     different positions, rows that see no block (-1 everywhere), a call where no row sees any block (no block
-    visited), plain and FP4-coded keys, bf16 and float32 act dtypes;
+    visited), plain and FP4-coded keys, bf16 and float32 act dtypes; query rows in blocks (the last one padded);
   * exact ties (periodic or equal keys, zero queries): equal totals come lowest id first, across block boundaries,
     checked against explicit expected ids, not only against the reference;
   * the model uses the blocked op: a random model (uneven chunked prefill, decode) gives the same logits, bit for bit,
-    with the reference op and with the blocked op at a 5-entry block;
-  * :func:`block_size` keeps a block's ``[B,S,Hi,block]`` fp32 transient within the budget, and for one V4-Flash
-    layer (8192-row chunk, 131072-token cache) XLA's memory analysis of the compiled blocked op stays under 1 GiB of
-    temporaries where the reference needs 128 GiB.
+    with the reference op and with the blocked op at a 5-entry block in 16-row blocks;
+  * :func:`row_block` keeps entry blocks of 1,024 entries for long chunks; :func:`block_size` keeps a block's
+    ``[B,S,Hi,block]`` fp32 transient within the budget, and for one V4-Flash layer (8192-row chunk, 131072-token
+    cache) XLA's memory analysis of the compiled blocked op stays under 1 GiB of temporaries where the reference
+    needs 128 GiB.
 """
 
 import functools
@@ -31,12 +32,13 @@ from dsv4_jax.kernels.indexer import (
     indexer_topk,
     indexer_topk_blocked,
     indexer_topk_reference,
+    row_block,
 )
 from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, encode_fp4_cache, fp4_simulate
 
 SEED = 20261130
 _ref = jax.jit(indexer_topk_reference, static_argnames=("k",))
-_blk = jax.jit(indexer_topk_blocked, static_argnames=("k", "block"))
+_blk = jax.jit(indexer_topk_blocked, static_argnames=("k", "block", "rows"))
 
 
 def snapped_inputs(rng, B, S, Hi, Nc, dt=jnp.bfloat16, Di=128):
@@ -137,6 +139,33 @@ def test_all_equal_totals():
             np.testing.assert_array_equal(np.asarray(_blk(qq, hw, kv, t, k=k, block=block)), want)
 
 
+@pytest.mark.parametrize("shape,rows", [(SHAPES[0], 2), (SHAPES[2], 4), (SHAPES[7], 3), (SHAPES[7], 1)],
+                         ids=["S5-rows2", "S6-rows4-block1", "S7-rows3", "S7-rows1"])
+def test_row_blocks_equal_reference(shape, rows):
+    """Query rows in blocks (the last one padded with rows that see nothing): the reference's ids, bit for bit."""
+    B, S, Hi, Nc, k, block, starts = shape
+    rng = np.random.default_rng([SEED, Nc, k, rows])
+    q, hw, keys = snapped_inputs(rng, B, S, Hi, Nc)
+    t = positions(starts, S)
+    np.testing.assert_array_equal(np.asarray(_blk(q, hw, keys, t, k=k, block=block, rows=rows)),
+                                  np.asarray(_ref(q, hw, keys, t, k=k)))
+
+
+def test_row_block_keeps_entry_blocks_large():
+    """Long chunks get row blocks whose entry blocks hold MIN_BLOCK entries (the top-k merges stay a fraction of the
+    work) within the budget; short chunks and decode rows stay one block."""
+    from dsv4_jax.kernels.indexer import BUDGET_ACCEL, MIN_BLOCK
+
+    assert row_block(1, 65536, 64, 16384, BUDGET_ACCEL) == 4096  # V4-Flash 64K chunk at 64K context, accelerator
+    assert block_size(1, 4096, 64, 16384, BUDGET_ACCEL) == MIN_BLOCK
+    assert row_block(1, 1, 64, 262144, BUDGET_ACCEL) == 1
+    assert row_block(1, 300, 64, 500, BUDGET_ACCEL) == 300  # small cache: its blocks are whole
+    for B, S, Hi, Nc in ((1, 8192, 64, 32768), (2, 3000, 64, 8192), (1, 65536, 64, 2**18), (1, 777, 4, 2**20)):
+        R = row_block(B, S, Hi, Nc)
+        assert 1 <= R <= S and (R == S or block_size(B, R, Hi, Nc) >= min(Nc, MIN_BLOCK))
+        assert B * R * Hi * block_size(B, R, Hi, Nc) * 8 <= BUDGET
+
+
 def test_block_size_bounds_the_transient():
     assert block_size(1, 8192, 64, 32768) == 64  # one V4-Flash 8192-row chunk
     assert block_size(1, 1, 64, 262144) == 262144  # a decode row: the whole cache in one block
@@ -168,7 +197,8 @@ def _temp_bytes(fn, *args):
 
 def test_v4_flash_prefill_chunk_memory():
     """One V4-Flash layer's indexer, an 8192-row prefill chunk over a 131072-token cache (Nc = 32768), compiled
-    from shapes only. Blocked: 256 MiB fp32 copy of q + 256 MiB block transient + running top-k; reference: the
+    from shapes only. Blocked (row blocks of 512 rows x 1024 entries): within the 256 MiB budget per block plus
+    q and the running top-k; reference: the
     [1, 8192, 64, 32768] fp32 scores and products (128 GiB)."""
     B, S, Hi, Di, Nc, k = 1, 8192, 64, 128, 32768, 512
     sd = jax.ShapeDtypeStruct
@@ -181,8 +211,9 @@ def test_v4_flash_prefill_chunk_memory():
 
 def test_model_uses_blocked_op(monkeypatch):
     """A random one-layer model (reference numerics, a CSA layer selecting top-4 of up to 30 blocks): logits with the
-    reference op equal those with the blocked op at a 5-entry block, bit for bit, over an uneven chunked prefill (rows
-    at different positions; the second row ends at 90, so its last queries see 22 blocks, the first row's 30)."""
+    reference op equal those with the blocked op at a 5-entry block in 16-row blocks, bit for bit, over an uneven
+    chunked prefill (rows at different positions; the second row ends at 90, so its last queries see 22 blocks, the
+    first row's 30)."""
     assert modeling_indexer.indexer_topk is indexer_topk
     cfg = d.Config.tiny(window_size=8, index_topk=4, index_n_heads=8, vocab_size=256, n_layers=1,
                         compress_ratios=(4, 0), n_hash_layers=1)
@@ -202,6 +233,6 @@ def test_model_uses_blocked_op(monkeypatch):
         return np.stack(out, 1)
 
     want = run(indexer_topk_reference)
-    got = run(functools.partial(indexer_topk_blocked, block=5))
+    got = run(functools.partial(indexer_topk_blocked, block=5, rows=16))  # 61-row chunks: 4 row blocks
     jax.clear_caches()
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

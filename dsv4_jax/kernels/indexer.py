@@ -8,7 +8,8 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   (64 GiB for one V4-Flash layer with an 8192-token chunk over a 131072-token cache; XLA CPU also materializes the
   products: 128 GiB of temporaries), then one ``jax.lax.top_k`` over each row of ``[B,S,Nc]`` totals.
 * :func:`indexer_topk_blocked`: a loop over blocks of ``block`` compressed entries (:func:`block_size`: the block's
-  fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB on CPUs, 2 GiB on accelerators).
+  fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB on CPUs, 2 GiB on accelerators;
+  long chunks go in blocks of query rows so that entry blocks keep at least 1,024 entries, :func:`row_block`).
   Each block's totals are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))``
   plus the block's transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a
   1M-token cache holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored
@@ -57,6 +58,7 @@ BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and product
 # H200 grew by 22.5 ms per 8K of context with 64-entry blocks (512 merges per chunk at the end; docs/performance.md);
 # 2 GiB gives 512-entry blocks there (8x fewer merges) at 2 GiB of a 141 GB card.
 BUDGET_ACCEL = 2 * 2**30
+MIN_BLOCK = 1024  # entries per block the row blocks keep (row_block): merges over [rows, k + 1024], k <= 1024
 
 
 def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
@@ -125,10 +127,45 @@ def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int | None =
     return min(1 << (fit.bit_length() - 1), n_c)
 
 
+def row_block(batch: int, rows: int, heads: int, n_c: int, budget: int | None = None) -> int:
+    """Query rows per row block of :func:`indexer_topk_blocked`: all ``rows`` while :func:`block_size` still gives
+    them blocks of at least ``min(n_c, MIN_BLOCK)`` entries, else as many as fit the budget with ``MIN_BLOCK``-entry
+    blocks. Why: every entry block costs one top-k merge over ``[rows, k + block]``; with blocks much smaller than k
+    the merges, not the scores, are the work (a 65,536-row V4-Flash chunk at 64K context got 64-entry blocks: 513
+    merges over ``[65536, 576]``, 2.1 of its 2.7 s on an H200; docs/performance.md). Rows are independent, so the
+    row blocks never change the result."""
+    if budget is None:
+        budget = BUDGET if jax.default_backend() == "cpu" else BUDGET_ACCEL
+    want = min(n_c, MIN_BLOCK)
+    if block_size(batch, rows, heads, n_c, budget) >= want:
+        return rows
+    return max(1, min(rows, budget // (batch * heads * want * 8)))
+
+
 def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int,
-                         block: int | None = None) -> jax.Array:
+                         block: int | None = None, rows: int | None = None) -> jax.Array:
     """:func:`indexer_topk` as a loop over blocks of ``block`` entries (default :func:`block_size`) merged into a
-    running top-k; equal to :func:`indexer_topk_reference` bit for bit (module docstring)."""
+    running top-k, for blocks of ``rows`` query rows at a time (default :func:`row_block`; a ``jax.lax.map``, the
+    last block padded with rows that see nothing); equal to :func:`indexer_topk_reference` bit for bit (module
+    docstring)."""
+    B, S, Hi, Di = q.shape
+    R = rows or row_block(B, S, Hi, _n_entries(keys))
+    if R >= S:
+        return _topk_blocks(q, hw, keys, t, k, block)
+    n = -(-S // R)
+    pad = n * R - S
+
+    def split(a, fill):  # [B,S,...] -> [n,B,R,...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return a.reshape(B, n, R, *a.shape[2:]).swapaxes(0, 1)
+
+    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block),
+                      (split(q, 0), split(hw, 0), split(t, -1)))  # [n,B,R,k]; padded rows: t = -1, nothing visible
+    return out.swapaxes(0, 1).reshape(B, n * R, -1)[:, :S]
+
+
+def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None) -> jax.Array:
+    """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks."""
     dt = q.dtype
     B, S, Hi, _ = q.shape
     n_c = _n_entries(keys)
