@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import card_rates, copies_for, print_rates, time_call  # noqa: E402
+from bench_common import card_rates, copies_for, device_events, print_rates, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
@@ -184,22 +184,13 @@ def scope_table(trace_dir: Path, scopes: dict[str, str], depth: int = 3) -> dict
     """Device time of the newest Perfetto trace under ``trace_dir`` (GPU 0), summed per kernel name and per named
     scope: the kernel's HLO instruction (``hlo_op``, else the event name) looked up in ``scopes``
     (:func:`op_scopes`), cut to its first ``depth`` levels below the jit, e.g. ``layer_0/attn/indexer``."""
-    import gzip
     import re
 
-    files = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
-    with gzip.open(files[-1], "rt") as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {p for p, n in names.items() if "/device:GPU:0" in n}
+    trace, _, events = device_events(trace_dir, "/device:GPU:0")
     per_scope: dict[str, list] = {}
     per_name: dict[str, list] = {}
     for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu or "dur" not in e or e.get("name", "").startswith("Xla"):
+        if e.get("name", "").startswith("Xla"):  # the module's own span
             continue
         a, ms = e.get("args", {}), float(e["dur"]) / 1e3
         op = str(a.get("hlo_op") or e.get("name", "?"))
@@ -212,7 +203,7 @@ def scope_table(trace_dir: Path, scopes: dict[str, str], depth: int = 3) -> dict
     rank = lambda t: sorted(({"scope": k, "kernels": n, "ms": ms} for k, (n, ms) in t.items()),  # noqa: E731
                             key=lambda r: -r["ms"])
     rows = rank(per_scope)
-    return {"trace": str(files[-1]), "kernels": sum(r["kernels"] for r in rows), "busy_ms": sum(r["ms"] for r in rows),
+    return {"trace": trace, "kernels": sum(r["kernels"] for r in rows), "busy_ms": sum(r["ms"] for r in rows),
             "scopes": rows, "names": rank(per_name)}
 
 

@@ -113,3 +113,24 @@ def table(rows: list[dict], cols: list[str]) -> str:
     width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width))
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
+
+
+def device_events(trace_dir: Path, device_match: str) -> tuple[str, list[str], list[dict]]:
+    """The newest Perfetto trace under ``trace_dir`` (``jax.profiler``): its path, the names of the processes whose
+    name contains ``device_match`` (e.g. ``/device:GPU:0``) and their complete events (kernels, command buffers)."""
+    import gzip
+    import json
+
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}: the profiler wrote {list(Path(trace_dir).rglob('*'))}")
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    pids = {p for p, n in names.items() if device_match in n}
+    if not pids:
+        raise SystemExit(f"no process matches {device_match!r}; processes: {sorted(names.values())}")
+    return (str(files[-1]), sorted(names[p] for p in pids),
+            [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import re
 import sys
@@ -33,37 +32,24 @@ import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
+from scripts.bench_common import device_events  # noqa: E402
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers  # noqa: E402
 
 
 def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
     """Per-kernel device time from the newest Perfetto trace under ``trace_dir``."""
-    files = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise SystemExit(f"no *.trace.json.gz under {trace_dir}: the profiler wrote {list(trace_dir.rglob('*'))}")
-    with gzip.open(files[-1], "rt") as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    pids = {p for p, n in names.items() if device_match in n}
-    if not pids:
-        raise SystemExit(f"no process matches --device-match {device_match!r}; processes: {sorted(names.values())}")
+    trace, processes, events = device_events(trace_dir, device_match)
     per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
-    busy, spans = 0.0, []
+    busy = 0.0
     for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
-            continue
         key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:60] or "?"
         per[key][0] += 1
         per[key][1] += float(e["dur"])
         busy += float(e["dur"])
-        spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     rows = sorted(({"kernel": k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
                   key=lambda r: -r["us_per_step"])
-    return {"trace": str(files[-1]), "processes": sorted(names[p] for p in pids),
-            "kernels_per_step": sum(c for c, _ in per.values()) / steps, "busy_us_per_step": busy / steps,
-            "rows": rows}
+    return {"trace": trace, "processes": processes, "kernels_per_step": sum(c for c, _ in per.values()) / steps,
+            "busy_us_per_step": busy / steps, "rows": rows}
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
