@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
 # JAX's persistent compilation cache is OFF in the tests unless DSV4_JAX_CACHE names a folder (one subfolder per
-# pytest worker): CI starts from an empty cache anyway.
+# pytest worker). scripts/test.sh (CI) sets it to a fresh empty folder per run: a program compiled by one test is
+# loaded, not recompiled, by the next test of the same worker that builds it (the same executable: same results).
 if os.environ.get("DSV4_JAX_CACHE"):
     _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["DSV4_JAX_CACHE"], _worker))
