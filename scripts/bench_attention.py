@@ -16,6 +16,7 @@ a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the st
     python scripts/bench_attention.py --mode decode --batch 32 --contexts 131072,1048576 \
         --variants "BK=32,num_stages=2;num_warps=4"             # other plans, timed beside the default
     python scripts/bench_attention.py --mode prefill --prefill-len 131072 --chunk 8192 --layers 2
+    python scripts/bench_attention.py --mode prefill --chunk 65536 --profile /tmp/trace   # last chunk, per scope
     python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke tests
     python scripts/bench_attention.py --mode prefill --model tiny --prefill-len 512 --chunk 128
 """
