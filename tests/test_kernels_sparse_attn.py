@@ -47,6 +47,7 @@ CASES = [
 ]
 SEED = 4321
 
+
 def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None, dr=64):
     """q, the three caches (stored layout, ``dr`` RoPE dims if FP8) and index lists like the model's: window lists
     from ``attention.window_indices``, then random compressed ids with -1 holes (list slots ``hole[0]:hole[1]`` all

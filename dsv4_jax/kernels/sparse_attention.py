@@ -154,13 +154,14 @@ def _attend(q: jax.Array, kv, idx: jax.Array, sink: jax.Array, scale: float, p_d
 # ---------------------------------------------------------------------------------------------- kernels
 if triton is not None:
     @triton.jit
-    def _load(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr,
-              FP8: tl.constexpr, ROPE: tl.constexpr = True):
-        """Dims ``[c0, c0 + DW)`` of the gathered entries, raw, as ``[BK, DW/64, 64]`` groups: e4m3 codes, their
-        scale bytes ``[BK, DW/64, 1]`` and RoPE dims (FP8 layout), or the values three times (plain layout).
-        ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. ``c0`` and DN are multiples of
-        64, so a group lies in one scale group and is all codes or all RoPE: every mask and scale is per group (one
-        scale byte per group and thread). ``ROPE = False``: the tile holds no RoPE dims."""
+    def _vtile(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr,
+               ROPE: tl.constexpr = True):
+        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` bf16 (exact; masked entries 0).
+        ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. FP8 layout: e4m3 code x its 1x64
+        e8m0 scale below DN, the bf16 RoPE dims above; plain layout: ``codes`` holds the values. The bytes load as
+        ``[BK, DW/64, 64]`` groups: ``c0`` and DN are multiples of 64, so a group lies in one scale group and is all
+        codes or all RoPE, and every mask and scale is per group (one scale byte per group and thread).
+        ``ROPE = False``: the tile holds no RoPE dims."""
         gd = c0 + 64 * tl.arange(0, DW // 64)[None, :, None]  # [1, NG, 1] each group's first dim
         d = gd + tl.arange(0, 64)[None, None, :]  # [1, NG, 64]
         ok3 = ok[:, None, None]
@@ -168,36 +169,18 @@ if triton is not None:
             c = tl.load(codes[:, None, None] + d, mask=ok3 & (gd < DN), other=0.0)
             sc = tl.load(scales[:, None, None] + gd // 64, mask=ok3 & (gd < DN), other=127)
             if not ROPE:
-                r = c
-            elif DR == 64:  # one RoPE group: [BK, 1, 64] (if the tile holds it), spread by _decode's where
-                i = tl.arange(0, 64)[None, None, :]
-                r = tl.load(rope[:, None, None] + i, mask=ok3 & (c0 <= DN) & (DN < c0 + DW), other=0.0)
+                v = c.to(tl.float32) * e8m0(sc)
             else:
-                r = tl.load(rope[:, None, None] + (d - DN), mask=ok3 & (gd >= DN), other=0.0)
+                if DR == 64:  # one RoPE group: [BK, 1, 64] (if the tile holds it), spread by the where
+                    i = tl.arange(0, 64)[None, None, :]
+                    r = tl.load(rope[:, None, None] + i, mask=ok3 & (c0 <= DN) & (DN < c0 + DW), other=0.0)
+                else:
+                    r = tl.load(rope[:, None, None] + (d - DN), mask=ok3 & (gd >= DN), other=0.0)
+                v = tl.where(c0 + 64 * tl.arange(0, DW // 64)[None, :, None] < DN, c.to(tl.float32) * e8m0(sc),
+                             r.to(tl.float32))
         else:
-            c = tl.load(codes[:, None, None] + d, mask=ok3, other=0.0)
-            sc, r = c, c
-        return c, sc, r
-
-    @triton.jit
-    def _decode(c, sc, r, c0, DN: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr = True):
-        """:func:`_load`'s bytes -> values ``[BK, DW]`` fp32 (bf16-exact; masked entries 0): e4m3 code x its 1x64
-        e8m0 scale below DN, the bf16 RoPE dims above."""
-        if FP8 and ROPE:
-            v = tl.where(c0 + 64 * tl.arange(0, DW // 64)[None, :, None] < DN, c.to(tl.float32) * e8m0(sc),
-                         r.to(tl.float32))
-        elif FP8:
-            v = c.to(tl.float32) * e8m0(sc)
-        else:
-            v = c.to(tl.float32)
-        return tl.reshape(v, (c.shape[0], DW))
-
-    @triton.jit
-    def _vtile(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr,
-               ROPE: tl.constexpr = True):
-        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` bf16 (exact)."""
-        c, sc, r = _load(codes, scales, rope, ok, c0, DN, DR, DW, FP8, ROPE)
-        return _decode(c, sc, r, c0, DN, DW, FP8, ROPE).to(tl.bfloat16)
+            v = tl.load(codes[:, None, None] + d, mask=ok3, other=0.0).to(tl.float32)
+        return tl.reshape(v, (v.shape[0], DW)).to(tl.bfloat16)
 
     @triton.jit
     def _ids(idx_ptr, row, j0, live, K: tl.constexpr, BK: tl.constexpr):
