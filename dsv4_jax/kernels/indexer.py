@@ -114,6 +114,13 @@ def indexer_topk_reference(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: i
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
+def _budget(budget: int | None) -> int:
+    """``budget``, or the backend's default: :data:`BUDGET` on CPUs, :data:`BUDGET_ACCEL` elsewhere."""
+    if budget is not None:
+        return budget
+    return BUDGET if jax.default_backend() == "cpu" else BUDGET_ACCEL
+
+
 def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int | None = None) -> int:
     """Entries per block: the largest power of two (at least 1, at most ``n_c``) whose per-block transient fits
     ``budget`` bytes (default :data:`BUDGET` on CPUs, :data:`BUDGET_ACCEL` elsewhere; the block size never changes
@@ -121,9 +128,7 @@ def block_size(batch: int, rows: int, heads: int, n_c: int, budget: int | None =
     the rounded products (XLA CPU materializes both; a GPU fusion may keep the second in registers). Decode rows get
     one block over the whole cache; an 8192-row V4-Flash chunk (64 heads, 4 MiB per entry) gets 64 on a CPU, 512 on
     an accelerator."""
-    if budget is None:
-        budget = BUDGET if jax.default_backend() == "cpu" else BUDGET_ACCEL
-    fit = max(1, budget // (batch * rows * heads * 8))
+    fit = max(1, _budget(budget) // (batch * rows * heads * 8))
     return min(1 << (fit.bit_length() - 1), n_c)
 
 
@@ -134,8 +139,7 @@ def row_block(batch: int, rows: int, heads: int, n_c: int, budget: int | None = 
     the merges, not the scores, are the work (a 65,536-row V4-Flash chunk at 64K context got 64-entry blocks: 513
     merges over ``[65536, 576]``, 2.1 of its 2.7 s on an H200; docs/performance.md). Rows are independent, so the
     row blocks never change the result."""
-    if budget is None:
-        budget = BUDGET if jax.default_backend() == "cpu" else BUDGET_ACCEL
+    budget = _budget(budget)
     want = min(n_c, MIN_BLOCK)
     if block_size(batch, rows, heads, n_c, budget) >= want:
         return rows
@@ -148,7 +152,7 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
     running top-k, for blocks of ``rows`` query rows at a time (default :func:`row_block`; a ``jax.lax.map``, the
     last block padded with rows that see nothing); equal to :func:`indexer_topk_reference` bit for bit (module
     docstring)."""
-    B, S, Hi, Di = q.shape
+    B, S, Hi, _ = q.shape
     R = rows or row_block(B, S, Hi, _n_entries(keys))
     if R >= S:
         return _topk_blocks(q, hw, keys, t, k, block)
