@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import card_rates, copies_for, device_events, print_rates, time_call  # noqa: E402
+from bench_common import card_rates, copies_for, device_events, op_scopes, print_rates, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
@@ -173,15 +173,7 @@ def bench_prefill(args) -> list[dict]:
     return [r]
 
 
-def op_scopes(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its ``op_name`` metadata (the JAX named scopes), from a compiled module's text."""
-    import re
-
-    pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
-    return {m.group(1): m.group(2) for m in map(pat.match, hlo_text.splitlines()) if m}
-
-
-def scope_table(trace_dir: Path, scopes: dict[str, str], depth: int = 3) -> dict:
+def scope_table(trace_dir: Path, scopes: dict[str, list[str]], depth: int = 3) -> dict:
     """Device time of the newest Perfetto trace under ``trace_dir`` (GPU 0), summed per kernel name and per named
     scope: the kernel's HLO instruction (``hlo_op``, else the event name) looked up in ``scopes``
     (:func:`op_scopes`), cut to its first ``depth`` levels below the jit, e.g. ``layer_0/attn/indexer``."""
@@ -195,8 +187,7 @@ def scope_table(trace_dir: Path, scopes: dict[str, str], depth: int = 3) -> dict
             continue
         a, ms = e.get("args", {}), float(e["dur"]) / 1e3
         op = str(a.get("hlo_op") or e.get("name", "?"))
-        parts = [x for x in scopes.get(op, "").split("/") if x and not x.startswith("jit(")]
-        for table, key in ((per_scope, "/".join(parts[:depth]) or "(no scope)"),
+        for table, key in ((per_scope, "/".join(scopes.get(op, [])[:depth]) or "(no scope)"),
                            (per_name, re.sub(r"[._]?\d+$", "", op)[:60])):
             row = table.setdefault(key, [0, 0.0])
             row[0] += 1

@@ -134,3 +134,13 @@ def device_events(trace_dir: Path, device_match: str) -> tuple[str, list[str], l
         raise SystemExit(f"no process matches {device_match!r}; processes: {sorted(names.values())}")
     return (str(files[-1]), sorted(names[p] for p in pids),
             [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e])
+
+
+def op_scopes(hlo_text: str) -> dict[str, list[str]]:
+    """HLO instruction name -> its ``op_name`` metadata as a list of named-scope parts with the ``jit(...)`` wrappers
+    dropped (e.g. ``["layer_0", "attn", "indexer", "reduce_sum"]``), from an optimized module's text."""
+    import re
+
+    pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
+    return {m.group(1): [x for x in m.group(2).split("/") if x and not x.startswith("jit(")]
+            for m in map(pat.match, hlo_text.splitlines()) if m}

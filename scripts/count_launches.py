@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from bench_common import op_scopes  # noqa: E402
 
 # An H200 SXM as XLA's GpuTargetConfig (hardware facts: sm_90, 132 SMs, 50 MiB L2, 141 GB HBM3e at 4.8 TB/s)
 H200 = """
@@ -121,11 +122,10 @@ def _hlo_info(dump: str) -> tuple[dict[str, str], dict[str, int]]:
     while-loop name -> known trip count."""
     scopes, trips = {}, {}
     for path in glob.glob(f"{dump}/*after_optimizations.txt"):
-        for line in open(path):
-            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", line)
-            if m:
-                parts = [p for p in m.group(2).split("/") if not p.startswith("jit(")]
-                scopes[m.group(1)] = "/".join(parts[:-1]) or parts[-1] if parts else ""
+        text = open(path).read()
+        scopes.update({name: "/".join(parts[:-1]) or parts[-1] if parts else ""
+                       for name, parts in op_scopes(text).items()})
+        for line in text.splitlines():
             t = re.match(r"\s*%([\w.\-]+) = .* while\(.*\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
             if t:
                 trips[t.group(1)] = int(t.group(2))
