@@ -1,8 +1,8 @@
-"""The FP4 decoding helpers of ``dsv4_jax/kernels/common.py`` (``e2m1_pair``, ``e2m1_factors``) against the
-reference decoding of ``dsv4_jax/modeling/quant.py``, for every packed byte and scale bytes across the whole e8m0
-range, under Triton's interpreter (the same ``@triton.jit`` code the GPU kernels inline). Exact: the decoded
-weights are powers of two times 3-bit magnitudes, so any difference is a bug (a wrong bit placement, a lost sign,
-a flushed denormal, an overflowing factor)."""
+"""The FP4 decoding helpers of ``dsv4_jax/kernels/common.py`` (``e2m1_pair``, ``e2m1_nibble``,
+``e2m1_factors``) against the reference decoding of ``dsv4_jax/modeling/quant.py``, for every packed byte and scale
+bytes across the whole e8m0 range, under Triton's interpreter (the same ``@triton.jit`` code the GPU kernels
+inline). Exact: the decoded weights are powers of two times 3-bit magnitudes, so any difference is a bug (a wrong
+bit placement, a lost sign, a flushed denormal, an overflowing factor)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ try:  # the kernel is defined at module level, where the interpreter finds the h
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_nibble, e2m1_pair
 
     @triton.jit
     def _decode(p_ptr, b_ptr, lo_ptr, hi_ptr, NB: tl.constexpr):
@@ -38,6 +38,14 @@ try:  # the kernel is defined at module level, where the interpreter finds the h
         out = j[:, None] * 256 + i[None, :]
         tl.store(lo_ptr + out, lo * f1[:, None] * f2[:, None])
         tl.store(hi_ptr + out, hi * f1[:, None] * f2[:, None])
+
+    @triton.jit
+    def _decode_words(w_ptr, o_ptr):
+        """The 64 int32 words holding bytes 0..255 -> their 8 nibbles each, [8, 64]: row m = nibble m."""
+        i = tl.arange(0, 64)
+        w = tl.load(w_ptr + i)
+        for m in tl.static_range(8):
+            tl.store(o_ptr + m * 64 + i, e2m1_nibble(w, m))
 except ImportError:  # no triton: the test skips
     triton = None
 
@@ -53,7 +61,10 @@ def _decode_main(path: str) -> None:
     lo = torch.full((nb, 256), float("nan"), dtype=torch.float32)
     hi = torch.full((nb, 256), float("nan"), dtype=torch.float32)
     _decode[(1,)](p, b, lo, hi, NB=triton.next_power_of_2(nb))
-    np.savez(path + ".out.npz", lo=lo.numpy(), hi=hi.numpy())
+    words = torch.from_numpy(z["p"].copy().view(np.int32))  # little-endian: byte 4i + k at bits 8k of word i
+    nib = torch.full((8, 64), float("nan"), dtype=torch.float32)
+    _decode_words[(1,)](words, nib)
+    np.savez(path + ".out.npz", lo=lo.numpy(), hi=hi.numpy(), nib=nib.numpy())
 
 
 def test_fp4_pair_decoding_is_exact(tmp_path):
@@ -73,6 +84,12 @@ def test_fp4_pair_decoding_is_exact(tmp_path):
     for half in ("lo", "hi"):
         np.testing.assert_array_equal(out[half], ref[half], err_msg=f"{half} nibbles")
         assert (np.signbit(out[half]) == np.signbit(ref[half])).all(), f"{half}: the sign of -0 (code 8) is kept"
+    # e2m1_nibble on the same bytes read as int32 words: nibble m of word i is column 8i + m of the packed row
+    # (byte 4i + m // 2, low nibble for even m), times 2**-126 (the factor of scale byte 127, f1 * f2 = 2**126)
+    cols = np.stack([codes & 15, codes >> 4], axis=1).reshape(64, 8)  # [word, nibble m]: column 8i + m's code
+    want = (np.where(cols & 8, -1.0, 1.0) * mag[cols & 7] * 2.0**-126).astype(np.float32).T  # [8, 64]
+    np.testing.assert_array_equal(out["nib"], want, err_msg="e2m1_nibble")
+    assert (np.signbit(out["nib"]) == np.signbit(want)).all(), "e2m1_nibble: the sign of -0 is kept"
 
 
 if __name__ == "__main__":  # the interpreter subprocess

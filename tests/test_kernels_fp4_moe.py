@@ -95,10 +95,9 @@ def _close_bf16(got, ref, what):
 # (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
 # exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
 # CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
-# "gemv" rows run the decode kernels of fp4_moe_gemv with that many slots per block (tile sizes of gemv_tiles("cpu")),
-# stage 1 quantizing the raw tokens itself; "gemv-pre" feeds it the already-quantized tokens (QUANT=0).
+# "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu")).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
-         (1, "ragged", 1, "gemv"), (5, "ragged", 2, "gemv"), (40, "hot", 4, "gemv-pre")]
+         (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv")]
 
 
 def _interpret_main(inp: str, out: str):
@@ -114,9 +113,8 @@ def _interpret_main(inp: str, out: str):
         g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
         t = {k: int(v) for k, v in zip(z[f"{c}_tile_keys"], z[f"{c}_tiles"])}
         w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
-        if "NG" in t:  # the GEMV kernels
-            h, y = launch_gemv_torch(g("xin"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
-                                     float(z["limit"]), t)
+        if "NG" in t:  # the GEMV kernels: the pairs as they come (bexp holds their expert ids)
+            h, y = launch_gemv_torch(g("xin"), g("tok"), g("wt"), g("bexp"), *w, float(z["limit"]), t)
         else:
             h, y = launch_torch(g("xin"), g("xs"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
                                 float(z["limit"]), t)
@@ -138,8 +136,8 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        if codes in ("gemv", "gemv-pre"):
-            t = {**gemv_tiles("cpu", D, I, bm), "QUANT": int(codes == "gemv")}
+        if codes == "gemv":
+            t = gemv_tiles("cpu", D, I, len(tok))
         else:
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
         if codes == 1:
@@ -147,11 +145,10 @@ def interpreted(tmp_path_factory):
             qa = quantize_act(x, 128)
             xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
         elif codes == "gemv":
-            xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: the kernel quantizes
+            xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: quantized by act_words
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
-        if t.get("NG") and t["BM"] == 1:  # DIRECT: block r = pair r, its expert id as it comes
-            t["DIRECT"] = 1
+        if codes == "gemv":  # block row r = pair r, its expert id as it comes
             none = np.zeros(1, np.int32)
             rows, bexp, used = none, np.asarray(e, np.int32), none
             slot = np.where((e >= 0) & (e < E), np.arange(len(e)), len(e))
@@ -164,7 +161,7 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
-                          direct=bool(t.get("DIRECT"))))
+                          direct=codes == "gemv"))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -176,7 +173,7 @@ def interpreted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("c", range(len(CASES)),
-                         ids=[f"T{T}-{kind}-" + (f"{c}{bm}" if str(c).startswith("gemv") else f"codes{c}")
+                         ids=[f"T{T}-{kind}-" + ("gemv" if c == "gemv" else f"codes{c}")
                               for T, kind, bm, c in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Each stage and the per-pair output of the interpreted kernels against the reference, on ragged loads with
@@ -229,12 +226,12 @@ def test_bad_shapes_named():
 gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kernels: {triton_unavailable()}")
 
 
-# (tokens, routing, tile overrides): the default plan (32 local experts: GEMV with 2 slots per block up to 64 pairs,
-# the tiled kernels above), the GEMV kernels forced at 1 and 4 slots per block (one hot expert spans several blocks),
-# the tiled kernels forced at decode sizes, and the tiled CODES=1 variant.
+# (tokens, routing, tile overrides): the default plan (32 local experts: the GEMV kernels up to 32 pairs, the tiled
+# kernels above), the GEMV kernels forced at 16 and 64 tokens (one hot expert: many pairs on one weight tile; 32 rows
+# per program), the tiled kernels forced at decode sizes, and the tiled CODES=1 variant.
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
-             + [(1, "route", {"BM": 1}), (16, "hot", {"BM": 4}), (64, "route", {"BM": 4}), (4, "route", {"GEMV": 0})]
+             + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]
              + [(1, "route", {"GEMV": 0, "CODES": 1}), (64, "hot", {"CODES": 1}), (2048, "route", {"CODES": 1})])
 
 

@@ -69,24 +69,23 @@ def test_sparse_attention_plans_fit(rows, K):
 
 @pytest.mark.parametrize("model,n_pairs", [("flash", 6), ("flash", 192), ("pro", 6), ("pro", 192)])
 def test_moe_gemv_plans_fit(model, n_pairs):
-    """The FP4 MoE decode GEMV kernels (one slot per block, ``DIRECT``) at V4-Flash / V4-Pro expert shapes, with the
-    rows per program of one token (6 pairs) and of 32 tokens (192 pairs)."""
+    """The FP4 MoE decode GEMV kernels (one pair per block row) at V4-Flash / V4-Pro expert shapes, with the rows per
+    program of one token (6 pairs) and of 32 tokens (192 pairs)."""
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe_gemv as g
 
     cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
-    t = {**g.gemv_tiles("sm90", D, I, 1, n_pairs), "DIRECT": 1}
+    t = g.gemv_tiles("sm90", D, I, n_pairs)
     options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
-    meta1 = {k: v for k, v in g._kw(t, 1, E).items() if not k.startswith("num_")}
-    p1 = dict(x_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
-              w1p="*u8", w1s="*u8", w3p="*u8", w3s="*u8", h_ptr="*bf16")
-    smem, spill = _compile(g._gate_up_gemv, p1, dict(R=6, D=D, I=I, LIMIT=10.0, **meta1), options)
+    meta = {k: v for k, v in g._kw(t, E).items() if not k.startswith("num_")}
+    p1 = dict(xa_ptr="*fp32", xf_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
+              w3p="*u8", w3s="*u8", h_ptr="*bf16")
+    smem, spill = _compile(g._gate_up_gemv, p1, dict(D=D, I=I, LIMIT=10.0, **meta), options)
     assert smem <= SMEM_SM90 and spill == 0, f"gate/up GEMV {t}: {smem} B shared, {spill} B spills"
-    meta2 = {k: v for k, v in g._kw(t, 2, E).items() if not k.startswith("num_")}
-    p2 = dict(h_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
-    smem, spill = _compile(g._down_gemv, p2, dict(D=D, I=I, **meta2), options)
+    p2 = dict(ha_ptr="*fp32", hf_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
+    smem, spill = _compile(g._down_gemv, p2, dict(D=D, I=I, **meta), options)
     assert smem <= SMEM_SM90 and spill == 0, f"down GEMV {t}: {smem} B shared, {spill} B spills"
 
 

@@ -4,9 +4,9 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 
 * :func:`round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32.
 * :func:`pow2`, :func:`e8m0`: powers of two from integer exponents / e8m0 scale bytes.
-* :func:`e2m1_pair`, :func:`e2m1_factors`: both nibbles of a packed e2m1 byte as fp32 values times 2**-126 (the 3
-  magnitude bits placed under the exponent, 3 integer operations each), and the two powers of two that scale them to
-  the weights (the e8m0 scale and the 2**126).
+* :func:`e2m1_pair`, :func:`e2m1_nibble`, :func:`e2m1_factors`: both nibbles of a packed e2m1 byte (or any nibble
+  of a packed int32 word) as fp32 values times 2**-126 (the 3 magnitude bits placed under the exponent, 3 integer
+  operations each), and the two powers of two that scale them to the weights (the e8m0 scale and the 2**126).
 * :func:`act_exp`, :func:`e4m3_grid`: the reference's FP8 activation quantization (``act_quant``, spec 3.1): the
   block's power-of-two scale exponent (rounded up from ``amax / 448``), and values rounded to the e4m3 grid
   (nearest even) after scaling by it.
@@ -49,6 +49,14 @@ def e2m1_pair(p):
     lo = (((p << 28) >> 6) & -2118123520).to(tl.float32, bitcast=True)
     hi = (((p << 24) >> 6) & -2118123520).to(tl.float32, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def e2m1_nibble(w, m: tl.constexpr):
+    """Nibble ``m`` (bits ``4m .. 4m+3``) of int32 words ``w`` -> its e2m1 value times 2**-126, as
+    :func:`e2m1_pair` does for bytes (shift it to bits 28-31, arithmetically back by 6, mask): a packed word holds 8
+    consecutive columns, nibble ``m`` is column ``m`` of them (byte ``k``: columns ``2k``, ``2k + 1``)."""
+    return (((w << (28 - 4 * m)) >> 6) & -2118123520).to(tl.float32, bitcast=True)
 
 
 @triton.jit

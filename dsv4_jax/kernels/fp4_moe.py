@@ -278,19 +278,19 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
-def gemv_rows(n_pairs: int, n_local: int) -> int | None:
-    """Slots per block for the GEMV kernels (:mod:`fp4_moe_gemv`), ``None`` for the tiled kernels: one slot per
-    block (``DIRECT``) up to ``n_local`` pairs. Measured on an H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``,
-    wall per MoE call): 32 tokens (192 pairs) GEMV 1.70 ms vs tiled 2.10 ms (2026-11-30, after the GEMV's
-    per-group accumulators); 64 tokens (384 pairs) GEMV 4.11 vs tiled 3.25 ms (2026-11-29, the GEMV before them), so
-    the crossover lies between 192 and 384 pairs. 2 or 4 slots per block were slower than one at every size (the
-    padding slots cost FMAs)."""
-    return 1 if n_pairs <= max(1, n_local) else None
+def use_gemv(n_pairs: int, n_local: int) -> bool:
+    """Whether a call takes the GEMV kernels (:mod:`fp4_moe_gemv`, one pair per block row) rather than the tiled
+    ones: up to ``n_local`` pairs. Measured on an H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``, wall per
+    MoE call): 32 tokens (192 pairs) GEMV 1.70 ms vs tiled 2.10 ms (2026-11-30, the GEMV with per-group
+    accumulators); 64 tokens (384 pairs) GEMV 4.11 vs tiled 3.25 ms (2026-11-29, before them), so the crossover lies
+    between 192 and 384 pairs. Blocks of 2 or 4 pairs of one expert were slower than one pair at every size (the
+    padding slots cost FMAs) and are gone."""
+    return n_pairs <= max(1, n_local)
 
 
 def schedule(e: jax.Array, n_local: int, block: int):
-    """The kernels' block schedule (:func:`experts.group_pairs`) with ``used_blocks`` as a 1-element array. (The
-    decode GEMV kernels with one slot per block need none: ``DIRECT``, see :func:`fp4_moe_pairs_triton`.)"""
+    """The tiled kernels' block schedule (:func:`experts.group_pairs`) with ``used_blocks`` as a 1-element array (the
+    decode GEMV kernels take the pairs as they come)."""
     rows, bexp, used, slot = group_pairs(e, n_local, block)
     assert bexp.shape[0] == n_blocks_bound(e.shape[0], n_local, block)
     return rows, bexp, used.reshape(1), slot
@@ -300,32 +300,21 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
                          tile: dict | None = None) -> jax.Array:
     """The Triton path of :func:`fp4_moe_pairs` (``x [T, D]`` the tokens, ``xq`` their FP8-quantized fp32 values;
     ``tile`` overrides entries of :func:`tiles` or :func:`fp4_moe_gemv.gemv_tiles`, for tuning; ``GEMV=0`` forces
-    the tiled kernels, ``BM`` <= 8 the GEMV ones). Decode sizes (:func:`gemv_rows`) take the GEMV kernels."""
+    the tiled kernels, ``GEMV=1`` the GEMV ones). Decode sizes (:func:`use_gemv`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
-    bm = (tile or {}).get("BM", gemv_rows(R, n_local)) if (tile or {}).get("GEMV", 1) else None
-    if bm is not None and bm <= 8:  # decode: the GEMV kernels
-        t = {**gemv_tiles(arch(), D, I, bm, R), **(tile or {})}
-        t.pop("GEMV", None)
-        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN1"], BN2=t["BN2"], CODES=0))
+    tile = dict(tile or {})
+    if tile.pop("GEMV", int(use_gemv(R, n_local))):  # decode: the GEMV kernels, pairs as they come
+        # Sorting by expert buys nothing with one pair per block row (repeated experts meet in L2: the grid walks
+        # all pairs of one weight tile together), while group_pairs' sort, scatters and cumsums and the gather back
+        # were ~12 of the ~70 kernels of a decode layer on an H200 (scripts/count_launches.py). Same bits per pair.
+        t = {**gemv_tiles(arch(), D, I, R), **tile}
+        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
         check_gemv_shapes(D, I, t)
-        xin = x if t.get("QUANT") else xq  # raw tokens: stage 1 quantizes them (xq is then unused, XLA drops it)
-        args = (xin.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32))
-        if t["BM"] == 1:
-            # DIRECT: block r is pair r with its expert e[r] as it comes (another device's: zeros). Sorting by
-            # expert buys nothing with one pair per block (repeated experts meet in L2: the grid walks all blocks
-            # of one weight tile together), while group_pairs' sort, scatters and cumsums and the gather back were
-            # ~12 of the ~70 kernels of a decode layer on an H200 (scripts/count_launches.py). Same bits per pair.
-            t["DIRECT"] = 1
-            none = jnp.zeros((1,), jnp.int32)
-            y = launch_gemv_jax(*args, none, e.astype(jnp.int32), none, w1s, w2s, w3s, float(cfg.swiglu_limit), t)
-            return y.astype(jnp.float32)  # [R, D]
-        rows, bexp, used, slot = schedule(e, n_local, t["BM"])
-        y = launch_gemv_jax(*args, rows, bexp, used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
-        has = slot < y.shape[0]
-        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
-    t = {**tiles(arch(), R, n_local, D, I), **(tile or {})}
-    t.pop("GEMV", None)
+        y = launch_gemv_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32),
+                            e.astype(jnp.int32), w1s, w2s, w3s, float(cfg.swiglu_limit), t)
+        return y.astype(jnp.float32)  # [R, D]
+    t = {**tiles(arch(), R, n_local, D, I), **tile}
     if t["BM"] < 16:
         raise ValueError(f"fp4_moe: the tiled kernels need BM >= 16 rows per block (tl.dot), got {t['BM']}")
     check_shapes(x, w1s, w2s, w3s, t)
