@@ -8,6 +8,8 @@ path, bit for bit today's results). ``moe.routed_experts`` calls it per device i
 Layout (``experts.group_pairs``, built in JAX): pairs sorted by expert into blocks of ``BM`` slots that each belong
 to one expert; empty experts get no block; the grid has a static bound of blocks and programs past ``used_blocks``
 return at once. So a step reads only the touched experts' bytes (decode: 6 experts of 256).
+Decode sizes (:func:`use_gemv`: up to as many pairs as local experts) take the GEMV kernels of
+:mod:`dsv4_jax.kernels.fp4_moe_gemv` instead (one pair per block row, the pairs as they come, no sort).
 
 Two kernels, both with fp32 accumulation of exact products and the reference's rounding points:
 
