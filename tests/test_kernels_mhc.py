@@ -35,6 +35,8 @@ CASES = [
     ("one-split-few-iters", 3, 2, 128, 3, dict(NS=1, BK=64, BT=4, BD=64, num_warps=4, warps2=4), False),
     ("decode-norm", 2, 4, 256, 20, dict(NS=4, BK=64, BT=2, BD=256, num_warps=4, warps2=4), True),
     ("ragged-norm", 3, 4, 200, 20, dict(NS=3, BK=64, BT=2, BD=256, num_warps=4, warps2=4), True),  # masked tail
+    # the GPU decode regime: many splits of one or two K steps each (K = 1024: 16 splits of 64)
+    ("many-splits", 1, 4, 256, 20, dict(NS=16, BK=64, BT=4, BD=256, num_warps=4, warps2=4), True),
 ]
 SEED = 2718
 ABS_MIX = 2.0**-14

@@ -17,7 +17,8 @@ SMEM_SM90 = 232448  # bytes of shared memory one block may use on an H100/H200 (
 
 
 def _compile(fn, pointers: dict, constexprs: dict, options: dict):
-    """Compile ``fn`` for sm_90 with 16-byte-aligned pointers (as jax-triton and the XLA route declare them) ->
+    """Compile ``fn`` for sm_90 with 16-byte-aligned pointers (as jax-triton and the XLA route declare them; other
+    entries of ``pointers`` are runtime scalars) ->
     (shared memory bytes, ptxas spill-store bytes)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -26,7 +27,7 @@ def _compile(fn, pointers: dict, constexprs: dict, options: dict):
     sig = {a: pointers[a] if a in pointers else "constexpr" for a in fn.arg_names}
     missing = [a for a in fn.arg_names if a not in pointers and a not in constexprs]
     assert not missing, f"{fn.__name__}: arguments {missing} neither pointers nor constexprs"
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in pointers.items() if t.startswith("*")}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=options)
@@ -105,3 +106,25 @@ def test_fp8_gemv_plans_fit(M, N, K):
     pointers = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*u8", out_ptr="*fp32" if p["SPLIT"] > 1 else "*bf16")
     smem, spill = _compile(f.fp8_gemv_kernel, pointers, meta, options)
     assert smem <= SMEM_SM90 and spill == 0, f"FP8 GEMV {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("T,D", [(1, 4096), (32, 4096), (512, 4096), (1, 7168)],
+                         ids=["flash-decode", "flash-batch32", "flash-prefill", "pro-decode"])
+def test_mhc_plans_fit(T, D):
+    """The mHC kernels (split-K mixes with per-lane partial sums, then the per-token finish with the fused norm) at
+    the plans of V4-Flash / V4-Pro decode, batch 32 and prefill rows."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import mhc
+
+    p = mhc.plan(T, 4, D, "sm90", norm=True)
+    (_, m1), (_, m2), _ = mhc._kernel_args(T, 4, D, p, True, True, 1e-6, 1e-6, 20)
+    for fn, meta, pointers in (
+            (mhc._mix_partial_kernel, m1, dict(x_ptr="*bf16", fn_ptr="*fp32", part_ptr="*fp32")),
+            (mhc._finish_kernel, m2, dict(part_ptr="*fp32", x_ptr="*bf16", scale_ptr="*fp32", base_ptr="*fp32",
+                                          nw_ptr="*fp32", y_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32"))):
+        meta = dict(meta)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=1)
+        if "T" in fn.arg_names:  # the runtime token count: an int32 scalar, not a constexpr
+            pointers = {**pointers, "T": "i32"}
+        smem, spill = _compile(fn, pointers, meta, options)
+        assert smem <= SMEM_SM90 and spill == 0, f"mHC {fn.__name__} {p}: {smem} B shared, {spill} B spills"
