@@ -16,10 +16,10 @@ import pytest
 SMEM_SM90 = 232448  # bytes of shared memory one block may use on an H100/H200 (227 KB)
 
 
-def _compile(fn, pointers: dict, constexprs: dict, options: dict):
+def _compile(fn, pointers: dict, constexprs: dict, options: dict, sass: list | None = None):
     """Compile ``fn`` for sm_90 with 16-byte-aligned pointers (as jax-triton and the XLA route declare them; other
-    entries of ``pointers`` are runtime scalars) ->
-    (shared memory bytes, ptxas spill-store bytes)."""
+    entries of ``pointers`` are runtime scalars) -> (shared memory bytes, ptxas spill-store bytes). ``sass``: a list
+    that receives the sm_90a SASS lines (disassembled with the nvdisasm bundled with Triton)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,17 +33,31 @@ def _compile(fn, pointers: dict, constexprs: dict, options: dict):
                            target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as e:  # pragma: no cover - a triton build without the NVIDIA backend
         pytest.skip(f"no sm_90 compile here: {e}")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    try:
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                             text=True, timeout=120).stderr
-    finally:
-        os.unlink(f.name)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                             capture_output=True, text=True, timeout=120).stderr
+        if sass is not None:
+            sass += subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                                   timeout=120).stdout.splitlines()
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out)]
     assert spills, f"ptxas printed no register report:\n{out[-2000:]}"
     return k.metadata.shared, max(spills)
+
+
+def _loop_barriers(sass: list) -> int:
+    """``BAR.SYNC`` instructions inside the longest backward-branch loop of a kernel's SASS (its K loop)."""
+    labels = {line.rstrip(":"): i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
+    best: list = []
+    for i, line in enumerate(sass):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
+            best = sass[labels[m.group(1)]:i + 1]
+    assert best, "no loop found in the SASS"
+    return sum("BAR.SYNC" in line for line in best)
 
 
 @pytest.mark.parametrize("rows,K", [(1, 640), (32, 640), (1, 8320), (32, 8320), (256, 640)],
@@ -83,11 +97,15 @@ def test_moe_gemv_plans_fit(model, n_pairs):
     meta = {k: v for k, v in g._kw(t, E).items() if not k.startswith("num_")}
     p1 = dict(xa_ptr="*fp32", xf_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
               w3p="*u8", w3s="*u8", h_ptr="*bf16")
-    smem, spill = _compile(g._gate_up_gemv, p1, dict(D=D, I=I, LIMIT=10.0, **meta), options)
-    assert smem <= SMEM_SM90 and spill == 0, f"gate/up GEMV {t}: {smem} B shared, {spill} B spills"
     p2 = dict(ha_ptr="*fp32", hf_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
-    smem, spill = _compile(g._down_gemv, p2, dict(D=D, I=I, **meta), options)
-    assert smem <= SMEM_SM90 and spill == 0, f"down GEMV {t}: {smem} B shared, {spill} B spills"
+    for fn, ptrs, meta_k in ((g._gate_up_gemv, p1, dict(D=D, I=I, LIMIT=10.0, **meta)),
+                             (g._down_gemv, p2, dict(D=D, I=I, **meta))):
+        sass: list = []
+        smem, spill = _compile(fn, ptrs, meta_k, options, sass)
+        assert smem <= SMEM_SM90 and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
+        # the design's point: every load lands in the weights' register layout, no shared-memory round trip per K
+        # step (a layout mismatch, e.g. an activation factor indexed per 128-block, brought 4-8 barriers back)
+        assert _loop_barriers(sass) == 0, f"{fn.__name__} {t}: barriers in the K loop (a layout conversion)"
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 32768, 1024), (1, 4096, 8192), (4, 4096, 8192), (8, 1024, 4096)],
