@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc mesh decode attn attnb prefill kern profile golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc mesh decode attn attnb prefill kern profile ops golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -51,6 +51,8 @@ for x in r:
             done ;;
     tune) TAIL=70 run tune "${TUNE_BOX:-110}" python3 scripts/bench_kernels.py --tune --trials 5 \
             --tune-rows "${TUNE_ROWS:-1,4,16,2048}" ;;
+    ops) TAIL=80 run profile_ops "${OPS_BOX:-200}" python3 scripts/profile_ops.py --moe-tokens "${OPS_MOE:-1,16}" \
+           --moe-tiles "${OPS_TILES:-}" --fp8 "${OPS_FP8:-wq_b,wo_b,wq_a}" --rows 1 ;;  # device time per kernel
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;
