@@ -37,7 +37,8 @@ import pytest
 CASE = "b1_len037"
 N_DECODE = 3
 KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_gate_up_gemv", "_down_gemv",
-           "_sparse_attn_kernel", "_mix_partial_kernel", "_finish_kernel", "_logits_kernel", "_select_kernel")
+           "_sparse_attn_kernel", "_mix_partial_kernel", "_finish_kernel", "_logits_kernel", "_select_kernel",
+           "_hadamard_kernel")
 
 
 def _child(golden: str, out: str) -> None:
@@ -103,7 +104,7 @@ def result(golden_dir, tmp_path_factory):
 
 def test_kernels_ran(result):
     """Every kernel was launched (FP8 linear tiled and GEMV, wo_a's grouped projection, both MoE stages tiled and
-    GEMV, sparse attention): no silent XLA fallback."""
+    GEMV, sparse attention, mHC, router, the indexer's Hadamard): no silent XLA fallback."""
     counts = dict(zip(KERNELS, result["launches"].tolist()))
     assert all(v > 0 for v in counts.values()) and int(result["grouped"]) > 0, (counts, int(result["grouped"]))
 

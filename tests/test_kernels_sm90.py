@@ -146,3 +146,16 @@ def test_mhc_plans_fit(T, D):
             pointers = {**pointers, "T": "i32"}
         smem, spill = _compile(fn, pointers, meta, options)
         assert smem <= SMEM_SM90 and spill == 0, f"mHC {fn.__name__} {p}: {smem} B shared, {spill} B spills"
+
+
+def test_hadamard_plan_fits():
+    """The indexer's Hadamard kernel (128-dim rows, 32 rows per program) for sm_90."""
+    pytest.importorskip("triton")
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import hadamard as h
+
+    meta = h._meta(128, jnp.bfloat16, h.plan(128))
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    smem, spill = _compile(h._hadamard_kernel, dict(x_ptr="*bf16", y_ptr="*bf16", R="i32"), meta, options)
+    assert smem <= SMEM_SM90 and spill == 0, f"Hadamard: {smem} B shared, {spill} B spills"

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
-from dsv4_jax.modeling.layers import apply_rope, hadamard, rms_norm, rope_cos_sin
+from dsv4_jax.kernels.hadamard import hadamard
+from dsv4_jax.modeling.layers import apply_rope, rms_norm, rope_cos_sin
 from dsv4_jax.modeling.quant import HIGHEST, encode_fp4_cache, encode_fp8_cache
 from dsv4_jax.modeling.state import in_layout
 from dsv4_jax.modeling.weights import CompressorWeights
@@ -144,7 +145,7 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, kv_buf: jax.Array,
         cos, sin = rope_cos_sin(freqs, entry_ids * m)  # rope position = first token of the window
         e = apply_rope(e, cos, sin)
         if indexer:
-            e = hadamard(e, cfg.act_dtype)
+            e = hadamard(e, cfg.act_dtype, kernels=cfg.kernels)
             if cfg.simulate:
                 e = encode_fp4_cache(e)  # the FP4 snap (spec 3.3) as packed codes + scales
         elif cfg.kv_fp8_sim:
