@@ -19,7 +19,7 @@ for s in "${stages[@]}"; do
     moe) run moe_tests "${MOE_BOX:-90}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
            tests/test_kernels_fp4_moe.py -k "gpu and (${MOE_K:-2048})" ;;
     mhc) run mhc_tests "${MHC_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
-           tests/test_kernels_mhc.py tests/test_kernels_router.py -k gpu ;;
+           tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_hadamard.py -k gpu ;;
     decode) TAIL=4 run decode "${DECODE_BOX:-250}" python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \
               --kernels "${DECODE_KERNELS:-reference,auto@jax-triton,auto@xla}" --iters 10 --out "$OUT/decode.json" \
               ${DECODE_EXTRA:-}
