@@ -39,24 +39,22 @@ def e8m0(s):
 
 
 @triton.jit
-def e2m1_pair(p):
-    """Packed bytes ``p`` (int32, 0..255) -> the low and the high nibble's e2m1 values times 2**-126 (fp32; 0.5
-    lands on a denormal), 3 integer operations each (masking and shifting sign and magnitude apart took 6, and a
-    multiply by 2**126 followed): the nibble is
-    shifted to bits 28-31, arithmetically back by 6 (its sign stays at bit 31, its 3 magnitude bits land on bits
-    22-24, the exponent's lowest two and the mantissa's first), and the copies of the sign in bits 25-30 masked off
-    (mask 0x81C00000). Decoding is what bounds the FP4 kernels at decode sizes, not the bytes."""
-    lo = (((p << 28) >> 6) & -2118123520).to(tl.float32, bitcast=True)
-    hi = (((p << 24) >> 6) & -2118123520).to(tl.float32, bitcast=True)
-    return lo, hi
+def e2m1_nibble(w, m: tl.constexpr):
+    """Nibble ``m`` (bits ``4m .. 4m+3``) of int32 ``w`` -> its e2m1 value times 2**-126 (fp32; 0.5 lands on a
+    denormal), 3 integer operations (masking and shifting sign and magnitude apart took 6, and a multiply by 2**126
+    followed): the nibble is shifted to bits 28-31, arithmetically back by 6 (its sign stays at bit 31, its 3
+    magnitude bits land on bits 22-24, the exponent's lowest two and the mantissa's first), and the copies of the
+    sign in bits 25-30 masked off (mask 0x81C00000). A packed word holds 8 consecutive columns, nibble ``m`` is column
+    ``m`` of them (byte ``k``: columns ``2k``, ``2k + 1``). Decoding is what bounds the FP4 kernels at decode sizes,
+    not the bytes."""
+    return (((w << (28 - 4 * m)) >> 6) & -2118123520).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def e2m1_nibble(w, m: tl.constexpr):
-    """Nibble ``m`` (bits ``4m .. 4m+3``) of int32 words ``w`` -> its e2m1 value times 2**-126, as
-    :func:`e2m1_pair` does for bytes (shift it to bits 28-31, arithmetically back by 6, mask): a packed word holds 8
-    consecutive columns, nibble ``m`` is column ``m`` of them (byte ``k``: columns ``2k``, ``2k + 1``)."""
-    return (((w << (28 - 4 * m)) >> 6) & -2118123520).to(tl.float32, bitcast=True)
+def e2m1_pair(p):
+    """Packed bytes ``p`` (int32, 0..255) -> the low and the high nibble's e2m1 values times 2**-126
+    (:func:`e2m1_nibble` 0 and 1)."""
+    return e2m1_nibble(p, 0), e2m1_nibble(p, 1)
 
 
 @triton.jit

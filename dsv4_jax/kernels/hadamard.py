@@ -61,7 +61,7 @@ if triton is not None:
 
 def plan(n: int) -> dict:
     """Rows per program (about 4K values, a power of two) and warps: the one place they are chosen."""
-    return dict(BR=max(1, next_pow2(max(1, 4096 // n))), num_warps=4)
+    return dict(BR=next_pow2(max(1, 4096 // n)), num_warps=4)
 
 
 def _meta(n: int, out_dtype, p: dict) -> dict:
