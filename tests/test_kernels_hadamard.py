@@ -68,8 +68,8 @@ def test_interpreter_matches_reference_bits(tmp_path):
                                           err_msg=f"rows={r} n={n} bf16={bf}")
 
 
-def test_auto_keeps_the_reference():
-    """``"auto"`` and ``"reference"`` run the XLA butterflies (the kernel is opt-in); a bad width is refused."""
+def test_cpu_modes_give_the_reference():
+    """On a CPU backend ``"auto"`` and ``"reference"`` run the XLA butterflies; a bad width is refused."""
     import jax.numpy as jnp
 
     from dsv4_jax.kernels.hadamard import hadamard, hadamard_triton
@@ -102,6 +102,11 @@ def test_gpu_matches_reference_bits(shape):
     got = np.asarray(got.astype(jnp.float32)).reshape(-1, shape[-1])
     ref = _reference(x.reshape(-1, shape[-1]), True)
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    from dsv4_jax.kernels.hadamard import hadamard  # the dispatcher's "auto" takes the kernel on a GPU
+
+    auto = jax.jit(lambda a: hadamard(a, jnp.bfloat16, kernels="auto"))(jnp.asarray(x, jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(auto.astype(jnp.float32)).reshape(-1, shape[-1]).view(np.uint32),
+                                  ref.view(np.uint32))
 
 
 if __name__ == "__main__":  # the interpreter subprocess
