@@ -245,11 +245,10 @@ def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p:
     T, hc, D = h.shape
     (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters)
     x = h.reshape(T, hc * D).contiguous()
-    part = torch.full((T, p["NS"], P), float("nan"), dtype=torch.float32)
+    nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=h.device)  # noqa: E731
+    part = nan(T, p["NS"], P)
     _mix_partial_kernel[g1](x, fn, T, part, **m1)
-    y = torch.full((T, D), float("nan"), dtype=torch.float32)
-    post = torch.full((T, hc), float("nan"), dtype=torch.float32)
-    comb = torch.full((T, hc, hc), float("nan"), dtype=torch.float32)
-    nw = torch.zeros(1, dtype=torch.float32) if norm_w is None else norm_w
+    y, post, comb = nan(T, D), nan(T, hc), nan(T, hc, hc)
+    nw = torch.zeros(1, dtype=torch.float32, device=h.device) if norm_w is None else norm_w
     _finish_kernel[g2](part, x, scale, base, nw, y, post, comb, **m2)
     return y, post, comb

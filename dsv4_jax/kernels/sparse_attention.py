@@ -434,7 +434,7 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
     meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p)
     n_main, n_merge = _grid(q.shape, p)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt)  # noqa: E731  (unwritten shows)
+    nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt, device=q.device)  # noqa: E731
     R, sp = B * S, p["SPLIT"]
     if sp == 1:
         o = nan(B, S, H, Dh)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""One kernel call on torch CUDA tensors: its device time per plan, or plain launches for Nsight Compute (``ncu``).
+
+The kernels are launched straight from torch through their torch launchers (``run_torch``: no JAX, no XLA custom
+call), so ``ncu`` sees exactly the kernel's launches, and a CUDA graph replay times them without host launch cost.
+Inputs are random, at V4-Flash shapes:
+
+* ``--op attn``: sparse-attention decode (``sparse_attention.run_torch``), 64 heads of 512 dims over the stored FP8
+  cache layout (448 e4m3 codes + 7 e8m0 scales + 64 bf16 RoPE dims per entry), for a CSA layer (window 128 + 512
+  selected compressed entries) or an HCA layer (window 128 + every compressed entry) at ``--context``;
+* ``--op mhc``: mHC's ``hc_pre`` with the block's norm (``mhc.run_torch``: split-K mixes, then the finish kernel),
+  hc = 4 streams of 4096, ``--batch`` tokens.
+
+    python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --tiles ';num_stages=1'
+    python scripts/probe_kernels.py --op mhc --batch 1 --tiles ';warps2=4;warps2=2'
+    ncu --clock-control none --kernel-name regex:_sparse_attn --launch-skip 2 --launch-count 1 \\
+        --section WarpStateStats --section SchedulerStats --section SpeedOfLight --section SourceCounters \\
+        python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --ncu --iters 3
+
+Times include the launchers' NaN fills of their outputs and workspaces (a few us at most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the modules import jax: keep it off the memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton.testing  # noqa: E402
+
+from dsv4_jax.kernels import mhc  # noqa: E402
+from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
+
+H, DH, DN, W = 64, 512, 448, 128  # V4-Flash attention
+HC, D, NMIX = 4, 4096, 24  # V4-Flash mHC
+
+
+def attn_case(args, g):
+    """(launcher of a plan, bytes read, description) for one sparse-attention decode call."""
+    B, nc = args.batch, args.context // (4 if args.kind == "csa" else 128)
+
+    def cache(n):
+        codes = (torch.randn(B, n, DN, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+        scales = torch.full((B, n, DN // 64), 123, dtype=torch.uint8, device="cuda")
+        return codes, scales, torch.randn(B, n, DH - DN, device="cuda", generator=g).to(torch.bfloat16)
+
+    sources = [cache(W), cache(1), cache(nc)]
+    q = torch.randn(B, 1, H, DH, device="cuda", generator=g).to(torch.bfloat16)
+    win = torch.arange(W, device="cuda").expand(B, W)
+    if args.kind == "csa":
+        sel = torch.stack([torch.randperm(nc, device="cuda", generator=g)[:min(512, nc)] for _ in range(B)])
+    else:
+        sel = torch.arange(nc, device="cuda").expand(B, nc)
+    idx = torch.cat([win, sel + W + 1], -1).to(torch.int32)[:, None, :].contiguous()
+    sink = torch.randn(H, device="cuda", generator=g)
+    K = idx.shape[-1]
+
+    def launcher(over):
+        p = sa.plan(H, DH, "sm90", rows=B, K=K, tiles=over)
+        return (lambda: sa.run_torch(q, sources, True, idx, sink, W, nc, DH**-0.5, p)), p
+
+    nbytes = B * K * (DN + DN // 64 + 2 * (DH - DN))
+    return launcher, nbytes, f"{args.kind} ctx {args.context} batch {B} K {K}"
+
+
+def mhc_case(args, g):
+    """(launcher of a plan, bytes read, description) for one ``hc_pre`` + norm call."""
+    T = args.batch
+    h = torch.randn(T, HC, D, device="cuda", generator=g).to(torch.bfloat16)
+    fn = torch.randn(NMIX, HC * D, device="cuda", generator=g) * 1e-2
+    scale, base = torch.rand(3, device="cuda", generator=g), torch.randn(NMIX, device="cuda", generator=g)
+    norm_w = torch.rand(D, device="cuda", generator=g)
+
+    def launcher(over):
+        p = {**mhc.plan(T, HC, D, "sm90", norm=True), **over}
+        return (lambda: mhc.run_torch(h, fn, scale, base, 1e-6, 1e-6, 20, p, norm_w)), p
+
+    return launcher, fn.numel() * 4 + h.numel() * 2, f"mhc tokens {T}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", default="attn", choices=["attn", "mhc"])
+    ap.add_argument("--batch", type=int, default=32, help="query rows (attn) or tokens (mhc)")
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--kind", default="csa", choices=["csa", "hca"])
+    ap.add_argument("--tiles", default="", help="plan overrides, e.g. 'BK=32,num_stages=2' (; separates plans)")
+    ap.add_argument("--iters", type=int, default=20, help="ms of graph replays (timing), or launches (--ncu)")
+    ap.add_argument("--ncu", action="store_true", help="launch --iters times without timing (run under ncu)")
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    launcher, nbytes, what = (attn_case if args.op == "attn" else mhc_case)(args, g)
+    for text in args.tiles.split(";"):
+        run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
+        run()
+        torch.cuda.synchronize()
+        if args.ncu:  # plain launches for ncu to catch (its replay times each kernel)
+            for _ in range(args.iters):
+                run()
+            torch.cuda.synchronize()
+            continue
+        us = triton.testing.do_bench_cudagraph(run, rep=args.iters, return_mode="median") * 1e3
+        print(f"{what} plan {text or 'default'} {p}: {us:.1f} us (CUDA graph, median), {nbytes / 1e6:.2f} MB read, "
+              f"{nbytes / us / 1e6:.3f} TB/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
