@@ -17,7 +17,7 @@ for s in "${stages[@]}"; do
     fp8) run fp8_tests "${FP8_BOX:-130}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
            tests/test_kernels_fp8.py -k "gpu and (${FP8_K:-sweep})" ;;
     moe) run moe_tests "${MOE_BOX:-90}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-           tests/test_kernels_fp4_moe.py -k "gpu and (${MOE_K:-2048})" ;;
+           tests/test_kernels_fp4_moe.py tests/test_kernels_act_words.py -k "gpu and (${MOE_K:-2048} or act_words)" ;;
     mhc) run mhc_tests "${MHC_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
            tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_hadamard.py -k gpu ;;
     decode) TAIL=4 run decode "${DECODE_BOX:-250}" python3 scripts/bench_decode.py --model flash --layers 3 --batch 1,32 \

@@ -38,7 +38,7 @@ CASE = "b1_len037"
 N_DECODE = 3
 KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_gate_up_gemv", "_down_gemv",
            "_sparse_attn_kernel", "_mix_partial_kernel", "_finish_kernel", "_logits_kernel", "_select_kernel",
-           "_hadamard_kernel")
+           "_hadamard_kernel", "_act_words_kernel")
 
 
 def _child(golden: str, out: str) -> None:

@@ -108,6 +108,20 @@ def test_moe_gemv_plans_fit(model, n_pairs):
         assert _loop_barriers(sass) == 0, f"{fn.__name__} {t}: barriers in the K loop (a layout conversion)"
 
 
+@pytest.mark.parametrize("K,dtype", [(4096, "bf16"), (7168, "fp32"), (2048, "bf16")])
+def test_act_words_plan_fits(K, dtype):
+    """The MoE GEMV's activation kernel (one warp per 128-wide block) at V4 widths: no spills, no block barrier."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import fp4_moe_gemv as g
+
+    p = g.act_plan("sm90", K)
+    sass: list = []
+    smem, spill = _compile(g._act_words_kernel, dict(x_ptr=f"*{dtype}", xa_ptr="*fp32", xf_ptr="*fp32"),
+                           dict(K=K, NG=8, NB=p["NB"]), dict(num_warps=p["num_warps"], num_stages=1), sass)
+    assert smem <= SMEM_SM90 and spill == 0, f"act_words K={K}: {smem} B shared, {spill} B spills"
+    assert not any("BAR.SYNC" in line for line in sass), f"act_words K={K}: a block barrier"
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 32768, 1024), (1, 4096, 8192), (4, 4096, 8192), (8, 1024, 4096)],
                          ids=["wq_b-1", "wo_b-1", "wo_b-4", "wq_a-8"])
 def test_fp8_gemv_plans_fit(M, N, K):

@@ -13,12 +13,19 @@ Data layout, chosen so that the K loop has no shared memory and no barrier:
   columns: byte ``k`` holds columns ``2k`` (low nibble) and ``2k + 1``); :func:`common.e2m1_nibble` decodes nibble
   ``m`` to its e2m1 value times 2**-126 in 3 integer operations, and each group's scale byte gives the two powers
   of two (:func:`common.e2m1_factors`) that restore the weight, applied once to the group's sum.
-* activations: quantized once per call by XLA (:func:`act_words`: the one quantizer of the model,
-  ``quant.fp8_act_quant`` per 1x128, as the reference's ``act_quant``), stored as codes times 2**24 and permuted
-  within each K step so that the activations of nibble ``m`` of the step's ``4 NG`` words are consecutive floats:
-  their ``[BN, 4 NG]`` loads (the same addresses in every row, L1 hits) take the weights' register layout.
-  Products nibble x code are exact normal fp32 numbers (``[0.5, 6] * 2**-126`` times ``[2**-9, 448] * 2**24``),
-  summed in fp32 per group; the group's weight and activation factors multiply the sum (exact powers of two).
+* activations: quantized once per call, the tokens before stage 1 and ``h`` between the stages, each by one launch
+  of a small kernel (:func:`act_words_triton`, one one-warp program per row and 128-wide block). Its XLA form
+  :func:`act_words` (the tests' oracle) was 3 fusions per activation (reduce, broadcast, transpose): XLA's sm_90
+  build of a one-token GEMV MoE call, made without a GPU (``scripts/count_launches.py``'s ``compile_for_h200``),
+  has 5 kernels with this one where it had 9. On an H200 its 6 launches per 3-layer batch-1 step took 7.8 us
+  (2026-12-01, ``docs/performance.md``). It is the model's one quantizer,
+  ``quant.fp8_act_quant`` per 1x128 as the reference's ``act_quant``, its codes and scales bit for bit through the
+  helpers of ``fp8_linear``'s GEMV (:func:`common.act_exp`, :func:`common.e4m3_grid`). Stored as codes times 2**24
+  and permuted within each K step so that the activations of nibble ``m`` of the step's ``4 NG`` words are
+  consecutive floats: their ``[BN, 4 NG]`` loads (the same addresses in every row, L1 hits) take the weights'
+  register layout. Products nibble x code are exact normal fp32 numbers (``[0.5, 6] * 2**-126`` times
+  ``[2**-9, 448] * 2**24``), summed in fp32 per group; the group's weight and activation factors multiply the sum
+  (exact powers of two).
 
 The previous form quantized the activation inside every program in every K step (a cross-warp amax and a broadcast
 of the codes through shared memory) and moved the scale bytes through shared memory: the sm_90a SASS of the gate/up
@@ -26,15 +33,18 @@ loop had 470 instructions and 16 barriers per step; this one has ~300 and none (
 checks the plans compile without spills).
 
 Same roundings and order contract as :mod:`fp4_moe` (its docstring): stage 1 writes
-``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u`` rounded to bf16; XLA quantizes ``h`` per 128-wide
-block (:func:`act_words`); stage 2 writes ``y = bf16(hq @ w2.T)``. Only the fp32 summation order inside each dot
-differs from the reference.
+``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u`` rounded to bf16; ``h`` is quantized per 128-wide
+block (:func:`act_words_triton`: the reference's codes and scales); stage 2 writes ``y = bf16(hq @ w2.T)``. Only the
+fp32 summation order inside each dot differs from the reference.
 
 Portable Triton (integer/fp32 arithmetic and plain loads, see :mod:`dsv4_jax.kernels.common`); tested under the
-interpreter in CI and against the reference on an H200.
+interpreter in CI and against the reference on an H200 (the activation kernel bit for bit at V4-Flash and V4-Pro
+widths, ``tests/test_kernels_act_words.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +53,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import e2m1_factors, e2m1_nibble, round_bf16
+from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_nibble, e4m3_grid, pow2, round_bf16
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -64,6 +74,36 @@ def act_words(x: jax.Array, ng: int) -> tuple[jax.Array, jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _act_words_kernel(x_ptr, xa_ptr, xf_ptr, K: tl.constexpr, NG: tl.constexpr, NB: tl.constexpr):
+    """:func:`act_words` of ``NB`` 128-wide blocks of one row: row ``program_id(0)`` of ``x [R, K]`` (bf16 or fp32),
+    blocks ``[NB * program_id(1), + NB)`` -> their codes times 2**24 at their permuted places in ``xa [R, K]`` and
+    their factors ``2**(e - 24)`` (4 per block) in ``xf [R, K / 32]``.
+
+    The reference's special values, kept: ``-0.0`` codes keep their sign (``e4m3_grid`` returns ``+0``); a block
+    with an infinity has the scale ``+inf`` (``act_exp``'s exponent 128) and ``x / inf`` is ``x * 0`` (NaN for the
+    infinities); NaN codes stay NaN. A NaN in a block gives the scale the reference derives from a NaN amax (exponent
+    129 from its bits: ``-0.0``; ``x / -0.0`` is ``x * -inf``), as XLA does where its max keeps NaNs (on the CPU that
+    depends on the shape: no contract, the tests check this rule on its own). ``tl.max`` drops NaNs (GPU and
+    interpreter alike), hence the amax over the integer bits of ``|x|``, where NaNs sort above ``inf``."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * NB + tl.arange(0, NB)  # [NB] the row's 128-wide blocks
+    c = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NB, 128] columns
+    x = tl.load(x_ptr + row * K + c).to(tl.float32)  # [NB, 128]
+    abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NB] bits of the blocks' amax (NaN > inf)
+    e = tl.where(abits > 0x7F800000, 129, act_exp(abits.to(tl.float32, bitcast=True)))  # [NB] scale exponents
+    inv = tl.where(e < 128, pow2(-e), tl.where(e == 128, 0.0, float("-inf")))  # [NB] 1 / scale, exact
+    v = x * inv[:, None]  # x / s of the reference, the same rounding
+    sign = v.to(tl.int32, bitcast=True) & -2147483648
+    q = (e4m3_grid(v).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # [NB, 128] e4m3 codes
+    q = tl.where(v != v, v, q)
+    S: tl.constexpr = 32 * NG  # columns per K step: column 32 g + 8 i + m of a step goes to 4 NG m + 4 g + i
+    p = c - c % S + (c % 8) * (4 * NG) + (c % S) // 8
+    tl.store(xa_ptr + row * K + p, q * 16777216.0)
+    f = tl.broadcast_to((pow2(e) * 5.9604644775390625e-08)[:, None], (NB, 4))  # [NB, 4] 2**e * 2**-24 (inf, -0.0)
+    tl.store(xf_ptr + row * (K // 32) + blk[:, None] * 4 + tl.arange(0, 4)[None, :], f)
+
+
 @triton.jit
 def _fetch(wp, ws, n, K: tl.constexpr, c0, NG: tl.constexpr):
     """One K step's weight bytes: rows ``n [BN]`` (int64) of the packed ``[*, K/2]`` stack, columns
@@ -170,38 +210,78 @@ def _kw(t: dict, E: int) -> dict:
     return dict(BN=t["BN"], NG=t["NG"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
+def act_plan(target: str, K: int) -> dict:
+    """Blocks per program of :func:`_act_words_kernel` (``NB``, one warp per block): one on GPUs, the most programs
+    for the least latency at decode sizes (R rows x K / 128 one-warp programs, 32 for one V4-Flash token); up to 8
+    under the interpreter, whose cost is per program."""
+    nb = math.gcd(K // 128, 8) if target == "cpu" else 1
+    return dict(NB=nb, num_warps=nb)
+
+
+def _check_act(K: int, ng: int, nb: int) -> None:
+    if K % 128 or K % (32 * ng) or (K // 128) % nb:
+        raise ValueError(f"act_words: K={K} is not tiled by 128-wide blocks ({nb} per program) and K steps of "
+                         f"32*NG={32 * ng} columns")
+
+
+def act_words_triton(x: jax.Array, ng: int, p: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """:func:`act_words` (the same ``xa [R, K]``, ``xf [R, K/32]`` fp32 arrays, bit for bit) in one kernel launch;
+    ``x [R, K]`` bf16 or fp32; ``p``: :func:`act_plan` (default: the GPU's)."""
+    R, K = x.shape
+    p = p or act_plan("gpu", K)
+    _check_act(K, ng, p["NB"])
+    out = (jax.ShapeDtypeStruct((R, K), jnp.float32), jax.ShapeDtypeStruct((R, K // 32), jnp.float32))
+    if R == 0:
+        return jnp.zeros(out[0].shape, jnp.float32), jnp.zeros(out[1].shape, jnp.float32)
+    xa, xf = triton_call(x, kernel=_act_words_kernel, out_shape=out, grid=(R, K // (128 * p["NB"])), K=K, NG=ng,
+                         NB=p["NB"], num_warps=p["num_warps"], num_stages=1)
+    return xa, xf
+
+
+def act_words_torch(x, ng: int, p: dict | None = None):
+    """:func:`_act_words_kernel` on a torch tensor ``x [R, K]`` (the interpreter tests) -> ``(xa, xf)`` fp32 torch
+    tensors; ``p``: :func:`act_plan` (default: the interpreter's)."""
+    import torch
+
+    R, K = x.shape
+    p = p or act_plan("cpu", K)
+    _check_act(K, ng, p["NB"])
+    xa = torch.full((R, K), float("nan"), dtype=torch.float32)
+    xf = torch.full((R, K // 32), float("nan"), dtype=torch.float32)
+    _act_words_kernel[(R, K // (128 * p["NB"]))](x, xa, xf, K=K, NG=ng, NB=p["NB"], num_warps=p["num_warps"],
+                                                   num_stages=1)
+    return xa, xf
+
+
 def launch_gemv_jax(x, tok, wt, e, w1, w2, w3, limit: float, t: dict) -> jax.Array:
     """Both GEMV kernels: ``x [T, D]`` the raw tokens, ``tok [R]``, ``wt [R]``, ``e [R]`` the pairs' token, routing
     weight and local expert id (outside ``[0, E)``: another device's) -> ``y [R, D]`` bf16, zeros for other devices'
-    pairs. XLA quantizes the tokens before stage 1 and ``h`` between the stages (:func:`act_words`)."""
+    pairs. The tokens are quantized before stage 1 and ``h`` between the stages, one launch each
+    (:func:`act_words_triton`)."""
     E, I, D2 = w1.packed.shape
     D, R = 2 * D2, tok.shape[0]
-    xa, xf = act_words(x, t["NG"])
+    xa, xf = act_words_triton(x, t["NG"])
     h = triton_call(xa, xf, tok, wt, e, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_gemv,
                     out_shape=jax.ShapeDtypeStruct((R, I), jnp.bfloat16), grid=(R, I // t["BN"]), D=D, I=I,
                     LIMIT=limit, **_kw(t, E))
-    ha, hf = act_words(h, t["NG"])  # rows of other devices' pairs are unwritten here and never read
+    ha, hf = act_words_triton(h, t["NG"])  # rows of other devices' pairs are unwritten here and never read
     return triton_call(ha, hf, e, w2.packed, w2.scale, kernel=_down_gemv,
                        out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // t["BN"]), D=D, I=I,
                        **_kw(t, E))
 
 
 def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
-    """The same kernels on torch tensors (the interpreter tests; :func:`act_words` runs in JAX on the CPU); ``w*`` are
-    ``(packed, scale)`` uint8 tensors. Returns ``(h [R, I], y [R, D])`` fp32; rows of other devices' pairs keep the
-    poison ``nan`` in ``h`` and are zeros in ``y``."""
+    """The same kernels on torch tensors (the interpreter tests; the activations through :func:`act_words_torch`,
+    the jax path's kernel); ``w*`` are ``(packed, scale)`` uint8 tensors. Returns ``(h [R, I], y [R, D])`` fp32; rows
+    of other devices' pairs keep the poison ``nan`` in ``h`` and are zeros in ``y``."""
     import torch
-
-    def words(v):
-        a, f = act_words(jnp.asarray(v.numpy()), t["NG"])
-        return torch.from_numpy(np.array(a)), torch.from_numpy(np.array(f))
 
     E, I, D2 = w1[0].shape
     D, R = 2 * D2, tok.shape[0]
     h = torch.full((R, I), float("nan"), dtype=torch.float32)
     y = torch.full((R, D), float("nan"), dtype=torch.float32)
-    xa, xf = words(x)
+    xa, xf = act_words_torch(x, t["NG"])
     _gate_up_gemv[(R, I // t["BN"])](xa, xf, tok, wt, e, *w1, *w3, h, D=D, I=I, LIMIT=limit, **_kw(t, E))
-    ha, hf = words(torch.nan_to_num(h))
+    ha, hf = act_words_torch(torch.nan_to_num(h), t["NG"])
     _down_gemv[(R, D // t["BN"])](ha, hf, e, *w2, y, D=D, I=I, **_kw(t, E))
     return h, y
