@@ -9,10 +9,14 @@ Inputs are random, at V4-Flash shapes:
   cache layout (448 e4m3 codes + 7 e8m0 scales + 64 bf16 RoPE dims per entry), for a CSA layer (window 128 + 512
   selected compressed entries) or an HCA layer (window 128 + every compressed entry) at ``--context``;
 * ``--op mhc``: mHC's ``hc_pre`` with the block's norm (``mhc.run_torch``: split-K mixes, then the finish kernel),
-  hc = 4 streams of 4096, ``--batch`` tokens.
+  hc = 4 streams of 4096, ``--batch`` tokens;
+* ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation; the split-K partials summed by
+  torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan overrides are
+  :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``, ``num_stages``).
 
     python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --tiles ';num_stages=1'
     python scripts/probe_kernels.py --op mhc --batch 1 --tiles ';warps2=4;warps2=2'
+    python scripts/probe_kernels.py --op fp8 --batch 1 --weight wo_b --tiles ';block_n=32;nb=4'
     ncu --clock-control none --kernel-name regex:_sparse_attn --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats --section SchedulerStats --section SpeedOfLight --section SourceCounters \\
         python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --ncu --iters 3
@@ -33,11 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from dsv4_jax.kernels import mhc  # noqa: E402
+from dsv4_jax.kernels import fp8_linear, mhc  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
 
 H, DH, DN, W = 64, 512, 448, 128  # V4-Flash attention
 HC, D, NMIX = 4, 4096, 24  # V4-Flash mHC
+# V4-Flash FP8 weights at decode: (groups, N, K) of each linear
+FP8_WEIGHTS = dict(wq_a=(1, 1024, 4096), wq_b=(1, 32768, 1024), wkv=(1, 512, 4096), wo_a=(8, 1024, 4096),
+                   wo_b=(1, 4096, 8192), w13=(1, 2048, 4096), w2=(1, 4096, 2048), idx_wq_b=(1, 8192, 1024))
 
 
 def attn_case(args, g):
@@ -83,10 +90,28 @@ def mhc_case(args, g):
     return launcher, fn.numel() * 4 + h.numel() * 2, f"mhc tokens {T}"
 
 
+def fp8_case(args, g):
+    """(launcher of a plan, bytes read, description) for one FP8 GEMV call on a bf16 activation, as the model
+    launches it (``--kquant``: the activation quantized in the kernel instead, the former path)."""
+    G, N, K = FP8_WEIGHTS[args.weight]
+    x = torch.randn(args.batch, G, K, device="cuda", generator=g).to(torch.bfloat16)
+    wq = (torch.randn(G * N, K, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+    ws = torch.randint(118, 124, ((G * N + 127) // 128, (K + 127) // 128), device="cuda", generator=g,
+                       dtype=torch.uint8)
+
+    def launcher(over):
+        p = fp8_linear.gemv_plan(args.batch, N, K, G, 132, **over)
+        return (lambda: fp8_linear.run_gemv_torch(x, wq, ws, G, torch.bfloat16, args.kquant, p)), p
+
+    return launcher, wq.numel() + ws.numel(), f"fp8 {args.weight} rows {args.batch} G {G} N {N} K {K}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="attn", choices=["attn", "mhc"])
-    ap.add_argument("--batch", type=int, default=32, help="query rows (attn) or tokens (mhc)")
+    ap.add_argument("--op", default="attn", choices=["attn", "mhc", "fp8"])
+    ap.add_argument("--weight", default="wo_b", choices=sorted(FP8_WEIGHTS), help="fp8: which V4-Flash weight")
+    ap.add_argument("--kquant", action="store_true", help="fp8: quantize the activation in the kernel (QUANT)")
+    ap.add_argument("--batch", type=int, default=32, help="query rows (attn), tokens (mhc) or rows (fp8)")
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--kind", default="csa", choices=["csa", "hca"])
     ap.add_argument("--tiles", default="", help="plan overrides, e.g. 'BK=32,num_stages=2' (; separates plans)")
@@ -94,7 +119,7 @@ def main() -> int:
     ap.add_argument("--ncu", action="store_true", help="launch --iters times without timing (run under ncu)")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    launcher, nbytes, what = (attn_case if args.op == "attn" else mhc_case)(args, g)
+    launcher, nbytes, what = dict(attn=attn_case, mhc=mhc_case, fp8=fp8_case)[args.op](args, g)
     for text in args.tiles.split(";"):
         run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
         run()

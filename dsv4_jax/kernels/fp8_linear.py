@@ -162,10 +162,13 @@ if triton is not None:
 
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
         activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
-        scale (exact) and summed in fp32. x ``[M, G, K]`` is the raw activation (``QUANT``: quantized here per 1x128
-        block exactly as ``quantize_act``, so no separate quantization launch; else used as it is, the bf16 ``wo_a``
-        path). Each step covers ``NB`` 128-wide K blocks (a ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads
-        along K). out ``[M, G, N]`` (``SPLIT == 1``) or fp32 partials ``[SPLIT, M, G, N]``."""
+        scale (exact) and summed in fp32. x ``[M, G, K]`` is used as it is (the FP8 linear passes the values of
+        ``quantize_act``, exact in bf16; ``wo_a`` its bf16 input) or, with ``QUANT``, quantized here per 1x128 block
+        exactly as ``quantize_act``. The model no longer takes ``QUANT``: its per-step amax (shuffles, shared memory
+        and a barrier in the K loop) made ``wo_b`` 24.6 us per call where ``wo_a``'s as many bytes took 17.9 us
+        (H200, 2026-12-01, ``scripts/probe_kernels.py --op fp8``). Each step covers ``NB`` 128-wide K blocks (a
+        ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
+        fp32 partials ``[SPLIT, M, G, N]``."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         g = tl.program_id(2)
@@ -315,9 +318,10 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
     if M == 0:
         return jnp.zeros((*lead, N), out_dtype)
     p = p or plan(M, N, K)
-    if p.get("GEMV"):  # quantizes x itself (xq, when given, holds the same codes)
-        return _launch_gemv(x.reshape(M, 1, K), w, M, N, K, 1, out_dtype, True, p).reshape(*lead, N)
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
+    if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
+        xv = qa.dequant().astype(jnp.bfloat16).reshape(M, 1, K)
+        return _launch_gemv(xv, w, M, N, K, 1, out_dtype, False, p).reshape(*lead, N)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
 

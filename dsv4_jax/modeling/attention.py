@@ -20,7 +20,7 @@ import numpy as np
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.fp8_linear import grouped_proj
 from dsv4_jax.kernels.sparse_attention import sparse_attention
-from dsv4_jax.modeling.compressor import compress, write_entries
+from dsv4_jax.modeling.compressor import compress
 from dsv4_jax.modeling.indexer import index_topk
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
 from dsv4_jax.modeling.quant import encode_fp8_cache, linear, quantize_act
@@ -69,15 +69,13 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     comp_idx = chosen = None
     if ratio:
         with jax.named_scope("compressor"):
-            e, ids, new["c_kv"], new["c_score"] = compress(cfg, w.compressor, x, ls.c_kv, ls.c_score, pos, n_new,
-                                                           ratio, freqs, indexer=False)
-            new["ckv"] = write_entries(ls.ckv, e, ids)
+            new["ckv"], new["c_kv"], new["c_score"] = compress(cfg, w.compressor, x, ls.ckv, ls.c_kv, ls.c_score,
+                                                               pos, n_new, ratio, freqs, indexer=False)
         n_c = new["ckv"].shape[1]
         if ratio == 4:
             with jax.named_scope("indexer"):
-                e, ids, new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ic_kv,
-                                                                 ls.ic_score, pos, n_new, 4, freqs, indexer=True)
-                new["ikv"] = write_entries(ls.ikv, e, ids)
+                new["ikv"], new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ikv, ls.ic_kv,
+                                                                     ls.ic_score, pos, n_new, 4, freqs, indexer=True)
                 comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin)  # [B,S,k]
         else:
             j = jnp.arange(n_c)[None, None, :]
