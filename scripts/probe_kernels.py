@@ -92,7 +92,7 @@ def mhc_case(args, g):
 
 def fp8_case(args, g):
     """(launcher of a plan, bytes read, description) for one FP8 GEMV call on a bf16 activation, as the model
-    launches it (``--kquant``: the activation quantized in the kernel instead, the former path)."""
+    launches it."""
     G, N, K = FP8_WEIGHTS[args.weight]
     x = torch.randn(args.batch, G, K, device="cuda", generator=g).to(torch.bfloat16)
     wq = (torch.randn(G * N, K, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
@@ -101,7 +101,7 @@ def fp8_case(args, g):
 
     def launcher(over):
         p = fp8_linear.gemv_plan(args.batch, N, K, G, 132, **over)
-        return (lambda: fp8_linear.run_gemv_torch(x, wq, ws, G, torch.bfloat16, args.kquant, p)), p
+        return (lambda: fp8_linear.run_gemv_torch(x, wq, ws, G, torch.bfloat16, p)), p
 
     return launcher, wq.numel() + ws.numel(), f"fp8 {args.weight} rows {args.batch} G {G} N {N} K {K}"
 
@@ -110,7 +110,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", default="attn", choices=["attn", "mhc", "fp8"])
     ap.add_argument("--weight", default="wo_b", choices=sorted(FP8_WEIGHTS), help="fp8: which V4-Flash weight")
-    ap.add_argument("--kquant", action="store_true", help="fp8: quantize the activation in the kernel (QUANT)")
     ap.add_argument("--batch", type=int, default=32, help="query rows (attn), tokens (mhc) or rows (fp8)")
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--kind", default="csa", choices=["csa", "hca"])

@@ -111,10 +111,10 @@ def _interpret_main(path: str) -> None:
         ws = torch.from_numpy(data[f"ws{i}"])
         p = plan(M, N, K, G, target="cpu")
         out[f"p{i}"] = np.array([p["SPLIT"], 0 if p.get("GEMV") else p["BLOCK_M"]])
-        if p.get("GEMV"):  # the raw activation: the GEMV kernel quantizes it itself
-            xr = torch.from_numpy(data[f"xraw{i}"]).view(torch.bfloat16)
-            out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, fp8, p).numpy()
-            out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
+        if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
+            xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)
+            out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()
+            out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, p).float().numpy()
         else:
             out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
             out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
@@ -126,6 +126,8 @@ def interpreted(tmp_path_factory):
     """Inputs (fixed seeds), references, and the interpreter's outputs for every CPU case."""
     pytest.importorskip("triton")
     pytest.importorskip("torch")
+    import jax.numpy as jnp
+
     from dsv4_jax.modeling.quant import quantize_act
 
     arrays, cases = {}, []
@@ -135,10 +137,13 @@ def interpreted(tmp_path_factory):
             qa = quantize_act(x.reshape(M, K))
             arrays[f"x{i}"] = np.asarray(qa.q).view(np.uint8).reshape(M, 1, K)
             arrays[f"sx{i}"] = np.asarray(qa.scale, np.float32).reshape(M, 1, K // 128)
+            xv = np.asarray(qa.dequant().astype(jnp.bfloat16)).reshape(M, 1, K)  # what fp8_linear's GEMV gets
+            assert (xv.astype(np.float32) == np.asarray(qa.dequant()).reshape(M, 1, K)).all()  # exact in bf16
+            arrays[f"xgemv{i}"] = xv.view(np.uint16)
         else:
             arrays[f"x{i}"] = np.asarray(x).view(np.uint16)
             arrays[f"sx{i}"] = np.zeros((1,), np.float32)
-        arrays[f"xraw{i}"] = np.asarray(x).view(np.uint16)
+            arrays[f"xgemv{i}"] = np.asarray(x).view(np.uint16)
         arrays[f"wq{i}"] = np.asarray(w.q).view(np.uint8)
         arrays[f"ws{i}"] = np.asarray(w.scale)
         cases.append((x, w))

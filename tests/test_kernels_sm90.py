@@ -133,7 +133,7 @@ def test_fp8_gemv_plans_fit(M, N, K):
 
     p = f.gemv_plan(M, N, K, 1, f.SM_COUNT["sm90"])
     options = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
-    meta = dict(M=M, MP=next_pow2(M), N=N, K=K, G=1, SWK=(K + 127) // 128, QUANT=True,
+    meta = dict(M=M, MP=next_pow2(M), N=N, K=K, G=1, SWK=(K + 127) // 128,
                 **{k: v for k, v in p.items() if k not in ("GEMV", "num_warps", "num_stages")})
     pointers = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*u8", out_ptr="*fp32" if p["SPLIT"] > 1 else "*bf16")
     smem, spill = _compile(f.fp8_gemv_kernel, pointers, meta, options)

@@ -62,7 +62,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import act_exp, e4m3_grid, e8m0, pow2
+    from dsv4_jax.kernels.common import e8m0
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -155,18 +155,18 @@ if triton is not None:
 if triton is not None:
     @triton.jit
     def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
-                        K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, QUANT: tl.constexpr,
+                        K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                         SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
                         CW: tl.constexpr = 128):
         """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
         activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
-        scale (exact) and summed in fp32. x ``[M, G, K]`` is used as it is (the FP8 linear passes the values of
-        ``quantize_act``, exact in bf16; ``wo_a`` its bf16 input) or, with ``QUANT``, quantized here per 1x128 block
-        exactly as ``quantize_act``. The model no longer takes ``QUANT``: its per-step amax (shuffles, shared memory
-        and a barrier in the K loop) made ``wo_b`` 24.6 us per call where ``wo_a``'s as many bytes took 17.9 us
-        (H200, 2026-12-01, ``scripts/probe_kernels.py --op fp8``). Each step covers ``NB`` 128-wide K blocks (a
+        scale (exact) and summed in fp32. x ``[M, G, K]`` bf16 is used as it is: the FP8 linear passes the values of
+        ``quantize_act`` (exact in bf16, made once per activation by XLA), ``wo_a`` its bf16 input. (The activation
+        used to be quantized here, in every program and K step: that amax, with shuffles, shared memory and a barrier
+        in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
+        ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
         ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
         fp32 partials ``[SPLIT, M, G, N]``."""
         pid_n = tl.program_id(0)
@@ -202,10 +202,6 @@ if triton is not None:
                               other=127))  # [BN, NC]: the weight block's scale, per chunk
             for m in tl.static_range(M):
                 xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
-                if QUANT:  # the block's amax over its chunks -> one exponent per 128-wide block
-                    a = tl.max(tl.reshape(tl.max(tl.abs(xr), axis=1), (NB, CPB)), axis=1)  # [NB]
-                    e = tl.reshape(tl.broadcast_to(act_exp(a)[:, None], (NB, CPB)), (NC,))[:, None]  # [NC, 1]
-                    xr = e4m3_grid(xr * pow2(-e)) * pow2(e)  # the quantized values, exact
                 # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
                 part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
                 if M == 1:
@@ -296,13 +292,13 @@ def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | N
     return y
 
 
-def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, quant: bool, p: dict) -> jax.Array:
+def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
     """triton_call of :func:`fp8_gemv_kernel` on the raw activation ``x [M, G, K]`` -> ``[M, G, N]``."""
     split = p["SPLIT"]
     out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
     kw = {k: v for k, v in p.items() if k != "GEMV"}
     y = triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
-                       MP=next_pow2(M), N=N, K=K, G=G, SWK=w.scale.shape[1], QUANT=quant, **kw)
+                       MP=next_pow2(M), N=N, K=K, G=G, SWK=w.scale.shape[1], **kw)
     if split > 1:
         y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
     return y
@@ -321,7 +317,7 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
         xv = qa.dequant().astype(jnp.bfloat16).reshape(M, 1, K)
-        return _launch_gemv(xv, w, M, N, K, 1, out_dtype, False, p).reshape(*lead, N)
+        return _launch_gemv(xv, w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
 
@@ -335,8 +331,7 @@ def _grouped_triton(o: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None
         return jnp.zeros((*lead, G, R), out_dtype)
     p = p or plan(M, R, d, G)
     if p.get("GEMV"):
-        return _launch_gemv(o.astype(jnp.bfloat16).reshape(M, G, d), w, M, R, d, G, out_dtype, False,
-                            p).reshape(*lead, G, R)
+        return _launch_gemv(o.astype(jnp.bfloat16).reshape(M, G, d), w, M, R, d, G, out_dtype, p).reshape(*lead, G, R)
     dummy = jnp.zeros((1,), jnp.float32)  # no activation scales in the bf16 variant
     y = _launch(o.astype(jnp.bfloat16).reshape(M, G, d), dummy, w, M, R, d, G, out_dtype, False, p)
     return y.reshape(*lead, G, R)
@@ -407,9 +402,9 @@ def run_torch(x, sx, wq, ws, G: int, out_dtype, x_fp8: bool, p: dict | None = No
     return out.sum(0).to(out_dtype) if split > 1 else out
 
 
-def run_gemv_torch(x, wq, ws, G: int, out_dtype, quant: bool, p: dict):
-    """Launch :func:`fp8_gemv_kernel` on torch tensors: ``x [M, G, K]`` raw activations (quantized in the kernel when
-    ``quant``), wq e4m3 ``[G*N, K]``, ws uint8 scales -> ``[M, G, N]`` in ``out_dtype``."""
+def run_gemv_torch(x, wq, ws, G: int, out_dtype, p: dict):
+    """Launch :func:`fp8_gemv_kernel` on torch tensors: ``x [M, G, K]`` bf16 activations (for the FP8 linear: the
+    values of ``quantize_act``), wq e4m3 ``[G*N, K]``, ws uint8 scales -> ``[M, G, N]`` in ``out_dtype``."""
     import torch
 
     M, _, K = x.shape
@@ -419,5 +414,5 @@ def run_gemv_torch(x, wq, ws, G: int, out_dtype, quant: bool, p: dict):
     out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
     kw = {k: v for k, v in p.items() if k != "GEMV"}
     fp8_gemv_kernel[grid(M, N, G, p)](x, wq, ws, out, M=M, MP=next_pow2(M), N=N, K=K, G=G,
-                                      SWK=ws.shape[1], QUANT=quant, **kw)
+                                      SWK=ws.shape[1], **kw)
     return out.sum(0).to(out_dtype) if split > 1 else out

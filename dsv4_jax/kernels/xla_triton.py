@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import dispatch
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 from jax.extend.core import Primitive
@@ -45,6 +46,9 @@ _POINTER_TYPES = {
 
 triton_kernel_p = Primitive("dsv4_triton_kernel")
 triton_kernel_p.multiple_results = True
+# outside jax.jit (eager calls, e.g. the GPU tests) the primitive is compiled and run on its own, like jax's own
+# primitives; without this rule an eager call raised "Evaluation rule for 'dsv4_triton_kernel' not implemented"
+triton_kernel_p.def_impl(functools.partial(dispatch.apply_primitive, triton_kernel_p))
 
 
 @triton_kernel_p.def_abstract_eval
