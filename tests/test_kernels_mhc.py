@@ -37,7 +37,10 @@ CASES = [
     ("ragged-norm", 3, 4, 200, 20, dict(NS=3, BK=64, BT=2, BD=256, num_warps=4, warps2=4), True),  # masked tail
     # the GPU decode regime: many splits of one or two K steps each (K = 1024: 16 splits of 64)
     ("many-splits", 1, 4, 256, 20, dict(NS=16, BK=64, BT=4, BD=256, num_warps=4, warps2=4), True),
+    # whole 128-wide blocks with a masked tail (BD > D, as V4-Pro's 7168 in 8192): the quantized row's padding
+    ("padded-norm", 2, 4, 384, 20, dict(NS=2, BK=64, BT=2, BD=512, num_warps=4, warps2=4), True),
 ]
+QROW = [i for i, c in enumerate(CASES) if c[-1] and c[3] % 128 == 0]  # cases with the quantized row (yq)
 SEED = 2718
 ABS_MIX = 2.0**-14
 ABS_Y = 2.0**-18  # cancellation slack of y, relative to sum_j |x_j| (module docstring)
@@ -109,9 +112,12 @@ def _interpret_main(path: str) -> None:
     res = {}
     for i, (_, _, _, _, iters, p, norm) in enumerate(CASES):
         t = lambda k, i=i: torch.from_numpy(z[f"{k}{i}"].copy())  # noqa: E731
-        y, post, comb = run_torch(t("h").view(torch.bfloat16), t("fn"), t("scale"), t("base"), float(z["hc_eps"]),
-                                  float(z["norm_eps"]), iters, p, t("nw").view(torch.bfloat16) if norm else None)
+        y, post, comb, *yq = run_torch(t("h").view(torch.bfloat16), t("fn"), t("scale"), t("base"),
+                                       float(z["hc_eps"]), float(z["norm_eps"]), iters, p,
+                                       t("nw").view(torch.bfloat16) if norm else None, qy=i in QROW)
         res.update({f"y{i}": y.numpy(), f"post{i}": post.numpy(), f"comb{i}": comb.numpy()})
+        if yq:  # the fused norm's cases also write the quantized row
+            res[f"yq{i}"] = yq[0].numpy()
     np.savez(path + ".out.npz", **res)
 
 
@@ -136,6 +142,26 @@ def interpreted(tmp_path_factory):
 def test_interpreter_matches_reference(interpreted, i):
     refs, out = interpreted
     _check((out[f"y{i}"], out[f"post{i}"], out[f"comb{i}"]), refs[i], CASES[i][0], NORM_ULPS if CASES[i][-1] else 1)
+
+
+def _quantized_values(y) -> np.ndarray:
+    """``quant.quantize_act`` of the rows ``y`` as the model stores them (bf16), as fp32 values: the oracle of the
+    finish kernel's ``yq``, bit for bit."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import quantize_act
+
+    return np.asarray(quantize_act(jnp.asarray(y, jnp.float32).astype(jnp.bfloat16)).dequant(), np.float32)
+
+
+@pytest.mark.parametrize("i", QROW, ids=[CASES[i][0] for i in QROW])
+def test_interpreter_quantized_row(interpreted, i):
+    """The fused norm's quantized output: ``quantize_act`` of the kernel's own normed row (rounded to bf16), bit for
+    bit (the row itself is checked against the reference above)."""
+    _, out = interpreted
+    got, want = out[f"yq{i}"], _quantized_values(out[f"y{i}"])
+    assert np.isfinite(got).all(), f"{CASES[i][0]}: unwritten yq"
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=CASES[i][0])
 
 
 def test_check_catches_plausible_kernel_bugs():
@@ -215,6 +241,13 @@ def test_gpu_matches_reference(case, norm):
         y, post, comb = jax.jit(hc_pre_triton, static_argnums=0)(cfg, h[:, None], w)
     got = (np.asarray(y[:, 0].astype(np.float32)), np.asarray(post[:, 0]), np.asarray(comb[:, 0]))
     _check(got, _reference(cfg, h, w, nw if norm else None), name, NORM_ULPS if norm else 1)
+    if norm:  # the quantized row the block's FP8 linears take (kernel path of hc_pre_norm_quant), bit for bit
+        from dsv4_jax.kernels.mhc import hc_pre_norm_quant
+
+        y2, yq, _, _ = jax.jit(hc_pre_norm_quant, static_argnums=0)(cfg.with_(kernels="triton"), h[:, None], w, nw)
+        np.testing.assert_array_equal(np.asarray(y2.astype(np.float32)), np.asarray(y.astype(np.float32)))
+        want = _quantized_values(np.asarray(y[:, 0].astype(np.float32)))
+        np.testing.assert_array_equal(np.asarray(yq[:, 0].astype(np.float32)).view(np.uint32), want.view(np.uint32))
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`

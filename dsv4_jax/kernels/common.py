@@ -84,3 +84,21 @@ def e4m3_grid(v):
     ve = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3  # log2 of the e4m3 step
     r = (v * pow2(-ve) + 12582912.0) - 12582912.0
     return r * pow2(ve)
+
+
+@triton.jit
+def act_quant_block(x):
+    """The reference ``act_quant`` of fp32 blocks ``x [NB, 128]`` -> ``(q [NB, 128], e [NB])``: codes on the e4m3
+    grid (fp32) and each block's scale exponent (the scale is ``2**e``), bit for bit ``quant.fp8_act_quant``,
+    special values included: ``-0.0`` codes keep their sign (``e4m3_grid`` returns ``+0``); a block with an infinity
+    has the scale ``+inf`` (exponent 128) and ``x / inf`` is ``x * 0`` (NaN for the infinities); NaN codes stay NaN;
+    a NaN in a block gives the scale the reference derives from a NaN amax (exponent 129 from its bits: ``-0.0``,
+    ``x / -0.0`` is ``x * -inf``). ``tl.max`` drops NaNs, hence the amax over the integer bits of ``|x|``, where NaNs
+    sort above ``inf``. The values are ``q * pow2(e)`` (exact)."""
+    abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NB] bits of the blocks' amax (NaN > inf)
+    e = tl.where(abits > 0x7F800000, 129, act_exp(abits.to(tl.float32, bitcast=True)))  # [NB] scale exponents
+    inv = tl.where(e < 128, pow2(-e), tl.where(e == 128, 0.0, float("-inf")))  # [NB] 1 / scale, exact
+    v = x * inv[:, None]  # x / s of the reference, the same rounding
+    sign = v.to(tl.int32, bitcast=True) & -2147483648
+    q = (e4m3_grid(v).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # [NB, 128] e4m3 codes
+    return tl.where(v != v, v, q), e

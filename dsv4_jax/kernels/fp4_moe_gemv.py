@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_nibble, e4m3_grid, pow2, round_bf16
+from dsv4_jax.kernels.common import act_quant_block, e2m1_factors, e2m1_nibble, pow2, round_bf16
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -80,23 +80,11 @@ def _act_words_kernel(x_ptr, xa_ptr, xf_ptr, K: tl.constexpr, NG: tl.constexpr, 
     blocks ``[NB * program_id(1), + NB)`` -> their codes times 2**24 at their permuted places in ``xa [R, K]`` and
     their factors ``2**(e - 24)`` (4 per block) in ``xf [R, K / 32]``.
 
-    The reference's special values, kept: ``-0.0`` codes keep their sign (``e4m3_grid`` returns ``+0``); a block
-    with an infinity has the scale ``+inf`` (``act_exp``'s exponent 128) and ``x / inf`` is ``x * 0`` (NaN for the
-    infinities); NaN codes stay NaN. A NaN in a block gives the scale the reference derives from a NaN amax (exponent
-    129 from its bits: ``-0.0``; ``x / -0.0`` is ``x * -inf``), as XLA does where its max keeps NaNs (on the CPU that
-    depends on the shape: no contract, the tests check this rule on its own). ``tl.max`` drops NaNs (GPU and
-    interpreter alike), hence the amax over the integer bits of ``|x|``, where NaNs sort above ``inf``."""
+    The reference's special values are kept (:func:`common.act_quant_block`)."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * NB + tl.arange(0, NB)  # [NB] the row's 128-wide blocks
     c = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NB, 128] columns
-    x = tl.load(x_ptr + row * K + c).to(tl.float32)  # [NB, 128]
-    abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NB] bits of the blocks' amax (NaN > inf)
-    e = tl.where(abits > 0x7F800000, 129, act_exp(abits.to(tl.float32, bitcast=True)))  # [NB] scale exponents
-    inv = tl.where(e < 128, pow2(-e), tl.where(e == 128, 0.0, float("-inf")))  # [NB] 1 / scale, exact
-    v = x * inv[:, None]  # x / s of the reference, the same rounding
-    sign = v.to(tl.int32, bitcast=True) & -2147483648
-    q = (e4m3_grid(v).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # [NB, 128] e4m3 codes
-    q = tl.where(v != v, v, q)
+    q, e = act_quant_block(tl.load(x_ptr + row * K + c).to(tl.float32))  # [NB, 128] e4m3 codes, [NB] exponents
     S: tl.constexpr = 32 * NG  # columns per K step: column 32 g + 8 i + m of a step goes to 4 NG m + 4 g + i
     p = c - c % S + (c % 8) * (4 * NG) + (c % S) // 8
     tl.store(xa_ptr + row * K + p, q * 16777216.0)

@@ -314,10 +314,13 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
     if M == 0:
         return jnp.zeros((*lead, N), out_dtype)
     p = p or plan(M, N, K)
-    qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
-        xv = qa.dequant().astype(jnp.bfloat16).reshape(M, 1, K)
-        return _launch_gemv(xv, w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+        if xq is not None and not isinstance(xq, QuantAct):  # the caller's values (e.g. from the mHC kernel)
+            xv = xq.astype(jnp.bfloat16).reshape(M, 1, K)
+        else:
+            xv = (xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)).dequant().astype(jnp.bfloat16)
+        return _launch_gemv(xv.reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+    qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
 
@@ -346,12 +349,12 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
                kernels: str = "auto", parallel: str | None = None) -> jax.Array:
     """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype`` with the FP8 activation quantization (spec 3.4).
 
-    ``xq``: the input's precomputed :class:`QuantAct` (or its fp32 value, which the kernel path ignores and
-    recomputes as codes). ``kernels`` as ``Config.kernels``. ``parallel``: how the weight is split under a mesh
-    (:mod:`dsv4_jax.kernels.on_mesh`: ``"cols"``, ``"rows"``, ``"none"``); there the kernel runs per device on its
-    shards. The XLA path is kept (same function up to fp32 summation order) under a mesh for a caller that does not
-    say (``None``) or a split that would cut a scale block, and, with ``"auto"``, on devices without e4m3
-    tensor-core dots.
+    ``xq``: the input's precomputed :class:`QuantAct`, or its values (fp32 or bf16, exact): the GEMV path (decode
+    rows) takes them as they are, the tiled path recomputes the codes. ``kernels`` as ``Config.kernels``.
+    ``parallel``: how the weight is split under a mesh (:mod:`dsv4_jax.kernels.on_mesh`: ``"cols"``, ``"rows"``,
+    ``"none"``); there the kernel runs per device on its shards. The XLA path is kept (same function up to fp32
+    summation order) under a mesh for a caller that does not say (``None``) or a split that would cut a scale block,
+    and, with ``"auto"``, on devices without e4m3 tensor-core dots.
     """
     if parallel is not None and use_triton(kernels) and not single_device() and fp8_dot_supported():
         y = linear_on_mesh(lambda xl, wl, dt: _fp8_linear_triton(xl, wl, dt, None), x, w, out_dtype, parallel)

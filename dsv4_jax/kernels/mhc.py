@@ -50,7 +50,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import round_bf16
+    from dsv4_jax.kernels.common import act_quant_block, pow2, round_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -82,14 +82,16 @@ if triton is not None:
         tl.store(dst, acc, mask=live[:, None])
 
     @triton.jit
-    def _finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr, D: tl.constexpr,
-                       HC: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, P: tl.constexpr, NORM_EPS: tl.constexpr,
-                       HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr,
-                       Y_BF16: tl.constexpr):
+    def _finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr, yq_ptr,
+                       D: tl.constexpr, HC: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, P: tl.constexpr,
+                       NORM_EPS: tl.constexpr, HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr,
+                       NORM: tl.constexpr, Y_BF16: tl.constexpr, QY: tl.constexpr = False):
         """Program (t, j): token t's mixes, sigmoids and Sinkhorn (recomputed by every j), ``post``/``comb``
         (j == 0) and ``y[t, j*BD : j*BD+BD]``. With ``NORM`` (one program per token, ``BD >= D``) ``y`` is
         followed by the block's RMSNorm with weight ``nw [D]``: ``y`` rounded to the activation dtype (bf16 when
-        ``Y_BF16``), then ``nw * (y * rsqrt(mean(y**2) + eps))`` in fp32, as ``layers.rms_norm`` computes it."""
+        ``Y_BF16``), then ``nw * (y * rsqrt(mean(y**2) + eps))`` in fp32, as ``layers.rms_norm`` computes it.
+        ``QY`` (with ``NORM``): also ``yq [T, D]``, the values of the FP8 activation quantization of the normed row
+        as stored (``quant.quantize_act`` per 1x128 block, exact in bf16): what the block's FP8 linears consume."""
         t = tl.program_id(0).to(tl.int64)
         K: tl.constexpr = HC * D
         NMIX: tl.constexpr = HC * (2 + HC)
@@ -132,6 +134,11 @@ if triton is not None:
             y = tl.where(dm, y, 0.0)
             rr = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + NORM_EPS)
             y = tl.load(nw_ptr + d, mask=dm, other=0.0).to(tl.float32) * (y * rr)
+            if QY:  # the stored row (rounded to the activation dtype), quantized per 128-wide block
+                yb = tl.reshape(round_bf16(y) if Y_BF16 else y, (BD // 128, 128))
+                q, e = act_quant_block(tl.where(tl.reshape(dm, (BD // 128, 128)), yb, 0.0))
+                tl.store(yq_ptr + t * D + d, tl.reshape(q * pow2(e)[:, None], (BD,)).to(yq_ptr.dtype.element_ty),
+                         mask=dm)
         tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
 
 
@@ -167,7 +174,7 @@ def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
 
 
 def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, norm_eps: float, hc_eps: float,
-                 iters: int):
+                 iters: int, qy: bool = False):
     """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``, and the workspace width
     ``P``: the one place the jax and the torch launchers take them from."""
     K, nmix = hc * D, hc * (2 + hc)
@@ -175,39 +182,43 @@ def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, nor
     KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
     meta1 = dict(K=K, NMIX=nmix, P=P, NS=p["NS"], KC=KC, BK=p["BK"], BT=p["BT"], num_warps=p["num_warps"])
     meta2 = dict(D=D, HC=hc, NS=p["NS"], NSP=next_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
-                 HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"], NORM=norm, Y_BF16=y_bf16,
+                 HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"], NORM=norm, Y_BF16=y_bf16, QY=qy,
                  num_warps=p["warps2"])
     return ((p["NS"], math.ceil(T / p["BT"])), meta1), ((T, math.ceil(D / p["BD"])), meta2), P
 
 
-def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None):
+def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy: bool = False):
+    """Both kernels; returns ``y, post, comb`` and, with ``qy`` (needs the norm), ``yq`` (else ``None``)."""
     B, S, hc, D = h.shape
     _check(h, w, norm_w)
     T = B * S
     p = p or plan(T, hc, D, arch(), norm=norm_w is not None)
     if norm_w is not None and p["BD"] < D:
         raise ValueError(f"hc_pre: the fused norm needs a whole row per program, BD={p['BD']} < dim={D}")
+    qy = qy and norm_w is not None
     (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, cfg.act_dtype == jnp.bfloat16,
-                                         cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
+                                         cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters, qy)
     x = h.reshape(T, hc * D)
     part = triton_call(x, w.fn.astype(jnp.float32), T, kernel=_mix_partial_kernel,
                        out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32), grid=g1, **m1)
     nw = jnp.zeros((1,), jnp.float32) if norm_w is None else norm_w
-    y, post, comb = triton_call(
+    y, post, comb, yq = triton_call(
         part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), nw, kernel=_finish_kernel,
         out_shape=(jax.ShapeDtypeStruct((T, D), cfg.act_dtype), jax.ShapeDtypeStruct((T, hc), jnp.float32),
-                   jax.ShapeDtypeStruct((T, hc, hc), jnp.float32)), grid=g2, **m2)
-    return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc)
+                   jax.ShapeDtypeStruct((T, hc, hc), jnp.float32),
+                   jax.ShapeDtypeStruct((T, D) if qy else (1,), jnp.bfloat16)), grid=g2, **m2)
+    yq = yq.reshape(B, S, D) if qy else None
+    return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc), yq
 
 
 def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
     """The Triton path of :func:`hc_pre` (same returns)."""
-    return _launch(cfg, h, w, None, p)
+    return _launch(cfg, h, w, None, p)[:3]
 
 
 def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array, p: dict | None = None):
     """The Triton path of :func:`hc_pre_norm` (same returns)."""
-    return _launch(cfg, h, w, norm_w, p)
+    return _launch(cfg, h, w, norm_w, p)[:3]
 
 
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
@@ -234,21 +245,35 @@ def hc_pre_norm(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array):
     return rms_norm(y, norm_w, cfg.norm_eps, cfg.act_dtype), post, comb
 
 
+def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array):
+    """:func:`hc_pre_norm`, plus the FP8 activation quantization of its output as the block's FP8 linears consume
+    it: ``(y, yq, post, comb)``, ``yq [B,S,D]`` bf16 the values of ``quant.quantize_act(y)`` (exact) from the
+    kernel path, where the finish kernel holds the normed row anyway (one XLA reduce and one elementwise kernel
+    less per site and step); ``None`` on the reference path and without the activation simulation (the linears then
+    quantize ``y`` themselves)."""
+    if _triton_ok(cfg, h) and cfg.simulate and cfg.dim % 128 == 0:
+        y, post, comb, yq = replicated_on_mesh(lambda h, p: _launch(cfg, h, *p, None, True), (h,), (w, norm_w))
+        return y, yq, post, comb
+    y, post, comb = hc_pre_norm(cfg, h, w, norm_w)
+    return y, None, post, comb
+
+
 # ---------------------------------------------------------------------------------------------- torch launcher
 def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p: dict, norm_w=None,
-              y_bf16: bool = True):
+              y_bf16: bool = True, qy: bool = False):
     """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``h [T, hc, D]`` -> y ``[T, D]`` fp32
     (normed by ``norm_w [D]`` when given, after rounding y to bf16 if ``y_bf16``), post ``[T, hc]``, comb
-    ``[T, hc, hc]``."""
+    ``[T, hc, hc]``; with ``qy`` (and ``norm_w``) also ``yq [T, D]`` fp32 (the quantized values of y as stored)."""
     import torch
 
     T, hc, D = h.shape
-    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters)
+    qy = qy and norm_w is not None
+    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters, qy)
     x = h.reshape(T, hc * D).contiguous()
     nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=h.device)  # noqa: E731
     part = nan(T, p["NS"], P)
     _mix_partial_kernel[g1](x, fn, T, part, **m1)
-    y, post, comb = nan(T, D), nan(T, hc), nan(T, hc, hc)
+    y, post, comb, yq = nan(T, D), nan(T, hc), nan(T, hc, hc), nan(T, D) if qy else nan(1)
     nw = torch.zeros(1, dtype=torch.float32, device=h.device) if norm_w is None else norm_w
-    _finish_kernel[g2](part, x, scale, base, nw, y, post, comb, **m2)
-    return y, post, comb
+    _finish_kernel[g2](part, x, scale, base, nw, y, post, comb, yq, **m2)
+    return (y, post, comb, yq) if qy else (y, post, comb)

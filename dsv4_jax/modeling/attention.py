@@ -39,8 +39,10 @@ def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
 
 
 def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, pos: jax.Array, n_new: jax.Array,
-              ratio: int, freqs: np.ndarray) -> tuple[jax.Array, LayerState, jax.Array | None]:
-    """One attention layer over a chunk ``x [B,S,D]`` (attn_norm output).
+              ratio: int, freqs: np.ndarray, xq: jax.Array | None = None
+              ) -> tuple[jax.Array, LayerState, jax.Array | None]:
+    """One attention layer over a chunk ``x [B,S,D]`` (attn_norm output; ``xq``: the values of its FP8 quantization
+    when the caller has them, as ``mhc.hc_pre_norm_quant`` makes them, else computed here).
 
     Returns ``[B,S,D]``, the new layer state and, for CSA layers, the indexer's choice ``[B,S,k]`` (block ids, -1 =
     none; ``None`` for other layers).
@@ -52,7 +54,8 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     cos, sin = rope_cos_sin(freqs, t)  # [B,S,rd/2]
 
     with jax.named_scope("q_proj"):
-        xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
+        if xq is None:
+            xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
         qr = rms_norm(linear(x, w.wq_a, dt, sim, xq, kernels=kn, parallel="none"), w.q_norm, cfg.norm_eps, dt)
         q = linear(qr, w.wq_b, dt, sim, kernels=kn, parallel="cols").reshape(B, S, H, Dh)  # qr [B,S,q_lora]
         q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.mhc import hc_pre_norm
+from dsv4_jax.kernels.mhc import hc_pre_norm_quant
 from dsv4_jax.modeling.attention import attention
 from dsv4_jax.modeling.hyper import hc_head, hc_post
 from dsv4_jax.modeling.layers import rms_norm, rope_freqs
@@ -62,12 +62,13 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
     input, from which a speculative rollback rebuilds the compressor buffers).
     """
     with jax.named_scope("attn"):
-        x, post, comb = hc_pre_norm(cfg, h, w.hc_attn, w.attn_norm)  # rms_norm(hc_pre's y)
-        a, ls, chosen = attention(cfg, w.attn, x, ls, pos, n_new, ratio, rope_freqs(cfg, ratio))
+        # rms_norm(hc_pre's y), and its FP8 quantization where the mHC kernel makes it (else None)
+        x, xq, post, comb = hc_pre_norm_quant(cfg, h, w.hc_attn, w.attn_norm)
+        a, ls, chosen = attention(cfg, w.attn, x, ls, pos, n_new, ratio, rope_freqs(cfg, ratio), xq)
         h = hc_post(cfg, a, h, post, comb)
     with jax.named_scope("ffn"):
-        xf, post, comb = hc_pre_norm(cfg, h, w.hc_ffn, w.ffn_norm)
-        f, experts = moe(cfg, w.ffn, xf, ids)
+        xf, xfq, post, comb = hc_pre_norm_quant(cfg, h, w.hc_ffn, w.ffn_norm)
+        f, experts = moe(cfg, w.ffn, xf, ids, xfq)
         h = hc_post(cfg, f, h, post, comb)
     return h, ls, {"indexer": chosen, "router": experts, "attn_input": x}
 

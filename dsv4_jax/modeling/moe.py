@@ -40,15 +40,18 @@ def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax
     return kernels_router.route(cfg, w.gate, w.bias, w.tid2eid, x, ids)
 
 
-def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing).
+def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array | None = None
+        ) -> tuple[jax.Array, jax.Array]:
+    """MoE block over ``x [B,S,D]`` (ffn_norm output) with token ids ``[B,S]`` (hash routing); ``xq``: the values of
+    its FP8 quantization when the caller has them (``mhc.hc_pre_norm_quant``), else computed here.
 
     Returns ``[B,S,D]`` and the chosen expert ids ``[B,S,k]``.
     """
     B, S, D = x.shape
     xt = x.reshape(B * S, D)
     idx, wts = route(cfg, w, xt, ids.reshape(-1))
-    xq = quantized_input(xt, cfg.simulate)  # the experts' first GEMMs share one activation quantization
+    # the experts' first GEMMs share one activation quantization
+    xq = quantized_input(xt, cfg.simulate) if xq is None else xq.reshape(xt.shape).astype(jnp.float32)
 
     with jax.named_scope("routed_experts"):
         y = routed_experts(cfg, w, xt, xq, idx, wts)
