@@ -143,17 +143,18 @@ def test_fp8_gemv_plans_fit(M, N, K):
 @pytest.mark.parametrize("T,D", [(1, 4096), (32, 4096), (512, 4096), (1, 7168)],
                          ids=["flash-decode", "flash-batch32", "flash-prefill", "pro-decode"])
 def test_mhc_plans_fit(T, D):
-    """The mHC kernels (split-K mixes with per-lane partial sums, then the per-token finish with the fused norm) at
-    the plans of V4-Flash / V4-Pro decode, batch 32 and prefill rows."""
+    """The mHC kernels (split-K mixes with per-lane partial sums, then the per-token finish with the fused norm and
+    the quantized row) at the plans of V4-Flash / V4-Pro decode, batch 32 and prefill rows."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import mhc
 
     p = mhc.plan(T, 4, D, "sm90", norm=True)
-    (_, m1), (_, m2), _ = mhc._kernel_args(T, 4, D, p, True, True, 1e-6, 1e-6, 20)
+    (_, m1), (_, m2), _ = mhc._kernel_args(T, 4, D, p, True, True, 1e-6, 1e-6, 20, True)  # with the quantized row
     for fn, meta, pointers in (
             (mhc._mix_partial_kernel, m1, dict(x_ptr="*bf16", fn_ptr="*fp32", part_ptr="*fp32")),
             (mhc._finish_kernel, m2, dict(part_ptr="*fp32", x_ptr="*bf16", scale_ptr="*fp32", base_ptr="*fp32",
-                                          nw_ptr="*fp32", y_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32"))):
+                                          nw_ptr="*fp32", y_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32",
+                                          yq_ptr="*bf16"))):
         meta = dict(meta)
         options = dict(num_warps=meta.pop("num_warps"), num_stages=1)
         if "T" in fn.arg_names:  # the runtime token count: an int32 scalar, not a constexpr

@@ -151,6 +151,7 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     import dsv4_jax.kernels.router as R
     from dsv4_jax.modeling import hyper
     from dsv4_jax.modeling.layers import rms_norm
+    from dsv4_jax.modeling.quant import quantize_act
 
     cfg = d.Config.tiny(numerics="reference", n_heads=8, o_groups=8, o_lora_rank=128, index_n_heads=8,
                         vocab_size=512, window_size=8, index_topk=4, n_layers=2, compress_ratios=(4, 128, 0),
@@ -187,6 +188,10 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
         y, post, comb = hyper.hc_pre(c, h, wl)
         return rms_norm(y, norm_w, c.norm_eps, c.act_dtype), post, comb
 
+    def hc_norm_quant(c, h, wl, norm_w, p=None):  # the quantized row as the finish kernel writes it
+        y, post, comb = hc_norm(c, h, wl, norm_w)
+        return y, post, comb, quantize_act(y).dequant().astype(jnp.bfloat16)
+
     def router(c, gate, bias, tid2eid, x, ids, p=None):
         seen.append(("route", x.shape[0]))
         return R.route_reference(c, gate, bias, tid2eid, x, ids)
@@ -194,6 +199,7 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     for mod in (M, R):
         monkeypatch.setattr(mod, "use_triton", lambda kernels: True)
     monkeypatch.setattr(M, "hc_pre_norm_triton", hc_norm)
+    monkeypatch.setattr(M, "hc_pre_norm_quant_triton", hc_norm_quant)
     monkeypatch.setattr(R, "route_triton", router)
     got = run("auto")
     rows = 4 // shape[0]  # batch rows per device (split over data)

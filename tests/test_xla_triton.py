@@ -46,7 +46,7 @@ def test_fp8_launch_lowers_to_xla_triton_call(M):
     def launch(x, w):
         if M <= fp8_linear.GEMV_ROWS:
             p = fp8_linear.gemv_plan(M, N, K, G, sms=8)
-            return fp8_linear._launch_gemv(x, w, M, N, K, G, jnp.bfloat16, True, p)
+            return fp8_linear._launch_gemv(x, w, M, N, K, G, jnp.bfloat16, p)
         sx = jnp.ones((M, G, -(-K // 128)), jnp.float32)
         return fp8_linear._launch(x, sx, w, M, N, K, G, jnp.bfloat16, False, fp8_linear.plan(M, N, K, G))
 

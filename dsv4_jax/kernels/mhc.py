@@ -221,6 +221,11 @@ def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Arra
     return _launch(cfg, h, w, norm_w, p)[:3]
 
 
+def hc_pre_norm_quant_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array, p: dict | None = None):
+    """The Triton path of :func:`hc_pre_norm_quant`: ``y, post, comb, yq``."""
+    return _launch(cfg, h, w, norm_w, p, True)
+
+
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
     return use_triton(cfg) and h.shape[0] * h.shape[1] > 0
 
@@ -252,7 +257,7 @@ def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array
     less per site and step); ``None`` on the reference path and without the activation simulation (the linears then
     quantize ``y`` themselves)."""
     if _triton_ok(cfg, h) and cfg.simulate and cfg.dim % 128 == 0:
-        y, post, comb, yq = replicated_on_mesh(lambda h, p: _launch(cfg, h, *p, None, True), (h,), (w, norm_w))
+        y, post, comb, yq = replicated_on_mesh(lambda h, p: hc_pre_norm_quant_triton(cfg, h, *p), (h,), (w, norm_w))
         return y, yq, post, comb
     y, post, comb = hc_pre_norm(cfg, h, w, norm_w)
     return y, None, post, comb
