@@ -19,8 +19,8 @@ Data layout, chosen so that the K loop has no shared memory and no barrier:
   build of a one-token GEMV MoE call, made without a GPU (``scripts/count_launches.py``'s ``compile_for_h200``),
   has 5 kernels with this one where it had 9. On an H200 its 6 launches per 3-layer batch-1 step took 7.8 us
   (2026-12-01, ``docs/performance.md``). It is the model's one quantizer,
-  ``quant.fp8_act_quant`` per 1x128 as the reference's ``act_quant``, its codes and scales bit for bit through the
-  helpers of ``fp8_linear``'s GEMV (:func:`common.act_exp`, :func:`common.e4m3_grid`). Stored as codes times 2**24
+  ``quant.fp8_act_quant`` per 1x128 as the reference's ``act_quant``, its codes and scales bit for bit through
+  :func:`common.act_quant_block` (which the mHC kernel's quantized row uses too). Stored as codes times 2**24
   and permuted within each K step so that the activations of nibble ``m`` of the step's ``4 NG`` words are
   consecutive floats: their ``[BN, 4 NG]`` loads (the same addresses in every row, L1 hits) take the weights'
   register layout. Products nibble x code are exact normal fp32 numbers (``[0.5, 6] * 2**-126`` times
@@ -234,8 +234,8 @@ def act_words_torch(x, ng: int, p: dict | None = None):
     R, K = x.shape
     p = p or act_plan("cpu", K)
     _check_act(K, ng, p["NB"])
-    xa = torch.full((R, K), float("nan"), dtype=torch.float32)
-    xf = torch.full((R, K // 32), float("nan"), dtype=torch.float32)
+    xa = torch.full((R, K), float("nan"), dtype=torch.float32, device=x.device)
+    xf = torch.full((R, K // 32), float("nan"), dtype=torch.float32, device=x.device)
     _act_words_kernel[(R, K // (128 * p["NB"]))](x, xa, xf, K=K, NG=ng, NB=p["NB"], num_warps=p["num_warps"],
                                                    num_stages=1)
     return xa, xf

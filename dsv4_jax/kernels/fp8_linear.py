@@ -163,7 +163,8 @@ if triton is not None:
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
         activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
         scale (exact) and summed in fp32. x ``[M, G, K]`` bf16 is used as it is: the FP8 linear passes the values of
-        ``quantize_act`` (exact in bf16, made once per activation by XLA), ``wo_a`` its bf16 input. (The activation
+        ``quantize_act`` (exact in bf16, made once per activation: by XLA, or by the mHC kernel that holds the row),
+        ``wo_a`` its bf16 input. (The activation
         used to be quantized here, in every program and K step: that amax, with shuffles, shared memory and a barrier
         in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
         ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
@@ -315,11 +316,9 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
         return jnp.zeros((*lead, N), out_dtype)
     p = p or plan(M, N, K)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
-        if xq is not None and not isinstance(xq, QuantAct):  # the caller's values (e.g. from the mHC kernel)
-            xv = xq.astype(jnp.bfloat16).reshape(M, 1, K)
-        else:
-            xv = (xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)).dequant().astype(jnp.bfloat16)
-        return _launch_gemv(xv.reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+        if xq is None or isinstance(xq, QuantAct):  # else the caller's values (e.g. from the mHC kernel)
+            xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
+        return _launch_gemv(xq.astype(jnp.bfloat16).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
