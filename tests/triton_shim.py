@@ -204,6 +204,48 @@ def _fix_interpreter() -> None:
         return cast0(self, src, dst_type)
 
     B.create_dot, B.cast_impl, B._dsv4_fixed = create_dot, cast_impl, True
+    _patch_once_per_launch(itp, tl)
+
+
+def _patch_once_per_launch(itp, tl) -> None:
+    """Speed only: Triton 3.6's interpreter re-patches ``triton.language`` (``inspect.getmembers`` of 4 modules,
+    ~0.3 ms) on every call of a nested ``@jit`` function, and ``tl.sum``/``tl.max``/``tl.sigmoid`` are such
+    functions: a third of the mHC kernels' interpreted time went there. Within one launch the patches stay in force
+    (the launch restores them only at its end), so a nested function whose ``triton.language`` modules were already
+    patched in this launch skips it. The functions run exactly as before."""
+    import inspect
+    import threading
+
+    G, F = itp.GridExecutor, itp.InterpretedFunction
+    if getattr(F, "_dsv4_once", False) or not hasattr(itp, "_patch_lang"):
+        return
+    grid_call0, local, keys = G.__call__, threading.local(), {}
+
+    def key(fn):
+        if fn not in keys:
+            keys[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return keys[fn]
+
+    def grid_call(self, *args, **kwargs):
+        local.patched = {key(self.fn)}  # GridExecutor.__call__ patches its kernel's modules itself
+        try:
+            return grid_call0(self, *args, **kwargs)
+        finally:
+            local.patched = None
+
+    def fn_call(self, *args, **kwargs):  # InterpretedFunction.__call__ of triton 3.6, the patch made once per launch
+        patched, k = getattr(local, "patched", None), key(self.fn)
+        if patched is None or k not in patched:
+            itp._patch_lang(self.fn)
+            if patched is not None:
+                patched.add(k)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise itp.InterpreterError(repr(e)) from e
+
+    G.__call__, F.__call__, F._dsv4_once = grid_call, fn_call, True
 
 
 # ---------------------------------------------------------------------------------------------- install

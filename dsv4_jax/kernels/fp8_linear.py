@@ -170,9 +170,36 @@ if triton is not None:
         ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
         ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
         fp32 partials ``[SPLIT, M, G, N]``."""
+        _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
+                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False)
+
+    @triton.jit
+    def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
+                         N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
+                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128):
+        """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
+        e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
+        tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
+        consumer (:mod:`dsv4_jax.kernels.attn_proj`) sums them with its epilogue. The same tile code and order as
+        :func:`fp8_gemv_kernel`."""
         pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        g = tl.program_id(2)
+        NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        if pid_n < NT:
+            _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
+                       BLOCK_N, CW, N + N2, 0, SPLIT, True)
+        else:
+            _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
+                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
+
+    @triton.jit
+    def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
+                   N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
+                   NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
+                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr):
+        """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
+        group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
+        without a split)."""
+
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = offs_n < N
         wrow = g * N + offs_n
@@ -211,12 +238,12 @@ if triton is not None:
                     acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
         if M == 1:
             acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
-        out_rows = (mrow.to(tl.int64) * G + g) * N  # [MP]
+        out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
         mask = (mrow < M)[:, None] & n_ok[None, :]
-        if SPLIT == 1:
+        if SPLIT == 1 and not F32_OUT:
             tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            part = pid_k.to(tl.int64) * M * G * N
+            part = pid_k.to(tl.int64) * M * G * OUT_N
             tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
 
 
@@ -230,8 +257,8 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     stream the weight (GEMV style). Prefill: 128x128 tiles, GROUP_M=8 swizzle, no split.
     """
     target = target or arch()
-    if M <= GEMV_ROWS:
-        return gemv_plan(M, N, K, G, SM_COUNT[target])
+    if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
+        return gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
     if M <= 64:
         return decode_plan(M, N, K, G, SM_COUNT[target])
     return dict(BLOCK_M=128, BLOCK_N=128, SPLIT=1, KPS=math.ceil(K / QBLOCK), GROUP_M=8, num_warps=8,
@@ -366,6 +393,49 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
             raise RuntimeError(f"kernels='triton': the FP8 linear kernel needs e4m3 tensor-core dots (NVIDIA sm89+ or "
                                f"AMD gfx950); this device is {jax.devices()[0].device_kind!r}. Use kernels='auto'")
     return fp8_linear_reference(x, w, out_dtype, xq)
+
+
+def fp8_linear_pair(x: jax.Array, wa: Fp8Tensor, wb: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None,
+                    *, kernels: str = "auto", parallel: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Two FP8 linears of one input, ``(x @ wa.T, x @ wb.T)`` (the shared expert's ``w1``/``w3``). At decode rows on
+    one device both weights stream in one launch (:func:`fp8_gemv2_kernel`: fp32 split-K partials of both, summed by
+    XLA in a fixed order like :func:`fp8_linear`'s); otherwise two :func:`fp8_linear` calls."""
+    *lead, K = x.shape
+    M, Na, Nb = math.prod(lead), wa.q.shape[0], wb.q.shape[0]
+    if (0 < M <= GEMV_ROWS and K % QBLOCK == 0 and single_device() and _triton_ok(kernels)
+            and fp8_dot_supported()):
+        _check(wa, "fp8_linear_pair (first weight)", K, Na)
+        _check(wb, "fp8_linear_pair (second weight)", K, Nb)
+        if xq is None or isinstance(xq, QuantAct):
+            xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
+        part = launch_gemv2(xq.astype(jnp.bfloat16).reshape(M, K), wa, wb)  # [SPLIT, M, Na + Nb]
+        y = jnp.sum(part, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
+        return y[:, :Na].reshape(*lead, Na), y[:, Na:].reshape(*lead, Nb)
+    return (fp8_linear(x, wa, out_dtype, xq, kernels=kernels, parallel=parallel),
+            fp8_linear(x, wb, out_dtype, xq, kernels=kernels, parallel=parallel))
+
+
+def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
+    """:func:`gemv_plan` for two weights in one launch: the tiles of both count."""
+    target = target or arch()
+    return gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+
+
+def gemv2_meta(M: int, Na: int, Nb: int, K: int, p: dict) -> tuple[tuple[int, int, int], dict]:
+    """Grid and metaparameters of :func:`fp8_gemv2_kernel` (the jax and the torch launchers take them from here)."""
+    tiles = math.ceil(Na / p["BLOCK_N"]) + math.ceil(Nb / p["BLOCK_N"])
+    return (tiles, p["SPLIT"], 1), dict(M=M, MP=next_pow2(M), N=Na, N2=Nb, K=K, SWK=math.ceil(K / QBLOCK),
+                                        **{k: v for k, v in p.items() if k != "GEMV"})
+
+
+def launch_gemv2(xv: jax.Array, wa: Fp8Tensor, wb: Fp8Tensor, p: dict | None = None) -> jax.Array:
+    """triton_call of :func:`fp8_gemv2_kernel` on ``xv [M, K]`` (bf16 values) -> fp32 partials ``[SPLIT, M, Na+Nb]``."""
+    M, K = xv.shape
+    Na, Nb = wa.q.shape[0], wb.q.shape[0]
+    p = p or gemv2_plan(M, Na, Nb, K)
+    g, meta = gemv2_meta(M, Na, Nb, K, p)
+    return triton_call(xv, wa.q, wa.scale, wb.q, wb.scale, kernel=fp8_gemv2_kernel, grid=g,
+                       out_shape=jax.ShapeDtypeStruct((p["SPLIT"], M, Na + Nb), jnp.float32), **meta)
 
 
 def grouped_proj(o: jax.Array, w: Fp8Tensor, out_dtype, *, kernels: str = "auto") -> jax.Array:
