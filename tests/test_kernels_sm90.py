@@ -174,3 +174,24 @@ def test_hadamard_plan_fits():
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     smem, spill = _compile(h._hadamard_kernel, dict(x_ptr="*bf16", y_ptr="*bf16", R="i32"), meta, options)
     assert smem <= SMEM_SM90 and spill == 0, f"Hadamard: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("M,K,N1,N2", [(1, 4096, 1024, 512), (4, 7168, 1536, 512)], ids=["flash-1", "pro-4"])
+def test_attn_proj_plans_fit(M, K, N1, N2):
+    """The attention's fused input projections: the two-weight GEMV (wq_a + wkv) and the norm epilogue, at V4-Flash
+    and V4-Pro widths."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import attn_proj as a
+    from dsv4_jax.kernels import fp8_linear as f
+
+    p = a.plan(M, N1, N2, K, "sm90")
+    (_, m1), (_, m2) = f.gemv2_meta(M, N1, N2, K, p), a._norm_meta(M, N1, N2, p, 1e-6)
+    for fn, meta, pointers in (
+            (f.fp8_gemv2_kernel, m1, dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*u8", w2_ptr="*fp8e4nv",
+                                          sw2_ptr="*u8", out_ptr="*fp32")),
+            (a._lora_norm_kernel, m2, dict(part_ptr="*fp32", qw_ptr="*bf16", kvw_ptr="*bf16", M="i32",
+                                           qr_ptr="*bf16", qrq_ptr="*bf16", kv_ptr="*bf16"))):
+        meta = dict(meta)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages", 1))
+        smem, spill = _compile(fn, pointers, meta, options)
+        assert smem <= SMEM_SM90 and spill == 0, f"{fn.__name__} M={M} K={K}: {smem} B shared, {spill} B spills"

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.attn_proj import q_kv_lora
 from dsv4_jax.kernels.fp8_linear import grouped_proj
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
 from dsv4_jax.modeling.indexer import index_topk
-from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
+from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rope_cos_sin
 from dsv4_jax.modeling.quant import encode_fp8_cache, linear, quantize_act
 from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
@@ -56,13 +57,13 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     with jax.named_scope("q_proj"):
         if xq is None:
             xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
-        qr = rms_norm(linear(x, w.wq_a, dt, sim, xq, kernels=kn, parallel="none"), w.q_norm, cfg.norm_eps, dt)
-        q = linear(qr, w.wq_b, dt, sim, kernels=kn, parallel="cols").reshape(B, S, H, Dh)  # qr [B,S,q_lora]
+        # qr [B,S,q_lora], kv [B,S,Dh]: both normed; qrq: qr's FP8 quantization where the fused kernels make it
+        qr, qrq, kv = q_kv_lora(x, xq, w.wq_a, w.wkv, w.q_norm, w.kv_norm, cfg.norm_eps, dt, sim, kernels=kn)
+        q = linear(qr, w.wq_b, dt, sim, qrq, kernels=kn, parallel="cols").reshape(B, S, H, Dh)
         q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
 
     with jax.named_scope("kv_proj"):
-        kv = rms_norm(linear(x, w.wkv, dt, sim, xq, kernels=kn, parallel="none"), w.kv_norm, cfg.norm_eps, dt)
         kv = apply_rope(kv, cos, sin)
         if cfg.kv_fp8_sim:
             kv = encode_fp8_cache(kv, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales

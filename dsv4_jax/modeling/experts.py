@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.modeling.quant import linear
+from dsv4_jax.modeling.quant import linear, linear_pair
 
 
 def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool,
@@ -31,8 +31,8 @@ def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Arr
     dt, sim = cfg.act_dtype, cfg.simulate
     kn = cfg.kernels  # FP8 weights (the shared expert) go through kernels.fp8_linear; FP4 ones stay on the reference
     cols, rows = ("cols", "rows") if shared else (None, None)
-    g = linear(x, w1, dt, sim, xq, kernels=kn, parallel=cols).astype(jnp.float32)
-    u = linear(x, w3, dt, sim, xq, kernels=kn, parallel=cols).astype(jnp.float32)
+    g, u = linear_pair(x, w1, w3, dt, sim, xq, kernels=kn, parallel=cols)  # bf16 [.., I] each
+    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
     if clamp and cfg.swiglu_limit > 0:
         lim = np.float32(cfg.swiglu_limit)
         u = jnp.clip(u, -lim, lim)

@@ -266,6 +266,19 @@ def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array 
     return linear_reference(x, w, out_dtype, simulate, xq)
 
 
+def linear_pair(x: jax.Array, wa, wb, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None, *,
+                kernels: str = "reference", parallel: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(linear(x, wa), linear(x, wb))`` for two weights of one input (the shared expert's w1 and w3): with FP8
+    weights and the kernels on, :func:`dsv4_jax.kernels.fp8_linear.fp8_linear_pair` streams both in one launch at
+    decode rows; otherwise two :func:`linear` calls."""
+    if kernels != "reference" and simulate and isinstance(wa, Fp8Tensor) and isinstance(wb, Fp8Tensor):
+        from dsv4_jax.kernels.fp8_linear import fp8_linear_pair
+
+        return fp8_linear_pair(x, wa, wb, out_dtype, xq, kernels=kernels, parallel=parallel)
+    return (linear(x, wa, out_dtype, simulate, xq, kernels=kernels, parallel=parallel),
+            linear(x, wb, out_dtype, simulate, xq, kernels=kernels, parallel=parallel))
+
+
 def linear_reference(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None):
     """The XLA linear (spec 3.4).
 
