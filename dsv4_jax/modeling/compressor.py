@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels import use_triton
+from dsv4_jax.kernels.compressor_step import compress_decode
 from dsv4_jax.kernels.hadamard import hadamard
 from dsv4_jax.modeling.layers import apply_rope, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import HIGHEST, encode_fp4_cache, encode_fp8_cache
+from dsv4_jax.modeling.quant import HIGHEST, Fp8Cache, encode_fp4_cache, encode_fp8_cache
 from dsv4_jax.modeling.state import in_layout
 from dsv4_jax.modeling.weights import CompressorWeights
 
@@ -49,9 +51,23 @@ def _sum_slots(x: jax.Array) -> jax.Array:
     return out
 
 
+def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """The chunk's projections ``kv``/``sc`` ``[B, S, c*d]`` fp32, the score with ``ape`` of each token's place in
+    its window."""
+    S = x.shape[1]
+    with jax.named_scope("compressor_proj"):
+        xf = x.astype(jnp.float32)
+        kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
+        sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
+        t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
+        sc = sc + w.ape[t % m]  # position inside its window
+    return kv, sc
+
+
 def _token_axis(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
-                n_new: jax.Array, m: int):
-    """Project a chunk ``x [B,S,D]`` and lay the row's buffered tokens and the chunk on one window-aligned axis.
+                n_new: jax.Array, m: int, proj: tuple[jax.Array, jax.Array] | None = None):
+    """Project a chunk ``x [B,S,D]`` (or take its projections ``proj``, :func:`_project`'s) and lay the row's
+    buffered tokens and the chunk on one window-aligned axis.
 
     Returns ``kv_ax``/``sc_ax`` ``[B, L, c*d]`` fp32 (axis slot ``r`` = absolute position ``base + r``; slots
     without a token hold kv 0 / score -inf) and ``base [B]``. ``L = P + m*nwin`` covers the previous complete window
@@ -59,17 +75,11 @@ def _token_axis(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf
     """
     overlap = m == 4
     c = 2 if overlap else 1
-    S = x.shape[1]
+    kv, sc = _project(w, x, pos, m) if proj is None else proj
+    S = kv.shape[1]
     P = m if overlap else 0  # buffer slots holding the previous complete window
     nwin = (m - 1 + S + m - 1) // m  # windows that can be touched by this chunk
     L = P + m * nwin
-
-    with jax.named_scope("compressor_proj"):
-        xf = x.astype(jnp.float32)
-        kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
-        sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
-        t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
-        sc = sc + w.ape[t % m]  # position inside its window
 
     # one window-aligned axis r = 0..L-1 at absolute positions base + r
     base = (pos // m) * m - P  # [B]
@@ -121,9 +131,24 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     dropped). A decode step completes a window only every ``m`` tokens, but skipping the pooling on the other steps
     with a ``jax.lax.cond`` did not pay on an H200 (2026-12-01, batch 1, 3 V4-Flash layers: the 5 conditionals of a
     step removed ~45 us of kernels and added ~85 us of idle time between graph nodes: 1.131 ms per looped step).
+    A decode step (``S == 1``) of the attention compressor with FP8-snapped caches runs everything after the
+    projection in one Triton kernel where :func:`dsv4_jax.kernels.use_triton` says so
+    (:func:`dsv4_jax.kernels.compressor_step.compress_decode`; not yet run on a GPU).
     """
+    kv, sc = _project(w, x, pos, ratio)  # [B,S,c*d] fp32
+    if (x.shape[1] == 1 and not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache) and x.shape[0] > 0
+            and use_triton(cfg)):  # a decode step: one Triton kernel for everything after the projection
+        return compress_decode(cfg, w, kv[:, 0], sc[:, 0], cache, kv_buf, score_buf, pos, n_new, ratio, freqs)
+    return compress_projected(cfg, w, kv, sc, cache, kv_buf, score_buf, pos, n_new, ratio, freqs, indexer)
+
+
+def compress_projected(cfg: Config, w: CompressorWeights, kv: jax.Array, sc: jax.Array, cache, kv_buf: jax.Array,
+                       score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool):
+    """:func:`compress` after the projection: ``kv``/``sc`` ``[B, S, c*d]`` fp32 are :func:`_project`'s (the score
+    with ``ape``). The XLA path of every chunk, and the reference of the decode kernel
+    (:mod:`dsv4_jax.kernels.compressor_step`)."""
     m = ratio
-    kv_ax, sc_ax, base = _token_axis(w, x, kv_buf, score_buf, pos, n_new, m)
+    kv_ax, sc_ax, base = _token_axis(w, None, kv_buf, score_buf, pos, n_new, m, proj=(kv, sc))
     nwin = (kv_ax.shape[1] - (m if m == 4 else 0)) // m
     entry_ids = pos[:, None] // m + jnp.arange(nwin)[None, :]  # [B, nwin]
     complete = (entry_ids + 1) * m <= (pos + n_new)[:, None]

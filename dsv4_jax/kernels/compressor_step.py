@@ -1,0 +1,289 @@
+"""The attention compressor's decode step (spec 7) in one Triton kernel: buffer update, and on the steps that
+complete a window the gated pooling, norm, RoPE, FP8 snap and the cache write, in place.
+
+Public function :func:`compress_decode` ``(cfg, w, kv_new [B, c*d], sc_new [B, c*d], cache, kv_buf, score_buf, pos,
+n_new, ratio, freqs) -> (cache, kv_buf, score_buf)``: what :func:`dsv4_jax.modeling.compressor.compress` returns for
+a chunk of one token (``S == 1``, ``n_new`` 0 or 1 per row) of the ATTENTION compressor (``indexer=False``) with
+FP8-snapped caches (``cfg.kv_fp8_sim``: the cache is an :class:`~dsv4_jax.modeling.quant.Fp8Cache`), for both ratios
+(``m = 4`` with the overlapping 2-window buffers, ``m = 128``). ``kv_new``/``sc_new`` are the token's projections
+(the score with ``ape``), which stay in XLA (two GEMVs). The reference is
+:func:`dsv4_jax.modeling.compressor.compress_projected` (the CPU path; this module calls it, it does not copy it).
+
+Why a kernel: XLA spends ~10 kernels per compressor per decode step (the token-axis gathers, the softmax, the slot
+sum, the norm, RoPE, the FP8 snap, the scatter, the buffer rebuild), also on the ``m - 1`` of ``m`` steps where no
+window completes and nothing but one buffer row changes. Here one program per batch row:
+
+* no window completes (``n_new == 1``, ``pos % m < m - 1``): the token's ``kv``/``score`` row is stored into its
+  buffer slot (``m + pos % m`` with overlap, else ``pos % m``); ``n_new == 0``: nothing;
+* the token completes window ``w = pos // m``: the ``c*m`` gating slots (with overlap the A halves ``[:d]`` of the
+  previous window, absent for ``w == 0``, and the B halves ``[d:]`` of this one; without overlap the ``m`` tokens)
+  are pooled per channel by a softmax over the slots, fp32, in the reference's order (the max; ``exp(x - max)``
+  summed in slot order; each weight ``exp / sum`` correctly rounded; the products summed in runs of 16 slots, then
+  the runs, as ``_sum_slots``); then ``rms_norm`` of the bf16-rounded vector (correctly rounded ``sqrt`` and
+  divisions, bf16 output), RoPE on the last ``rd`` dims at position ``w*m`` (cos/sin from XLA:
+  ``layers.rope_cos_sin``, so the kernel needs no ``cos``), the FP8 snap of the nope dims (``encode_fp8_cache``:
+  power-of-two scales rounded up, e4m3 nearest even, written as code bytes by integer arithmetic) and the entry
+  stored at ``cache[row, w]`` (dropped when ``w >= N``, like ``write_entries``). Then the buffers: with overlap the
+  current window moves to the previous-window slots and the current slots are cleared; without overlap all slots
+  are cleared (kv 0, score -inf).
+
+Precondition: the buffers are canonical (``modeling/state.py``: slots without a token hold kv 0 / score -inf), as
+every state the model makes is; the kernel then writes only what changes and its buffers equal the reference's bit
+for bit. (The reference rebuilds every slot; writing the unchanged empty slots of an ``m = 128`` buffer would cost
+~0.5 MB per row and step.) The cache leaves and the buffers are updated in place (``input_output_aliases``).
+
+Numerics: the reference's formula and order. What may differ: ``exp`` (Triton's ``tl.exp`` against XLA's
+implementation, a few ulps), the order of the denominator's and the norm's fp32 sums (XLA's reductions have no
+specified order), and on GPUs the contraction of multiply-adds into FMAs. These move the fp32 pooled values by a few
+ulps, which rarely changes a bf16 rounding and then at most one e4m3 step of a snapped value (or a block's scale,
+when its maximum sits on a power-of-two boundary); ``tests/test_kernels_compressor.py`` states the tolerance.
+Portable Triton (fp32 and integer arithmetic, no inline assembly, no hardware FP8 conversions).
+
+Status: tested under the interpreter (CPU) and compiled for sm_90 without a GPU; NOT yet run on a GPU. The dispatch
+in ``compress`` takes it where :func:`dsv4_jax.kernels.use_triton` says so (``"auto"`` on GPUs); under a mesh every
+device runs it on its own batch rows (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.config import Config
+from dsv4_jax.kernels import triton_call, use_triton
+from dsv4_jax.kernels.on_mesh import replicated_on_mesh
+from dsv4_jax.modeling.layers import rope_cos_sin
+from dsv4_jax.modeling.quant import Fp8Cache
+from dsv4_jax.modeling.weights import CompressorWeights
+
+try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
+    import triton
+    import triton.language as tl
+
+    from dsv4_jax.kernels.common import act_quant_block, round_bf16
+except ImportError:  # pragma: no cover - exercised only without the triton extra
+    triton = tl = None
+
+QBLOCK = 64  # the FP8 snap's block of nope dims (spec 3.2)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _slot(kvb, scb, kvn, scn, s, prev_ok, ch, M: tl.constexpr, NS: tl.constexpr, CD: tl.constexpr,
+              D: tl.constexpr, OVERLAP: tl.constexpr, KV: tl.constexpr):
+        """Gating slot ``s`` (runtime int) of a completing window, channels ``ch [D]``: its score row (or with
+        ``KV`` its kv row too) as fp32 ``[D]``. Slot ``NS - 1`` is the new token (``kvn``/``scn`` row pointers);
+        the others are buffer slot ``s`` (``kvb``/``scb``: the row's buffer), with overlap the A halves of slots
+        ``< M`` (absent, kv 0 / score -inf, unless ``prev_ok``) and the B halves (columns ``D + ch``) of the rest."""
+        is_new = s == NS - 1  # the masks below are scalars, broadcast to [D] by "& (col >= 0)"
+        col = ch
+        ok = s < NS - 1
+        if OVERLAP:
+            col = ch + tl.where(s >= M, D, 0)
+            ok = ok & ((s >= M) | prev_ok)
+        sc = tl.where(is_new, tl.load(scn + col, mask=is_new & (col >= 0), other=float("-inf")),
+                      tl.load(scb + s * CD + col, mask=ok & (col >= 0), other=float("-inf")))
+        kv = sc
+        if KV:
+            kv = tl.where(is_new, tl.load(kvn + col, mask=is_new & (col >= 0), other=0.0),
+                          tl.load(kvb + s * CD + col, mask=ok & (col >= 0), other=0.0))
+        return kv, sc
+
+    @triton.jit
+    def _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+                              codes_in, scales_in, rope_in, kvb_in, scb_in,  # aliased by the outputs below
+                              codes_ptr, scales_ptr, rope_ptr, kvb_ptr, scb_ptr,
+                              N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DN: tl.constexpr,
+                              RD: tl.constexpr, OVERLAP: tl.constexpr, CH: tl.constexpr, FCH: tl.constexpr,
+                              EPS: tl.constexpr):
+        """Program ``row``: one decode step of the row's compressor (module docstring). ``kvn/scn [B, CD]`` the
+        token's projections, ``pos``/``nnew [B]`` int32, ``cos``/``sin [B, RD/2]`` fp32 at the entry's position,
+        ``nw [D]`` the norm weight; in place: ``codes [B, N, DN]`` e4m3 (written as bytes), ``scales [B, N, DN/64]``
+        e8m0 bytes, ``rope [B, N, RD]`` bf16, ``kvb``/``scb [B, CM, CD]`` fp32 buffers (``CD = c*D``, ``CM = c*M``).
+        The ``*_in`` pointers are the same buffers as the outputs' (``input_output_aliases``), unused."""
+        C: tl.constexpr = 2 if OVERLAP else 1
+        CD: tl.constexpr = C * D
+        CM: tl.constexpr = C * M
+        NS: tl.constexpr = C * M  # gating slots of an entry
+        row = tl.program_id(0).to(tl.int64)
+        p = tl.load(pos_ptr + row)
+        n = tl.load(nnew_ptr + row)
+        off = p % M
+        kvn = kvn_ptr + row * CD
+        scn = scn_ptr + row * CD
+        kvb = kvb_ptr + row * (CM * CD)
+        scb = scb_ptr + row * (CM * CD)
+        cc = tl.arange(0, CD)
+        if (n > 0) & (off == M - 1):  # the token completes window p // M
+            if OVERLAP:  # the current window with the new token: the next previous window [M, CD]
+                j = tl.arange(0, M)[:, None]
+                last = j == M - 1
+                cur_kv = tl.where(last, tl.load(kvn + cc)[None, :],
+                                  tl.load(kvb + (M + j) * CD + cc[None, :], mask=~last, other=0.0))
+                cur_sc = tl.where(last, tl.load(scn + cc)[None, :],
+                                  tl.load(scb + (M + j) * CD + cc[None, :], mask=~last, other=0.0))
+            prev_ok = p >= M  # with overlap: the previous window exists
+            ch = tl.arange(0, D)
+            mx = tl.full([D], float("-inf"), tl.float32)
+            for c0 in range(0, NS, CH):  # softmax over the slots, per channel: the max ...
+                for i in tl.static_range(CH):
+                    _, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
+                    mx = tl.maximum(mx, sc)
+            den = tl.zeros([D], tl.float32)
+            for c0 in range(0, NS, CH):  # ... the sum of exp(x - max) in slot order ...
+                for i in tl.static_range(CH):
+                    _, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
+                    den = den + tl.exp(sc - mx)
+            pooled = tl.zeros([D], tl.float32)
+            for c0 in range(0, NS, CH):  # ... and the weighted kv, summed in runs of CH slots, then the runs
+                part = tl.zeros([D], tl.float32)
+                for i in tl.static_range(CH):
+                    kv, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, True)
+                    g = tl.div_rn(tl.exp(sc - mx), den) * kv
+                    part = g if i == 0 else part + g
+                pooled = tl.where(c0 == 0, part, pooled + part)
+            # rms_norm of the bf16-rounded pooled vector -> bf16 values (fp32 arithmetic, as layers.rms_norm)
+            x = round_bf16(pooled)
+            ms = tl.div_rn(tl.sum(x * x, axis=0), tl.full([], D, tl.float32))
+            r = tl.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + EPS))
+            y = round_bf16(tl.load(nw_ptr + ch).to(tl.float32) * (x * r))  # [D]
+            # RoPE on the interleaved pairs of the last RD dims (layers.apply_rope), rounded to bf16
+            a, b = tl.split(tl.reshape(y, (D // 2, 2)))  # [D/2] each
+            jp = tl.arange(0, D // 2) - (D - RD) // 2  # pair index inside the rope dims
+            rope = jp >= 0
+            cs = tl.load(cos_ptr + row * (RD // 2) + jp, mask=rope, other=1.0)
+            sn = tl.load(sin_ptr + row * (RD // 2) + jp, mask=rope, other=0.0)
+            ra = tl.where(rope, round_bf16(a * cs - b * sn), a)
+            rb = tl.where(rope, round_bf16(a * sn + b * cs), b)
+            y = tl.reshape(tl.join(ra, rb), (D,))
+            # the FP8 snap of the nope dims per block of 64 (encode_fp8_cache), the codes as e4m3 bytes
+            q, e = act_quant_block(tl.reshape(y, (D // 64, 64)))  # [D/64, 64] e4m3 grid values, [D/64] exponents
+            qb = q.to(tl.int32, bitcast=True)
+            mag = qb & 0x7FFFFFFF
+            ex = mag >> 23  # the fp32 biased exponent: e4m3 normals from 2**-6 (121) up
+            code = tl.where(ex >= 121, ((ex - 120) << 3) | ((mag >> 20) & 7),
+                            (q * tl.where(q < 0, -512.0, 512.0)).to(tl.int32))  # subnormals: k * 2**-9
+            code = tl.where(mag > 0x7F800000, 0x7F, code) | ((qb >> 24) & 0x80)  # NaN; the sign
+            ent = p // M
+            if ent < N:  # write_entries drops ids past the cache
+                slot = row * N + ent
+                blk = tl.arange(0, D // 64)
+                dd = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [D/64, 64]
+                codes_u8 = codes_ptr.to(tl.pointer_type(tl.uint8))  # the e4m3 codes as bytes: no FP8 type used
+                tl.store(codes_u8 + slot * DN + dd, code.to(tl.uint8), mask=dd < DN)
+                tl.store(scales_ptr + slot * (DN // 64) + blk, (e + 127).to(tl.uint8), mask=blk < DN // 64)
+                tl.store(rope_ptr + slot * RD + (dd - DN), tl.reshape(y, (D // 64, 64)).to(rope_ptr.dtype.element_ty),
+                         mask=dd >= DN)
+            tl.debug_barrier()  # every read of the buffers above before the writes below (other threads)
+            if OVERLAP:  # the completed window becomes the previous one; the current one is empty
+                jj = tl.arange(0, M)[:, None]
+                tl.store(kvb + jj * CD + cc[None, :], cur_kv)
+                tl.store(scb + jj * CD + cc[None, :], cur_sc)
+                tl.store(kvb + (M + jj) * CD + cc[None, :], tl.zeros([M, CD], tl.float32))
+                tl.store(scb + (M + jj) * CD + cc[None, :], tl.full([M, CD], float("-inf"), tl.float32))
+            else:  # every slot empty
+                for s0 in range(0, CM, FCH):
+                    sl = s0 + tl.arange(0, FCH)[:, None]
+                    tl.store(kvb + sl * CD + cc[None, :], tl.zeros([FCH, CD], tl.float32))
+                    tl.store(scb + sl * CD + cc[None, :], tl.full([FCH, CD], float("-inf"), tl.float32))
+        elif n > 0:  # the token goes to its slot of the current window
+            dst = (M + off if OVERLAP else off) * CD + cc
+            tl.store(kvb + dst, tl.load(kvn + cc))
+            tl.store(scb + dst, tl.load(scn + cc))
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def plan(d: int, m: int) -> dict:
+    """Slots per unrolled run ``CH`` (the reference's runs of 16 for ``m = 128``, all 8 with overlap), slots per
+    clearing store ``FCH`` and warps: the one place they are chosen. One program per row: the pooling needs the
+    whole entry for its norm, and a decode step has few rows."""
+    ns = 2 * m if m == 4 else m
+    return dict(CH=16 if ns % 16 == 0 else ns, FCH=8, num_warps=4 if d <= 256 else 8)
+
+
+def _meta(cfg: Config, d: int, m: int, n: int, p: dict) -> dict:
+    return dict(N=n, M=m, D=d, DN=cfg.nope_dim, RD=cfg.rope_head_dim, OVERLAP=m == 4, CH=p["CH"], FCH=p["FCH"],
+                EPS=float(np.float32(cfg.norm_eps)), num_warps=p["num_warps"], num_stages=1)
+
+
+def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio: int) -> None:
+    """ValueError naming the first tensor whose shape or dtype does not fit."""
+    if ratio not in (4, 128):
+        raise ValueError(f"compress_decode: ratio must be 4 or 128, got {ratio}")
+    if not isinstance(cache, Fp8Cache):
+        raise ValueError(f"compress_decode: the cache must be an Fp8Cache (cfg.kv_fp8_sim), got {type(cache).__name__}")
+    d, rd, dn = norm.shape[0], cfg.rope_head_dim, cfg.nope_dim
+    c = 2 if ratio == 4 else 1
+    B, N = cache.codes.shape[:2]
+    if d & (d - 1) or d < 64 or d != dn + rd:
+        raise ValueError(f"compress_decode: norm {norm.shape}: the kernel needs d = nope_dim + rope_head_dim = "
+                         f"{dn} + {rd}, a power of two >= 64")
+    want = [("kv_new", kv_new, (B, c * d), jnp.float32), ("sc_new", sc_new, (B, c * d), jnp.float32),
+            ("kv_buf", kv_buf, (B, c * ratio, c * d), jnp.float32),
+            ("score_buf", score_buf, (B, c * ratio, c * d), jnp.float32),
+            ("cache.codes", cache.codes, (B, N, dn), jnp.float8_e4m3fn),
+            ("cache.scales", cache.scales, (B, N, dn // QBLOCK), jnp.uint8),
+            ("cache.rope", cache.rope, (B, N, rd), jnp.bfloat16), ("pos", pos, (B,), jnp.int32),
+            ("n_new", n_new, (B,), jnp.int32)]
+    for name, a, shape, dtype in want:
+        if tuple(a.shape) != shape or a.dtype != dtype:
+            raise ValueError(f"compress_decode: {name} is {a.dtype} {tuple(a.shape)}, expected {jnp.dtype(dtype)} "
+                             f"{shape} (m={ratio}, d={d})")
+
+
+def compress_decode_triton(cfg: Config, norm: jax.Array, kv_new: jax.Array, sc_new: jax.Array, cache: Fp8Cache,
+                           kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int,
+                           cos: jax.Array, sin: jax.Array):
+    """The kernel on one device's rows: ``cos``/``sin [B, rd/2]`` fp32 at each row's entry position. Returns the
+    new cache and buffers (the inputs' buffers, written in place)."""
+    _check(cfg, norm, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio)
+    d = norm.shape[0]
+    B, N = cache.codes.shape[:2]
+    meta = _meta(cfg, d, ratio, N, plan(d, ratio))
+    ins = (kv_new, sc_new, pos, n_new, cos.astype(jnp.float32), sin.astype(jnp.float32), norm, cache.codes,
+           cache.scales, cache.rope, kv_buf, score_buf)
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[7:])
+    codes, scales, rope, kv_buf, score_buf = triton_call(
+        *ins, kernel=_compress_step_kernel, out_shape=shapes, grid=(B,),
+        input_output_aliases={7 + i: i for i in range(5)}, **meta)
+    return Fp8Cache(codes=codes, scales=scales, rope=rope), kv_buf, score_buf
+
+
+def compress_decode_reference(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new: jax.Array, cache,
+                              kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int,
+                              freqs):
+    """The XLA path: :func:`dsv4_jax.modeling.compressor.compress_projected` on the one-token chunk."""
+    from dsv4_jax.modeling.compressor import compress_projected
+
+    return compress_projected(cfg, w, kv_new[:, None], sc_new[:, None], cache, kv_buf, score_buf, pos, n_new, ratio,
+                              freqs, indexer=False)
+
+
+def compress_decode(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new: jax.Array, cache,
+                    kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int, freqs):
+    """One decode step of the attention compressor after its projection (module docstring): ``kv_new``/``sc_new
+    [B, c*d]`` fp32, the token's projections (the score with ``ape``); returns ``(cache, kv_buf, score_buf)``. The
+    kernel runs where :func:`dsv4_jax.kernels.use_triton` says so for an ``Fp8Cache``, else the reference."""
+    if not (use_triton(cfg) and isinstance(cache, Fp8Cache) and kv_new.shape[0] > 0):
+        return compress_decode_reference(cfg, w, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio, freqs)
+    cos, sin = rope_cos_sin(freqs, (pos // ratio) * ratio)  # [B, rd/2] at each row's entry position
+
+    def local(kvn, scn, codes, scales, rope, kvb, scb, p, nn, cs, sn, norm):
+        return compress_decode_triton(cfg, norm, kvn, scn, Fp8Cache(codes=codes, scales=scales, rope=rope), kvb, scb,
+                                      p, nn, ratio, cs, sn)
+
+    acts = (kv_new, sc_new, cache.codes, cache.scales, cache.rope, kv_buf, score_buf, pos, n_new, cos, sin)
+    return replicated_on_mesh(local, acts, w.norm)
+
+
+def run_torch(cfg: Config, norm, kv_new, sc_new, codes, scales, rope, kv_buf, score_buf, pos, n_new, ratio: int, cos,
+              sin, p: dict | None = None) -> None:
+    """Launch the kernel on torch tensors (CI: under ``TRITON_INTERPRET=1``), updating ``codes`` (float8_e4m3fn),
+    ``scales``, ``rope`` and the buffers in place; shapes as :func:`compress_decode_triton`'s."""
+    d = norm.shape[0]
+    B, N = codes.shape[:2]
+    meta = _meta(cfg, d, ratio, N, p or plan(d, ratio))
+    _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, rope, kv_buf, score_buf,
+                                codes, scales, rope, kv_buf, score_buf, **meta)

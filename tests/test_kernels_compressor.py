@@ -1,0 +1,436 @@
+"""The compressor's decode-step kernel (``dsv4_jax/kernels/compressor_step.py``) against the XLA reference
+(``modeling/compressor.py::compress_projected``, what ``compress`` computes for a one-token chunk).
+
+CPU: the ``@triton.jit`` kernel under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set
+before triton is imported) on torch CPU tensors, and the jax launcher (``input_output_aliases``, the byte view of
+the e4m3 codes, the dispatch in ``compress``) through ``tests/triton_shim.py``; GPU: the jitted launcher at V4-Flash
+shapes (skipped without a GPU); sm_90: the kernel compiled for an H200 without a GPU (no spills).
+
+The states are canonical (``modeling/state.py``: empty slots hold kv 0 / score -inf; the kernel's precondition), with
+random tokens in the occupied slots (a fifth of the channels scaled by 2**-8 .. 2**-17, so that entries hold e4m3
+subnormal and zero codes) and random bytes in the cache, and the batch mixes rows that complete a window (the first
+one, whose previous-window slots hold junk that must be ignored, and later ones), rows that do not, rows with
+``n_new = 0``, a row completing the last entry of the cache and one whose entry lies past it (dropped).
+
+Exact: the buffers and every cache entry not written (bit for bit). Tolerance, for the written entries: the kernel
+follows the reference's formula and order, but ``exp`` differs by implementation (numpy's or the GPU's against
+XLA's, a few ulps) and the two reductions whose order XLA does not specify (the softmax denominator, the norm's sum
+of squares) may add in another order. The pooled fp32 values then differ by a few ulps, which moves a bf16 rounding
+of the pooled vector, of the norm's output or of the RoPE output by one ulp in rare places. One bf16 ulp (2**-8
+relative) moves an e4m3 code by at most one step (2**-3 of the value, or 2**-9 of the scale below the normals), or a
+block's power-of-two scale when its maximum sits on a boundary (then the block's codes by about one step at the
+larger scale). Hence per nope dim ``|got - ref| <= 2**-3 max(|got|, |ref|) + 2**-9 max(scales)``, per RoPE pair (two
+bf16 inputs of ~1 ulp each, one rotation, one rounding) ``|got - ref| <= 2**-5 |pair|``, and at least
+``MIN_EXACT`` of the codes and RoPE values and all but ``max(1, 3%)`` of the scales bit for bit (a wrong slot,
+channel, window or position is off by O(1) almost everywhere). On the CPU everything must match bit for bit: the
+kernel's order is the reference's up to the denominator's and the norm's sums and ``exp``, whose few-ulp fp32
+differences reach a bf16 rounding with a probability of ~2**-14 per value, and the CPU cases (fixed seeds,
+deterministic on both sides) were measured exact; a jax or numpy upgrade that moves ``exp`` could make a single value
+differ, which the tolerance check above would then show as an ulp-level drift, not a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton_shim  # noqa: E402
+
+SEED = 4242
+N_ENTRIES = 8  # cache entries per row in the CPU cases
+GPU_ENTRIES = 32  # and in the GPU cases
+MIN_EXACT = 0.97  # fraction of the written entries' codes / scales / RoPE values that must match bit for bit
+# (m, [(pos, n_new), ...]): one batch per ratio (module docstring)
+CPU_CASES = [
+    (4, [(3, 1), (7, 1), (5, 1), (6, 0), (1, 1), (0, 1), (31, 1), (35, 1), (11, 0), (22, 1)]),
+    (128, [(127, 1), (255, 1), (300, 1), (383, 0), (0, 1), (1023, 1)]),
+]
+
+
+def _cfg(d: int, rd: int, kernels: str = "reference"):
+    from dsv4_jax.config import Config
+
+    return Config.tiny(head_dim=d, rope_head_dim=rd, kernels=kernels)
+
+
+def _state(m: int, rows, d: int, n_entries: int, seed: int) -> dict:
+    """A canonical decode state for the ``rows`` (pos, n_new) and the new token's projections, as numpy arrays."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    c = 2 if m == 4 else 1
+    B = len(rows)
+    pos = np.array([p for p, _ in rows], np.int32)
+    kv_buf = np.zeros((B, c * m, c * d), np.float32)
+    sc_buf = np.full((B, c * m, c * d), -np.inf, np.float32)
+    for b, p in enumerate(pos):
+        P = m if c == 2 else 0
+        occupied = list(range(P, P + p % m)) + (list(range(m)) if c == 2 and p >= m else [])
+        if c == 2 and p == m - 1:  # completing the first window: junk where the previous window would be
+            occupied += list(range(m))
+        for s in occupied:
+            kv_buf[b, s] = rng.standard_normal(c * d) * np.exp2(rng.integers(-2, 3))
+            sc_buf[b, s] = rng.standard_normal(c * d) * 2.0
+    tiny = np.where(rng.random(c * d) < 0.2, np.exp2(-rng.integers(8, 18, c * d)), 1.0)  # [c*d] channel scales:
+    kv_buf *= tiny.astype(np.float32)  # entries with e4m3 subnormal and zero codes (their own encoding path)
+    dn = d - 64
+    codes = rng.integers(0, 0x7F, (B, n_entries, dn), dtype=np.uint8) | (rng.integers(0, 2, (B, n_entries, dn),
+                                                                                     dtype=np.uint8) << 7)
+    return dict(
+        kv_new=(rng.standard_normal((B, c * d)) * 1.5 * tiny).astype(np.float32),
+        sc_new=(rng.standard_normal((B, c * d)) * 2.0).astype(np.float32),
+        kv_buf=kv_buf, sc_buf=sc_buf, pos=pos, n_new=np.array([n for _, n in rows], np.int32),
+        codes=codes, scales=rng.integers(110, 135, (B, n_entries, dn // 64), dtype=np.uint8),
+        rope=rng.standard_normal((B, n_entries, 64)).astype(ml_dtypes.bfloat16).astype(np.float32),
+        norm=(1.0 + 0.25 * rng.standard_normal(d)).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def _weights(norm):
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.weights import CompressorWeights
+
+    return CompressorWeights(ape=None, wkv=None, wgate=None, norm=jnp.asarray(norm, jnp.bfloat16))
+
+
+def _cache(z: dict):
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import Fp8Cache
+
+    codes = jnp.asarray(z["codes"]).view(jnp.float8_e4m3fn)
+    return Fp8Cache(codes=codes, scales=jnp.asarray(z["scales"]), rope=jnp.asarray(z["rope"], jnp.bfloat16))
+
+
+def _cos_sin(cfg, m: int, pos: np.ndarray):
+    """cos/sin ``[B, rd/2]`` at each row's entry position, as the launcher computes them."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.layers import rope_cos_sin, rope_freqs
+
+    cos, sin = rope_cos_sin(rope_freqs(cfg, m), (jnp.asarray(pos) // m) * m)
+    return np.asarray(cos, np.float32), np.asarray(sin, np.float32)
+
+
+def _reference(cfg, m: int, z: dict) -> dict:
+    """The XLA reference on the state ``z``: the new cache (codes as bytes) and buffers, numpy."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.compressor_step import compress_decode_reference
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    fn = jax.jit(lambda *a: compress_decode_reference(cfg, *a, m, rope_freqs(cfg, m)))
+    cache, kvb, scb = fn(_weights(z["norm"]), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _cache(z),
+                         jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]),
+                         jnp.asarray(z["n_new"]))
+    return _as_numpy(cache, kvb, scb)
+
+
+def _as_numpy(cache, kvb, scb) -> dict:
+    import jax.numpy as jnp
+
+    return dict(codes=np.asarray(cache.codes.view(jnp.uint8)), scales=np.asarray(cache.scales),
+                rope=np.asarray(cache.rope.astype(jnp.float32)), kv_buf=np.asarray(kvb), sc_buf=np.asarray(scb))
+
+
+def _e4m3(codes: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def _written(pos: np.ndarray, n_new: np.ndarray, m: int, n_entries: int) -> np.ndarray:
+    """``[B, N]``: the cache entries a step at ``pos`` with ``n_new`` writes (complete windows inside the cache)."""
+    written = np.zeros((len(pos), n_entries), bool)
+    for b, (p, n) in enumerate(zip(pos, n_new)):
+        if n and p % m == m - 1 and p // m < n_entries:
+            written[b, p // m] = True
+    return written
+
+
+def _check(got: dict, ref: dict, written: np.ndarray, what: str, min_exact: float = MIN_EXACT) -> dict:
+    """Buffers and the entries not ``written [B, N]`` bit for bit; the written ones within the module docstring's
+    tolerance, at least ``min_exact`` of their codes and RoPE values and of their scales (less one block) bit for
+    bit. Returns the exact fractions (codes, scales, rope)."""
+    for k in ("kv_buf", "sc_buf"):
+        np.testing.assert_array_equal(got[k].view(np.uint32), ref[k].view(np.uint32), err_msg=f"{what}: {k}")
+    assert written.any(), f"{what}: no case writes an entry"
+    for k in ("codes", "scales", "rope"):  # entries nobody writes: untouched (the reference keeps the input's)
+        g, r = got[k][~written], ref[k][~written]
+        np.testing.assert_array_equal(g.view(np.uint8), r.view(np.uint8), err_msg=f"{what}: unwritten {k}")
+    gs, rs = got["scales"][written].astype(np.int32), ref["scales"][written].astype(np.int32)  # [W, Dn/64]
+    gv = _e4m3(got["codes"][written]).reshape(*gs.shape, 64) * np.exp2(gs - 127.0)[..., None]
+    rv = _e4m3(ref["codes"][written]).reshape(*rs.shape, 64) * np.exp2(rs - 127.0)[..., None]
+    smax = np.exp2(np.maximum(gs, rs) - 127.0)[..., None]
+    bad = np.abs(gv - rv) > 2.0**-3 * np.maximum(np.abs(gv), np.abs(rv)) + 2.0**-9 * smax
+    assert not bad.any(), f"{what}: {bad.sum()} nope values off by more than one e4m3 step, e.g. " \
+                          f"{gv[bad][:4]} vs {rv[bad][:4]}"
+    gr, rr = got["rope"][written].reshape(-1, 2), ref["rope"][written].reshape(-1, 2)
+    tol = 2.0**-5 * np.linalg.norm(rr, axis=1, keepdims=True)
+    assert np.all(np.abs(gr - rr) <= tol), f"{what}: RoPE dims off by more than 2**-5 |pair|"
+    frac = {k: float(np.mean(got[k][written].view(np.uint8) == ref[k][written].view(np.uint8)))
+            for k in ("codes", "scales", "rope")}
+    scale_ok = 1.0 if min_exact == 1.0 else min(min_exact, 1.0 - 1.0 / gs.size)  # one block's scale may flip
+    assert frac["codes"] >= min_exact and frac["rope"] >= min_exact and frac["scales"] >= scale_ok, \
+        f"{what}: bit-exact fractions {frac} below {min_exact}"
+    return frac
+
+
+# ---------------------------------------------------------------------------------------------- interpreter
+def _interpret_main(path: str) -> None:
+    """Subprocess body: (1) the kernel through ``run_torch`` on every CPU case; (2) the jax launcher under the shim
+    through ``compress`` (``kernels="triton"``) on the first chunk of the ``x`` cases."""
+    import torch
+
+    import dsv4_jax.kernels.compressor_step as cs
+    import dsv4_jax.modeling.compressor as comp
+
+    z = dict(np.load(path))
+    out = {}
+    for i, (m, _) in enumerate(CPU_CASES):
+        a = {k[len(f"{i}_"):]: v for k, v in z.items() if k.startswith(f"{i}_")}
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in a.items()}
+        d = a["norm"].shape[0]
+        cfg = _cfg(d, 64)
+        rope = t["rope"].to(torch.bfloat16)
+        codes = t["codes"].view(torch.float8_e4m3fn)  # the same memory, typed as the cache's codes
+        cs.run_torch(cfg, t["norm"].to(torch.bfloat16), t["kv_new"], t["sc_new"], codes, t["scales"], rope,
+                     t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], m, t["cos"], t["sin"])
+        out.update({f"{i}_codes": t["codes"].numpy(), f"{i}_scales": t["scales"].numpy(),
+                    f"{i}_rope": rope.float().numpy(), f"{i}_kv_buf": t["kv_buf"].numpy(),
+                    f"{i}_sc_buf": t["sc_buf"].numpy()})
+    triton_shim.install(target="cpu")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    for i, (m, _) in enumerate(CPU_CASES):
+        a = {k[len(f"x{i}_"):]: v for k, v in z.items() if k.startswith(f"x{i}_")}
+        cfg = _cfg(a["norm"].shape[0], 64, "triton")
+        w = _x_weights(a)
+        n0 = len(triton_shim.LAUNCHES)
+        step = jax.jit(lambda x, cache, kvb, scb, pos, nn, w=w, cfg=cfg, m=m: comp.compress(
+            cfg, w, x, cache, kvb, scb, pos, nn, m, rope_freqs(cfg, m), indexer=False))
+        res = step(jnp.asarray(a["x"], jnp.bfloat16), _cache(a), jnp.asarray(a["kv_buf"]), jnp.asarray(a["sc_buf"]),
+                   jnp.asarray(a["pos"]), jnp.asarray(a["n_new"]))
+        assert len(triton_shim.LAUNCHES) > n0, "compress did not launch the kernel"
+        out.update({f"x{i}_{k}": v for k, v in _as_numpy(*res).items()})
+    np.savez(path + ".out.npz", **out)
+
+
+def _x_weights(a: dict):
+    """Compressor weights for the ``x`` cases (projections of a bf16 token ``x [B, 1, D]``)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.weights import CompressorWeights
+
+    return CompressorWeights(ape=jnp.asarray(a["ape"]), wkv=jnp.asarray(a["wkv"], jnp.bfloat16),
+                             wgate=jnp.asarray(a["wgate"], jnp.bfloat16), norm=jnp.asarray(a["norm"], jnp.bfloat16))
+
+
+def _x_case(m: int, rows, d: int, seed: int) -> dict:
+    """A state plus a token ``x`` and projection weights (the full ``compress`` inputs)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    c = 2 if m == 4 else 1
+    D = 64
+    z = _state(m, rows, d, N_ENTRIES, seed)
+    bf = ml_dtypes.bfloat16
+    z.update(x=rng.standard_normal((len(rows), 1, D)).astype(bf).astype(np.float32),
+             wkv=(rng.standard_normal((c * d, D)) / 4).astype(bf).astype(np.float32),
+             wgate=(rng.standard_normal((c * d, D)) / 4).astype(bf).astype(np.float32),
+             ape=(rng.standard_normal((m, c * d)) * 0.5).astype(np.float32))
+    return z
+
+
+def _x_reference(m: int, z: dict) -> dict:
+    """``compress`` with ``kernels="reference"`` (the XLA path) on the ``x`` case ``z``."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.compressor import compress
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    cfg = _cfg(z["norm"].shape[0], 64, "reference")
+    fn = jax.jit(lambda w, x, *a: compress(cfg, w, x, *a, m, rope_freqs(cfg, m), indexer=False))
+    res = fn(_x_weights(z), jnp.asarray(z["x"], jnp.bfloat16), _cache(z), jnp.asarray(z["kv_buf"]),
+             jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
+    return _as_numpy(*res)
+
+
+def test_interpreter_matches_reference(tmp_path):
+    """Both ratios at d = 128 (64 nope + 64 RoPE dims): the kernel directly, and through ``compress``."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays, states, xs = {}, [], []
+    for i, (m, rows) in enumerate(CPU_CASES):
+        z = _state(m, rows, 128, N_ENTRIES, SEED + i)
+        z["cos"], z["sin"] = _cos_sin(_cfg(128, 64), m, z["pos"])
+        states.append(z)
+        arrays.update({f"{i}_{k}": v for k, v in z.items()})
+        x = _x_case(m, rows, 128, SEED + 10 + i)
+        xs.append(x)
+        arrays.update({f"x{i}_{k}": v for k, v in x.items()})
+    out = triton_shim.interpret(__file__, arrays, tmp_path)
+    for i, (m, _) in enumerate(CPU_CASES):
+        z = states[i]
+        got = {k: out[f"{i}_{k}"] for k in ("codes", "scales", "rope", "kv_buf", "sc_buf")}
+        wr = _written(z["pos"], z["n_new"], m, N_ENTRIES)
+        ref = _reference(_cfg(128, 64), m, z)
+        codes = ref["codes"][wr] & 0x7F
+        assert np.any((codes > 0) & (codes < 8)) and np.any(codes == 0), f"m={m}: no subnormal or zero e4m3 codes"
+        frac = _check(got, ref, wr, f"run_torch m={m}", min_exact=1.0)
+        print(f"m={m}: bit-exact fractions of the written entries {frac}")
+        got = {k: out[f"x{i}_{k}"] for k in ("codes", "scales", "rope", "kv_buf", "sc_buf")}
+        frac = _check(got, _x_reference(m, xs[i]), wr, f"compress m={m}", min_exact=1.0)
+        print(f"compress m={m}: bit-exact fractions of the written entries {frac}")
+
+
+
+def test_cpu_modes_give_the_reference():
+    """On a CPU backend ``compress`` keeps the XLA path for ``"auto"`` (bit for bit ``"reference"``), and
+    ``compress_decode`` (the kernel module's dispatcher) is its reference there."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.compressor_step import compress_decode
+    from dsv4_jax.modeling.compressor import _project, compress
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    m, rows = CPU_CASES[0]
+    z = _x_case(m, rows, 128, SEED)
+    ref = _x_reference(m, z)
+    cfg, w, x = _cfg(128, 64, "auto"), _x_weights(z), jnp.asarray(z["x"], jnp.bfloat16)
+    freqs = rope_freqs(cfg, m)
+    args = (_cache(z), jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]),
+            jnp.asarray(z["n_new"]))
+    auto = _as_numpy(*jax.jit(lambda x, *a: compress(cfg, w, x, *a, m, freqs, indexer=False))(x, *args))
+    kv, sc = _project(w, x, jnp.asarray(z["pos"]), m)
+    direct = _as_numpy(*jax.jit(lambda kv, sc, *a: compress_decode(cfg, w, kv, sc, *a, m, freqs))(
+        kv[:, 0], sc[:, 0], *args))
+    for k in ref:
+        np.testing.assert_array_equal(auto[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"auto {k}")
+        np.testing.assert_array_equal(direct[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"direct {k}")
+
+
+def test_bad_shapes_are_refused():
+    """The launcher names the tensor whose shape or dtype does not fit (before anything is launched)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.compressor_step import compress_decode_triton
+
+    m, rows = CPU_CASES[0]
+    z = _state(m, rows, 128, N_ENTRIES, SEED)
+    cfg = _cfg(128, 64)
+    cos, sin = _cos_sin(cfg, m, z["pos"])
+    args = dict(norm=jnp.asarray(z["norm"], jnp.bfloat16), kv_new=jnp.asarray(z["kv_new"]),
+                sc_new=jnp.asarray(z["sc_new"]), cache=_cache(z), kv_buf=jnp.asarray(z["kv_buf"]),
+                score_buf=jnp.asarray(z["sc_buf"]), pos=jnp.asarray(z["pos"]), n_new=jnp.asarray(z["n_new"]),
+                ratio=m, cos=jnp.asarray(cos), sin=jnp.asarray(sin))
+    bad = [("kv_new", dict(kv_new=args["kv_new"][:, :128])), ("score_buf", dict(score_buf=args["score_buf"][:, :4])),
+           ("kv_buf", dict(kv_buf=args["kv_buf"].astype(jnp.bfloat16))), ("n_new", dict(n_new=args["n_new"][:3])),
+           ("ratio", dict(ratio=8)), ("power of two", dict(norm=jnp.ones((96,), jnp.bfloat16)))]
+    for name, change in bad:
+        with pytest.raises(ValueError, match=name):
+            compress_decode_triton(cfg, **{**args, **change})
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _gpu_rows(m: int, B: int, seed: int):
+    """``B`` (pos, n_new) rows: completions of the first and of later windows (one of them the cache's last entry),
+    steps that complete nothing, ``n_new = 0`` rows."""
+    if B == 1:
+        return [(5 * m - 1, 1)]
+    rng = np.random.default_rng(seed)
+    rows = [(m - 1, 1), (2 * m - 1, 1), (GPU_ENTRIES * m - 1, 1), (3 * m - 1, 0), (m + 1, 1), (0, 1)]
+    while len(rows) < B:
+        w = int(rng.integers(0, GPU_ENTRIES))
+        rows.append((w * m + int(rng.choice([m - 1, m - 1, int(rng.integers(0, m))])), int(rng.random() < 0.85)))
+    return rows
+
+
+@pytest.mark.parametrize("B", [1, 32])
+@pytest.mark.parametrize("m", [4, 128])
+def test_gpu_matches_reference(m, B):
+    """V4-Flash shapes (d = 512: 448 FP8 + 64 RoPE dims), both ratios, batch 1 and 32: one step of the jitted
+    launcher against the jitted XLA reference, then ``m + 2`` further steps of both on their own outputs (the
+    in-place buffers carried from step to step), and the dispatcher's ``"auto"`` path equal to the launcher's."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"compressor decode kernel GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels.compressor_step import compress_decode, compress_decode_reference, compress_decode_triton
+    from dsv4_jax.modeling.layers import rope_cos_sin, rope_freqs
+
+    cfg = Config.v4_flash(kernels="auto")
+    d, freqs = cfg.head_dim, rope_freqs(cfg, m)
+    z = _state(m, _gpu_rows(m, B, SEED), d, GPU_ENTRIES, SEED + m + B)
+    w = _weights(z["norm"])
+
+    @jax.jit
+    def kern(kvn, scn, cache, kvb, scb, pos, nn):
+        cos, sin = rope_cos_sin(freqs, (pos // m) * m)
+        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin)
+
+    ref = jax.jit(lambda *a: compress_decode_reference(cfg, w, *a, m, freqs))
+    auto = jax.jit(lambda *a: compress_decode(cfg, w, *a, m, freqs))
+    args = (jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _cache(z), jnp.asarray(z["kv_buf"]),
+            jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
+    got = _as_numpy(*kern(*args))
+    _check(got, _as_numpy(*ref(*args)), _written(z["pos"], z["n_new"], m, GPU_ENTRIES), f"GPU m={m} B={B}")
+    via_auto = _as_numpy(*auto(*args))
+    for k in got:
+        np.testing.assert_array_equal(via_auto[k].view(np.uint8), got[k].view(np.uint8), err_msg=f"auto {k}")
+
+    rng = np.random.default_rng(SEED)  # m + 2 more steps: every row crosses a window end
+    st_k = st_r = args[2:5]
+    pos, c = jnp.asarray(z["pos"]), 2 if m == 4 else 1
+    nn = jnp.ones_like(pos)
+    written = np.zeros((B, GPU_ENTRIES), bool)
+    for _ in range(m + 2):
+        written |= _written(np.asarray(pos), np.asarray(nn), m, GPU_ENTRIES)
+        kvn = jnp.asarray(rng.standard_normal((B, c * d)) * 1.5, jnp.float32)
+        scn = jnp.asarray(rng.standard_normal((B, c * d)) * 2.0, jnp.float32)
+        st_k = kern(kvn, scn, *st_k, pos, nn)
+        st_r = ref(kvn, scn, *st_r, pos, nn)
+        pos = pos + 1
+    _check(_as_numpy(*st_k), _as_numpy(*st_r), written, f"GPU m={m} B={B}, {m + 2} steps")
+
+
+# ---------------------------------------------------------------------------------------------- sm_90
+@pytest.mark.parametrize("m", [4, 128])
+def test_sm90_compile_fits(m):
+    """The kernel at V4-Flash shapes compiled for an H200 (sm_90) without a GPU: it fits the shared memory and
+    does not spill registers (``tests/test_kernels_sm90.py``'s compiler)."""
+    pytest.importorskip("triton")
+    from test_kernels_sm90 import SMEM_SM90, _compile
+
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels import compressor_step as cs
+
+    cfg = Config.v4_flash()
+    meta = cs._meta(cfg, cfg.head_dim, m, 1 << 18, cs.plan(cfg.head_dim, m))
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    f32 = ("kvn_ptr", "scn_ptr", "cos_ptr", "sin_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
+    ptrs = {**{a: "*fp32" for a in f32}, "pos_ptr": "*i32", "nnew_ptr": "*i32", "nw_ptr": "*bf16",
+            "codes_in": "*fp8e4nv", "scales_in": "*u8", "rope_in": "*bf16", "codes_ptr": "*fp8e4nv",
+            "scales_ptr": "*u8", "rope_ptr": "*bf16"}
+    smem, spill = _compile(cs._compress_step_kernel, ptrs, meta, options)
+    assert smem <= SMEM_SM90 and spill == 0, f"compressor step m={m}: {smem} B shared, {spill} B spills"
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    _interpret_main(sys.argv[1])
