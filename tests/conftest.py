@@ -16,12 +16,14 @@ import pytest  # noqa: E402
 
 import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX backend starts)
 
-# JAX's persistent compilation cache is OFF in the tests unless DSV4_JAX_CACHE names a folder (one subfolder per
-# pytest worker). scripts/test.sh (CI) sets it to a fresh empty folder per run: a program compiled by one test is
-# loaded, not recompiled, by the next test of the same worker that builds it (the same executable: same results).
+# JAX's persistent compilation cache is OFF in the tests unless DSV4_JAX_CACHE names a folder. scripts/test.sh (CI)
+# sets it to a fresh empty folder per run, shared by the pytest workers: a program compiled by one test is loaded, not
+# recompiled, by any later test that builds it, in either worker (the same executable: same results). A size limit
+# turns on JAX's file lock around every read and write of an entry: without it a worker once read an entry another
+# was still writing and aborted (b06376c), which is why each worker had its own folder until 2026-12-01.
 if os.environ.get("DSV4_JAX_CACHE"):
-    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["DSV4_JAX_CACHE"], _worker))
+    jax.config.update("jax_compilation_cache_dir", os.environ["DSV4_JAX_CACHE"])
+    jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)  # never reached in a run; enables the lock
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 else:
     jax.config.update("jax_enable_compilation_cache", False)
