@@ -15,10 +15,11 @@ layer; each is a few microseconds of launch for almost no bytes. Here:
    batch 1 the NS programs read ``fn`` (1.5 MB for V4-Flash) with all SMs busy. The products are summed per lane
    through the K loop and reduced once at the end (a reduction per K step cost 938 sm_90a instructions, 327
    shuffles and 15 barriers per step; now 129 and 10).
-2. :func:`_finish_kernel`, grid ``(T, D / BD)``: each program reduces the NS partials of its token in split order,
-   forms ``mixes * rsqrt(mean(x^2) + eps)``, the sigmoids and the Sinkhorn exactly as the reference orders them
-   (every program recomputes this 4x4 work, it is tiny), writes ``post`` and ``comb`` (first program of the row)
-   and ``y = sum_i pre_i * x_i`` for its BD columns, in stream order, rounded once to the output dtype.
+2. :func:`_finish_kernel`, grid ``(T, D / BD + 1)``: each program reduces the NS partials of its token in split
+   order and forms ``mixes * rsqrt(mean(x^2) + eps)``; the last program of a token computes ``post`` and the
+   Sinkhorn of ``comb`` exactly as the reference orders them, the others the ``pre`` sigmoids and
+   ``y = sum_i pre_i * x_i`` for their BD columns, in stream order, rounded once to the output dtype. (The Sinkhorn
+   ran in every program before, after the row's work: at one token a serial chain of ~8 us per call on an H200.)
 
 Numerics contract: the same formula and operation order as the reference except the order of the fp32 sums over
 K (the dot and the sum of squares: split-K here, XLA's own order there) and ``exp``/``sigmoid`` implementations
@@ -86,8 +87,10 @@ if triton is not None:
                        D: tl.constexpr, HC: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, P: tl.constexpr,
                        NORM_EPS: tl.constexpr, HC_EPS: tl.constexpr, ITERS: tl.constexpr, BD: tl.constexpr,
                        NORM: tl.constexpr, Y_BF16: tl.constexpr, QY: tl.constexpr = False):
-        """Program (t, j): token t's mixes, sigmoids and Sinkhorn (recomputed by every j), ``post``/``comb``
-        (j == 0) and ``y[t, j*BD : j*BD+BD]``. With ``NORM`` (one program per token, ``BD >= D``) ``y`` is
+        """Program (t, j) for ``j < ND = cdiv(D, BD)``: token t's ``pre`` mixes and sigmoids, then ``y[t, j*BD :
+        j*BD+BD]``; program (t, ND): token t's ``post`` and the Sinkhorn of ``comb``. The two halves run side by
+        side (at one token the Sinkhorn's 19 dependent iterations used to follow the whole row's work in one
+        program). With ``NORM`` (``BD >= D``: one y program per token) ``y`` is
         followed by the block's RMSNorm with weight ``nw [D]``: ``y`` rounded to the activation dtype (bf16 when
         ``Y_BF16``), then ``nw * (y * rsqrt(mean(y**2) + eps))`` in fp32, as ``layers.rms_norm`` computes it.
         ``QY`` (with ``NORM``): also ``yq [T, D]``, the values of the FP8 activation quantization of the normed row
@@ -95,29 +98,42 @@ if triton is not None:
         t = tl.program_id(0).to(tl.int64)
         K: tl.constexpr = HC * D
         NMIX: tl.constexpr = HC * (2 + HC)
+        ND: tl.constexpr = (D + BD - 1) // BD
         ns = tl.arange(0, NSP)
         nsm = ns < NS
         i = tl.arange(0, HC)
         row = part_ptr + t * NS * P
         sq = tl.sum(tl.load(row + ns * P + NMIX, mask=nsm, other=0.0), axis=0)
         r = 1.0 / tl.sqrt(sq / K + NORM_EPS)
-        m_pre = tl.sum(tl.load(row + ns[:, None] * P + i[None, :], mask=nsm[:, None], other=0.0), axis=0) * r
-        m_post = tl.sum(tl.load(row + ns[:, None] * P + HC + i[None, :], mask=nsm[:, None], other=0.0), axis=0) * r
-        cidx = i[:, None] * HC + i[None, :]  # [HC, HC]
-        m_comb = tl.sum(tl.load(row + ns[:, None, None] * P + 2 * HC + cidx[None, :, :], mask=nsm[:, None, None],
-                                other=0.0), axis=0) * r
-        pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + HC_EPS  # [HC]
-        post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
-        c = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cidx)  # [HC, HC]
-        c = tl.exp(c - tl.max(c, axis=1)[:, None])  # Sinkhorn, as hyper.sinkhorn orders it
-        c = c / tl.sum(c, axis=1)[:, None] + HC_EPS
-        c = c / (tl.sum(c, axis=0)[None, :] + HC_EPS)
-        for _ in range(ITERS - 1):
-            c = c / (tl.sum(c, axis=1)[:, None] + HC_EPS)
+        if tl.program_id(1) == ND:
+            m_post = tl.sum(tl.load(row + ns[:, None] * P + HC + i[None, :], mask=nsm[:, None], other=0.0),
+                            axis=0) * r
+            cidx = i[:, None] * HC + i[None, :]  # [HC, HC]
+            m_comb = tl.sum(tl.load(row + ns[:, None, None] * P + 2 * HC + cidx[None, :, :],
+                                    mask=nsm[:, None, None], other=0.0), axis=0) * r
+            post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
+            c = m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cidx)  # [HC, HC]
+            c = tl.exp(c - tl.max(c, axis=1)[:, None])  # Sinkhorn, as hyper.sinkhorn orders it
+            c = c / tl.sum(c, axis=1)[:, None] + HC_EPS
             c = c / (tl.sum(c, axis=0)[None, :] + HC_EPS)
-        if tl.program_id(1) == 0:
+            for _ in range(ITERS - 1):
+                c = c / (tl.sum(c, axis=1)[:, None] + HC_EPS)
+                c = c / (tl.sum(c, axis=0)[None, :] + HC_EPS)
             tl.store(post_ptr + t * HC + i, post)
             tl.store(comb_ptr + t * HC * HC + cidx, c)
+        else:
+            _finish_y(row, x_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, yq_ptr, t, r, ns, nsm, i, D, HC, P, NORM_EPS,
+                      HC_EPS, BD, NORM, Y_BF16, QY)
+
+    @triton.jit
+    def _finish_y(row, x_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, yq_ptr, t, r, ns, nsm, i, D: tl.constexpr,
+                  HC: tl.constexpr, P: tl.constexpr, NORM_EPS: tl.constexpr, HC_EPS: tl.constexpr, BD: tl.constexpr,
+                  NORM: tl.constexpr, Y_BF16: tl.constexpr, QY: tl.constexpr):
+        """The y half of :func:`_finish_kernel`: ``pre`` from its mixes, ``y = sum_i pre_i * x_i`` for this program's
+        columns in stream order, and with ``NORM`` the norm (and with ``QY`` the quantized row)."""
+        K: tl.constexpr = HC * D
+        m_pre = tl.sum(tl.load(row + ns[:, None] * P + i[None, :], mask=nsm[:, None], other=0.0), axis=0) * r
+        pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + HC_EPS  # [HC]
         d = tl.program_id(1) * BD + tl.arange(0, BD)
         dm = d < D
         y = tl.zeros((BD,), tl.float32)
@@ -184,7 +200,7 @@ def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, nor
     meta2 = dict(D=D, HC=hc, NS=p["NS"], NSP=next_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
                  HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"], NORM=norm, Y_BF16=y_bf16, QY=qy,
                  num_warps=p["warps2"])
-    return ((p["NS"], math.ceil(T / p["BT"])), meta1), ((T, math.ceil(D / p["BD"])), meta2), P
+    return ((p["NS"], math.ceil(T / p["BT"])), meta1), ((T, math.ceil(D / p["BD"]) + 1), meta2), P
 
 
 def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy: bool = False):
