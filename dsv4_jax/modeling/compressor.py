@@ -133,7 +133,7 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     step removed ~45 us of kernels and added ~85 us of idle time between graph nodes: 1.131 ms per looped step).
     A decode step (``S == 1``) of the attention compressor with FP8-snapped caches runs everything after the
     projection in one Triton kernel where :func:`dsv4_jax.kernels.use_triton` says so
-    (:func:`dsv4_jax.kernels.compressor_step.compress_decode`; not yet run on a GPU).
+    (:func:`dsv4_jax.kernels.compressor_step.compress_decode`; its GPU test passed on an H200).
     """
     kv, sc = _project(w, x, pos, ratio)  # [B,S,c*d] fp32
     if (x.shape[1] == 1 and not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache) and x.shape[0] > 0
