@@ -192,6 +192,8 @@ def _interpret_main(path: str) -> None:
     import dsv4_jax.modeling.compressor as comp
 
     z = dict(np.load(path))
+    if "indexer" in z:
+        return _interpret_indexer(z, path)
     out = {}
     for i, (m, _) in enumerate(CPU_CASES):
         a = {k[len(f"{i}_"):]: v for k, v in z.items() if k.startswith(f"{i}_")}
@@ -341,6 +343,180 @@ def test_bad_shapes_are_refused():
     for name, change in bad:
         with pytest.raises(ValueError, match=name):
             compress_decode_triton(cfg, **{**args, **change})
+
+
+# ---------------------------------------------------------------------------------------------- indexer
+IDX_ROWS = CPU_CASES[0][1]  # the indexer's compressor: m = 4 with overlap; the rows of the m = 4 attention case
+
+
+def _idx_state(rows, d: int, n_entries: int, seed: int) -> dict:
+    """:func:`_state` (m = 4) with the indexer's cache instead of the attention one: random packed e2m1 bytes
+    ``[B, N, d/2]`` and e8m0 bytes ``[B, N, d/32]``."""
+    z = _state(4, rows, d, n_entries, seed)
+    for k in ("codes", "scales", "rope"):
+        del z[k]
+    rng = np.random.default_rng(seed + 1)
+    B = len(rows)
+    z.update(packed=rng.integers(0, 256, (B, n_entries, d // 2), dtype=np.uint8),
+             scale=rng.integers(110, 135, (B, n_entries, d // 32), dtype=np.uint8))
+    return z
+
+
+def _fp4_cache(z: dict):
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import Fp4Tensor
+
+    return Fp4Tensor(packed=jnp.asarray(z["packed"]), scale=jnp.asarray(z["scale"]))
+
+
+def _idx_numpy(cache, kvb, scb) -> dict:
+    return dict(packed=np.asarray(cache.packed), scale=np.asarray(cache.scale), kv_buf=np.asarray(kvb),
+                sc_buf=np.asarray(scb))
+
+
+def _idx_reference(cfg, z: dict) -> dict:
+    """The XLA reference (``compress_projected(..., indexer=True)``) on the state ``z``, numpy."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.compressor_step import compress_decode_reference
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    fn = jax.jit(lambda *a: compress_decode_reference(cfg, *a, 4, rope_freqs(cfg, 4), indexer=True))
+    res = fn(_weights(z["norm"]), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _fp4_cache(z),
+             jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
+    return _idx_numpy(*res)
+
+
+def _idx_x_reference(z: dict) -> dict:
+    """``compress(..., indexer=True)`` with ``kernels="reference"`` on the ``x`` case ``z``."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.compressor import compress
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    cfg = _cfg(z["norm"].shape[0], 64, "reference")
+    fn = jax.jit(lambda w, x, *a: compress(cfg, w, x, *a, 4, rope_freqs(cfg, 4), indexer=True))
+    res = fn(_x_weights(z), jnp.asarray(z["x"], jnp.bfloat16), _fp4_cache(z), jnp.asarray(z["kv_buf"]),
+             jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
+    return _idx_numpy(*res)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """Packed bytes ``[..., d/2]`` -> the e2m1 codes ``[..., d]`` (low nibble = even dim, the Fp4Tensor layout)."""
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _fp4_values(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Written entries ``packed [W, d/2]``, ``scale [W, d/32]`` -> their values ``[W, d/32, 32]`` (exact)."""
+    from dsv4_jax.modeling.quant import E2M1_VALUES
+
+    v = E2M1_VALUES[_nibbles(packed).astype(np.int64)].reshape(*scale.shape, 32)
+    return v * np.exp2(scale.astype(np.float64) - 127.0)[..., None]
+
+
+def _check_fp4(got: dict, ref: dict, written: np.ndarray, what: str, min_exact: float = MIN_EXACT) -> dict:
+    """The indexer variant's check. Exact: the buffers and the entries not ``written [B, N]``. The written entries:
+    the kernel's arithmetic up to the RoPE output is the attention variant's (the same few-ulp freedom: ``exp``,
+    the denominator's and the norm's sums, FMAs on GPUs), and after it the Hadamard butterflies, the scale, the bf16
+    rounding and the FP4 snap are the reference's operations in the reference's order (exact given the same RoPE
+    output). A RoPE output one bf16 ulp off moves every rotated value by ~2**-8 / sqrt(d) of its size, which moves
+    some of their bf16 roundings by one ulp, and that moves an e2m1 code by at most one step (at most half the
+    value, or half the scale below 1: the subnormal step 0.5) or a block's scale when its maximum sits on a
+    power-of-two boundary. Hence per value ``|got - ref| <= 2**-1 max(|got|, |ref|) + 2**-1 max(scales)`` and at
+    least ``min_exact`` of the codes and all but ``max(1, 3%)`` of the scales bit for bit; on the CPU everything bit
+    for bit (``min_exact = 1``: as the attention variant, measured exact). A swapped nibble order, a wrong slot,
+    window, position or sign breaks the exact fractions (and mostly the bound)."""
+    for k in ("kv_buf", "sc_buf"):
+        np.testing.assert_array_equal(got[k].view(np.uint32), ref[k].view(np.uint32), err_msg=f"{what}: {k}")
+    assert written.any(), f"{what}: no case writes an entry"
+    for k in ("packed", "scale"):  # entries nobody writes: untouched
+        np.testing.assert_array_equal(got[k][~written], ref[k][~written], err_msg=f"{what}: unwritten {k}")
+    gs, rs = got["scale"][written], ref["scale"][written]  # [W, d/32]
+    gv, rv = _fp4_values(got["packed"][written], gs), _fp4_values(ref["packed"][written], rs)
+    smax = np.exp2(np.maximum(gs, rs).astype(np.float64) - 127.0)[..., None]
+    bad = np.abs(gv - rv) > 0.5 * np.maximum(np.abs(gv), np.abs(rv)) + 0.5 * smax
+    assert not bad.any(), f"{what}: {bad.sum()} values off by more than one e2m1 step, e.g. {gv[bad][:4]} vs " \
+                          f"{rv[bad][:4]}"
+    frac = dict(codes=float(np.mean(_nibbles(got["packed"][written]) == _nibbles(ref["packed"][written]))),
+                scales=float(np.mean(gs == rs)))
+    scale_ok = 1.0 if min_exact == 1.0 else min(min_exact, 1.0 - 1.0 / gs.size)  # one block's scale may flip
+    assert frac["codes"] >= min_exact and frac["scales"] >= scale_ok, \
+        f"{what}: bit-exact fractions {frac} below {min_exact}"
+    return frac
+
+
+def _swap_nibbles(got: dict) -> dict:
+    """``got`` with the two codes of every byte exchanged: the high nibble as the even dim (a wrong layout)."""
+    return {**got, "packed": (got["packed"] >> 4) | ((got["packed"] & 15) << 4)}
+
+
+def _interpret_indexer(z: dict, path: str) -> None:
+    """Subprocess body of the indexer test: (1) the kernel through ``run_torch`` (``rope=None``); (2) the jax
+    launcher under the shim through ``compress(..., indexer=True)`` (``kernels="triton"``) on the ``x`` case."""
+    import torch
+
+    import dsv4_jax.kernels.compressor_step as cs
+    import dsv4_jax.modeling.compressor as comp
+
+    a = {k[2:]: v for k, v in z.items() if k.startswith("0_")}
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in a.items()}
+    cfg = _cfg(a["norm"].shape[0], 64)
+    cs.run_torch(cfg, t["norm"].to(torch.bfloat16), t["kv_new"], t["sc_new"], t["packed"], t["scale"], None,
+                 t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], 4, t["cos"], t["sin"])
+    out = {f"0_{k}": t[k].numpy() for k in ("packed", "scale", "kv_buf", "sc_buf")}
+    triton_shim.install(target="cpu")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.layers import rope_freqs
+
+    a = {k[2:]: v for k, v in z.items() if k.startswith("x_")}
+    cfg = _cfg(a["norm"].shape[0], 64, "triton")
+    w = _x_weights(a)
+    step = jax.jit(lambda x, cache, kvb, scb, pos, nn: comp.compress(cfg, w, x, cache, kvb, scb, pos, nn, 4,
+                                                                     rope_freqs(cfg, 4), indexer=True))
+    res = step(jnp.asarray(a["x"], jnp.bfloat16), _fp4_cache(a), jnp.asarray(a["kv_buf"]), jnp.asarray(a["sc_buf"]),
+               jnp.asarray(a["pos"]), jnp.asarray(a["n_new"]))
+    names = [r["kernel"] for r in triton_shim.LAUNCHES]
+    assert "_compress_step_indexer_kernel" in names, f"compress(indexer=True) did not launch the kernel: {names}"
+    out.update({f"x_{k}": v for k, v in _idx_numpy(*res).items()})
+    np.savez(path + ".out.npz", **out)
+
+
+def test_interpreter_indexer_matches_reference(tmp_path):
+    """The indexer variant (Hadamard, FP4 snap, ``Fp4Tensor`` cache) at d = 128 (64 RoPE dims), m = 4: the kernel
+    directly and through ``compress``, bit for bit the XLA reference on the CPU (``_check_fp4``); the rows complete
+    the first window (junk in the absent previous window's slots), later windows, the cache's last entry and one
+    past it, others complete nothing or bring no token. And the check fails on a swapped nibble order."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    d = 128
+    z = _idx_state(IDX_ROWS, d, N_ENTRIES, SEED + 20)
+    z["cos"], z["sin"] = _cos_sin(_cfg(d, 64), 4, z["pos"])
+    x = _x_case(4, IDX_ROWS, d, SEED + 30)
+    x.update({k: v for k, v in _idx_state(IDX_ROWS, d, N_ENTRIES, SEED + 30).items() if k in ("packed", "scale")})
+    for k in ("codes", "scales", "rope"):
+        del x[k]
+    arrays = {"indexer": np.ones(1), **{f"0_{k}": v for k, v in z.items()}, **{f"x_{k}": v for k, v in x.items()}}
+    out = triton_shim.interpret(__file__, arrays, tmp_path)
+    wr = _written(z["pos"], z["n_new"], 4, N_ENTRIES)
+    assert wr[:, 0].any() and wr[:, -1].any() and np.any(z["pos"] // 4 >= N_ENTRIES), "cases missing"
+    ref = _idx_reference(_cfg(d, 64), z)
+    codes = _nibbles(ref["packed"][wr])
+    assert all(np.any(np.isin(codes, c)) for c in ((0, 8), (1, 9), (7, 15), tuple(range(8, 16)))), \
+        "the reference entries lack zero, subnormal, maximal or negative e2m1 codes"
+    got = {k: out[f"0_{k}"] for k in ref}
+    frac = _check_fp4(got, ref, wr, "run_torch indexer", min_exact=1.0)
+    print(f"indexer: bit-exact fractions of the written entries {frac}")
+    for min_exact in (1.0, MIN_EXACT):  # the check fails on the wrong nibble order, exact or with the GPU bounds
+        with pytest.raises(AssertionError):
+            _check_fp4(_swap_nibbles(got), ref, wr, "swapped nibbles", min_exact=min_exact)
+    got = {k: out[f"x_{k}"] for k in ref}
+    frac = _check_fp4(got, _idx_x_reference(x), wr, "compress indexer", min_exact=1.0)
+    print(f"compress indexer: bit-exact fractions of the written entries {frac}")
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -10,6 +10,8 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 * :func:`act_exp`, :func:`e4m3_grid`: the reference's FP8 activation quantization (``act_quant``, spec 3.1): the
   block's power-of-two scale exponent (rounded up from ``amax / 448``), and values rounded to the e4m3 grid
   (nearest even) after scaling by it.
+* :func:`fp4_exp`, :func:`e2m1_codes`, :func:`fp4_quant_block`: the reference's FP4 activation quantization
+  (``fp4_act_quant``, spec 3.3) as e2m1 codes (4-bit integers, sign in bit 3) and power-of-two scale exponents.
 """
 
 from __future__ import annotations
@@ -102,3 +104,37 @@ def act_quant_block(x):
     sign = v.to(tl.int32, bitcast=True) & -2147483648
     q = (e4m3_grid(v).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # [NB, 128] e4m3 codes
     return tl.where(v != v, v, q), e
+
+
+@triton.jit
+def fp4_exp(amax):
+    """The reference FP4 scale exponent for blocks with absolute maximum ``amax`` (fp32, any shape):
+    ``ceil(log2(max(amax, 6 * 2**-126) * fp32(1/6)))`` as int32 (``quant.pow2_scale``; the scale is 2**result)."""
+    bits = (tl.maximum(amax, 7.052966104933726e-38) * 0.16666666666666666).to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def e2m1_codes(v):
+    """fp32 values (already divided by their block scale) -> e2m1 codes as int32 (``quant.round_e2m1`` of the
+    values clipped to +-6, then ``quant.pack_e2m1``'s code before packing): the magnitude's grid index 0..7 (grid
+    0, .5, 1, 1.5, 2, 3, 4, 6; nearest, ties to even) in bits 0-2, the value's sign bit in bit 3 (so ``-0`` and
+    negative values rounded to zero give code 8, as the reference's ``sign(v) * ...``). Exact arithmetic: ``|v| /
+    step`` is a power-of-two scaling and the 1.5 * 2**23 trick rounds it to the nearest even integer ``r``; the
+    index is ``r`` below 2 (step 0.5), ``r + 2`` below 4 (step 1), ``r + 4`` above (step 2). Finite inputs."""
+    vb = v.to(tl.int32, bitcast=True)
+    a = tl.minimum((vb & 0x7FFFFFFF).to(tl.float32, bitcast=True), 6.0)
+    lo = a < 2.0
+    mid = a < 4.0
+    r = (a * tl.where(lo, 2.0, tl.where(mid, 1.0, 0.5)) + 12582912.0) - 12582912.0
+    return (r.to(tl.int32) + tl.where(lo, 0, tl.where(mid, 2, 4))) | ((vb >> 28) & 8)
+
+
+@triton.jit
+def fp4_quant_block(x):
+    """The reference ``fp4_act_quant`` of fp32 blocks ``x [NB, 32]`` (finite) -> ``(codes [NB, 32], e [NB])``:
+    :func:`e2m1_codes` of ``x / 2**e`` and each block's scale exponent (:func:`fp4_exp`: in ``[-125, 126]`` for
+    finite inputs, so ``2**-e`` is a normal fp32 and ``x * 2**-e`` rounds as the reference's ``x / s``). The values
+    are ``e2m1(codes) * 2**e`` (exact)."""
+    e = fp4_exp(tl.max(tl.abs(x), axis=1))  # [NB]
+    return e2m1_codes(x * pow2(-e)[:, None]), e

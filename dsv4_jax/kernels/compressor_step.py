@@ -48,6 +48,8 @@ end); in the batch-1 profile of a 3-layer V4-Flash step its 3 launches took 7.5 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,14 +58,15 @@ from dsv4_jax.config import Config
 from dsv4_jax.kernels import triton_call, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.layers import rope_cos_sin
-from dsv4_jax.modeling.quant import Fp8Cache
+from dsv4_jax.modeling.quant import Fp4Tensor, Fp8Cache
 from dsv4_jax.modeling.weights import CompressorWeights
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import act_quant_block, round_bf16
+    from dsv4_jax.kernels.common import act_quant_block, fp4_quant_block, round_bf16
+    from dsv4_jax.kernels.hadamard import butterflies
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -99,12 +102,16 @@ if triton is not None:
                               codes_ptr, scales_ptr, rope_ptr, kvb_ptr, scb_ptr,
                               N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DN: tl.constexpr,
                               RD: tl.constexpr, OVERLAP: tl.constexpr, CH: tl.constexpr, FCH: tl.constexpr,
-                              EPS: tl.constexpr):
+                              EPS: tl.constexpr, INDEXER: tl.constexpr, LOG: tl.constexpr, HSCALE: tl.constexpr):
         """Program ``row``: one decode step of the row's compressor (module docstring). ``kvn/scn [B, CD]`` the
         token's projections, ``pos``/``nnew [B]`` int32, ``cos``/``sin [B, RD/2]`` fp32 at the entry's position,
         ``nw [D]`` the norm weight; in place: ``codes [B, N, DN]`` e4m3 (written as bytes), ``scales [B, N, DN/64]``
         e8m0 bytes, ``rope [B, N, RD]`` bf16, ``kvb``/``scb [B, CM, CD]`` fp32 buffers (``CD = c*D``, ``CM = c*M``).
-        The ``*_in`` pointers are the same buffers as the outputs' (``input_output_aliases``), unused."""
+        The ``*_in`` pointers are the same buffers as the outputs' (``input_output_aliases``), unused.
+        ``INDEXER`` (launched through :func:`_compress_step_indexer_kernel`): after RoPE the Hadamard rotation
+        (``LOG = log2 D`` stages, ``HSCALE = fp32(D**-0.5)``) and the FP4 snap of all ``D`` dims; then ``codes``
+        are the packed e2m1 bytes ``[B, N, D/2]`` (low nibble = even dim), ``scales`` the e8m0 bytes ``[B, N,
+        D/32]``, and ``rope`` is not used."""
         C: tl.constexpr = 2 if OVERLAP else 1
         CD: tl.constexpr = C * D
         CM: tl.constexpr = C * M
@@ -160,24 +167,35 @@ if triton is not None:
             ra = tl.where(rope, round_bf16(a * cs - b * sn), a)
             rb = tl.where(rope, round_bf16(a * sn + b * cs), b)
             y = tl.reshape(tl.join(ra, rb), (D,))
-            # the FP8 snap of the nope dims per block of 64 (encode_fp8_cache), the codes as e4m3 bytes
-            q, e = act_quant_block(tl.reshape(y, (D // 64, 64)))  # [D/64, 64] e4m3 grid values, [D/64] exponents
-            qb = q.to(tl.int32, bitcast=True)
-            mag = qb & 0x7FFFFFFF
-            ex = mag >> 23  # the fp32 biased exponent: e4m3 normals from 2**-6 (121) up
-            code = tl.where(ex >= 121, ((ex - 120) << 3) | ((mag >> 20) & 7),
-                            (q * tl.where(q < 0, -512.0, 512.0)).to(tl.int32))  # subnormals: k * 2**-9
-            code = tl.where(mag > 0x7F800000, 0x7F, code) | ((qb >> 24) & 0x80)  # NaN; the sign
             ent = p // M
-            if ent < N:  # write_entries drops ids past the cache
-                slot = row * N + ent
-                blk = tl.arange(0, D // 64)
-                dd = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [D/64, 64]
-                codes_u8 = codes_ptr.to(tl.pointer_type(tl.uint8))  # the e4m3 codes as bytes: no FP8 type used
-                tl.store(codes_u8 + slot * DN + dd, code.to(tl.uint8), mask=dd < DN)
-                tl.store(scales_ptr + slot * (DN // 64) + blk, (e + 127).to(tl.uint8), mask=blk < DN // 64)
-                tl.store(rope_ptr + slot * RD + (dd - DN), tl.reshape(y, (D // 64, 64)).to(rope_ptr.dtype.element_ty),
-                         mask=dd >= DN)
+            if INDEXER:
+                # the Hadamard rotation (layers.hadamard: fp32 butterflies, the scale, one bf16 rounding), then the
+                # FP4 snap of all D dims per block of 32 (encode_fp4_cache), the codes packed two per byte
+                h = round_bf16(tl.reshape(butterflies(tl.reshape(y, (1, D)), 1, D, LOG), (D,)) * HSCALE)  # [D]
+                q4, e4 = fp4_quant_block(tl.reshape(h, (D // 32, 32)))  # [D/32, 32] e2m1 codes, [D/32] exponents
+                lo, hi = tl.split(tl.reshape(q4, (D // 2, 2)))  # [D/2] the even and the odd dims' codes
+                if ent < N:  # write_entries drops ids past the cache
+                    slot = row * N + ent
+                    tl.store(codes_ptr + slot * (D // 2) + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8))
+                    tl.store(scales_ptr + slot * (D // 32) + tl.arange(0, D // 32), (e4 + 127).to(tl.uint8))
+            else:
+                # the FP8 snap of the nope dims per block of 64 (encode_fp8_cache), the codes as e4m3 bytes
+                q, e = act_quant_block(tl.reshape(y, (D // 64, 64)))  # [D/64, 64] e4m3 grid values, [D/64] exps
+                qb = q.to(tl.int32, bitcast=True)
+                mag = qb & 0x7FFFFFFF
+                ex = mag >> 23  # the fp32 biased exponent: e4m3 normals from 2**-6 (121) up
+                code = tl.where(ex >= 121, ((ex - 120) << 3) | ((mag >> 20) & 7),
+                                (q * tl.where(q < 0, -512.0, 512.0)).to(tl.int32))  # subnormals: k * 2**-9
+                code = tl.where(mag > 0x7F800000, 0x7F, code) | ((qb >> 24) & 0x80)  # NaN; the sign
+                if ent < N:  # write_entries drops ids past the cache
+                    slot = row * N + ent
+                    blk = tl.arange(0, D // 64)
+                    dd = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [D/64, 64]
+                    codes_u8 = codes_ptr.to(tl.pointer_type(tl.uint8))  # the e4m3 codes as bytes: no FP8 type used
+                    tl.store(codes_u8 + slot * DN + dd, code.to(tl.uint8), mask=dd < DN)
+                    tl.store(scales_ptr + slot * (DN // 64) + blk, (e + 127).to(tl.uint8), mask=blk < DN // 64)
+                    tl.store(rope_ptr + slot * RD + (dd - DN),
+                             tl.reshape(y, (D // 64, 64)).to(rope_ptr.dtype.element_ty), mask=dd >= DN)
             tl.debug_barrier()  # every read of the buffers above before the writes below (other threads)
             if OVERLAP:  # the completed window becomes the previous one; the current one is empty
                 jj = tl.arange(0, M)[:, None]
@@ -195,6 +213,21 @@ if triton is not None:
             tl.store(kvb + dst, tl.load(kvn + cc))
             tl.store(scb + dst, tl.load(scn + cc))
 
+    @triton.jit
+    def _compress_step_indexer_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+                                      packed_in, scale_in, kvb_in, scb_in,  # aliased by the outputs below
+                                      packed_ptr, scale_ptr, kvb_ptr, scb_ptr,
+                                      N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
+                                      OVERLAP: tl.constexpr, CH: tl.constexpr, FCH: tl.constexpr, EPS: tl.constexpr,
+                                      LOG: tl.constexpr, HSCALE: tl.constexpr):
+        """The indexer compressor's step: :func:`_compress_step_kernel` with ``INDEXER`` on its two cache leaves,
+        ``packed [B, N, D/2]`` and ``scale [B, N, D/32]`` (uint8, the ``Fp4Tensor``); an entry point of its own
+        because a launch passes exactly the kernel's arrays (jax-triton: the outputs' pointers follow the inputs),
+        and the indexer's cache has no third leaf (``rope`` gets ``scale``'s pointer, never used)."""
+        _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+                              packed_in, scale_in, scale_in, kvb_in, scb_in, packed_ptr, scale_ptr, scale_ptr, kvb_ptr,
+                              scb_ptr, N, M, D, D - RD, RD, OVERLAP, CH, FCH, EPS, True, LOG, HSCALE)
+
 
 # ---------------------------------------------------------------------------------------------- plan
 def plan(d: int, m: int) -> dict:
@@ -205,29 +238,48 @@ def plan(d: int, m: int) -> dict:
     return dict(CH=16 if ns % 16 == 0 else ns, FCH=8, num_warps=4 if d <= 256 else 8)
 
 
-def _meta(cfg: Config, d: int, m: int, n: int, p: dict) -> dict:
-    return dict(N=n, M=m, D=d, DN=cfg.nope_dim, RD=cfg.rope_head_dim, OVERLAP=m == 4, CH=p["CH"], FCH=p["FCH"],
-                EPS=float(np.float32(cfg.norm_eps)), num_warps=p["num_warps"], num_stages=1)
+def _meta(cfg: Config, d: int, m: int, n: int, p: dict, indexer: bool = False) -> dict:
+    """The kernel's metaparameters: :func:`_compress_step_kernel`'s, or with ``indexer``
+    :func:`_compress_step_indexer_kernel`'s (no ``DN``/``INDEXER``: all ``d`` dims are snapped)."""
+    meta = dict(N=n, M=m, D=d, RD=cfg.rope_head_dim, OVERLAP=m == 4, CH=p["CH"], FCH=p["FCH"],
+                EPS=float(np.float32(cfg.norm_eps)), LOG=int(math.log2(d)), HSCALE=float(np.float32(d**-0.5)),
+                num_warps=p["num_warps"], num_stages=1)
+    if not indexer:
+        meta.update(DN=cfg.nope_dim, INDEXER=False)
+    return meta
 
 
 def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio: int) -> None:
     """ValueError naming the first tensor whose shape or dtype does not fit."""
     if ratio not in (4, 128):
         raise ValueError(f"compress_decode: ratio must be 4 or 128, got {ratio}")
-    if not isinstance(cache, Fp8Cache):
-        raise ValueError(f"compress_decode: the cache must be an Fp8Cache (cfg.kv_fp8_sim), got {type(cache).__name__}")
-    d, rd, dn = norm.shape[0], cfg.rope_head_dim, cfg.nope_dim
+    d, rd = norm.shape[0], cfg.rope_head_dim
     c = 2 if ratio == 4 else 1
-    B, N = cache.codes.shape[:2]
-    if d & (d - 1) or d < 64 or d != dn + rd:
-        raise ValueError(f"compress_decode: norm {norm.shape}: the kernel needs d = nope_dim + rope_head_dim = "
-                         f"{dn} + {rd}, a power of two >= 64")
+    if isinstance(cache, Fp4Tensor):  # the indexer's compressor: Hadamard and the FP4 snap of all d dims
+        B, N = cache.packed.shape[:2]
+        if d & (d - 1) or d < 32 or not 0 < rd < d or rd % 2:
+            raise ValueError(f"compress_decode: norm {norm.shape}: the indexer kernel needs d a power of two >= 32 "
+                             f"above rope_head_dim = {rd} (even)")
+        if jnp.dtype(cfg.act_dtype) != jnp.bfloat16:
+            raise ValueError(f"compress_decode: the indexer kernel rounds to bf16, the act dtype is "
+                             f"{jnp.dtype(cfg.act_dtype)}")
+        leaves = [("cache.packed", cache.packed, (B, N, d // 2), jnp.uint8),
+                  ("cache.scale", cache.scale, (B, N, d // 32), jnp.uint8)]
+    elif isinstance(cache, Fp8Cache):
+        dn = cfg.nope_dim
+        B, N = cache.codes.shape[:2]
+        if d & (d - 1) or d < 64 or d != dn + rd:
+            raise ValueError(f"compress_decode: norm {norm.shape}: the kernel needs d = nope_dim + rope_head_dim = "
+                             f"{dn} + {rd}, a power of two >= 64")
+        leaves = [("cache.codes", cache.codes, (B, N, dn), jnp.float8_e4m3fn),
+                  ("cache.scales", cache.scales, (B, N, dn // QBLOCK), jnp.uint8),
+                  ("cache.rope", cache.rope, (B, N, rd), jnp.bfloat16)]
+    else:
+        raise ValueError(f"compress_decode: the cache must be an Fp8Cache (cfg.kv_fp8_sim) or, for the indexer, an "
+                         f"Fp4Tensor (cfg.simulate), got {type(cache).__name__}")
     want = [("kv_new", kv_new, (B, c * d), jnp.float32), ("sc_new", sc_new, (B, c * d), jnp.float32),
             ("kv_buf", kv_buf, (B, c * ratio, c * d), jnp.float32),
-            ("score_buf", score_buf, (B, c * ratio, c * d), jnp.float32),
-            ("cache.codes", cache.codes, (B, N, dn), jnp.float8_e4m3fn),
-            ("cache.scales", cache.scales, (B, N, dn // QBLOCK), jnp.uint8),
-            ("cache.rope", cache.rope, (B, N, rd), jnp.bfloat16), ("pos", pos, (B,), jnp.int32),
+            ("score_buf", score_buf, (B, c * ratio, c * d), jnp.float32), *leaves, ("pos", pos, (B,), jnp.int32),
             ("n_new", n_new, (B,), jnp.int32)]
     for name, a, shape, dtype in want:
         if tuple(a.shape) != shape or a.dtype != dtype:
@@ -235,57 +287,86 @@ def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_bu
                              f"{shape} (m={ratio}, d={d})")
 
 
-def compress_decode_triton(cfg: Config, norm: jax.Array, kv_new: jax.Array, sc_new: jax.Array, cache: Fp8Cache,
-                           kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int,
-                           cos: jax.Array, sin: jax.Array):
-    """The kernel on one device's rows: ``cos``/``sin [B, rd/2]`` fp32 at each row's entry position. Returns the
-    new cache and buffers (the inputs' buffers, written in place)."""
+def _leaves(cache) -> tuple:
+    """The cache's arrays in the kernel's order: ``(packed, scale)`` of an ``Fp4Tensor`` (the indexer's), else
+    ``(codes, scales, rope)`` of an ``Fp8Cache``."""
+    return (cache.packed, cache.scale) if isinstance(cache, Fp4Tensor) else (cache.codes, cache.scales, cache.rope)
+
+
+def _rebuild(indexer: bool, leaves):
+    """The cache from :func:`_leaves`' arrays."""
+    if indexer:
+        return Fp4Tensor(packed=leaves[0], scale=leaves[1])
+    return Fp8Cache(codes=leaves[0], scales=leaves[1], rope=leaves[2])
+
+
+def compress_decode_triton(cfg: Config, norm: jax.Array, kv_new: jax.Array, sc_new: jax.Array,
+                           cache: Fp8Cache | Fp4Tensor, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
+                           n_new: jax.Array, ratio: int, cos: jax.Array, sin: jax.Array):
+    """The kernel on one device's rows: ``cos``/``sin [B, rd/2]`` fp32 at each row's entry position; an
+    ``Fp4Tensor`` cache selects the indexer variant. Returns the new cache and buffers (the inputs' buffers,
+    written in place)."""
     _check(cfg, norm, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio)
+    indexer = isinstance(cache, Fp4Tensor)
+    leaves = _leaves(cache)
     d = norm.shape[0]
-    B, N = cache.codes.shape[:2]
-    meta = _meta(cfg, d, ratio, N, plan(d, ratio))
-    ins = (kv_new, sc_new, pos, n_new, cos.astype(jnp.float32), sin.astype(jnp.float32), norm, cache.codes,
-           cache.scales, cache.rope, kv_buf, score_buf)
+    B, N = leaves[0].shape[:2]
+    meta = _meta(cfg, d, ratio, N, plan(d, ratio), indexer)
+    ins = (kv_new, sc_new, pos, n_new, cos.astype(jnp.float32), sin.astype(jnp.float32), norm, *leaves, kv_buf,
+           score_buf)
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[7:])
-    codes, scales, rope, kv_buf, score_buf = triton_call(
-        *ins, kernel=_compress_step_kernel, out_shape=shapes, grid=(B,),
-        input_output_aliases={7 + i: i for i in range(5)}, **meta)
-    return Fp8Cache(codes=codes, scales=scales, rope=rope), kv_buf, score_buf
+    outs = triton_call(*ins, kernel=_compress_step_indexer_kernel if indexer else _compress_step_kernel,
+                       out_shape=shapes, grid=(B,), input_output_aliases={7 + i: i for i in range(len(shapes))},
+                       **meta)
+    return _rebuild(indexer, outs[:-2]), outs[-2], outs[-1]
 
 
 def compress_decode_reference(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new: jax.Array, cache,
                               kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int,
-                              freqs):
+                              freqs, indexer: bool = False):
     """The XLA path: :func:`dsv4_jax.modeling.compressor.compress_projected` on the one-token chunk."""
     from dsv4_jax.modeling.compressor import compress_projected
 
     return compress_projected(cfg, w, kv_new[:, None], sc_new[:, None], cache, kv_buf, score_buf, pos, n_new, ratio,
-                              freqs, indexer=False)
+                              freqs, indexer=indexer)
 
 
 def compress_decode(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new: jax.Array, cache,
-                    kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int, freqs):
-    """One decode step of the attention compressor after its projection (module docstring): ``kv_new``/``sc_new
-    [B, c*d]`` fp32, the token's projections (the score with ``ape``); returns ``(cache, kv_buf, score_buf)``. The
-    kernel runs where :func:`dsv4_jax.kernels.use_triton` says so for an ``Fp8Cache``, else the reference."""
-    if not (use_triton(cfg) and isinstance(cache, Fp8Cache) and kv_new.shape[0] > 0):
-        return compress_decode_reference(cfg, w, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio, freqs)
+                    kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int, freqs,
+                    indexer: bool = False):
+    """One decode step of the attention compressor (or with ``indexer`` the indexer's) after its projection (module
+    docstring): ``kv_new``/``sc_new [B, c*d]`` fp32, the token's projections (the score with ``ape``); returns
+    ``(cache, kv_buf, score_buf)``. The kernel runs where :func:`dsv4_jax.kernels.use_triton` says so for an
+    ``Fp8Cache`` (attention) or an ``Fp4Tensor`` with ``cfg.simulate`` (indexer), else the reference."""
+    fits = (isinstance(cache, Fp4Tensor) and cfg.simulate) if indexer else isinstance(cache, Fp8Cache)
+    if not (use_triton(cfg) and fits and kv_new.shape[0] > 0):
+        return compress_decode_reference(cfg, w, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio, freqs,
+                                         indexer)
     cos, sin = rope_cos_sin(freqs, (pos // ratio) * ratio)  # [B, rd/2] at each row's entry position
+    leaves = _leaves(cache)
+    k = len(leaves)
 
-    def local(kvn, scn, codes, scales, rope, kvb, scb, p, nn, cs, sn, norm):
-        return compress_decode_triton(cfg, norm, kvn, scn, Fp8Cache(codes=codes, scales=scales, rope=rope), kvb, scb,
-                                      p, nn, ratio, cs, sn)
+    def local(kvn, scn, *a):  # a: the cache leaves, kvb, scb, p, nn, cs, sn, norm
+        kvb, scb, p, nn, cs, sn = a[k:-1]
+        return compress_decode_triton(cfg, a[-1], kvn, scn, _rebuild(indexer, a[:k]), kvb, scb, p, nn, ratio, cs, sn)
 
-    acts = (kv_new, sc_new, cache.codes, cache.scales, cache.rope, kv_buf, score_buf, pos, n_new, cos, sin)
+    acts = (kv_new, sc_new, *leaves, kv_buf, score_buf, pos, n_new, cos, sin)
     return replicated_on_mesh(local, acts, w.norm)
 
 
 def run_torch(cfg: Config, norm, kv_new, sc_new, codes, scales, rope, kv_buf, score_buf, pos, n_new, ratio: int, cos,
               sin, p: dict | None = None) -> None:
     """Launch the kernel on torch tensors (CI: under ``TRITON_INTERPRET=1``), updating ``codes`` (float8_e4m3fn),
-    ``scales``, ``rope`` and the buffers in place; shapes as :func:`compress_decode_triton`'s."""
+    ``scales``, ``rope`` and the buffers in place; shapes as :func:`compress_decode_triton`'s. ``rope=None``: the
+    indexer variant, ``codes``/``scales`` the ``Fp4Tensor``'s ``packed [B, N, d/2]``/``scale [B, N, d/32]``
+    (uint8)."""
     d = norm.shape[0]
     B, N = codes.shape[:2]
-    meta = _meta(cfg, d, ratio, N, p or plan(d, ratio))
-    _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, rope, kv_buf, score_buf,
-                                codes, scales, rope, kv_buf, score_buf, **meta)
+    indexer = rope is None
+    meta = _meta(cfg, d, ratio, N, p or plan(d, ratio), indexer)
+    if indexer:
+        _compress_step_indexer_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, kv_buf,
+                                            score_buf, codes, scales, kv_buf, score_buf, **meta)
+    else:
+        _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, rope, kv_buf,
+                                    score_buf, codes, scales, rope, kv_buf, score_buf, **meta)

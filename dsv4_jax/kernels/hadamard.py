@@ -43,21 +43,28 @@ except ImportError:  # pragma: no cover - exercised only without the triton extr
 if triton is not None:
 
     @triton.jit
-    def _hadamard_kernel(x_ptr, R, y_ptr,  # jax-triton: the outputs follow the inputs
-                         N: tl.constexpr, LOG: tl.constexpr, BR: tl.constexpr, SCALE: tl.constexpr, BF16: tl.constexpr):
-        """Rows ``[program_id * BR, + BR)`` of ``x [R, N]`` -> ``y``: ``LOG`` butterfly stages, stage ``s`` pairing
-        elements ``2**s`` apart within blocks of ``2**(s+1)`` (the reference's reshape to ``[.., N/2h, 2, h]``), the
-        scale, one rounding (``BF16``: to the nearest-even bf16 value, by arithmetic: the interpreter's cast
-        truncates)."""
-        r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
-        c = tl.arange(0, N)
-        ok = (r < R)[:, None]
-        y = tl.load(x_ptr + r.to(tl.int64)[:, None] * N + c[None, :], mask=ok, other=0.0).to(tl.float32)  # [BR, N]
+    def butterflies(y, BR: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
+        """The ``LOG`` butterfly stages of fp32 rows ``y [BR, N]`` (``N = 2**LOG``), unscaled: stage ``s`` pairs
+        elements ``2**s`` apart within blocks of ``2**(s+1)`` (the reference's reshape to ``[.., N/2h, 2, h]``)
+        into ``a + b`` and ``a - b``. Shared with the indexer compressor's decode kernel
+        (:mod:`dsv4_jax.kernels.compressor_step`)."""
         for s in tl.static_range(LOG):  # h = 2**s
             t = tl.permute(tl.reshape(y, (BR, N >> (s + 1), 2, 1 << s)), (0, 1, 3, 2))  # [BR, N/2h, h, 2]
             a, b = tl.split(t)  # the first and the second half of each block
             y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BR, N))
-        y = y * SCALE
+        return y
+
+    @triton.jit
+    def _hadamard_kernel(x_ptr, R, y_ptr,  # jax-triton: the outputs follow the inputs
+                         N: tl.constexpr, LOG: tl.constexpr, BR: tl.constexpr, SCALE: tl.constexpr, BF16: tl.constexpr):
+        """Rows ``[program_id * BR, + BR)`` of ``x [R, N]`` -> ``y``: the ``LOG`` butterfly stages
+        (:func:`butterflies`), the scale, one rounding (``BF16``: to the nearest-even bf16 value, by arithmetic: the
+        interpreter's cast truncates)."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR]
+        c = tl.arange(0, N)
+        ok = (r < R)[:, None]
+        y = tl.load(x_ptr + r.to(tl.int64)[:, None] * N + c[None, :], mask=ok, other=0.0).to(tl.float32)  # [BR, N]
+        y = butterflies(y, BR, N, LOG) * SCALE
         if BF16:
             y = round_bf16(y)
         tl.store(y_ptr + r.to(tl.int64)[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)

@@ -20,7 +20,7 @@ from dsv4_jax.kernels import use_triton
 from dsv4_jax.kernels.compressor_step import compress_decode
 from dsv4_jax.kernels.hadamard import hadamard
 from dsv4_jax.modeling.layers import apply_rope, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import HIGHEST, Fp8Cache, encode_fp4_cache, encode_fp8_cache
+from dsv4_jax.modeling.quant import HIGHEST, Fp4Tensor, Fp8Cache, encode_fp4_cache, encode_fp8_cache
 from dsv4_jax.modeling.state import in_layout
 from dsv4_jax.modeling.weights import CompressorWeights
 
@@ -131,14 +131,17 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     dropped). A decode step completes a window only every ``m`` tokens, but skipping the pooling on the other steps
     with a ``jax.lax.cond`` did not pay on an H200 (2026-12-01, batch 1, 3 V4-Flash layers: the 5 conditionals of a
     step removed ~45 us of kernels and added ~85 us of idle time between graph nodes: 1.131 ms per looped step).
-    A decode step (``S == 1``) of the attention compressor with FP8-snapped caches runs everything after the
-    projection in one Triton kernel where :func:`dsv4_jax.kernels.use_triton` says so
-    (:func:`dsv4_jax.kernels.compressor_step.compress_decode`; its GPU test passed on an H200).
+    A decode step (``S == 1``) of the attention compressor with FP8-snapped caches, or of the indexer's with
+    FP4-snapped ones (``cfg.simulate``, an ``Fp4Tensor`` cache), runs everything after the projection in one Triton
+    kernel where :func:`dsv4_jax.kernels.use_triton` says so (:func:`dsv4_jax.kernels.compressor_step.compress_decode`;
+    the attention variant's GPU test passed on an H200, the indexer variant has not run on a GPU yet).
     """
     kv, sc = _project(w, x, pos, ratio)  # [B,S,c*d] fp32
-    if (x.shape[1] == 1 and not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache) and x.shape[0] > 0
-            and use_triton(cfg)):  # a decode step: one Triton kernel for everything after the projection
-        return compress_decode(cfg, w, kv[:, 0], sc[:, 0], cache, kv_buf, score_buf, pos, n_new, ratio, freqs)
+    snapped = (indexer and cfg.simulate and isinstance(cache, Fp4Tensor)) or (
+        not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache))
+    if x.shape[1] == 1 and snapped and x.shape[0] > 0 and use_triton(cfg):  # a decode step: one Triton kernel
+        return compress_decode(cfg, w, kv[:, 0], sc[:, 0], cache, kv_buf, score_buf, pos, n_new, ratio, freqs,
+                               indexer=indexer)  # for everything after the projection
     return compress_projected(cfg, w, kv, sc, cache, kv_buf, score_buf, pos, n_new, ratio, freqs, indexer)
 
 
