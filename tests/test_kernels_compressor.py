@@ -4,7 +4,9 @@
 CPU: the ``@triton.jit`` kernel under Triton's interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set
 before triton is imported) on torch CPU tensors, and the jax launcher (``input_output_aliases``, the byte view of
 the e4m3 codes, the dispatch in ``compress``) through ``tests/triton_shim.py``; GPU: the jitted launcher at V4-Flash
-shapes (skipped without a GPU); sm_90: the kernel compiled for an H200 without a GPU (no spills).
+shapes (skipped without a GPU); sm_90: the kernel compiled for an H200 without a GPU (no spills). Both variants:
+the attention compressor's (FP8, ``Fp8Cache``) and the indexer's (Hadamard and FP4, ``Fp4Tensor``: ``_check_fp4``
+states its tolerance; bit for bit on the CPU, and the check fails on a swapped nibble order).
 
 The states are canonical (``modeling/state.py``: empty slots hold kv 0 / score -inf; the kernel's precondition), with
 random tokens in the occupied slots (a fifth of the channels scaled by 2**-8 .. 2**-17, so that entries hold e4m3
@@ -299,7 +301,7 @@ def test_interpreter_matches_reference(tmp_path):
 
 def test_cpu_modes_give_the_reference():
     """On a CPU backend ``compress`` keeps the XLA path for ``"auto"`` (bit for bit ``"reference"``), and
-    ``compress_decode`` (the kernel module's dispatcher) is its reference there."""
+    ``compress_decode`` (the kernel module's dispatcher) is its reference there; for both compressors."""
     import jax
     import jax.numpy as jnp
 
@@ -321,10 +323,20 @@ def test_cpu_modes_give_the_reference():
     for k in ref:
         np.testing.assert_array_equal(auto[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"auto {k}")
         np.testing.assert_array_equal(direct[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"direct {k}")
+    z.update({k: v for k, v in _idx_state(rows, 128, N_ENTRIES, SEED).items() if k in ("packed", "scale")})
+    ref = _idx_x_reference(z)  # the indexer's compressor (Fp4Tensor cache): the same
+    args = (_fp4_cache(z), *args[1:])
+    auto = _idx_numpy(*jax.jit(lambda x, *a: compress(cfg, w, x, *a, m, freqs, indexer=True))(x, *args))
+    direct = _idx_numpy(*jax.jit(lambda kv, sc, *a: compress_decode(cfg, w, kv, sc, *a, m, freqs, indexer=True))(
+        kv[:, 0], sc[:, 0], *args))
+    for k in ref:
+        np.testing.assert_array_equal(auto[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"indexer auto {k}")
+        np.testing.assert_array_equal(direct[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"indexer direct {k}")
 
 
 def test_bad_shapes_are_refused():
-    """The launcher names the tensor whose shape or dtype does not fit (before anything is launched)."""
+    """The launcher names the tensor whose shape or dtype does not fit (before anything is launched), for both
+    variants."""
     import jax.numpy as jnp
 
     from dsv4_jax.kernels.compressor_step import compress_decode_triton
@@ -343,6 +355,19 @@ def test_bad_shapes_are_refused():
     for name, change in bad:
         with pytest.raises(ValueError, match=name):
             compress_decode_triton(cfg, **{**args, **change})
+    from dsv4_jax.modeling.quant import Fp4Tensor
+
+    zi = _idx_state(rows, 128, N_ENTRIES, SEED)
+    args["cache"] = cache = _fp4_cache(zi)  # the indexer variant
+    bad = [("cache.packed", dict(cache=Fp4Tensor(packed=cache.packed[..., :32], scale=cache.scale))),
+           ("cache.scale", dict(cache=Fp4Tensor(packed=cache.packed, scale=cache.scale[:, :4]))),
+           ("power of two", dict(norm=jnp.ones((96,), jnp.bfloat16))), ("kv_new", dict(kv_new=args["kv_new"][:, :8])),
+           ("Fp4Tensor", dict(cache=args["kv_buf"]))]
+    for name, change in bad:
+        with pytest.raises(ValueError, match=name):
+            compress_decode_triton(cfg, **{**args, **change})
+    with pytest.raises(ValueError, match="act dtype"):
+        compress_decode_triton(cfg.with_(numerics="float32"), **args)
 
 
 # ---------------------------------------------------------------------------------------------- indexer
@@ -586,11 +611,66 @@ def test_gpu_matches_reference(m, B):
     _check(_as_numpy(*st_k), _as_numpy(*st_r), written, f"GPU m={m} B={B}, {m + 2} steps")
 
 
+@pytest.mark.parametrize("B", [1, 32])
+def test_gpu_indexer_matches_reference(B):
+    """The indexer variant at V4-Flash shapes (d = 128 = index_head_dim, 64 RoPE dims, m = 4, ``Fp4Tensor`` cache),
+    batch 1 and 32: one step of the jitted launcher against the jitted XLA reference (``_check_fp4``'s bounds), then
+    6 further steps of both on their own outputs, and the dispatcher's ``"auto"`` path equal to the launcher's."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"compressor decode kernel (indexer) GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels.compressor_step import compress_decode, compress_decode_reference, compress_decode_triton
+    from dsv4_jax.modeling.layers import rope_cos_sin, rope_freqs
+
+    cfg = Config.v4_flash(kernels="auto")
+    m, d, freqs = 4, cfg.index_head_dim, rope_freqs(cfg, 4)
+    z = _idx_state(_gpu_rows(m, B, SEED), d, GPU_ENTRIES, SEED + 7 + B)
+    w = _weights(z["norm"])
+
+    @jax.jit
+    def kern(kvn, scn, cache, kvb, scb, pos, nn):
+        cos, sin = rope_cos_sin(freqs, (pos // m) * m)
+        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin)
+
+    ref = jax.jit(lambda *a: compress_decode_reference(cfg, w, *a, m, freqs, indexer=True))
+    auto = jax.jit(lambda *a: compress_decode(cfg, w, *a, m, freqs, indexer=True))
+    args = (jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _fp4_cache(z), jnp.asarray(z["kv_buf"]),
+            jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
+    got = _idx_numpy(*kern(*args))
+    frac = _check_fp4(got, _idx_numpy(*ref(*args)), _written(z["pos"], z["n_new"], m, GPU_ENTRIES),
+                      f"GPU indexer B={B}")
+    print(f"GPU indexer B={B}: bit-exact fractions of the written entries {frac}")
+    via_auto = _idx_numpy(*auto(*args))
+    for k in got:
+        np.testing.assert_array_equal(via_auto[k].view(np.uint8), got[k].view(np.uint8), err_msg=f"auto {k}")
+
+    rng = np.random.default_rng(SEED)  # m + 2 more steps: every row crosses a window end
+    st_k = st_r = args[2:5]
+    pos = jnp.asarray(z["pos"])
+    nn = jnp.ones_like(pos)
+    written = np.zeros((B, GPU_ENTRIES), bool)
+    for _ in range(m + 2):
+        written |= _written(np.asarray(pos), np.asarray(nn), m, GPU_ENTRIES)
+        kvn = jnp.asarray(rng.standard_normal((B, 2 * d)) * 1.5, jnp.float32)
+        scn = jnp.asarray(rng.standard_normal((B, 2 * d)) * 2.0, jnp.float32)
+        st_k = kern(kvn, scn, *st_k, pos, nn)
+        st_r = ref(kvn, scn, *st_r, pos, nn)
+        pos = pos + 1
+    _check_fp4(_idx_numpy(*st_k), _idx_numpy(*st_r), written, f"GPU indexer B={B}, {m + 2} steps")
+
+
 # ---------------------------------------------------------------------------------------------- sm_90
-@pytest.mark.parametrize("m", [4, 128])
-def test_sm90_compile_fits(m):
+@pytest.mark.parametrize("m, indexer", [(4, False), (128, False), (4, True)])
+def test_sm90_compile_fits(m, indexer):
     """The kernel at V4-Flash shapes compiled for an H200 (sm_90) without a GPU: it fits the shared memory and
-    does not spill registers (``tests/test_kernels_sm90.py``'s compiler)."""
+    does not spill registers (``tests/test_kernels_sm90.py``'s compiler). Both ratios of the attention variant
+    (d = 512) and the indexer variant (d = 128, m = 4: Hadamard and FP4 snap)."""
     pytest.importorskip("triton")
     from test_kernels_sm90 import SMEM_SM90, _compile
 
@@ -598,14 +678,21 @@ def test_sm90_compile_fits(m):
     from dsv4_jax.kernels import compressor_step as cs
 
     cfg = Config.v4_flash()
-    meta = cs._meta(cfg, cfg.head_dim, m, 1 << 18, cs.plan(cfg.head_dim, m))
+    d = cfg.index_head_dim if indexer else cfg.head_dim
+    meta = cs._meta(cfg, d, m, 1 << 18, cs.plan(d, m), indexer)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     f32 = ("kvn_ptr", "scn_ptr", "cos_ptr", "sin_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
-    ptrs = {**{a: "*fp32" for a in f32}, "pos_ptr": "*i32", "nnew_ptr": "*i32", "nw_ptr": "*bf16",
-            "codes_in": "*fp8e4nv", "scales_in": "*u8", "rope_in": "*bf16", "codes_ptr": "*fp8e4nv",
-            "scales_ptr": "*u8", "rope_ptr": "*bf16"}
-    smem, spill = _compile(cs._compress_step_kernel, ptrs, meta, options)
-    assert smem <= SMEM_SM90 and spill == 0, f"compressor step m={m}: {smem} B shared, {spill} B spills"
+    ptrs = {**{a: "*fp32" for a in f32}, "pos_ptr": "*i32", "nnew_ptr": "*i32", "nw_ptr": "*bf16"}
+    if indexer:
+        ptrs.update({a: "*u8" for a in ("packed_in", "scale_in", "packed_ptr", "scale_ptr")})
+        kernel = cs._compress_step_indexer_kernel
+    else:
+        ptrs.update(codes_in="*fp8e4nv", scales_in="*u8", rope_in="*bf16", codes_ptr="*fp8e4nv", scales_ptr="*u8",
+                    rope_ptr="*bf16")
+        kernel = cs._compress_step_kernel
+    smem, spill = _compile(kernel, ptrs, meta, options)
+    what = "indexer" if indexer else "attention"
+    assert smem <= SMEM_SM90 and spill == 0, f"compressor step ({what}) m={m}: {smem} B shared, {spill} B spills"
 
 
 if __name__ == "__main__":  # the interpreter subprocess

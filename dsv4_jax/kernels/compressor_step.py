@@ -1,13 +1,22 @@
-"""The attention compressor's decode step (spec 7) in one Triton kernel: buffer update, and on the steps that
-complete a window the gated pooling, norm, RoPE, FP8 snap and the cache write, in place.
+"""The compressors' decode step (spec 7) in one Triton kernel: buffer update, and on the steps that complete a
+window the gated pooling, norm, RoPE, the snap (FP8; for the indexer's compressor Hadamard and FP4) and the cache
+write, in place.
 
 Public function :func:`compress_decode` ``(cfg, w, kv_new [B, c*d], sc_new [B, c*d], cache, kv_buf, score_buf, pos,
-n_new, ratio, freqs) -> (cache, kv_buf, score_buf)``: what :func:`dsv4_jax.modeling.compressor.compress` returns for
-a chunk of one token (``S == 1``, ``n_new`` 0 or 1 per row) of the ATTENTION compressor (``indexer=False``) with
-FP8-snapped caches (``cfg.kv_fp8_sim``: the cache is an :class:`~dsv4_jax.modeling.quant.Fp8Cache`), for both ratios
-(``m = 4`` with the overlapping 2-window buffers, ``m = 128``). ``kv_new``/``sc_new`` are the token's projections
-(the score with ``ape``), which stay in XLA (two GEMVs). The reference is
-:func:`dsv4_jax.modeling.compressor.compress_projected` (the CPU path; this module calls it, it does not copy it).
+n_new, ratio, freqs, indexer) -> (cache, kv_buf, score_buf)``: what :func:`dsv4_jax.modeling.compressor.compress`
+returns for a chunk of one token (``S == 1``, ``n_new`` 0 or 1 per row) of
+
+* the ATTENTION compressor (``indexer=False``) with FP8-snapped caches (``cfg.kv_fp8_sim``: the cache is an
+  :class:`~dsv4_jax.modeling.quant.Fp8Cache`), for both ratios (``m = 4`` with the overlapping 2-window buffers,
+  ``m = 128``): :func:`_compress_step_kernel`;
+* the INDEXER's compressor (``indexer=True``: ``m = 4`` with overlap, ``d = cfg.index_head_dim``, 128 on V4-Flash)
+  with FP4-snapped keys (``cfg.simulate``: the cache is an :class:`~dsv4_jax.modeling.quant.Fp4Tensor`, ``packed
+  [B, N, d/2]`` and ``scale [B, N, d/32]`` uint8): the same kernel with ``INDEXER`` on, launched through
+  :func:`_compress_step_indexer_kernel` (its own entry because the cache has two leaves, not three).
+
+``kv_new``/``sc_new`` are the token's projections (the score with ``ape``), which stay in XLA (two GEMVs). The
+reference is :func:`dsv4_jax.modeling.compressor.compress_projected` (the CPU path; this module calls it, it does not
+copy it).
 
 Why a kernel: XLA spends ~10 kernels per compressor per decode step (the token-axis gathers, the softmax, the slot
 sum, the norm, RoPE, the FP8 snap, the scatter, the buffer rebuild), also on the ``m - 1`` of ``m`` steps where no
@@ -23,9 +32,14 @@ window completes and nothing but one buffer row changes. Here one program per ba
   divisions, bf16 output), RoPE on the last ``rd`` dims at position ``w*m`` (cos/sin from XLA:
   ``layers.rope_cos_sin``, so the kernel needs no ``cos``), the FP8 snap of the nope dims (``encode_fp8_cache``:
   power-of-two scales rounded up, e4m3 nearest even, written as code bytes by integer arithmetic) and the entry
-  stored at ``cache[row, w]`` (dropped when ``w >= N``, like ``write_entries``). Then the buffers: with overlap the
-  current window moves to the previous-window slots and the current slots are cleared; without overlap all slots
-  are cleared (kv 0, score -inf).
+  stored at ``cache[row, w]`` (dropped when ``w >= N``, like ``write_entries``). The indexer variant replaces the
+  FP8 snap by the Hadamard rotation of all ``d`` dims (``layers.hadamard``: Sylvester order, the fp32 butterflies
+  with strides 1, 2, 4, ... of :func:`dsv4_jax.kernels.hadamard.butterflies`, times ``fp32(d**-0.5)``, rounded once
+  to bf16) and the FP4 snap (``encode_fp4_cache``: per block of 32 a power-of-two scale rounded up, e2m1 nearest
+  even, codes packed two per byte with the even dim in the low nibble, by integer arithmetic:
+  :func:`dsv4_jax.kernels.common.fp4_quant_block`). Then the buffers: with overlap the current window moves to the
+  previous-window slots and the current slots are cleared; without overlap all slots are cleared (kv 0, score
+  -inf).
 
 Precondition: the buffers are canonical (``modeling/state.py``: slots without a token hold kv 0 / score -inf), as
 every state the model makes is; the kernel then writes only what changes and its buffers equal the reference's bit
@@ -37,13 +51,19 @@ implementation, a few ulps), the order of the denominator's and the norm's fp32 
 specified order), and on GPUs the contraction of multiply-adds into FMAs. These move the fp32 pooled values by a few
 ulps, which rarely changes a bf16 rounding and then at most one e4m3 step of a snapped value (or a block's scale,
 when its maximum sits on a power-of-two boundary); ``tests/test_kernels_compressor.py`` states the tolerance.
-Portable Triton (fp32 and integer arithmetic, no inline assembly, no hardware FP8 conversions).
+In the indexer variant everything after RoPE is exact given the same RoPE output (the butterflies, the scale and
+the roundings are the reference's operations in its order), and a RoPE value one bf16 ulp off moves an e2m1 code by
+at most one step (or a block's scale). On the CPU (interpreter) both variants match the reference bit for bit.
+Portable Triton (fp32 and integer arithmetic, no inline assembly, no hardware FP8/FP4 conversions).
 
-Status: in ``"auto"`` on GPUs. Its GPU test passed on an H200 (2026-12-01: V4-Flash shapes, m = 4 and 128, batch 1
-and 32, m + 2 steps on each side's own outputs), and so did the golden tests with ``"auto"`` (layer-isolated, end to
-end); in the batch-1 profile of a 3-layer V4-Flash step its 3 launches took 7.5 us where ~30 XLA kernels stood
-(``docs/performance.md``, eleventh session). Under a mesh every device runs it on its own batch rows
-(:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`; run on CPU meshes only).
+Status: in ``"auto"`` on GPUs. The attention variant's GPU test passed on an H200 (2026-12-01: V4-Flash shapes,
+m = 4 and 128, batch 1 and 32, m + 2 steps on each side's own outputs), and so did the golden tests with ``"auto"``
+(layer-isolated, end to end); in the batch-1 profile of a 3-layer V4-Flash step its 3 launches took 7.5 us where ~30
+XLA kernels stood (``docs/performance.md``, eleventh session). The indexer variant is in ``"auto"`` too but not yet
+run on a GPU: under the interpreter it is bit for bit the reference (kernel and ``compress``), and it compiles for
+sm_90 without spills (1 KB of shared memory); its GPU test (``test_gpu_indexer_matches_reference``) awaits an H200
+run. Under a mesh every device runs it on its own batch rows (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`;
+run on CPU meshes only).
 """
 
 from __future__ import annotations
