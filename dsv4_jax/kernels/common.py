@@ -110,7 +110,7 @@ def act_quant_block(x):
 def fp4_exp(amax):
     """The reference FP4 scale exponent for blocks with absolute maximum ``amax`` (fp32, any shape):
     ``ceil(log2(max(amax, 6 * 2**-126) * fp32(1/6)))`` as int32 (``quant.pow2_scale``; the scale is 2**result)."""
-    bits = (tl.maximum(amax, 7.052966104933726e-38) * 0.16666666666666666).to(tl.int32, bitcast=True)
+    bits = (tl.maximum(amax, 7.052966104933725e-38) * 0.16666666666666666).to(tl.int32, bitcast=True)  # 6*2**-126
     return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
 
 
