@@ -13,4 +13,6 @@ if [ -z "${DSV4_JAX_CACHE:-}" ]; then
   trap 'rm -rf "$DSV4_JAX_CACHE"' EXIT
 fi
 export DSV4_JAX_CACHE
-"$root/.venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=12 "$@"
+# loadscope: each module whole on one worker (module fixtures run once), in tests/conftest.py's MODULE_ORDER
+"$root/.venv/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder \
+  --durations=12 "$@"

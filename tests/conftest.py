@@ -28,6 +28,27 @@ if os.environ.get("DSV4_JAX_CACHE"):
 else:
     jax.config.update("jax_enable_compilation_cache", False)
 
+# Module order for the 2 pytest workers (scripts/test.sh: --dist loadscope --no-loadscope-reorder: a module runs
+# whole on one worker, so its module fixtures, e.g. the interpreter subprocesses, run once). The longest module first,
+# the second longest on the other worker, a small one each to fill their first assignment of two modules, then the
+# rest longest first, so that the run ends on short modules. Seconds per module measured on the 2-core CI machine
+# class (2026-12-01, local clone, both workers busy); unknown modules go last.
+MODULE_ORDER = ("test_golden", "test_sharding", "test_chat", "test_config_weights", "test_speculative",
+                "test_state_formats", "test_indexer_blocked", "test_consistency", "test_generate", "test_on_mesh",
+                "test_kernels_golden", "test_cli", "test_oracle_hf", "test_kernels_sparse_attn", "test_quant",
+                "test_generate_safety", "test_moe_dispatch", "test_sampling", "test_kernels_fp4_moe",
+                "test_kernels_compressor", "test_kernels_mhc", "test_synthetic_ckpt", "test_convert",
+                "test_kernels_attn_proj", "test_kernels_fp8", "test_kernels_act_words", "test_convert_hardening",
+                "test_kernels_hadamard", "test_kernels_sm90", "test_kernels_router", "test_xla_triton",
+                "test_kernels_common")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Reorder the modules as :data:`MODULE_ORDER` says (the tests inside a module keep their order)."""
+    rank = {name: i for i, name in enumerate(MODULE_ORDER)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable: module order kept
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 GOLDEN = Path(os.environ.get("DSV4_GOLDEN", SHARED / "golden" / "tiny"))  # DSV4_GOLDEN: another copy

@@ -41,7 +41,7 @@ def model():
     return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+@pytest.mark.parametrize("shape", [(1, 8), (8, 1)])  # the mixed 2 x 4 mesh: the generation test below (CI time)
 def test_mesh_equals_single_device(model, shape):
     cfg, w, rng, seed = model
     B, S = 8, 40
@@ -153,10 +153,10 @@ def generated(model):
     return cfg, w, prompts, d.generate(w, cfg, prompts, 5, d.SamplingConfig(), seed=7, stop_tokens=())
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("shape", [(2, 4)])
 def test_generate_on_mesh_equals_single_device(model, generated, shape):
-    """Sampled generation (prefill chunks + on-device decode loop) on a mesh gives the single-device tokens: experts
-    and heads over 8 devices, and a mixed 2 x 4 mesh (the pure data-parallel 8 x 1 mesh: the forward test above)."""
+    """Sampled generation (prefill chunks + on-device decode loop) on a mixed 2 x 4 mesh gives the single-device
+    tokens (the 1 x 8 and 8 x 1 meshes: the forward test above, at the logits; CI time)."""
     seed = model[3]
     cfg, w, prompts, ref = generated
     ws = sh.shard_weights(w, cfg, sh.make_mesh(*shape))
