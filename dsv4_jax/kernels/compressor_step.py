@@ -59,11 +59,11 @@ Portable Triton (fp32 and integer arithmetic, no inline assembly, no hardware FP
 Status: in ``"auto"`` on GPUs. The attention variant's GPU test passed on an H200 (2026-12-01: V4-Flash shapes,
 m = 4 and 128, batch 1 and 32, m + 2 steps on each side's own outputs), and so did the golden tests with ``"auto"``
 (layer-isolated, end to end); in the batch-1 profile of a 3-layer V4-Flash step its 3 launches took 7.5 us where ~30
-XLA kernels stood (``docs/performance.md``, eleventh session). The indexer variant is in ``"auto"`` too but not yet
-run on a GPU: under the interpreter it is bit for bit the reference (kernel and ``compress``), and it compiles for
-sm_90 without spills (1 KB of shared memory); its GPU test (``test_gpu_indexer_matches_reference``) awaits an H200
-run. Under a mesh every device runs it on its own batch rows (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`;
-run on CPU meshes only).
+XLA kernels stood (``docs/performance.md``, eleventh session). The indexer variant's GPU test passed on an H200 too
+(2026-12-01: V4-Flash d = 128, batch 1 and 32, 6 steps on each side's own outputs); under the interpreter it is bit
+for bit the reference (kernel and ``compress``); the golden tests on a GPU have not run with it yet. Under a mesh
+every device runs it on its own batch rows (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`); that path has not
+run yet (the CPU mesh tests take the XLA path, and no 2-GPU machine was lent this session).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     A decode step (``S == 1``) of the attention compressor with FP8-snapped caches, or of the indexer's with
     FP4-snapped ones (``cfg.simulate``, an ``Fp4Tensor`` cache), runs everything after the projection in one Triton
     kernel where :func:`dsv4_jax.kernels.use_triton` says so (:func:`dsv4_jax.kernels.compressor_step.compress_decode`;
-    the attention variant's GPU test passed on an H200, the indexer variant has not run on a GPU yet).
+    both variants' GPU tests passed on an H200).
     """
     kv, sc = _project(w, x, pos, ratio)  # [B,S,c*d] fp32
     snapped = (indexer and cfg.simulate and isinstance(cache, Fp4Tensor)) or (
