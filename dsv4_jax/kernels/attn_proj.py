@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import fp8_dot_supported, next_pow2, single_device, triton_call, use_triton
-from dsv4_jax.kernels.fp8_linear import GEMV_ROWS, QBLOCK, _check, gemv2_meta, gemv2_plan, launch_gemv2
+from dsv4_jax.kernels import next_pow2, triton_call
+from dsv4_jax.kernels.fp8_linear import QBLOCK, _check, gemv2_meta, gemv2_ok, gemv2_plan, gemv_values, launch_gemv2
 from dsv4_jax.modeling.layers import rms_norm
-from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, linear, quantize_act
+from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, linear
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
@@ -136,13 +136,10 @@ def q_kv_lora(x: jax.Array, xq: QuantAct | jax.Array | None, wq_a, wkv, q_norm: 
     *lead, K = x.shape
     M = math.prod(lead)
     fused = (simulate and dt == jnp.bfloat16 and isinstance(wq_a, Fp8Tensor) and isinstance(wkv, Fp8Tensor)
-             and 0 < M <= GEMV_ROWS and K % QBLOCK == 0 and use_triton(kernels) and single_device()
-             and fp8_dot_supported())
+             and gemv2_ok(M, K, kernels))
     if not fused:
         return q_kv_lora_reference(x, xq, wq_a, wkv, q_norm, kv_norm, eps, dt, simulate, kernels)
-    if xq is None or isinstance(xq, QuantAct):
-        xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
-    qr, qrq, kv = q_kv_lora_triton(xq.reshape(M, K), wq_a, wkv, q_norm, kv_norm, eps)
+    qr, qrq, kv = q_kv_lora_triton(gemv_values(x, xq).reshape(M, K), wq_a, wkv, q_norm, kv_norm, eps)
     return qr.reshape(*lead, -1), qrq.reshape(*lead, -1), kv.reshape(*lead, -1)
 
 

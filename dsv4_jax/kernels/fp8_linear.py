@@ -343,9 +343,7 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
         return jnp.zeros((*lead, N), out_dtype)
     p = p or plan(M, N, K)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
-        if xq is None or isinstance(xq, QuantAct):  # else the caller's values (e.g. from the mHC kernel)
-            xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
-        return _launch_gemv(xq.astype(jnp.bfloat16).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+        return _launch_gemv(gemv_values(x, xq).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
@@ -402,17 +400,28 @@ def fp8_linear_pair(x: jax.Array, wa: Fp8Tensor, wb: Fp8Tensor, out_dtype, xq: Q
     XLA in a fixed order like :func:`fp8_linear`'s); otherwise two :func:`fp8_linear` calls."""
     *lead, K = x.shape
     M, Na, Nb = math.prod(lead), wa.q.shape[0], wb.q.shape[0]
-    if (0 < M <= GEMV_ROWS and K % QBLOCK == 0 and single_device() and _triton_ok(kernels)
-            and fp8_dot_supported()):
+    if gemv2_ok(M, K, kernels):
         _check(wa, "fp8_linear_pair (first weight)", K, Na)
         _check(wb, "fp8_linear_pair (second weight)", K, Nb)
-        if xq is None or isinstance(xq, QuantAct):
-            xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
-        part = launch_gemv2(xq.astype(jnp.bfloat16).reshape(M, K), wa, wb)  # [SPLIT, M, Na + Nb]
+        part = launch_gemv2(gemv_values(x, xq).reshape(M, K), wa, wb)  # [SPLIT, M, Na + Nb]
         y = jnp.sum(part, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
         return y[:, :Na].reshape(*lead, Na), y[:, Na:].reshape(*lead, Nb)
     return (fp8_linear(x, wa, out_dtype, xq, kernels=kernels, parallel=parallel),
             fp8_linear(x, wb, out_dtype, xq, kernels=kernels, parallel=parallel))
+
+
+def gemv_values(x: jax.Array, xq: QuantAct | jax.Array | None) -> jax.Array:
+    """What the GEMV kernels read: the values of ``x``'s FP8 quantization in bf16 (exact), from the caller's
+    :class:`QuantAct` or values (e.g. the mHC kernel's), else quantized here."""
+    if xq is None or isinstance(xq, QuantAct):
+        xq = (quantize_act(x, QBLOCK) if xq is None else xq).dequant()
+    return xq.astype(jnp.bfloat16)
+
+
+def gemv2_ok(M: int, K: int, kernels: str) -> bool:
+    """Whether two FP8 weights of one input take :func:`fp8_gemv2_kernel`: decode rows, K in whole quantization
+    blocks, the kernels on, one device."""
+    return 0 < M <= GEMV_ROWS and K % QBLOCK == 0 and _triton_ok(kernels) and fp8_dot_supported()
 
 
 def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
