@@ -113,7 +113,7 @@ def main():
             nbytes = touched * per_expert + T * D * 2 + T * k * D * 4
             flops = 2 * T * k * 3 * D * I
             variants = [v for v in args.variants.split(";") if v]
-            impls = args.impls.split(",") + [f"triton[{v}]" for v in variants if T <= 64]
+            impls = args.impls.split(",") + [f"triton[{v}]" for v in variants]
             for impl in impls:
                 if impl == "reference" and T > args.ref_max_tokens:
                     continue

@@ -16,11 +16,13 @@ sees the same memory through both pointers); outputs are NOT zeroed unless liste
 hands the kernel uninitialised memory): here they are poisoned (NaN, or all bits set for integers) so that an
 element a kernel forgets to write shows up.
 
-Two interpreter defects are corrected (GPU semantics, what the compiled kernels do), in the subprocess only:
+Three interpreter defects are corrected (GPU semantics, what the compiled kernels do), in the subprocess only:
 
 * Triton 3.6's interpreter multiplies ``bfloat16`` dot operands as their raw uint16 bit patterns; here the bf16
   operands are widened exactly to fp32 first (a GPU bf16 ``tl.dot`` forms the exact products, accumulated in fp32).
 * it converts fp32 -> bf16 (``.to(tl.bfloat16)``) by truncation; a GPU rounds to nearest even (LLVM ``fptrunc``).
+* it has no ``tl.dot_scaled`` (its builder lacks ``create_dot_scaled``): :func:`create_dot_scaled` implements the
+  documented semantics (e2m1 / e4m3 operands times e8m0 scales per 32 along K, fp32 sums).
 
 The kernels run on a worker thread started by :func:`install` (in the main thread, before XLA runs anything): XLA's
 CPU threads, where ``pure_callback`` calls back, flush fp32 denormals to zero (FTZ/DAZ), and the FP4 kernels decode
@@ -174,8 +176,9 @@ def triton_call(*args, kernel, out_shape, grid, name: str = "", custom_call_targ
 
 
 # ---------------------------------------------------------------------------------------------- interpreter fixes
-def _fix_interpreter() -> None:
-    """GPU semantics for the two interpreter defects of the module docstring (bf16 dots, fp32 -> bf16 rounding)."""
+def fix_interpreter() -> None:
+    """GPU semantics for the interpreter defects of the module docstring (bf16 dots, fp32 -> bf16 rounding, the
+    missing ``tl.dot_scaled``); idempotent. The kernel test subprocesses that launch kernels directly call it too."""
     import triton.language as tl
     from triton.runtime import interpreter as itp
 
@@ -204,7 +207,55 @@ def _fix_interpreter() -> None:
         return cast0(self, src, dst_type)
 
     B.create_dot, B.cast_impl, B._dsv4_fixed = create_dot, cast_impl, True
+    B.create_dot_scaled = create_dot_scaled
+    from triton.language.semantic import TritonSemantic
+
+    dot_scaled0 = TritonSemantic.dot_scaled
+
+    def dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, *args, **kwargs):
+        # the interpreter passes the format strings bare; the compiler (and this semantic) wraps them as constexprs
+        fmt = [f if isinstance(f, tl.constexpr) else tl.constexpr(f) for f in (lhs_format, rhs_format)]
+        return dot_scaled0(self, lhs, lhs_scale, fmt[0], rhs, rhs_scale, fmt[1], *args, **kwargs)
+
+    TritonSemantic.dot_scaled = dot_scaled
     _patch_once_per_launch(itp, tl)
+
+
+def _mx_values(data: np.ndarray, fmt: str, k_axis: int) -> np.ndarray:
+    """The fp32 values of a ``tl.dot_scaled`` operand held as raw bytes: ``e2m1`` two codes per byte along the K
+    axis (the lower-index element in the low nibble), ``e4m3`` one e4m3fn byte per element."""
+    import ml_dtypes
+
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    if fmt == "e4m3":
+        return raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    if fmt != "e2m1":
+        raise NotImplementedError(f"triton_shim: dot_scaled format {fmt} is not emulated")
+    grid = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+    lo, hi = grid[raw & 15], grid[raw >> 4]
+    both = np.stack([lo, hi], axis=k_axis % raw.ndim + 1)  # [..., K/2, 2, ...]: element 2k, then 2k + 1
+    shape = list(raw.shape)
+    shape[k_axis] *= 2
+    return both.reshape(shape)
+
+
+def create_dot_scaled(self, lhs, lhs_scale, lhs_format, rhs, rhs_scale, rhs_format, fast_math, lhs_k_pack,
+                      rhs_k_pack, acc):
+    """``tl.dot_scaled``, which Triton 3.6's interpreter lacks, with the semantics of its GPU lowerings: each operand
+    decoded exactly (:func:`_mx_values`), times its e8m0 scale ``2**(s - 127)`` per 32 elements along K (lhs scale
+    ``[M, K/32]``, rhs scale ``[N, K/32]``), then an fp32 matmul added to ``acc``. K-packed e2m1 and e4m3 only."""
+    import triton.language as tl
+    from triton.runtime import interpreter as itp
+
+    fa, fb = lhs_format.name.lower(), rhs_format.name.lower()
+    if not (lhs_k_pack and rhs_k_pack):
+        raise NotImplementedError("triton_shim: dot_scaled with e2m1 packed along M/N is not emulated")
+    a, b = _mx_values(lhs.data, fa, -1), _mx_values(rhs.data, fb, -2)  # [M, K], [K, N]
+    if lhs_scale is not None:
+        a = a * np.repeat(np.exp2(lhs_scale.data.astype(np.float32) - 127), 32, axis=-1)
+    if rhs_scale is not None:
+        b = b * np.repeat(np.exp2(rhs_scale.data.astype(np.float32) - 127), 32, axis=-1).T
+    return itp.TensorHandle((np.matmul(a, b) + acc.data).astype(np.float32), tl.float32)
 
 
 def _patch_once_per_launch(itp, tl) -> None:
@@ -275,7 +326,7 @@ def install(target: str = "sm90") -> None:
     fake = types.ModuleType("jax_triton")
     fake.triton_call, fake._dsv4_shim = triton_call, True
     sys.modules["jax_triton"] = fake
-    _fix_interpreter()
+    fix_interpreter()
 
     from triton.runtime.interpreter import InterpretedFunction
 

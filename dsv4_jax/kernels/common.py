@@ -107,6 +107,20 @@ def act_quant_block(x):
 
 
 @triton.jit
+def e4m3_bits(q):
+    """fp32 values on the e4m3 grid (:func:`act_quant_block`'s codes: ``|q| <= 448``, signed zeros, NaN) -> their
+    e4m3fn bit patterns as int32 (0..255): sign in bit 7; from 2**-6 up the biased exponent (``+7``) in bits 3-6
+    and the top 3 mantissa bits; below, the subnormal's multiple of 2**-9; NaN 0x7F. Integer arithmetic only (no
+    hardware FP8 conversion: the interpreter and every target agree)."""
+    b = q.to(tl.int32, bitcast=True)
+    a = (b & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    ex = ((b >> 23) & 0xFF) - 127
+    code = tl.where(ex >= -6, ((ex + 7) << 3) | ((b >> 20) & 7), (a * 512.0).to(tl.int32))
+    code = tl.where(a != a, 0x7F, code)
+    return code | ((b >> 24) & 0x80)
+
+
+@triton.jit
 def fp4_exp(amax):
     """The reference FP4 scale exponent for blocks with absolute maximum ``amax`` (fp32, any shape):
     ``ceil(log2(max(amax, 6 * 2**-126) * fp32(1/6)))`` as int32 (``quant.pow2_scale``; the scale is 2**result)."""

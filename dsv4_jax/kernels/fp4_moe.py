@@ -59,6 +59,7 @@ import triton.language as tl
 from dsv4_jax.kernels import arch, triton_call, use_triton
 from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid, e8m0, pow2, round_bf16
 from dsv4_jax.kernels.fp4_moe_gemv import check_gemv_shapes, gemv_tiles, launch_gemv_jax
+from dsv4_jax.kernels.fp4_moe_scaled import act_codes, check_scaled_shapes, launch_scaled_jax
 from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
 from dsv4_jax.modeling.quant import Fp4Tensor, quantize_act
 
@@ -201,13 +202,16 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     """Tile sizes for one call (the one place they are chosen): rows per block ``BM`` from the mean pairs per local
     expert, output tiles ``BN1`` (gate/up, over I) and ``BN2`` (down, over D), scale groups per K step ``G``, and
     ``CODES`` (1: dot the e2m1/e4m3 codes as fp16 and apply the scales to the partial products; 0: dot the scaled
-    values as bf16, the variant verified on an H200)."""
+    values as bf16, the variant verified on an H200) and ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
+    :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128)."""
     BM = max(16, min(64, block_rows(n_pairs, n_local)))
     if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
-        return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, num_warps=4, num_stages=1)
+        return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, SCALED=0, num_warps=4, num_stages=1)
     decode = BM == 16
-    return dict(BM=BM, BN1=64 if decode else 128, BN2=64 if decode else 128, G=4 if (D // 32) % 4 == 0 else 1,
-                CODES=0, num_warps=4 if decode else 8, num_stages=3 if decode else 2)
+    scaled = int(target == "gfx950")  # native MXFP4 dots (fp4_moe_scaled); elsewhere the register dequantization
+    return dict(BM=BM, BN1=128 if scaled or not decode else 64, BN2=64 if decode else 128,
+                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, num_warps=4 if decode else 8,
+                num_stages=3 if decode else 2)
 
 
 def check_shapes(x, w1: Fp4Tensor, w2: Fp4Tensor, w3: Fp4Tensor, t: dict):
@@ -321,6 +325,13 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         raise ValueError(f"fp4_moe: the tiled kernels need BM >= 16 rows per block (tl.dot), got {t['BM']}")
     check_shapes(x, w1s, w2s, w3s, t)
     rows, bexp, used, slot = schedule(e, n_local, t["BM"])
+    if t["SCALED"]:  # tl.dot_scaled on the stored codes and scales (fp4_moe_scaled)
+        check_scaled_shapes(D, I, t)
+        xq8, xs8 = act_codes(x)
+        y = launch_scaled_jax(xq8, xs8, tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used, w1s, w2s,
+                              w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        has = slot < y.shape[0]
+        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
     if t["CODES"]:
         qa = quantize_act(x, 128)  # the same codes and scales as xq = qa.dequant()
         xin, xs = qa.q.astype(jnp.float16), qa.scale.astype(jnp.float32)
