@@ -195,3 +195,27 @@ def test_attn_proj_plans_fit(M, K, N1, N2):
         options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages", 1))
         smem, spill = _compile(fn, pointers, meta, options)
         assert smem <= SMEM_SM90 and spill == 0, f"{fn.__name__} M={M} K={K}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("model,n_pairs", [("flash", 192), ("flash", 12288), ("pro", 12288)],
+                         ids=["flash-32tok", "flash-prefill", "pro-prefill"])
+def test_moe_scaled_plans_fit(model, n_pairs):
+    """The FP4 MoE's ``tl.dot_scaled`` kernels (``fp4_moe_scaled``; on Hopper Triton rewrites the scaled dot into
+    bf16 upcasts and a bf16 dot) at the tiled plans of 32 tokens and a 2K-token prefill, V4-Flash and V4-Pro."""
+    pytest.importorskip("triton")
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels import fp4_moe as m
+    from dsv4_jax.kernels import fp4_moe_scaled as s
+
+    cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
+    D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
+    t = {**m.tiles("sm90", n_pairs, E, D, I), "SCALED": 1, "BN1": 128}
+    options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    p1 = dict(xq_ptr="*u8", xs_ptr="*u8", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32",
+              used_ptr="*i32", w1p_ptr="*u8", w1s_ptr="*u8", w3p_ptr="*u8", w3s_ptr="*u8", hq_ptr="*u8", hs_ptr="*u8")
+    p2 = dict(hq_ptr="*u8", hs_ptr="*u8", bexp_ptr="*i32", used_ptr="*i32", w2p_ptr="*u8", w2s_ptr="*u8",
+              y_ptr="*bf16")
+    for fn, ptrs, meta in ((s._gate_up_scaled, p1, dict(R=n_pairs, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
+                           (s._down_scaled, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
+        smem, spill = _compile(fn, ptrs, meta, options)
+        assert smem <= SMEM_SM90 and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"

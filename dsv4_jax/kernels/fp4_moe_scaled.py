@@ -35,7 +35,8 @@ from dsv4_jax.kernels import triton_call
 from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, round_bf16
 from dsv4_jax.modeling.quant import Fp4Tensor, e8m0_bytes, quantize_act
 
-BK = 128  # K columns per step: one activation scale block, four weight scale groups
+_BK = 128  # K columns per step: one activation scale block, four weight scale groups
+BK = tl.constexpr(_BK)  # (a kernel may read a global only as a constexpr)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _down_scaled(hq_ptr, hs_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D:
 
 def check_scaled_shapes(D: int, I: int, t: dict) -> None:
     """Refuse expert shapes the scaled kernels do not tile (K steps of 128, h's 128-column blocks, BN2 | D)."""
-    if D % BK or I % 128 or D % t["BN2"]:
+    if D % _BK or I % 128 or D % t["BN2"]:
         raise ValueError(f"fp4_moe (dot_scaled): expert shape D={D}, I={I} is not tiled by {t} (need D and I "
                          f"multiples of 128 and D of BN2={t['BN2']})")
 
