@@ -14,8 +14,9 @@ cannot (CPU backend, or the packages its launch route needs missing); ``"auto"``
 import.
 Both implementations compute the same function up to fp32 summation order (each module's docstring says exactly).
 
-Block sizes per architecture are chosen in one place, :func:`arch`; ``tl.dot_scaled`` (native MXFP4/FP8 scaled
-dots) is only for AMD gfx950 (``arch() == "gfx950"``), every other target dequantizes in registers.
+Block sizes per architecture are chosen in one place, :func:`arch`; ``tl.dot_scaled`` (MXFP4 x MXFP8 scaled dots)
+serves the tiled FP4 experts on gfx950 (native) and sm90 (Triton's bf16 rewrite, measured faster); every other
+target, and the decode GEMV kernels, dequantize FP4 in registers.
 """
 
 from __future__ import annotations
