@@ -42,8 +42,15 @@ The two are equal bit for bit, ties included, wherever each total is a function 
   dependent (blocks holding a visible entry), which on a GPU costs a device-to-host copy and a host sync per
   condition check (``scripts/count_launches.py``).
 
-A Triton kernel (fused score + running top-k per query row) would dispatch from :func:`indexer_topk`; none exists
-yet, so every backend runs the blocked XLA loop.
+Decode rows on a GPU, opt-in (``kernels="triton"``, :func:`dsv4_jax.kernels.use_opt_in_triton`): one Triton kernel,
+:func:`_indexer_score_kernel`, computes every visible total of a few query rows straight from the FP4 key cache (the
+XLA form is ~20 kernels per CSA layer and step: decode, dot, roundings, head sum, mask), and ``jax.lax.top_k`` picks
+from them as the reference does. The totals are :func:`_totals`' arithmetic: the keys' e2m1 codes times their
+power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in fp32 (exact in reference numerics,
+as above), the same three bf16 roundings; only the fp32 order of the sum over heads may differ from XLA's, which can
+move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the ``[B,S,Nc]`` fp32 totals of the few
+decode rows (1 MiB per row at 1M tokens: 262,144 entries), never the ``[B,S,Hi,Nc]`` scores. Not yet run on a GPU:
+tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``) and compiled for sm_90.
 """
 
 from __future__ import annotations
@@ -51,7 +58,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.modeling.quant import cache_values, dot_f32
+from dsv4_jax.kernels import next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, dot_f32
+
+try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
+    import triton
+    import triton.language as tl
+
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair, round_bf16
+except ImportError:  # pragma: no cover - exercised only without the triton extra
+    triton = tl = None
 
 BUDGET = 256 * 2**20  # bytes for one block's transient: fp32 scores and products [B,S,Hi,block] (CPU)
 # Accelerators: each block costs one top-k merge over [B,S,k+block] rows, and an 8192-row chunk at 128K context on an
@@ -61,14 +77,24 @@ BUDGET_ACCEL = 2 * 2**30
 MIN_BLOCK = 1024  # entries per block the row blocks keep (row_block): merges over [rows, k + 1024], k <= 1024
 
 
-def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
+MAX_KERNEL_ROWS = 256  # query rows (B * S) up to which the opt-in kernel scores (decode, speculative verify)
+
+
+def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, kernels: str = "reference") -> jax.Array:
     """Top-k compressed block ids ``[B,S,min(k,Nc)]`` (-1 = none) of the indexer; see the module docstring.
 
     Args:
       q: ``[B,S,Hi,Di]`` rotated, snapped index queries (act dtype); hw: ``[B,S,Hi]`` head weights (act dtype, scale
       folded in); keys: ``[B,Nc,Di]`` indexer cache (plain, or :class:`Fp4Tensor` codes); t: ``[B,S]`` absolute
-      query positions; k: ``index_topk``.
+      query positions; k: ``index_topk``; kernels: ``Config.kernels`` (the scoring kernel is opt-in: ``"triton"``,
+      for decode rows of bf16 queries over an FP4 cache).
     """
+    B, S = q.shape[:2]
+    if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and 0 < B * S <= MAX_KERNEL_ROWS
+            and use_opt_in_triton(kernels)):
+        tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc]
+        vals, idx = jax.lax.top_k(tot, min(k, tot.shape[-1]))
+        return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return indexer_topk_blocked(q, hw, keys, t, k)
 
 
@@ -199,3 +225,91 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
     vals, ids = jax.lax.fori_loop(0, n_visit, merge, init)
     return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
 
+
+
+# ---------------------------------------------------------------------------------------------- Triton (decode rows)
+if triton is not None:
+
+    @triton.jit
+    def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
+                              HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr):
+        """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over entries ``[BLK * program_id(1), +
+        BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks [B, NC, DI/32]`` e8m0), -inf
+        for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and ``hw [B*S, HI]`` bf16; the
+        heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to the head sum, which changes no sum."""
+        r = tl.program_id(0)
+        j0 = tl.program_id(1) * BLK
+        j = j0 + tl.arange(0, BLK)  # [BLK] entry ids
+        lim = tl.load(lim_ptr + r)
+        out = out_ptr + r.to(tl.int64) * NC + j
+        if j0 >= lim:  # nothing visible in this block
+            tl.store(out, tl.full((BLK,), float("-inf"), tl.float32), mask=j < NC)
+            return
+        h = tl.arange(0, HP)
+        i = tl.arange(0, DI // 2)  # packed bytes: dims 2i (low nibble) and 2i + 1
+        hm = h < HI
+        qrow = q_ptr + r.to(tl.int64) * (HI * DI) + h[:, None] * DI + 2 * i[None, :]  # [HP, DI/2] even dims
+        qe = tl.load(qrow, mask=hm[:, None], other=0.0)
+        qo = tl.load(qrow + 1, mask=hm[:, None], other=0.0)
+        jm = j < NC
+        e = (r // S).to(tl.int64) * NC + j  # [BLK] cache rows
+        kp = tl.load(kp_ptr + e[:, None] * (DI // 2) + i[None, :], mask=jm[:, None], other=0).to(tl.int32)
+        f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None] * (DI // 32) + (i // 16)[None, :], mask=jm[:, None],
+                                      other=127).to(tl.int32))  # [BLK, DI/2] each byte's group scale
+        lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
+        ke = (lo * f1 * f2).to(tl.bfloat16)  # [BLK, DI/2] exact key values (e2m1 times a power of two)
+        ko = (hi * f1 * f2).to(tl.bfloat16)
+        sc = tl.dot(qe, tl.trans(ke))
+        sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products when snapped)
+        w = tl.load(hw_ptr + r.to(tl.int64) * HI + h, mask=hm, other=0.0).to(tl.float32)  # [HP]
+        prod = round_bf16(tl.maximum(round_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
+        prod = tl.where(hm[:, None], prod, -0.0)
+        tot = round_bf16(tl.sum(prod, axis=0))  # [BLK]
+        tl.store(out, tl.where(j < lim, tot, float("-inf")), mask=jm)
+
+
+def score_plan(n_heads: int) -> dict:
+    """Entries per program and warps (the one place they are chosen): 64 entries, heads padded to a power of two of
+    at least 16 (the dot's rows)."""
+    return dict(BLK=64, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
+
+
+def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
+    B, S, Hi, Di = q.shape
+    Nc = keys.packed.shape[1]
+    want = {"hw": (B, S, Hi), "keys.packed": (B, Nc, Di // 2), "keys.scale": (B, Nc, Di // 32)}
+    got = {"hw": hw.shape, "keys.packed": keys.packed.shape, "keys.scale": keys.scale.shape}
+    for name, shape in want.items():
+        if tuple(got[name]) != shape:
+            raise ValueError(f"indexer kernel: {name} has shape {tuple(got[name])}, expected {shape} for q {q.shape}")
+    if Di % 32 or Di & (Di - 1):
+        raise ValueError(f"indexer kernel: index head dim {Di} must be a power of two and a multiple of 32")
+    return B, S, Hi, Di, Nc
+
+
+def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array) -> jax.Array:
+    """Every entry's total ``[B,S,Nc]`` fp32 (bf16 values; -inf where invisible) for query rows ``q [B,S,Hi,Di]``
+    bf16 with head weights ``hw [B,S,Hi]`` over the FP4 cache ``keys``, in one kernel launch."""
+    B, S, Hi, Di, Nc = _check_score(q, hw, keys)
+    p = score_plan(Hi)
+    lim = ((t.astype(jnp.int32) + 1) // 4).reshape(B * S)  # visible entries per row
+    out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
+                      lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.float32),
+                      grid=(B * S, -(-Nc // p["BLK"])), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"],
+                      num_warps=p["num_warps"], num_stages=p["num_stages"])
+    return out.reshape(B, S, Nc)
+
+
+def totals_torch(q, hw, packed, scale, lim, S: int):
+    """:func:`_indexer_score_kernel` on torch tensors (the interpreter tests): ``q [R, Hi, Di]`` and ``hw [R, Hi]``
+    bf16, ``packed``/``scale`` uint8 ``[B, Nc, *]``, ``lim [R]`` int32 -> totals ``[R, Nc]`` fp32."""
+    import torch
+
+    R, Hi, Di = q.shape
+    Nc = packed.shape[1]
+    p = score_plan(Hi)
+    out = torch.full((R, Nc), float("nan"), dtype=torch.float32)
+    _indexer_score_kernel[(R, -(-Nc // p["BLK"]))](q, hw, packed, scale, lim, out, S=S, HI=Hi, HP=p["HP"], DI=Di,
+                                                     NC=Nc, BLK=p["BLK"], num_warps=p["num_warps"],
+                                                     num_stages=p["num_stages"])
+    return out

@@ -39,4 +39,4 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
         q = fp4_simulate(q, 32)
     hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
     hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
-    return indexer_topk(q, hw, keys, t, cfg.index_topk)  # scores and top-k, block by block
+    return indexer_topk(q, hw, keys, t, cfg.index_topk, kernels=cfg.kernels)  # scores and top-k, block by block

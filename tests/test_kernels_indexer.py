@@ -1,0 +1,151 @@
+"""The indexer's decode scoring kernel (``kernels/indexer.py``: ``_indexer_score_kernel``, opt-in) against the
+reference arithmetic (``indexer._totals`` over the decoded FP4 cache, masked) and the reference top-k.
+
+CPU: the kernel under Triton's interpreter in a subprocess, launched directly on torch tensors (its totals) and
+through the jax dispatcher ``indexer_topk(..., kernels="triton")`` with ``tests/triton_shim.py`` (its ids). GPU: the
+jitted launcher at V4-Flash indexer shapes (skipped without a GPU or jax-triton).
+
+Oracles and tolerances: queries and keys are FP4-snapped as in reference numerics, so every score is an exact fp32
+sum and equals the reference's bit for bit; the one reordering is the fp32 sum over heads, which can move a total by
+one bf16 ulp. So: every total within one bf16 ulp of its value (2**-7 relative), at least 99 % bit for bit, the
+invisible entries exactly -inf; the ids equal the reference's on every row whose totals are all bit for bit (those
+rows are at least 90 % of them). Ties are built in (duplicated keys give equal totals): top-k must list them lowest id
+first, as the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_shim  # noqa: E402
+
+from dsv4_jax.kernels import indexer as ix  # noqa: E402
+from dsv4_jax.kernels import triton_unavailable  # noqa: E402
+from dsv4_jax.modeling.quant import Fp4Tensor, encode_fp4_cache, fp4_simulate  # noqa: E402
+
+SEED = 777
+BF16_ULP = 2.0**-7
+# (B, S, heads, head dim, entries, positions [B, S], k): decode rows with a partly visible cache, speculative verify
+# rows at 3 positions (heads padded from 20 to 32), one row seeing nothing, and k above the entry count.
+CASES = [(2, 1, 4, 128, 100, [[50], [399]], 8), (1, 3, 20, 64, 70, [[198, 199, 203]], 16),
+         (2, 2, 16, 128, 40, [[2, 7], [150, 160]], 64)]
+
+
+def _case(B, S, Hi, Di, Nc, t, seed):
+    """Snapped queries, signed head weights, an FP4 cache with duplicated entries (ties)."""
+    rng = np.random.default_rng(seed)
+    q = fp4_simulate(jnp.asarray(rng.standard_normal((B, S, Hi, Di)), jnp.bfloat16), 32).astype(jnp.bfloat16)
+    hw = jnp.asarray(rng.standard_normal((B, S, Hi)) * 0.1, jnp.bfloat16)
+    kv = rng.standard_normal((B, Nc, Di)).astype(np.float32) * np.exp2(rng.integers(-3, 3, (B, Nc, 1)))
+    kv[:, 10::7] = kv[:, 3:4]  # entries 10, 17, 24, ... equal entry 3: equal totals
+    keys = encode_fp4_cache(jnp.asarray(kv, jnp.bfloat16))
+    return q, hw, keys, jnp.asarray(t, jnp.int32)
+
+
+def _ref_totals(q, hw, keys, t):
+    tot = np.asarray(ix._totals(q, hw, ix.cache_values(keys, q.dtype)))  # [B,S,Nc]
+    visible = np.arange(tot.shape[-1])[None, None, :] < ((np.asarray(t) + 1) // 4)[..., None]
+    return np.where(visible, tot, -np.inf)
+
+
+def _check(got, ref, ids, ids_ref, what):
+    fin = np.isfinite(ref)
+    assert (np.isneginf(got) == ~fin).all(), f"{what}: invisible entries not -inf (or visible ones -inf)"
+    err = np.abs(got[fin] - ref[fin])
+    assert (err <= BF16_ULP * np.abs(ref[fin]) + 1e-30).all(), f"{what}: a total beyond one bf16 ulp"
+    assert (err == 0).mean() >= 0.99, f"{what}: {(err == 0).mean():.3f} of totals bit for bit"
+    exact = np.all((got == ref) | ~fin, axis=-1)  # [B,S] rows whose totals are all the reference's
+    assert exact.mean() >= 0.9, f"{what}: {exact.mean():.2f} of rows bit for bit"
+    assert (ids[exact] == ids_ref[exact]).all(), f"{what}: ids differ on rows with the reference's totals"
+
+
+# ---------------------------------------------------------------------------------------------- interpreter
+def _interpret_main(path: str) -> None:
+    """Subprocess body: each case's totals by a direct launch and ids through the jax dispatcher (shim)."""
+    triton_shim.install("cpu")  # fixes the interpreter's bf16 dot and routes the jax launches through it
+    import torch
+
+    z = dict(np.load(path))
+    res = {}
+    for c in range(int(z["n"])):
+        g = lambda n, c=c: z[f"{c}_{n}"]  # noqa: E731
+        B, S, Hi, Di = g("q").shape[:4]
+        q16 = torch.from_numpy(g("q").view(np.uint16).reshape(B * S, Hi, Di).copy()).view(torch.bfloat16)
+        hw16 = torch.from_numpy(g("hw").view(np.uint16).reshape(B * S, Hi).copy()).view(torch.bfloat16)
+        lim = torch.from_numpy(((g("t") + 1) // 4).reshape(-1).astype(np.int32))
+        tot = ix.totals_torch(q16, hw16, torch.from_numpy(g("packed")), torch.from_numpy(g("scale")), lim, S)
+        res[f"{c}_tot"] = tot.numpy().reshape(B, S, -1)
+        q = jnp.asarray(g("q").view(ml_dtypes.bfloat16))
+        hw = jnp.asarray(g("hw").view(ml_dtypes.bfloat16))
+        keys = Fp4Tensor(packed=jnp.asarray(g("packed")), scale=jnp.asarray(g("scale")))
+        run = jax.jit(functools.partial(ix.indexer_topk, k=int(g("k")), kernels="triton"))
+        res[f"{c}_ids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
+    res["launches"] = np.array(sum(r["kernel"] == "_indexer_score_kernel" for r in triton_shim.LAUNCHES))
+    np.savez(path + ".out.npz", **res)
+
+
+def test_interpreter_matches_reference(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays, cases = {"n": len(CASES)}, []
+    for c, (B, S, Hi, Di, Nc, t, k) in enumerate(CASES):
+        q, hw, keys, tt = _case(B, S, Hi, Di, Nc, t, SEED + c)
+        arrays.update({f"{c}_q": np.asarray(q).view(np.uint16), f"{c}_hw": np.asarray(hw).view(np.uint16),
+                       f"{c}_packed": np.asarray(keys.packed), f"{c}_scale": np.asarray(keys.scale),
+                       f"{c}_t": np.asarray(tt), f"{c}_k": np.int32(k)})
+        cases.append((q, hw, keys, tt, k))
+    out = triton_shim.interpret(__file__, arrays, tmp_path)
+    assert int(out["launches"]) == len(CASES), "the dispatcher did not launch the kernel once per case"
+    for c, (q, hw, keys, tt, k) in enumerate(cases):
+        ids_ref = np.asarray(ix.indexer_topk_reference(q, hw, keys, tt, k))
+        assert out[f"{c}_ids"].shape == ids_ref.shape
+        _check(out[f"{c}_tot"], _ref_totals(q, hw, keys, tt), out[f"{c}_ids"], ids_ref, f"case {c}")
+    # the ties were exercised: some row's reference list holds entry 3 and a duplicate, 3 first
+    lists = [np.asarray(ix.indexer_topk_reference(*cs)).reshape(-1, min(cs[4], cs[2].packed.shape[1]))
+             for cs in cases]
+    assert any(3 in r.tolist() and 10 in r.tolist() for L in lists for r in L)
+
+
+def test_bad_shapes_are_named():
+    q, hw, keys, _ = _case(1, 1, 4, 128, 16, [[40]], SEED)
+    with pytest.raises(ValueError, match=r"keys\.scale has shape"):
+        ix._check_score(q, hw, Fp4Tensor(packed=keys.packed, scale=keys.scale[..., :2]))
+    with pytest.raises(ValueError, match=r"hw has shape"):
+        ix._check_score(q, hw[..., :3], keys)
+
+
+def test_cpu_and_auto_keep_the_blocked_reference(monkeypatch):
+    """Without ``kernels="triton"`` (and on a CPU backend) the dispatcher is the blocked XLA path, bit for bit."""
+    q, hw, keys, t = _case(2, 1, 4, 128, 100, [[50], [399]], SEED)
+    want = np.asarray(ix.indexer_topk_blocked(q, hw, keys, t, 8))
+    for mode in ("reference", "auto"):
+        assert (np.asarray(ix.indexer_topk(q, hw, keys, t, 8, kernels=mode)) == want).all()
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"indexer kernel: {triton_unavailable()}")
+
+
+@gpu
+@pytest.mark.parametrize("B,Nc", [(1, 2048), (4, 16384)])
+def test_gpu_matches_reference(B, Nc):
+    """V4-Flash indexer (64 heads of 128, top-512) at decode: rows at different positions, one seeing a few entries."""
+    t = np.linspace(20, 4 * Nc + 3, B).astype(np.int32)[:, None]  # [B, 1]
+    q, hw, keys, tt = _case(B, 1, 64, 128, Nc, t, SEED + Nc)
+    got = np.asarray(jax.jit(ix.indexer_totals_triton)(q, hw, keys, tt))
+    ids = np.asarray(jax.jit(functools.partial(ix.indexer_topk, k=512, kernels="triton"))(q, hw, keys, tt))
+    ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hw, keys, tt))
+    _check(got, _ref_totals(q, hw, keys, tt), ids, ids_ref, f"B={B} Nc={Nc}")
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    _interpret_main(sys.argv[1])
