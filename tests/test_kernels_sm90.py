@@ -219,3 +219,16 @@ def test_moe_scaled_plans_fit(model, n_pairs):
                            (s._down_scaled, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
         smem, spill = _compile(fn, ptrs, meta, options)
         assert smem <= SMEM_SM90 and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("heads", [64, 16])
+def test_indexer_score_plan_fits(heads):
+    """The indexer's decode scoring kernel at V4-Flash's indexer (64 heads of 128 dims) and a narrower one."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import indexer as ix
+
+    p = ix.score_plan(heads)
+    pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*fp32")
+    meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"])
+    smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1))
+    assert smem <= SMEM_SM90 and spill == 0, f"indexer score {p}: {smem} B shared, {spill} B spills"
