@@ -141,11 +141,13 @@ def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
 @pytest.mark.parametrize("shape", [(2, 2)])  # batch rows over data and weights over model at once (CI time)
 def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the kernel entry points (FP8
-    linear, grouped projection, mHC, router) stood in by their XLA references: the FP8 linears whose split falls on
-    128-row blocks run per device (the entry points see local shapes), mHC and the router on each device's batch
-    rows, and the logits equal those of the GSPMD reference path on the same mesh (bit for bit on XLA CPU, where both
-    compute the same per-device dots and the same fp32 all-reduce)."""
+    linear, grouped projection, the attention's fused input projections, mHC, router) stood in by their XLA
+    references: the FP8 linears whose split falls on 128-row blocks run per device (the entry points see local
+    shapes), the fused projections (decode rows), mHC and the router on each device's batch rows, and the logits
+    equal those of the GSPMD reference path on the same mesh (bit for bit on XLA CPU, where both compute the same
+    per-device dots and the same fp32 all-reduce)."""
     import dsv4_jax as d
+    import dsv4_jax.kernels.attn_proj as A
     import dsv4_jax.kernels.fp8_linear as F
     import dsv4_jax.kernels.mhc as M
     import dsv4_jax.kernels.router as R
@@ -183,6 +185,14 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     monkeypatch.setattr(F, "_fp8_linear_triton", linear)
     monkeypatch.setattr(F, "_grouped_triton", grouped)
 
+    def lora(xv, wq_a, wkv, q_norm, kv_norm, eps, p=None):  # the attention's fused wq_a + wkv + norms (attn_proj)
+        seen.append(("q_kv_lora", xv.shape[0], wq_a.q.shape, wkv.q.shape))
+        qr = rms_norm(fp8_linear_reference(xv, wq_a, jnp.bfloat16), q_norm, eps, jnp.bfloat16)
+        kv = rms_norm(fp8_linear_reference(xv, wkv, jnp.bfloat16), kv_norm, eps, jnp.bfloat16)
+        return qr, quantize_act(qr).dequant().astype(jnp.bfloat16), kv
+
+    monkeypatch.setattr(A, "q_kv_lora_triton", lora)
+
     def hc_norm(c, h, wl, norm_w, p=None):
         seen.append(("hc_pre_norm", h.shape[:2]))
         y, post, comb = hyper.hc_pre(c, h, wl)
@@ -205,6 +215,8 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     rows = 4 // shape[0]  # batch rows per device (split over data)
     assert ("hc_pre_norm", (rows, 11)) in seen and ("hc_pre_norm", (rows, 1)) in seen, sorted(set(seen))
     assert ("route", rows * 11) in seen and ("route", rows) in seen, sorted(set(seen))
+    Dh = cfg.head_dim
+    assert ("q_kv_lora", rows, (cfg.q_lora_rank, cfg.dim), (Dh, cfg.dim)) in seen, sorted(set(seen))  # decode rows
     m, H, Dh, G, R, D = shape[1], cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank, cfg.dim
     for what, local in [("linear", (H * Dh // m, cfg.q_lora_rank)), ("linear", (D, G * R // m)),
                         ("grouped", (G * R // m, H * Dh // G)), ("linear", (cfg.q_lora_rank, D))]:

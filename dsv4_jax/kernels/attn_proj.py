@@ -20,9 +20,11 @@ code); the split partials are added in split order (XLA's sum of the unfused pat
 agree to fp32 rounding before the bf16 rounding); the norm is ``layers.rms_norm``'s formula on the bf16-rounded
 linear output, the quantization ``quant.quantize_act``'s (``common.act_quant_block``, bit for bit).
 
-Used for decode rows (``M <= fp8_linear.GEMV_ROWS``) on one device with the kernels on and bf16 activations; prefill
-rows, meshes (where :func:`dsv4_jax.kernels.on_mesh.linear_on_mesh` runs each linear per device) and the float32
-oracle take the unfused path. Portable Triton, no inline assembly.
+Used for decode rows (``M <= fp8_linear.GEMV_ROWS``) with the kernels on and bf16 activations; prefill rows and the
+float32 oracle take the unfused path. Under a multi-device mesh both weights and norms are replicated (logical axes
+``(None, "embed")``), so every device runs the two kernels on its own batch rows
+(:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`): what one device computes for them (not yet run on a GPU
+mesh; checked on a CPU mesh with the kernels stood in by their reference). Portable Triton, no inline assembly.
 
 Status: in ``"auto"`` on GPUs. Its GPU test passed on an H200 (2026-12-01: V4-Flash and V4-Pro widths, 1 and 4
 rows), and so did the golden tests with ``"auto"`` (layer-isolated, end to end); the 3 epilogue launches of a 3-layer
@@ -39,6 +41,7 @@ import numpy as np
 
 from dsv4_jax.kernels import next_pow2, triton_call
 from dsv4_jax.kernels.fp8_linear import QBLOCK, _check, gemv2_meta, gemv2_ok, gemv2_plan, gemv_values, launch_gemv2
+from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.layers import rms_norm
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, linear
 
@@ -136,10 +139,11 @@ def q_kv_lora(x: jax.Array, xq: QuantAct | jax.Array | None, wq_a, wkv, q_norm: 
     *lead, K = x.shape
     M = math.prod(lead)
     fused = (simulate and dt == jnp.bfloat16 and isinstance(wq_a, Fp8Tensor) and isinstance(wkv, Fp8Tensor)
-             and gemv2_ok(M, K, kernels))
+             and gemv2_ok(M, K, kernels, on_mesh=True))
     if not fused:
         return q_kv_lora_reference(x, xq, wq_a, wkv, q_norm, kv_norm, eps, dt, simulate, kernels)
-    qr, qrq, kv = q_kv_lora_triton(gemv_values(x, xq).reshape(M, K), wq_a, wkv, q_norm, kv_norm, eps)
+    qr, qrq, kv = replicated_on_mesh(lambda xv, w: q_kv_lora_triton(xv, *w, eps), (gemv_values(x, xq).reshape(M, K),),
+                                     (wq_a, wkv, q_norm, kv_norm))  # per device on its rows under a mesh
     return qr.reshape(*lead, -1), qrq.reshape(*lead, -1), kv.reshape(*lead, -1)
 
 

@@ -418,10 +418,11 @@ def gemv_values(x: jax.Array, xq: QuantAct | jax.Array | None) -> jax.Array:
     return xq.astype(jnp.bfloat16)
 
 
-def gemv2_ok(M: int, K: int, kernels: str) -> bool:
+def gemv2_ok(M: int, K: int, kernels: str, on_mesh: bool = False) -> bool:
     """Whether two FP8 weights of one input take :func:`fp8_gemv2_kernel`: decode rows, K in whole quantization
-    blocks, the kernels on, one device."""
-    return 0 < M <= GEMV_ROWS and K % QBLOCK == 0 and _triton_ok(kernels) and fp8_dot_supported()
+    blocks, the kernels on, one device (``on_mesh``: or a mesh, where the caller runs the kernel per device)."""
+    on = use_triton(kernels) if on_mesh else _triton_ok(kernels)
+    return 0 < M <= GEMV_ROWS and K % QBLOCK == 0 and on and fp8_dot_supported()
 
 
 def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
