@@ -141,11 +141,11 @@ def test_kernels_on_a_gpu_mesh_match_the_reference(parallel):
 @pytest.mark.parametrize("shape", [(2, 2)])  # batch rows over data and weights over model at once (CI time)
 def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     """The whole model (reference numerics, ``kernels="auto"``) on a CPU mesh, with the kernel entry points (FP8
-    linear, grouped projection, the attention's fused input projections, mHC, router) stood in by their XLA
+    linear, grouped projection, the fused input projections and shared-expert GEMV, mHC, router) stood in by their XLA
     references: the FP8 linears whose split falls on 128-row blocks run per device (the entry points see local
-    shapes), the fused projections (decode rows), mHC and the router on each device's batch rows, and the logits
-    equal those of the GSPMD reference path on the same mesh (bit for bit on XLA CPU, where both compute the same
-    per-device dots and the same fp32 all-reduce)."""
+    shapes: the two-weight GEMV its own columns), the fused projections (decode rows), mHC and the router on each
+    device's batch rows, and the logits equal those of the GSPMD reference path on the same mesh (bit for bit on XLA
+    CPU, where both compute the same per-device dots and the same fp32 all-reduce)."""
     import dsv4_jax as d
     import dsv4_jax.kernels.attn_proj as A
     import dsv4_jax.kernels.fp8_linear as F
@@ -193,6 +193,13 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
 
     monkeypatch.setattr(A, "q_kv_lora_triton", lora)
 
+    def gemv2(xv, wa, wb, p=None):  # the shared expert's w1 + w3 GEMV: its fp32 partials (one split)
+        seen.append(("pair", xv.shape[0], wa.q.shape, wb.q.shape))
+        ya, yb = (fp8_linear_reference(xv, wl, jnp.float32) for wl in (wa, wb))
+        return jnp.concatenate([ya, yb], axis=-1)[None]
+
+    monkeypatch.setattr(F, "launch_gemv2", gemv2)
+
     def hc_norm(c, h, wl, norm_w, p=None):
         seen.append(("hc_pre_norm", h.shape[:2]))
         y, post, comb = hyper.hc_pre(c, h, wl)
@@ -217,6 +224,8 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     assert ("route", rows * 11) in seen and ("route", rows) in seen, sorted(set(seen))
     Dh = cfg.head_dim
     assert ("q_kv_lora", rows, (cfg.q_lora_rank, cfg.dim), (Dh, cfg.dim)) in seen, sorted(set(seen))  # decode rows
+    I_local = (cfg.moe_inter_dim * cfg.n_shared_experts // shape[1], cfg.dim)
+    assert ("pair", rows, I_local, I_local) in seen, sorted(set(seen))  # the shared expert's w1/w3, own columns
     m, H, Dh, G, R, D = shape[1], cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank, cfg.dim
     for what, local in [("linear", (H * Dh // m, cfg.q_lora_rank)), ("linear", (D, G * R // m)),
                         ("grouped", (G * R // m, H * Dh // G)), ("linear", (cfg.q_lora_rank, D))]:

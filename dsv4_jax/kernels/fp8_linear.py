@@ -55,7 +55,7 @@ from dsv4_jax.kernels import (
     triton_call,
     use_triton,
 )
-from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh
+from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh, pair_on_mesh
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -395,17 +395,26 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
 
 def fp8_linear_pair(x: jax.Array, wa: Fp8Tensor, wb: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None,
                     *, kernels: str = "auto", parallel: str | None = None) -> tuple[jax.Array, jax.Array]:
-    """Two FP8 linears of one input, ``(x @ wa.T, x @ wb.T)`` (the shared expert's ``w1``/``w3``). At decode rows on
-    one device both weights stream in one launch (:func:`fp8_gemv2_kernel`: fp32 split-K partials of both, summed by
-    XLA in a fixed order like :func:`fp8_linear`'s); otherwise two :func:`fp8_linear` calls."""
+    """Two FP8 linears of one input, ``(x @ wa.T, x @ wb.T)`` (the shared expert's ``w1``/``w3``). At decode rows both
+    weights stream in one launch (:func:`fp8_gemv2_kernel`: fp32 split-K partials of both, summed by XLA in a fixed
+    order like :func:`fp8_linear`'s), under a mesh on every device with its own columns
+    (:func:`dsv4_jax.kernels.on_mesh.pair_on_mesh`); otherwise two :func:`fp8_linear` calls."""
     *lead, K = x.shape
     M, Na, Nb = math.prod(lead), wa.q.shape[0], wb.q.shape[0]
-    if gemv2_ok(M, K, kernels):
+    if gemv2_ok(M, K, kernels, on_mesh=True):
         _check(wa, "fp8_linear_pair (first weight)", K, Na)
         _check(wb, "fp8_linear_pair (second weight)", K, Nb)
-        part = launch_gemv2(gemv_values(x, xq).reshape(M, K), wa, wb)  # [SPLIT, M, Na + Nb]
-        y = jnp.sum(part, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
-        return y[:, :Na].reshape(*lead, Na), y[:, Na:].reshape(*lead, Nb)
+
+        def one_device(xl, wal, wbl):  # [..., K] -> [..., Na_local], [..., Nb_local]
+            na, ml = wal.q.shape[0], math.prod(xl.shape[:-1])
+            part = launch_gemv2(xl.reshape(ml, K), wal, wbl)  # [SPLIT, M, Na + Nb]
+            y = jnp.sum(part, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
+            return y[:, :na].reshape(*xl.shape[:-1], na), y[:, na:].reshape(*xl.shape[:-1], -1)
+
+        xv = gemv_values(x, xq)
+        ys = pair_on_mesh(one_device, xv, wa, wb, parallel) if not single_device() else one_device(xv, wa, wb)
+        if ys is not None:
+            return ys
     return (fp8_linear(x, wa, out_dtype, xq, kernels=kernels, parallel=parallel),
             fp8_linear(x, wb, out_dtype, xq, kernels=kernels, parallel=parallel))
 

@@ -15,6 +15,7 @@ is split (the logical axes of :mod:`dsv4_jax.modeling.weights`) and :func:`linea
   quantization per 1x128 block is unchanged.
 * ``"none"`` (``wq_a``, ``wkv``, the indexer's ``wq_b``, the MTP projections: replicated): every device computes
   the whole product, as GSPMD does with the reference.
+* :func:`pair_on_mesh` (the shared expert's ``w1``/``w3`` in one two-weight GEMV): both split as ``"cols"``.
 * :func:`grouped_on_mesh` (``wo_a``: its groups split over ``model``): o and W split by group.
 * :func:`replicated_on_mesh` (mHC's ``hc_pre``, the router: activations replicated over ``model``, small replicated
   weights): every device computes its batch rows whole, exactly what one device computes for them.
@@ -83,6 +84,30 @@ def linear_on_mesh(fn: Callable, x: jax.Array, w: Fp8Tensor, out_dtype, parallel
         def local(xl, q, s):
             return fn(xl, Fp8Tensor(q=q, scale=s), out_dtype)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out)(x, w.q, w.scale)
+
+
+def pair_on_mesh(fn: Callable, x: jax.Array, wa: Fp8Tensor, wb: Fp8Tensor, parallel: str | None):
+    """``fn(x_local, wa_local, wb_local) -> (ya_local, yb_local)`` on every device for two weights of one input split
+    alike (the shared expert's ``w1``/``w3``: ``"cols"``, output features over ``model``; or replicated, ``"none"``
+    / ``None``): x whole on each device (its batch rows over ``data``), each device's outputs its own columns.
+    ``None`` without a multi-device mesh, for ``"rows"``, or where a split would cut a scale block."""
+    mesh = _mesh()
+    if mesh is None or x.ndim < 2 or parallel == "rows":
+        return None
+    m = mesh.shape.get(MODEL, 1)
+    lead = _lead(mesh, x)
+    if parallel == "cols":
+        if wa.q.shape[0] % (QBLOCK * m) or wb.q.shape[0] % (QBLOCK * m):
+            return None
+        wspec, out = P(MODEL, None), P(*lead, MODEL)
+    else:
+        wspec, out = P(), P(*lead, None)
+
+    def local(xl, qa, sa, qb, sb):
+        return fn(xl, Fp8Tensor(q=qa, scale=sa), Fp8Tensor(q=qb, scale=sb))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*lead, None),) + (wspec,) * 4, out_specs=(out, out))(
+        x, wa.q, wa.scale, wb.q, wb.scale)
 
 
 def grouped_on_mesh(fn: Callable, o: jax.Array, w: Fp8Tensor, out_dtype) -> jax.Array | None:
