@@ -37,8 +37,8 @@ MODULE_ORDER = ("test_golden", "test_sharding", "test_chat", "test_config_weight
                 "test_state_formats", "test_indexer_blocked", "test_consistency", "test_generate", "test_on_mesh",
                 "test_kernels_golden", "test_cli", "test_oracle_hf", "test_kernels_sparse_attn", "test_quant",
                 "test_generate_safety", "test_moe_dispatch", "test_sampling", "test_kernels_fp4_moe",
-                "test_kernels_compressor", "test_kernels_indexer", "test_kernels_mhc", "test_synthetic_ckpt",
-                "test_convert",
+                "test_kernels_compressor", "test_kernels_indexer", "test_kernels_compressor_indexer",
+                "test_kernels_mhc", "test_synthetic_ckpt", "test_convert",
                 "test_kernels_attn_proj", "test_kernels_fp8", "test_kernels_act_words", "test_convert_hardening",
                 "test_kernels_hadamard", "test_kernels_sm90", "test_kernels_router", "test_xla_triton",
                 "test_kernels_common")

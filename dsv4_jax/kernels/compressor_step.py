@@ -50,7 +50,8 @@ Numerics: the reference's formula and order. What may differ: ``exp`` (Triton's 
 implementation, a few ulps), the order of the denominator's and the norm's fp32 sums (XLA's reductions have no
 specified order), and on GPUs the contraction of multiply-adds into FMAs. These move the fp32 pooled values by a few
 ulps, which rarely changes a bf16 rounding and then at most one e4m3 step of a snapped value (or a block's scale,
-when its maximum sits on a power-of-two boundary); ``tests/test_kernels_compressor.py`` states the tolerance.
+when its maximum sits on a power-of-two boundary); ``tests/test_kernels_compressor.py`` and
+``tests/compressor_cases.py`` state the tolerance.
 In the indexer variant everything after RoPE is exact given the same RoPE output (the butterflies, the scale and
 the roundings are the reference's operations in its order), and a RoPE value one bf16 ulp off moves an e2m1 code by
 at most one step (or a block's scale). On the CPU (interpreter) both variants match the reference bit for bit.
