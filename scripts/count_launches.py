@@ -138,7 +138,7 @@ def summarize(dump: str) -> dict:
     names = _annotations(dump)
     scopes, trips = _hlo_info(dump)
     res = Counter(dict.fromkeys(("kernels", "host_launches", "graphs", "host_syncs", "legacy_custom_calls"), 0))
-    by_scope, by_kind = Counter(), Counter()
+    by_scope, by_kind, names_in = Counter(), Counter(), {}
 
     def walk(nodes, mult: int, graphed: bool):
         for n in nodes:
@@ -167,10 +167,13 @@ def summarize(dump: str) -> dict:
                 by_kind[kind] += mult
                 if kind == "kCustomCall":
                     res["legacy_custom_calls"] += mult
-                by_scope[scopes.get(hlo, scopes.get(hlo.replace("_", "."), "?"))] += mult
+                scope = scopes.get(hlo, scopes.get(hlo.replace("_", "."), "?"))
+                by_scope[scope] += mult
+                names_in.setdefault(scope, []).append(hlo if mult == 1 else f"{hlo} x{mult}")
 
     walk(_tree(seq), 1, False)
-    return {**res, "by_kind": dict(by_kind), "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1]))}
+    return {**res, "by_kind": dict(by_kind), "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),
+            "kernels_by_scope": names_in}
 
 
 def pretend_gpu():
@@ -203,6 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--scopes", type=int, default=15, help="named scopes to list (most kernels first)")
     ap.add_argument("--json", help="append each result as a JSON line to this file")
+    ap.add_argument("--names", default="", help="list the kernels (HLO names) of the scopes containing this text")
     args = ap.parse_args(argv)
 
     from bench_decode import flash_layers, pro_layers
@@ -238,6 +242,9 @@ def main(argv=None) -> int:
                   f"{res['host_launches']} host launches ({res['graphs']} graphs), {res['host_syncs']} host syncs, "
                   f"{res['legacy_custom_calls']} legacy custom calls; compiled in {res['compile_s']} s", flush=True)
             print("  " + ", ".join(f"{k or '(top)'} {v}" for k, v in top), flush=True)
+            for scope, kernels in res["kernels_by_scope"].items():
+                if args.names and args.names in scope:
+                    print(f"  {scope}: {', '.join(kernels)}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(res) + "\n")
