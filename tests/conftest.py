@@ -40,8 +40,8 @@ MODULE_ORDER = ("test_golden", "test_sharding", "test_chat", "test_config_weight
                 "test_kernels_compressor", "test_kernels_indexer", "test_kernels_compressor_indexer",
                 "test_kernels_mhc", "test_synthetic_ckpt", "test_convert",
                 "test_kernels_attn_proj", "test_kernels_fp8", "test_kernels_act_words", "test_convert_hardening",
-                "test_kernels_hadamard", "test_kernels_sm90", "test_kernels_router", "test_xla_triton",
-                "test_kernels_common")
+                "test_kernels_hadamard", "test_kernels_indexer_query", "test_kernels_sm90", "test_kernels_router",
+                "test_xla_triton", "test_kernels_common")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,8 @@ The same ``@triton.jit`` kernels the GPU runs (``kernels/fp8_linear.py``: FP8 li
 shared expert and wo_a's grouped projection; ``kernels/attn_proj.py``: wq_a + wkv with their norms;
 ``kernels/fp4_moe.py``: the routed experts; ``kernels/sparse_attention.py``; ``kernels/compressor_step.py``: the
 attention and indexer compressors' decode steps; ``kernels/indexer.py``: the indexer's scoring (opt-in, on with
-``"triton"``); ``kernels/mhc.py``: mHC's hc_pre with
+``"triton"``); ``kernels/hadamard.py``: the keys' Hadamard and the indexer query's RoPE + Hadamard + FP4 snap
+(opt-in); ``kernels/mhc.py``: mHC's hc_pre with
 the block norm; ``kernels/router.py``: the MoE router) are launched by their own jax launchers with
 ``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU stand-in for ``jax_triton.triton_call`` running
 Triton's interpreter inside ``jax.pure_callback``), in a subprocess because ``TRITON_INTERPRET=1`` must be set
@@ -42,7 +43,8 @@ N_DECODE = 3
 KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm_kernel", "_gate_up_kernel",
            "_down_kernel", "_gate_up_gemv", "_down_gemv", "_sparse_attn_kernel", "_mix_partial_kernel",
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
-           "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel")
+           "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
+           "_query_kernel")
 
 
 def _child(golden: str, out: str) -> None:

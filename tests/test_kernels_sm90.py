@@ -176,6 +176,19 @@ def test_hadamard_plan_fits():
     assert smem <= SMEM_SM90 and spill == 0, f"Hadamard: {smem} B shared, {spill} B spills"
 
 
+@pytest.mark.parametrize("fp4", [True, False], ids=["fp4", "plain"])
+def test_indexer_query_plan_fits(fp4):
+    """The indexer query kernel (RoPE + Hadamard + FP4 snap; V4-Flash: 64 heads of 128 dims, 64 RoPE dims)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import hadamard as h
+
+    meta = h._query_meta(128, 64, 64, fp4, h.plan(128))
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    pointers = dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", y_ptr="*bf16", R="i32")
+    smem, spill = _compile(h._query_kernel, pointers, meta, options)
+    assert smem <= SMEM_SM90 and spill == 0, f"indexer query (fp4={fp4}): {smem} B shared, {spill} B spills"
+
+
 @pytest.mark.parametrize("M,K,N1,N2", [(1, 4096, 1024, 512), (4, 7168, 1536, 512)], ids=["flash-1", "pro-4"])
 def test_attn_proj_plans_fit(M, K, N1, N2):
     """The attention's fused input projections: the two-weight GEMV (wq_a + wkv) and the norm epilogue, at V4-Flash

@@ -27,15 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import next_pow2, triton_call, use_triton
+from dsv4_jax.kernels import next_pow2, triton_call, use_opt_in_triton, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
+from dsv4_jax.modeling.layers import apply_rope
 from dsv4_jax.modeling.layers import hadamard as hadamard_reference
+from dsv4_jax.modeling.quant import fp4_simulate
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import round_bf16
+    from dsv4_jax.kernels.common import e2m1_nibble, fp4_quant_block, pow2, round_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -69,6 +71,36 @@ if triton is not None:
             y = round_bf16(y)
         tl.store(y_ptr + r.to(tl.int64)[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _query_kernel(x_ptr, cos_ptr, sin_ptr, R, y_ptr,  # jax-triton: the outputs follow the inputs
+                      N: tl.constexpr, LOG: tl.constexpr, BR: tl.constexpr, SCALE: tl.constexpr, RD: tl.constexpr,
+                      HEADS: tl.constexpr, FP4: tl.constexpr):
+        """:func:`indexer_query` on rows ``[program_id * BR, + BR)`` of the bf16 queries ``x [R, N]`` (``R`` =
+        tokens x ``HEADS``; ``cos``/``sin [R / HEADS, RD / 2]`` fp32 per token): RoPE of the last ``RD`` dims
+        (``layers.apply_rope``: pairs ``(2j, 2j + 1)``, ``a cos - b sin`` and ``a sin + b cos`` in fp32, rounded to
+        bf16), the butterflies times ``SCALE`` rounded to bf16 (:func:`_hadamard_kernel`), then with ``FP4`` the
+        FP4 snap per 32 dims (``quant.fp4_simulate``: :func:`common.fp4_quant_block`'s codes times their scale,
+        exact in bf16). Rounding by arithmetic (nearest even: the interpreter's cast truncates)."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR] rows (token * HEADS + head)
+        c = tl.arange(0, N)
+        ok = (r < R)[:, None]
+        y = tl.load(x_ptr + r.to(tl.int64)[:, None] * N + c[None, :], mask=ok, other=0.0).to(tl.float32)  # [BR, N]
+        a, b = tl.split(tl.reshape(y, (BR, N // 2, 2)))  # [BR, N/2] the even and the odd dims of each pair
+        j = tl.arange(0, N // 2)[None, :] - (N - RD) // 2  # [1, N/2] pair index within the RoPE dims (< 0: none)
+        rope = j >= 0
+        t = (r // HEADS).to(tl.int64)[:, None] * (RD // 2) + j  # [BR, N/2] the token's cos/sin entry
+        cs = tl.load(cos_ptr + t, mask=ok & rope, other=1.0)
+        sn = tl.load(sin_ptr + t, mask=ok & rope, other=0.0)
+        ra = round_bf16(a * cs - b * sn)
+        rb = round_bf16(a * sn + b * cs)
+        y = tl.reshape(tl.join(tl.where(rope, ra, a), tl.where(rope, rb, b)), (BR, N))
+        y = round_bf16(butterflies(y, BR, N, LOG) * SCALE)
+        if FP4:  # codes x 2**126 x 2**e: e2m1_nibble's values are the e2m1 values times 2**-126
+            codes, e = fp4_quant_block(tl.reshape(y, (BR * N // 32, 32)))  # [BR*N/32, 32], [BR*N/32]
+            v = e2m1_nibble(codes, 0) * 8.507059173023462e37 * pow2(e)[:, None]
+            y = tl.reshape(v, (BR, N))
+        tl.store(y_ptr + r.to(tl.int64)[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
 
 def plan(n: int) -> dict:
     """Rows per program (about 4K values, a power of two) and warps: the one place they are chosen."""
@@ -100,6 +132,71 @@ def hadamard(x: jax.Array, out_dtype, *, kernels: str = "auto") -> jax.Array:
             and jnp.dtype(out_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))):
         return replicated_on_mesh(lambda a, _: hadamard_triton(a, out_dtype), (x,), ())
     return hadamard_reference(x, out_dtype)
+
+
+def indexer_query_reference(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dtype, fp4: bool,
+                            kernels: str = "reference") -> jax.Array:
+    """The indexer query's preparation as the model always ran it: RoPE of the last ``2 * cos.shape[-1]`` dims of
+    ``q [B, S, Hi, Di]`` (``cos``/``sin [B, S, rd/2]``), :func:`hadamard` (its own dispatch: ``kernels``), the FP4
+    snap per 32 when ``fp4``."""
+    q = hadamard(apply_rope(q, cos[:, :, None], sin[:, :, None]), out_dtype, kernels=kernels)
+    return fp4_simulate(q, 32) if fp4 else q
+
+
+def _query_meta(n: int, rd: int, heads: int, fp4: bool, p: dict) -> dict:
+    return dict(N=n, LOG=int(math.log2(n)), BR=p["BR"], SCALE=float(np.float32(n**-0.5)), RD=rd, HEADS=heads,
+                FP4=fp4, num_warps=p["num_warps"], num_stages=1)
+
+
+def _check_query(q, cos, sin) -> None:
+    n, rd = q.shape[-1], 2 * cos.shape[-1]
+    if q.ndim != 4 or n & (n - 1) or n < 32 or not 0 < rd <= n or cos.shape != q.shape[:2] + (rd // 2,) \
+            or sin.shape != cos.shape:
+        raise ValueError(f"indexer_query: q {q.shape} (B, S, heads, a power of two >= 32), cos {cos.shape} and sin "
+                         f"{sin.shape} (B, S, rope_dims/2 <= head_dim/2) do not fit")
+
+
+def indexer_query_triton(q: jax.Array, cos: jax.Array, sin: jax.Array, fp4: bool) -> jax.Array:
+    """:func:`indexer_query` in one launch (bf16 in and out; ``cos``/``sin`` fp32)."""
+    _check_query(q, cos, sin)
+    B, S, Hi, n = q.shape
+    R = B * S * Hi
+    p = plan(n)
+    y = triton_call(q.reshape(R, n), cos.reshape(B * S, -1).astype(jnp.float32),
+                    sin.reshape(B * S, -1).astype(jnp.float32), R, kernel=_query_kernel,
+                    out_shape=jax.ShapeDtypeStruct((R, n), jnp.bfloat16), grid=(-(-R // p["BR"]),),
+                    **_query_meta(n, 2 * cos.shape[-1], Hi, fp4, p))
+    return y.reshape(q.shape)
+
+
+def indexer_query(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dtype, fp4: bool, *,
+                  kernels: str = "auto") -> jax.Array:
+    """The indexer's queries ``q [B, S, Hi, Di]`` (the ``wq_b`` output) -> RoPE'd, Hadamard-rotated and (``fp4``)
+    FP4-snapped queries in ``out_dtype`` (spec 8). ``cos``/``sin [B, S, rd/2]``: the query positions' RoPE.
+
+    Opt-in (``kernels="triton"``, bf16 activations): :func:`_query_kernel`, one launch for what XLA runs as a RoPE
+    fusion, the Hadamard launch and the snap's reduce and quantize fusions. It is the reference's operations in its
+    order; only the RoPE products may contract into FMAs on a GPU (as XLA's may), which can move a rotated value by
+    one bf16 ulp and a snapped code by one step. Not yet run on a GPU: ``"auto"`` keeps
+    :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs)."""
+    if (use_opt_in_triton(kernels) and q.size > 0 and q.dtype == jnp.bfloat16
+            and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)):
+        return replicated_on_mesh(lambda a, c, s, _: indexer_query_triton(a, c, s, fp4), (q, cos, sin), ())
+    return indexer_query_reference(q, cos, sin, out_dtype, fp4, kernels)
+
+
+def run_query_torch(q, cos, sin, fp4: bool):
+    """:func:`_query_kernel` on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``q [T, Hi, n]`` bf16 values,
+    ``cos``/``sin [T, rd/2]`` fp32 -> fp32 ``[T, Hi, n]`` (bf16 values)."""
+    import torch
+
+    T, Hi, n = q.shape
+    R = T * Hi
+    p = plan(n)
+    y = torch.full((R, n), float("nan"), dtype=torch.float32)
+    _query_kernel[(-(-R // p["BR"]),)](q.reshape(R, n), cos, sin, R, y, **_query_meta(n, 2 * cos.shape[-1], Hi, fp4,
+                                                                                          p))
+    return y.reshape(T, Hi, n)
 
 
 def run_torch(x, out_dtype_bf16: bool):

@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.hadamard import hadamard
+from dsv4_jax.kernels.hadamard import indexer_query
 from dsv4_jax.kernels.indexer import indexer_topk
-from dsv4_jax.modeling.layers import apply_rope
-from dsv4_jax.modeling.quant import fp4_simulate, linear
+from dsv4_jax.modeling.quant import linear
 from dsv4_jax.modeling.weights import IndexerWeights
 
 
@@ -33,10 +32,7 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
     B, S, _ = x.shape
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
     q = linear(qr, w.wq_b, dt, cfg.simulate, kernels=cfg.kernels, parallel="none").reshape(B, S, Hi, Di)  # replicated
-    q = apply_rope(q, cos[:, :, None], sin[:, :, None])
-    q = hadamard(q, dt, kernels=cfg.kernels)
-    if cfg.simulate:
-        q = fp4_simulate(q, 32)
+    q = indexer_query(q, cos, sin, dt, cfg.simulate, kernels=cfg.kernels)  # RoPE, Hadamard, FP4 snap
     hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
     hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
     return indexer_topk(q, hw, keys, t, cfg.index_topk, kernels=cfg.kernels)  # scores and top-k, block by block
