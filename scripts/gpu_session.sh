@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc mesh decode attn attnb prefill kern profile ops golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc index mesh decode attn attnb prefill kern profile ops golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -30,6 +30,8 @@ for x in r:
         f\"{x['median_step_s']*1e3:.3f} ms per call, {x['loop_step_s']*1e3:.3f} ms in a loop;\",
         f\"floor {x['floor_s_per_device']*1e3:.3f} ms @ {x['copy_bw_GBps']:.0f} GB/s\")
   if 'speculative' in x: print('  speculative', json.dumps(x['speculative']))" ;;
+    index) run index_tests "${INDEX_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
+             tests/test_kernels_indexer.py tests/test_kernels_indexer_query.py -k gpu ;;  # the opt-in indexer kernels
     mesh) run mesh_tests "${MESH_BOX:-90}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
             tests/test_on_mesh.py tests/test_sharding.py -k "gpu or embedding" ;;  # needs the 2-GPU kind
     attn) run attn_tests "${ATTN_BOX:-200}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
