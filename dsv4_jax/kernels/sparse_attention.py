@@ -330,9 +330,10 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     ``PER_SM`` per SM (one wave), ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps``
     forces the blocks per split (tests); ``tiles`` overrides the tile and launch entries (``BH``, ``BK``, ``DC``,
     ``num_warps``, ``num_stages``: benchmarks) before the split is sized for them. GPU tiles (module docstring):
-    BH 64 (16 to 64 heads, padded) x DC Dh/2, BK 64, 3 stages, 8 warps. At 255 registers x 256 threads one program
-    is resident per SM, so more than ``PER_SM = 1`` would only add waves; a split costs an fp32 workspace of
-    ``H * Dh * 4`` bytes per row and split (written and read back, mostly in L2)."""
+    BH 64 (16 to 64 heads, padded) x DC Dh/2, BK 64, 3 stages, 8 warps (gfx950: 4 waves of 64, 2 stages, the plan
+    that compiles there without spills; never timed, no AMD GPU is lent to the project). At 255 registers x 256
+    threads one program is resident per SM, so more than ``PER_SM = 1`` would only add waves; a split costs an fp32
+    workspace of ``H * Dh * 4`` bytes per row and split (written and read back, mostly in L2)."""
     target = target or arch()
     if target == "cpu":
         p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
@@ -340,6 +341,8 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
         dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
         # heads: a power of two from 16 (tl.dot's tensor-core tile; fewer heads are padded and masked) to 64
         p = dict(BH=min(max(next_pow2(H), 16), 64), BK=64, DC=dc, num_warps=8, num_stages=3)
+        if target == "gfx950":  # wave64: 8 waves x 3 stages spill (AMDGPU backend, compiled here without a GPU);
+            p.update(num_warps=4, num_stages=2)  # 4 waves (512 VGPRs each, accumulators in AGPRs) x 2 stages do not
     p.update(tiles or {})
     nb = math.ceil((K or 1) / p["BK"])
     groups = -(-H // p["BH"]) * (Dh // p["DC"])
