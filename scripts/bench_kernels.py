@@ -41,7 +41,7 @@ from dsv4_jax.kernels.fp8_linear import (  # noqa: E402
     grouped_proj,
     plan,
 )
-from dsv4_jax.modeling.quant import Fp8Tensor  # noqa: E402
+from dsv4_jax.modeling.quant import Fp8Tensor, dequant  # noqa: E402
 
 PREFILL_ROWS = 256  # row counts above this are reported as prefill (TFLOP/s), below as decode (bandwidth)
 
@@ -112,8 +112,10 @@ def tune(rates, args) -> None:
              (16, 1, 16, 4, 4))]
     dec = [dict(block_n=bn, per_sm=ps, num_stages=st) for bn, ps, st in
            ((64, 2, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 3), (32, 8, 4))]
-    pre = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=st) for bm, bn, nw, st in
-           ((128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (256, 128, 8, 3), (128, 256, 8, 4))]
+    pre = [dict(WX=True, BLOCK_N=bn, BLOCK_M=bm, BK=bk, GROUP_N=8, num_warps=nw, num_stages=st)  # fp8_prefill
+           for bn, bm, bk, nw, st in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                      (128, 256, 64, 8, 4), (128, 128, 128, 8, 3))]
+    pre.append(dict(BLOCK_M=128, BLOCK_N=128, SPLIT=1, GROUP_M=8, num_warps=8, num_stages=4))  # the former kernel
     rows = []
     for name in ("wq_a", "wq_b", "wo_b", "shared_w1", "wo_a"):
         G, N, K = fp8_shapes(cfg)[name]
@@ -123,7 +125,16 @@ def tune(rates, args) -> None:
             x = jax.random.normal(jax.random.key(M), (M, G, K) if G > 1 else (M, K), jnp.float32).astype(jnp.bfloat16)
             cands = ([gemv_plan(M, N, K, G, sms, **c) for c in gemv] if M <= GEMV_ROWS else
                      [decode_plan(M, N, K, G, sms, **c) for c in dec] if M <= 64 else
-                     [dict(SPLIT=1, KPS=-(-K // 128), GROUP_M=8, **c) for c in pre])
+                     [c if c.get("WX") else dict(KPS=-(-K // 128), **c) for c in pre])
+            if M > 64:  # the ceiling of an exact (bf16) tensor-core GEMM here: XLA's bf16 matmul on a bf16 copy
+                wb = [dequant(w).astype(jnp.bfloat16).reshape((G, N, K) if G > 1 else (N, K)) for w in ws[:2]]
+                spec = "mgk,gnk->mgn" if G > 1 else "mk,nk->mn"
+                t = time_rotating(lambda w, x, spec=spec: jnp.einsum(spec, x, w), wb, x, trials=args.trials)
+                r = {"op": name, "rows": M, "plan": "XLA bf16 matmul (bf16 weight copy)", "us": t * 1e6,
+                     "frac_mm": (2.0 * M * G * N * K / t) / rates["fp8_matmul_xla"]}
+                rows.append(r)
+                print(table([r], list(r)).splitlines()[-1], flush=True)
+                del wb
             for p in cands:
                 if G > 1:
                     f = lambda w, x, p=p: _grouped_triton(x, w, jnp.bfloat16, p)

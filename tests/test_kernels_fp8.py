@@ -32,10 +32,11 @@ CPU_CASES = [
     (3, 1, 200, 384, True),
     (5, 1, 72, 128, True),  # GEMV, one K step: no split
     (17, 1, 96, 256, True),  # 17 rows: a 32-row tile, 15 masked rows
-    (80, 1, 136, 256, True),  # prefill plan (128x128 tiles, no split)
+    (80, 1, 136, 256, True),  # prefill kernel (fp8_prefill): 80 rows, N past the last full tile, 2 steps per block
     (1, 2, 192, 320, False),  # wo_a grouped: K=320 not a multiple of 128, groups straddle a scale block
     (3, 2, 192, 320, False),
     (17, 2, 64, 256, False),
+    (70, 2, 192, 320, False),  # wo_a prefill: K=320 (a partial scale block), groups straddling a scale block
 ]
 
 
@@ -96,6 +97,7 @@ def _interpret_main(path: str) -> None:
     """Subprocess body: run the kernel under the interpreter on the arrays in ``path`` (npz), write outputs back."""
     import torch
 
+    from dsv4_jax.kernels import fp8_prefill
     from dsv4_jax.kernels.fp8_linear import plan, run_gemv_torch, run_torch
 
     data = dict(np.load(path))
@@ -110,11 +112,14 @@ def _interpret_main(path: str) -> None:
         wq = torch.from_numpy(data[f"wq{i}"]).view(torch.float8_e4m3fn)
         ws = torch.from_numpy(data[f"ws{i}"])
         p = plan(M, N, K, G, target="cpu")
-        out[f"p{i}"] = np.array([p["SPLIT"], 0 if p.get("GEMV") else p["BLOCK_M"]])
+        out[f"p{i}"] = np.array([p.get("SPLIT", 1), 0 if p.get("GEMV") else -1 if p.get("WX") else p["BLOCK_M"]])
+        xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)  # the quantized values or wo_a's raw input
         if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
-            xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)
             out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()
             out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, p).float().numpy()
+        elif p.get("WX"):  # prefill: the same bf16 values
+            out[f"y32_{i}"] = fp8_prefill.run_torch(xr, wq, ws, G, torch.float32, p).numpy()
+            out[f"y16_{i}"] = fp8_prefill.run_torch(xr, wq, ws, G, torch.bfloat16, p).float().numpy()
         else:
             out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
             out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
@@ -161,11 +166,13 @@ def test_interpreter_matches_reference(interpreted, i):
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):
     """The CPU cases exercise the GEMV plan (rows <= GEMV_ROWS) split and unsplit, the tensor-core decode tile and the
-    prefill tile."""
+    prefill kernel (plan code -1), the latter with several K steps per scale block."""
+    from dsv4_jax.kernels.fp8_prefill import prefill_plan
+
     _, out = interpreted
     plans = {(int(out[f"p{i}"][0]) > 1, int(out[f"p{i}"][1])) for i in range(len(CPU_CASES))}
-    assert {(True, 0), (False, 0)} <= plans and any(t == 128 for _, t in plans) and any(
-        0 < t < 128 for _, t in plans), plans
+    assert {(True, 0), (False, 0), (False, -1)} <= plans and any(0 < t < 128 for _, t in plans), plans
+    assert prefill_plan(80, 136, 256, 1, "cpu")["BK"] < 128
 
 
 def test_quant_act_matches_fp8_act_quant():
@@ -234,14 +241,17 @@ def gpu_shapes():
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 64, 2048], ids=lambda r: f"r{r:04d}")  # -k "r0001 or r0004"
-def test_gpu_sweep(rows):
+@pytest.mark.parametrize("model", ["flash", "pro"])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64, 333, 2048], ids=lambda r: f"r{r:04d}")  # -k "r0001 or r0004"
+def test_gpu_sweep(rows, model):
     _gpu_or_skip()
     import jax.numpy as jnp
 
     from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
 
     for j, (name, G, N, K) in enumerate(gpu_shapes()):
+        if not name.startswith(model):
+            continue
         x, w = _inputs(rows, G, N, K, G == 1, seed=1000 * rows + j)
         ref, mag = _reference(x, w, G == 1)
         if G == 1:

@@ -163,6 +163,28 @@ def test_fp8_gemv_plans_fit(M, N, K, target):
     assert smem <= SMEM[target] and spill == 0, f"FP8 GEMV {p}: {smem} B shared, {spill} B spills"
 
 
+@pytest.mark.parametrize("N,K,G", [(32768, 1024, 1), (4096, 8192, 1), (1024, 4096, 8)], ids=["wq_b", "wo_b", "wo_a"])
+def test_fp8_prefill_plans_fit(N, K, G, target):
+    """The prefill FP8 kernel (weight decoded in registers as the tensor-core A operand) at V4-Flash shapes: fits,
+    no spills, and on sm_90 its dots are wgmma with A from registers (``HGMMA ... R``, not a shared-memory
+    descriptor: the point of the kernel, see :mod:`dsv4_jax.kernels.fp8_prefill`)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import fp8_prefill as f
+
+    for M in (256, 2048):  # 128 or 256 activation rows per tile (the former where few tiles would fill the SMs)
+        p = f.prefill_plan(M, N, K, G, target)
+        meta = f._meta(N, K, G, p)
+        options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+        sass: list = []
+        smem, spill = _compile(f.fp8_wx_kernel, dict(w_ptr="*fp8e4nv", sw_ptr="*u8", x_ptr="*bf16", M="i32",
+                                                     out_ptr="*bf16"), {**meta, "INTERPRET": False}, options, sass,
+                               target=target)
+        assert smem <= SMEM[target] and spill == 0, f"FP8 prefill {p}: {smem} B shared, {spill} B spills"
+        if target == "sm90":
+            mma = [line for line in sass if "HGMMA" in line]
+            assert mma and all(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", line) for line in mma), mma[:2]
+
+
 @pytest.mark.parametrize("T,D", [(1, 4096), (32, 4096), (512, 4096), (1, 7168)],
                          ids=["flash-decode", "flash-batch32", "flash-prefill", "pro-decode"])
 def test_mhc_plans_fit(T, D, target):

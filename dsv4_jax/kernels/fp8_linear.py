@@ -55,6 +55,7 @@ from dsv4_jax.kernels import (
     triton_call,
     use_triton,
 )
+from dsv4_jax.kernels.fp8_prefill import PREFILL_MIN_ROWS, fp8_wx, prefill_plan
 from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh, pair_on_mesh
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
@@ -253,16 +254,17 @@ if triton is not None:
 def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     """Tile sizes, K split and launch options for an ``[M, K] x [N, K]`` problem (G groups), per architecture.
 
-    Decode (M <= 64): one row tile of 16..64 rows, 64-wide N tiles, K split until about PER_SM programs per SM
-    stream the weight (GEMV style). Prefill: 128x128 tiles, GROUP_M=8 swizzle, no split.
+    Up to GEMV_ROWS rows: the GEMV kernel. Up to 64: one row tile of 16..64 rows, 64-wide N tiles, K split until
+    about PER_SM programs per SM stream the weight. From PREFILL_MIN_ROWS on: :mod:`dsv4_jax.kernels.fp8_prefill`'s
+    kernel (plan key ``WX``). ``BLOCK_M``/``SPLIT``/``KPS`` plans for many rows still run :func:`fp8_gemm_kernel`'s
+    tiles (benchmarks: the former prefill kernel).
     """
     target = target or arch()
     if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
         return gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
-    if M <= 64:
+    if M < PREFILL_MIN_ROWS:
         return decode_plan(M, N, K, G, SM_COUNT[target])
-    return dict(BLOCK_M=128, BLOCK_N=128, SPLIT=1, KPS=math.ceil(K / QBLOCK), GROUP_M=8, num_warps=8,
-                num_stages=4 if target == "sm90" else 3)
+    return prefill_plan(M, N, K, G, target, SM_COUNT[target])
 
 
 def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per_sm: int = 4, num_stages: int = 4,
@@ -344,6 +346,8 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
     p = p or plan(M, N, K)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
         return _launch_gemv(gemv_values(x, xq).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+    if p.get("WX"):  # prefill: the same values, as the B operand of the weight-stationary tensor-core kernel
+        return fp8_wx(gemv_values(x, xq).reshape(M, 1, K), w, out_dtype, p).reshape(*lead, N)
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
     y = _launch(qa.q.reshape(M, 1, K), qa.scale.reshape(M, 1, K // QBLOCK), w, M, N, K, 1, out_dtype, True, p)
     return y.reshape(*lead, N)
@@ -359,6 +363,8 @@ def _grouped_triton(o: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None
     p = p or plan(M, R, d, G)
     if p.get("GEMV"):
         return _launch_gemv(o.astype(jnp.bfloat16).reshape(M, G, d), w, M, R, d, G, out_dtype, p).reshape(*lead, G, R)
+    if p.get("WX"):
+        return fp8_wx(o.astype(jnp.bfloat16).reshape(M, G, d), w, out_dtype, p).reshape(*lead, G, R)
     dummy = jnp.zeros((1,), jnp.float32)  # no activation scales in the bf16 variant
     y = _launch(o.astype(jnp.bfloat16).reshape(M, G, d), dummy, w, M, R, d, G, out_dtype, False, p)
     return y.reshape(*lead, G, R)
