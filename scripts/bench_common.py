@@ -110,7 +110,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
     """A fixed-width text table of ``rows`` (dicts) over ``cols``; floats printed with 3 significant digits."""
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    width = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width))
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
 

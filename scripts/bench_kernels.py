@@ -41,6 +41,7 @@ from dsv4_jax.kernels.fp8_linear import (  # noqa: E402
     grouped_proj,
     plan,
 )
+from dsv4_jax.kernels.fp8_prefill import split_plan  # noqa: E402
 from dsv4_jax.modeling.quant import Fp8Tensor, dequant  # noqa: E402
 
 PREFILL_ROWS = 256  # row counts above this are reported as prefill (TFLOP/s), below as decode (bandwidth)
@@ -112,6 +113,8 @@ def tune(rates, args) -> None:
              (16, 1, 16, 4, 4))]
     dec = [dict(block_n=bn, per_sm=ps, num_stages=st) for bn, ps, st in
            ((64, 2, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 3), (32, 8, 4))]
+    wxd = [dict(block_n=bn, per_sm=ps, num_warps=nw, num_stages=st) for bn, ps, nw, st in  # fp8_prefill, split K
+           ((128, 2, 8, 4), (64, 4, 4, 4), (128, 4, 8, 3), (64, 2, 4, 4))]
     pre = [dict(WX=True, BLOCK_N=bn, BLOCK_M=bm, BK=bk, GROUP_N=8, num_warps=nw, num_stages=st)  # fp8_prefill
            for bn, bm, bk, nw, st in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                       (128, 256, 64, 8, 4), (128, 128, 128, 8, 3))]
@@ -124,7 +127,8 @@ def tune(rates, args) -> None:
         for M in map(int, args.tune_rows.split(",")):
             x = jax.random.normal(jax.random.key(M), (M, G, K) if G > 1 else (M, K), jnp.float32).astype(jnp.bfloat16)
             cands = ([gemv_plan(M, N, K, G, sms, **c) for c in gemv] if M <= GEMV_ROWS else
-                     [decode_plan(M, N, K, G, sms, **c) for c in dec] if M <= 64 else
+                     [decode_plan(M, N, K, G, sms, **c) for c in dec] +
+                     [split_plan(M, N, K, G, sms, **c) for c in wxd] if M <= 64 else
                      [c if c.get("WX") else dict(KPS=-(-K // 128), **c) for c in pre])
             if M > 64:  # the ceiling of an exact (bf16) tensor-core GEMM here: XLA's bf16 matmul on a bf16 copy
                 wb = [dequant(w).astype(jnp.bfloat16).reshape((G, N, K) if G > 1 else (N, K)) for w in ws[:2]]
@@ -135,6 +139,7 @@ def tune(rates, args) -> None:
                 rows.append(r)
                 print(table([r], list(r)).splitlines()[-1], flush=True)
                 del wb
+            y_ref = np.asarray(_op(ws[0], x, G > 1, "reference"), np.float32)  # each candidate's output checked
             for p in cands:
                 if G > 1:
                     f = lambda w, x, p=p: _grouped_triton(x, w, jnp.bfloat16, p)
@@ -142,10 +147,12 @@ def tune(rates, args) -> None:
                     f = lambda w, x, p=p: _fp8_linear_triton(x, w, jnp.bfloat16, None, p)
                 try:
                     t = time_rotating(f, ws if M <= 64 else ws[:2], x, trials=args.trials)
+                    err = np.max(np.abs(np.asarray(jax.jit(f)(ws[0], x), np.float32) - y_ref))
                 except Exception as e:  # a candidate that does not compile (shared memory) is reported, not fatal
                     print(f"{name} M={M} {p}: {type(e).__name__} {str(e)[:200]}", flush=True)
                     continue
-                r = {"op": name, "rows": M, "plan": " ".join(f"{k}={v}" for k, v in p.items()), "us": t * 1e6}
+                r = {"op": name, "rows": M, "plan": " ".join(f"{k}={v}" for k, v in p.items()), "us": t * 1e6,
+                     "rel_err": err / max(float(np.max(np.abs(y_ref))), 1e-30)}  # bf16 outputs: ~2**-8 at most
                 if M <= 64:
                     r["frac_copy"] = (wbytes / t) / rates["copy_best"]
                 else:
@@ -153,7 +160,7 @@ def tune(rates, args) -> None:
                 rows.append(r)
                 print(table([r], list(r)).splitlines()[-1], flush=True)
         del ws
-    print("\n" + table(rows, ["op", "rows", "plan", "us", "frac_copy", "frac_mm"]))
+    print("\n" + table(rows, ["op", "rows", "plan", "us", "frac_copy", "frac_mm", "rel_err"]))
 
 
 OPS = {

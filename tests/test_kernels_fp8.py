@@ -123,6 +123,10 @@ def _interpret_main(path: str) -> None:
         else:
             out[f"y32_{i}"] = run_torch(x, sx, wq, ws, G, torch.float32, fp8, p).numpy()
             out[f"y16_{i}"] = run_torch(x, sx, wq, ws, G, torch.bfloat16, fp8, p).float().numpy()
+        if M > 8:  # the prefill kernel split over K (its few-rows plan, forced to split on a pretend 4-SM chip)
+            sp = fp8_prefill.split_plan(M, N, K, G, sms=4, block_n=64, per_sm=8, num_warps=4, num_stages=1)
+            out[f"s32_{i}"] = fp8_prefill.run_torch(xr, wq, ws, G, torch.float32, sp).numpy()
+            out[f"ssplit_{i}"] = np.array(sp["SPLIT"])
     np.savez(path + ".out.npz", **out)
 
 
@@ -162,6 +166,21 @@ def test_interpreter_matches_reference(interpreted, i):
     x, w = cases[i]
     ref, mag = _reference(x, w, fp8)
     _check(out[f"y32_{i}"], out[f"y16_{i}"], ref, mag, K, what=f"case {CPU_CASES[i]}")
+
+
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CPU_CASES) if c[0] > 8],
+                         ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES if c[0] > 8])
+def test_interpreter_prefill_kernel_split(interpreted, i):
+    """The prefill kernel with K split into chunks of whole scale blocks (fp32 partials summed after), the last chunk
+    partial where K is not a multiple of the chunk (K=320 in chunks of 128): within the fp32 reordering bound."""
+    cases, out = interpreted
+    M, G, N, K, fp8 = CPU_CASES[i]
+    ref, mag = _reference(*cases[i], fp8)
+    assert int(out[f"ssplit_{i}"]) > 1
+    assert np.isfinite(out[f"s32_{i}"]).all()
+    bound = K * 2.0**-24 * mag + 1e-30
+    err = np.abs(out[f"s32_{i}"] - ref)
+    assert (err <= bound).all(), f"case {CPU_CASES[i]}: split error {np.max(err / bound):.3g}x the reordering bound"
 
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):

@@ -171,13 +171,15 @@ def test_fp8_prefill_plans_fit(N, K, G, target):
     pytest.importorskip("triton")
     from dsv4_jax.kernels import fp8_prefill as f
 
-    for M in (256, 2048):  # 128 or 256 activation rows per tile (the former where few tiles would fill the SMs)
-        p = f.prefill_plan(M, N, K, G, target)
+    plans = [f.prefill_plan(M, N, K, G, target) for M in (256, 2048)]  # 128 or 256 activation rows per tile
+    plans.append(f.split_plan(32, N, K, G))  # few rows: K split (the bench's candidate for decode batches)
+    for p in plans:
         meta = f._meta(N, K, G, p)
         options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
         sass: list = []
+        out_t = "*fp32" if meta["SPLIT"] > 1 else "*bf16"
         smem, spill = _compile(f.fp8_wx_kernel, dict(w_ptr="*fp8e4nv", sw_ptr="*u8", x_ptr="*bf16", M="i32",
-                                                     out_ptr="*bf16"), {**meta, "INTERPRET": False}, options, sass,
+                                                     out_ptr=out_t), {**meta, "INTERPRET": False}, options, sass,
                                target=target)
         assert smem <= SMEM[target] and spill == 0, f"FP8 prefill {p}: {smem} B shared, {spill} B spills"
         if target == "sm90":

@@ -61,15 +61,18 @@ if triton is not None:
     @triton.jit
     def fp8_wx_kernel(w_ptr, sw_ptr, x_ptr, M, out_ptr,  # jax-triton: outputs follow the inputs
                       N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                      INTERPRET: tl.constexpr = False):
-        """Tile ``out[BLOCK_M rows, g, BLOCK_N cols]`` of group ``g`` (grid ``(n tiles x m tiles, G)``).
+                      BLOCK_M: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr, SPLIT: tl.constexpr = 1,
+                      KCH: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
+        """Tile ``out[BLOCK_M rows, g, BLOCK_N cols]`` of group ``g`` (grid ``(n tiles x m tiles, G, SPLIT)``).
 
-        w e4m3 ``[G*N, K]``, sw uint8 e8m0 ``[ceil(G*N/128), SWK]``, x bf16 values ``[M, G, K]``, out ``[M, G, N]``.
-        Shapes other than ``M`` are compile-time constants (jax-triton passes scalars without divisibility hints;
-        with them the rows are known 16-byte aligned and the loads pipeline)."""
+        w e4m3 ``[G*N, K]``, sw uint8 e8m0 ``[ceil(G*N/128), SWK]``, x bf16 values ``[M, G, K]``, out ``[M, G, N]``,
+        or with ``SPLIT > 1`` fp32 partials ``[SPLIT, M, G, N]`` over K chunks of ``KCH`` columns (few rows: enough
+        programs to stream the weight; summed by the caller in a fixed order). Shapes other than ``M`` are
+        compile-time constants (jax-triton passes scalars without divisibility hints; with them the rows are known
+        16-byte aligned and the loads pipeline)."""
         pid = tl.program_id(0)
         g = tl.program_id(1)
+        ks = tl.program_id(2)
         num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         num_m = tl.cdiv(M, BLOCK_M)
         width = GROUP_N * num_m  # swizzle: GROUP_N weight tiles sweep all row tiles together
@@ -88,19 +91,21 @@ if triton is not None:
         sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
         x_rows = x_ptr + (offs_m.to(tl.int64) * G + g) * K  # [BM]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        KC: tl.constexpr = K if SPLIT == 1 else KCH
+        for kc in range(0, KC, BK):
+            k0 = ks * KC + kc
             k = k0 + offs_k  # [BK]
             k_ok = k < K
             wt = tl.load(w_rows[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BN, BK]
             xt = tl.load(x_rows[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            sw = e8m0(tl.load(sw_rows + k0 // 128, mask=n_ok, other=127))  # [BN]: one 128-wide block per step
+            sw = e8m0(tl.load(sw_rows + k0 // 128, mask=n_ok & (k0 < K), other=127))  # [BN]: one block per step
             wb = (wt.to(tl.float32) * sw[:, None]).to(tl.bfloat16)  # exact: e4m3 x 2**e fits bf16
             if INTERPRET:  # Triton 3.6's interpreter multiplies bf16 dot operands as raw integers: same products
                 acc = tl.dot(wb.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(wb, tl.trans(xt), acc)  # [BN, BM]: bf16 x bf16 -> fp32, A from registers
         out = tl.trans(acc).to(out_ptr.dtype.element_ty)  # [BM, BN]
-        out_rows = (offs_m.to(tl.int64) * G + g) * N  # [BM]
+        out_rows = (ks.to(tl.int64) * M + offs_m) * G * N + g * N  # [BM]
         tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -120,15 +125,30 @@ def prefill_plan(M: int, N: int, K: int, G: int = 1, target: str = "sm90", sms: 
                 num_stages=3 if wide or target != "sm90" else 4)
 
 
+def split_plan(M: int, N: int, K: int, G: int = 1, sms: int = 132, block_n: int = 128, per_sm: float = 2.0,
+               num_warps: int = 8, num_stages: int = 4) -> dict:
+    """A plan for few rows (decode batches up to 64): one row tile of ``max(16, next_pow2(M))`` activation rows
+    (the wgmma N), ``block_n`` weight rows, and K split in 128-column multiples until about ``per_sm`` programs per
+    SM stream the weight (fp32 partials, summed by the caller)."""
+    n_kb = math.ceil(K / 128)
+    tiles = math.ceil(N / block_n) * G * math.ceil(M / 64)
+    split = max(1, min(n_kb, round(per_sm * sms / tiles)))
+    kch = 128 * math.ceil(n_kb / split)
+    return dict(WX=True, BLOCK_N=block_n, BLOCK_M=min(64, max(16, 1 << (M - 1).bit_length())), BK=64, GROUP_N=8,
+                SPLIT=math.ceil(K / kch), KCH=kch, num_warps=num_warps, num_stages=num_stages)
+
+
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
-    return (math.ceil(N / p["BLOCK_N"]) * math.ceil(M / p["BLOCK_M"]), G, 1)
+    return (math.ceil(N / p["BLOCK_N"]) * math.ceil(M / p["BLOCK_M"]), G, p.get("SPLIT", 1))
 
 
 def _meta(N: int, K: int, G: int, p: dict) -> dict:
     p = {k: v for k, v in p.items() if k != "WX"}
-    if 128 % p["BK"]:
-        raise ValueError(f"fp8 prefill plan {p}: BK must divide the 128-wide scale block")
-    return dict(N=N, K=K, G=G, SWK=math.ceil(K / 128), **p)
+    split, kch = p.get("SPLIT", 1), p.get("KCH", 0)
+    if 128 % p["BK"] or (split > 1 and (kch % 128 or split * kch < K or (split - 1) * kch >= K)):
+        raise ValueError(f"fp8 prefill plan {p} for K={K}: BK must divide the 128-wide scale block, and a split's "
+                         "K chunks (KCH) must be whole scale blocks, cover K and none be empty")
+    return dict(N=N, K=K, G=G, SWK=math.ceil(K / 128), **{"SPLIT": 1, "KCH": 0, **p})
 
 
 def fp8_wx(xv: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None) -> jax.Array:
@@ -139,9 +159,11 @@ def fp8_wx(xv: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None) -> jax
     M, G, K = xv.shape
     N = w.q.shape[0] // G
     p = p or prefill_plan(M, N, K, G, arch(), SM_COUNT[arch()])
-    return triton_call(w.q, w.scale, xv.astype(jnp.bfloat16), M, kernel=fp8_wx_kernel,
-                       out_shape=jax.ShapeDtypeStruct((M, G, N), out_dtype), grid=grid(M, N, G, p),
-                       tiled=M >= TILED_MIN_ROWS, **_meta(N, K, G, p))
+    split = p.get("SPLIT", 1)
+    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    y = triton_call(w.q, w.scale, xv.astype(jnp.bfloat16), M, kernel=fp8_wx_kernel, out_shape=out_t,
+                    grid=grid(M, N, G, p), tiled=M >= TILED_MIN_ROWS, **_meta(N, K, G, p))
+    return jnp.sum(y, axis=0).astype(out_dtype) if split > 1 else y  # fixed-order reduction: deterministic
 
 
 def run_torch(xv, wq, ws, G: int, out_dtype, p: dict):
@@ -151,7 +173,9 @@ def run_torch(xv, wq, ws, G: int, out_dtype, p: dict):
 
     M, _, K = xv.shape
     N = wq.shape[0] // G
-    out = torch.full((M, G, N), float("nan"), dtype=out_dtype, device=xv.device)
+    split = p.get("SPLIT", 1)
+    out = torch.full((split, M, G, N) if split > 1 else (M, G, N), float("nan"),
+                     dtype=torch.float32 if split > 1 else out_dtype, device=xv.device)
     fp8_wx_kernel[grid(M, N, G, p)](wq, ws, xv, M, out, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
                                     **_meta(N, K, G, p))
-    return out
+    return out.sum(0).to(out_dtype) if split > 1 else out
