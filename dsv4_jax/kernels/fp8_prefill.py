@@ -1,7 +1,8 @@
 """Prefill (many rows) FP8 block-scaled GEMM with the weight as the tensor-core A operand, dequantized in registers.
 
-:func:`dsv4_jax.kernels.fp8_linear.fp8_linear` and :func:`~dsv4_jax.kernels.fp8_linear.grouped_proj` send row counts
-above :data:`PREFILL_MIN_ROWS` here (the decode rows keep their GEMV / split-K kernels). Same contract as theirs:
+:func:`dsv4_jax.kernels.fp8_linear.fp8_linear` and :func:`~dsv4_jax.kernels.fp8_linear.grouped_proj` send
+:data:`PREFILL_MIN_ROWS` rows and more here (the decode rows keep their GEMV / split-K kernels). Same contract as
+theirs:
 
 * ``out[m, g, n] = sum_k x[m, g, k] * W[g*N + n, k] * sw(g*N + n, k)`` with ``x`` the bf16 *values* of the operand:
   for the FP8 linear the values of the reference's 1x128 activation quantization (``quantize_act``: e4m3 code x
@@ -20,16 +21,19 @@ pipeliner untouched; one fp32 accumulator runs over all of K (the scale is appli
 per block to partial sums). The e4m3 x e4m3 tensor-core dot stays out: Hopper sums a block's products in a narrower
 adder, which the golden criteria do not tolerate (see ``fp8_linear``'s docstring).
 
-Measured on an H200 (2026-12-02, V4-Flash shapes at 2048 rows, ``bench_kernels.py --tune``): 290-410 TFLOP/s
-(``wq_b`` 463 us, ``wo_b`` 421, ``wo_a`` 392, ``shared_w1`` 168), 1.5-1.9x the former kernel, 0.67-1.2x the time of
-XLA's bf16 matmul on a bf16 copy of the weight (430-520 TFLOP/s there) and 0.27-0.35 of XLA's e4m3 rate at 8192^3
-(1,008 TFLOP/s). An exact kernel is bounded by the bf16 tensor-core rate, about half the e4m3 one: the issue's
-80 %-of-e4m3 target needs e4m3 dots, which the golden criteria exclude. A variant in the reference's order (fp16
-copies of both operands' codes, each 128-wide block promoted with ``sw * sx``) measured 1.3-1.9x slower: an FMA
-pair per accumulator element per block and the scale loads in the K loop cost more than decoding the weight.
+Measured on an H200 (2026-12-02, V4-Flash shapes at 2048 rows, ``bench_kernels.py --tune``): ``wq_b`` 463 us (297
+TFLOP/s), ``wo_b`` 421 (326), ``wo_a`` 392 (351), ``shared_w1`` 168 (205), ``wq_a`` 164 (105: 128 tiles, one per SM):
+1.3-1.9x the former kernel, 0.67-1.2x the time of XLA's bf16 matmul on a bf16 copy of the weight (430-520 TFLOP/s at the
+large shapes) and 0.10-0.35 of XLA's e4m3 rate at 8192^3 (1,008 TFLOP/s). An exact kernel is bounded by the bf16
+tensor-core rate, about half the e4m3 one: the issue's 80 %-of-e4m3 target needs e4m3 dots, which the golden criteria
+exclude. A variant in the reference's order (fp16 copies of both operands' codes, each 128-wide block promoted with ``sw
+* sx``) measured 1.3-1.9x slower: an FMA pair per accumulator element per block and the scale loads in the K loop cost
+more than decoding the weight.
 
-Tiles come from :func:`prefill_plan` per architecture; the grid sweeps ``GROUP_N`` weight tiles across every row tile
-before moving on, so a weight tile is read from HBM about once and the activation stays in L2.
+:func:`split_plan` splits K for few rows (decode batches, fp32 partials summed by the caller): 5-17 % faster than the
+decode kernel at 16 and 32 rows on 4 of 5 shapes, slower on ``wo_a``; not yet the default (its effect on a decode step
+is unmeasured). Tiles come from :func:`prefill_plan` per architecture; the grid sweeps ``GROUP_N`` weight tiles across
+every row tile before moving on, so a weight tile is read from HBM about once and the activation stays in L2.
 
 Portability: plain ``tl.load``/``tl.dot`` on bf16, nothing vendor-specific; e4m3 decoding needs fp8 conversions
 (sm89+, gfx942/gfx950). On AMD the A-from-registers form is MFMA's native one. Not run on ROCm.
