@@ -22,10 +22,11 @@ bytes, not the dot, so exactness costs nothing there. The GPU tests allow one bf
 Results are deterministic run to run: split-K partials go to an fp32 workspace ``[S, M, N]`` reduced by XLA in a
 fixed order (no atomics).
 
-Kernel: one ``@triton.jit`` for both ops and all sizes. Grid ``(m-n tiles, K splits, groups)``; decode rows
-(M <= 64) use a 16..64-row tile, 64-wide N tiles and split K so that about two programs per SM stream the weight
-(GEMV style); prefill uses 128x128 tiles with an L2-friendly swizzle and no split. Tile sizes come from
-:func:`plan`, per architecture (:func:`dsv4_jax.kernels.arch`).
+Kernels, by row count (:func:`plan`, per architecture, :func:`dsv4_jax.kernels.arch`): up to ``GEMV_ROWS`` the
+tensor-core-free :func:`fp8_gemv_kernel`; up to 64 :func:`fp8_gemm_kernel` (grid ``(m-n tiles, K splits, groups)``,
+a 16..64-row tile, 64-wide N tiles, K split so that about two programs per SM stream the weight); from
+``PREFILL_MIN_ROWS`` on :mod:`dsv4_jax.kernels.fp8_prefill` (the weight decoded in registers as the tensor cores' A
+operand, 128-row weight tiles swept across the row tiles).
 
 Portability / ROCm: plain ``tl.load``/``tl.dot``, no inline PTX. ``tl.dot`` on e4m3 x e4m3 needs Hopper/Ada (sm89+)
 or CDNA3+ (whose native FP8 is the ``fnuz`` variant; OCP e4m3 needs gfx950): on other targets (Ampere, MI250,

@@ -47,7 +47,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import TILED_MIN_ROWS, triton_call
+from dsv4_jax.kernels import SM_COUNT, TILED_MIN_ROWS, arch, next_pow2, triton_call
 from dsv4_jax.modeling.quant import Fp8Tensor
 
 try:
@@ -131,15 +131,16 @@ def prefill_plan(M: int, N: int, K: int, G: int = 1, target: str = "sm90", sms: 
 
 def split_plan(M: int, N: int, K: int, G: int = 1, sms: int = 132, block_n: int = 128, per_sm: float = 2.0,
                num_warps: int = 8, num_stages: int = 4) -> dict:
-    """A plan for few rows (decode batches up to 64): one row tile of ``max(16, next_pow2(M))`` activation rows
-    (the wgmma N), ``block_n`` weight rows, and K split in 128-column multiples until about ``per_sm`` programs per
-    SM stream the weight (fp32 partials, summed by the caller)."""
+    """A plan for few rows (decode batches up to 64): row tiles of ``min(64, max(16, next_pow2(M)))`` activation
+    rows (the wgmma N), ``block_n`` weight rows, and K split in 128-column multiples until about ``per_sm`` programs
+    per SM stream the weight (fp32 partials, summed by the caller)."""
+    block_m = min(64, max(16, next_pow2(M)))
     n_kb = math.ceil(K / 128)
-    tiles = math.ceil(N / block_n) * G * math.ceil(M / 64)
+    tiles = math.ceil(N / block_n) * G * math.ceil(M / block_m)
     split = max(1, min(n_kb, round(per_sm * sms / tiles)))
     kch = 128 * math.ceil(n_kb / split)
-    return dict(WX=True, BLOCK_N=block_n, BLOCK_M=min(64, max(16, 1 << (M - 1).bit_length())), BK=64, GROUP_N=8,
-                SPLIT=math.ceil(K / kch), KCH=kch, num_warps=num_warps, num_stages=num_stages)
+    return dict(WX=True, BLOCK_N=block_n, BLOCK_M=block_m, BK=64, GROUP_N=8, SPLIT=math.ceil(K / kch), KCH=kch,
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
@@ -158,11 +159,10 @@ def _meta(N: int, K: int, G: int, p: dict) -> dict:
 def fp8_wx(xv: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None) -> jax.Array:
     """``xv [M, G, K]`` bf16 values x ``w`` e4m3 ``[G*N, K]`` (128x128 e8m0 scales) -> ``[M, G, N]`` in ``out_dtype``
     through :func:`fp8_wx_kernel` (jax-triton or XLA's Triton route, as :func:`dsv4_jax.kernels.triton_call`)."""
-    from dsv4_jax.kernels import SM_COUNT, arch
-
     M, G, K = xv.shape
     N = w.q.shape[0] // G
-    p = p or prefill_plan(M, N, K, G, arch(), SM_COUNT[arch()])
+    target = arch()
+    p = p or prefill_plan(M, N, K, G, target, SM_COUNT[target])
     split = p.get("SPLIT", 1)
     out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
     y = triton_call(w.q, w.scale, xv.astype(jnp.bfloat16), M, kernel=fp8_wx_kernel, out_shape=out_t,
