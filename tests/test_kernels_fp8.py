@@ -194,6 +194,22 @@ def test_cpu_plans_cover_split_and_prefill(interpreted):
     assert prefill_plan(80, 136, 256, 1, "cpu")["BK"] < 128
 
 
+def test_sm90_decode_batches_take_the_split_weight_stationary_plan():
+    """On sm90, 9-64 rows of an ungrouped FP8 linear take the K-split form of the weight-stationary kernel (faster at
+    16/32 rows on 8 of 10 V4-Flash shapes); the grouped ``wo_a`` keeps the e4m3-dot tiles (slower split). Each split
+    chunk is whole scale blocks and together they cover K exactly."""
+    from dsv4_jax.kernels.fp8_linear import GEMV_ROWS, plan
+    from dsv4_jax.kernels.fp8_prefill import PREFILL_MIN_ROWS
+
+    for M in (GEMV_ROWS + 1, 16, 32, PREFILL_MIN_ROWS - 1):
+        for N, K in ((1024, 4096), (32768, 1024), (4096, 8192)):
+            p = plan(M, N, K, 1, target="sm90")
+            assert p.get("WX") and p["KCH"] % 128 == 0 and (p["SPLIT"] - 1) * p["KCH"] < K <= p["SPLIT"] * p["KCH"], p
+        assert not plan(M, 1024, 4096, 8, target="sm90").get("WX")
+        assert not plan(M, 1024, 4096, 1, target="gfx950").get("WX")
+    assert plan(GEMV_ROWS, 1024, 4096, 1, target="sm90").get("GEMV")
+
+
 def test_quant_act_matches_fp8_act_quant():
     """QuantAct is the reference's act_quant: codes x scales == quantized_input, bit for bit."""
     import jax

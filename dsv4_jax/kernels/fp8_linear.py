@@ -56,7 +56,7 @@ from dsv4_jax.kernels import (
     triton_call,
     use_triton,
 )
-from dsv4_jax.kernels.fp8_prefill import PREFILL_MIN_ROWS, fp8_wx, prefill_plan
+from dsv4_jax.kernels.fp8_prefill import PREFILL_MIN_ROWS, fp8_wx, prefill_plan, split_plan
 from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh, pair_on_mesh
 from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
 
@@ -255,7 +255,10 @@ if triton is not None:
 def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     """Tile sizes, K split and launch options for an ``[M, K] x [N, K]`` problem (G groups), per architecture.
 
-    Up to GEMV_ROWS rows: the GEMV kernel. Up to 64: one row tile of 16..64 rows, 64-wide N tiles, K split until
+    Up to GEMV_ROWS rows: the GEMV kernel. Up to 64: on sm90 an ungrouped weight takes
+    :func:`dsv4_jax.kernels.fp8_prefill.split_plan` (the weight-stationary kernel with K split: 5-17 % faster than
+    the e4m3-dot tiles at 16/32 rows on 8 of 10 V4-Flash shapes, an H200, 2026-12-02), a grouped one (``wo_a``,
+    16-19 % slower that way) and the other targets one row tile of 16..64 rows, 64-wide N tiles, K split until
     about PER_SM programs per SM stream the weight. From PREFILL_MIN_ROWS on: :mod:`dsv4_jax.kernels.fp8_prefill`'s
     kernel (plan key ``WX``). ``BLOCK_M``/``SPLIT``/``KPS`` plans for many rows still run :func:`fp8_gemm_kernel`'s
     tiles (benchmarks: the former prefill kernel).
@@ -264,6 +267,8 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
         return gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
     if M < PREFILL_MIN_ROWS:
+        if G == 1 and target == "sm90":
+            return split_plan(M, N, K, G, SM_COUNT[target])
         return decode_plan(M, N, K, G, SM_COUNT[target])
     return prefill_plan(M, N, K, G, target, SM_COUNT[target])
 
