@@ -197,6 +197,18 @@ def test_bad_input_is_refused_before_writing(broken, tmp_path, capsys, damage):
 
 
 # ------------------------------------------------------------------------------------------ interruptions
+def _process_report(pid: int) -> str:
+    """Signal masks and per-thread kernel wait channels of a live process (Linux /proc), for a hang's diagnosis."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        lines = (proc / "status").read_text().splitlines()
+        masks = [ln for ln in lines if ln.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+        waits = sorted({(t / "wchan").read_text() for t in (proc / "task").iterdir()})
+        return f"{', '.join(masks)}; thread wait channels {waits}"
+    except OSError as e:
+        return f"no /proc report ({e})"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_kill_then_rerun_gives_the_same_bytes(src, converted, tmp_path, capsys, sig):
     out = tmp_path / "out"
@@ -213,7 +225,13 @@ def test_kill_then_rerun_gives_the_same_bytes(src, converted, tmp_path, capsys, 
         (out / "weights" / "layers.0" / "junk").write_bytes(b"partial")
     finally:
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=180)
+        try:
+            _, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            why = _process_report(proc.pid)  # where it is stuck, and whether it ignores SIGINT (inherited SIG_IGN)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the converter did not exit within 180 s of {sig!r}; {why}; its stderr: {err[-2000:]}")
     if sig == signal.SIGINT:  # Ctrl-C: a clean message and exit status 130
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not (out / layout.MANIFEST).exists()

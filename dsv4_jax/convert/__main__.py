@@ -1,7 +1,5 @@
 """``python -m dsv4_jax.convert``: the ``dsv4-convert`` command line (see ``dsv4_jax.convert.cli``)."""
 
-import sys
+from dsv4_jax.convert.cli import run
 
-from dsv4_jax.convert.cli import main
-
-sys.exit(main())
+run()

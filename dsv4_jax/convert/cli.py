@@ -13,6 +13,7 @@ finished; rerunning the same command resumes. ``--overwrite`` deletes only the c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -150,3 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Process entry point (the ``dsv4-convert`` command, ``python -m dsv4_jax.convert``): :func:`main`, then exit
+    with its status. After Ctrl-C (status 130: the message is out, every committed unit is on disk and the rest is
+    redone on resume) the process leaves at once with ``os._exit``: the interpreter's normal exit joins worker
+    threads, TensorStore's included, and a write still in flight there can hold exit up indefinitely on a loaded
+    machine. ``main`` itself returns normally, for callers in the same process."""
+    rc = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rc == 130:
+        os._exit(rc)
+    sys.exit(rc)

@@ -305,6 +305,14 @@ class _UnitWriter:
     def close(self) -> None:
         self.stopping.set()
         self.commit_pool.shutdown(wait=False, cancel_futures=True)  # no unit is committed after a failure / Ctrl-C
+        # writes still in flight (after a failure or Ctrl-C) reference the source mappings: let them end before the
+        # caller goes on (at most the in-flight budget); their errors do not matter, their unit is not committed
+        for fut, *_ in self.pending:
+            try:
+                fut.result()
+            except Exception:  # noqa: S110 - the unit is redone on resume
+                pass
+        self.pending.clear()
         self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
