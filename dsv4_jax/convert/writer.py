@@ -306,14 +306,18 @@ class _UnitWriter:
         self.stopping.set()
         self.commit_pool.shutdown(wait=False, cancel_futures=True)  # no unit is committed after a failure / Ctrl-C
         # writes still in flight (after a failure or Ctrl-C) reference the source mappings: let them end before the
-        # caller goes on (at most the in-flight budget); their errors do not matter, their unit is not committed
+        # caller goes on (at most the in-flight budget, a minute at worst); their errors do not matter, their unit is
+        # not committed
+        deadline = time.monotonic() + 60
         for fut, *_ in self.pending:
             try:
-                fut.result()
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:  # noqa: S110 - the unit is redone on resume
                 pass
         self.pending.clear()
-        self.crc_pool.shutdown(wait=True, cancel_futures=True)
+        # no wait for the checksum threads: after a success every checksum was collected; after Ctrl-C a thread may
+        # wait forever on a future's lock that the interrupt left held in the main thread
+        self.crc_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False, inflight_bytes: int = 1 << 30,
