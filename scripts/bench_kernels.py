@@ -88,7 +88,7 @@ def bench_fp8(tag: str, cfg: Config, rows_list, rates, args, grouped: bool) -> l
             t_tri, t_ref = (time_rotating(partial(_op, grouped=grouped, kernels=kn), w_use, x, trials=args.trials)
                             for kn in ("triton", "reference"))
             p = plan(M, N, K, G)
-            row = {"model": tag, "op": name, "rows": M, "N": G * N, "K": K, "split": p["SPLIT"],
+            row = {"model": tag, "op": name, "rows": M, "N": G * N, "K": K, "split": p.get("SPLIT", 1),
                    "MB": nbytes / 1e6, "triton_us": t_tri * 1e6, "ref_us": t_ref * 1e6,
                    "speedup": t_ref / t_tri}
             if M <= PREFILL_ROWS:

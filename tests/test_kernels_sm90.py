@@ -281,7 +281,10 @@ def test_moe_scaled_plans_fit(model, n_pairs, target):
                            (s._down_scaled, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
         code: list = []
         smem, spill = _compile(fn, ptrs, meta, options, code, target=target)
-        assert smem <= SMEM[target] and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
+        # sm90's 4-warp prefill plan spills 140 B in V4-Flash's gate/up kernel and is still 16 % faster than 8 warps
+        # (H200, 2026-12-02): a few hundred bytes of stack stay in L1; more would mean a plan that no longer fits
+        allowed = 256 if target == "sm90" and t["BM"] > 16 else 0
+        assert smem <= SMEM[target] and spill <= allowed, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
         if target == "gfx950":  # the point of the scaled form there: the chip's native MXFP4 x MXFP8 MFMA
             assert any("v_mfma_scale" in line for line in code), f"{fn.__name__}: no v_mfma_scale on gfx950"
 

@@ -212,12 +212,12 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     # tl.dot_scaled (fp4_moe_scaled): native MXFP4 dots on gfx950; on Hopper Triton's bf16 rewrite of them beat the
     # register dequantization by 16-18 % (H200, V4-Flash, bench_moe.py wall per call: 64 tokens 2,560 vs 3,065 us,
     # 2K tokens 7,403 vs 8,924 us; 2026-12-01). Other targets keep the register path (not measured).
-    # Measured, not adopted: 4 warps at 2K tokens, 6,475 vs 7,411 us (ptxas: 140 bytes of spills in stage 1; its GPU
-    # correctness test has not run). docs/performance.md, twelfth session.
+    # Prefill tiles on sm90 take 4 warps: 2K tokens of V4-Flash 6,236 vs 7,387 us with 8 (H200, bench_moe.py,
+    # 2026-12-02; 6,475 vs 7,411 in the twelfth session); gfx950 keeps 8 (its compile check; untimed).
     scaled = int(target in ("sm90", "gfx950"))
     return dict(BM=BM, BN1=128 if scaled or not decode else 64, BN2=64 if decode else 128,
-                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, num_warps=4 if decode else 8,
-                num_stages=3 if decode else 2)
+                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled,
+                num_warps=4 if decode or target == "sm90" else 8, num_stages=3 if decode else 2)
 
 
 def check_shapes(x, w1: Fp4Tensor, w2: Fp4Tensor, w3: Fp4Tensor, t: dict):
