@@ -213,7 +213,12 @@ def _process_report(pid: int) -> str:
 def test_kill_then_rerun_gives_the_same_bytes(src, converted, tmp_path, capsys, sig):
     out = tmp_path / "out"
     env = dict(os.environ, **{writer.TEST_DELAY_ENV: "30"})
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4_jax.convert", str(src), str(out), "--quiet"], cwd=REPO,
+    # `python -m dsv4_jax.convert` with Ctrl-C's handler installed as an interactive start has it: a suite started in
+    # the background by a non-interactive shell (`nohup ... &`) runs with SIGINT ignored, a child inherits that, and
+    # the signal was lost (seen: SigIgn 0x1001007 in a hung child's /proc status)
+    main = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'dsv4_jax.convert'; runpy.run_module('dsv4_jax.convert', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", main, str(src), str(out), "--quiet"], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180  # generous: a loaded 2-core machine (other test workers) is slow

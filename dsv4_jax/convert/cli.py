@@ -156,9 +156,9 @@ if __name__ == "__main__":  # pragma: no cover
 def run(argv: list[str] | None = None) -> None:
     """Process entry point (the ``dsv4-convert`` command, ``python -m dsv4_jax.convert``): :func:`main`, then exit
     with its status. After Ctrl-C (status 130: the message is out, every committed unit is on disk and the rest is
-    redone on resume) the process leaves at once with ``os._exit``: the interpreter's normal exit joins worker
-    threads, TensorStore's included, and a write still in flight there can hold exit up indefinitely on a loaded
-    machine. ``main`` itself returns normally, for callers in the same process."""
+    redone on resume) the process leaves at once with ``os._exit``: the interpreter's normal exit would first join
+    the worker threads, among them a unit's commit, whose ``syncfs`` can take long on a busy disk. ``main`` itself
+    returns normally, for callers in the same process."""
     rc = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -128,6 +128,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def split_output(split: int, shape: tuple[int, ...], out_dtype, f32):
+    """``(shape, dtype)`` of a launch whose K may be split: ``[split, *shape]`` fp32 partials (``f32``: the float32
+    dtype of the caller's library, jax or torch) when ``split > 1``, else ``shape`` in ``out_dtype``, written by the
+    kernel directly. :func:`sum_splits` finishes it."""
+    return ((split, *shape), f32) if split > 1 else (tuple(shape), out_dtype)
+
+
+def sum_splits(y, split: int, out_dtype):
+    """The partials of :func:`split_output` summed over their leading axis in a fixed order (deterministic: no
+    atomics) and cast to ``out_dtype``; ``y`` itself when unsplit. Jax arrays and torch tensors alike."""
+    if split == 1:
+        return y
+    y = y.sum(0)
+    return y.astype(out_dtype) if hasattr(y, "astype") else y.to(out_dtype)
+
+
 def single_device() -> bool:
     """True unless a mesh of several devices is in context. The kernels are launched on one device's arrays; under a
     multi-device mesh the callers keep the XLA path (which GSPMD partitions), see each op's docstring."""

@@ -53,6 +53,8 @@ from dsv4_jax.kernels import (
     fp8_dot_supported,
     next_pow2,
     single_device,
+    split_output,
+    sum_splits,
     triton_call,
     use_triton,
 )
@@ -318,26 +320,20 @@ def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | N
     """triton_call of :func:`fp8_gemm_kernel`; ``x`` ``[M, G, K]``; returns ``[M, G, N]`` in ``out_dtype``.
     ``p`` overrides :func:`plan` (benchmarks)."""
     p = p or plan(M, N, K, G)
-    split = p["SPLIT"]
-    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    out_t = jax.ShapeDtypeStruct(*split_output(p["SPLIT"], (M, G, N), out_dtype, jnp.float32))
     y = triton_call(x, sx, w.q, w.scale, M, kernel=fp8_gemm_kernel, out_shape=out_t, grid=grid(M, N, G, p),
                     tiled=M >= TILED_MIN_ROWS, N=N, K=K, G=G, KB=math.ceil(K / QBLOCK), SWK=w.scale.shape[1],
                     X_FP8=x_fp8, **p)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
-    return y
+    return sum_splits(y, p["SPLIT"], out_dtype)
 
 
 def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
     """triton_call of :func:`fp8_gemv_kernel` on the raw activation ``x [M, G, K]`` -> ``[M, G, N]``."""
-    split = p["SPLIT"]
-    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    out_t = jax.ShapeDtypeStruct(*split_output(p["SPLIT"], (M, G, N), out_dtype, jnp.float32))
     kw = {k: v for k, v in p.items() if k != "GEMV"}
     y = triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
                        MP=next_pow2(M), N=N, K=K, G=G, SWK=w.scale.shape[1], **kw)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(out_dtype)  # fixed-order reduction: deterministic
-    return y
+    return sum_splits(y, p["SPLIT"], out_dtype)
 
 
 def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None = None) -> jax.Array:
@@ -496,13 +492,12 @@ def run_torch(x, sx, wq, ws, G: int, out_dtype, x_fp8: bool, p: dict | None = No
     M, _, K = x.shape
     N = wq.shape[0] // G
     p = p or plan(M, N, K, G)
-    split = p["SPLIT"]
-    shape = (split, M, G, N) if split > 1 else (M, G, N)
-    out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
+    shape, dt = split_output(p["SPLIT"], (M, G, N), out_dtype, torch.float32)
+    out = torch.full(shape, float("nan"), dtype=dt, device=x.device)
     fp8_gemm_kernel[grid(M, N, G, p)](x, sx, wq, ws, M, out, N=N, K=K, G=G, KB=math.ceil(K / QBLOCK),
                                        SWK=ws.shape[1], X_FP8=x_fp8,
                                        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **p)
-    return out.sum(0).to(out_dtype) if split > 1 else out
+    return sum_splits(out, p["SPLIT"], out_dtype)
 
 
 def run_gemv_torch(x, wq, ws, G: int, out_dtype, p: dict):
@@ -512,10 +507,9 @@ def run_gemv_torch(x, wq, ws, G: int, out_dtype, p: dict):
 
     M, _, K = x.shape
     N = wq.shape[0] // G
-    split = p["SPLIT"]
-    shape = (split, M, G, N) if split > 1 else (M, G, N)
-    out = torch.full(shape, float("nan"), dtype=torch.float32 if split > 1 else out_dtype, device=x.device)
+    shape, dt = split_output(p["SPLIT"], (M, G, N), out_dtype, torch.float32)
+    out = torch.full(shape, float("nan"), dtype=dt, device=x.device)
     kw = {k: v for k, v in p.items() if k != "GEMV"}
     fp8_gemv_kernel[grid(M, N, G, p)](x, wq, ws, out, M=M, MP=next_pow2(M), N=N, K=K, G=G,
                                       SWK=ws.shape[1], **kw)
-    return out.sum(0).to(out_dtype) if split > 1 else out
+    return sum_splits(out, p["SPLIT"], out_dtype)

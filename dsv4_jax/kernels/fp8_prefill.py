@@ -47,7 +47,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import SM_COUNT, TILED_MIN_ROWS, arch, next_pow2, triton_call
+from dsv4_jax.kernels import SM_COUNT, TILED_MIN_ROWS, arch, next_pow2, split_output, sum_splits, triton_call
 from dsv4_jax.modeling.quant import Fp8Tensor
 
 try:
@@ -164,10 +164,10 @@ def fp8_wx(xv: jax.Array, w: Fp8Tensor, out_dtype, p: dict | None = None) -> jax
     target = arch()
     p = p or prefill_plan(M, N, K, G, target, SM_COUNT[target])
     split = p.get("SPLIT", 1)
-    out_t = jax.ShapeDtypeStruct((split, M, G, N) if split > 1 else (M, G, N), jnp.float32 if split > 1 else out_dtype)
+    out_t = jax.ShapeDtypeStruct(*split_output(split, (M, G, N), out_dtype, jnp.float32))
     y = triton_call(w.q, w.scale, xv.astype(jnp.bfloat16), M, kernel=fp8_wx_kernel, out_shape=out_t,
                     grid=grid(M, N, G, p), tiled=M >= TILED_MIN_ROWS, **_meta(N, K, G, p))
-    return jnp.sum(y, axis=0).astype(out_dtype) if split > 1 else y  # fixed-order reduction: deterministic
+    return sum_splits(y, split, out_dtype)
 
 
 def run_torch(xv, wq, ws, G: int, out_dtype, p: dict):
@@ -178,8 +178,8 @@ def run_torch(xv, wq, ws, G: int, out_dtype, p: dict):
     M, _, K = xv.shape
     N = wq.shape[0] // G
     split = p.get("SPLIT", 1)
-    out = torch.full((split, M, G, N) if split > 1 else (M, G, N), float("nan"),
-                     dtype=torch.float32 if split > 1 else out_dtype, device=xv.device)
+    shape, dt = split_output(split, (M, G, N), out_dtype, torch.float32)
+    out = torch.full(shape, float("nan"), dtype=dt, device=xv.device)
     fp8_wx_kernel[grid(M, N, G, p)](wq, ws, xv, M, out, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
                                     **_meta(N, K, G, p))
-    return out.sum(0).to(out_dtype) if split > 1 else out
+    return sum_splits(out, split, out_dtype)
