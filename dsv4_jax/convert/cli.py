@@ -149,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
 
 def run(argv: list[str] | None = None) -> None:
     """Process entry point (the ``dsv4-convert`` command, ``python -m dsv4_jax.convert``): :func:`main`, then exit
@@ -165,3 +162,7 @@ def run(argv: list[str] | None = None) -> None:
     if rc == 130:
         os._exit(rc)
     sys.exit(rc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -203,10 +203,7 @@ class Prefetcher(threading.Thread):
                 os.close(fd)
 
     def close(self) -> None:
-        """Stop the thread. The join is bounded: a Ctrl-C landing in :meth:`consume` as it takes the condition's lock
-        can leave that lock held by the main thread, and the thread can then never wake (it is a daemon: it ends with
-        the process)."""
         with self.cv:
             self.stopped = True
             self.cv.notify()
-        self.join(timeout=10)
+        self.join()

@@ -315,9 +315,7 @@ class _UnitWriter:
             except Exception:  # noqa: S110 - the unit is redone on resume
                 pass
         self.pending.clear()
-        # no wait for the checksum threads: after a success every checksum was collected; after Ctrl-C a thread may
-        # wait forever on a future's lock that the interrupt left held in the main thread
-        self.crc_pool.shutdown(wait=False, cancel_futures=True)
+        self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False, inflight_bytes: int = 1 << 30,
