@@ -105,8 +105,8 @@ def bench_fp8(tag: str, cfg: Config, rows_list, rates, args, grouped: bool) -> l
 
 
 def tune(rates, args) -> None:
-    """Kernel-plan candidates at a few V4-Flash shapes (``--tune-rows``: GEMV up to GEMV_ROWS rows, the tensor-core
-    decode plan up to 64, prefill above): time per call."""
+    """Kernel-plan candidates at a few V4-Flash shapes (``--tune-rows``: GEMV and the K-split weight-stationary
+    tensor-core kernel up to GEMV_ROWS rows, the tensor-core decode plans up to 64, prefill above): time per call."""
     cfg, sms = Config.v4_flash(), SM_COUNT[arch()]
     gemv = [dict(block_n=bn, nb=nb, per_sm=ps, num_warps=nw, num_stages=st) for bn, nb, ps, nw, st in
             ((16, 2, 8, 4, 3), (32, 2, 8, 4, 3), (16, 4, 8, 4, 3), (8, 4, 8, 4, 3), (16, 2, 4, 4, 4), (32, 4, 4, 8, 3),
@@ -126,7 +126,8 @@ def tune(rates, args) -> None:
         ws = [random_fp8(k, G * N, K) for k in jax.random.split(jax.random.key(1), copies_for(wbytes, 48))]
         for M in map(int, args.tune_rows.split(",")):
             x = jax.random.normal(jax.random.key(M), (M, G, K) if G > 1 else (M, K), jnp.float32).astype(jnp.bfloat16)
-            cands = ([gemv_plan(M, N, K, G, sms, **c) for c in gemv] if M <= GEMV_ROWS else
+            cands = ([gemv_plan(M, N, K, G, sms, **c) for c in gemv] + [split_plan(M, N, K, G, sms, **c) for c in wxd]
+                     if M <= GEMV_ROWS else
                      [decode_plan(M, N, K, G, sms, **c) for c in dec] +
                      [split_plan(M, N, K, G, sms, **c) for c in wxd] if M <= 64 else
                      [c if c.get("WX") else dict(KPS=-(-K // 128), **c) for c in pre])

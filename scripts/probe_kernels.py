@@ -21,7 +21,8 @@ Inputs are random, at V4-Flash shapes:
         --section WarpStateStats --section SchedulerStats --section SpeedOfLight --section SourceCounters \\
         python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --ncu --iters 3
 
-Times include the launchers' NaN fills of their outputs and workspaces (a few us at most).
+Times include the launchers' NaN fills of their outputs and workspaces (a few us at most). ``--copy`` first times a
+2 GiB torch device copy (4 GiB moved), the card's copy bandwidth in the same run.
 """
 
 from __future__ import annotations
@@ -116,8 +117,15 @@ def main() -> int:
     ap.add_argument("--tiles", default="", help="plan overrides, e.g. 'BK=32,num_stages=2' (; separates plans)")
     ap.add_argument("--iters", type=int, default=20, help="ms of graph replays (timing), or launches (--ncu)")
     ap.add_argument("--ncu", action="store_true", help="launch --iters times without timing (run under ncu)")
+    ap.add_argument("--copy", action="store_true", help="first time a 2 GiB torch copy (the card's copy bandwidth)")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
+    if args.copy:  # 2 GiB read + 2 GiB written: the floor's bandwidth on this card, in this run
+        src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
+        print(f"torch copy of 2 GiB: {2 * src.numel() / ms / 1e9:.3f} TB/s (read + write)", flush=True)
+        del src, dst
     launcher, nbytes, what = dict(attn=attn_case, mhc=mhc_case, fp8=fp8_case)[args.op](args, g)
     for text in args.tiles.split(";"):
         run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
