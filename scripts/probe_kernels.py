@@ -10,6 +10,8 @@ Inputs are random, at V4-Flash shapes:
   selected compressed entries) or an HCA layer (window 128 + every compressed entry) at ``--context``;
 * ``--op mhc``: mHC's ``hc_pre`` with the block's norm (``mhc.run_torch``: split-K mixes, then the finish kernel),
   hc = 4 streams of 4096, ``--batch`` tokens;
+* ``--op moe``: the FP4 MoE decode GEMV (:func:`fp4_moe_gemv.launch_gemv_torch`: both stages, both activation
+  kernels) for ``--batch`` tokens of 6 experts each; plan overrides are :func:`fp4_moe_gemv.gemv_tiles` entries;
 * ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation; the split-K partials summed by
   torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan overrides are
   :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``, ``num_stages``).
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from dsv4_jax.kernels import fp8_linear, mhc  # noqa: E402
+from dsv4_jax.kernels import fp4_moe_gemv, fp8_linear, mhc  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
 
 H, DH, DN, W = 64, 512, 448, 128  # V4-Flash attention
@@ -107,9 +109,35 @@ def fp8_case(args, g):
     return launcher, wq.numel() + ws.numel(), f"fp8 {args.weight} rows {args.batch} G {G} N {N} K {K}"
 
 
+def moe_case(args, g):
+    """(launcher of a plan, bytes read, description) for one FP4 MoE decode GEMV call (both stages and the two
+    activation kernels, ``fp4_moe_gemv.launch_gemv_torch``): ``--batch`` tokens x 6 experts of a 64-expert slice of
+    V4-Flash's stack (random packed e2m1 bytes, e8m0 scales 118-123)."""
+    T, E, k = args.batch, 64, 6
+    D, I = 4096, 2048
+
+    def fp4(rows, cols):
+        return (torch.randint(0, 256, (E, rows, cols // 2), device="cuda", generator=g, dtype=torch.uint8),
+                torch.randint(118, 124, (E, rows, cols // 32), device="cuda", generator=g, dtype=torch.uint8))
+
+    w1, w2, w3 = fp4(I, D), fp4(D, I), fp4(I, D)
+    x = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+    tok = torch.arange(T, device="cuda", dtype=torch.int32).repeat_interleave(k)
+    e = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)]).reshape(-1).to(torch.int32)
+    wt = torch.rand(T * k, device="cuda", generator=g)
+    touched = len(torch.unique(e))
+
+    def launcher(over):
+        t = {**fp4_moe_gemv.gemv_tiles("sm90", D, I, T * k), **over}
+        return (lambda: fp4_moe_gemv.launch_gemv_torch(x, tok, wt, e, w1, w2, w3, 10.0, t)), t
+
+    nbytes = touched * sum(a[0].numel() + a[1].numel() for a in (w1, w2, w3)) // E
+    return launcher, nbytes, f"moe gemv tokens {T} pairs {T * k} experts {touched}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--op", default="attn", choices=["attn", "mhc", "fp8"])
+    ap.add_argument("--op", default="attn", choices=["attn", "mhc", "fp8", "moe"])
     ap.add_argument("--weight", default="wo_b", choices=sorted(FP8_WEIGHTS), help="fp8: which V4-Flash weight")
     ap.add_argument("--batch", type=int, default=32, help="query rows (attn), tokens (mhc) or rows (fp8)")
     ap.add_argument("--context", type=int, default=131072)
@@ -126,7 +154,7 @@ def main() -> int:
         ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
         print(f"torch copy of 2 GiB: {2 * src.numel() / ms / 1e9:.3f} TB/s (read + write)", flush=True)
         del src, dst
-    launcher, nbytes, what = dict(attn=attn_case, mhc=mhc_case, fp8=fp8_case)[args.op](args, g)
+    launcher, nbytes, what = dict(attn=attn_case, mhc=mhc_case, fp8=fp8_case, moe=moe_case)[args.op](args, g)
     for text in args.tiles.split(";"):
         run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
         run()

@@ -32,6 +32,13 @@ of the codes through shared memory) and moved the scale bytes through shared mem
 loop had 470 instructions and 16 barriers per step; this one has ~300 and none (``tests/test_kernels_sm90.py``
 checks the plans compile without spills).
 
+What bounds it now: instructions. Nsight Compute at 32 tokens (192 pairs, H200, 2026-12-02, ``scripts/probe_kernels.py
+--op moe``): issue slots busy 77-82 %, the integer pipe 75 %, DRAM 18 %, 3.2 eligible warps per scheduler. The loop
+spends ~4.8 instructions per weight element, 3 of them decoding it. Two pairs of one expert per program (each nibble
+decoded once for both) measured slower (1,426 vs 1,183 us per 32-token call): it doubles the activation loads and
+multiply-adds per decode. Fewer instructions need a two-nibbles-per-instruction decode (byte-permute tables), which
+portable Triton does not express.
+
 Same roundings and order contract as :mod:`fp4_moe` (its docstring): stage 1 writes
 ``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u`` rounded to bf16; ``h`` is quantized per 128-wide
 block (:func:`act_words_triton`: the reference's codes and scales); stage 2 writes ``y = bf16(hq @ w2.T)``. Only the
@@ -266,8 +273,8 @@ def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
 
     E, I, D2 = w1[0].shape
     D, R = 2 * D2, tok.shape[0]
-    h = torch.full((R, I), float("nan"), dtype=torch.float32)
-    y = torch.full((R, D), float("nan"), dtype=torch.float32)
+    h = torch.full((R, I), float("nan"), dtype=torch.float32, device=x.device)
+    y = torch.full((R, D), float("nan"), dtype=torch.float32, device=x.device)
     xa, xf = act_words_torch(x, t["NG"])
     _gate_up_gemv[(R, I // t["BN"])](xa, xf, tok, wt, e, *w1, *w3, h, D=D, I=I, LIMIT=limit, **_kw(t, E))
     ha, hf = act_words_torch(torch.nan_to_num(h), t["NG"])

@@ -168,7 +168,8 @@ if triton is not None:
         activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
         scale (exact) and summed in fp32. x ``[M, G, K]`` bf16 is used as it is: the FP8 linear passes the values of
         ``quantize_act`` (exact in bf16, made once per activation: by XLA, or by the mHC kernel that holds the row),
-        ``wo_a`` its bf16 input. (The activation
+        ``wo_a`` its bf16 input. (Issuing the next step's loads before this step's arithmetic, a register double
+        buffer, measured 0-24 % slower at V4-Flash's weights: H200, 2026-12-02.) (The activation
         used to be quantized here, in every program and K step: that amax, with shuffles, shared memory and a barrier
         in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
         ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a

@@ -71,7 +71,9 @@ issued warps per scheduler, ~15K cycles per 64-entry block, stalled on the gathe
 barriers (~20 %). At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's ridge): 60 % of
 the copy bandwidth would take ~500 TFLOP/s of bf16 dots on gathered operands, a warp-specialised design (producer
 warps gathering and dequantizing into shared memory, consumer warpgroups on wgmma) rather than a tuning of this one.
-Loading the next block's ids a block ahead measured the same and was not kept.
+Loading the next block's ids a block ahead measured the same and was not kept; so did taking the other half of q.k
+as one 256-dim tile with both halves' loads issued first (592 B of spills; batch 32 CSA 128K 75.6 vs 46.8 us, HCA
+1M 768 vs 462 us as CUDA graphs, 2026-12-02).
 
 Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 (split and unsplit, decode at batch 1 and 32,
 prefill rows, HCA at 1M, the tiny golden model's 4 heads padded to 16), and so does the golden all-position test with
