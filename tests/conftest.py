@@ -21,10 +21,14 @@ import dsv4_jax  # noqa: E402, F401  (sets the numerics XLA flag before any JAX 
 # recompiled, by any later test that builds it, in either worker (the same executable: same results). A size limit
 # turns on JAX's file lock around every read and write of an entry: without it a worker once read an entry another
 # was still writing and aborted (b06376c), which is why each worker had its own folder until 2026-12-01.
+# Programs that compile in 0.2 s or more are cached (JAX's default is 1 s): the random-weight programs of
+# ``init_weights`` (one per leaf shape and config, ~0.3-1 s each, 160 in a run) and the state constructors recur
+# across modules and workers. Measured on the 2-core machine: writing an entry costs ~17 % of a small program's
+# compile, loading one saves ~80 %; the tiny eager-op programs below 0.2 s stay uncached.
 if os.environ.get("DSV4_JAX_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["DSV4_JAX_CACHE"])
     jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)  # never reached in a run; enables the lock
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 else:
     jax.config.update("jax_enable_compilation_cache", False)
 

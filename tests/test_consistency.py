@@ -15,6 +15,10 @@ import dsv4_jax as d
 
 TOL = 1e-4
 SEED = 20261129  # fixed: a failure reproduces with the same weights and tokens
+# The batch-1 states of the decode tests all hold this many positions (more than any of them reaches), so their
+# single-token decode calls share one compiled program (CPU compile time dominates; a larger cache changes nothing)
+MAX_LEN = 135
+CHUNKS = [37, 1, 50, 1, 50]  # the chunked-prefill test's calls (batch 2)
 
 
 def _cfg(**kw):
@@ -41,8 +45,8 @@ def test_prefill_then_decode_equals_longer_prefill(setup):
     cfg, w, rng, seed = setup
     n, k = 126, 6  # decode steps cross position 127 (first ratio-128 block) and several ratio-4 blocks
     toks = rng.integers(0, cfg.vocab_size, (1, n + k))
-    full, _ = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 1, n + k))
-    logits, state = d.forward(w, cfg, jnp.asarray(toks[:, :n]), d.init_state(cfg, 1, n + k), return_logits="last")
+    full, _ = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 1, MAX_LEN))
+    logits, state = d.forward(w, cfg, jnp.asarray(toks[:, :n]), d.init_state(cfg, 1, MAX_LEN), return_logits="last")
     steps = [np.asarray(logits)]
     for j in range(k - 1):
         logits, state = d.forward(w, cfg, jnp.asarray(toks[:, n + j:n + j + 1]), state, return_logits="last")
@@ -54,7 +58,9 @@ def test_prefill_then_decode_equals_longer_prefill(setup):
 
 def test_chunked_prefill_equals_one_prefill(setup):
     cfg, w, rng, seed = setup
-    chunks = [37, 1, 50, 3, 42]  # uneven, crossing window / ratio-4 / ratio-128 boundaries mid-chunk
+    # uneven, crossing window / ratio-4 / ratio-128 boundaries mid-chunk (a 1-token chunk at a ratio-4 block start,
+    # the last chunk across 128); three chunk sizes, so three compiled programs (CPU compile time dominates)
+    chunks = CHUNKS
     total = sum(chunks)
     toks = rng.integers(0, cfg.vocab_size, (2, total))
     full, full_state = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 2, total + 4))
@@ -75,9 +81,10 @@ def test_chunked_prefill_equals_one_prefill(setup):
 
 def test_uneven_batch_equals_rows_alone(setup):
     cfg, w, rng, seed = setup
-    lens = [9, 61, 130]
+    lens = [9, 61, 126]  # the longest row completes its first ratio-128 block in the batched decode steps
     steps = 5
     B, S = len(lens), max(lens)
+    assert S + steps <= MAX_LEN
     toks = np.zeros((B, S), np.int64)
     for b, n in enumerate(lens):
         toks[b, :n] = rng.integers(0, cfg.vocab_size, n)
@@ -92,7 +99,7 @@ def test_uneven_batch_equals_rows_alone(setup):
     got = np.stack(got, 1)
     assert np.asarray(state.pos).tolist() == [n + steps for n in lens]
     for b, n in enumerate(lens):
-        st = d.init_state(cfg, 1, n + steps)
+        st = d.init_state(cfg, 1, MAX_LEN)  # one cache length for every row alone: one decode program
         logits, st = d.forward(w, cfg, jnp.asarray(toks[b:b + 1, :n]), st, return_logits="last")
         alone = [np.asarray(logits)]
         for j in range(steps):
@@ -104,12 +111,13 @@ def test_uneven_batch_equals_rows_alone(setup):
 
 def test_zero_length_rows_do_not_change(setup):
     cfg, w, rng, _ = setup
-    toks = rng.integers(0, cfg.vocab_size, (2, 12))
-    _, state = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 2, 32))
+    n = CHUNKS[0]  # the chunked test's first call (same shapes: its compiled program)
+    toks = rng.integers(0, cfg.vocab_size, (2, n))
+    _, state = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 2, sum(CHUNKS) + 4))
     _, state2 = d.forward(w, cfg, jnp.asarray(toks[:, :3]), state, lengths=jnp.asarray([3, 0]))
     for a, b in zip(jax.tree_util.tree_leaves(state.layers), jax.tree_util.tree_leaves(state2.layers)):
         np.testing.assert_array_equal(np.asarray(a)[1], np.asarray(b)[1])
-    assert np.asarray(state2.pos).tolist() == [15, 12]
+    assert np.asarray(state2.pos).tolist() == [n + 3, n]
 
 
 def test_prompt_longer_than_cache_is_a_clear_error(setup):
