@@ -8,6 +8,11 @@ the XLA reference. Bytes = the entries each row gathers (+ q and o); the fractio
 bandwidth measured in the same run (``bench_common.card_rates``). ``n`` calls on different caches run in one jitted
 program (no host round trips; caches rotate so reads come from HBM).
 
+``--mode indexer``: the lightning indexer's decode call of a CSA layer (``indexer_topk``: scores of the query row
+against every visible compressed key, ``ctx / 4`` of them in the FP4 layout, then the top-512) at each ``--contexts``,
+the XLA reference beside the opt-in Triton scoring kernel, each with the top-k in two levels at each ``--topk-blocks``
+(0: one ``top_k``), checked to select the same ids; bytes = the key cache each row reads.
+
 ``--mode prefill``: real-shape V4-Flash layers (``bench_decode.flash_layers``: CSA, HCA, ...) with random weights,
 a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the state sized for the whole prompt plus
 ``--decode`` steps), tokens/s per layer per chunk size, then decode steps after it, and the device's peak memory.
@@ -15,6 +20,7 @@ a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the st
     python scripts/bench_attention.py --mode decode --contexts 4096,32768,131072,1048576
     python scripts/bench_attention.py --mode decode --batch 32 --contexts 131072,1048576 \
         --variants "BK=32,num_stages=2;num_warps=4"             # other plans, timed beside the default
+    python scripts/bench_attention.py --mode indexer --batch 32 --contexts 4096,32768,131072,1048576
     python scripts/bench_attention.py --mode prefill --prefill-len 131072 --chunk 8192 --layers 2
     python scripts/bench_attention.py --mode prefill --chunk 65536 --profile /tmp/trace   # last chunk, per scope
     python scripts/bench_attention.py --mode decode --contexts 1024 --heads 4 --calls 2   # CPU smoke tests
@@ -38,7 +44,9 @@ import numpy as np  # noqa: E402
 from bench_common import card_rates, copies_for, device_events, op_scopes, print_rates, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
+from dsv4_jax.kernels import indexer as indexer_mod  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
+from dsv4_jax.kernels.indexer import TOPK_BLOCK, indexer_topk  # noqa: E402
 from dsv4_jax.kernels.sparse_attention import (  # noqa: E402
     PER_SM,
     plan,
@@ -46,7 +54,7 @@ from dsv4_jax.kernels.sparse_attention import (  # noqa: E402
     sparse_attention_triton,
 )
 from dsv4_jax.modeling.attention import window_indices  # noqa: E402
-from dsv4_jax.modeling.quant import Fp8Cache  # noqa: E402
+from dsv4_jax.modeling.quant import Fp4Tensor, Fp8Cache  # noqa: E402
 
 
 def random_cache(key, B: int, n: int, dn: int, dr: int) -> Fp8Cache:
@@ -121,6 +129,53 @@ def bench_decode(cfg, args, rates) -> list[dict]:
                 print(f"ctx {ctx:8d} {kind} {impl:24s} {K:6d} entries/row  {r['MB']:8.2f} MB  {r['us']:9.1f} us  "
                       f"{100 * r['frac_copy']:5.1f}% of copy bw", flush=True)
             del cases
+    return rows
+
+
+def indexer_case(cfg, B: int, ctx: int, key):
+    """Inputs of one indexer decode call at context ``ctx`` (a CSA layer: ``ctx / 4`` compressed entries, all
+    visible): q ``[B,1,Hi,Di]``, head weights ``[B,1,Hi]``, the FP4 key cache (random e2m1 bytes, e8m0 scales around
+    1), positions."""
+    Hi, Di, nc = cfg.index_n_heads, cfg.index_head_dim, ctx // 4
+    ks = jax.random.split(key, 4)
+    q = jax.random.normal(ks[0], (B, 1, Hi, Di)).astype(jnp.bfloat16)
+    hw = (jax.random.normal(ks[1], (B, 1, Hi)) * Hi**-0.5).astype(jnp.bfloat16)
+    keys = Fp4Tensor(packed=jax.random.randint(ks[2], (B, nc, Di // 2), 0, 256).astype(jnp.uint8),
+                     scale=jax.random.randint(ks[3], (B, nc, Di // 32), 125, 129).astype(jnp.uint8))
+    return q, hw, keys, jnp.full((B, 1), ctx - 1, jnp.int32)
+
+
+def bench_indexer(cfg, args, rates) -> list[dict]:
+    """The indexer's decode call (scores of every visible compressed key + top-k) at each context: the XLA reference
+    and, where Triton runs, the opt-in scoring kernel (``kernels="triton"``: one kernel for the totals, then the same
+    ``top_k``). Bytes = the FP4 key cache each row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
+    impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
+    rows, default_block = [], indexer_mod.TOPK_BLOCK
+    for ctx in map(int, args.contexts.split(",")):
+        nc = ctx // 4
+        nbytes = args.batch * nc * (cfg.index_head_dim // 2 + cfg.index_head_dim // 32)
+        n = min(args.calls, copies_for(nbytes, args.calls))
+        cases = [indexer_case(cfg, args.batch, ctx, jax.random.key(ctx * 7 + i)) for i in range(n)]
+        for impl in impls:
+            first = None
+            for tb in map(int, args.topk_blocks.split(",")):
+                indexer_mod.TOPK_BLOCK = tb  # read when the op is traced: one program per value
+                op = lambda c, impl=impl: indexer_topk(*c, cfg.index_topk, kernels=impl)  # noqa: E731
+                fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
+                t = time_call(fn, cases, trials=args.trials, warmup=1) / n
+                ids = np.asarray(fn(cases)[0])
+                if first is None:
+                    first = ids
+                same = bool((ids == first).all())  # every top-k block size selects the same ids
+                name = f"{impl}[topk {tb}]"
+                r = dict(mode="indexer", context=ctx, batch=args.batch, impl=name, entries=nc, MB=nbytes / 1e6,
+                         us=t * 1e6, frac_copy=nbytes / t / rates["copy_best"], same_ids=same,
+                         device=rates["device"])
+                rows.append(r)
+                print(f"indexer ctx {ctx:8d} batch {args.batch:3d} {name:22s} {nc:7d} keys/row  {r['MB']:8.2f} MB  "
+                      f"{r['us']:9.1f} us  {100 * r['frac_copy']:5.1f}% of copy bw  same ids: {same}", flush=True)
+        indexer_mod.TOPK_BLOCK = default_block
+        del cases
     return rows
 
 
@@ -201,13 +256,15 @@ def scope_table(trace_dir: Path, scopes: dict[str, list[str]], depth: int = 3) -
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--mode", choices=["decode", "indexer", "prefill"], default="decode")
     ap.add_argument("--contexts", default="4096,32768,131072,1048576")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=8, help="calls per timed program (different caches)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4'")
     ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
+    ap.add_argument("--topk-blocks", default=str(TOPK_BLOCK), help="indexer: first-level blocks of the top-k to time "
+                    "(comma list; 0 = one top_k over the row)")
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=2)
@@ -219,13 +276,13 @@ def main():
     ap.add_argument("--profile", help="prefill: trace the last chunk into this folder; device time per named scope")
     ap.add_argument("--profile-top", type=int, default=30, help="scopes to print with --profile")
     args = ap.parse_args()
-    if args.mode == "decode":
+    if args.mode in ("decode", "indexer"):
         rates = card_rates(copy_gib=1 if jax.default_backend() == "cpu" else 4, with_matmul=False)
         print_rates(rates)
         cfg = d.Config.v4_flash()
         if args.heads:
-            cfg = cfg.with_(n_heads=args.heads, o_groups=min(cfg.o_groups, args.heads))
-        rows = bench_decode(cfg, args, rates)
+            cfg = cfg.with_(n_heads=args.heads, o_groups=min(cfg.o_groups, args.heads), index_n_heads=args.heads)
+        rows = (bench_decode if args.mode == "decode" else bench_indexer)(cfg, args, rates)
     else:
         rows = bench_prefill(args)
     if args.out:

@@ -239,3 +239,23 @@ def test_model_uses_blocked_op(monkeypatch):
     got = run(functools.partial(indexer_topk_blocked, block=5, rows=16))  # 61-row chunks: 4 row blocks
     jax.clear_caches()
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("n,k,block", [(10000, 64, 1024), (3 * 4096 + 17, 512, 4096), (3000, 16, 512)])
+def test_top_k_two_level_equals_top_k(n, k, block):
+    """The decode path's two-level selection (:func:`top_k_two_level`: top-k per block of entries, then over the
+    candidates) returns ``jax.lax.top_k``'s values and ids bit for bit: integer-valued totals (ties everywhere,
+    across block boundaries), -inf columns (invisible entries), a row with fewer finite totals than k (its -inf picks
+    must be the lowest ids, never the padding past the row's end), n not a multiple of the block."""
+    from dsv4_jax.kernels.indexer import top_k_two_level
+
+    rng = np.random.default_rng(n + k)
+    x = rng.integers(-8, 8, size=(3, 2, n)).astype(np.float32)
+    x[..., rng.random(n) < 0.3] = -np.inf
+    x[1, 0, k // 2:] = -np.inf  # k // 2 finite totals
+    assert block >= k and n > 2 * block  # the two-level path, not its one-top_k fallback
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+    got_v, got_i = jax.jit(top_k_two_level, static_argnums=(1, 2))(jnp.asarray(x), k, block)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    assert (np.asarray(got_i) < n).all()

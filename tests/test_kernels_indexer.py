@@ -131,6 +131,19 @@ def test_cpu_and_auto_keep_the_blocked_reference(monkeypatch):
         assert (np.asarray(ix.indexer_topk(q, hw, keys, t, 8, kernels=mode)) == want).all()
 
 
+def test_auto_takes_the_kernel_over_long_caches_only(monkeypatch):
+    """Where Triton runs on one device, ``"auto"`` scores with the kernel from :data:`AUTO_MIN_ENTRIES` compressed
+    entries on (measured faster there on an H200; a tie at 1,024), ``"triton"`` always, ``"reference"`` never."""
+    monkeypatch.setattr(ix, "use_triton", lambda kernels: kernels != "reference")
+    monkeypatch.setattr(ix, "use_opt_in_triton", lambda kernels: kernels == "triton")
+    monkeypatch.setattr(ix, "single_device", lambda: True)
+    n = ix.AUTO_MIN_ENTRIES
+    assert [ix.score_kernel_on("auto", m) for m in (1024, n - 1, n, 262144)] == [False, False, True, True]
+    assert ix.score_kernel_on("triton", 16) and not ix.score_kernel_on("reference", 262144)
+    monkeypatch.setattr(ix, "single_device", lambda: False)  # a mesh: the XLA path, which GSPMD partitions
+    assert not ix.score_kernel_on("auto", 262144)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"indexer kernel: {triton_unavailable()}")
 

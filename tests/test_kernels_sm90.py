@@ -291,13 +291,15 @@ def test_moe_scaled_plans_fit(model, n_pairs, target):
 
 @pytest.mark.parametrize("heads", [64, 16])
 def test_indexer_score_plan_fits(heads, target):
-    """The indexer's decode scoring kernel at V4-Flash's indexer (64 heads of 128 dims) and a narrower one."""
+    """The indexer's decode scoring kernel at V4-Flash's indexer (64 heads of 128 dims) and a narrower one, at batch
+    32 over a 1M-token cache (the most blocks per program)."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import indexer as ix
 
-    p = ix.score_plan(heads)
+    p = ix.score_plan(heads, 32, 262144, target)
+    assert p["NB"] > 1
     pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*fp32")
-    meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"])
+    meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"])
     smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
                            target=target)
     assert smem <= SMEM[target] and spill == 0, f"indexer score {p}: {smem} B shared, {spill} B spills"

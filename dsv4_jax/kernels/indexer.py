@@ -42,15 +42,19 @@ The two are equal bit for bit, ties included, wherever each total is a function 
   dependent (blocks holding a visible entry), which on a GPU costs a device-to-host copy and a host sync per
   condition check (``scripts/count_launches.py``).
 
-Decode rows on a GPU, opt-in (``kernels="triton"``, :func:`dsv4_jax.kernels.use_opt_in_triton`): one Triton kernel,
-:func:`_indexer_score_kernel`, computes every visible total of a few query rows straight from the FP4 key cache (the
-XLA form is ~20 kernels per CSA layer and step: decode, dot, roundings, head sum, mask), and ``jax.lax.top_k`` picks
-from them as the reference does. The totals are :func:`_totals`' arithmetic: the keys' e2m1 codes times their
-power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in fp32 (exact in reference numerics,
-as above), the same three bf16 roundings; only the fp32 order of the sum over heads may differ from XLA's, which can
-move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the ``[B,S,Nc]`` fp32 totals of the few
-decode rows (1 MiB per row at 1M tokens: 262,144 entries), never the ``[B,S,Hi,Nc]`` scores. Not yet run on a GPU:
-tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``) and compiled for sm_90.
+Decode rows on a GPU (``kernels="triton"``, and ``"auto"`` over caches of 8,192 entries or more:
+:func:`score_kernel_on`): one Triton kernel, :func:`_indexer_score_kernel`, computes every visible total of a few
+query rows straight from the FP4 key cache (the XLA form is ~20 kernels per CSA layer and step: decode, dot,
+roundings, head sum, mask), and a top-k picks from them as the reference does (:func:`top_k_two_level`:
+``jax.lax.top_k``'s result, in two levels for many rows). The totals are :func:`_totals`' arithmetic: the keys' e2m1
+codes times their power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in fp32 (exact in
+reference numerics, as above), the same three bf16 roundings; only the fp32 order of the sum over heads may differ
+from XLA's, which can move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the ``[B,S,Nc]`` fp32
+totals of the few decode rows (1 MiB per row at 1M tokens: 262,144 entries), never the ``[B,S,Hi,Nc]`` scores. Each
+program loads its row's queries once and scores up to 16 blocks of 64 entries (one block per program re-read 16 KB of
+queries per 4.3 KB of keys: 5.4 ms per call at batch 32 and 1M tokens on an H200, 2.2 ms now with the two-level top-k;
+the XLA path 8.1 ms). Tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``),
+on an H200 against the reference (``tests/test_kernels_indexer.py -k gpu``), and compiled for sm_90 and gfx950.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, single_device, triton_call, use_opt_in_triton, use_triton
 from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -91,11 +95,25 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
     """
     B, S = q.shape[:2]
     if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and 0 < B * S <= MAX_KERNEL_ROWS
-            and use_opt_in_triton(kernels)):
+            and score_kernel_on(kernels, _n_entries(keys))):
         tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc]
-        vals, idx = jax.lax.top_k(tot, min(k, tot.shape[-1]))
+        vals, idx = top_k_two_level(tot, min(k, tot.shape[-1]))
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return indexer_topk_blocked(q, hw, keys, t, k)
+
+
+AUTO_MIN_ENTRIES = 8192  # compressed entries (32K tokens of context) from which kernels="auto" takes the kernel
+
+
+def score_kernel_on(kernels: str, n_c: int) -> bool:
+    """Whether the decode rows' totals come from :func:`_indexer_score_kernel`: with ``kernels="triton"``, and with
+    ``"auto"`` over caches of at least :data:`AUTO_MIN_ENTRIES` entries, on one device where Triton runs. Measured
+    on an H200 (2026-12-02, ``scripts/bench_attention.py --mode indexer``, V4-Flash's indexer, per call with the
+    top-k): batch 32 at 128K tokens 334 vs 930 us for the XLA path, at 1M 2.2 vs 8.1 ms; batch 1 at 1M 206-210 vs
+    327-342 us; at 4K (1,024 entries) a tie (58-67 vs 60-67 us), which is why short caches keep the XLA path."""
+    if use_opt_in_triton(kernels):
+        return True
+    return kernels == "auto" and n_c >= AUTO_MIN_ENTRIES and use_triton(kernels) and single_device()
 
 
 def _rounded(x: jax.Array, dt) -> jax.Array:
@@ -128,16 +146,45 @@ def _n_entries(keys) -> int:
     return jax.tree_util.tree_leaves(keys)[0].shape[1]
 
 
-def indexer_topk_reference(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int) -> jax.Array:
-    """:func:`indexer_topk` over the whole ``[B,S,Hi,Nc]`` score tensor at once (the spec; the model's former code)."""
+def indexer_topk_reference(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, top_k=jax.lax.top_k) -> jax.Array:
+    """:func:`indexer_topk` over the whole ``[B,S,Hi,Nc]`` score tensor at once (the spec; the model's former code).
+    ``top_k``: the selection (default ``jax.lax.top_k``; :func:`top_k_two_level` gives the same result)."""
     dt = q.dtype
     kv = cache_values(keys, dt)  # [B,Nc,Di]
     total = _totals(q, hw, kv)  # [B,S,Nc]
     n_c = kv.shape[1]
     visible = jnp.arange(n_c)[None, None, :] < ((t + 1) // 4)[..., None]
     total = jnp.where(visible, total, -jnp.inf)
-    vals, idx = jax.lax.top_k(total, min(k, n_c))
+    vals, idx = top_k(total, min(k, n_c))
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+TOPK_BLOCK = 4096  # entries per first-level block of top_k_two_level on accelerators (0: one top_k over the row)
+TOPK_MIN_ROWS = 8  # rows from which top_k_two_level takes two levels by default
+
+
+def top_k_two_level(x: jax.Array, k: int, block: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k(x, k)`` over the last axis, bit for bit, in two levels: the top ``k`` of each ``block``
+    entries (the last block padded with -inf after the row's end), then the top ``k`` of those candidates in block
+    order. Why: 32 decode rows of the indexer at 1M tokens hold 262,144 totals each; with two levels of 4,096 the
+    call (scoring kernel + selection) took 2.2 instead of 3.5 ms on an H200 (docs/performance.md; one row measured no
+    faster). Exact, ties included: an entry among the row's first ``k`` in
+    (value desc, position asc) order is among its block's first ``k``, and in the candidates (blocks in order, each
+    sorted by value desc, position asc) equal values stand in position order, which ``top_k`` keeps; padding sits
+    after every real entry, so it is never chosen while ``k <= n``. ``block``: default :data:`TOPK_BLOCK` on
+    accelerators from :data:`TOPK_MIN_ROWS` rows on; rows of at most ``2 * block`` entries (and ``block < k``, CPUs,
+    0) take one ``top_k``."""
+    n = x.shape[-1]
+    if block is None:  # measured: one row (batch-1 decode) is no faster in two levels, 32 rows are (1M: 1.6x)
+        block = 0 if jax.default_backend() == "cpu" or x.size // max(n, 1) < TOPK_MIN_ROWS else TOPK_BLOCK
+    if not block or block < k or n <= 2 * block:
+        return jax.lax.top_k(x, k)
+    nb = -(-n // block)
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * block - n)], constant_values=-jnp.inf)
+    v1, i1 = jax.lax.top_k(xp.reshape(*x.shape[:-1], nb, block), k)  # [..., nb, k]
+    i1 = i1 + (jnp.arange(nb, dtype=i1.dtype) * block)[:, None]
+    v2, p2 = jax.lax.top_k(v1.reshape(*x.shape[:-1], nb * k), k)
+    return v2, jnp.take_along_axis(i1.reshape(*x.shape[:-1], nb * k), p2, axis=-1)
 
 
 def _budget(budget: int | None) -> int:
@@ -203,7 +250,7 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
     blk = min(block or block_size(B, S, Hi, n_c), n_c)
     n_blocks = -(-n_c // blk)
     if n_blocks == 1:  # decode rows: one block over the whole cache. No loop: a loop whose trip count is data-
-        return indexer_topk_reference(q, hw, keys, t, k)  # dependent costs two host round trips per call on a GPU
+        return indexer_topk_reference(q, hw, keys, t, k, top_k_two_level)  # dependent costs two host round trips
     limit = (t + 1) // 4  # [B,S] visible entries per query
     n_visit = jnp.minimum((jnp.max(limit) + blk - 1) // blk, n_blocks)  # blocks holding any visible entry
     lane = jnp.arange(blk, dtype=jnp.int32)  # [blk]
@@ -232,46 +279,55 @@ if triton is not None:
 
     @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
-                              HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr):
-        """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over entries ``[BLK * program_id(1), +
-        BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks [B, NC, DI/32]`` e8m0), -inf
-        for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and ``hw [B*S, HI]`` bf16; the
-        heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to the head sum, which changes no sum."""
+                              HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
+                              NB: tl.constexpr = 1):
+        """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over the ``NB`` entry blocks ``[BLK *
+        (NB * program_id(1) + b), + BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks
+        [B, NC, DI/32]`` e8m0), -inf for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and
+        ``hw [B*S, HI]`` bf16, loaded once per program; the heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to
+        the head sum, which changes no sum. A block with nothing visible reads no key."""
         r = tl.program_id(0)
-        j0 = tl.program_id(1) * BLK
-        j = j0 + tl.arange(0, BLK)  # [BLK] entry ids
         lim = tl.load(lim_ptr + r)
-        out = out_ptr + r.to(tl.int64) * NC + j
-        if j0 >= lim:  # nothing visible in this block
-            tl.store(out, tl.full((BLK,), float("-inf"), tl.float32), mask=j < NC)
-            return
         h = tl.arange(0, HP)
         i = tl.arange(0, DI // 2)  # packed bytes: dims 2i (low nibble) and 2i + 1
         hm = h < HI
         qrow = q_ptr + r.to(tl.int64) * (HI * DI) + h[:, None] * DI + 2 * i[None, :]  # [HP, DI/2] even dims
         qe = tl.load(qrow, mask=hm[:, None], other=0.0)
         qo = tl.load(qrow + 1, mask=hm[:, None], other=0.0)
-        jm = j < NC
-        e = (r // S).to(tl.int64) * NC + j  # [BLK] cache rows
-        kp = tl.load(kp_ptr + e[:, None] * (DI // 2) + i[None, :], mask=jm[:, None], other=0).to(tl.int32)
-        f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None] * (DI // 32) + (i // 16)[None, :], mask=jm[:, None],
-                                      other=127).to(tl.int32))  # [BLK, DI/2] each byte's group scale
-        lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
-        ke = (lo * f1 * f2).to(tl.bfloat16)  # [BLK, DI/2] exact key values (e2m1 times a power of two)
-        ko = (hi * f1 * f2).to(tl.bfloat16)
-        sc = tl.dot(qe, tl.trans(ke))
-        sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products when snapped)
         w = tl.load(hw_ptr + r.to(tl.int64) * HI + h, mask=hm, other=0.0).to(tl.float32)  # [HP]
-        prod = round_bf16(tl.maximum(round_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
-        prod = tl.where(hm[:, None], prod, -0.0)
-        tot = round_bf16(tl.sum(prod, axis=0))  # [BLK]
-        tl.store(out, tl.where(j < lim, tot, float("-inf")), mask=jm)
+        for b in range(NB):
+            j0 = (tl.program_id(1) * NB + b) * BLK
+            j = j0 + tl.arange(0, BLK)  # [BLK] entry ids
+            out = out_ptr + r.to(tl.int64) * NC + j
+            jm = j < NC
+            if j0 >= lim:  # nothing visible in this block
+                tl.store(out, tl.full((BLK,), float("-inf"), tl.float32), mask=jm)
+            else:
+                e = (r // S).to(tl.int64) * NC + j  # [BLK] cache rows
+                kp = tl.load(kp_ptr + e[:, None] * (DI // 2) + i[None, :], mask=jm[:, None], other=0).to(tl.int32)
+                f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None] * (DI // 32) + (i // 16)[None, :],
+                                              mask=jm[:, None], other=127).to(tl.int32))  # [BLK, DI/2] group scales
+                lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
+                ke = (lo * f1 * f2).to(tl.bfloat16)  # [BLK, DI/2] exact key values (e2m1 times a power of two)
+                ko = (hi * f1 * f2).to(tl.bfloat16)
+                sc = tl.dot(qe, tl.trans(ke))
+                sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products if snapped)
+                prod = round_bf16(tl.maximum(round_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
+                prod = tl.where(hm[:, None], prod, -0.0)
+                tot = round_bf16(tl.sum(prod, axis=0))  # [BLK]
+                tl.store(out, tl.where(j < lim, tot, float("-inf")), mask=jm)
 
 
-def score_plan(n_heads: int) -> dict:
-    """Entries per program and warps (the one place they are chosen): 64 entries, heads padded to a power of two of
-    at least 16 (the dot's rows)."""
-    return dict(BLK=64, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
+def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = None) -> dict:
+    """Entries per block and blocks per program, warps (the one place they are chosen): 64-entry blocks, heads
+    padded to a power of two of at least 16 (the dot's rows). Blocks per program ``NB``: up to 16 while the grid
+    keeps ~2 programs per SM (each program loads its row's queries once: with one block per program, an H200 at
+    batch 32 and 1M tokens re-read 16 KB of queries per 4.3 KB of keys); 2 on CPUs (the interpreter: the loop
+    covered)."""
+    target = target or arch()
+    blocks = -(-n_c // 64)
+    nb = 2 if target == "cpu" else max(1, min(16, rows * blocks // (2 * SM_COUNT.get(target, 132))))
+    return dict(BLK=64, NB=nb, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
 
 
 def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
@@ -291,12 +347,12 @@ def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.A
     """Every entry's total ``[B,S,Nc]`` fp32 (bf16 values; -inf where invisible) for query rows ``q [B,S,Hi,Di]``
     bf16 with head weights ``hw [B,S,Hi]`` over the FP4 cache ``keys``, in one kernel launch."""
     B, S, Hi, Di, Nc = _check_score(q, hw, keys)
-    p = score_plan(Hi)
+    p = score_plan(Hi, B * S, Nc)
     lim = ((t.astype(jnp.int32) + 1) // 4).reshape(B * S)  # visible entries per row
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
                       lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.float32),
-                      grid=(B * S, -(-Nc // p["BLK"])), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"],
-                      num_warps=p["num_warps"], num_stages=p["num_stages"])
+                      grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
+                      BLK=p["BLK"], NB=p["NB"], num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out.reshape(B, S, Nc)
 
 
@@ -307,9 +363,9 @@ def totals_torch(q, hw, packed, scale, lim, S: int):
 
     R, Hi, Di = q.shape
     Nc = packed.shape[1]
-    p = score_plan(Hi)
-    out = torch.full((R, Nc), float("nan"), dtype=torch.float32)
-    _indexer_score_kernel[(R, -(-Nc // p["BLK"]))](q, hw, packed, scale, lim, out, S=S, HI=Hi, HP=p["HP"], DI=Di,
-                                                     NC=Nc, BLK=p["BLK"], num_warps=p["num_warps"],
-                                                     num_stages=p["num_stages"])
+    p = score_plan(Hi, R, Nc, "cpu" if q.device.type == "cpu" else None)
+    out = torch.full((R, Nc), float("nan"), dtype=torch.float32, device=q.device)
+    _indexer_score_kernel[(R, -(-Nc // (p["BLK"] * p["NB"])))](q, hw, packed, scale, lim, out, S=S, HI=Hi,
+                                                               HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"],
+                                                               num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out
