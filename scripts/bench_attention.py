@@ -10,8 +10,8 @@ program (no host round trips; caches rotate so reads come from HBM).
 
 ``--mode indexer``: the lightning indexer's decode call of a CSA layer (``indexer_topk``: scores of the query row
 against every visible compressed key, ``ctx / 4`` of them in the FP4 layout, then the top-512) at each ``--contexts``,
-the XLA reference beside the opt-in Triton scoring kernel, each with the top-k in two levels at each ``--topk-blocks``
-(0: one ``top_k``), checked to select the same ids; bytes = the key cache each row reads.
+the XLA path beside the Triton scoring kernel, each with the top-k in two levels at each ``--topk-blocks`` (0: one
+``top_k``; two levels apply from 8 rows on), checked to select the same ids; bytes = the key cache each row reads.
 
 ``--mode prefill``: real-shape V4-Flash layers (``bench_decode.flash_layers``: CSA, HCA, ...) with random weights,
 a prompt of ``--prefill-len`` tokens fed in chunks of ``--chunk`` tokens (the state sized for the whole prompt plus
@@ -146,9 +146,11 @@ def indexer_case(cfg, B: int, ctx: int, key):
 
 
 def bench_indexer(cfg, args, rates) -> list[dict]:
-    """The indexer's decode call (scores of every visible compressed key + top-k) at each context: the XLA reference
-    and, where Triton runs, the opt-in scoring kernel (``kernels="triton"``: one kernel for the totals, then the same
-    ``top_k``). Bytes = the FP4 key cache each row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
+    """The indexer's decode call (scores of every visible compressed key + top-k) at each context: the XLA path
+    (``kernels="reference"``) and, where Triton runs, the scoring kernel (``kernels="triton"``: one kernel for the
+    totals, then the top-k), each with ``indexer.TOPK_BLOCK`` set to every ``--topk-blocks`` value (it applies from
+    ``indexer.TOPK_MIN_ROWS`` rows on) and checked to select the ids of the first. Bytes = the FP4 key cache each
+    row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
     impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
     rows, default_block = [], indexer_mod.TOPK_BLOCK
     for ctx in map(int, args.contexts.split(",")):

@@ -167,13 +167,12 @@ def top_k_two_level(x: jax.Array, k: int, block: int | None = None) -> tuple[jax
     """``jax.lax.top_k(x, k)`` over the last axis, bit for bit, in two levels: the top ``k`` of each ``block``
     entries (the last block padded with -inf after the row's end), then the top ``k`` of those candidates in block
     order. Why: 32 decode rows of the indexer at 1M tokens hold 262,144 totals each; with two levels of 4,096 the
-    call (scoring kernel + selection) took 2.2 instead of 3.5 ms on an H200 (docs/performance.md; one row measured no
-    faster). Exact, ties included: an entry among the row's first ``k`` in
-    (value desc, position asc) order is among its block's first ``k``, and in the candidates (blocks in order, each
-    sorted by value desc, position asc) equal values stand in position order, which ``top_k`` keeps; padding sits
-    after every real entry, so it is never chosen while ``k <= n``. ``block``: default :data:`TOPK_BLOCK` on
-    accelerators from :data:`TOPK_MIN_ROWS` rows on; rows of at most ``2 * block`` entries (and ``block < k``, CPUs,
-    0) take one ``top_k``."""
+    call (scoring kernel + selection) took 2.2 instead of 3.5 ms on an H200 (docs/performance.md; one row measured
+    no faster). Exact, ties included: an entry among the row's first ``k`` in (value desc, position asc) order is
+    among its block's first ``k``, and in the candidates (blocks in order, each sorted by value desc, position asc)
+    equal values stand in position order, which ``top_k`` keeps; padding sits after every real entry, so it is never
+    chosen while ``k <= n``. ``block``: default :data:`TOPK_BLOCK` on accelerators from :data:`TOPK_MIN_ROWS` rows
+    on; rows of at most ``2 * block`` entries (and ``block < k``, CPUs, 0) take one ``top_k``."""
     n = x.shape[-1]
     if block is None:  # measured: one row (batch-1 decode) is no faster in two levels, 32 rows are (1M: 1.6x)
         block = 0 if jax.default_backend() == "cpu" or x.size // max(n, 1) < TOPK_MIN_ROWS else TOPK_BLOCK
@@ -324,10 +323,10 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     keeps ~2 programs per SM (each program loads its row's queries once: with one block per program, an H200 at
     batch 32 and 1M tokens re-read 16 KB of queries per 4.3 KB of keys); 2 on CPUs (the interpreter: the loop
     covered)."""
-    target = target or arch()
-    blocks = -(-n_c // 64)
-    nb = 2 if target == "cpu" else max(1, min(16, rows * blocks // (2 * SM_COUNT.get(target, 132))))
-    return dict(BLK=64, NB=nb, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
+    target, blk = target or arch(), 64
+    blocks = -(-n_c // blk)
+    nb = 2 if target == "cpu" else max(1, min(16, rows * blocks // (2 * SM_COUNT[target])))
+    return dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
 
 
 def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
