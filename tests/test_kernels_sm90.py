@@ -68,8 +68,8 @@ def _compile(fn, pointers: dict, constexprs: dict, options: dict, sass: list | N
     return k.metadata.shared, max(spills)
 
 
-def _loop_barriers(sass: list) -> int:
-    """``BAR.SYNC`` instructions inside the longest backward-branch loop of a kernel's SASS (its K loop)."""
+def _longest_loop(sass: list) -> list:
+    """The lines of the longest backward-branch loop of a kernel's SASS (its K loop)."""
     labels = {line.rstrip(":"): i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
     best: list = []
     for i, line in enumerate(sass):
@@ -77,7 +77,17 @@ def _loop_barriers(sass: list) -> int:
         if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
             best = sass[labels[m.group(1)]:i + 1]
     assert best, "no loop found in the SASS"
-    return sum("BAR.SYNC" in line for line in best)
+    return best
+
+
+def _loop_barriers(sass: list) -> int:
+    """``BAR.SYNC`` instructions inside the longest backward-branch loop of a kernel's SASS (its K loop)."""
+    return sum("BAR.SYNC" in line for line in _longest_loop(sass))
+
+
+def _loop_instructions(sass: list) -> int:
+    """Machine instructions (lines with an address comment) in the kernel's K loop."""
+    return sum(bool(re.search(r"/\*[0-9a-f]{4}\*/", line)) for line in _longest_loop(sass))
 
 
 @pytest.mark.parametrize("rows,K", [(1, 640), (32, 640), (1, 8320), (32, 8320), (256, 640)],
@@ -127,6 +137,35 @@ def test_moe_gemv_plans_fit(model, n_pairs, target):
         # step (a layout mismatch, e.g. an activation factor indexed per 128-block, brought 4-8 barriers back)
         if target == "sm90":
             assert _loop_barriers(sass) == 0, f"{fn.__name__} {t}: barriers in the K loop (a layout conversion)"
+
+
+@pytest.mark.parametrize("model", ["flash", "pro"])
+def test_moe_mma_plans_fit(model, target):
+    """The tensor-core FP4 expert GEMV (``fp4_moe_mma``, opt-in) at V4-Flash / V4-Pro expert shapes: fits, no spills,
+    and on sm_90a the design's point holds: the K loop spends at most 3.5 instructions per weight element (the FMA
+    GEMV kernels: ~4.8), its multiply-adds on the tensor cores (HGMMA)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels import fp4_moe_mma as g
+
+    cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
+    D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
+    t = g.mma_tiles(target, D, I)
+    options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    meta = {k: v for k, v in g._kw(t, E, False).items() if not k.startswith("num_")}
+    p1 = dict(xc_ptr="*fp16", xs_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
+              w3p="*u8", w3s="*u8", h_ptr="*bf16")
+    p2 = dict(hc_ptr="*fp16", hs_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
+    for fn, ptrs, meta_k, mats in ((g._gate_up_mma, p1, dict(D=D, I=I, LIMIT=10.0, **meta), 2),
+                                   (g._down_mma, p2, dict(D=D, I=I, **meta), 1)):
+        sass: list = []
+        smem, spill = _compile(fn, ptrs, meta_k, options, sass, target=target)
+        assert smem <= SMEM[target] and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
+        if target == "sm90":
+            per_thread = mats * t["BN"] * 8 * t["NW8"] / (32 * t["num_warps"])  # weight elements per thread and step
+            per_element = _loop_instructions(sass) / per_thread
+            assert per_element <= 3.5, f"{fn.__name__}: {per_element:.2f} instructions per weight element"
+            assert any("HGMMA" in line for line in _longest_loop(sass)), f"{fn.__name__}: no wgmma in the K loop"
 
 
 @pytest.mark.parametrize("K,dtype", [(4096, "bf16"), (7168, "fp32"), (2048, "bf16")])

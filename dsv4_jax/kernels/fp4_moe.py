@@ -60,6 +60,7 @@ import triton.language as tl
 from dsv4_jax.kernels import arch, triton_call, use_triton
 from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid, e8m0, pow2, round_bf16
 from dsv4_jax.kernels.fp4_moe_gemv import check_gemv_shapes, gemv_tiles, launch_gemv_jax
+from dsv4_jax.kernels.fp4_moe_mma import launch_mma_jax, mma_tiles
 from dsv4_jax.kernels.fp4_moe_scaled import act_codes, check_scaled_shapes, launch_scaled_jax
 from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
 from dsv4_jax.modeling.quant import Fp4Tensor, quantize_act
@@ -312,11 +313,19 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
                          tile: dict | None = None) -> jax.Array:
     """The Triton path of :func:`fp4_moe_pairs` (``x [T, D]`` the tokens, ``xq`` their FP8-quantized fp32 values;
     ``tile`` overrides entries of :func:`tiles` or :func:`fp4_moe_gemv.gemv_tiles`, for tuning; ``GEMV=0`` forces
-    the tiled kernels, ``GEMV=1`` the GEMV ones). Decode sizes (:func:`use_gemv`) take the GEMV kernels."""
+    the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma` (opt-in, not
+    yet timed on a GPU)). Decode sizes (:func:`use_gemv`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
-    if tile.pop("GEMV", int(use_gemv(R, n_local))):  # decode: the GEMV kernels, pairs as they come
+    gemv = tile.pop("GEMV", int(use_gemv(R, n_local)))
+    if gemv == 2:  # the tensor-core GEMV: same pairs and output as the GEMV kernels
+        t = {**mma_tiles(arch(), D, I), **tile}
+        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
+        y = launch_mma_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32),
+                           e.astype(jnp.int32), w1s, w2s, w3s, float(cfg.swiglu_limit), t)
+        return y.astype(jnp.float32)  # [R, D]
+    if gemv:  # decode: the GEMV kernels, pairs as they come
         # Sorting by expert buys nothing with one pair per block row (repeated experts meet in L2: the grid walks
         # all pairs of one weight tile together), while group_pairs' sort, scatters and cumsums and the gather back
         # were ~12 of the ~70 kernels of a decode layer on an H200 (scripts/count_launches.py). Same bits per pair.
