@@ -12,8 +12,8 @@ Inputs are random, at V4-Flash shapes:
   hc = 4 streams of 4096, ``--batch`` tokens;
 * ``--op moe``: the FP4 MoE decode GEMV (:func:`fp4_moe_gemv.launch_gemv_torch`: both stages, both activation
   kernels) for ``--batch`` tokens of 6 experts each; plan overrides are :func:`fp4_moe_gemv.gemv_tiles` entries;
-  ``MMA=1`` takes the tensor-core GEMV of :mod:`fp4_moe_mma` instead (its two kernels alone: the activations are
-  prepared once, by JAX on the host; overrides are :func:`fp4_moe_mma.mma_tiles` entries);
+  ``MMA=1`` takes the tensor-core GEMV of :mod:`fp4_moe_mma` instead (:func:`fp4_moe_mma.launch_mma_torch`, the
+  same four launches; overrides are :func:`fp4_moe_mma.mma_tiles` entries);
 * ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation; the split-K partials summed by
   torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan overrides are
   :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``, ``num_stages``).
@@ -130,14 +130,9 @@ def moe_case(args, g):
     touched = len(torch.unique(e))
 
     def launcher(over):
-        if over.pop("MMA", 0):  # the tensor-core GEMV's two kernels on activations prepared once
+        if over.pop("MMA", 0):  # the tensor-core GEMV (both stages, both activation kernels)
             t = {**fp4_moe_mma.mma_tiles("sm90", D, I), **over}
-            h, _ = fp4_moe_mma.launch_mma_torch(x, tok, wt, e, w1, w2, w3, 10.0, t, interpret=False)
-            xc, xs = fp4_moe_mma.codes_torch(x, t["NW8"])
-            hc, hs = fp4_moe_mma.codes_torch(torch.nan_to_num(h), t["NW8"])
-            y = torch.empty(T * k, D, device="cuda", dtype=torch.float32)
-            return (lambda: fp4_moe_mma.kernels_torch(xc, xs, hc, hs, tok, wt, e, w1, w2, w3, h, y, 10.0, t,
-                                                      False)), t
+            return (lambda: fp4_moe_mma.launch_mma_torch(x, tok, wt, e, w1, w2, w3, 10.0, t, interpret=False)), t
         t = {**fp4_moe_gemv.gemv_tiles("sm90", D, I, T * k), **over}
         return (lambda: fp4_moe_gemv.launch_gemv_torch(x, tok, wt, e, w1, w2, w3, 10.0, t)), t
 

@@ -25,10 +25,12 @@ from dsv4_jax.modeling import experts as ex
 from dsv4_jax.modeling.quant import fp8_act_quant, quantized_input
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_kernels_act_words import _input  # noqa: E402
 from test_kernels_fp4_moe import _close_bf16, _down_ref, _hidden_ref, _pairs, _weights  # noqa: E402
 
 SEED = 4321
 CASES = [(1, "ragged", 512), (4, "hot", 512), (2, "ragged", 1024)]  # (tokens, expert loads, D); I = 512, E = 6
+ACT_CASES = [(3, 2048, "bf16"), (2, 4096, "f32"), (1, 512, "bf16")]  # activation kernel: (rows, K, input dtype)
 
 
 def test_act_codes16_layout():
@@ -54,10 +56,13 @@ def _interpret_main(inp: str, out: str):
     """Subprocess body: both kernels for every case in ``inp`` (npz) -> h and y in ``out``."""
     import torch
 
-    from dsv4_jax.kernels.fp4_moe_mma import launch_mma_torch, mma_tiles
+    from dsv4_jax.kernels.fp4_moe_mma import codes_torch, launch_mma_torch, mma_tiles
 
     z = np.load(inp)
     res = {}
+    for c in range(len(ACT_CASES)):
+        xc, xs = codes_torch(torch.from_numpy(z[f"act{c}_x"]), 64, nb=c + 1 if c < 2 else 1)
+        res[f"act{c}_xc"], res[f"act{c}_xs"] = xc.numpy().view(np.uint16), xs.numpy()
     for c in range(int(z["n_cases"])):
         g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
         w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
@@ -82,6 +87,8 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(x=x, xq=quantized_input(x, True), tok=tok, e=e, wt=wt, w=(w1, w2, w3)))
+    for c, (R, K, dtype) in enumerate(ACT_CASES):
+        arrays[f"act{c}_x"] = _input(R, K, SEED + c, dtype)
     tmp = tmp_path_factory.mktemp("fp4_moe_mma")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -89,6 +96,25 @@ def interpreted(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
     return cfg, cases, np.load(tmp / "out.npz")
+
+
+@pytest.mark.parametrize("c", range(len(ACT_CASES)), ids=[f"R{R}-K{K}-{t}" for R, K, t in ACT_CASES])
+def test_act_kernel_bit_for_bit(interpreted, c):
+    """The activation kernel (interpreted; 1-2 blocks per program) gives :func:`act_codes16`'s codes and factors bit
+    for bit, on mixed magnitudes with zeros of both signs, e4m3 rounding ties, subnormals, blocks under the scale's
+    floor, amax at 448 and its neighbours, and infinities (``tests/test_kernels_act_words.py``'s inputs)."""
+    from dsv4_jax.kernels.fp4_moe_mma import act_codes16
+
+    _, _, out = interpreted
+    R, K, dtype = ACT_CASES[c]
+    x = _input(R, K, SEED + c, dtype)
+    xc, xs = act_codes16(jnp.asarray(x, jnp.bfloat16 if dtype == "bf16" else jnp.float32), 64)
+    want = np.asarray(xc).view(np.uint16)
+    got = out[f"act{c}_xc"]
+    nan = np.isnan(np.asarray(xc, np.float32))
+    assert np.array_equal(np.isnan(got.view(np.float16)), nan), "NaN codes in other places"
+    assert np.array_equal(got[~nan], want[~nan]), f"{int((got[~nan] != want[~nan]).sum())} codes differ"
+    assert np.array_equal(out[f"act{c}_xs"].view(np.uint32), np.asarray(xs).view(np.uint32)), "factors differ"
 
 
 @pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-D{D}" for T, kind, D in CASES])

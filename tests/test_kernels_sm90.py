@@ -143,7 +143,8 @@ def test_moe_gemv_plans_fit(model, n_pairs, target):
 def test_moe_mma_plans_fit(model, target):
     """The tensor-core FP4 expert GEMV (``fp4_moe_mma``, opt-in) at V4-Flash / V4-Pro expert shapes: fits, no spills,
     and on sm_90a the design's point holds: the K loop spends at most 3.5 instructions per weight element (the FMA
-    GEMV kernels: ~4.8), its multiply-adds on the tensor cores (HGMMA)."""
+    GEMV kernels: ~4.8), its multiply-adds on the tensor cores (HGMMA); its activation kernel compiles without
+    spills."""
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe_mma as g
@@ -166,6 +167,10 @@ def test_moe_mma_plans_fit(model, target):
             per_element = _loop_instructions(sass) / per_thread
             assert per_element <= 3.5, f"{fn.__name__}: {per_element:.2f} instructions per weight element"
             assert any("HGMMA" in line for line in _longest_loop(sass)), f"{fn.__name__}: no wgmma in the K loop"
+    for K in (D, I):  # its activation kernel, one block per one-warp program
+        smem, spill = _compile(g._act_codes16_kernel, dict(x_ptr="*bf16", xc_ptr="*fp16", xs_ptr="*fp32"),
+                               dict(K=K, NW8=t["NW8"], NB=1), dict(num_warps=1, num_stages=1), target=target)
+        assert spill == 0, f"_act_codes16_kernel K={K}: {spill} spills"
 
 
 @pytest.mark.parametrize("K,dtype", [(4096, "bf16"), (7168, "fp32"), (2048, "bf16")])

@@ -25,7 +25,7 @@ The product, for one pair and ``BN`` weight rows, one K step of ``S = 8 NW8`` co
 
 Stage 1 writes ``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` (``g, u`` rounded to bf16), stage 2
 ``y = bf16(act_quant(h) @ w2.T)``: the roundings and order contract of :mod:`fp4_moe`. The activations are quantized
-and permuted by XLA (:func:`act_codes16`) before each stage.
+and permuted before each stage by one launch (:func:`act_codes16_triton`, bit for bit :func:`act_codes16`).
 
 Status: opt-in (``fp4_moe_pairs_triton(..., tile={"GEMV": 2})``); tested under the interpreter (CI) and compiled for
 sm_90a and gfx950 without a GPU; not yet run or timed on a GPU. Needs ``K`` (D and I) multiples of ``S = 512`` and
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import round_bf16
+from dsv4_jax.kernels.common import act_quant_block, pow2, round_bf16
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -56,6 +56,41 @@ def act_codes16(x: jax.Array, nw8: int) -> tuple[jax.Array, jax.Array]:
     xc = q.reshape(R, K // (8 * nw8), nw8, 2, 4).transpose(0, 1, 4, 2, 3).reshape(R, K).astype(jnp.float16)
     xs = jnp.repeat(s[..., 0] * np.float32(2.0**14), 4, axis=-1)  # [R, K/32]
     return xc, xs
+
+
+@triton.jit
+def _act_codes16_kernel(x_ptr, xc_ptr, xs_ptr, K: tl.constexpr, NW8: tl.constexpr, NB: tl.constexpr):
+    """:func:`act_codes16` of ``NB`` 128-wide blocks of one row: row ``program_id(0)`` of ``x [R, K]`` (bf16 or
+    fp32), blocks ``[NB * program_id(1), + NB)`` -> their fp16 codes at their permuted places in ``xc [R, K]`` and
+    the factors ``2**(e + 14)`` (4 per block) in ``xs [R, K/32]``; the reference's special values kept
+    (:func:`common.act_quant_block`)."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * NB + tl.arange(0, NB)  # [NB] the row's 128-wide blocks
+    c = blk[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NB, 128] columns
+    q, e = act_quant_block(tl.load(x_ptr + row * K + c).to(tl.float32))  # [NB, 128] e4m3 codes, [NB] exponents
+    S: tl.constexpr = 8 * NW8  # a K step: column 8 i + 4 j + m of it goes to 2 NW8 m + 2 i + j
+    cl = c % S
+    tl.store(xc_ptr + row * K + c - cl + (cl % 4) * (2 * NW8) + (cl // 8) * 2 + (cl // 4) % 2, q.to(tl.float16))
+    f = tl.broadcast_to((pow2(e) * 16384.0)[:, None], (NB, 4))  # [NB, 4] 2**e * 2**14 (inf, -0.0 as the reference)
+    tl.store(xs_ptr + row * (K // 32) + blk[:, None] * 4 + tl.arange(0, 4)[None, :], f)
+
+
+def act_codes16_triton(x: jax.Array, nw8: int, nb: int = 1) -> tuple[jax.Array, jax.Array]:
+    """:func:`act_codes16` (the same arrays, bit for bit) in one launch: ``x [R, K]`` bf16 or fp32; ``nb`` 128-wide
+    blocks per one-warp-per-block program (1 on GPUs: the most programs for the least latency)."""
+    R, K = x.shape
+    _check_act(K, nw8, nb)
+    out = (jax.ShapeDtypeStruct((R, K), jnp.float16), jax.ShapeDtypeStruct((R, K // 32), jnp.float32))
+    if R == 0:
+        return jnp.zeros(out[0].shape, jnp.float16), jnp.zeros(out[1].shape, jnp.float32)
+    return triton_call(x, kernel=_act_codes16_kernel, out_shape=out, grid=(R, K // (128 * nb)), K=K, NW8=nw8, NB=nb,
+                       num_warps=nb, num_stages=1)
+
+
+def _check_act(K: int, nw8: int, nb: int) -> None:
+    if K % 128 or K % (8 * nw8) or (K // 128) % nb:
+        raise ValueError(f"act_codes16: K={K} is not tiled by 128-wide blocks ({nb} per program) and K steps of "
+                         f"8*NW8={8 * nw8} columns")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -99,7 +134,7 @@ def _partials(wp, n, K: tl.constexpr, c0, xb0, onehot, BN: tl.constexpr, NW8: tl
     r = tl.arange(0, 2 * NW8)
     p = tl.zeros((BN, NW8 // 4), tl.float32)
     for m in tl.static_range(4):
-        b = tl.load(xb0 + 2 * NW8 * m + r)[:, None] * onehot  # [2 NW8, NG] block-diagonal
+        b = tl.trans(tl.load(xb0 + 2 * NW8 * m + r)[None, :] * onehot)  # [2 NW8, NG] block-diagonal
         p = _dot(_operand(_pair16(w, m), BN, NW8), b, p, INTERPRET)
     return p
 
@@ -116,7 +151,7 @@ def _factors(ws, n, K: tl.constexpr, c0, xs, NG: tl.constexpr):
 def _onehot(NW8: tl.constexpr):
     """``[2 NW8, NW8/4]`` fp16: 1 where K row ``r`` (word ``r // 2``) belongs to scale group ``r // 8``."""
     r = tl.arange(0, 2 * NW8)
-    return ((r // 8)[:, None] == tl.arange(0, NW8 // 4)[None, :]).to(tl.float16)
+    return ((r // 8)[None, :] == tl.arange(0, NW8 // 4)[:, None]).to(tl.float16)
 
 
 @triton.jit
@@ -189,42 +224,37 @@ def _kw(t: dict, E: int, interpret: bool) -> dict:
 
 def launch_mma_jax(x, tok, wt, e, w1, w2, w3, limit: float, t: dict) -> jax.Array:
     """Both kernels: ``x [T, D]`` the raw tokens, ``tok/wt/e [R]`` the pairs -> ``y [R, D]`` bf16 (zeros for other
-    devices' pairs). The activations are quantized and permuted by XLA (:func:`act_codes16`)."""
+    devices' pairs). The activations are quantized and permuted before each stage by one launch
+    (:func:`act_codes16_triton`)."""
     E, I, D2 = w1.packed.shape
     D, R = 2 * D2, tok.shape[0]
     check_mma_shapes(D, I, t)
-    xc, xs = act_codes16(x, t["NW8"])
+    xc, xs = act_codes16_triton(x, t["NW8"])
     h = triton_call(xc, xs, tok, wt, e, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_mma,
                     out_shape=jax.ShapeDtypeStruct((R, I), jnp.bfloat16), grid=(R, I // t["BN"]), D=D, I=I,
                     LIMIT=limit, **_kw(t, E, False))
-    hc, hs = act_codes16(h, t["NW8"])  # rows of other devices' pairs are unwritten here and never read
+    hc, hs = act_codes16_triton(h, t["NW8"])  # rows of other devices' pairs are unwritten here and never read
     return triton_call(hc, hs, e, w2.packed, w2.scale, kernel=_down_mma,
                        out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // t["BN"]), D=D, I=I,
                        **_kw(t, E, False))
 
 
-def codes_torch(v, nw8: int):
-    """:func:`act_codes16` of a torch tensor ``v [R, K]`` (computed by JAX on the host) -> ``(xc, xs)`` on
-    ``v``'s device."""
+def codes_torch(v, nw8: int, nb: int = 1):
+    """:func:`_act_codes16_kernel` on a torch tensor ``v [R, K]`` -> ``(xc, xs)`` on ``v``'s device."""
     import torch
 
-    xc, xs = act_codes16(jnp.asarray(v.detach().float().cpu().numpy()), nw8)
-    return torch.from_numpy(np.asarray(xc)).to(v.device), torch.from_numpy(np.asarray(xs)).to(v.device)
-
-
-def kernels_torch(xc, xs, hc, hs, tok, wt, e, w1, w2, w3, h, y, limit: float, t: dict, interpret: bool):
-    """Both kernels on prepared activations (torch tensors): stage 1 writes ``h [R, I]`` from ``xc/xs``, stage 2
-    ``y [R, D]`` from ``hc/hs`` (:func:`codes_torch` of an ``h``). ``probe_kernels.py`` times this pair alone."""
-    E, I, D2 = w1[0].shape
-    D, R = 2 * D2, tok.shape[0]
-    _gate_up_mma[(R, I // t["BN"])](xc, xs, tok, wt, e, *w1, *w3, h, D=D, I=I, LIMIT=limit, **_kw(t, E, interpret))
-    _down_mma[(R, D // t["BN"])](hc, hs, e, *w2, y, D=D, I=I, **_kw(t, E, interpret))
+    R, K = v.shape
+    _check_act(K, nw8, nb)
+    xc = torch.full((R, K), float("nan"), dtype=torch.float16, device=v.device)
+    xs = torch.full((R, K // 32), float("nan"), dtype=torch.float32, device=v.device)
+    _act_codes16_kernel[(R, K // (128 * nb))](v, xc, xs, K=K, NW8=nw8, NB=nb, num_warps=nb, num_stages=1)
+    return xc, xs
 
 
 def launch_mma_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict, interpret: bool = True):
-    """The same kernels on torch tensors (the interpreter tests): ``x [T, D]`` (any float dtype), ``w*``
-    ``(packed, scale)`` uint8 tensors; the activations through :func:`codes_torch`. Returns ``(h [R, I], y [R, D])``
-    fp32; other devices' pairs keep ``nan`` in ``h`` and get zeros in ``y``."""
+    """The same kernels on torch tensors (the interpreter tests, ``probe_kernels.py``): ``x [T, D]`` (any float
+    dtype), ``w*`` ``(packed, scale)`` uint8 tensors; the activations through :func:`codes_torch` (the jax path's
+    kernel). Returns ``(h [R, I], y [R, D])`` fp32; other devices' pairs keep ``nan`` in ``h``, zeros in ``y``."""
     import torch
 
     E, I, D2 = w1[0].shape
