@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -328,8 +329,15 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative-kernels", default="", help="comma list: time speculation for these --kernels only")
     ap.add_argument("--check", action="store_true", help="first check mesh equality on a small config")
     ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
+    ap.add_argument("--moe-tile", default="", help="FP4 MoE tile overrides for every call, e.g. 'GEMV=2' (the opt-in "
+                    "tensor-core GEMV): sets DSV4_MOE_TILE (dsv4_jax.kernels.fp4_moe.tile_override)")
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
+    if args.moe_tile:
+        os.environ["DSV4_MOE_TILE"] = args.moe_tile
+        from dsv4_jax.kernels.fp4_moe import tile_override
+
+        tile_override()  # a malformed value fails here, not in the middle of a timing
     meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes.split(",")]
     print(f"devices: {jax.devices()}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "args": vars(args)}

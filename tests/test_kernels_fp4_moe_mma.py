@@ -145,5 +145,20 @@ def test_bad_shapes_named():
         check_mma_shapes(256, 512, mma_tiles("cpu", 256, 512))
 
 
+def test_tile_override_env(monkeypatch):
+    """``DSV4_MOE_TILE`` (the benchmarks' way to pick ``GEMV=2`` for a whole decode step) parses KEY=INT entries and
+    refuses anything else, naming the entry."""
+    from dsv4_jax.kernels.fp4_moe import tile_override
+
+    monkeypatch.setenv("DSV4_MOE_TILE", "GEMV=2,num_stages=2")
+    assert tile_override() == {"GEMV": 2, "num_stages": 2}
+    monkeypatch.setenv("DSV4_MOE_TILE", "")
+    assert tile_override() == {}
+    for bad in ("GEMV=x", "FOO=1", "GEMV"):
+        monkeypatch.setenv("DSV4_MOE_TILE", bad)
+        with pytest.raises(ValueError, match=f"'{bad}' is not KEY=INT"):
+            tile_override()
+
+
 if __name__ == "__main__":
     _interpret_main(sys.argv[1], sys.argv[2])

@@ -52,6 +52,8 @@ the kernels dot fp32 copies of the same bf16-exact values).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import triton
@@ -291,6 +293,23 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
+TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "BN", "NG", "NW8", "num_warps", "num_stages")
+
+
+def tile_override() -> dict:
+    """Tile entries from the ``DSV4_MOE_TILE`` environment variable (``"GEMV=2,num_stages=2"``; empty: none), applied
+    to every MoE call traced after it is set: a benchmark knob (``bench_decode.py --moe-tile``), e.g. to time a decode
+    step with the opt-in tensor-core GEMV. Every variant computes the same contract (:func:`fp4_moe_pairs`)."""
+    text = os.environ.get("DSV4_MOE_TILE", "")
+    out = {}
+    for kv in filter(None, text.split(",")):
+        key, _, val = kv.partition("=")
+        if key not in TILE_KEYS or not val.lstrip("-").isdigit():
+            raise ValueError(f"DSV4_MOE_TILE={text!r}: {kv!r} is not KEY=INT with KEY one of {TILE_KEYS}")
+        out[key] = int(val)
+    return out
+
+
 def use_gemv(n_pairs: int, n_local: int) -> bool:
     """Whether a call takes the GEMV kernels (:mod:`fp4_moe_gemv`, one pair per block row) rather than the tiled
     ones: up to ``n_local`` pairs. Measured on an H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``, wall per
@@ -372,6 +391,6 @@ def fp4_moe_pairs(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool | None = 
                 raise ValueError("fp4_moe: kernels='triton' needs numerics='reference' (the kernels dot bf16 copies "
                                  "of the FP8-quantized activations); use kernels='auto' or 'reference'")
             return fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped)
-        return fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
+        return fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, tile_override())
     return fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped)
 
