@@ -1,13 +1,15 @@
-"""The tensor-core FP4 expert GEMV (``dsv4_jax/kernels/fp4_moe_mma.py``, opt-in ``GEMV=2``) against the reference.
+"""The tensor-core FP4 expert GEMV (``dsv4_jax/kernels/fp4_moe_mma.py``, opt-in ``GEMV=2``, with e4m3 dots ``GEMV=3``)
+against the reference.
 
-CPU: the ``@triton.jit`` kernels under Triton's interpreter in one subprocess (torch CPU tensors), at the smallest
-shapes the kernels tile (D = I = 512: one K step of 512 columns, 16 scale groups per dot) and D = 1024 (two K steps
-of stage 1); decode loads (1 and 4 tokens, k = 3) with ids of other devices' experts. Oracles and tolerances are
+CPU: the ``@triton.jit`` kernels under Triton's interpreter in one subprocess (torch CPU tensors), at shapes of one K
+step (D = I = 256 or 512) and D = 1024 (two K steps of stage 1), both dot kinds (fp16, e4m3); decode loads (1-4
+tokens, k = 3) with ids of other devices' experts. Oracles and tolerances are
 ``tests/test_kernels_fp4_moe.py``'s (exact products summed in another fp32 order: one bf16 ulp of the row maximum,
-under 1 % of elements different; end to end 2e-2 normwise). :func:`act_codes16`'s layout is checked on its own
+under 1 % of elements different; end to end 2e-2 normwise). :func:`act_codes`' layouts are checked on their own
 against the reference quantization, bit for bit.
-GPU: ``tests/test_kernels_fp4_moe.py::test_gpu_matches_reference`` runs the jax path (``GEMV=2`` cases) at V4-Flash
-and V4-Pro expert shapes.
+GPU: ``tests/test_kernels_fp4_moe.py::test_gpu_matches_reference`` runs the jax path (``GEMV=2``, ``GEMV=3`` cases) at
+V4-Flash and V4-Pro expert shapes. The interpreter sums exact products in fp32: Hopper's narrower e4m3 accumulation
+(promoted every ``ACC`` = 32 products) is not modelled; the GPU cases and the golden tests decide ``GEMV=3``.
 """
 
 import os
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -29,27 +32,37 @@ from test_kernels_act_words import _input  # noqa: E402
 from test_kernels_fp4_moe import _close_bf16, _down_ref, _hidden_ref, _pairs, _weights  # noqa: E402
 
 SEED = 4321
-CASES = [(1, "ragged", 512), (4, "hot", 512), (2, "ragged", 1024)]  # (tokens, expert loads, D); I = 512, E = 6
-ACT_CASES = [(3, 2048, "bf16"), (2, 4096, "f32"), (1, 512, "bf16")]  # activation kernel: (rows, K, input dtype)
+# (tokens, expert loads, D, I, e4m3 dots); E = 6. D = I = 256: one K step of 256 columns (8 scale groups in a
+# 16-column dot, the golden model's width); 512: one step of 16 groups; D = 1024: two steps of stage 1.
+CASES = [(1, "ragged", 512, 512, 0), (4, "hot", 512, 512, 0), (2, "ragged", 1024, 512, 0), (3, "ragged", 256, 256, 0),
+         (1, "ragged", 512, 512, 1), (4, "hot", 1024, 512, 1), (3, "ragged", 256, 256, 1)]
+ACT_CASES = [(3, 2048, "bf16", 0), (2, 4096, "f32", 0), (1, 512, "bf16", 0), (3, 2048, "bf16", 1),
+             (2, 4096, "f32", 1)]  # activation kernel: (rows, K, input dtype, e4m3 codes)
 
 
-def test_act_codes16_layout():
-    """Column ``8 i + m + 4 j`` of each 8*nw8-wide step lands at ``2 nw8 m + 2 i + j``, as the reference's codes;
-    the factors are 2**(e + 14) per 32 columns."""
-    from dsv4_jax.kernels.fp4_moe_mma import act_codes16
+@pytest.mark.parametrize("f8", [0, 1])
+def test_act_codes_layout(f8):
+    """fp16: column ``8 i + m + 4 j`` of each 8*nw8-wide step lands at ``2 nw8 m + 2 i + j``; e4m3: column ``8 i + 2 b
+    + d`` at ``4 nw8 d + 4 i + b``; the reference's codes, exactly, and factors 2**(e + 14) (e4m3: 2**(e + 6)) per 32
+    columns."""
+    from dsv4_jax.kernels.fp4_moe_mma import act_codes
 
     rng = np.random.default_rng(SEED)
     nw8, R, K = 64, 3, 1024
     x = jnp.asarray(rng.standard_normal((R, K)) * 3, jnp.bfloat16)
-    xc, xs = act_codes16(x, nw8)
+    xc, xs = act_codes(x, nw8, bool(f8))
     q, s = fp8_act_quant(x, 128)
     q, s = np.asarray(q).reshape(R, K), np.asarray(s)[..., 0]
-    xc = np.asarray(xc, np.float32)
+    xc = np.asarray(xc.astype(jnp.float32))
     for c0 in (0, 8 * nw8):
         for i, m, j in ((0, 0, 0), (5, 3, 1), (63, 2, 0), (17, 1, 1)):
-            assert xc[:, c0 + 2 * nw8 * m + 2 * i + j].tolist() == q[:, c0 + 8 * i + m + 4 * j].tolist()
-    assert sorted(xc[1].tolist()) == sorted(q[1].tolist())  # a permutation, fp16 exact
-    assert np.array_equal(np.asarray(xs), np.repeat(s * 2.0**14, 4, axis=1))
+            if f8:  # byte m of word i, nibble j
+                src, dst = 8 * i + 2 * m + j, 4 * nw8 * j + 4 * i + m
+            else:  # nibble m + 4 j of word i
+                src, dst = 8 * i + m + 4 * j, 2 * nw8 * m + 2 * i + j
+            assert xc[:, c0 + dst].tolist() == q[:, c0 + src].tolist()
+    assert sorted(xc[1].tolist()) == sorted(q[1].tolist())  # a permutation, exact
+    assert np.array_equal(np.asarray(xs), np.repeat(s * 2.0 ** (6 if f8 else 14), 4, axis=1))
 
 
 def _interpret_main(inp: str, out: str):
@@ -60,15 +73,15 @@ def _interpret_main(inp: str, out: str):
 
     z = np.load(inp)
     res = {}
-    for c in range(len(ACT_CASES)):
-        xc, xs = codes_torch(torch.from_numpy(z[f"act{c}_x"]), 64, nb=c + 1 if c < 2 else 1)
-        res[f"act{c}_xc"], res[f"act{c}_xs"] = xc.numpy().view(np.uint16), xs.numpy()
+    for c, (_, _, _, f8) in enumerate(ACT_CASES):
+        xc, xs = codes_torch(torch.from_numpy(z[f"act{c}_x"]), 64, bool(f8), nb=1 + c % 2)
+        res[f"act{c}_xc"], res[f"act{c}_xs"] = xc.view(torch.uint8 if f8 else torch.int16).numpy(), xs.numpy()
     for c in range(int(z["n_cases"])):
         g = lambda n, c=c: torch.from_numpy(z[f"{c}_{n}"])  # noqa: E731
         w = [(g(f"w{i}p"), g(f"w{i}s")) for i in (1, 2, 3)]
         E, I, D2 = w[0][0].shape
         h, y = launch_mma_torch(g("x"), g("tok"), g("wt"), g("e"), *w, float(z["limit"]),
-                                mma_tiles("cpu", 2 * D2, I))
+                                mma_tiles("cpu", 2 * D2, I, f8=bool(CASES[c][4])))
         res[f"{c}_h"], res[f"{c}_y"] = h.numpy(), y.numpy()
     np.savez(out, **res)
 
@@ -77,17 +90,18 @@ def _interpret_main(inp: str, out: str):
 def interpreted(tmp_path_factory):
     rng = np.random.default_rng(SEED)
     cfg = d.Config.tiny()
-    E, I, k = 6, 512, 3
+    E, k = 6, 3
     arrays, cases = {"limit": np.float32(cfg.swiglu_limit), "n_cases": len(CASES)}, []
-    for c, (T, kind, D) in enumerate(CASES):
+    for c, (T, kind, D, I, _) in enumerate(CASES):
         w1, w2, w3 = _weights(rng, E, I, D)
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         tok, e, wt = _pairs(rng, T, k, E, kind)
+        e[0], e[-1] = 1, E + 1  # at least one local pair and one of another device
         arrays.update({f"{c}_x": np.asarray(x.astype(jnp.float32)), f"{c}_tok": tok, f"{c}_e": e, f"{c}_wt": wt})
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(x=x, xq=quantized_input(x, True), tok=tok, e=e, wt=wt, w=(w1, w2, w3)))
-    for c, (R, K, dtype) in enumerate(ACT_CASES):
+    for c, (R, K, dtype, _) in enumerate(ACT_CASES):
         arrays[f"act{c}_x"] = _input(R, K, SEED + c, dtype)
     tmp = tmp_path_factory.mktemp("fp4_moe_mma")
     np.savez(tmp / "in.npz", **arrays)
@@ -98,26 +112,30 @@ def interpreted(tmp_path_factory):
     return cfg, cases, np.load(tmp / "out.npz")
 
 
-@pytest.mark.parametrize("c", range(len(ACT_CASES)), ids=[f"R{R}-K{K}-{t}" for R, K, t in ACT_CASES])
+@pytest.mark.parametrize("c", range(len(ACT_CASES)), ids=[f"R{R}-K{K}-{t}-{'e4m3' if f else 'fp16'}"
+                                                         for R, K, t, f in ACT_CASES])
 def test_act_kernel_bit_for_bit(interpreted, c):
-    """The activation kernel (interpreted; 1-2 blocks per program) gives :func:`act_codes16`'s codes and factors bit
+    """The activation kernel (interpreted; 1-2 blocks per program) gives :func:`act_codes`' codes and factors bit
     for bit, on mixed magnitudes with zeros of both signs, e4m3 rounding ties, subnormals, blocks under the scale's
     floor, amax at 448 and its neighbours, and infinities (``tests/test_kernels_act_words.py``'s inputs)."""
-    from dsv4_jax.kernels.fp4_moe_mma import act_codes16
+    from dsv4_jax.kernels.fp4_moe_mma import act_codes
 
     _, _, out = interpreted
-    R, K, dtype = ACT_CASES[c]
+    R, K, dtype, f8 = ACT_CASES[c]
     x = _input(R, K, SEED + c, dtype)
-    xc, xs = act_codes16(jnp.asarray(x, jnp.bfloat16 if dtype == "bf16" else jnp.float32), 64)
-    want = np.asarray(xc).view(np.uint16)
-    got = out[f"act{c}_xc"]
-    nan = np.isnan(np.asarray(xc, np.float32))
-    assert np.array_equal(np.isnan(got.view(np.float16)), nan), "NaN codes in other places"
+    xc, xs = act_codes(jnp.asarray(x, jnp.bfloat16 if dtype == "bf16" else jnp.float32), 64, bool(f8))
+    bits = np.uint8 if f8 else np.uint16
+    want = np.asarray(xc).view(bits)
+    got = out[f"act{c}_xc"].view(bits)
+    nan = np.isnan(np.asarray(xc.astype(jnp.float32)))
+    got_nan = np.isnan(got.view(ml_dtypes.float8_e4m3fn).astype(np.float32) if f8 else got.view(np.float16))
+    assert np.array_equal(got_nan, nan), "NaN codes in other places"
     assert np.array_equal(got[~nan], want[~nan]), f"{int((got[~nan] != want[~nan]).sum())} codes differ"
     assert np.array_equal(out[f"act{c}_xs"].view(np.uint32), np.asarray(xs).view(np.uint32)), "factors differ"
 
 
-@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-D{D}" for T, kind, D in CASES])
+@pytest.mark.parametrize("c", range(len(CASES)), ids=[f"T{T}-{kind}-D{D}-I{I}-{'e4m3' if f else 'fp16'}"
+                                                     for T, kind, D, I, f in CASES])
 def test_interpreter_matches_reference(interpreted, c):
     """Stage 1, stage 2 (on the kernel's own h) and the pairs' outputs against the reference; other devices' pairs
     are zeros."""
@@ -141,8 +159,10 @@ def test_bad_shapes_named():
     """Expert shapes the tensor-core GEMV does not tile are refused, naming the shape (no silent fallback)."""
     from dsv4_jax.kernels.fp4_moe_mma import check_mma_shapes, mma_tiles
 
-    with pytest.raises(ValueError, match="D=256, I=512"):
-        check_mma_shapes(256, 512, mma_tiles("cpu", 256, 512))
+    with pytest.raises(ValueError, match="D=192 is not tiled"):
+        check_mma_shapes(192, 512, mma_tiles("cpu", 192, 512))  # one step of 192 columns: 24 words, not a power of 2
+    with pytest.raises(ValueError, match="BN=192"):
+        check_mma_shapes(512, 512, {**mma_tiles("cpu", 512, 512), "BN": 192})
 
 
 def test_tile_override_env(monkeypatch):

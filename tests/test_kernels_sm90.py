@@ -139,38 +139,41 @@ def test_moe_gemv_plans_fit(model, n_pairs, target):
             assert _loop_barriers(sass) == 0, f"{fn.__name__} {t}: barriers in the K loop (a layout conversion)"
 
 
+@pytest.mark.parametrize("f8", [0, 1], ids=["fp16", "e4m3"])
 @pytest.mark.parametrize("model", ["flash", "pro"])
-def test_moe_mma_plans_fit(model, target):
-    """The tensor-core FP4 expert GEMV (``fp4_moe_mma``, opt-in) at V4-Flash / V4-Pro expert shapes: fits, no spills,
-    and on sm_90a the design's point holds: the K loop spends at most 3.5 instructions per weight element (the FMA
-    GEMV kernels: ~4.8), its multiply-adds on the tensor cores (HGMMA); its activation kernel compiles without
-    spills."""
+def test_moe_mma_plans_fit(model, f8, target):
+    """The tensor-core FP4 expert GEMV (``fp4_moe_mma``, opt-in; fp16 or e4m3 dots) at V4-Flash / V4-Pro expert
+    shapes: fits, no spills, and on sm_90a the design's point holds: the K loop spends at most 3.5 (fp16) or 2.2
+    (e4m3) instructions per weight element (the FMA GEMV kernels: ~4.8), its multiply-adds on the tensor cores
+    (HGMMA / QGMMA); its activation kernel compiles without spills."""
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe_mma as g
 
     cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
-    t = g.mma_tiles(target, D, I)
+    t = g.mma_tiles(target, D, I, f8=bool(f8))
     options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
-    meta = {k: v for k, v in g._kw(t, E, False).items() if not k.startswith("num_")}
-    p1 = dict(xc_ptr="*fp16", xs_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
+    xt = "*fp8e4nv" if f8 else "*fp16"
+    p1 = dict(xc_ptr=xt, xs_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
               w3p="*u8", w3s="*u8", h_ptr="*bf16")
-    p2 = dict(hc_ptr="*fp16", hs_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
-    for fn, ptrs, meta_k, mats in ((g._gate_up_mma, p1, dict(D=D, I=I, LIMIT=10.0, **meta), 2),
-                                   (g._down_mma, p2, dict(D=D, I=I, **meta), 1)):
+    p2 = dict(hc_ptr=xt, hs_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")
+    for fn, ptrs, extra, nw, mats in ((g._gate_up_mma, p1, dict(LIMIT=10.0), t["NW1"], 2),
+                                      (g._down_mma, p2, {}, t["NW2"], 1)):
+        meta = {k: v for k, v in g._kw(t, E, nw, False).items() if not k.startswith("num_")}
         sass: list = []
-        smem, spill = _compile(fn, ptrs, meta_k, options, sass, target=target)
+        smem, spill = _compile(fn, ptrs, dict(D=D, I=I, **extra, **meta), options, sass, target=target)
         assert smem <= SMEM[target] and spill == 0, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
         if target == "sm90":
-            per_thread = mats * t["BN"] * 8 * t["NW8"] / (32 * t["num_warps"])  # weight elements per thread and step
+            per_thread = mats * t["BN"] * 8 * nw / (32 * t["num_warps"])  # weight elements per thread and step
             per_element = _loop_instructions(sass) / per_thread
-            assert per_element <= 3.5, f"{fn.__name__}: {per_element:.2f} instructions per weight element"
-            assert any("HGMMA" in line for line in _longest_loop(sass)), f"{fn.__name__}: no wgmma in the K loop"
+            assert per_element <= (2.2 if f8 else 3.5), f"{fn.__name__}: {per_element:.2f} instructions per element"
+            mma = "QGMMA" if f8 else "HGMMA"
+            assert any(mma in line for line in _longest_loop(sass)), f"{fn.__name__}: no {mma} in the K loop"
     for K in (D, I):  # its activation kernel, one block per one-warp program
-        smem, spill = _compile(g._act_codes16_kernel, dict(x_ptr="*bf16", xc_ptr="*fp16", xs_ptr="*fp32"),
-                               dict(K=K, NW8=t["NW8"], NB=1), dict(num_warps=1, num_stages=1), target=target)
-        assert spill == 0, f"_act_codes16_kernel K={K}: {spill} spills"
+        smem, spill = _compile(g._act_codes_kernel, dict(x_ptr="*bf16", xc_ptr=xt, xs_ptr="*fp32"),
+                               dict(K=K, NW8=64, NB=1, F8=f8), dict(num_warps=1, num_stages=1), target=target)
+        assert spill == 0, f"_act_codes_kernel K={K}: {spill} spills"
 
 
 @pytest.mark.parametrize("K,dtype", [(4096, "bf16"), (7168, "fp32"), (2048, "bf16")])

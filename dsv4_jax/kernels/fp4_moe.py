@@ -293,7 +293,8 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
-TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "BN", "NG", "NW8", "num_warps", "num_stages")
+TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "BN", "NG", "NW1", "NW2", "F8", "ACC", "num_warps",
+             "num_stages")
 
 
 def tile_override() -> dict:
@@ -332,14 +333,15 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
                          tile: dict | None = None) -> jax.Array:
     """The Triton path of :func:`fp4_moe_pairs` (``x [T, D]`` the tokens, ``xq`` their FP8-quantized fp32 values;
     ``tile`` overrides entries of :func:`tiles` or :func:`fp4_moe_gemv.gemv_tiles`, for tuning; ``GEMV=0`` forces
-    the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma` (opt-in, not
-    yet timed on a GPU)). Decode sizes (:func:`use_gemv`) take the GEMV kernels."""
+    the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma`, ``GEMV=3``
+    the same with e4m3 dots (both opt-in, not yet run on a GPU)). Decode sizes (:func:`use_gemv`) take the GEMV
+    kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
     gemv = tile.pop("GEMV", int(use_gemv(R, n_local)))
-    if gemv == 2:  # the tensor-core GEMV: same pairs and output as the GEMV kernels
-        t = {**mma_tiles(arch(), D, I), **tile}
+    if gemv in (2, 3):  # the tensor-core GEMV (3: its e4m3 dots): same pairs and output as the GEMV kernels
+        t = {**mma_tiles(arch(), D, I, f8=gemv == 3), **tile}
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
         y = launch_mma_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32),
                            e.astype(jnp.int32), w1s, w2s, w3s, float(cfg.swiglu_limit), t)
