@@ -81,6 +81,21 @@ def golden_dir() -> Path:
     return golden_path()
 
 
+def random_weights(cfg, seed: int):
+    """Random weights for ``cfg``: a random checkpoint in the official format (``write_random_checkpoint``, numpy)
+    read back by ``load_weights``, as ``generate.demo_model`` makes its weights. On the 2-core CI machine this takes
+    ~0.5 s where ``d.init_weights`` (one compiled program per tensor shape; itself run by the README test) took
+    ~6-12 s per config."""
+    import tempfile
+
+    import dsv4_jax as d
+    from dsv4_jax.convert.synthetic import hf_config_dict, write_random_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dsv4_test_w_") as tmp:
+        write_random_checkpoint(tmp, {**hf_config_dict(), **cfg.to_hf_dict()}, seed=seed)
+        return d.load_weights(tmp, cfg)
+
+
 def _memory_mappings() -> int:
     """This process's memory mappings (Linux; 0 where /proc is missing)."""
     try:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_weights
 
 import dsv4_jax as d
 
@@ -33,7 +34,7 @@ def _cfg(**kw):
 def setup():
     cfg = _cfg()
     seed = SEED
-    return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
+    return cfg, random_weights(cfg, seed), np.random.default_rng(seed), seed
 
 
 def _rel(a, b):
@@ -65,8 +66,9 @@ def test_chunked_prefill_equals_one_prefill(setup):
     toks = rng.integers(0, cfg.vocab_size, (2, total))
     full, full_state = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 2, total + 4))
     state, parts, p = d.init_state(cfg, 2, total + 4), [], 0
-    for c in chunks:
-        logits, state = d.forward(w, cfg, jnp.asarray(toks[:, p:p + c]), state)
+    for c in chunks:  # the 1-token chunks pass their (full) lengths: the zero-length test's program
+        n = jnp.full((2,), c, jnp.int32) if c == 1 else None
+        logits, state = d.forward(w, cfg, jnp.asarray(toks[:, p:p + c]), state, lengths=n)
         parts.append(np.asarray(logits))
         p += c
     err = _rel(np.concatenate(parts, 1), full)
@@ -111,13 +113,13 @@ def test_uneven_batch_equals_rows_alone(setup):
 
 def test_zero_length_rows_do_not_change(setup):
     cfg, w, rng, _ = setup
-    n = CHUNKS[0]  # the chunked test's first call (same shapes: its compiled program)
-    toks = rng.integers(0, cfg.vocab_size, (2, n))
-    _, state = d.forward(w, cfg, jnp.asarray(toks), d.init_state(cfg, 2, sum(CHUNKS) + 4))
-    _, state2 = d.forward(w, cfg, jnp.asarray(toks[:, :3]), state, lengths=jnp.asarray([3, 0]))
+    n = CHUNKS[0]  # the chunked test's first two calls (same shapes: its compiled programs)
+    toks = rng.integers(0, cfg.vocab_size, (2, n + 1))
+    _, state = d.forward(w, cfg, jnp.asarray(toks[:, :n]), d.init_state(cfg, 2, sum(CHUNKS) + 4))
+    _, state2 = d.forward(w, cfg, jnp.asarray(toks[:, n:]), state, lengths=jnp.asarray([1, 0], jnp.int32))
     for a, b in zip(jax.tree_util.tree_leaves(state.layers), jax.tree_util.tree_leaves(state2.layers)):
         np.testing.assert_array_equal(np.asarray(a)[1], np.asarray(b)[1])
-    assert np.asarray(state2.pos).tolist() == [n + 3, n]
+    assert np.asarray(state2.pos).tolist() == [n + 1, n]
 
 
 def test_prompt_longer_than_cache_is_a_clear_error(setup):

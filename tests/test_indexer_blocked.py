@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_weights
 
 import dsv4_jax as d
 import dsv4_jax.modeling.indexer as modeling_indexer
@@ -41,11 +42,16 @@ _ref = jax.jit(indexer_topk_reference, static_argnames=("k",))
 _blk = jax.jit(indexer_topk_blocked, static_argnames=("k", "block", "rows"))
 
 
+# The snaps in one program per shape (run op by op they compiled ~100 small programs per test case: CI time)
+_snap = jax.jit(lambda q, keys: (fp4_simulate(q, 32), encode_fp4_cache(keys)))
+_values = jax.jit(cache_values, static_argnums=1)
+
+
 def snapped_inputs(rng, B, S, Hi, Nc, dt=jnp.bfloat16, Di=128):
     """Queries ``[B,S,Hi,Di]`` FP4-snapped, head weights ``[B,S,Hi]``, keys ``[B,Nc,Di]`` as FP4 codes (Fp4Tensor)."""
-    q = fp4_simulate(jnp.asarray(rng.standard_normal((B, S, Hi, Di)), dt), 32)
+    q = jnp.asarray(rng.standard_normal((B, S, Hi, Di)), dt)
     hw = jnp.asarray(rng.standard_normal((B, S, Hi)) * 0.1, dt)
-    keys = encode_fp4_cache(jnp.asarray(rng.standard_normal((B, Nc, Di)), dt))
+    q, keys = _snap(q, jnp.asarray(rng.standard_normal((B, Nc, Di)), dt))
     return q, hw, keys
 
 
@@ -77,7 +83,7 @@ def test_blocked_equals_reference(shape):
     t = positions(starts, S)
     want = np.asarray(_ref(q, hw, keys, t, k=k))
     assert want.shape == (B, S, min(k, Nc))
-    for kv in (keys, cache_values(keys, jnp.bfloat16)):  # FP4 codes decoded per block, and a plain bf16 cache
+    for kv in (keys, _values(keys, jnp.bfloat16)):  # FP4 codes decoded per block, and a plain bf16 cache
         got = np.asarray(_blk(q, hw, kv, t, k=k, block=block))
         np.testing.assert_array_equal(got, want)
     visible = np.minimum((np.asarray(t) + 1) // 4, Nc)  # [B,S]
@@ -88,7 +94,7 @@ def test_blocked_equals_reference_float32():
     """The float32 oracle's act dtype (no bf16 rounding) with snapped values, so the dots stay exact."""
     rng = np.random.default_rng(SEED)
     q, hw, keys = snapped_inputs(rng, 2, 4, 8, 61, dt=jnp.float32)
-    kv = cache_values(keys, jnp.float32)
+    kv = _values(keys, jnp.float32)
     t = positions([2, 230], 4)
     np.testing.assert_array_equal(np.asarray(_blk(q, hw, kv, t, k=12, block=8)),
                                   np.asarray(_ref(q, hw, kv, t, k=12)))
@@ -217,7 +223,7 @@ def test_model_uses_blocked_op(monkeypatch):
     assert modeling_indexer.indexer_topk is indexer_topk
     cfg = d.Config.tiny(window_size=8, index_topk=4, index_n_heads=8, vocab_size=256, n_layers=1,
                         compress_ratios=(4, 0), n_hash_layers=1)
-    w = d.init_weights(cfg, jax.random.key(SEED))
+    w = random_weights(cfg, SEED)
     toks = np.random.default_rng(SEED).integers(0, cfg.vocab_size, (2, 122))
     calls = [(toks[:, :61], [61, 29]), (toks[:, 61:], [61, 61])]  # one shape: one compile per op
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_weights
 
 import dsv4_jax as d
 from dsv4_jax import sharding as sh
@@ -31,7 +32,7 @@ def setup():
     seed = SEED
     cfg = d.Config.tiny(numerics="float32", n_layers=2, compress_ratios=(0, 0, 0), n_hash_layers=1, n_heads=8,
                         o_groups=8, index_n_heads=8, n_routed_experts=16, n_activated_experts=3)
-    w = d.init_weights(cfg, jax.random.key(seed))
+    w = random_weights(cfg, seed)
     return cfg, w, np.random.default_rng(seed), seed
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_weights
 from jax.sharding import PartitionSpec as P
 
 import dsv4_jax as d
@@ -38,7 +39,7 @@ def _small_cfg():
 def model():
     cfg = _small_cfg()
     seed = SEED
-    return cfg, d.init_weights(cfg, jax.random.key(seed)), np.random.default_rng(seed), seed
+    return cfg, random_weights(cfg, seed), np.random.default_rng(seed), seed
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (8, 1)])  # the mixed 2 x 4 mesh: the generation test below (CI time)
