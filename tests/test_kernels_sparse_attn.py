@@ -23,6 +23,7 @@ and of the whole head (a tile straddling the FP8 / RoPE boundary), of half a 256
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -54,25 +55,44 @@ def _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, seed, hole=None, dr=64):
     -1)."""
     import jax.numpy as jnp
 
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    q = f32(rng.standard_normal((B, S, H, Dh)) * 2)
+    caches = [f32(rng.standard_normal((B, n, Dh)) * np.exp2(rng.integers(-2, 3, (B, n, 1)))) for n in (W, S, Nc)]
+    comp = None
+    if n_comp:
+        comp = rng.integers(0, Nc, (B, S, n_comp)) + W + S
+        comp = np.where(rng.random((B, S, n_comp)) < 0.3, -1, comp).astype(np.int32)
+    sink = jnp.asarray(rng.standard_normal(H) * 2, jnp.float32)
+    q, caches, idx = _device_inputs()(q, caches, np.asarray(positions, np.int32), comp, S=S, W=W,
+                                      nope=Dh - dr if fp8 else None, hole=hole)
+    return q, caches, idx, sink
+
+
+@functools.cache
+def _device_inputs():
+    """The device part of :func:`_inputs` as one jitted program per case (run op by op it compiled ~100 small
+    programs per case: CI time): bf16 values (FP8 cache layout with ``nope`` FP8 dims), the index lists."""
+    import jax
+    import jax.numpy as jnp
+
     from dsv4_jax.modeling.attention import window_indices
     from dsv4_jax.modeling.quant import encode_fp8_cache
 
-    rng = np.random.default_rng(seed)
-    bf = lambda a: jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    q = bf(rng.standard_normal((B, S, H, Dh)) * 2)
-    caches = [bf(rng.standard_normal((B, n, Dh)) * np.exp2(rng.integers(-2, 3, (B, n, 1)))) for n in (W, S, Nc)]
-    if fp8:
-        caches = [encode_fp8_cache(c, Dh - dr) for c in caches]
-    pos = jnp.asarray(positions, jnp.int32)
-    idx = window_indices(pos, S, W)  # [B,S,W]
-    if n_comp:
-        comp = rng.integers(0, Nc, (B, S, n_comp)) + W + S
-        comp = np.where(rng.random((B, S, n_comp)) < 0.3, -1, comp)
-        idx = jnp.concatenate([idx, jnp.asarray(comp, jnp.int32)], -1)
-    if hole is not None:
-        idx = idx.at[..., hole[0]:hole[1]].set(-1)
-    sink = jnp.asarray(rng.standard_normal(H) * 2, jnp.float32)
-    return q, caches, idx, sink
+    @functools.partial(jax.jit, static_argnames=("S", "W", "nope", "hole"))
+    def build(q, caches, pos, comp, S, W, nope, hole):
+        q = q.astype(jnp.bfloat16)
+        caches = [c.astype(jnp.bfloat16) for c in caches]
+        if nope is not None:
+            caches = [encode_fp8_cache(c, nope) for c in caches]
+        idx = window_indices(pos, S, W)  # [B,S,W]
+        if comp is not None:
+            idx = jnp.concatenate([idx, comp], -1)
+        if hole is not None:
+            idx = idx.at[..., hole[0]:hole[1]].set(-1)
+        return q, caches, idx
+
+    return build
 
 
 def _reference(q, caches, idx, sink, Nc):
