@@ -22,6 +22,16 @@ _isa = os.environ.get("DSV4_TEST_ISA", "AVX" if platform.machine().lower() in ("
 if _isa != "native" and "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + f" --xla_cpu_max_isa={_isa}").strip()
 
+# LLVM at -O0 for XLA's CPU code (DSV4_TEST_OPT overrides: "default" keeps XLA's level). CPU compile time dominates
+# the suite (a tiny model's forward program takes ~8-15 s to compile on the 2-core CI machine; running it, a fraction
+# of that). Measured 2026-12-02 on that machine: two golden cases (prefill + 24 decode steps each, 6 programs) 36.6 s
+# at XLA's default level, 25.3 s at -O0, and the same logits bit for bit; test_generate.py + test_sampling.py (the
+# most execution-heavy modules) were not slower at -O0. Not expected to change any number: without fast-math flags
+# (XLA's CPU fast math is off by default) LLVM keeps IEEE results at every level, and the AVX ISA above has no FMA.
+_opt = os.environ.get("DSV4_TEST_OPT", "0")
+if _opt != "default" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + f" --xla_backend_optimization_level={_opt}").strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -44,19 +54,20 @@ else:
     jax.config.update("jax_enable_compilation_cache", False)
 
 # Module order for the 2 pytest workers (scripts/test.sh: --dist loadscope --no-loadscope-reorder: a module runs
-# whole on one worker, so its module fixtures, e.g. the interpreter subprocesses, run once). The longest module first,
-# the second longest on the other worker, a small one each to fill their first assignment of two modules, then the
-# rest longest first, so that the run ends on short modules. Seconds per module measured on the 2-core CI machine
-# class (2026-12-01, local clone, both workers busy); unknown modules go last.
-MODULE_ORDER = ("test_golden", "test_sharding", "test_chat", "test_config_weights", "test_speculative",
-                "test_state_formats", "test_indexer_blocked", "test_consistency", "test_generate", "test_on_mesh",
-                "test_kernels_golden", "test_cli", "test_oracle_hf", "test_kernels_sparse_attn", "test_quant",
-                "test_generate_safety", "test_moe_dispatch", "test_sampling", "test_kernels_fp4_moe",
-                "test_kernels_compressor", "test_kernels_indexer", "test_kernels_compressor_indexer",
-                "test_kernels_mhc", "test_synthetic_ckpt", "test_convert",
-                "test_kernels_attn_proj", "test_kernels_fp8", "test_kernels_act_words", "test_convert_hardening",
-                "test_kernels_hadamard", "test_kernels_indexer_query", "test_kernels_sm90", "test_kernels_router",
-                "test_xla_triton", "test_kernels_common")
+# whole on one worker, so its module fixtures, e.g. the interpreter subprocesses, run once): longest first, each
+# module to the worker that frees up first, so that the run ends on short modules. test_golden comes first: the
+# programs it compiles are loaded from the shared compile cache by test_state_formats and test_convert, which run
+# later. Seconds per module measured on the 2-core CI machine (2026-12-02, both workers busy, after the cuts of that
+# day; ~1880 s in all, ~940 s per worker); unknown modules go last.
+MODULE_ORDER = ("test_golden", "test_speculative", "test_sharding", "test_generate", "test_cli", "test_state_formats",
+                "test_kernels_sm90", "test_kernels_golden", "test_consistency", "test_kernels_fp8", "test_on_mesh",
+                "test_indexer_blocked", "test_kernels_fp4_moe", "test_kernels_fp4_moe_mma", "test_kernels_sparse_attn",
+                "test_kernels_indexer", "test_kernels_mhc", "test_kernels_compressor", "test_moe_dispatch",
+                "test_generate_safety", "test_convert_hardening", "test_convert", "test_oracle_hf",
+                "test_kernels_attn_proj", "test_kernels_indexer_query", "test_quant", "test_sampling",
+                "test_synthetic_ckpt", "test_kernels_hadamard", "test_kernels_router", "test_chat",
+                "test_kernels_act_words", "test_kernels_compressor_indexer", "test_config_weights",
+                "test_kernels_common", "test_xla_triton")
 
 
 def pytest_collection_modifyitems(config, items):
