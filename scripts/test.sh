@@ -3,8 +3,6 @@
 # devices where needed). Arguments go to pytest (e.g. a test file, -k EXPR). The 12 slowest tests are listed at
 # the end: CI must stay under 30 minutes on 2 cores. JAX's persistent compilation cache starts empty in a fresh
 # folder per run (DSV4_JAX_CACHE overrides it): tests that compile the same program share it (~4 of 25 minutes).
-# tests/conftest.py sets the test processes' XLA CPU flags: AVX codegen (DSV4_TEST_ISA) and LLVM -O0, which compiles
-# faster with the same numbers (DSV4_TEST_OPT=default: XLA's own level).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh" test

@@ -22,16 +22,6 @@ _isa = os.environ.get("DSV4_TEST_ISA", "AVX" if platform.machine().lower() in ("
 if _isa != "native" and "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + f" --xla_cpu_max_isa={_isa}").strip()
 
-# LLVM at -O0 for XLA's CPU code (DSV4_TEST_OPT overrides: "default" keeps XLA's level). CPU compile time dominates
-# the suite (a tiny model's forward program takes ~8-15 s to compile on the 2-core CI machine; running it, a fraction
-# of that). Measured 2026-12-02 on that machine: two golden cases (prefill + 24 decode steps each, 6 programs) 36.6 s
-# at XLA's default level, 25.3 s at -O0, and the same logits bit for bit; test_generate.py + test_sampling.py (the
-# most execution-heavy modules) were not slower at -O0. Not expected to change any number: without fast-math flags
-# (XLA's CPU fast math is off by default) LLVM keeps IEEE results at every level, and the AVX ISA above has no FMA.
-_opt = os.environ.get("DSV4_TEST_OPT", "0")
-if _opt != "default" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + f" --xla_backend_optimization_level={_opt}").strip()
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
