@@ -340,21 +340,18 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
     gemv = tile.pop("GEMV", int(use_gemv(R, n_local)))
-    if gemv in (2, 3):  # the tensor-core GEMV (3: its e4m3 dots): same pairs and output as the GEMV kernels
-        t = {**mma_tiles(arch(), D, I, f8=gemv == 3), **tile}
-        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
-        y = launch_mma_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32),
-                           e.astype(jnp.int32), w1s, w2s, w3s, float(cfg.swiglu_limit), t)
-        return y.astype(jnp.float32)  # [R, D]
-    if gemv:  # decode: the GEMV kernels, pairs as they come
+    if gemv:  # decode: one pair per block row, the pairs as they come
         # Sorting by expert buys nothing with one pair per block row (repeated experts meet in L2: the grid walks
         # all pairs of one weight tile together), while group_pairs' sort, scatters and cumsums and the gather back
         # were ~12 of the ~70 kernels of a decode layer on an H200 (scripts/count_launches.py). Same bits per pair.
-        t = {**gemv_tiles(arch(), D, I, R), **tile}
+        mma = gemv in (2, 3)  # the tensor-core GEMV (3: its e4m3 dots; it checks its own tiling), else the FMA one
+        t = {**(mma_tiles(arch(), D, I, f8=gemv == 3) if mma else gemv_tiles(arch(), D, I, R)), **tile}
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
-        check_gemv_shapes(D, I, t)
-        y = launch_gemv_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32),
-                            e.astype(jnp.int32), w1s, w2s, w3s, float(cfg.swiglu_limit), t)
+        if not mma:
+            check_gemv_shapes(D, I, t)
+        launch = launch_mma_jax if mma else launch_gemv_jax
+        y = launch(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), e.astype(jnp.int32), w1s,
+                   w2s, w3s, float(cfg.swiglu_limit), t)
         return y.astype(jnp.float32)  # [R, D]
     t = {**tiles(arch(), R, n_local, D, I), **tile}
     if t["BM"] < 16:

@@ -222,8 +222,12 @@ def _row_sums(wpa, wsa, wpb, wsb, n, K: tl.constexpr, xc, xs, BN: tl.constexpr, 
     acc_a = tl.zeros((BN, NCOL), tl.float32)
     acc_b = tl.zeros((BN, NCOL), tl.float32)
     for c0 in range(0, K, 8 * NW8):
-        wb = _words(wpb, n, K, c0, NW8) if TWO else _words(wpa, n, K, c0, NW8)
-        pa, pb = _partials(_words(wpa, n, K, c0, NW8), wb, xc + c0, BN, NW8, NCOL, TWO, F8, ACC, INTERPRET)
+        wa = _words(wpa, n, K, c0, NW8)
+        if TWO:
+            wb = _words(wpb, n, K, c0, NW8)
+        else:  # unused: _partials reads the second words only with TWO
+            wb = wa
+        pa, pb = _partials(wa, wb, xc + c0, BN, NW8, NCOL, TWO, F8, ACC, INTERPRET)
         acc_a += pa * _factors(wsa, n, K, c0, xs, NW8 // 4, NCOL)
         if TWO:
             acc_b += pb * _factors(wsb, n, K, c0, xs, NW8 // 4, NCOL)
