@@ -296,6 +296,38 @@ def test_gpu_matches_reference(model, T, kind, tile):
     assert frac < 0.01, f"{model} T={T} {kind} {tile}: {frac:.2%} of elements beyond one bf16 ulp of row max"
 
 
+@gpu
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("tile", [{"GEMV": 1}, {"GEMV": 2}, {"GEMV": 3}, {"GEMV": 3, "ACC": 32}],
+                         ids=["GEMV1", "GEMV2", "GEMV3", "GEMV3-ACC32"])
+def test_gpu_small_experts(T, tile):
+    """The golden model's expert shape (D = I = 256: the tensor-core GEMV's one-step K loop, ``NW = K / 8``), 8
+    experts, 2 per token, every GEMV kernel forced: the same bounds as :func:`test_gpu_matches_reference`; the
+    errors are printed so that kernels can be compared (``-s``)."""
+    from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
+
+    cfg = d.Config.v4_flash(dim=256, moe_inter_dim=256, n_routed_experts=8, n_activated_experts=2)
+    rng = np.random.default_rng(SEED + 7 * T)
+    E, D, I, k = 8, 256, 256, 2
+    w1, w2, w3 = _weights(rng, E, I, D)
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    xq = quantized_input(x, True)
+    tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
+    e = jnp.asarray(rng.integers(0, E, T * k), jnp.int32)
+    wt = jnp.asarray(rng.uniform(0.05, 2.0, T * k), jnp.float32)
+    got = jax.jit(functools.partial(fp4_moe_pairs_triton, cfg, tile=tile))(x, xq, tok, e, wt, w1, w2, w3)
+    ref = jax.jit(ex.pairs_gathered, static_argnums=0)(cfg, x, xq, tok, e, wt, w1, w2, w3)
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    frac = float((np.abs(got - ref) > BF16_ULP * np.abs(ref).max(-1, keepdims=True)).mean())
+    diff = float((got != ref).mean())
+    print(f"D=I=256 T={T} {tile}: normwise {rel:.2e}, beyond one ulp of row max {frac:.2%}, elements differing "
+          f"{diff:.2%}")
+    assert np.isfinite(got).all()
+    assert rel <= 2e-2, f"T={T} {tile}: normwise error {rel:.2e}"
+    assert frac < 0.01, f"T={T} {tile}: {frac:.2%} of elements beyond one bf16 ulp of row max"
+
+
 if __name__ == "__main__":  # the interpreter subprocess of ``interpreted``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_shim

@@ -334,8 +334,8 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     """The Triton path of :func:`fp4_moe_pairs` (``x [T, D]`` the tokens, ``xq`` their FP8-quantized fp32 values;
     ``tile`` overrides entries of :func:`tiles` or :func:`fp4_moe_gemv.gemv_tiles`, for tuning; ``GEMV=0`` forces
     the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma`, ``GEMV=3``
-    the same with e4m3 dots (both opt-in, not yet run on a GPU)). Decode sizes (:func:`use_gemv`) take the GEMV
-    kernels."""
+    the same with e4m3 dots (both opt-in: the fp16 form is slower than the FMA GEMV, the e4m3 one fails the golden
+    criteria; see :mod:`fp4_moe_mma`)). Decode sizes (:func:`use_gemv`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})

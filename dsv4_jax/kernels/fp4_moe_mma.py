@@ -40,10 +40,15 @@ weights share each step's activation operand), stage 2 ``y = bf16(act_quant(h) @
 contract of :mod:`fp4_moe`. The activations are quantized and permuted before each stage by one launch
 (:func:`act_codes_triton`, bit for bit :func:`act_codes`).
 
-Status: opt-in (``fp4_moe_pairs_triton(..., tile={"GEMV": 2 or 3})``); tested under the interpreter (CI) and
-compiled for sm_90a and gfx950 without a GPU; not yet run or timed on a GPU. Needs D and I multiples of 128 and of
-the K step (512 columns, or the whole K below that: the golden model's 256 works). Portable Triton: integer ops,
-fp16 / e4m3 ``tl.dot`` (e4m3 dots need sm_89+ or gfx950), no inline assembly.
+Status: opt-in (``fp4_moe_pairs_triton(..., tile={"GEMV": 2 or 3})``), and staying so. Measured on an H200
+(2026-12-02, ``docs/performance.md``, the 4 launches of a V4-Flash MoE call as a CUDA graph): ``GEMV=2`` 64-69 us at
+batch 1 and 1,064-1,169 us at batch 32, 12-20 % slower than the FMA GEMV (57 / 955 us), with the same golden logits;
+``GEMV=3`` (2-3 pipeline stages) 52 us / 761-784 us, 8-20 % faster, but the tensor cores' narrow e4m3 sums flip a
+bf16 ulp in 4-5 % of the outputs (normwise 1.5e-4 to 6.6e-4) and the golden all-position test fails (mean abs
+dlogit 0.186 against the bound 0.15; the default 0.020), with ``ACC=32`` as well (0.159). Both pass their GPU kernel
+tests at V4-Flash, V4-Pro and the golden shapes. Needs D and I multiples of 128 and of the K step (512 columns, or
+the whole K below that: the golden model's 256 works). Portable Triton: integer ops, fp16 / e4m3 ``tl.dot`` (e4m3
+dots need sm_89+ or gfx950), no inline assembly.
 """
 
 from __future__ import annotations
