@@ -95,11 +95,14 @@ def _close_bf16(got, ref, what):
 # (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
 # exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
 # CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
-# "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu")).
+# "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu"));
+# "gemv-pf" with the opt-in plan entries: the next K step's loads issued first (PF, 4 steps of 32 columns in
+# stage 1) and the down kernel's own rows and groups per program (DBN, DNG).
 # "scaled" rows run the tl.dot_scaled kernels of fp4_moe_scaled (tests/triton_shim.py emulates the dot, which the
 # interpreter lacks; stage 1 then returns h quantized: compared with the reference act_quant of the oracle's h).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
          (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv"),
+         (5, "ragged", None, "gemv-pf"),
          (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled")]
 
 
@@ -149,8 +152,11 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        if codes == "gemv":
+        gemv = codes in ("gemv", "gemv-pf")
+        if gemv:
             t = gemv_tiles("cpu", D, I, len(tok))
+            if codes == "gemv-pf":
+                t.update(NG=1, PF=1, DBN=32, DNG=2)
         elif codes == "scaled":
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "SCALED": 1, "BN1": 128}
         else:
@@ -159,13 +165,13 @@ def interpreted(tmp_path_factory):
             t["G"] = 4
             qa = quantize_act(x, 128)
             xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
-        elif codes == "gemv":
+        elif gemv:
             xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: quantized by act_words
         elif codes == "scaled":
             xin, xs = map(np.asarray, act_codes(x))  # e4m3 and e8m0 bytes
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
-        if codes == "gemv":  # block row r = pair r, its expert id as it comes
+        if gemv:  # block row r = pair r, its expert id as it comes
             none = np.zeros(1, np.int32)
             rows, bexp, used = none, np.asarray(e, np.int32), none
             slot = np.where((e >= 0) & (e < E), np.arange(len(e)), len(e))
@@ -178,7 +184,7 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
-                          direct=codes == "gemv", scaled=codes == "scaled"))
+                          direct=gemv, scaled=codes == "scaled"))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -253,7 +259,7 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kern
 # kernels above, on an H200 the tl.dot_scaled ones), the GEMV kernels forced at 16 and 64 tokens (one hot expert: many
 # pairs on one weight tile; 32 rows per program), the tiled kernels forced at decode sizes, and the register-
 # dequantizing tiled kernels (SCALED=0) in both dot variants (CODES), and the tensor-core GEMV (GEMV=2, and GEMV=3
-# with its e4m3 dots; opt-in).
+# with its e4m3 dots; opt-in), and the FMA GEMV's opt-in plan entries (PF, DBN, NG 16).
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
              + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]
@@ -261,7 +267,8 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
              + [(1, "route", {"GEMV": 0, "SCALED": 0, "CODES": 1}), (64, "hot", {"SCALED": 0, "CODES": 1}),
                 (2048, "route", {"SCALED": 0, "CODES": 1})]
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
-                                                                         (16, "hot")]])
+                                                                         (16, "hot")]]
+             + [(1, "route", {"GEMV": 1, "PF": 1, "DBN": 32}), (16, "hot", {"GEMV": 1, "PF": 1, "NG": 16})])
 
 
 @gpu

@@ -128,9 +128,11 @@ def _group_sums(w, sc, c0, xa, xf, BN: tl.constexpr, NG: tl.constexpr):
 
 @triton.jit
 def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_ptr, D: tl.constexpr,
-                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr):
+                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr,
+                  PF: tl.constexpr = 0):
     """h[b, n] for pair ``b = program_id(0)`` and its BN columns n: ``xa/xf`` the tokens (:func:`act_words`),
-    ``tok/wt/e`` the pairs' token, routing weight and local expert id."""
+    ``tok/wt/e`` the pairs' token, routing weight and local expert id. ``PF``: request the next K step's weight
+    bytes before this step's arithmetic (a register double buffer; the last step re-requests its own)."""
     b = tl.program_id(0)
     ex = tl.load(e_ptr + b)
     if ex < 0 or ex >= E:  # another device's expert: no work (stage 2 writes its zeros)
@@ -141,11 +143,22 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
     xf = xf_ptr + tok * (D // 32)
     acc_g = tl.zeros((BN, NG), tl.float32)  # per-group partial sums, reduced over the groups after the K loop
     acc_u = tl.zeros((BN, NG), tl.float32)
-    for c0 in range(0, D, 32 * NG):
-        wg, sg = _fetch(w1p, w1s, n, D, c0, NG)
-        wu, su = _fetch(w3p, w3s, n, D, c0, NG)
-        acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
-        acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
+    if PF:
+        wg, sg = _fetch(w1p, w1s, n, D, 0, NG)
+        wu, su = _fetch(w3p, w3s, n, D, 0, NG)
+        for c0 in range(0, D, 32 * NG):
+            cn = tl.minimum(c0 + 32 * NG, D - 32 * NG)
+            wg2, sg2 = _fetch(w1p, w1s, n, D, cn, NG)
+            wu2, su2 = _fetch(w3p, w3s, n, D, cn, NG)
+            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
+            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
+            wg, sg, wu, su = wg2, sg2, wu2, su2
+    else:
+        for c0 in range(0, D, 32 * NG):
+            wg, sg = _fetch(w1p, w1s, n, D, c0, NG)
+            wu, su = _fetch(w3p, w3s, n, D, c0, NG)
+            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
+            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
     wt = tl.load(wt_ptr + b)
     g = round_bf16(tl.sum(acc_g, axis=1))  # [BN]
     u = round_bf16(tl.sum(acc_u, axis=1))
@@ -159,9 +172,9 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
 
 @triton.jit
 def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.constexpr, BN: tl.constexpr,
-               NG: tl.constexpr, E: tl.constexpr):
+               NG: tl.constexpr, E: tl.constexpr, PF: tl.constexpr = 0):
     """y[b, n] = bf16(act_quant(h[b]) @ w2[n].T) for pair b and BN output columns; ``ha/hf``: stage 1's h
-    (:func:`act_words`). Another device's pair gets zeros."""
+    (:func:`act_words`). Another device's pair gets zeros. ``PF``: as in :func:`_gate_up_gemv`."""
     b = tl.program_id(0)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     ex = tl.load(e_ptr + b)
@@ -172,9 +185,16 @@ def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.co
     ha = ha_ptr + b.to(tl.int64) * I
     hf = hf_ptr + b.to(tl.int64) * (I // 32)
     acc = tl.zeros((BN, NG), tl.float32)
-    for c0 in range(0, I, 32 * NG):
-        w, sc = _fetch(w2p, w2s, n, I, c0, NG)
-        acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
+    if PF:
+        w, sc = _fetch(w2p, w2s, n, I, 0, NG)
+        for c0 in range(0, I, 32 * NG):
+            w2n, sc2 = _fetch(w2p, w2s, n, I, tl.minimum(c0 + 32 * NG, I - 32 * NG), NG)
+            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
+            w, sc = w2n, sc2
+    else:
+        for c0 in range(0, I, 32 * NG):
+            w, sc = _fetch(w2p, w2s, n, I, c0, NG)
+            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
     y = round_bf16(tl.sum(acc, axis=1))  # [BN]
     tl.store(y_ptr + b.to(tl.int64) * D + col, y.to(y_ptr.dtype.element_ty))
 
@@ -195,14 +215,22 @@ def gemv_tiles(target: str, D: int, I: int, n_pairs: int = 1) -> dict:
 
 
 def check_gemv_shapes(D: int, I: int, t: dict) -> None:
-    step = 32 * t["NG"]
-    if D % step or I % step or I % t["BN"] or D % t["BN"]:
-        raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples of "
-                         f"32*NG={step} and of BN={t['BN']})")
+    k1, k2 = _kw(t, 0, 1), _kw(t, 0, 2)
+    for k, rows in ((k1, I), (k2, D)):
+        step = 32 * k["NG"]
+        if D % step or I % step or rows % k["BN"]:
+            raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples"
+                             f" of 32*NG={step}, and {rows} rows a multiple of BN={k['BN']})")
 
 
-def _kw(t: dict, E: int) -> dict:
-    return dict(BN=t["BN"], NG=t["NG"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"])
+def _kw(t: dict, E: int, stage: int = 1) -> dict:
+    """Launch entries of stage 1 (gate/up) or 2 (down): ``DBN``/``DNG`` (optional) give the down kernel its own rows
+    and groups per program (its warps then ``DBN * DNG / 32``)."""
+    bn, ng, nw = t["BN"], t["NG"], t["num_warps"]
+    if stage == 2 and ("DBN" in t or "DNG" in t):
+        bn, ng = t.get("DBN", bn), t.get("DNG", ng)
+        nw = max(1, bn * ng // 32)
+    return dict(BN=bn, NG=ng, E=E, PF=t.get("PF", 0), num_warps=nw, num_stages=t["num_stages"])
 
 
 def act_plan(target: str, K: int) -> dict:
@@ -259,10 +287,10 @@ def launch_gemv_jax(x, tok, wt, e, w1, w2, w3, limit: float, t: dict) -> jax.Arr
     h = triton_call(xa, xf, tok, wt, e, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_gemv,
                     out_shape=jax.ShapeDtypeStruct((R, I), jnp.bfloat16), grid=(R, I // t["BN"]), D=D, I=I,
                     LIMIT=limit, **_kw(t, E))
-    ha, hf = act_words_triton(h, t["NG"])  # rows of other devices' pairs are unwritten here and never read
+    k2 = _kw(t, E, 2)
+    ha, hf = act_words_triton(h, k2["NG"])  # rows of other devices' pairs are unwritten here and never read
     return triton_call(ha, hf, e, w2.packed, w2.scale, kernel=_down_gemv,
-                       out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // t["BN"]), D=D, I=I,
-                       **_kw(t, E))
+                       out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // k2["BN"]), D=D, I=I, **k2)
 
 
 def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
@@ -277,6 +305,7 @@ def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
     y = torch.full((R, D), float("nan"), dtype=torch.float32, device=x.device)
     xa, xf = act_words_torch(x, t["NG"])
     _gate_up_gemv[(R, I // t["BN"])](xa, xf, tok, wt, e, *w1, *w3, h, D=D, I=I, LIMIT=limit, **_kw(t, E))
-    ha, hf = act_words_torch(torch.nan_to_num(h), t["NG"])
-    _down_gemv[(R, D // t["BN"])](ha, hf, e, *w2, y, D=D, I=I, **_kw(t, E))
+    k2 = _kw(t, E, 2)
+    ha, hf = act_words_torch(torch.nan_to_num(h), k2["NG"])
+    _down_gemv[(R, D // k2["BN"])](ha, hf, e, *w2, y, D=D, I=I, **k2)
     return h, y
