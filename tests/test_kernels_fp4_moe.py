@@ -259,7 +259,7 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kern
 # kernels above, on an H200 the tl.dot_scaled ones), the GEMV kernels forced at 16 and 64 tokens (one hot expert: many
 # pairs on one weight tile; 32 rows per program), the tiled kernels forced at decode sizes, and the register-
 # dequantizing tiled kernels (SCALED=0) in both dot variants (CODES), and the tensor-core GEMV (GEMV=2, and GEMV=3
-# with its e4m3 dots; opt-in), and the FMA GEMV's opt-in plan entries (PF, DBN, NG 16).
+# with its e4m3 dots; opt-in), and the FMA GEMV's opt-in plan entries (PF, DBN, NG 16, maxnreg).
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
              + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]
@@ -268,7 +268,8 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
                 (2048, "route", {"SCALED": 0, "CODES": 1})]
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
                                                                          (16, "hot")]]
-             + [(1, "route", {"GEMV": 1, "PF": 1, "DBN": 32}), (16, "hot", {"GEMV": 1, "PF": 1, "NG": 16})])
+             + [(1, "route", {"GEMV": 1, "PF": 2, "DBN": 32, "maxnreg": 96}),
+                (16, "hot", {"GEMV": 1, "PF": 1, "NG": 16, "maxnreg": 128})])
 
 
 @gpu

@@ -191,10 +191,12 @@ def triton_call(*args, tiled: bool = False, **kwargs):
     The jax-triton route costs ~30 us of wall time per call beyond its kernel on an H200 (a 14 us FP8 GEMV: 45 us
     per call inside one jitted program), with jax-triton 0.3.1's legacy custom call and equally with jaxlib's
     typed-FFI target ``triton_kernel_call_ffi`` (tried 2026-11-29, docs/performance.md). The XLA route has no host
-    code per launch."""
+    code per launch. ``maxnreg`` (a register cap for ptxas: a speed choice, never a result's) reaches the XLA route
+    only: jax-triton 0.3.1 has no such option, so that route drops it."""
     if route_for(tiled) == "jax-triton":
         import jax_triton as jt
 
+        kwargs.pop("maxnreg", None)
         return jt.triton_call(*args, **kwargs)
     from dsv4_jax.kernels.xla_triton import triton_call as xla_call
 

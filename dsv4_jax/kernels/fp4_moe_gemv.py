@@ -143,7 +143,21 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
     xf = xf_ptr + tok * (D // 32)
     acc_g = tl.zeros((BN, NG), tl.float32)  # per-group partial sums, reduced over the groups after the K loop
     acc_u = tl.zeros((BN, NG), tl.float32)
-    if PF:
+    S: tl.constexpr = 32 * NG  # columns per K step
+    if PF == 2:  # unrolled by two steps: each buffer is reloaded right after its last use (no register copies)
+        wg, sg = _fetch(w1p, w1s, n, D, 0, NG)
+        wu, su = _fetch(w3p, w3s, n, D, 0, NG)
+        for c0 in range(0, D, 2 * S):
+            wg2, sg2 = _fetch(w1p, w1s, n, D, c0 + S, NG)
+            wu2, su2 = _fetch(w3p, w3s, n, D, c0 + S, NG)
+            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
+            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
+            cn = tl.minimum(c0 + 2 * S, D - S)
+            wg, sg = _fetch(w1p, w1s, n, D, cn, NG)
+            wu, su = _fetch(w3p, w3s, n, D, cn, NG)
+            acc_g += _group_sums(wg2, sg2, c0 + S, xa, xf, BN, NG)
+            acc_u += _group_sums(wu2, su2, c0 + S, xa, xf, BN, NG)
+    elif PF:
         wg, sg = _fetch(w1p, w1s, n, D, 0, NG)
         wu, su = _fetch(w3p, w3s, n, D, 0, NG)
         for c0 in range(0, D, 32 * NG):
@@ -185,7 +199,15 @@ def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.co
     ha = ha_ptr + b.to(tl.int64) * I
     hf = hf_ptr + b.to(tl.int64) * (I // 32)
     acc = tl.zeros((BN, NG), tl.float32)
-    if PF:
+    S: tl.constexpr = 32 * NG  # columns per K step
+    if PF == 2:  # as in _gate_up_gemv
+        w, sc = _fetch(w2p, w2s, n, I, 0, NG)
+        for c0 in range(0, I, 2 * S):
+            w2n, sc2 = _fetch(w2p, w2s, n, I, c0 + S, NG)
+            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
+            w, sc = _fetch(w2p, w2s, n, I, tl.minimum(c0 + 2 * S, I - S), NG)
+            acc += _group_sums(w2n, sc2, c0 + S, ha, hf, BN, NG)
+    elif PF:
         w, sc = _fetch(w2p, w2s, n, I, 0, NG)
         for c0 in range(0, I, 32 * NG):
             w2n, sc2 = _fetch(w2p, w2s, n, I, tl.minimum(c0 + 32 * NG, I - 32 * NG), NG)
@@ -217,10 +239,11 @@ def gemv_tiles(target: str, D: int, I: int, n_pairs: int = 1) -> dict:
 def check_gemv_shapes(D: int, I: int, t: dict) -> None:
     k1, k2 = _kw(t, 0, 1), _kw(t, 0, 2)
     for k, rows in ((k1, I), (k2, D)):
-        step = 32 * k["NG"]
+        step = 32 * k["NG"] * (2 if k["PF"] == 2 else 1)  # PF = 2 runs the K loop two steps at a time
         if D % step or I % step or rows % k["BN"]:
             raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples"
-                             f" of 32*NG={step}, and {rows} rows a multiple of BN={k['BN']})")
+                             f" of {step} = 32*NG{'*2 (PF=2)' if k['PF'] == 2 else ''}, and {rows} rows a multiple of "
+                             f"BN={k['BN']})")
 
 
 def _kw(t: dict, E: int, stage: int = 1) -> dict:
@@ -230,7 +253,8 @@ def _kw(t: dict, E: int, stage: int = 1) -> dict:
     if stage == 2 and ("DBN" in t or "DNG" in t):
         bn, ng = t.get("DBN", bn), t.get("DNG", ng)
         nw = max(1, bn * ng // 32)
-    return dict(BN=bn, NG=ng, E=E, PF=t.get("PF", 0), num_warps=nw, num_stages=t["num_stages"])
+    reg = {"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}  # ptxas's register cap (a launch option)
+    return dict(BN=bn, NG=ng, E=E, PF=t.get("PF", 0), num_warps=nw, num_stages=t["num_stages"], **reg)
 
 
 def act_plan(target: str, K: int) -> dict:

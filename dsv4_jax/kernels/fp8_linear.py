@@ -161,7 +161,7 @@ if triton is not None:
     def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                         K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                         SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CW: tl.constexpr = 128):
+                        CW: tl.constexpr = 128, PF: tl.constexpr = 0):
         """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
@@ -176,12 +176,13 @@ if triton is not None:
         ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
         fp32 partials ``[SPLIT, M, G, N]``."""
         _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False)
+                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF)
 
     @triton.jit
     def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
                          N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
-                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128):
+                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128,
+                         PF: tl.constexpr = 0):
         """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
         e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
         tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
@@ -191,16 +192,44 @@ if triton is not None:
         NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         if pid_n < NT:
             _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                       BLOCK_N, CW, N + N2, 0, SPLIT, True)
+                       BLOCK_N, CW, N + N2, 0, SPLIT, True, PF)
         else:
             _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
+                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF)
+
+    @triton.jit
+    def _gemv_load(w_rows, sw_rows, n_ok, step, ch, cc, K: tl.constexpr, NB: tl.constexpr, CPB: tl.constexpr,
+                   CW: tl.constexpr):
+        """One K step's weight codes ``[BN, NC, CW]`` (e4m3, as stored) and scale bytes ``[BN, NC]`` for global
+        step ``step`` (``NB`` 128-wide K blocks from ``step * NB``), with the columns ``k [NC, CW]`` they cover."""
+        kb0 = step * NB  # first 128-wide K block of this step
+        k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
+        w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & (k < K)[None, :, :], other=0.0)
+        kb = kb0 + ch // CPB  # [NC]
+        sw = tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :], other=127)
+        return w, sw, k
+
+    @triton.jit
+    def _gemv_math(acc, w, sw, k, x_ptr, g, K: tl.constexpr, G: tl.constexpr, M: tl.constexpr, mrow):
+        """``acc`` plus one K step (:func:`_gemv_load`'s codes, scale bytes and columns) against every row of x."""
+        w = w.to(tl.float32)  # [BN, NC, CW] exact
+        sw = e8m0(sw)  # [BN, NC]: the weight block's scale, per chunk
+        k_ok = k < K
+        for m in tl.static_range(M):
+            xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
+            # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
+            part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
+            if M == 1:
+                acc += part
+            else:
+                acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
+        return acc
 
     @triton.jit
     def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                    NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
-                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr):
+                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0):
         """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
         group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
         without a split)."""
@@ -224,23 +253,20 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
         else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
             acc = tl.zeros((MP, BLOCK_N), tl.float32)
-        for i in range(KPS):
-            kb0 = (pid_k * KPS + i) * NB  # first 128-wide K block of this step
-            k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
-            k_ok = k < K
-            w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
-                        other=0.0).to(tl.float32)  # [BN, NC, CW]
-            kb = kb0 + ch // CPB  # [NC]
-            sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
-                              other=127))  # [BN, NC]: the weight block's scale, per chunk
-            for m in tl.static_range(M):
-                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
-                # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
-                part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
-                if M == 1:
-                    acc += part
-                else:
-                    acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
+        if PF == 2:  # two steps per trip, each buffer reloaded right after its last use (module docstring)
+            wa, sa, ka = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS, ch, cc, K, NB, CPB, CW)
+            for i in range(0, KPS - 1, 2):
+                wb, sb, kb = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i + 1, ch, cc, K, NB, CPB, CW)
+                acc = _gemv_math(acc, wa, sa, ka, x_ptr, g, K, G, M, mrow)
+                wa, sa, ka = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + tl.minimum(i + 2, KPS - 1), ch, cc, K,
+                                        NB, CPB, CW)
+                acc = _gemv_math(acc, wb, sb, kb, x_ptr, g, K, G, M, mrow)
+            if KPS % 2 == 1:
+                acc = _gemv_math(acc, wa, sa, ka, x_ptr, g, K, G, M, mrow)
+        else:
+            for i in range(KPS):
+                w, sw, k = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i, ch, cc, K, NB, CPB, CW)
+                acc = _gemv_math(acc, w, sw, k, x_ptr, g, K, G, M, mrow)
         if M == 1:
             acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
         out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
@@ -291,15 +317,19 @@ GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kern
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
-              num_warps: int = 4, num_stages: int = 3) -> dict:
+              num_warps: int = 4, num_stages: int = 3, pf: int = 0, maxnreg: int | None = None) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
-    split until about ``per_sm`` programs per SM stream the weight (no empty split)."""
+    split until about ``per_sm`` programs per SM stream the weight (no empty split). ``pf=2``: the K loop two steps
+    per trip, each step's loads issued a step ahead; ``maxnreg``: ptxas's register cap (opt-in, for probes)."""
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(steps / split)
+    extra = dict(PF=pf)
+    if maxnreg:
+        extra["maxnreg"] = maxnreg
     return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, CW=16 if M == 1 else 128,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, **extra)
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:

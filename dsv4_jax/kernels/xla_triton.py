@@ -57,9 +57,12 @@ def _abstract_eval(*_, out_shapes, **__):
 
 
 def triton_call(*args, kernel, out_shape, grid, num_warps: int | None = None, num_stages: int | None = None,
-                input_output_aliases: dict[int, int] | None = None, name: str = "", **metaparams):
+                input_output_aliases: dict[int, int] | None = None, name: str = "", maxnreg: int | None = None,
+                **metaparams):
     """Launch ``kernel`` on ``args`` as an XLA-compiled Triton kernel; returns the output array(s) (one array when
-    ``out_shape`` is a single shape, else a list), like ``jax_triton.triton_call``."""
+    ``out_shape`` is a single shape, else a list), like ``jax_triton.triton_call``. ``maxnreg``: the registers per
+    thread ptxas may use (Triton's launch option of that name; carried as the TTIR module's ``ttg.maxnreg``
+    attribute, which Triton's lowering turns into the kernel's ``.maxnreg``; NVIDIA only, ignored on ROCm)."""
     single = isinstance(out_shape, jax.ShapeDtypeStruct) or hasattr(out_shape, "shape")
     out_shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in ([out_shape] if single else out_shape))
     arrays, consts, names = [], dict(metaparams), kernel.arg_names
@@ -86,7 +89,8 @@ def triton_call(*args, kernel, out_shape, grid, num_warps: int | None = None, nu
     outs = triton_kernel_p.bind(
         *[a for _, a in arrays], kernel=_Hashable(kernel), out_shapes=out_shapes, pointers=ptrs,
         constants=tuple(sorted(((k, _Hashable(v)) for k, v in consts.items()), key=lambda kv: kv[0])),
-        grid=g + (1,) * (3 - len(g)), num_warps=4 if num_warps is None else int(num_warps),
+        grid=g + (1,) * (3 - len(g)), maxnreg=None if maxnreg is None else int(maxnreg),
+        num_warps=4 if num_warps is None else int(num_warps),
         num_stages=3 if num_stages is None else int(num_stages), aliases=aliases, name=name or kernel.__name__)
     return outs[0] if single else list(outs)
 
@@ -140,8 +144,10 @@ def _target(platform: str):
 
 
 @functools.cache
-def _ttir(platform: str, kernel: _Hashable, pointers: tuple, constants: tuple, num_warps: int) -> str:
-    """The kernel's TTIR (text) with ``pointers`` as its only arguments (16-byte aligned, as XLA's buffers are)."""
+def _ttir(platform: str, kernel: _Hashable, pointers: tuple, constants: tuple, num_warps: int,
+          maxnreg: int | None = None) -> str:
+    """The kernel's TTIR (text) with ``pointers`` as its only arguments (16-byte aligned, as XLA's buffers are);
+    ``maxnreg`` (CUDA): the module attribute ``ttg.maxnreg``, as Triton's own compiler sets it."""
     import triton
     import triton._C.libtriton as libtriton
     from triton.compiler import code_generator
@@ -176,12 +182,15 @@ def _ttir(platform: str, kernel: _Hashable, pointers: tuple, constants: tuple, n
         libtriton.passes.common.add_cse(pm)
         libtriton.passes.common.add_symbol_dce(pm)
         pm.run(mod, "dsv4_ttir")
+        if maxnreg is not None and platform == "cuda":
+            mod.set_attr("ttg.maxnreg", libtriton.ir.builder(ctx).get_int32_attr(maxnreg))
         return str(mod)
 
 
 def _lowering(platform: str):
-    def rule(ctx, *args, kernel, out_shapes, pointers, constants, grid, num_warps, num_stages, aliases, name):
-        ttir = _ttir(platform, kernel, pointers, constants, num_warps)
+    def rule(ctx, *args, kernel, out_shapes, pointers, constants, grid, num_warps, num_stages, aliases, name,
+             maxnreg):
+        ttir = _ttir(platform, kernel, pointers, constants, num_warps, maxnreg)
         out_types = [ir.RankedTensorType.get(s.shape, mlir.dtype_to_ir_type(np.dtype(s.dtype))) for s in out_shapes]
         config = dict(name=ir.StringAttr.get(name), ir=ir.StringAttr.get(ttir), num_stages=mlir.i32_attr(num_stages),
                       num_warps=mlir.i32_attr(num_warps), grid_x=mlir.i32_attr(grid[0]),
