@@ -95,14 +95,11 @@ def _close_bf16(got, ref, what):
 # (tokens, expert loads, rows per block: None = the tiles() rule, 16 here, CODES); k=3, 8 local experts. BM=32
 # exercises the multi-row blocks of prefill (a hot expert spanning several blocks, partly filled blocks of the others);
 # CODES=1 the codes-domain dots (activation codes + block scales, weight scales on the partial products).
-# "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu"));
-# "gemv-pf" with the opt-in plan entries: the next K step's loads issued first (PF, 4 steps of 32 columns in
-# stage 1) and the down kernel's own rows and groups per program (DBN, DNG).
+# "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu")).
 # "scaled" rows run the tl.dot_scaled kernels of fp4_moe_scaled (tests/triton_shim.py emulates the dot, which the
 # interpreter lacks; stage 1 then returns h quantized: compared with the reference act_quant of the oracle's h).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
          (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv"),
-         (5, "ragged", None, "gemv-pf"),
          (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled")]
 
 
@@ -152,11 +149,9 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        gemv = codes in ("gemv", "gemv-pf")
+        gemv = codes == "gemv"
         if gemv:
             t = gemv_tiles("cpu", D, I, len(tok))
-            if codes == "gemv-pf":
-                t.update(NG=1, PF=1, DBN=32, DNG=2)
         elif codes == "scaled":
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "SCALED": 1, "BN1": 128}
         else:
@@ -259,7 +254,9 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kern
 # kernels above, on an H200 the tl.dot_scaled ones), the GEMV kernels forced at 16 and 64 tokens (one hot expert: many
 # pairs on one weight tile; 32 rows per program), the tiled kernels forced at decode sizes, and the register-
 # dequantizing tiled kernels (SCALED=0) in both dot variants (CODES), and the tensor-core GEMV (GEMV=2, and GEMV=3
-# with its e4m3 dots; opt-in), and the FMA GEMV's opt-in plan entries (PF, DBN, NG 16, maxnreg).
+# with its e4m3 dots; opt-in), and the FMA GEMV with 512-column steps
+# at 16 tokens (its one-token plan, NG 16, on a hot expert), with 256-column ones at one token (the plan before
+# 2026-12-03) and a register cap.
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
              + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]
@@ -268,8 +265,8 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
                 (2048, "route", {"SCALED": 0, "CODES": 1})]
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
                                                                          (16, "hot")]]
-             + [(1, "route", {"GEMV": 1, "PF": 2, "DBN": 32, "maxnreg": 96}),
-                (16, "hot", {"GEMV": 1, "PF": 1, "NG": 16, "maxnreg": 128})])
+             + [(16, "hot", {"GEMV": 1, "NG": 16, "num_warps": 8}),
+                (1, "route", {"GEMV": 1, "NG": 8, "num_warps": 4, "maxnreg": 96})])
 
 
 @gpu

@@ -128,11 +128,9 @@ def _group_sums(w, sc, c0, xa, xf, BN: tl.constexpr, NG: tl.constexpr):
 
 @triton.jit
 def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_ptr, D: tl.constexpr,
-                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr,
-                  PF: tl.constexpr = 0):
+                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr):
     """h[b, n] for pair ``b = program_id(0)`` and its BN columns n: ``xa/xf`` the tokens (:func:`act_words`),
-    ``tok/wt/e`` the pairs' token, routing weight and local expert id. ``PF``: request the next K step's weight
-    bytes before this step's arithmetic (a register double buffer; the last step re-requests its own)."""
+    ``tok/wt/e`` the pairs' token, routing weight and local expert id."""
     b = tl.program_id(0)
     ex = tl.load(e_ptr + b)
     if ex < 0 or ex >= E:  # another device's expert: no work (stage 2 writes its zeros)
@@ -143,36 +141,11 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
     xf = xf_ptr + tok * (D // 32)
     acc_g = tl.zeros((BN, NG), tl.float32)  # per-group partial sums, reduced over the groups after the K loop
     acc_u = tl.zeros((BN, NG), tl.float32)
-    S: tl.constexpr = 32 * NG  # columns per K step
-    if PF == 2:  # unrolled by two steps: each buffer is reloaded right after its last use (no register copies)
-        wg, sg = _fetch(w1p, w1s, n, D, 0, NG)
-        wu, su = _fetch(w3p, w3s, n, D, 0, NG)
-        for c0 in range(0, D, 2 * S):
-            wg2, sg2 = _fetch(w1p, w1s, n, D, c0 + S, NG)
-            wu2, su2 = _fetch(w3p, w3s, n, D, c0 + S, NG)
-            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
-            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
-            cn = tl.minimum(c0 + 2 * S, D - S)
-            wg, sg = _fetch(w1p, w1s, n, D, cn, NG)
-            wu, su = _fetch(w3p, w3s, n, D, cn, NG)
-            acc_g += _group_sums(wg2, sg2, c0 + S, xa, xf, BN, NG)
-            acc_u += _group_sums(wu2, su2, c0 + S, xa, xf, BN, NG)
-    elif PF:
-        wg, sg = _fetch(w1p, w1s, n, D, 0, NG)
-        wu, su = _fetch(w3p, w3s, n, D, 0, NG)
-        for c0 in range(0, D, 32 * NG):
-            cn = tl.minimum(c0 + 32 * NG, D - 32 * NG)
-            wg2, sg2 = _fetch(w1p, w1s, n, D, cn, NG)
-            wu2, su2 = _fetch(w3p, w3s, n, D, cn, NG)
-            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
-            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
-            wg, sg, wu, su = wg2, sg2, wu2, su2
-    else:
-        for c0 in range(0, D, 32 * NG):
-            wg, sg = _fetch(w1p, w1s, n, D, c0, NG)
-            wu, su = _fetch(w3p, w3s, n, D, c0, NG)
-            acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
-            acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
+    for c0 in range(0, D, 32 * NG):
+        wg, sg = _fetch(w1p, w1s, n, D, c0, NG)
+        wu, su = _fetch(w3p, w3s, n, D, c0, NG)
+        acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
+        acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
     wt = tl.load(wt_ptr + b)
     g = round_bf16(tl.sum(acc_g, axis=1))  # [BN]
     u = round_bf16(tl.sum(acc_u, axis=1))
@@ -186,9 +159,9 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
 
 @triton.jit
 def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.constexpr, BN: tl.constexpr,
-               NG: tl.constexpr, E: tl.constexpr, PF: tl.constexpr = 0):
+               NG: tl.constexpr, E: tl.constexpr):
     """y[b, n] = bf16(act_quant(h[b]) @ w2[n].T) for pair b and BN output columns; ``ha/hf``: stage 1's h
-    (:func:`act_words`). Another device's pair gets zeros. ``PF``: as in :func:`_gate_up_gemv`."""
+    (:func:`act_words`). Another device's pair gets zeros."""
     b = tl.program_id(0)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     ex = tl.load(e_ptr + b)
@@ -199,24 +172,9 @@ def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.co
     ha = ha_ptr + b.to(tl.int64) * I
     hf = hf_ptr + b.to(tl.int64) * (I // 32)
     acc = tl.zeros((BN, NG), tl.float32)
-    S: tl.constexpr = 32 * NG  # columns per K step
-    if PF == 2:  # as in _gate_up_gemv
-        w, sc = _fetch(w2p, w2s, n, I, 0, NG)
-        for c0 in range(0, I, 2 * S):
-            w2n, sc2 = _fetch(w2p, w2s, n, I, c0 + S, NG)
-            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
-            w, sc = _fetch(w2p, w2s, n, I, tl.minimum(c0 + 2 * S, I - S), NG)
-            acc += _group_sums(w2n, sc2, c0 + S, ha, hf, BN, NG)
-    elif PF:
-        w, sc = _fetch(w2p, w2s, n, I, 0, NG)
-        for c0 in range(0, I, 32 * NG):
-            w2n, sc2 = _fetch(w2p, w2s, n, I, tl.minimum(c0 + 32 * NG, I - 32 * NG), NG)
-            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
-            w, sc = w2n, sc2
-    else:
-        for c0 in range(0, I, 32 * NG):
-            w, sc = _fetch(w2p, w2s, n, I, c0, NG)
-            acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
+    for c0 in range(0, I, 32 * NG):
+        w, sc = _fetch(w2p, w2s, n, I, c0, NG)
+        acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
     y = round_bf16(tl.sum(acc, axis=1))  # [BN]
     tl.store(y_ptr + b.to(tl.int64) * D + col, y.to(y_ptr.dtype.element_ty))
 
@@ -231,30 +189,25 @@ def gemv_tiles(target: str, D: int, I: int, n_pairs: int = 1) -> dict:
         return dict(BN=min(64, I, D), NG=4, num_warps=8, num_stages=1)
     # Measured on an H200 (V4-Flash MoE call, scripts/bench_moe.py --variants, 2026-11-30; docs/performance.md):
     # NG 8 with 4 warps beat NG 4 with 2 warps (86.6 vs 118.8 us at one token, 1,189 vs 1,391 at 32 tokens); 32
-    # rows per program from 32 pairs on (the rows the previous form of these kernels measured best there).
-    bn, ng = (32 if n_pairs >= 32 else 16), 8
+    # rows per program from 32 pairs on (the rows the previous form of these kernels measured best there). Below
+    # 32 pairs, 512-column steps (NG 16, 8 warps) where D and I allow: twice the warps per SM for the loads' latency
+    # (one token: 51.9 vs 57.5 us per MoE call, 4 tokens: 142.6 vs 149.4; at 16 and 32 tokens, 32 rows per program,
+    # 2 % and 1 % slower: H200, 2026-12-03, scripts/probe_kernels.py --op moe).
+    bn = 32 if n_pairs >= 32 else 16
+    ng = 16 if n_pairs < 32 and D % 512 == 0 and I % 512 == 0 else 8
     return dict(BN=bn, NG=ng, num_warps=bn * ng // 32, num_stages=1)
 
 
 def check_gemv_shapes(D: int, I: int, t: dict) -> None:
-    k1, k2 = _kw(t, 0, 1), _kw(t, 0, 2)
-    for k, rows in ((k1, I), (k2, D)):
-        step = 32 * k["NG"] * (2 if k["PF"] == 2 else 1)  # PF = 2 runs the K loop two steps at a time
-        if D % step or I % step or rows % k["BN"]:
-            raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples"
-                             f" of {step} = 32*NG{'*2 (PF=2)' if k['PF'] == 2 else ''}, and {rows} rows a multiple of "
-                             f"BN={k['BN']})")
+    step = 32 * t["NG"]
+    if D % step or I % step or I % t["BN"] or D % t["BN"]:
+        raise ValueError(f"fp4_moe (GEMV): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples of "
+                         f"32*NG={step} and of BN={t['BN']})")
 
 
-def _kw(t: dict, E: int, stage: int = 1) -> dict:
-    """Launch entries of stage 1 (gate/up) or 2 (down): ``DBN``/``DNG`` (optional) give the down kernel its own rows
-    and groups per program (its warps then ``DBN * DNG / 32``)."""
-    bn, ng, nw = t["BN"], t["NG"], t["num_warps"]
-    if stage == 2 and ("DBN" in t or "DNG" in t):
-        bn, ng = t.get("DBN", bn), t.get("DNG", ng)
-        nw = max(1, bn * ng // 32)
+def _kw(t: dict, E: int) -> dict:
     reg = {"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}  # ptxas's register cap (a launch option)
-    return dict(BN=bn, NG=ng, E=E, PF=t.get("PF", 0), num_warps=nw, num_stages=t["num_stages"], **reg)
+    return dict(BN=t["BN"], NG=t["NG"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"], **reg)
 
 
 def act_plan(target: str, K: int) -> dict:
@@ -311,10 +264,10 @@ def launch_gemv_jax(x, tok, wt, e, w1, w2, w3, limit: float, t: dict) -> jax.Arr
     h = triton_call(xa, xf, tok, wt, e, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_gemv,
                     out_shape=jax.ShapeDtypeStruct((R, I), jnp.bfloat16), grid=(R, I // t["BN"]), D=D, I=I,
                     LIMIT=limit, **_kw(t, E))
-    k2 = _kw(t, E, 2)
-    ha, hf = act_words_triton(h, k2["NG"])  # rows of other devices' pairs are unwritten here and never read
+    ha, hf = act_words_triton(h, t["NG"])  # rows of other devices' pairs are unwritten here and never read
     return triton_call(ha, hf, e, w2.packed, w2.scale, kernel=_down_gemv,
-                       out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // k2["BN"]), D=D, I=I, **k2)
+                       out_shape=jax.ShapeDtypeStruct((R, D), jnp.bfloat16), grid=(R, D // t["BN"]), D=D, I=I,
+                       **_kw(t, E))
 
 
 def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
@@ -329,7 +282,6 @@ def launch_gemv_torch(x, tok, wt, e, w1, w2, w3, limit: float, t: dict):
     y = torch.full((R, D), float("nan"), dtype=torch.float32, device=x.device)
     xa, xf = act_words_torch(x, t["NG"])
     _gate_up_gemv[(R, I // t["BN"])](xa, xf, tok, wt, e, *w1, *w3, h, D=D, I=I, LIMIT=limit, **_kw(t, E))
-    k2 = _kw(t, E, 2)
-    ha, hf = act_words_torch(torch.nan_to_num(h), k2["NG"])
-    _down_gemv[(R, D // k2["BN"])](ha, hf, e, *w2, y, D=D, I=I, **k2)
+    ha, hf = act_words_torch(torch.nan_to_num(h), t["NG"])
+    _down_gemv[(R, D // t["BN"])](ha, hf, e, *w2, y, D=D, I=I, **_kw(t, E))
     return h, y

@@ -161,7 +161,7 @@ if triton is not None:
     def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                         K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                         SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CW: tl.constexpr = 128, PF: tl.constexpr = 0):
+                        CW: tl.constexpr = 128):
         """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
         No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
@@ -169,20 +169,22 @@ if triton is not None:
         scale (exact) and summed in fp32. x ``[M, G, K]`` bf16 is used as it is: the FP8 linear passes the values of
         ``quantize_act`` (exact in bf16, made once per activation: by XLA, or by the mHC kernel that holds the row),
         ``wo_a`` its bf16 input. (Issuing the next step's loads before this step's arithmetic, a register double
-        buffer, measured 0-24 % slower at V4-Flash's weights: H200, 2026-12-02.) (The activation
+        buffer, measured 0-24 % slower at V4-Flash's weights: H200, 2026-12-02; ptxas had sunk those loads next to
+        their register copies. Two steps per trip with the loads kept 100-300 instructions ahead of their use,
+        ptxas's register cap raised to 96-128: 10-20 % slower at one row, ``wo_b`` 18.9 vs 17.1 us, ``wq_b`` 16.3
+        vs 14.1, ``wo_a`` 20.0 vs 17.6; H200, 2026-12-03.) (The activation
         used to be quantized here, in every program and K step: that amax, with shuffles, shared memory and a barrier
         in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
         ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
         ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
         fp32 partials ``[SPLIT, M, G, N]``."""
         _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF)
+                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False)
 
     @triton.jit
     def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
                          N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
-                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128,
-                         PF: tl.constexpr = 0):
+                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128):
         """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
         e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
         tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
@@ -192,10 +194,10 @@ if triton is not None:
         NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         if pid_n < NT:
             _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                       BLOCK_N, CW, N + N2, 0, SPLIT, True, PF)
+                       BLOCK_N, CW, N + N2, 0, SPLIT, True)
         else:
             _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF)
+                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
 
     @triton.jit
     def _gemv_load(w_rows, sw_rows, n_ok, step, ch, cc, K: tl.constexpr, NB: tl.constexpr, CPB: tl.constexpr,
@@ -229,7 +231,7 @@ if triton is not None:
     def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                    NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
-                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0):
+                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr):
         """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
         group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
         without a split)."""
@@ -253,20 +255,9 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
         else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
             acc = tl.zeros((MP, BLOCK_N), tl.float32)
-        if PF == 2:  # two steps per trip, each buffer reloaded right after its last use (module docstring)
-            wa, sa, ka = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS, ch, cc, K, NB, CPB, CW)
-            for i in range(0, KPS - 1, 2):
-                wb, sb, kb = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i + 1, ch, cc, K, NB, CPB, CW)
-                acc = _gemv_math(acc, wa, sa, ka, x_ptr, g, K, G, M, mrow)
-                wa, sa, ka = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + tl.minimum(i + 2, KPS - 1), ch, cc, K,
-                                        NB, CPB, CW)
-                acc = _gemv_math(acc, wb, sb, kb, x_ptr, g, K, G, M, mrow)
-            if KPS % 2 == 1:
-                acc = _gemv_math(acc, wa, sa, ka, x_ptr, g, K, G, M, mrow)
-        else:
-            for i in range(KPS):
-                w, sw, k = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i, ch, cc, K, NB, CPB, CW)
-                acc = _gemv_math(acc, w, sw, k, x_ptr, g, K, G, M, mrow)
+        for i in range(KPS):
+            w, sw, k = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i, ch, cc, K, NB, CPB, CW)
+            acc = _gemv_math(acc, w, sw, k, x_ptr, g, K, G, M, mrow)
         if M == 1:
             acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
         out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
@@ -317,17 +308,15 @@ GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kern
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
-              num_warps: int = 4, num_stages: int = 3, pf: int = 0, maxnreg: int | None = None) -> dict:
+              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
-    split until about ``per_sm`` programs per SM stream the weight (no empty split). ``pf=2``: the K loop two steps
-    per trip, each step's loads issued a step ahead; ``maxnreg``: ptxas's register cap (opt-in, for probes)."""
+    split until about ``per_sm`` programs per SM stream the weight (no empty split); ``maxnreg``: ptxas's register
+    cap (probes)."""
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(steps / split)
-    extra = dict(PF=pf)
-    if maxnreg:
-        extra["maxnreg"] = maxnreg
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
     return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, CW=16 if M == 1 else 128,
                 num_warps=num_warps, num_stages=num_stages, **extra)
 
