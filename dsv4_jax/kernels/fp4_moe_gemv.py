@@ -37,7 +37,12 @@ What bounds it now: instructions. Nsight Compute at 32 tokens (192 pairs, H200, 
 spends ~4.8 instructions per weight element, 3 of them decoding it. Two pairs of one expert per program (each nibble
 decoded once for both) measured slower (1,426 vs 1,183 us per 32-token call): it doubles the activation loads and
 multiply-adds per decode. Fewer instructions need a two-nibbles-per-instruction decode (byte-permute tables), which
-portable Triton does not express.
+portable Triton does not express. At one token the bound is latency instead (Nsight Compute, H200, 2026-12-03,
+the 256-column plan: gate/up 28.9 us at 1.93 TB/s, down 18.0 us at 1.51 TB/s, 0.6 issued warps per scheduler, half
+the stall cycles on L1TEX scoreboards, ~22 of the 36 resident warps per SM). Triton pipelines no loads in a loop
+without a dot (``num_stages`` changes nothing), and ptxas sinks a software prefetch of the next step's words next to
+their use to stay near 64 registers; raising its cap kept them ahead but measured slower than simply running twice
+the warps, which the decode plan now does (:func:`gemv_tiles`).
 
 Same roundings and order contract as :mod:`fp4_moe` (its docstring): stage 1 writes
 ``h = bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g, u`` rounded to bf16; ``h`` is quantized per 128-wide
