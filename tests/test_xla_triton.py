@@ -112,3 +112,25 @@ def test_auto_route_sends_only_tiled_kernels_to_jax_triton(monkeypatch):
         kernels.set_launch_route(route)
     with pytest.raises(ValueError, match="'cuda-graph'"):
         kernels.set_launch_route("cuda-graph")
+
+
+@pytest.mark.parametrize("maxnreg", [None, 96])
+def test_register_cap_reaches_the_ir(maxnreg):
+    """``maxnreg`` (ptxas's register cap, a speed choice) travels as the TTIR module's ``ttg.maxnreg`` attribute, the
+    one Triton's own compiler sets and its lowering turns into the kernel's ``.maxnreg`` (XLA's Triton does the same:
+    checked in the PTX of an sm_90 compile-only build, 2026-12-03); without it the module has none. (The jax-triton
+    route has no such option: ``kernels.triton_call`` drops it there.)"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def twice(x_ptr, o_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(o_ptr + offs, tl.load(x_ptr + offs) * 2)
+
+    x = jnp.zeros(16, jnp.float32)
+    out = jax.ShapeDtypeStruct((16,), jnp.float32)
+    ir_text = _ir(_lowered_text(lambda x: xla_triton.triton_call(x, kernel=twice, out_shape=out, grid=1, BLOCK=16,
+                                                                 maxnreg=maxnreg), x))
+    attr = re.findall(r'"?ttg\.maxnreg"? = (\d+) : i32', ir_text)
+    assert attr == ([] if maxnreg is None else [str(maxnreg)]), ir_text[:1000]
