@@ -149,8 +149,7 @@ def interpreted(tmp_path_factory):
         x = jnp.asarray(rng.standard_normal((T, D)) * 2, jnp.float32).astype(jnp.bfloat16)
         xq = quantized_input(x, True)
         tok, e, wt = _pairs(rng, T, k, E, kind)
-        gemv = codes == "gemv"
-        if gemv:
+        if codes == "gemv":
             t = gemv_tiles("cpu", D, I, len(tok))
         elif codes == "scaled":
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "SCALED": 1, "BN1": 128}
@@ -160,13 +159,13 @@ def interpreted(tmp_path_factory):
             t["G"] = 4
             qa = quantize_act(x, 128)
             xin, xs = np.asarray(qa.q.astype(jnp.float32)), np.asarray(qa.scale, np.float32)
-        elif gemv:
+        elif codes == "gemv":
             xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: quantized by act_words
         elif codes == "scaled":
             xin, xs = map(np.asarray, act_codes(x))  # e4m3 and e8m0 bytes
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
-        if gemv:  # block row r = pair r, its expert id as it comes
+        if codes == "gemv":  # block row r = pair r, its expert id as it comes
             none = np.zeros(1, np.int32)
             rows, bexp, used = none, np.asarray(e, np.int32), none
             slot = np.where((e >= 0) & (e < E), np.arange(len(e)), len(e))
@@ -179,7 +178,7 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
-                          direct=gemv, scaled=codes == "scaled"))
+                          direct=codes == "gemv", scaled=codes == "scaled"))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -254,9 +253,8 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kern
 # kernels above, on an H200 the tl.dot_scaled ones), the GEMV kernels forced at 16 and 64 tokens (one hot expert: many
 # pairs on one weight tile; 32 rows per program), the tiled kernels forced at decode sizes, and the register-
 # dequantizing tiled kernels (SCALED=0) in both dot variants (CODES), and the tensor-core GEMV (GEMV=2, and GEMV=3
-# with its e4m3 dots; opt-in), and the FMA GEMV with 512-column steps
-# at 16 tokens (its one-token plan, NG 16, on a hot expert), with 256-column ones at one token (the plan before
-# 2026-12-03) and a register cap.
+# with its e4m3 dots; opt-in), and the FMA GEMV with 512-column steps at 16 tokens (its one-token plan, NG 16, on a
+# hot expert) and with 256-column ones at one token (the plan before 2026-12-03) under a register cap.
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
              + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]

@@ -123,9 +123,9 @@ def test_moe_gemv_plans_fit(model, n_pairs, target):
     cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
     t = g.gemv_tiles(target, D, I, n_pairs)
-    launch = ("num_warps", "num_stages", "maxnreg")
-    options = {k: v for k, v in g._kw(t, E).items() if k in launch}
-    meta = {k: v for k, v in g._kw(t, E).items() if k not in launch}
+    kw, launch = g._kw(t, E), ("num_warps", "num_stages", "maxnreg")
+    options = {k: v for k, v in kw.items() if k in launch}
+    meta = {k: v for k, v in kw.items() if k not in launch}
     p1 = dict(xa_ptr="*fp32", xf_ptr="*fp32", tok_ptr="*i32", wt_ptr="*fp32", e_ptr="*i32", w1p="*u8", w1s="*u8",
               w3p="*u8", w3s="*u8", h_ptr="*bf16")
     p2 = dict(ha_ptr="*fp32", hf_ptr="*fp32", e_ptr="*i32", w2p="*u8", w2s="*u8", y_ptr="*bf16")

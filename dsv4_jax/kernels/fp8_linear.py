@@ -200,34 +200,6 @@ if triton is not None:
                        NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
 
     @triton.jit
-    def _gemv_load(w_rows, sw_rows, n_ok, step, ch, cc, K: tl.constexpr, NB: tl.constexpr, CPB: tl.constexpr,
-                   CW: tl.constexpr):
-        """One K step's weight codes ``[BN, NC, CW]`` (e4m3, as stored) and scale bytes ``[BN, NC]`` for global
-        step ``step`` (``NB`` 128-wide K blocks from ``step * NB``), with the columns ``k [NC, CW]`` they cover."""
-        kb0 = step * NB  # first 128-wide K block of this step
-        k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
-        w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & (k < K)[None, :, :], other=0.0)
-        kb = kb0 + ch // CPB  # [NC]
-        sw = tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :], other=127)
-        return w, sw, k
-
-    @triton.jit
-    def _gemv_math(acc, w, sw, k, x_ptr, g, K: tl.constexpr, G: tl.constexpr, M: tl.constexpr, mrow):
-        """``acc`` plus one K step (:func:`_gemv_load`'s codes, scale bytes and columns) against every row of x."""
-        w = w.to(tl.float32)  # [BN, NC, CW] exact
-        sw = e8m0(sw)  # [BN, NC]: the weight block's scale, per chunk
-        k_ok = k < K
-        for m in tl.static_range(M):
-            xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
-            # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
-            part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
-            if M == 1:
-                acc += part
-            else:
-                acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
-        return acc
-
-    @triton.jit
     def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                    N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                    NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
@@ -256,8 +228,22 @@ if triton is not None:
         else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
             acc = tl.zeros((MP, BLOCK_N), tl.float32)
         for i in range(KPS):
-            w, sw, k = _gemv_load(w_rows, sw_rows, n_ok, pid_k * KPS + i, ch, cc, K, NB, CPB, CW)
-            acc = _gemv_math(acc, w, sw, k, x_ptr, g, K, G, M, mrow)
+            kb0 = (pid_k * KPS + i) * NB  # first 128-wide K block of this step
+            k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
+            k_ok = k < K
+            w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
+                        other=0.0).to(tl.float32)  # [BN, NC, CW]
+            kb = kb0 + ch // CPB  # [NC]
+            sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
+                              other=127))  # [BN, NC]: the weight block's scale, per chunk
+            for m in tl.static_range(M):
+                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
+                # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
+                part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
+                if M == 1:
+                    acc += part
+                else:
+                    acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
         if M == 1:
             acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
         out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
