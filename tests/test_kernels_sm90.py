@@ -109,7 +109,11 @@ def test_sparse_attention_plans_fit(rows, K, target):
                      and a != "INTERPRET"})
     smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, target=target)
     assert smem <= SMEM[target], f"sparse attention {p}: {smem} bytes of shared memory > {SMEM[target]}"
-    assert spill == 0, f"sparse attention {p}: {spill} spills"
+    # sm90, long lists: 64-entry blocks over the whole head spill ~390 bytes (fp32 accumulator of 64 heads x 512 dims
+    # = 128 registers per thread) and still measured 14 % faster than the spill-free 32-entry blocks (HCA at 1M,
+    # batch 32: 234 vs 273 us on an H200, 2026-12-03, docs/performance.md); every other plan must not spill
+    allowed = 512 if target == "sm90" and K > sa.LONG_LIST else 0
+    assert spill <= allowed, f"sparse attention {p}: {spill} bytes of spills > {allowed}"
 
 
 @pytest.mark.parametrize("model,n_pairs", [("flash", 6), ("flash", 192), ("pro", 6), ("pro", 192)])

@@ -221,6 +221,25 @@ def test_reference_path_unchanged_on_cpu():
     np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
+@pytest.mark.parametrize("route,K,rows,want", [("jax-triton", 8320, 32, True), ("jax-triton", 4096, 1, True),
+                                               ("jax-triton", 640, 32, False), ("jax-triton", 8320, 8192, False),
+                                               ("xla", 8320, 32, False)],
+                         ids=["hca-1m-b32", "threshold-b1", "csa", "prefill-rows", "xla-route"])
+def test_auto_takes_the_kernel_only_where_measured_faster(monkeypatch, route, K, rows, want):
+    """``kernels="auto"`` on one GPU: the kernel for long index lists at decode row counts through jax-triton only;
+    ``"reference"`` never; and on a CPU backend ``"auto"`` never (the real ``use_triton`` says no there)."""
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    assert not sa.use_kernel("auto", 32, 8320) or sa.use_triton("auto"), "auto took the kernel where Triton cannot run"
+    monkeypatch.setattr(sa, "use_triton", lambda kernels: True)
+    monkeypatch.setattr(sa, "single_device", lambda: True)
+    monkeypatch.setattr(sa, "route_for", lambda tiled: route if tiled else "xla")
+    assert sa.use_kernel("auto", rows, K) is want
+    assert sa.use_kernel("reference", rows, K) is False
+    monkeypatch.setattr(sa, "single_device", lambda: False)
+    assert sa.use_kernel("auto", rows, K) is False  # a multi-device mesh keeps the XLA path
+
+
 @pytest.mark.parametrize("case", [(2, 10, 4, 128, 128, 16, 8, [20, 300], True), (1, 7, 2, 128, 128, 0, 0, [5], False)],
                          ids=["fp8-compressed", "plain-window-only"])
 def test_reference_in_row_blocks_is_bit_exact(case):

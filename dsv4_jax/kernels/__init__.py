@@ -116,9 +116,10 @@ def use_triton(cfg) -> bool:
 
 
 def use_opt_in_triton(kernels: str) -> bool:
-    """Whether an opt-in kernel (sparse attention: it passes its GPU tests but is not faster than its reference
-    everywhere) runs: only with ``kernels="triton"``, on one device, where :func:`use_triton` says yes. ``"auto"``
-    keeps its XLA reference. (mHC and the router left this switch on 2026-11-30, after the golden tests of criteria 1
+    """Whether an opt-in kernel (one that passes its GPU tests but is not faster than its reference everywhere: the
+    indexer kernels and its query kernel; sparse attention outside the cases of its own ``use_kernel``) runs:
+    only with ``kernels="triton"``, on one device, where :func:`use_triton` says yes. ``"auto"`` keeps its XLA
+    reference. (mHC and the router left this switch on 2026-11-30, after the golden tests of criteria 1
     and 2 passed on an H200 with them on.)"""
     return kernels == "triton" and use_triton(kernels) and single_device()
 

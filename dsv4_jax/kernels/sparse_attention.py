@@ -16,10 +16,9 @@ Work split (:func:`plan`, one flat grid of ``rows x SPLIT x (H/BH) x (Dh/DC)`` p
 heads of one row, ``DC`` output dims and one range of the index list:
 
 * output dims: the program loads its own ``[BK, DC]`` tile once per block and uses it for both its share of q.k and
-  its P.V; the other ``Dh - DC`` dims of q.k come in 64-dim chunks. The GPU plan takes ``DC = Dh / 2``: scores are
-  computed twice per head group (once per half). The first version (``DC = 64``) recomputed all of q.k for each of
-  V4's 8 output chunks and took 112 us per decode call at K = 640 on an H200 (batch 1: 16 programs on 132 SMs; batch
-  32: 410 us).
+  its P.V; the other ``Dh - DC`` dims of q.k come in 64-dim chunks. The GPU plan takes ``DC = Dh`` (q.k once per
+  block); ``DC = Dh / 2`` (the plan until 2026-12-03) computed the scores twice per head group and took twice as long
+  at long context; the first version (``DC = 64``) recomputed all of q.k for each of V4's 8 output chunks.
 * index list ("flash-decoding"): decode rows alone cannot fill the card, so the list's ``ceil(K / BK)`` blocks are cut
   into ``SPLIT`` ranges of ``BPS`` blocks (a constant trip count; the last range's blocks past K are all masked:
   no memory traffic). Each program runs the online softmax over its range and writes its partial ``(m, l, acc)`` in
@@ -43,42 +42,47 @@ one scale group and is all codes or all RoPE): masks and scales are per group, o
 (the per-element form moved a byte per element through shared memory: 1,504 -> 1,282 SASS instructions per block
 on sm_90a, 36 -> 8 byte loads).
 
-GPU plan (:func:`plan`): BH 64 (16 to 64 heads; fewer are padded and masked) x DC 256, BK 64, 3 pipeline stages, 8
-warps (122,880 B of shared memory, 255 registers, no spills; ``tests/test_kernels_sm90.py`` compiles every plan for
-sm_90a without a GPU). Measured on an H200 (2026-11-30, ``scripts/bench_attention.py --mode decode --batch 32
---variants``, V4-Flash FP8 layout, jax-triton route, one call; ``docs/performance.md``), per call:
+GPU plan (:func:`plan`, sm90): BH 64 (16 to 64 heads; fewer are padded and masked) x the whole head (DC = Dh), one
+pipeline stage, 8 warps; BK 64 for index lists longer than :data:`LONG_LIST` (1,024) entries, else 32. The fp32
+accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 64 build spills ~390 bytes and was
+still the faster one on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without a GPU and
+allows that spill only there). The kernel alone on an H200 (2026-12-03, ``scripts/probe_kernels.py --op attn``, Triton
+3.6 build launched from torch, CUDA-graph replays; V4-Flash FP8 layout, 64 heads; copy 4.24 TB/s):
 
-========================  ==============  ==============  ==============  ==============
-plan                      CSA 128K        HCA 128K        CSA 1M          HCA 1M
-========================  ==============  ==============  ==============  ==============
-BK 32, 2 stages (before)  150 us          227 us          153 us          1,161 us
-BK 64, 3 stages (now)     95 us           149 us          115 us          602 us
-XLA reference             89 us           139 us          139 us          607 us
-========================  ==============  ==============  ==============  ==============
+==================================  ===========  ===========  ===========  ===========  ===========
+plan                                b32 HCA 1M   b32 HCA 128K b32 CSA 128K b1 HCA 1M    b1 CSA 4K
+==================================  ===========  ===========  ===========  ===========  ===========
+DC 256, BK 64, 3 stages (before)    455-458 us   72.5 us      46.8 us      28.1 us      16.2 us
+DC 512, BK 64, 1 stage              234-235 us   57.7 us      44.9 us      25.3 us      16.2 us
+DC 512, BK 32, 1 stage              273-276 us   56.8 us      40.5 us      27.2 us      15.3 us
+DC 512, BK 32 / 64, 2 stages        417 / 282    76.3 / -     51.8 / 45.1  30.6 / -     15.4 / -
+==================================  ===========  ===========  ===========  ===========  ===========
 
-That is 4-7 % of the copy bandwidth (3.76 TB/s in that run): latency-bound, not bytes-bound. Per 64-entry block a
-program runs a dependent chain (index load -> gather -> 5 dots -> softmax -> dot), one 8-warp program per SM (1,726
-instructions per block). Smaller programs that fit 2-3 per SM (BH 64 x DC 128, 4 warps) recompute q.k four times and
-were not faster at 1M (854-943 us). XLA's own Triton route compiles this kernel slower than jax-triton does (HCA 1M
-1,352 vs 1,064 us with the BK 32 plan, two calls). A variant that hoisted q's tiles out of the block loop (and one
-that prefetched the next block into registers) lost everywhere (up to 5x) and was deleted; the hoisted one also
-changed the last bit of a few outputs on the GPU (a different dot order).
+Batch 32 HCA at 1M reads 155 MB: 234 us is 0.66 TB/s, 16 % of the copy bandwidth (issue 12 asks for 60 %). Per
+64-entry block a program still runs one dependent chain (index load -> gather -> dequantize -> shared memory -> q.k
+wgmma -> softmax -> P.V wgmma), ~14K cycles for ~1,700 instructions per thread, one 8-warp program per SM: latency,
+not bytes or flops. At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's ridge), so
+60 % of the copy bandwidth needs ~500 TFLOP/s of bf16 dots on gathered operands: a warp-specialised design
+(producer warps gathering and dequantizing, consumer warpgroups on wgmma), not a tuning of this one. Measured and not
+kept: the next block's ids loaded a block ahead; q hoisted into registers; the other half of q.k as one tile; the
+whole head as two 256-dim accumulators (same at HCA 1M, 17 % slower at CSA 128K).
 
-The kernel alone, replayed as a CUDA graph (2026-12-01, ``scripts/probe_kernels.py --op attn``, H200): batch 1 CSA
-4K 16.3 us, HCA 1M 28.0 us; batch 32 CSA 128K 46.7 us, HCA 1M 457.6 us: 2-10 % of the copy bandwidth (the table
-above is per call with ~70 us of launch and glue). Nsight Compute: 255 registers, one 8-warp program per SM, 0.27
-issued warps per scheduler, ~15K cycles per 64-entry block, stalled on the gathers (~30 %) and on the wgmma waits and
-barriers (~20 %). At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's ridge): 60 % of
-the copy bandwidth would take ~500 TFLOP/s of bf16 dots on gathered operands, a warp-specialised design (producer
-warps gathering and dequantizing into shared memory, consumer warpgroups on wgmma) rather than a tuning of this one.
-Loading the next block's ids a block ahead measured the same and was not kept; so did taking the other half of q.k
-as one 256-dim tile with both halves' loads issued first (592 B of spills; batch 32 CSA 128K 75.6 vs 46.8 us, HCA
-1M 768 vs 462 us as CUDA graphs, 2026-12-02).
+Launch route: XLA's Triton route builds this kernel 1.5-3.6x slower than Triton's own compiler does (device time,
+jax.profiler, same H200 and inputs, 2026-12-03: HCA 1M batch 32 794 vs 223 us, CSA 128K 40 vs 26 us, batch 1 HCA 1M
+17 vs 12 us). Nsight Compute on the GPU image (jax 0.11.2) shows why: XLA's build asks for 196.6 KB of shared memory
+(Triton's: 131.1 KB) and makes 12.3M local-memory spill requests per call (Triton's: 1.8M) at the same 255 registers;
+(jax 0.10.2's XLA, compiled here without a GPU, spills only 24 bytes: the bundled Triton differs by release). So the
+kernel launches as a tiled one (``triton_call(..., tiled=True)``: jax-triton where installed, see
+:func:`dsv4_jax.kernels.launch_route`), and on the XLA route the plan keeps 32-entry blocks (XLA's build: HCA 1M
+batch 32 440 us with BK 32, 774 us with BK 64; CSA 128K 39.5 us either way).
 
-Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 (split and unsplit, decode at batch 1 and 32,
-prefill rows, HCA at 1M, the tiny golden model's 4 heads padded to 16), and so does the golden all-position test with
-``kernels="triton"`` (mean abs dlogit 0.032; with the unpadded BH = 4 plan it was 1.50). It stays opt-in
-(``kernels="triton"``; ``"auto"`` keeps the XLA reference): it ties the reference at batch 32 rather than beating it.
+Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 with this plan (2026-12-03: split and unsplit,
+decode at batch 1 and 32, prefill rows, HCA at 1M, the tiny golden model's 4 heads padded to 16), and so does the
+golden all-position test with ``kernels="triton"`` (mean abs dlogit 0.0203, argmax 0.95; MTP prefill 0.0376, decode
+0.193). ``"auto"`` takes it only for long index lists at decode row counts, launched through jax-triton
+(:func:`use_kernel`): there it beat the reference per call (HCA at 1M: 356 vs 634 us at batch 32, 85 vs 123 us at
+batch 1); the CSA lists (640 entries) tie and keep the reference, and XLA's build of the kernel is slower than the
+reference at long context.
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
@@ -93,7 +97,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, triton_call, use_opt_in_triton
+from dsv4_jax.kernels import (
+    SM_COUNT,
+    arch,
+    next_pow2,
+    route_for,
+    single_device,
+    triton_call,
+    use_opt_in_triton,
+    use_triton,
+)
 from dsv4_jax.modeling.quant import Fp8Cache, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -319,6 +332,7 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------- planning
+LONG_LIST = 1024  # sm90: index lists longer than this take 64-entry blocks, shorter ones 32 (measured, docstring)
 PER_SM = 1  # decode: split the index list until about this many programs per SM (one is resident at a time)
 
 
@@ -339,12 +353,18 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     target = target or arch()
     if target == "cpu":
         p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
-    else:  # measured on an H200 at batch 32 (module docstring): 64 heads x half the dims, 64-entry blocks, 3 stages
+    elif target == "gfx950":  # wave64, never timed: the sm90 plan of 2026-11-30 (64 heads x half the dims, 64-entry
+        # blocks) with 4 waves x 2 stages, the plan that compiles there without spills (512 VGPRs each, accumulators
+        # in AGPRs; 8 waves x 3 stages spill)
         dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
+        p = dict(BH=min(max(next_pow2(H), 16), 64), BK=64, DC=dc, num_warps=4, num_stages=2)
+    else:  # measured on an H200 (module docstring): 64 heads x all dims (q.k once per block), 1 stage
+        pow2 = Dh & (Dh - 1) == 0
+        dc = Dh if pow2 and Dh <= 512 else (Dh // 2 if pow2 else 64)  # a tile's dims must be a power of two
+        # long lists: fewer, larger blocks (Triton's own build); XLA's build of BK 64 spills heavily (docstring)
+        bk = 64 if (K or 0) > LONG_LIST and route_for(tiled=True) == "jax-triton" else 32
         # heads: a power of two from 16 (tl.dot's tensor-core tile; fewer heads are padded and masked) to 64
-        p = dict(BH=min(max(next_pow2(H), 16), 64), BK=64, DC=dc, num_warps=8, num_stages=3)
-        if target == "gfx950":  # wave64: 8 waves x 3 stages spill (AMDGPU backend, compiled here without a GPU);
-            p.update(num_warps=4, num_stages=2)  # 4 waves (512 VGPRs each, accumulators in AGPRs) x 2 stages do not
+        p = dict(BH=min(max(next_pow2(H), 16), 64), BK=bk, DC=dc, num_warps=8, num_stages=1)
     p.update(tiles or {})
     nb = math.ceil((K or 1) / p["BK"])
     groups = -(-H // p["BH"]) * (Dh // p["DC"])
@@ -415,21 +435,38 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
         out = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), f32(1), f32(1)]
-        return triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), **meta)[0]
+        return triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=True, **meta)[0]
     R, sp = B * S, p["SPLIT"]
-    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
+    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=True, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
                                                                           f32(R, sp, H)], grid=(n_main,), **meta)
     return triton_call(acc, m, l, sink, kernel=_combine_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
                        grid=(n_merge,), H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4, num_stages=1)
 
 
+AUTO_MIN_LIST = 4096  # "auto": index lists at least this long (HCA layers at long context) take the kernel ...
+AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S), the regime it was measured faster in (docstring)
+
+
+def use_kernel(kernels: str, rows: int, K: int) -> bool:
+    """Whether :func:`sparse_attention` runs the Triton kernel for ``rows`` (``B*S``) query rows over ``K``-entry
+    index lists: always with ``kernels="triton"`` (where :func:`use_opt_in_triton` allows); with ``"auto"`` on one
+    GPU device only for long lists at decode row counts, and only where the kernel launches through jax-triton
+    (Triton's own build; XLA's build of it is slower than the reference, module docstring). Measured on an H200
+    (2026-12-03, ``bench_attention.py --mode decode``, per call with dispatch): HCA at 1M (8,320 entries) batch 32 356
+    vs 634 us, batch 1 85 vs 123 us; CSA (640 entries) a tie (103 vs 110, 69 vs 69 us), so it keeps the reference."""
+    if kernels == "auto":
+        return (K >= AUTO_MIN_LIST and rows <= AUTO_MAX_ROWS and use_triton(kernels) and single_device()
+                and route_for(tiled=True) == "jax-triton")
+    return use_opt_in_triton(kernels)
+
+
 def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, kernels: str = "auto") -> jax.Array:
     """Attention of queries ``q [B,S,H,Dh]`` over index lists ``idx [B,S,K]`` into ``[ring | chunk | comp]`` (see
-    :func:`sparse_attention_reference`). The Triton kernel runs only with ``kernels="triton"`` (on one device, bf16
-    queries with bf16 P): ``"auto"`` keeps the XLA reference here until the kernel has passed its GPU test and the
-    golden criteria on a GPU."""
-    if (use_opt_in_triton(kernels) and q.dtype == jnp.bfloat16
-            and p_dtype == jnp.bfloat16 and q.shape[-1] % 64 == 0):
+    :func:`sparse_attention_reference`). The Triton kernel runs (bf16 queries with bf16 P, ``Dh`` a multiple of 64)
+    where :func:`use_kernel` says so; everywhere else the XLA reference."""
+    B, S, _, Dh = q.shape
+    if (q.dtype == jnp.bfloat16 and p_dtype == jnp.bfloat16 and Dh % 64 == 0
+            and use_kernel(kernels, B * S, idx.shape[-1])):
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale)
     return sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
 
