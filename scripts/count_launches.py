@@ -62,9 +62,9 @@ CONTAINERS = {"kCommandBuffer", "kSequential", "kWhile", "kConditional", "kWaitF
 _LINE = re.compile(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)")
 
 
-def compile_for_h200(fn, *args, dump: str | None = None, donate_argnums=()):
-    """``fn`` jitted and compiled for an sm_90 device that is not here; ``args``: pytrees of ShapeDtypeStructs.
-    Returns ``(compiled, dump folder)``."""
+def compile_for_h200(fn, *args, dump: str | None = None, donate_argnums=(), options: dict | None = None):
+    """``fn`` jitted and compiled for an sm_90 device that is not here; ``args``: pytrees of ShapeDtypeStructs;
+    ``options``: more XLA compiler options. Returns ``(compiled, dump folder)``."""
     from jax.experimental import topologies
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -75,7 +75,7 @@ def compile_for_h200(fn, *args, dump: str | None = None, donate_argnums=()):
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
     dump = dump or tempfile.mkdtemp(prefix="dsv4_launches_")
     compiled = jax.jit(fn, donate_argnums=donate_argnums).trace(*args).lower(lowering_platforms=("cuda",)).compile(
-        compiler_options={"xla_dump_to": dump})
+        compiler_options={"xla_dump_to": dump, **(options or {})})
     return compiled, dump
 
 
@@ -176,6 +176,52 @@ def summarize(dump: str) -> dict:
             "kernels_by_scope": names_in}
 
 
+PTX_DUMP = {"xla_dump_emitter_re": ".*"}  # XLA options that make it dump each module's PTX and Triton's IR (jax 0.11)
+
+
+def find_ptxas() -> str | None:
+    """A CUDA ptxas new enough for XLA's PTX: ``$PTXAS``, the pip CUDA toolkit next to jax (``nvidia/cu13/bin``), or
+    ``/usr/local/cuda*/bin``."""
+    cands = [os.environ.get("PTXAS", "")]
+    try:
+        import nvidia
+
+        cands += [os.path.join(p, "cu13", "bin", "ptxas") for p in nvidia.__path__]
+    except ImportError:
+        pass
+    cands += sorted(glob.glob("/usr/local/cuda*/bin/ptxas"), reverse=True)
+    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
+
+
+def triton_builds(dump: str, ptxas: str) -> list[dict]:
+    """XLA's builds of the Triton kernels in a compile's dump (``PTX_DUMP`` options): per kernel its registers and
+    spill bytes (``ptxas -v`` for sm_90a on the dumped PTX) and shared memory (Triton's ``ttg.shared``). Why: XLA
+    compiles the kernels' Triton IR with its own bundled Triton, whose build can differ from the ``triton`` wheel's
+    (``tests/test_kernels_sm90.py`` checks the latter): on 2026-12-03 its sparse-attention build asked for 196,608
+    bytes of shared memory (a transposed copy of the KV tile) and spilled 846 bytes, against 131,072 and 388, and ran
+    3.5x slower on an H200."""
+    shared = {}
+    for f in glob.glob(os.path.join(dump, "*.triton-to-llvm.txt")):
+        m = re.search(r"ttg\.shared = (\d+)", open(f).read())
+        shared[f.split(".")[-3]] = int(m.group(1)) if m else None
+    rows = []
+    for ptx in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+        text = open(ptx).read()
+        names = re.findall(r"\.entry (\w+)\(", text)
+        if not names or not any(n in shared for n in names):
+            continue  # XLA's own fusions
+        with tempfile.TemporaryDirectory() as tmp:
+            out = __import__("subprocess").run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                               capture_output=True, text=True, timeout=600).stderr
+        for n in names:
+            part = out.split(f"Compiling entry function '{n}'")[-1]
+            regs = re.search(r"Used (\d+) registers", part)
+            spill = re.search(r"(\d+) bytes spill stores", part)
+            rows.append(dict(kernel=n, registers=int(regs.group(1)) if regs else None,
+                             spill_bytes=int(spill.group(1)) if spill else None, shared_bytes=shared.get(n)))
+    return rows
+
+
 def pretend_gpu():
     """Make the model's dispatchers take their GPU paths while JAX's default backend is the CPU: the Triton
     kernels are then lowered for the compile-only H200 exactly as on a real one (launch route of
@@ -207,7 +253,13 @@ def main(argv=None) -> int:
     ap.add_argument("--scopes", type=int, default=15, help="named scopes to list (most kernels first)")
     ap.add_argument("--json", help="append each result as a JSON line to this file")
     ap.add_argument("--names", default="", help="list the kernels (HLO names) of the scopes containing this text")
+    ap.add_argument("--builds", action="store_true",
+                    help="also report XLA's build of every Triton kernel (registers, spills, shared memory; needs a "
+                         "CUDA ptxas: $PTXAS, the pip CUDA toolkit or /usr/local/cuda)")
     args = ap.parse_args(argv)
+    ptxas = find_ptxas() if args.builds else None
+    if args.builds and ptxas is None:
+        raise SystemExit("--builds: no ptxas found (set PTXAS=/path/to/ptxas)")
 
     from bench_decode import flash_layers, pro_layers
 
@@ -232,7 +284,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             # the state donated, as bench_decode.py and the decode loop update it (else XLA copies every cache)
             _, dump = compile_for_h200(lambda w, t, s, c=cfg: forward_jit(w, c, t, s, return_logits="last"),
-                                       w, tok, state, donate_argnums=2)
+                                       w, tok, state, donate_argnums=2, options=PTX_DUMP if ptxas else None)
             res = summarize(dump)
             res.update(model=args.model, layers=args.layers, batch=batch, mode=kern, route=route,
                        max_len=args.max_len, compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__,
@@ -242,6 +294,11 @@ def main(argv=None) -> int:
                   f"{res['host_launches']} host launches ({res['graphs']} graphs), {res['host_syncs']} host syncs, "
                   f"{res['legacy_custom_calls']} legacy custom calls; compiled in {res['compile_s']} s", flush=True)
             print("  " + ", ".join(f"{k or '(top)'} {v}" for k, v in top), flush=True)
+            if ptxas:
+                res["triton_builds"] = builds = triton_builds(dump, ptxas)
+                for b in sorted(builds, key=lambda b: b["kernel"]):
+                    print(f"  XLA build {b['kernel']}: {b['registers']} registers, {b['spill_bytes']} B spilled, "
+                          f"{b['shared_bytes']} B shared", flush=True)
             for scope, kernels in res["kernels_by_scope"].items():
                 if args.names and args.names in scope:
                     print(f"  {scope}: {', '.join(kernels)}", flush=True)
