@@ -355,7 +355,7 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
         p = dict(BH=H, BK=64, DC=64, num_warps=4, num_stages=1)
     elif target == "gfx950":  # wave64, never timed: the sm90 plan of 2026-11-30 (64 heads x half the dims, 64-entry
         # blocks) with 4 waves x 2 stages, the plan that compiles there without spills (512 VGPRs each, accumulators
-        # in AGPRs; 8 waves x 3 stages spill)
+        # in AGPRs; 8 waves x 3 stages spill, and so does the whole head per program: 16-84 registers at 4 waves)
         dc = Dh // 2 if Dh >= 128 and Dh & (Dh - 1) == 0 else 64  # a tile's dims must be a power of two
         p = dict(BH=min(max(next_pow2(H), 16), 64), BK=64, DC=dc, num_warps=4, num_stages=2)
     else:  # measured on an H200 (module docstring): 64 heads x all dims (q.k once per block), 1 stage
