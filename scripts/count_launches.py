@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -211,8 +212,8 @@ def triton_builds(dump: str, ptxas: str) -> list[dict]:
         if not names or not any(n in shared for n in names):
             continue  # XLA's own fusions
         with tempfile.TemporaryDirectory() as tmp:
-            out = __import__("subprocess").run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                               capture_output=True, text=True, timeout=600).stderr
+            out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, timeout=600).stderr
         for n in names:
             part = out.split(f"Compiling entry function '{n}'")[-1]
             regs = re.search(r"Used (\d+) registers", part)
