@@ -148,11 +148,12 @@ def indexer_case(cfg, B: int, ctx: int, key):
 def bench_indexer(cfg, args, rates) -> list[dict]:
     """The indexer's decode call (scores of every visible compressed key + top-k) at each context: the XLA path
     (``kernels="reference"``) and, where Triton runs, the scoring kernel (``kernels="triton"``: one kernel for the
-    totals, then the top-k), each with ``indexer.TOPK_BLOCK`` set to every ``--topk-blocks`` value (it applies from
-    ``indexer.TOPK_MIN_ROWS`` rows on) and checked to select the ids of the first. Bytes = the FP4 key cache each
-    row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
+    totals, then the top-k), for every ``--topk-blocks`` value: ``radix`` (the radix-selection kernels,
+    ``kernels/topk.py``) or a number (``jax.lax.top_k`` in two levels with ``indexer.TOPK_BLOCK`` set to it; it
+    applies from ``indexer.TOPK_MIN_ROWS`` rows on), each checked to select the ids of the first. Bytes = the FP4
+    key cache each row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
     impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
-    rows, default_block = [], indexer_mod.TOPK_BLOCK
+    rows, default_block, use_radix = [], indexer_mod.TOPK_BLOCK, indexer_mod.topk.use_kernel
     for ctx in map(int, args.contexts.split(",")):
         nc = ctx // 4
         nbytes = args.batch * nc * (cfg.index_head_dim // 2 + cfg.index_head_dim // 32)
@@ -160,8 +161,11 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
         cases = [indexer_case(cfg, args.batch, ctx, jax.random.key(ctx * 7 + i)) for i in range(n)]
         for impl in impls:
             first = None
-            for tb in map(int, args.topk_blocks.split(",")):
-                indexer_mod.TOPK_BLOCK = tb  # read when the op is traced: one program per value
+            variants = args.topk_blocks.split(",")
+            for tb in variants[:None if impl != "reference" else 1]:  # the XLA path: no top-k variants
+                radix = tb == "radix"  # both read when the op is traced: one program per value
+                indexer_mod.topk.use_kernel = use_radix if radix else (lambda kernels, n: False)
+                indexer_mod.TOPK_BLOCK = default_block if radix else int(tb)
                 op = lambda c, impl=impl: indexer_topk(*c, cfg.index_topk, kernels=impl)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n
@@ -176,7 +180,7 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
                 rows.append(r)
                 print(f"indexer ctx {ctx:8d} batch {args.batch:3d} {name:22s} {nc:7d} keys/row  {r['MB']:8.2f} MB  "
                       f"{r['us']:9.1f} us  {100 * r['frac_copy']:5.1f}% of copy bw  same ids: {same}", flush=True)
-        indexer_mod.TOPK_BLOCK = default_block
+        indexer_mod.TOPK_BLOCK, indexer_mod.topk.use_kernel = default_block, use_radix
         del cases
     return rows
 
@@ -265,8 +269,9 @@ def main():
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4'")
     ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
-    ap.add_argument("--topk-blocks", default=str(TOPK_BLOCK), help="indexer: first-level blocks of the top-k to time "
-                    "(comma list; 0 = one top_k over the row)")
+    ap.add_argument("--topk-blocks", default=f"radix,{TOPK_BLOCK}", help="indexer: top-k selections to time (comma "
+                    "list): radix (the radix-selection kernels), or jax.lax.top_k with first-level blocks of N entries "
+                    "(0 = one top_k over the row)")
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=2)

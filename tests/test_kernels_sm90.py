@@ -350,8 +350,29 @@ def test_indexer_score_plan_fits(heads, target):
 
     p = ix.score_plan(heads, 32, 262144, target)
     assert p["NB"] > 1
-    pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*fp32")
+    pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*bf16")
     meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"])
     smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
                            target=target)
     assert smem <= SMEM[target] and spill == 0, f"indexer score {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_topk_plans_fit(rows, target):
+    """The radix-selection top-k's four kernels at the indexer's decode shape (262,144 entries, k = 512)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import topk
+
+    p = topk.plan(rows, 262144, target)
+    meta = dict(N=262144, K=512, CH=p["CH"], BLOCK=p["BLOCK"])
+    opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
+    hist = dict(x_ptr="*i16", h1_ptr="*i32", h2_ptr="*i32")
+    for fn, ptrs, extra in [
+        (topk._hist_kernel, dict(x_ptr="*i16", h1_ptr="*i32", hz_ptr="*i32", h_ptr="*i32"), dict(LOW=False)),
+        (topk._hist_kernel, dict(x_ptr="*i16", h1_ptr="*i32", hz_ptr="*i32", h_ptr="*i32"), dict(LOW=True)),
+        (topk._count_kernel, {**hist, "g_ptr": "*i32", "e_ptr": "*i32"}, dict(P=p["P"])),
+        (topk._write_kernel, {**hist, "g_ptr": "*i32", "e_ptr": "*i32", "ids_ptr": "*i32"},
+         dict(P=p["P"], PP=p["PP"])),
+    ]:
+        smem, spill = _compile(fn, ptrs, {**meta, **extra}, opts, target=target)
+        assert smem <= SMEM[target] and spill == 0, f"top-k {fn.__name__} {p}: {smem} B shared, {spill} B spills"

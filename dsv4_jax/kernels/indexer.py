@@ -62,7 +62,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, single_device, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, single_device, topk, triton_call, use_opt_in_triton, use_triton
 from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -96,8 +96,9 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
     B, S = q.shape[:2]
     if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and 0 < B * S <= MAX_KERNEL_ROWS
             and score_kernel_on(kernels, _n_entries(keys))):
-        tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc]
-        vals, idx = top_k_two_level(tot, min(k, tot.shape[-1]))
+        tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc] bf16
+        k = min(k, tot.shape[-1])
+        vals, idx = topk.top_k_triton(tot, k) if topk.use_kernel(kernels, tot.shape[-1]) else top_k_two_level(tot, k)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return indexer_topk_blocked(q, hw, keys, t, k)
 
@@ -300,7 +301,7 @@ if triton is not None:
             out = out_ptr + r.to(tl.int64) * NC + j
             jm = j < NC
             if j0 >= lim:  # nothing visible in this block
-                tl.store(out, tl.full((BLK,), float("-inf"), tl.float32), mask=jm)
+                tl.store(out, tl.full((BLK,), float("-inf"), tl.float32).to(out_ptr.dtype.element_ty), mask=jm)
             else:
                 e = (r // S).to(tl.int64) * NC + j  # [BLK] cache rows
                 kp = tl.load(kp_ptr + e[:, None] * (DI // 2) + i[None, :], mask=jm[:, None], other=0).to(tl.int32)
@@ -314,7 +315,7 @@ if triton is not None:
                 prod = round_bf16(tl.maximum(round_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
                 prod = tl.where(hm[:, None], prod, -0.0)
                 tot = round_bf16(tl.sum(prod, axis=0))  # [BLK]
-                tl.store(out, tl.where(j < lim, tot, float("-inf")), mask=jm)
+                tl.store(out, tl.where(j < lim, tot, float("-inf")).to(out_ptr.dtype.element_ty), mask=jm)  # exact
 
 
 def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = None) -> dict:
@@ -343,13 +344,14 @@ def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
 
 
 def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array) -> jax.Array:
-    """Every entry's total ``[B,S,Nc]`` fp32 (bf16 values; -inf where invisible) for query rows ``q [B,S,Hi,Di]``
-    bf16 with head weights ``hw [B,S,Hi]`` over the FP4 cache ``keys``, in one kernel launch."""
+    """Every entry's total ``[B,S,Nc]`` bf16 (-inf where invisible; the totals are bf16 values, stored as such: half
+    the bytes of fp32 for the top-k to read) for query rows ``q [B,S,Hi,Di]`` bf16 with head weights ``hw [B,S,Hi]``
+    over the FP4 cache ``keys``, in one kernel launch."""
     B, S, Hi, Di, Nc = _check_score(q, hw, keys)
     p = score_plan(Hi, B * S, Nc)
     lim = ((t.astype(jnp.int32) + 1) // 4).reshape(B * S)  # visible entries per row
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
-                      lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.float32),
+                      lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
                       grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
                       BLK=p["BLK"], NB=p["NB"], num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out.reshape(B, S, Nc)

@@ -1,0 +1,124 @@
+"""The radix-selection top-k (``kernels/topk.py``) against ``jax.lax.top_k``, its definition.
+
+CPU: the four kernels under Triton's interpreter in a subprocess, launched through the jax launcher
+(``top_k_triton`` with ``tests/triton_shim.py``). GPU: the jitted launcher at the indexer's decode shapes (262,144
+entries, k = 512), against ``jax.lax.top_k`` on the same device (skipped without a GPU or jax-triton).
+
+Oracle and tolerance: ``jax.lax.top_k``'s values and ids, bit for bit (selection is exact; no tolerance). The rows
+are built to fail a wrong kernel: values from a small set (many ties straddle the k-th place, so the lowest-id rule
+for ties matters), ``-inf`` runs (invisible entries), ``-0.0`` beside ``+0.0`` (``jax.lax.top_k`` puts ``+0.0``
+first), a NaN, rows of one repeated value, ``k`` equal to the row length, rows not a multiple of the kernels' block,
+several programs per row (the cross-program tie ranks).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_shim  # noqa: E402
+
+from dsv4_jax.kernels import topk, triton_unavailable  # noqa: E402
+
+SEED = 4242
+# (rows, entries, k): several programs per row on the CPU plan (4 "SMs"), k = N, k tiny, a row of 9,000
+CASES = [(3, 5000, 512), (1, 1024, 1024), (4, 2500, 7), (2, 9000, 300)]
+
+
+def _rows(R: int, n: int, seed: int) -> np.ndarray:
+    """bf16 rows with ties at every scale, -inf runs, signed zeros, and (row 1 of 2+) one repeated value."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((R, n)).astype(np.float32)
+    x[:, ::3] = np.round(x[:, ::3] * 2) / 2  # a small set of values: ties around any k-th place
+    x[0, : n // 10] = -np.inf
+    x[-1, 5::4] = -0.0
+    x[-1, 7::4] = 0.0
+    if R > 2:
+        x[2, 17] = np.nan  # the total order: above +inf
+        x[2, 18] = np.inf
+    if R > 1:
+        x[1] = 0.75
+        x[1, ::97] = -np.inf
+    return np.asarray(x.astype(ml_dtypes.bfloat16))
+
+
+def _check(vals, ids, x, k, what):
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), k)
+    assert ids.shape == want_i.shape, f"{what}: ids shape {ids.shape}"
+    bad = np.argwhere(np.asarray(ids) != np.asarray(want_i))
+    assert bad.size == 0, f"{what}: {len(bad)} ids differ from jax.lax.top_k, first at {bad[0].tolist()}"
+    assert (np.asarray(vals).view(np.uint16) == np.asarray(want_v).view(np.uint16)).all(), f"{what}: values differ"
+
+
+# ---------------------------------------------------------------------------------------------- interpreter
+def _interpret_main(path: str) -> None:
+    """Subprocess body: every case through the jitted jax launcher (the shim runs the kernels)."""
+    triton_shim.install("cpu")
+    z = dict(np.load(path))
+    res = {}
+    for c in range(int(z["n"])):
+        x = jnp.asarray(z[f"{c}_x"].view(ml_dtypes.bfloat16))
+        v, i = jax.jit(topk.top_k_triton, static_argnums=1)(x, int(z[f"{c}_k"]))
+        res[f"{c}_v"], res[f"{c}_i"] = np.asarray(v).view(np.uint16), np.asarray(i)
+    res["launches"] = np.array(len(triton_shim.LAUNCHES))
+    np.savez(path + ".out.npz", **res)
+
+
+def test_interpreter_matches_lax_top_k(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    arrays = {"n": len(CASES)}
+    for c, (R, n, k) in enumerate(CASES):
+        arrays.update({f"{c}_x": _rows(R, n, SEED + c).view(np.uint16), f"{c}_k": np.int32(k)})
+    out = triton_shim.interpret(__file__, arrays, tmp_path)
+    assert int(out["launches"]) == 4 * len(CASES), "expected four kernel launches per top-k"
+    for c, (R, n, k) in enumerate(CASES):
+        assert topk.plan(R, n, "cpu")["P"] > 1 or n <= topk.BLOCK, "a case meant to span programs does not"
+        _check(out[f"{c}_v"].view(ml_dtypes.bfloat16), out[f"{c}_i"], _rows(R, n, SEED + c), k, f"case {c}")
+
+
+def test_plan_covers_each_row_once():
+    for rows, n in [(1, 262144), (32, 262144), (3, 5000), (64, 1000), (1, 1)]:
+        p = topk.plan(rows, n, "sm90")
+        assert p["CH"] % topk.BLOCK == 0 and p["P"] * p["CH"] >= n > (p["P"] - 1) * p["CH"], (rows, n, p)
+        assert p["PP"] >= p["P"]
+
+
+def test_bad_input_is_named():
+    x = jnp.zeros((2, 100), jnp.float32)
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        topk.top_k_triton(x, 4)
+    with pytest.raises(ValueError, match=r"k=101 must be in \[1, 100\]"):
+        topk.top_k_triton(x.astype(jnp.bfloat16), 101)
+
+
+def test_auto_takes_the_kernels_for_long_rows_only(monkeypatch):
+    monkeypatch.setattr(topk, "use_triton", lambda kernels: kernels != "reference")
+    monkeypatch.setattr(topk, "use_opt_in_triton", lambda kernels: kernels == "triton")
+    n = topk.MIN_ENTRIES
+    assert [topk.use_kernel("auto", m) for m in (1024, n - 1, n, 262144)] == [False, False, True, True]
+    assert topk.use_kernel("triton", 16) and not topk.use_kernel("reference", 262144)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"top-k kernel: {triton_unavailable()}")
+
+
+@gpu
+@pytest.mark.parametrize("R,n,k", [(32, 262144, 512), (1, 262144, 512), (5, 10000, 2048), (2, 8192, 8192)])
+def test_gpu_matches_lax_top_k(R, n, k):
+    """The indexer's decode shapes (batch 32 and 1 at a 1M-token context), a large k, k = N."""
+    x = _rows(R, n, SEED + n + R)
+    v, i = jax.jit(topk.top_k_triton, static_argnums=1)(jnp.asarray(x), k)
+    _check(v, i, x, k, f"R={R} n={n} k={k}")
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    _interpret_main(sys.argv[1])
