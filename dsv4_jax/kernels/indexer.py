@@ -45,16 +45,19 @@ The two are equal bit for bit, ties included, wherever each total is a function 
 Decode rows on a GPU (``kernels="triton"``, and ``"auto"`` over caches of 8,192 entries or more:
 :func:`score_kernel_on`): one Triton kernel, :func:`_indexer_score_kernel`, computes every visible total of a few
 query rows straight from the FP4 key cache (the XLA form is ~20 kernels per CSA layer and step: decode, dot,
-roundings, head sum, mask), and a top-k picks from them as the reference does (:func:`top_k_two_level`:
-``jax.lax.top_k``'s result, in two levels for many rows). The totals are :func:`_totals`' arithmetic: the keys' e2m1
-codes times their power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in fp32 (exact in
-reference numerics, as above), the same three bf16 roundings; only the fp32 order of the sum over heads may differ
-from XLA's, which can move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the ``[B,S,Nc]`` fp32
-totals of the few decode rows (1 MiB per row at 1M tokens: 262,144 entries), never the ``[B,S,Hi,Nc]`` scores. Each
-program loads its row's queries once and scores up to 16 blocks of 64 entries (one block per program re-read 16 KB of
-queries per 4.3 KB of keys: 5.4 ms per call at batch 32 and 1M tokens on an H200, 2.2 ms now with the two-level top-k;
-the XLA path 8.1 ms). Tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``),
-on an H200 against the reference (``tests/test_kernels_indexer.py -k gpu``), and compiled for sm_90 and gfx950.
+roundings, head sum, mask), and a top-k picks from them as the reference does: ``jax.lax.top_k``'s result, by radix
+selection where :func:`dsv4_jax.kernels.topk.use_kernel` says so (``"triton"``, and ``"auto"`` over rows of 8,192
+entries or more: four passes over the row instead of a sort, :mod:`dsv4_jax.kernels.topk`), else
+:func:`top_k_two_level` (``jax.lax.top_k`` in two levels for many rows). The totals are :func:`_totals`' arithmetic:
+the keys' e2m1 codes times their power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in
+fp32 (exact in reference numerics, as above), the same three bf16 roundings; only the fp32 order of the sum over heads
+may differ from XLA's, which can move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the
+``[B,S,Nc]`` bf16 totals of the few decode rows (0.5 MiB per row at 1M tokens: 262,144 entries), never the
+``[B,S,Hi,Nc]`` scores. Each program loads its row's queries once and scores up to 16 blocks of 64 entries (one block
+per program re-read 16 KB of queries per 4.3 KB of keys: 5.4 ms per call at batch 32 and 1M tokens on an H200; 0.14 ms
+now, 4.0 TB/s, ``profile_decode.py --max-len 1048576``). Tested under the interpreter (CI, and the golden
+layer-isolated test with ``kernels="triton"``), on an H200 against the reference (``tests/test_kernels_indexer.py -k
+gpu``), and compiled for sm_90 and gfx950.
 """
 
 from __future__ import annotations
