@@ -152,7 +152,7 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
     ``kernels/topk.py``) or a number (``jax.lax.top_k`` in two levels with ``indexer.TOPK_BLOCK`` set to it; it
     applies from ``indexer.TOPK_MIN_ROWS`` rows on), each checked to select the ids of the first. Bytes = the FP4
     key cache each row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
-    impls = ["reference"] + (["triton"] if triton_unavailable() is None else [])
+    impls = [m for m in args.impls.split(",") if m == "reference" or triton_unavailable() is None]
     rows, default_block, use_radix = [], indexer_mod.TOPK_BLOCK, indexer_mod.topk.use_kernel
     for ctx in map(int, args.contexts.split(",")):
         nc = ctx // 4
@@ -272,6 +272,7 @@ def main():
     ap.add_argument("--topk-blocks", default=f"radix,{TOPK_BLOCK}", help="indexer: top-k selections to time (comma "
                     "list): radix (the radix-selection kernels), or jax.lax.top_k with first-level blocks of N entries "
                     "(0 = one top_k over the row)")
+    ap.add_argument("--impls", default="reference,triton", help="indexer: kernels modes to time (comma list)")
     ap.add_argument("--prefill-len", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=2)

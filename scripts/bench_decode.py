@@ -163,9 +163,9 @@ def kernels_mode(kern: str, default_route: str) -> str:
 
 
 def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0,
-          spec_on=None) -> list[dict]:
+          spec_on=None, start="full") -> list[dict]:
     """Time every (mesh, batch, kernels) combination; ``spec_on = (batches, kernels)`` limits the speculative
-    timing (``speculative`` drafts) to those (default: all)."""
+    timing (``speculative`` drafts) to those (default: all); ``start``: see :func:`start_position`."""
     from dsv4_jax.kernels import launch_route, use_triton
 
     results = []
@@ -190,7 +190,7 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
             c = cfg.with_(kernels=kernels_mode(kern, default_route))
-            res = step_timing(c, w, mesh, batch, max_len, iters, seed)
+            res = step_timing(c, w, mesh, batch, max_len, iters, seed, start_position(max_len, iters, start))
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
             if speculative and batch in spec_on[0] and kern in spec_on[1]:
                 res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
@@ -211,10 +211,30 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
     return results
 
 
-def step_timing(cfg, w, mesh, batch, max_len, iters, seed) -> dict:
-    """Median jitted decode-step time (state donated; the work per step does not depend on the position: fixed-size
-    ring, compressed cache and index buffers), and the step's collectives."""
-    state = sh.shard_state(d.init_state(cfg, batch, max_len), mesh)
+def steps_taken(iters: int) -> int:
+    """Decode steps :func:`step_timing` runs on one state (warm-up, timed calls, the jitted loops)."""
+    return 3 + iters + (2 + max(3, iters // 2)) * LOOP_STEPS
+
+
+def start_position(max_len: int, iters: int, start) -> int:
+    """Where every row's position starts: ``"full"`` -> as late as the timed steps allow (``max_len`` minus
+    :func:`steps_taken`), so the indexer sees a full cache and the attention full index lists: the work of a
+    ``max_len``-token context (the caches hold zeros, which costs the same); an int -> that position (0: an empty
+    state, what this script timed before 2026-12-03: the indexer kernel then skips every entry, as it skips entries a
+    row cannot see yet)."""
+    pos = max(0, max_len - steps_taken(iters) - 1) if start == "full" else int(start)
+    if not 0 <= pos <= max_len - steps_taken(iters):
+        raise ValueError(f"--start {start}: position {pos} leaves fewer than {steps_taken(iters)} of the {max_len} "
+                         "positions for the timed steps")
+    return pos
+
+
+def step_timing(cfg, w, mesh, batch, max_len, iters, seed, start: int = 0) -> dict:
+    """Median jitted decode-step time (state donated, every row starting at position ``start``), and the step's
+    collectives."""
+    state = d.init_state(cfg, batch, max_len)
+    state = state.replace(pos=jnp.full_like(state.pos, start), mtp_pos=jnp.full_like(state.mtp_pos, start))
+    state = sh.shard_state(state, mesh)
     with jax.set_mesh(mesh):
         step = jax.jit(lambda w, t, s: forward_jit(w, cfg, t, s, return_logits="last"), donate_argnums=2)
         tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
@@ -233,7 +253,7 @@ def step_timing(cfg, w, mesh, batch, max_len, iters, seed) -> dict:
             ts.append(time.perf_counter() - t)
         loop_s = loop_timing(cfg, w, tok, state, iters)
     coll, coll_rows = collective_time(mesh, colls) if mesh.size > 1 else (0.0, [])
-    return {"median_step_s": float(np.median(ts)), "min_step_s": float(np.min(ts)), "iters": iters,
+    return {"median_step_s": float(np.median(ts)), "min_step_s": float(np.min(ts)), "iters": iters, "start": start,
             "loop_step_s": loop_s, "loop_steps": LOOP_STEPS,
             "compile_s": t_compile, "collectives_in_step": len(colls), "collective_s_sum_alone": coll,
             "collectives": coll_rows}
@@ -339,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-real", type=int, default=0, help="also check mesh equality on N real-size layers")
     ap.add_argument("--moe-tile", default="", help="FP4 MoE tile overrides for every call, e.g. 'GEMV=2' (the opt-in "
                     "tensor-core GEMV): sets DSV4_MOE_TILE (dsv4_jax.kernels.fp4_moe.tile_override)")
+    ap.add_argument("--start", default="full", help="position every row starts the timed steps at: 'full' (the "
+                    "latest the timed steps allow: a full max-len context) or an int (0: an empty state)")
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
     if args.moe_tile:
@@ -369,7 +391,7 @@ def main(argv=None) -> int:
           sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")),
           speculative=args.speculative,
           spec_on=(tuple(int(b) for b in (args.speculative_batch or args.batch).split(",")),
-                   tuple((args.speculative_kernels or args.kernels).split(","))))
+                   tuple((args.speculative_kernels or args.kernels).split(","))), start=args.start)
     return 0
 
 

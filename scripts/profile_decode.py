@@ -53,9 +53,11 @@ def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
-            seed: int = 0, w=None, top: int = 25, mesh=None) -> list[dict]:
+            seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True) -> list[dict]:
     """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows; with a
-    ``mesh``, ``w`` already placed on it (the state is sharded here)."""
+    ``mesh``, ``w`` already placed on it (the state is sharded here). ``full``: every row starts as late as the
+    traced steps allow (a full ``max_len`` context, ``bench_decode.start_position``), else at position 0 (an empty
+    state: the indexer kernel then skips its whole cache)."""
     w = d.init_weights(cfg, jax.random.key(seed)) if w is None else w  # eager: one small program per leaf shape
     mesh = mesh or sh.make_mesh(1, 1, devices=jax.devices()[:1])
     tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
@@ -64,7 +66,10 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
     for kern in kernels:
         c = cfg.with_(kernels=kernels_mode(kern, default_route))
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
-        state = sh.shard_state(d.init_state(c, batch, max_len), mesh)
+        state = d.init_state(c, batch, max_len)
+        start = max(0, max_len - steps - 14) if full else 0  # 13 untraced steps, then the traced ones
+        state = sh.shard_state(state.replace(pos=jnp.full_like(state.pos, start),
+                                             mtp_pos=jnp.full_like(state.mtp_pos, start)), mesh)
         with jax.set_mesh(mesh):
             tab = _traced(step, w, tok, state, steps, device_match)
         tab.update(kernels=kern, batch=batch, layers=cfg.n_layers, mesh=list(mesh.devices.shape),
@@ -113,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default="1x1", help="DATAxMODEL (e.g. 1x2; --device-match /device:GPU:0 then keeps "
                     "one device's kernels)")
     ap.add_argument("--out", help="folder for profile.json")
+    ap.add_argument("--empty", action="store_true", help="start at position 0 (an empty state) instead of a full "
+                    "max-len context")
     args = ap.parse_args(argv)
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
         w = jax.device_put(w, sh.weight_shardings(cfg, mesh))
     res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
                                                              args.max_len, args.steps, args.device_match, w=w,
-                                                             top=args.top, mesh=mesh)]
+                                                             top=args.top, mesh=mesh, full=not args.empty)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))

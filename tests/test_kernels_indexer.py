@@ -144,6 +144,15 @@ def test_auto_takes_the_kernel_over_long_caches_only(monkeypatch):
     assert not ix.score_kernel_on("auto", 262144)
 
 
+def test_tile_override_is_checked(monkeypatch):
+    monkeypatch.setenv("DSV4_INDEX_TILE", "BLK=128,num_warps=8")
+    p = ix.score_plan(64, 32, 262144, "sm90")
+    assert (p["BLK"], p["num_warps"]) == (128, 8)
+    monkeypatch.setenv("DSV4_INDEX_TILE", "TR=1")
+    with pytest.raises(ValueError, match="DSV4_INDEX_TILE='TR=1'"):
+        ix.score_plan(64, 32, 262144, "sm90")
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"indexer kernel: {triton_unavailable()}")
 
