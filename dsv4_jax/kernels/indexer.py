@@ -74,7 +74,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair, round_bf16
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -283,6 +283,13 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
 if triton is not None:
 
     @triton.jit
+    def _rn_bf16(v):
+        """fp32 -> nearest-even bf16 value, kept in fp32, by the hardware's conversion (a packed convert and a shift
+        per value; :func:`~dsv4_jax.kernels.common.round_bf16`'s integer arithmetic takes 3-4 operations). Under
+        Triton's interpreter the cast truncates: the tests run it with ``tests/triton_shim.py``, which rounds."""
+        return v.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
                               HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
                               NB: tl.constexpr = 1):
@@ -295,6 +302,8 @@ if triton is not None:
         lim = tl.load(lim_ptr + r)
         h = tl.arange(0, HP)
         i = tl.arange(0, DI // 2)  # packed bytes: dims 2i (low nibble) and 2i + 1
+        g3 = tl.arange(0, DI // 32)[None, :, None]  # [1, DI/32, 1] scale groups
+        i3 = g3 * 16 + tl.arange(0, 16)[None, None, :]  # [1, DI/32, 16] their bytes
         hm = h < HI
         qrow = q_ptr + r.to(tl.int64) * (HI * DI) + h[:, None] * DI + 2 * i[None, :]  # [HP, DI/2] even dims
         qe = tl.load(qrow, mask=hm[:, None], other=0.0)
@@ -309,17 +318,20 @@ if triton is not None:
                 tl.store(out, tl.full((BLK,), float("-inf"), tl.float32).to(out_ptr.dtype.element_ty), mask=jm)
             else:
                 e = (r // S).to(tl.int64) * NC + j  # [BLK] cache rows
-                kp = tl.load(kp_ptr + e[:, None] * (DI // 2) + i[None, :], mask=jm[:, None], other=0).to(tl.int32)
-                f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None] * (DI // 32) + (i // 16)[None, :],
-                                              mask=jm[:, None], other=127).to(tl.int32))  # [BLK, DI/2] group scales
+                # [BLK, DI/32, 16]: each 32-dim scale group's 16 bytes; its scale loaded and decoded once per group
+                jm3 = jm[:, None, None]
+                kp = tl.load(kp_ptr + e[:, None, None] * (DI // 2) + i3, mask=jm3, other=0).to(tl.int32)
+                f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None, None] * (DI // 32) + g3, mask=jm3,
+                                              other=127).to(tl.int32))  # [BLK, DI/32, 1] group scales
                 lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
-                ke = (lo * f1 * f2).to(tl.bfloat16)  # [BLK, DI/2] exact key values (e2m1 times a power of two)
-                ko = (hi * f1 * f2).to(tl.bfloat16)
+                ke = tl.reshape(lo * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # [BLK, DI/2] exact key values
+                ko = tl.reshape(hi * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # (e2m1 times a power of two)
                 sc = tl.dot(qe, tl.trans(ke))
                 sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products if snapped)
-                prod = round_bf16(tl.maximum(round_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
-                prod = tl.where(hm[:, None], prod, -0.0)
-                tot = round_bf16(tl.sum(prod, axis=0))  # [BLK]
+                prod = _rn_bf16(tl.maximum(_rn_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
+                if HP != HI:  # padded heads add -0.0
+                    prod = tl.where(hm[:, None], prod, -0.0)
+                tot = _rn_bf16(tl.sum(prod, axis=0))  # [BLK]
                 tl.store(out, tl.where(j < lim, tot, float("-inf")).to(out_ptr.dtype.element_ty), mask=jm)  # exact
 
 
