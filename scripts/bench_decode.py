@@ -360,7 +360,8 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-tile", default="", help="FP4 MoE tile overrides for every call, e.g. 'GEMV=2' (the opt-in "
                     "tensor-core GEMV): sets DSV4_MOE_TILE (dsv4_jax.kernels.fp4_moe.tile_override)")
     ap.add_argument("--start", default="full", help="position every row starts the timed steps at: 'full' (the "
-                    "latest the timed steps allow: a full max-len context) or an int (0: an empty state)")
+                    "latest the timed steps allow: a full max-len context) or an int (0: an empty state); the "
+                    "speculative timing always starts at 0")
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
     if args.moe_tile:
