@@ -1,12 +1,14 @@
 """The radix-selection top-k (``kernels/topk.py``) against ``jax.lax.top_k``, its definition.
 
 CPU: the four kernels under Triton's interpreter in a subprocess, launched through the jax launcher
-(``top_k_triton`` with ``tests/triton_shim.py``). GPU: the jitted launcher at the indexer's decode shapes (262,144
-entries, k = 512), against ``jax.lax.top_k`` on the same device (skipped without a GPU or jax-triton).
+(``top_k_triton`` with ``tests/triton_shim.py``), also as the indexer's prefill selection
+(``indexer_topk_blocked(..., radix=True)`` against ``indexer_topk_reference``: the same ids). GPU: the jitted
+launcher at the indexer's decode shapes (262,144 entries, k = 512), against ``jax.lax.top_k`` on the same device
+(skipped without a GPU or jax-triton).
 
 Oracle and tolerance: ``jax.lax.top_k``'s ids, and its values (signed zeros included; a NaN as a NaN: the GPU's
-``top_k`` returned another NaN bit pattern for one row of 10,000 entries), exactly: selection has no tolerance. The rows
-are built to fail a wrong kernel: values from a small set (many ties straddle the k-th place, so the lowest-id rule
+``top_k`` returned another NaN bit pattern for one row of 10,000 entries), exactly: selection has no tolerance. The
+rows are built to fail a wrong kernel: values from a small set (many ties straddle the k-th place, so the lowest-id rule
 for ties matters), ``-inf`` runs (invisible entries), ``-0.0`` beside ``+0.0`` (``jax.lax.top_k`` puts ``+0.0``
 first), a NaN, rows of one repeated value, ``k`` equal to the row length, rows not a multiple of the kernels' block,
 several programs per row (the cross-program tie ranks).
@@ -26,6 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
+from dsv4_jax.kernels import indexer as ix  # noqa: E402
 from dsv4_jax.kernels import topk, triton_unavailable  # noqa: E402
 
 SEED = 4242
@@ -71,8 +74,24 @@ def _interpret_main(path: str) -> None:
         x = jnp.asarray(z[f"{c}_x"].view(ml_dtypes.bfloat16))
         v, i = jax.jit(topk.top_k_triton, static_argnums=1)(x, int(z[f"{c}_k"]))
         res[f"{c}_v"], res[f"{c}_i"] = np.asarray(v).view(np.uint16), np.asarray(i)
+    q, hw, keys, t = _prefill_case()  # the indexer's prefill rows, radix selection after the blocks
+    run = jax.jit(lambda q, hw, keys, t: ix.indexer_topk_blocked(q, hw, keys, t, PREFILL_K, block=64, rows=16,
+                                                                 radix=True))
+    res["prefill"] = np.asarray(run(q, hw, keys, t))
     res["launches"] = np.array(len(triton_shim.LAUNCHES))
     np.savez(path + ".out.npz", **res)
+
+
+PREFILL_K = 32
+
+
+def _prefill_case():
+    """Prefill rows of a small indexer: 2 x 40 query rows over 300 FP4 entries (5 blocks of 64, the last clamped;
+    3 row blocks of 16), positions so that rows see 1 to 300 entries, duplicated keys (ties)."""
+    from test_kernels_indexer import _case
+
+    t = (np.arange(40)[None, :] * 30 + np.array([[5], [9]])).astype(np.int32)  # [2, 40]
+    return _case(2, 40, 8, 64, 300, t, SEED)
 
 
 def test_interpreter_matches_lax_top_k(tmp_path):
@@ -82,7 +101,9 @@ def test_interpreter_matches_lax_top_k(tmp_path):
     for c, (R, n, k) in enumerate(CASES):
         arrays.update({f"{c}_x": _rows(R, n, SEED + c).view(np.uint16), f"{c}_k": np.int32(k)})
     out = triton_shim.interpret(__file__, arrays, tmp_path)
-    assert int(out["launches"]) == 4 * len(CASES), "expected four kernel launches per top-k"
+    assert int(out["launches"]) == 4 * len(CASES) + 4 * 3, "expected four kernel launches per top-k"
+    want = np.asarray(ix.indexer_topk_reference(*_prefill_case(), PREFILL_K))
+    assert (out["prefill"] == want).all(), "indexer prefill rows with the radix selection differ from the reference"
     for c, (R, n, k) in enumerate(CASES):
         assert topk.plan(R, n, "cpu")["P"] > 1 or n <= topk.BLOCK, "a case meant to span programs does not"
         _check(out[f"{c}_v"].view(ml_dtypes.bfloat16), out[f"{c}_i"], _rows(R, n, SEED + c), k, f"case {c}")

@@ -11,7 +11,9 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB on CPUs, 2 GiB on accelerators;
   long chunks go in blocks of query rows so that entry blocks keep at least 1,024 entries, :func:`row_block`).
   Each block's totals are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))``
-  plus the block's transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a
+  plus the block's transient. Opt-in (``kernels="triton"``, :func:`prefill_radix_on`): the blocks' bf16 totals fill
+  a ``[B,S,Nc]`` buffer instead and one radix selection (:mod:`dsv4_jax.kernels.topk`) replaces the merges (each a
+  ``jax.lax.top_k`` over ``[rows, k + block]``, a sort on GPUs); not yet timed on a GPU. Blocks beyond the furthest visible entry of any row are not visited (decode over a
   1M-token cache holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored
   layout.
 
@@ -105,7 +107,20 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
         k = min(k, tot.shape[-1])
         vals, idx = topk.top_k_triton(tot, k) if topk.use_kernel(kernels, tot.shape[-1]) else top_k_two_level(tot, k)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
-    return indexer_topk_blocked(q, hw, keys, t, k)
+    return indexer_topk_blocked(q, hw, keys, t, k, radix=q.dtype == jnp.bfloat16 and prefill_radix_on(kernels))
+
+
+PREFILL_RADIX_AUTO = False  # "auto" takes the radix selection for prefill rows only once it is measured faster
+
+
+def prefill_radix_on(kernels: str) -> bool:
+    """Whether the blocked path (prefill rows) selects by radix (:func:`indexer_topk_blocked`'s ``radix``) instead of
+    merging a running top-k per block: with ``kernels="triton"`` (where :func:`use_opt_in_triton` allows), and with
+    ``"auto"`` where Triton runs only if :data:`PREFILL_RADIX_AUTO` (off: not yet timed on a GPU; ``bench_attention.py
+    --mode prefill --prefill-radix`` sets it)."""
+    if kernels == "auto":
+        return PREFILL_RADIX_AUTO and use_triton(kernels) and single_device()
+    return use_opt_in_triton(kernels)
 
 
 AUTO_MIN_ENTRIES = 8192  # compressed entries (32K tokens of context) from which kernels="auto" takes the kernel
@@ -225,15 +240,19 @@ def row_block(batch: int, rows: int, heads: int, n_c: int, budget: int | None = 
 
 
 def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int,
-                         block: int | None = None, rows: int | None = None) -> jax.Array:
+                         block: int | None = None, rows: int | None = None, radix: bool = False) -> jax.Array:
     """:func:`indexer_topk` as a loop over blocks of ``block`` entries (default :func:`block_size`) merged into a
     running top-k, for blocks of ``rows`` query rows at a time (default :func:`row_block`; a ``jax.lax.map``, the
     last block padded with rows that see nothing); equal to :func:`indexer_topk_reference` bit for bit (module
-    docstring)."""
+    docstring). ``radix`` (bf16 queries; the Triton kernels of :mod:`dsv4_jax.kernels.topk`): the blocks' totals
+    fill a ``[B, rows, Nc]`` bf16 buffer (row blocks sized so that it fits the budget too) and one radix selection
+    replaces the merges, ``jax.lax.top_k`` of the whole row: the same ids."""
     B, S, Hi, _ = q.shape
     R = rows or row_block(B, S, Hi, _n_entries(keys))
+    if radix:  # the totals buffer: 2 bytes per row and entry
+        R = min(R, max(1, _budget(None) // (2 * B * _n_entries(keys))))
     if R >= S:
-        return _topk_blocks(q, hw, keys, t, k, block)
+        return _topk_blocks(q, hw, keys, t, k, block, radix)
     n = -(-S // R)
     pad = n * R - S
 
@@ -241,12 +260,13 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
         return a.reshape(B, n, R, *a.shape[2:]).swapaxes(0, 1)
 
-    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block),
+    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block, radix),
                       (split(q, 0), split(hw, 0), split(t, -1)))  # [n,B,R,k]; padded rows: t = -1, nothing visible
     return out.swapaxes(0, 1).reshape(B, n * R, -1)[:, :S]
 
 
-def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None) -> jax.Array:
+def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None,
+                 radix: bool = False) -> jax.Array:
     """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks."""
     dt = q.dtype
     B, S, Hi, _ = q.shape
@@ -259,6 +279,8 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
     limit = (t + 1) // 4  # [B,S] visible entries per query
     n_visit = jnp.minimum((jnp.max(limit) + blk - 1) // blk, n_blocks)  # blocks holding any visible entry
     lane = jnp.arange(blk, dtype=jnp.int32)  # [blk]
+    if radix:
+        return _radix_blocks(q, hw, keys, limit, k, blk, n_visit)
 
     def merge(i, carry):
         vals, ids = carry  # [B,S,k] fp32 sorted (value desc, id asc), int32
@@ -275,6 +297,27 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
 
     init = (jnp.full((B, S, k), -jnp.inf, jnp.float32), jnp.full((B, S, k), -1, jnp.int32))
     vals, ids = jax.lax.fori_loop(0, n_visit, merge, init)
+    return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
+
+
+def _radix_blocks(q: jax.Array, hw: jax.Array, keys, limit: jax.Array, k: int, blk: int, n_visit) -> jax.Array:
+    """:func:`_topk_blocks` with ``radix``: the visited blocks' totals (bf16 values, -inf where invisible) written
+    into a ``[B,S,Nc]`` bf16 buffer that starts at -inf (blocks never visited hold nothing visible), then one
+    :func:`dsv4_jax.kernels.topk.top_k_triton`. The clamped last block rewrites entries of the one before it with the
+    same totals."""
+    B, S = q.shape[:2]
+    n_c = _n_entries(keys)
+    lane = jnp.arange(blk, dtype=jnp.int32)
+
+    def fill(i, buf):
+        start = jnp.minimum(i * blk, n_c - blk)
+        kb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, blk, axis=1), keys)
+        tot = _totals(q, hw, cache_values(kb, q.dtype))  # [B,S,blk]
+        tot = jnp.where((start + lane)[None, None, :] < limit[..., None], tot, -jnp.inf)
+        return jax.lax.dynamic_update_slice_in_dim(buf, tot.astype(jnp.bfloat16), start, axis=2)
+
+    buf = jax.lax.fori_loop(0, n_visit, fill, jnp.full((B, S, n_c), -jnp.inf, jnp.bfloat16))
+    vals, ids = topk.top_k_triton(buf, k)
     return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
 
 
