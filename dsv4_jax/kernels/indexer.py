@@ -11,11 +11,11 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   fp32 scores and products ``[B,S,Hi,block]`` stay within a byte budget, 256 MiB on CPUs, 2 GiB on accelerators;
   long chunks go in blocks of query rows so that entry blocks keep at least 1,024 entries, :func:`row_block`).
   Each block's totals are merged into a running top-k ``[B,S,k]`` (values + ids). Memory: ``O(B*S*(k + block))``
-  plus the block's transient. Opt-in (``kernels="triton"``, :func:`prefill_radix_on`): the blocks' bf16 totals fill
-  a ``[B,S,Nc]`` buffer instead and one radix selection (:mod:`dsv4_jax.kernels.topk`) replaces the merges (each a
-  ``jax.lax.top_k`` over ``[rows, k + block]``, a sort on GPUs); not yet timed on a GPU. Blocks beyond the furthest visible entry of any row are not visited (decode over a
+  plus the block's transient. Blocks beyond the furthest visible entry of any row are not visited (decode over a
   1M-token cache holding 4K tokens reads 1K entries, not 256K). Keys are decoded block by block from their stored
-  layout.
+  layout. Opt-in (``kernels="triton"``, :func:`prefill_radix_on`): the blocks' bf16 totals fill a ``[B,S,Nc]``
+  buffer instead and one radix selection (:mod:`dsv4_jax.kernels.topk`) replaces the merges (each a
+  ``jax.lax.top_k`` over ``[rows, k + block]``, a sort on GPUs); not yet timed on a GPU.
 
 The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
 
