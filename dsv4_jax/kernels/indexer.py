@@ -394,13 +394,15 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     return p
 
 
-SCORE_TILE_KEYS = ("BLK", "NB", "num_warps", "maxnreg")
+SCORE_TILE_KEYS = ("BLK", "NB", "num_warps", "maxnreg", "tiled")
 
 
 def tile_override() -> dict:
     """Score-plan entries from the ``DSV4_INDEX_TILE`` environment variable (``"BLK=128,num_warps=8"``,
-    ``"maxnreg=80"``: ptxas's register cap, XLA launch route only; empty: none), for every launch traced after it is
-    set: a benchmark knob (every plan computes the same totals). Measured
+    ``"maxnreg=80"``: ptxas's register cap, XLA launch route only; ``"tiled=1"``: launch as a tiled kernel, i.e.
+    through jax-triton where installed; empty: none), for every launch traced after it is set: a benchmark knob
+    (every plan computes the same totals). XLA's build of the kernel takes 114 registers and spills under a cap of
+    80 (156 bytes), the ``triton`` wheel's takes 79 (``count_launches.py --builds``, 2026-12-03). Measured
     on an H200 (2026-12-03, batch 32 at 1M tokens, with the radix top-k): the plan 1,510 us per call, 128-entry
     blocks with 8 warps 2,082 us; scores laid out ``[entries, heads]`` (the decoded keys as the dot's register
     operand, 10 % fewer sm_90a instructions per block) 1,579 us, with 8 warps 3,534 us: not kept."""
@@ -438,7 +440,7 @@ def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.A
                       lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
                       grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
                       BLK=p["BLK"], NB=p["NB"], num_warps=p["num_warps"], num_stages=p["num_stages"],
-                      maxnreg=p.get("maxnreg"))  # a register cap (XLA route only): a speed knob, never a result's
+                      maxnreg=p.get("maxnreg"), tiled=bool(p.get("tiled", 0)))  # speed knobs, never a result's
     return out.reshape(B, S, Nc)
 
 
