@@ -2,7 +2,7 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc index mesh decode attn attnb prefill kern profile ops golden tune moevar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc index mesh decode attn attnb prefill kern profile ops golden tune moevar indexvar  (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -41,7 +41,13 @@ for x in r:
             --variants "${ATTN_VARIANTS:-}" ;;
     prefill) TAIL=8 run bench_prefill "${PREFILL_BOX:-240}" python3 scripts/bench_attention.py --mode prefill \
               --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
-              --kernels "${PREFILL_KERNELS:-auto}" --out "$OUT/prefill.json" ;;
+              --kernels "${PREFILL_KERNELS:-auto}" --out "$OUT/prefill.json" ${PREFILL_EXTRA:-} ;;  # --prefill-radix
+    indexvar) IFS=';' read -ra vs <<< "${INDEX_VARIANTS:-;tiled=1;maxnreg=80;NB=4}"  # the indexer's scoring plans
+              for v in "${vs[@]}"; do for bc in "32 131072,1048576" "1 1048576"; do set -- $bc
+                DSV4_INDEX_TILE=$v TAIL=3 run "indexer_b$1_${v//[=,]/_}" "${INDEXVAR_BOX:-90}" python3 \
+                  scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
+                  --topk-blocks radix --calls 4 --trials 3
+              done; done ;;
     kern) TAIL=30 run bench_kernels 100 python3 scripts/bench_kernels.py --models flash --rows 1,16,64,2048 --trials 3
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
     profile) TAIL=${PROFILE_TAIL:-60} run profile "${PROFILE_BOX:-240}" python3 scripts/profile_decode.py --model flash \
