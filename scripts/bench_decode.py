@@ -190,7 +190,8 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
             c = cfg.with_(kernels=kernels_mode(kern, default_route))
-            res = step_timing(c, w, mesh, batch, max_len, iters, seed, start_position(max_len, iters, start))
+            pos = start_position(max_len, steps_taken(iters), start)
+            res = step_timing(c, w, mesh, batch, max_len, iters, seed, pos)
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
             if speculative and batch in spec_on[0] and kern in spec_on[1]:
                 res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
@@ -216,15 +217,15 @@ def steps_taken(iters: int) -> int:
     return 3 + iters + (2 + max(3, iters // 2)) * LOOP_STEPS
 
 
-def start_position(max_len: int, iters: int, start) -> int:
-    """Where every row's position starts: ``"full"`` -> as late as the timed steps allow (``max_len`` minus
-    :func:`steps_taken`), so the indexer sees a full cache and the attention full index lists: the work of a
-    ``max_len``-token context (the caches hold zeros, which costs the same); an int -> that position (0: an empty
-    state, what this script timed before 2026-12-03: the indexer kernel then skips every entry, as it skips entries a
-    row cannot see yet)."""
-    pos = max(0, max_len - steps_taken(iters) - 1) if start == "full" else int(start)
-    if not 0 <= pos <= max_len - steps_taken(iters):
-        raise ValueError(f"--start {start}: position {pos} leaves fewer than {steps_taken(iters)} of the {max_len} "
+def start_position(max_len: int, steps: int, start) -> int:
+    """Where every row's position starts for ``steps`` decode steps on one state (:func:`steps_taken` here):
+    ``"full"`` -> as late as those steps allow (``max_len`` minus ``steps``), so the indexer sees a full cache and
+    the attention full index lists: the work of a ``max_len``-token context (the caches hold zeros, which costs the
+    same); an int -> that position (0: an empty state, what this script timed before 2026-12-03: the indexer kernel
+    then skips every entry, as it skips entries a row cannot see yet)."""
+    pos = max(0, max_len - steps - 1) if start == "full" else int(start)
+    if not 0 <= pos <= max_len - steps:
+        raise ValueError(f"--start {start}: position {pos} leaves fewer than {steps} of the {max_len} "
                          "positions for the timed steps")
     return pos
 

@@ -33,7 +33,7 @@ from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
 from scripts.bench_common import device_events  # noqa: E402
-from scripts.bench_decode import flash_layers, kernels_mode, pro_layers  # noqa: E402
+from scripts.bench_decode import flash_layers, kernels_mode, pro_layers, start_position  # noqa: E402
 
 
 def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
@@ -56,7 +56,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
             seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True) -> list[dict]:
     """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows; with a
     ``mesh``, ``w`` already placed on it (the state is sharded here). ``full``: every row starts as late as the
-    traced steps allow (a full ``max_len`` context, ``bench_decode.start_position``), else at position 0 (an empty
+    traced steps allow (a full ``max_len`` context, :func:`start_position`), else at position 0 (an empty
     state: the indexer kernel then skips its whole cache)."""
     w = d.init_weights(cfg, jax.random.key(seed)) if w is None else w  # eager: one small program per leaf shape
     mesh = mesh or sh.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -67,7 +67,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
         c = cfg.with_(kernels=kernels_mode(kern, default_route))
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
         state = d.init_state(c, batch, max_len)
-        start = max(0, max_len - steps - 14) if full else 0  # 13 untraced steps, then the traced ones
+        start = start_position(max_len, 13 + steps, "full" if full else 0)  # 13 untraced steps, the traced ones
         state = sh.shard_state(state.replace(pos=jnp.full_like(state.pos, start),
                                              mtp_pos=jnp.full_like(state.mtp_pos, start)), mesh)
         with jax.set_mesh(mesh):

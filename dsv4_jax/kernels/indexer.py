@@ -105,7 +105,7 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
             and score_kernel_on(kernels, _n_entries(keys))):
         tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc] bf16
         k = min(k, tot.shape[-1])
-        vals, idx = topk.top_k_triton(tot, k) if topk.use_kernel(kernels, tot.shape[-1]) else top_k_two_level(tot, k)
+        vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     return indexer_topk_blocked(q, hw, keys, t, k, radix=q.dtype == jnp.bfloat16 and prefill_radix_on(kernels))
 
@@ -268,7 +268,6 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
 def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None,
                  radix: bool = False) -> jax.Array:
     """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks."""
-    dt = q.dtype
     B, S, Hi, _ = q.shape
     n_c = _n_entries(keys)
     k = min(k, n_c)
@@ -278,16 +277,12 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
         return indexer_topk_reference(q, hw, keys, t, k, top_k_two_level)  # dependent costs two host round trips
     limit = (t + 1) // 4  # [B,S] visible entries per query
     n_visit = jnp.minimum((jnp.max(limit) + blk - 1) // blk, n_blocks)  # blocks holding any visible entry
-    lane = jnp.arange(blk, dtype=jnp.int32)  # [blk]
     if radix:
         return _radix_blocks(q, hw, keys, limit, k, blk, n_visit)
 
     def merge(i, carry):
         vals, ids = carry  # [B,S,k] fp32 sorted (value desc, id asc), int32
-        start = jnp.minimum(i * blk, n_c - blk)  # the last block is clamped into range, not padded
-        kb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, blk, axis=1), keys)
-        j = start + lane  # [blk] entry ids
-        tot = _totals(q, hw, cache_values(kb, dt))  # [B,S,blk]
+        j, tot = _block_totals(q, hw, keys, i, blk)
         fresh = (j >= i * blk)[None, None, :] & (j[None, None, :] < limit[..., None])  # unseen and visible
         tot = jnp.where(fresh, tot, -jnp.inf)
         cand_v = jnp.concatenate([vals, tot], axis=-1)  # [B,S,k+blk], running entries first
@@ -300,6 +295,15 @@ def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block:
     return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
 
 
+def _block_totals(q: jax.Array, hw: jax.Array, keys, i, blk: int) -> tuple[jax.Array, jax.Array]:
+    """Entry block ``i`` of ``blk`` entries: its entry ids ``[blk]`` and totals ``[B,S,blk]`` (:func:`_totals` on
+    the keys decoded from their stored layout). The last block is clamped into range (``[Nc - blk, Nc)``), not
+    padded, so the cache is never copied; it overlaps the block before it."""
+    start = jnp.minimum(i * blk, _n_entries(keys) - blk)
+    kb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, blk, axis=1), keys)
+    return start + jnp.arange(blk, dtype=jnp.int32), _totals(q, hw, cache_values(kb, q.dtype))
+
+
 def _radix_blocks(q: jax.Array, hw: jax.Array, keys, limit: jax.Array, k: int, blk: int, n_visit) -> jax.Array:
     """:func:`_topk_blocks` with ``radix``: the visited blocks' totals (bf16 values, -inf where invisible) written
     into a ``[B,S,Nc]`` bf16 buffer that starts at -inf (blocks never visited hold nothing visible), then one
@@ -307,14 +311,11 @@ def _radix_blocks(q: jax.Array, hw: jax.Array, keys, limit: jax.Array, k: int, b
     same totals."""
     B, S = q.shape[:2]
     n_c = _n_entries(keys)
-    lane = jnp.arange(blk, dtype=jnp.int32)
 
     def fill(i, buf):
-        start = jnp.minimum(i * blk, n_c - blk)
-        kb = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, blk, axis=1), keys)
-        tot = _totals(q, hw, cache_values(kb, q.dtype))  # [B,S,blk]
-        tot = jnp.where((start + lane)[None, None, :] < limit[..., None], tot, -jnp.inf)
-        return jax.lax.dynamic_update_slice_in_dim(buf, tot.astype(jnp.bfloat16), start, axis=2)
+        j, tot = _block_totals(q, hw, keys, i, blk)
+        tot = jnp.where(j[None, None, :] < limit[..., None], tot, -jnp.inf)
+        return jax.lax.dynamic_update_slice_in_dim(buf, tot.astype(jnp.bfloat16), j[0], axis=2)
 
     buf = jax.lax.fori_loop(0, n_visit, fill, jnp.full((B, S, n_c), -jnp.inf, jnp.bfloat16))
     vals, ids = topk.top_k_triton(buf, k)

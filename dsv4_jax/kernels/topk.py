@@ -216,12 +216,14 @@ def use_kernel(kernels: str, n: int) -> bool:
     return use_opt_in_triton(kernels)
 
 
-def top_k(x: jax.Array, k: int, *, kernels: str = "reference") -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, *, kernels: str = "reference",
+          fallback=top_k_reference) -> tuple[jax.Array, jax.Array]:
     """``jax.lax.top_k(x, k)`` over the last axis (see the module docstring): the radix-selection kernels for bf16
-    rows where :func:`use_kernel` says so, else ``jax.lax.top_k``."""
+    rows where :func:`use_kernel` says so, else ``fallback`` (default ``jax.lax.top_k``; the indexer passes its
+    two-level form, the same result)."""
     if x.dtype == jnp.bfloat16 and use_kernel(kernels, x.shape[-1]):
         return top_k_triton(x, k)
-    return top_k_reference(x, k)
+    return fallback(x, k)
 
 
 # ---------------------------------------------------------------------------------------------- torch launcher
