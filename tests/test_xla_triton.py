@@ -7,6 +7,7 @@ no scalars), the call's scalar arguments folded in as constants, and the grid an
 compiles this IR for sm_90 was checked with ``scripts/count_launches.py`` (it needs the CUDA plugin, not in CI).
 """
 
+import os
 import re
 
 import jax
@@ -112,6 +113,21 @@ def test_auto_route_sends_only_tiled_kernels_to_jax_triton(monkeypatch):
         kernels.set_launch_route(route)
     with pytest.raises(ValueError, match="'cuda-graph'"):
         kernels.set_launch_route("cuda-graph")
+
+
+@pytest.mark.parametrize("saved", [None, "/tmp/triton-cache-kept"])
+def test_importing_the_launcher_keeps_tritons_cache_dir(tmp_path, monkeypatch, saved):
+    """jax-triton 0.3.1 blanks ``TRITON_CACHE_DIR`` at import, which broke every later torch-launched Triton kernel
+    of the process ("Could not create or locate cache dir"); ``_import_error`` puts the variable back as it was.
+    A stand-in module does what jax-triton's import does, so the test needs no jax-triton."""
+    (tmp_path / "blanks_triton_cache.py").write_text('import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if saved is None:
+        monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_DIR", saved)
+    assert kernels._import_error.__wrapped__("blanks_triton_cache") is None
+    assert os.environ.get("TRITON_CACHE_DIR") == saved
 
 
 @pytest.mark.parametrize("maxnreg", [None, 96])

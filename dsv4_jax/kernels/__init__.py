@@ -77,11 +77,22 @@ def set_launch_route(route: str) -> None:
 
 @functools.cache
 def _import_error(module: str) -> str | None:
-    """Why ``module`` cannot be imported here (``None`` when it imports)."""
+    """Why ``module`` cannot be imported here (``None`` when it imports).
+
+    jax-triton 0.3.1 sets ``TRITON_CACHE_DIR`` to ``""`` when imported, which leaves every later ``@triton.jit``
+    launch of the process (torch tensors: the probes, the torch launchers) failing with "Could not create or locate
+    cache dir"; the variable is put back as it was (jax-triton compiles through its own cache, not Triton's)."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
     try:
         __import__(module)
     except Exception as e:  # ImportError, or a broken install raising something else at import
         return f"{type(e).__name__}: {e}"
+    finally:
+        if saved is None:
+            if os.environ.get("TRITON_CACHE_DIR") == "":
+                del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
     return None
 
 
