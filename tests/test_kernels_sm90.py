@@ -90,15 +90,17 @@ def _loop_instructions(sass: list) -> int:
     return sum(bool(re.search(r"/\*[0-9a-f]{4}\*/", line)) for line in _longest_loop(sass))
 
 
+@pytest.mark.parametrize("route", ["xla", "jax-triton"])
 @pytest.mark.parametrize("rows,K", [(1, 640), (32, 640), (1, 8320), (32, 8320), (256, 640)],
                          ids=["decode-csa", "batch32-csa", "decode-hca-1M", "batch32-hca-1M", "prefill"])
-def test_sparse_attention_plans_fit(rows, K, target):
+def test_sparse_attention_plans_fit(rows, K, target, route, monkeypatch):
     """V4-Flash attention (64 heads, head_dim 512 = 448 FP8 + 64 bf16 dims, window 128) at decode, batch 32 and
-    prefill row counts, CSA (K = 640) and HCA at 1M context (K = 8320): the GPU plan fits the shared memory, no
-    spills."""
+    prefill row counts, CSA (K = 640) and HCA at 1M context (K = 8320), with the plan of either launch route (long
+    lists take larger blocks on jax-triton's): the GPU plan fits the shared memory, no spills."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import sparse_attention as sa
 
+    monkeypatch.setattr(sa, "route_for", lambda tiled: route)
     p = sa.plan(64, 512, target, rows=rows, K=K)
     meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
@@ -109,10 +111,10 @@ def test_sparse_attention_plans_fit(rows, K, target):
                      and a != "INTERPRET"})
     smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, target=target)
     assert smem <= SMEM[target], f"sparse attention {p}: {smem} bytes of shared memory > {SMEM[target]}"
-    # sm90, long lists: 64-entry blocks over the whole head spill ~390 bytes (fp32 accumulator of 64 heads x 512 dims
-    # = 128 registers per thread) and still measured 14 % faster than the spill-free 32-entry blocks (HCA at 1M,
-    # batch 32: 234 vs 273 us on an H200, 2026-12-03, docs/performance.md); every other plan must not spill
-    allowed = 512 if target == "sm90" and p["BK"] == 64 and p["DC"] == 512 else 0
+    # sm90, long lists: 128-entry blocks over the whole head spill ~180 bytes (fp32 accumulator of 64 heads x 512
+    # dims = 128 registers per thread) and still measured 25 % faster than the spill-free 32-entry blocks (HCA at 1M,
+    # batch 32: 205 vs 273 us on an H200, 2026-12-03, docs/performance.md); every other plan must not spill
+    allowed = 256 if target == "sm90" and p["BK"] == 128 and p["DC"] == 512 else 0
     assert spill <= allowed, f"sparse attention {p}: {spill} bytes of spills > {allowed}"
 
 

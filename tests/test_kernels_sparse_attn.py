@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
 # (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8, plan overrides): "bps" = index blocks per split
-# (else the CPU plan's choice), "DC" = output dims per program (else 64), "hole" = list slots set to -1, "dr" = RoPE
-# dims of the FP8 layout (else 64); a name with "split" must take the split path
+# (else the CPU plan's choice), "BK" = entries per block (else 64), "DC" = output dims per program (else 64), "hole" =
+# list slots set to -1, "dr" = RoPE dims of the FP8 layout (else 64); a name with "split" must take the split path
 CASES = [
     ("decode-fp8-split3", 2, 1, 4, 128, 128, 40, 24, [5, 300], True, dict(bps=1, DC=128)),
     ("decode-plain-uneven-split", 2, 1, 4, 128, 128, 40, 24, [70, 129], False, dict(bps=2)),
@@ -45,6 +45,7 @@ CASES = [
     ("decode-dh256-dr128-split", 1, 1, 2, 256, 64, 40, 24, [300], True, dict(bps=1, DC=128, dr=128)),
     ("prefill-dh256", 1, 2, 2, 256, 64, 40, 24, [90], True, dict()),
     ("prefill-padded-heads", 1, 9, 4, 128, 128, 16, 8, [20], True, dict(BH=16)),  # 4 heads in a 16-head block
+    ("decode-bk128-split", 1, 1, 4, 128, 128, 300, 200, [1000], True, dict(bps=1, BK=128, hole=(150, 200))),
 ]
 SEED = 4321
 
@@ -138,7 +139,7 @@ def _plan(case, K, target="cpu", **over):
     from dsv4_jax.kernels.sparse_attention import plan
 
     _, B, S, H, Dh, *_, kw = case
-    p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"))
+    p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"), tiles={k: kw[k] for k in ("BK",) if k in kw})
     p.update({k: v for k, v in kw.items() if k in p}, **over)
     return p
 
@@ -271,6 +272,8 @@ GPU_CASES = [  # V4-Flash: 64 heads, head_dim 512, window 128; CSA: top-512 comp
     ("csa-decode-b32", 32, 1, 64, 512, 128, 2048, 512, _POS32, True, {}),
     ("hca-1m-decode-b1", 1, 1, 64, 512, 128, 8192, 8192, [1 << 20], True, {}),
     ("hca-1m-decode-b32", 32, 1, 64, 512, 128, 8192, 8192, _POS32, True, {}),
+    # a long list (> LONG_LIST: 128-entry blocks on the jax-triton route) that is not a multiple of the block
+    ("long-list-ragged", 2, 1, 64, 512, 128, 2048, 1200, [5000, 8000], True, {}),
     ("flash-decode-unsplit", 4, 1, 64, 512, 128, 1024, 512, [3, 130, 4000, 4095], True, dict(bps=1 << 10)),
     # the tiny golden model's prefill (4 heads of 128 dims, window 16, top-4 compressed): its all-position golden
     # test failed on an H200 with the 4-head plan; 4 heads in a padded 16-head block (the plan now), and BH = 4

@@ -43,8 +43,9 @@ one scale group and is all codes or all RoPE): masks and scales are per group, o
 on sm_90a, 36 -> 8 byte loads).
 
 GPU plan (:func:`plan`, sm90): BH 64 (16 to 64 heads; fewer are padded and masked) x the whole head (DC = Dh), one
-pipeline stage, 8 warps; BK 64 for index lists longer than :data:`LONG_LIST` (1,024) entries, else 32. The fp32
-accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 64 build spills ~390 bytes and was
+pipeline stage, 8 warps; BK 128 for index lists longer than :data:`LONG_LIST` (1,024) entries, else 32. The fp32
+accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 128 build spills ~180 bytes (BK 64:
+~390) and was
 still the faster one on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without a GPU and
 allows that spill only there). The kernel alone on an H200 (2026-12-03, ``scripts/probe_kernels.py --op attn``, Triton
 3.6 build launched from torch, CUDA-graph replays; V4-Flash FP8 layout, 64 heads; copy 4.24 TB/s):
@@ -56,9 +57,13 @@ DC 256, BK 64, 3 stages (before)    455-458 us   72.5 us      46.8 us      28.1 
 DC 512, BK 64, 1 stage              234-235 us   57.7 us      44.9 us      25.3 us      16.2 us
 DC 512, BK 32, 1 stage              273-276 us   56.8 us      40.5 us      27.2 us      15.3 us
 DC 512, BK 32 / 64, 2 stages        417 / 282    76.3 / -     51.8 / 45.1  30.6 / -     15.4 / -
+DC 512, BK 128, 1 stage (2026-12-03) 204.6 us    50.2 us      -            23.3 us      -
 ==================================  ===========  ===========  ===========  ===========  ===========
 
-Batch 32 HCA at 1M reads 155 MB: 234 us is 0.66 TB/s, 16 % of the copy bandwidth (issue 12 asks for 60 %). Per
+(The BK 128 row is from a later run of the same probe, where BK 64 took 233.1 / 57.4 / 25.3 us; 16 warps, 32 or 16
+heads per program with 2-3 programs per SM all took 2-3x longer.)
+
+Batch 32 HCA at 1M reads 155 MB: 205 us is 0.76 TB/s, 18 % of the copy bandwidth (issue 12 asks for 60 %). Per
 64-entry block a program still runs one dependent chain (index load -> gather -> dequantize -> shared memory -> q.k
 wgmma -> softmax -> P.V wgmma), ~14K cycles for ~1,700 instructions per thread, one 8-warp program per SM: latency,
 not bytes or flops. At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's ridge), so
@@ -332,7 +337,7 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-LONG_LIST = 1024  # sm90: index lists longer than this take 64-entry blocks, shorter ones 32 (measured, docstring)
+LONG_LIST = 1024  # sm90: index lists longer than this take 128-entry blocks, shorter ones 32 (measured, docstring)
 PER_SM = 1  # decode: split the index list until about this many programs per SM (one is resident at a time)
 
 
@@ -345,9 +350,10 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     ``rows`` (``B*S``) and ``K`` (index-list length) size the split: ``SPLIT`` grows while the programs still fit
     ``PER_SM`` per SM (one wave), ``SPLIT = 1`` when the rows fill the card (or ``rows``/``K`` not given); ``bps``
     forces the blocks per split (tests); ``tiles`` overrides the tile and launch entries (``BH``, ``BK``, ``DC``,
-    ``num_warps``, ``num_stages``: benchmarks) before the split is sized for them. GPU tiles (module docstring):
-    BH 64 (16 to 64 heads, padded) x DC Dh/2, BK 64, 3 stages, 8 warps (gfx950: 4 waves of 64, 2 stages, the plan
-    that compiles there without spills; never timed, no AMD GPU is lent to the project). At 255 registers x 256
+    ``num_warps``, ``num_stages``, and ``per_sm``: benchmarks) before the split is sized for them. GPU tiles (module
+    docstring): sm90 BH 64 (16 to 64 heads, padded) x DC = Dh, one stage, 8 warps, BK 128 for long lists on the
+    jax-triton route, else 32; gfx950 4 waves of 64, DC Dh/2, BK 64, 2 stages (the plan that compiles there without
+    spills; never timed, no AMD GPU is lent to the project). At 255 registers x 256
     threads one program is resident per SM, so more than ``PER_SM = 1`` would only add waves; a split costs an fp32
     workspace of ``H * Dh * 4`` bytes per row and split (written and read back, mostly in L2)."""
     target = target or arch()
@@ -361,11 +367,13 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     else:  # measured on an H200 (module docstring): 64 heads x all dims (q.k once per block), 1 stage
         pow2 = Dh & (Dh - 1) == 0
         dc = Dh if pow2 and Dh <= 512 else (Dh // 2 if pow2 else 64)  # a tile's dims must be a power of two
-        # long lists: fewer, larger blocks (Triton's own build); XLA's build of BK 64 spills heavily (docstring)
-        bk = 64 if (K or 0) > LONG_LIST and route_for(tiled=True) == "jax-triton" else 32
+        # long lists: fewer, larger blocks (Triton's own build); XLA's build of BK 64 spills heavily and its third
+        # shared-memory buffer would not fit BK 128 (docstring)
+        bk = 128 if (K or 0) > LONG_LIST and route_for(tiled=True) == "jax-triton" else 32
         # heads: a power of two from 16 (tl.dot's tensor-core tile; fewer heads are padded and masked) to 64
         p = dict(BH=min(max(next_pow2(H), 16), 64), BK=bk, DC=dc, num_warps=8, num_stages=1)
     p.update(tiles or {})
+    per_sm = p.pop("per_sm", per_sm)  # a benchmark override: programs per SM the split is sized for
     nb = math.ceil((K or 1) / p["BK"])
     groups = -(-H // p["BH"]) * (Dh // p["DC"])
     if bps is None:
