@@ -192,7 +192,7 @@ def bench_prefill(args) -> list[dict]:
 
     cfg = flash_layers(args.layers, "reference") if args.model == "flash" else d.Config.tiny()
     cfg = cfg.with_(kernels=args.kernels)
-    indexer_mod.PREFILL_RADIX_AUTO = args.prefill_radix  # read when the step is traced
+    indexer_mod.PREFILL_RADIX_AUTO = not args.prefill_merge  # read when the step is traced
     w = d.init_weights(cfg, jax.random.key(0))
     L, C = args.prefill_len, args.chunk
     state = d.init_state(cfg, 1, L + args.decode)
@@ -220,7 +220,7 @@ def bench_prefill(args) -> list[dict]:
         dec.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     warm = times[1:] or times  # the first chunk includes compilation
-    r = dict(mode="prefill", model=args.model, kernels=args.kernels, prefill_radix=args.prefill_radix,
+    r = dict(mode="prefill", model=args.model, kernels=args.kernels, prefill_radix=not args.prefill_merge,
              layers=cfg.n_layers, prompt=L, chunk=C, tokens_per_s_per_layer=C / np.median(warm) * cfg.n_layers,
              first_chunk_s=times[0],
              decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
@@ -281,8 +281,9 @@ def main():
     ap.add_argument("--model", choices=["flash", "tiny"], default="flash", help="prefill: real V4-Flash layers, or "
                     "the tiny built-in config (a CPU smoke test)")
     ap.add_argument("--decode", type=int, default=4, help="decode steps after the prefill")
-    ap.add_argument("--prefill-radix", action="store_true", help="prefill: with --kernels auto, the indexer's prefill "
-                    "rows select by radix (dsv4_jax.kernels.indexer.PREFILL_RADIX_AUTO)")
+    ap.add_argument("--prefill-merge", action="store_true", help="prefill: with --kernels auto, the indexer's prefill "
+                    "rows merge a top-k per entry block instead of one radix selection (unsets "
+                    "dsv4_jax.kernels.indexer.PREFILL_RADIX_AUTO)")
     ap.add_argument("--kernels", default="auto", help="prefill: the config's kernels (reference | triton | auto)")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--profile", help="prefill: trace the last chunk into this folder; device time per named scope")

@@ -144,15 +144,18 @@ def test_auto_takes_the_kernel_over_long_caches_only(monkeypatch):
     assert not ix.score_kernel_on("auto", 262144)
 
 
-def test_prefill_radix_is_opt_in(monkeypatch):
-    """The prefill rows' radix selection: ``"triton"`` takes it, ``"auto"`` only once ``PREFILL_RADIX_AUTO`` is set
-    (not yet measured on a GPU), ``"reference"`` never."""
+def test_prefill_radix_rule(monkeypatch):
+    """The prefill rows' radix selection: ``"triton"`` takes it; ``"auto"`` where Triton runs on one device while
+    ``PREFILL_RADIX_AUTO`` is on (measured faster on an H200); ``"reference"`` never."""
     monkeypatch.setattr(ix, "use_triton", lambda kernels: kernels != "reference")
     monkeypatch.setattr(ix, "use_opt_in_triton", lambda kernels: kernels == "triton")
     monkeypatch.setattr(ix, "single_device", lambda: True)
-    assert ix.prefill_radix_on("triton") and not ix.prefill_radix_on("auto") and not ix.prefill_radix_on("reference")
-    monkeypatch.setattr(ix, "PREFILL_RADIX_AUTO", True)
-    assert ix.prefill_radix_on("auto")
+    assert ix.prefill_radix_on("triton") and ix.prefill_radix_on("auto") and not ix.prefill_radix_on("reference")
+    monkeypatch.setattr(ix, "single_device", lambda: False)
+    assert not ix.prefill_radix_on("auto")
+    monkeypatch.setattr(ix, "single_device", lambda: True)
+    monkeypatch.setattr(ix, "PREFILL_RADIX_AUTO", False)
+    assert not ix.prefill_radix_on("auto")
 
 
 def test_tile_override_is_checked(monkeypatch):
