@@ -99,8 +99,9 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
     Args:
       q: ``[B,S,Hi,Di]`` rotated, snapped index queries (act dtype); hw: ``[B,S,Hi]`` head weights (act dtype, scale
       folded in); keys: ``[B,Nc,Di]`` indexer cache (plain, or :class:`Fp4Tensor` codes); t: ``[B,S]`` absolute
-      query positions; k: ``index_topk``; kernels: ``Config.kernels`` (the scoring kernel is opt-in: ``"triton"``,
-      for decode rows of bf16 queries over an FP4 cache).
+      query positions; k: ``index_topk``; kernels: ``Config.kernels`` (decode rows of bf16 queries over an FP4
+      cache take the scoring kernel where :func:`score_kernel_on` says so, prefill rows the radix selection where
+      :func:`prefill_radix_on` does).
     """
     B, S = q.shape[:2]
     if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and 0 < B * S <= MAX_KERNEL_ROWS
