@@ -42,7 +42,7 @@ for x in r:
     prefill) TAIL=8 run bench_prefill "${PREFILL_BOX:-240}" python3 scripts/bench_attention.py --mode prefill \
               --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
               --kernels "${PREFILL_KERNELS:-auto}" --out "$OUT/prefill.json" ${PREFILL_EXTRA:-} ;;  # --prefill-merge
-    indexvar) IFS=';' read -ra vs <<< "${INDEX_VARIANTS:-;tiled=1;maxnreg=80;NB=4}"  # the indexer's scoring plans
+    indexvar) IFS=';' read -ra vs <<< "${INDEX_VARIANTS:-;num_warps=2;NB=24}"  # the indexer's scoring plans
               for v in "${vs[@]}"; do for bc in "32 131072,1048576" "1 1048576"; do set -- $bc
                 DSV4_INDEX_TILE=$v TAIL=3 run "indexer_b$1_${v//[=,]/_}" "${INDEXVAR_BOX:-90}" python3 \
                   scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
