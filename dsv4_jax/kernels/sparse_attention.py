@@ -45,10 +45,9 @@ on sm_90a, 36 -> 8 byte loads).
 GPU plan (:func:`plan`, sm90): BH 64 (16 to 64 heads; fewer are padded and masked) x the whole head (DC = Dh), one
 pipeline stage, 8 warps; BK 128 for index lists longer than :data:`LONG_LIST` (1,024) entries, else 32. The fp32
 accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 128 build spills ~180 bytes (BK 64:
-~390) and was
-still the faster one on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without a GPU and
-allows that spill only there). The kernel alone on an H200 (2026-12-03, ``scripts/probe_kernels.py --op attn``, Triton
-3.6 build launched from torch, CUDA-graph replays; V4-Flash FP8 layout, 64 heads; copy 4.24 TB/s):
+~390) and was still the faster one on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without
+a GPU and allows that spill only there). The kernel alone on an H200 (2026-12-03, ``scripts/probe_kernels.py --op
+attn``, Triton 3.6 build launched from torch, CUDA-graph replays; V4-Flash FP8 layout, 64 heads; copy 4.24 TB/s):
 
 ==================================  ===========  ===========  ===========  ===========  ===========
 plan                                b32 HCA 1M   b32 HCA 128K b32 CSA 128K b1 HCA 1M    b1 CSA 4K
@@ -57,7 +56,7 @@ DC 256, BK 64, 3 stages (before)    455-458 us   72.5 us      46.8 us      28.1 
 DC 512, BK 64, 1 stage              234-235 us   57.7 us      44.9 us      25.3 us      16.2 us
 DC 512, BK 32, 1 stage              273-276 us   56.8 us      40.5 us      27.2 us      15.3 us
 DC 512, BK 32 / 64, 2 stages        417 / 282    76.3 / -     51.8 / 45.1  30.6 / -     15.4 / -
-DC 512, BK 128, 1 stage (2026-12-03) 204.6 us    50.2 us      -            23.3 us      -
+DC 512, BK 128, 1 stage (later)     204.6 us     50.2 us      -            23.3 us      -
 ==================================  ===========  ===========  ===========  ===========  ===========
 
 (The BK 128 row is from a later run of the same probe, where BK 64 took 233.1 / 57.4 / 25.3 us; 16 warps, 32 or 16
