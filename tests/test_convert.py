@@ -248,9 +248,12 @@ def test_kill_then_rerun_gives_the_same_bytes(src, converted, tmp_path, capsys, 
 
 
 def test_write_failure_leaves_no_finished_looking_output(src, converted, tmp_path, capsys, monkeypatch):
+    """A write fails in the third unit: no manifest, and the units finished before it keep their markers, also when
+    their commit (a filesystem sync) is still running at the failure (CI saw that race: the first unit's marker was
+    missing; a slow sync makes it certain here)."""
     out = tmp_path / "out"
     calls = {"n": 0}
-    real = writer._crc
+    real, real_sync = writer._crc, writer._sync_filesystem
 
     def failing_crc(a):  # the disk "fills up" in the middle of the third unit
         calls["n"] += 1
@@ -258,7 +261,12 @@ def test_write_failure_leaves_no_finished_looking_output(src, converted, tmp_pat
             raise OSError(28, "No space left on device")
         return real(a)
 
+    def slow_sync(path):
+        time.sleep(1.0)
+        real_sync(path)
+
     monkeypatch.setattr(writer, "_crc", failing_crc)
+    monkeypatch.setattr(writer, "_sync_filesystem", slow_sync)
     rc, err = run_cli(capsys, src, out)
     assert rc == 1 and "No space left on device" in err
     assert not (out / layout.MANIFEST).exists() and (out / "weights" / "top.done.json").exists()

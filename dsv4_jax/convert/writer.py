@@ -302,6 +302,16 @@ class _UnitWriter:
             self._retire_one()
         self._check_commits(wait=True)
 
+    def drain_commits(self) -> None:
+        """After a write failure: wait for the commits already queued, each a unit whose writes all succeeded, so a
+        rerun keeps those units (cancelled by :meth:`close`, they were redone, or not, depending on thread timing).
+        Their own errors (the same full disk) are not reported over the first failure."""
+        while self.commits:
+            try:
+                self.commits.popleft().result()
+            except Exception:  # noqa: S110 - the unit has no marker and is redone on resume
+                pass
+
     def close(self) -> None:
         self.stopping.set()
         self.commit_pool.shutdown(wait=False, cancel_futures=True)  # no unit is committed after a failure / Ctrl-C
@@ -401,6 +411,9 @@ def _convert_locked(src, out, ckpt, leaves, plan, overwrite, inflight_bytes, pro
         for unit in todo:
             w.write_unit(unit, units[unit], jobs[unit], prefetch)
         w.finish()
+    except ConversionError:  # a write failed: commit the units finished before it (Ctrl-C cancels them instead)
+        w.drain_commits()
+        raise
     finally:
         prefetch.close()
         w.close()
