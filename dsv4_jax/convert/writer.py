@@ -314,7 +314,8 @@ class _UnitWriter:
 
     def close(self) -> None:
         self.stopping.set()
-        self.commit_pool.shutdown(wait=False, cancel_futures=True)  # no unit is committed after a failure / Ctrl-C
+        # Ctrl-C: no queued unit is committed (after a write failure drain_commits has already committed them)
+        self.commit_pool.shutdown(wait=False, cancel_futures=True)
         # writes still in flight (after a failure or Ctrl-C) reference the source mappings: let them end before the
         # caller goes on (at most the in-flight budget, a minute at worst); their errors do not matter, their unit is
         # not committed
