@@ -19,6 +19,8 @@ Inputs are random, at V4-Flash shapes:
   :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``, ``num_stages``).
 
     python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --tiles ';num_stages=1'
+    python scripts/probe_kernels.py --op attn --kind hca --context 1048576 --scale-stride 8 --tiles \
+        ';S8=1,BK=64,num_stages=3;S8=1,BK=64,num_stages=2;S8=1,BK=32,num_stages=4'
     python scripts/probe_kernels.py --op mhc --batch 1 --tiles ';warps2=4;warps2=2'
     python scripts/probe_kernels.py --op fp8 --batch 1 --weight wo_b --tiles ';block_n=32;nb=4'
     ncu --clock-control none --kernel-name regex:_sparse_attn --launch-skip 2 --launch-count 1 \\
@@ -58,7 +60,7 @@ def attn_case(args, g):
 
     def cache(n):
         codes = (torch.randn(B, n, DN, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
-        scales = torch.full((B, n, DN // 64), 123, dtype=torch.uint8, device="cuda")
+        scales = torch.full((B, n, args.scale_stride), 123, dtype=torch.uint8, device="cuda")
         return codes, scales, torch.randn(B, n, DH - DN, device="cuda", generator=g).to(torch.bfloat16)
 
     sources = [cache(W), cache(1), cache(nc)]
@@ -147,6 +149,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32, help="query rows (attn), tokens (mhc) or rows (fp8)")
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--kind", default="csa", choices=["csa", "hca"])
+    ap.add_argument("--scale-stride", type=int, default=DN // 64, help="attn: bytes per entry's scale row (8: padded "
+                    "to 8 bytes, what the S8 plan reads as one vector: --tiles 'S8=1,BK=64,num_stages=3')")
     ap.add_argument("--tiles", default="", help="plan overrides, e.g. 'BK=32,num_stages=2' (; separates plans)")
     ap.add_argument("--iters", type=int, default=20, help="ms of graph replays (timing), or launches (--ncu)")
     ap.add_argument("--ncu", action="store_true", help="launch --iters times without timing (run under ncu)")

@@ -118,6 +118,40 @@ def test_sparse_attention_plans_fit(rows, K, target, route, monkeypatch):
     assert spill <= allowed, f"sparse attention {p}: {spill} bytes of spills > {allowed}"
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_sparse_attention_s8_plan_pipelines(stages):
+    """The opt-in ``S8`` plan (scale rows padded to 8 bytes, read as one vector per entry), V4-Flash at batch 32 and
+    1M tokens, 64-entry blocks, sm_90a: it fits, and with 3 stages Triton's pipeliner copies every gathered operand
+    ahead (``LDGSTS``) with no byte load left in the loop (the stored 7-byte rows keep one ``LDG.E.U8`` per scale
+    group: each block waits on memory). Not yet timed on a GPU (docs/performance.md)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    rows, K = 32, 8320
+    p = sa.plan(64, 512, "sm90", rows=rows, K=K, tiles=dict(BK=64, S8=1, num_stages=stages))
+    meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p, sst=8)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    pointers = dict(q_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32", rc="*fp8e4nv", rs="*u8", rr="*bf16",
+                    cc="*fp8e4nv", cs="*u8", cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16")
+    pointers.update({a: "*fp32" for a in sa._sparse_attn_kernel.arg_names if a not in pointers and a not in meta
+                     and a != "INTERPRET"})
+    sass: list = []
+    smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, sass=sass)
+    loop = _longest_loop(sass)
+    assert smem <= SMEM["sm90"] and spill <= 512, f"S8 plan {p}: {smem} B shared, {spill} B spills"
+    assert not any("LDG.E.U8" in line for line in loop), "S8 plan: byte loads left in the block loop"
+    if stages > 1:
+        assert sum("LDGSTS" in line for line in loop) >= 16, "S8 plan: the gathers are not copied ahead"
+
+
+def test_sparse_attention_s8_needs_padded_scales():
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    p = sa.plan(64, 512, "sm90", rows=32, K=8320, tiles=dict(S8=1))
+    with pytest.raises(ValueError, match="scale rows of 7 bytes"):
+        sa._meta((32, 1, 64, 512), 128, 8192, 8320, True, 448, 1.0, p, sst=7)
+
+
 @pytest.mark.parametrize("model,n_pairs", [("flash", 6), ("flash", 192), ("pro", 6), ("pro", 192)])
 def test_moe_gemv_plans_fit(model, n_pairs, target):
     """The FP4 MoE decode GEMV kernels (one pair per block row) at V4-Flash / V4-Pro expert shapes, with the rows per

@@ -35,7 +35,8 @@ import triton_shim  # noqa: E402
 
 # (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8, plan overrides): "bps" = index blocks per split
 # (else the CPU plan's choice), "BK" = entries per block (else 64), "DC" = output dims per program (else 64), "hole" =
-# list slots set to -1, "dr" = RoPE dims of the FP8 layout (else 64); a name with "split" must take the split path
+# list slots set to -1, "dr" = RoPE dims of the FP8 layout (else 64), "S8" = scale rows padded to 8 bytes and read as
+# one vector (whole-head tiles); a name with "split" must take the split path
 CASES = [
     ("decode-fp8-split3", 2, 1, 4, 128, 128, 40, 24, [5, 300], True, dict(bps=1, DC=128)),
     ("decode-plain-uneven-split", 2, 1, 4, 128, 128, 40, 24, [70, 129], False, dict(bps=2)),
@@ -46,6 +47,9 @@ CASES = [
     ("prefill-dh256", 1, 2, 2, 256, 64, 40, 24, [90], True, dict()),
     ("prefill-padded-heads", 1, 9, 4, 128, 128, 16, 8, [20], True, dict(BH=16)),  # 4 heads in a 16-head block
     ("decode-bk128-split", 1, 1, 4, 128, 128, 300, 200, [1000], True, dict(bps=1, BK=128, hole=(150, 200))),
+    # scale rows padded to 8 bytes, read as one vector per entry (the S8 plan; whole-head tiles)
+    ("decode-s8-split", 2, 1, 4, 128, 128, 40, 24, [5, 300], True, dict(bps=1, DC=128, S8=1)),
+    ("prefill-s8-dh256", 1, 2, 2, 256, 64, 40, 24, [90], True, dict(DC=256, S8=1)),
 ]
 SEED = 4321
 
@@ -139,7 +143,7 @@ def _plan(case, K, target="cpu", **over):
     from dsv4_jax.kernels.sparse_attention import plan
 
     _, B, S, H, Dh, *_, kw = case
-    p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"), tiles={k: kw[k] for k in ("BK",) if k in kw})
+    p = plan(H, Dh, target, rows=B * S, K=K, bps=kw.get("bps"), tiles={k: kw[k] for k in ("BK", "S8") if k in kw})
     p.update({k: v for k, v in kw.items() if k in p}, **over)
     return p
 
@@ -153,7 +157,7 @@ def _interpret_main(path: str) -> None:
     z = dict(np.load(path))
     res = {}
     for i, case in enumerate(CASES):
-        _, _, _, H, Dh, W, Nc, _, _, fp8, _ = case
+        _, _, _, H, Dh, W, Nc, _, _, fp8, kw = case
         t = lambda k: torch.from_numpy(z[k].copy())  # noqa: E731
         dummy = torch.zeros(1, dtype=torch.uint8)
         srcs = []
@@ -161,8 +165,10 @@ def _interpret_main(path: str) -> None:
             if f"c{i}_{j}_0" not in z:  # no compressed source: a never-indexed one-row dummy of the ring
                 srcs.append(srcs[0])
             elif fp8:
-                srcs.append((t(f"c{i}_{j}_0").view(torch.float8_e4m3fn), t(f"c{i}_{j}_1"),
-                             t(f"c{i}_{j}_2").view(torch.bfloat16)))
+                sc = t(f"c{i}_{j}_1")
+                if kw.get("S8"):  # scale rows padded to 8 bytes (with a byte no dim uses)
+                    sc = torch.cat([sc, torch.full((*sc.shape[:-1], 8 - sc.shape[-1]), 127, dtype=sc.dtype)], -1)
+                srcs.append((t(f"c{i}_{j}_0").view(torch.float8_e4m3fn), sc, t(f"c{i}_{j}_2").view(torch.bfloat16)))
             else:
                 srcs.append((t(f"c{i}_{j}_0").view(torch.bfloat16), dummy, dummy))
         idx = t(f"idx{i}")

@@ -44,49 +44,32 @@ on sm_90a, 36 -> 8 byte loads).
 
 GPU plan (:func:`plan`, sm90): BH 64 (16 to 64 heads; fewer are padded and masked) x the whole head (DC = Dh), one
 pipeline stage, 8 warps; BK 128 for index lists longer than :data:`LONG_LIST` (1,024) entries, else 32. The fp32
-accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 128 build spills ~180 bytes (BK 64:
-~390) and was still the faster one on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without
-a GPU and allows that spill only there). The kernel alone on an H200 (2026-12-03, ``scripts/probe_kernels.py --op
-attn``, Triton 3.6 build launched from torch, CUDA-graph replays; V4-Flash FP8 layout, 64 heads; copy 4.24 TB/s):
+accumulator of 64 heads x 512 dims is 128 of the 255 registers per thread: the BK 128 build spills ~180 bytes and
+was still the fastest on long lists (``tests/test_kernels_sm90.py`` compiles every plan for sm_90a without a GPU and
+allows that spill only there). On an H200 (2026-12-03, ``scripts/probe_kernels.py --op attn``, the kernel alone):
+batch 32, HCA at 1M (155 MB) 205 us with BK 128, 233 with BK 64, 273 with BK 32, 455 with the earlier half-head
+plan; 2 pipeline stages, 16 warps, or 16-32 heads per program were all slower (``docs/performance.md``).
 
-==================================  ===========  ===========  ===========  ===========  ===========
-plan                                b32 HCA 1M   b32 HCA 128K b32 CSA 128K b1 HCA 1M    b1 CSA 4K
-==================================  ===========  ===========  ===========  ===========  ===========
-DC 256, BK 64, 3 stages (before)    455-458 us   72.5 us      46.8 us      28.1 us      16.2 us
-DC 512, BK 64, 1 stage              234-235 us   57.7 us      44.9 us      25.3 us      16.2 us
-DC 512, BK 32, 1 stage              273-276 us   56.8 us      40.5 us      27.2 us      15.3 us
-DC 512, BK 32 / 64, 2 stages        417 / 282    76.3 / -     51.8 / 45.1  30.6 / -     15.4 / -
-DC 512, BK 128, 1 stage (later)     204.6 us     50.2 us      -            23.3 us      -
-==================================  ===========  ===========  ===========  ===========  ===========
+That is 0.76 TB/s, 18 % of the copy bandwidth (issue 12 asks for 60 %). Per block a program runs one dependent chain
+(index load -> gather -> dequantize -> shared memory -> q.k wgmma -> softmax -> P.V wgmma), one 8-warp program per
+SM: latency, not bytes or flops. At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's
+ridge), so 60 % of the copy bandwidth needs ~500 TFLOP/s of bf16 dots on gathered operands: a warp-specialised
+design (producer warps gathering and dequantizing, consumer warpgroups on wgmma), not a tuning of this one.
 
-(The BK 128 row is from a later run of the same probe, where BK 64 took 233.1 / 57.4 / 25.3 us; 16 warps, 32 or 16
-heads per program with 2-3 programs per SM all took 2-3x longer.)
+Opt-in ``S8`` plan (a benchmark knob, not yet timed on a GPU): with each entry's scale row padded to 8 bytes (the
+state stores 7; ``probe_kernels.py --scale-stride 8`` builds such caches), whole-head tiles read an entry's scales as
+one 8-byte vector (:func:`_vtile_s8`). The stored rows make every scale a byte load, which ``cp.async`` cannot do, so
+a pipelined build (``num_stages`` > 1) still waits on memory once per block; with ``S8`` and 3 stages the sm_90a
+build copies every gathered operand ahead and keeps no byte load in the loop (``tests/test_kernels_sm90.py``).
 
-Batch 32 HCA at 1M reads 155 MB: 205 us is 0.76 TB/s, 18 % of the copy bandwidth (issue 12 asks for 60 %). Per
-64-entry block a program still runs one dependent chain (index load -> gather -> dequantize -> shared memory -> q.k
-wgmma -> softmax -> P.V wgmma), ~14K cycles for ~1,700 instructions per thread, one 8-warp program per SM: latency,
-not bytes or flops. At batch 32 an entry is 584 bytes for 4 x 64 x 512 flops (224 per byte, the H200's ridge), so
-60 % of the copy bandwidth needs ~500 TFLOP/s of bf16 dots on gathered operands: a warp-specialised design
-(producer warps gathering and dequantizing, consumer warpgroups on wgmma), not a tuning of this one. Measured and not
-kept: the next block's ids loaded a block ahead; q hoisted into registers; the other half of q.k as one tile; the
-whole head as two 256-dim accumulators (same at HCA 1M, 17 % slower at CSA 128K).
+Launch route: XLA's Triton route builds this kernel 1.5-3.6x slower than Triton's own compiler does (2026-12-03:
+XLA's bundled Triton keeps a third shared-memory buffer and spills 6.6x more), so the kernel launches as a tiled one
+(``triton_call(..., tiled=True)``: jax-triton where installed, see :func:`dsv4_jax.kernels.launch_route`), and on the
+XLA route the plan keeps 32-entry blocks.
 
-Launch route: XLA's Triton route builds this kernel 1.5-3.6x slower than Triton's own compiler does (device time,
-jax.profiler, same H200 and inputs, 2026-12-03: HCA 1M batch 32 794 vs 223 us, CSA 128K 40 vs 26 us, batch 1 HCA 1M
-17 vs 12 us). Nsight Compute on the GPU image (jax 0.11.2) shows why: XLA's build asks for 196.6 KB of shared memory
-(Triton's: 131.1 KB) and makes 12.3M local-memory spill requests per call (Triton's: 1.8M) at the same 255 registers;
-(jax 0.10.2's XLA, compiled here without a GPU, spills only 24 bytes: the bundled Triton differs by release). So the
-kernel launches as a tiled one (``triton_call(..., tiled=True)``: jax-triton where installed, see
-:func:`dsv4_jax.kernels.launch_route`), and on the XLA route the plan keeps 32-entry blocks (XLA's build: HCA 1M
-batch 32 440 us with BK 32, 774 us with BK 64; CSA 128K 39.5 us either way).
-
-Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 with this plan (2026-12-03: split and unsplit,
-decode at batch 1 and 32, prefill rows, HCA at 1M, the tiny golden model's 4 heads padded to 16), and so does the
-golden all-position test with ``kernels="triton"`` (mean abs dlogit 0.0203, argmax 0.95; MTP prefill 0.0376, decode
-0.193). ``"auto"`` takes it only for long index lists at decode row counts, launched through jax-triton
-(:func:`use_kernel`): there it beat the reference per call (HCA at 1M: 356 vs 634 us at batch 32, 85 vs 123 us at
-batch 1); the CSA lists (640 entries) tie and keep the reference, and XLA's build of the kernel is slower than the
-reference at long context.
+Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 with this plan (2026-12-03), and so does the
+golden all-position test with ``kernels="triton"``. ``"auto"`` takes it only for long index lists at decode row
+counts, launched through jax-triton (:func:`use_kernel`); the CSA lists (640 entries) keep the reference.
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
@@ -211,6 +194,21 @@ if triton is not None:
         return tl.reshape(v, (v.shape[0], DW)).to(tl.bfloat16)
 
     @triton.jit
+    def _vtile_s8(codes, scales, rope, ok, DN: tl.constexpr, DR: tl.constexpr, DH: tl.constexpr):
+        """:func:`_vtile` of the whole head (``[BK, DH]``, DR = 64) for FP8 entries whose scale rows are padded to 8
+        bytes (the ``S8`` plan): each entry's scale bytes load as one 8-byte-aligned vector (a ``[BK, DH/64]`` tile)
+        instead of one byte per group and thread, so Triton's pipeliner can copy them ahead like the codes (a byte
+        load cannot be a ``cp.async``)."""
+        NG: tl.constexpr = DH // 64
+        gd = 64 * tl.arange(0, NG)[None, :, None]  # [1, NG, 1]
+        ok3 = ok[:, None, None]
+        c = tl.load(codes[:, None, None] + gd + tl.arange(0, 64)[None, None, :], mask=ok3 & (gd < DN), other=0.0)
+        f = e8m0(tl.load(scales[:, None] + tl.arange(0, NG)[None, :], mask=ok[:, None], other=127))  # [BK, NG]
+        r = tl.load(rope[:, None, None] + tl.arange(0, 64)[None, None, :], mask=ok3, other=0.0)  # [BK, 1, 64]
+        v = tl.where(gd < DN, c.to(tl.float32) * f[:, :, None], r.to(tl.float32))
+        return tl.reshape(v, (v.shape[0], DH)).to(tl.bfloat16)
+
+    @triton.jit
     def _ids(idx_ptr, row, j0, live, K: tl.constexpr, BK: tl.constexpr):
         """Index block ``[j0, j0 + BK)`` of a row's list, ``[BK]`` (-1 past K, and everywhere unless ``live``)."""
         jj = j0 + tl.arange(0, BK)
@@ -218,7 +216,7 @@ if triton is not None:
 
     @triton.jit
     def _rows(ids, b, rc, rs, rr, cc, cs, cr, kc, ks, kr, S: tl.constexpr, W: tl.constexpr, NC: tl.constexpr,
-              DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr):
+              DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr, SST: tl.constexpr):
         """Ids -> ``(valid, codes, scales, rope)``: ``[BK]`` row pointers into each entry's source (the FP8 layout's
         three arrays, or the values and two unused pointers)."""
         DV: tl.constexpr = DN if FP8 else DN + DR  # row length of the codes / values array
@@ -226,7 +224,7 @@ if triton is not None:
         in_c = (ids >= W) & (ids < W + S)
         r = tl.where(in_r, b * W + ids, tl.where(in_c, b * S + ids - W, b * NC + ids - W - S)).to(tl.int64)
         codes = tl.where(in_r, rc, tl.where(in_c, cc, kc)) + r * DV  # [BK] row pointers, per source
-        scales = tl.where(in_r, rs, tl.where(in_c, cs, ks)) + r * (DN // 64)
+        scales = tl.where(in_r, rs, tl.where(in_c, cs, ks)) + r * SST  # scale rows: DN // 64 bytes, or padded
         rope = tl.where(in_r, rr, tl.where(in_c, cr, kr)) + r * DR
         return ids >= 0, codes, scales, rope
 
@@ -255,12 +253,15 @@ if triton is not None:
                             S: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, H: tl.constexpr,
                             BH: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr,
                             SCALE: tl.constexpr, BK: tl.constexpr, DC: tl.constexpr, SPLIT: tl.constexpr,
-                            BPS: tl.constexpr, INTERPRET: tl.constexpr = False):
+                            BPS: tl.constexpr, SST: tl.constexpr, S8: tl.constexpr = False,
+                            INTERPRET: tl.constexpr = False):
         """One program: ``BH`` heads x ``DC`` output dims of one query row over index blocks
         ``[sp * BPS, (sp + 1) * BPS)``. ``rc/rs/rr`` (ring), ``cc/cs/cr`` (chunk), ``kc/ks/kr`` (compressed) are
         each source's codes / scales / RoPE arrays (FP8), or its values and two unused pointers. ``SPLIT == 1``:
         ``o_ptr`` is the output ``[B*S, H, DH]`` bf16 (``m_ptr/l_ptr`` unused); else the fp32 workspace
-        ``acc [B*S, SPLIT, H, DH]`` with ``m``, ``l`` ``[B*S, SPLIT, H]``."""
+        ``acc [B*S, SPLIT, H, DH]`` with ``m``, ``l`` ``[B*S, SPLIT, H]``. ``SST``: bytes per scale row (``DN //
+        64``, or 8 when padded); ``S8``: whole-head tiles with their scales as one vector per entry
+        (:func:`_vtile_s8`)."""
         DH: tl.constexpr = DN + DR
         DG: tl.constexpr = DH // DC
         G: tl.constexpr = ((H + BH - 1) // BH) * DG
@@ -283,8 +284,11 @@ if triton is not None:
         j0 = sp * (BPS * BK)  # the program's first list slot
         for jb in range(NJ):  # a constant trip count: the last split's blocks past K are all masked (no-ops)
             valid, codes, scales, rope = _rows(_ids(idx_ptr, row, j0 + jb * BK, True, K, BK), b, rc, rs, rr, cc, cs,
-                                               cr, kc, ks, kr, S, W, NC, DN, DR, FP8)
-            kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8)  # [BK, DC] own dims, exact
+                                               cr, kc, ks, kr, S, W, NC, DN, DR, FP8, SST)
+            if S8:  # the whole head (DC == DH), scales as one vector per entry
+                kv = _vtile_s8(codes, scales, rope, valid, DN, DR, DH)
+            else:
+                kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8)  # [BK, DC] own dims, exact
             s = _dot(_hload(q_rows + oc + io, hm, PADH), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims
             for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time
                 c0 = _c0(c, oc, DC)
@@ -387,11 +391,18 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
     return p
 
 
-def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p: dict) -> dict:
-    """The main kernel's metaparameters (shared by the jax and torch launchers)."""
+def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p: dict, sst: int | None = None) -> dict:
+    """The main kernel's metaparameters (shared by the jax and torch launchers). ``sst``: bytes per scale row of the
+    FP8 layout (``DN // 64`` as the state stores them; 8 for rows padded to 8 bytes, which the ``S8`` plan needs)."""
     B, S, H, Dh = q_shape
+    sst = DN // 64 if sst is None else sst
+    s8 = bool(p.get("S8", 0))
+    if s8 and not (fp8 and p["DC"] == Dh and Dh - DN == 64 and Dh & (Dh - 1) == 0 and sst >= Dh // 64):
+        raise ValueError(f"sparse_attention: the S8 plan needs FP8 entries with 64 RoPE dims, whole-head tiles (DC = "
+                         f"head_dim, a power of two) and scale rows of at least head_dim / 64 bytes; got fp8={fp8}, "
+                         f"DC={p['DC']}, head_dim={Dh}, nope dims {DN}, scale rows of {sst} bytes")
     return dict(S=S, K=K, W=W, NC=NC, H=H, BH=p["BH"], DN=DN, DR=Dh - DN, FP8=fp8, SCALE=float(np.float32(scale)),
-                BK=p["BK"], DC=p["DC"], SPLIT=p["SPLIT"], BPS=p["BPS"], num_warps=p["num_warps"],
+                BK=p["BK"], DC=p["DC"], SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, S8=s8, num_warps=p["num_warps"],
                 num_stages=p["num_stages"])
 
 
@@ -437,7 +448,8 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink]
     for c in (ring, chunk, comp):
         args += _parts(c, Dh)
-    meta = _meta(q.shape, W, comp.shape[1], K, fp8, ring.codes.shape[-1] if fp8 else Dh, scale, p)
+    meta = _meta(q.shape, W, comp.shape[1], K, fp8, ring.codes.shape[-1] if fp8 else Dh, scale, p,
+                 ring.scales.shape[-1] if fp8 else None)
     n_main, n_merge = _grid(q.shape, p)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
@@ -489,7 +501,7 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
     K = idx.shape[-1]
     flat = [t for src in sources for t in src]
     DN = sources[0][0].shape[-1] if fp8 else Dh
-    meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p)
+    meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p, sources[0][1].shape[-1] if fp8 else None)
     n_main, n_merge = _grid(q.shape, p)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt, device=q.device)  # noqa: E731
