@@ -90,6 +90,21 @@ def _loop_instructions(sass: list) -> int:
     return sum(bool(re.search(r"/\*[0-9a-f]{4}\*/", line)) for line in _longest_loop(sass))
 
 
+def _compile_attention(p: dict, rows: int, K: int, target: str, sst: int | None = None, sass: list | None = None):
+    """:func:`_compile` of the sparse-attention kernel for plan ``p``: V4-Flash's layout (64 heads of 512 dims, 448
+    FP8 + 64 bf16, window 128), ``rows`` decode rows over ``K``-entry lists, scale rows of ``sst`` bytes."""
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p, sst)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    out_t = "*fp32" if p["SPLIT"] > 1 else "*bf16"
+    pointers = dict(q_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32", rc="*fp8e4nv", rs="*u8", rr="*bf16",
+                    cc="*fp8e4nv", cs="*u8", cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16")
+    pointers.update({a: out_t for a in sa._sparse_attn_kernel.arg_names if a not in pointers and a not in meta
+                     and a != "INTERPRET"})
+    return _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, sass, target)
+
+
 @pytest.mark.parametrize("route", ["xla", "jax-triton"])
 @pytest.mark.parametrize("rows,K", [(1, 640), (32, 640), (1, 8320), (32, 8320), (256, 640)],
                          ids=["decode-csa", "batch32-csa", "decode-hca-1M", "batch32-hca-1M", "prefill"])
@@ -102,14 +117,7 @@ def test_sparse_attention_plans_fit(rows, K, target, route, monkeypatch):
 
     monkeypatch.setattr(sa, "route_for", lambda tiled: route)
     p = sa.plan(64, 512, target, rows=rows, K=K)
-    meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p)
-    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    out_t = "*fp32" if p["SPLIT"] > 1 else "*bf16"
-    pointers = dict(q_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32", rc="*fp8e4nv", rs="*u8", rr="*bf16",
-                    cc="*fp8e4nv", cs="*u8", cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16")
-    pointers.update({a: out_t for a in sa._sparse_attn_kernel.arg_names if a not in pointers and a not in meta
-                     and a != "INTERPRET"})
-    smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, target=target)
+    smem, spill = _compile_attention(p, rows, K, target)
     assert smem <= SMEM[target], f"sparse attention {p}: {smem} bytes of shared memory > {SMEM[target]}"
     # sm90, long lists: 128-entry blocks over the whole head spill ~180 bytes (fp32 accumulator of 64 heads x 512
     # dims = 128 registers per thread) and still measured 25 % faster than the spill-free 32-entry blocks (HCA at 1M,
@@ -129,14 +137,8 @@ def test_sparse_attention_s8_plan_pipelines(stages):
 
     rows, K = 32, 8320
     p = sa.plan(64, 512, "sm90", rows=rows, K=K, tiles=dict(BK=64, S8=1, num_stages=stages))
-    meta = sa._meta((rows, 1, 64, 512), 128, K, K, True, 448, 512**-0.5, p, sst=8)
-    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    pointers = dict(q_ptr="*bf16", idx_ptr="*i32", sink_ptr="*fp32", rc="*fp8e4nv", rs="*u8", rr="*bf16",
-                    cc="*fp8e4nv", cs="*u8", cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16")
-    pointers.update({a: "*fp32" for a in sa._sparse_attn_kernel.arg_names if a not in pointers and a not in meta
-                     and a != "INTERPRET"})
     sass: list = []
-    smem, spill = _compile(sa._sparse_attn_kernel, pointers, {**meta, "INTERPRET": False}, options, sass=sass)
+    smem, spill = _compile_attention(p, rows, K, "sm90", sst=8, sass=sass)
     loop = _longest_loop(sass)
     assert smem <= SMEM["sm90"] and spill <= 512, f"S8 plan {p}: {smem} B shared, {spill} B spills"
     assert not any("LDG.E.U8" in line for line in loop), "S8 plan: byte loads left in the block loop"

@@ -145,7 +145,6 @@ def test_gpu_matches_lax_top_k(R, n, k):
     _check(v, i, x, k, f"R={R} n={n} k={k}")
 
 
-
 @gpu
 @pytest.mark.parametrize("radix", [True, False], ids=["radix", "merged"])
 def test_gpu_prefill_rows_match_reference(radix):

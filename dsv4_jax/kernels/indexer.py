@@ -327,7 +327,6 @@ def _radix_blocks(q: jax.Array, hw: jax.Array, keys, limit: jax.Array, k: int, b
     return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
 
 
-
 # ---------------------------------------------------------------------------------------------- Triton (decode rows)
 if triton is not None:
 

@@ -58,7 +58,7 @@ design (producer warps gathering and dequantizing, consumer warpgroups on wgmma)
 
 Opt-in ``S8`` plan (a benchmark knob, not yet timed on a GPU): with each entry's scale row padded to 8 bytes (the
 state stores 7; ``probe_kernels.py --scale-stride 8`` builds such caches), whole-head tiles read an entry's scales as
-one 8-byte vector (:func:`_vtile_s8`). The stored rows make every scale a byte load, which ``cp.async`` cannot do, so
+one 8-byte vector (:func:`_vtile`). The stored rows make every scale a byte load, which ``cp.async`` cannot do, so
 a pipelined build (``num_stages`` > 1) still waits on memory once per block; with ``S8`` and 3 stages the sm_90a
 build copies every gathered operand ahead and keeps no byte load in the loop (``tests/test_kernels_sm90.py``).
 
@@ -166,19 +166,26 @@ def _attend(q: jax.Array, kv, idx: jax.Array, sink: jax.Array, scale: float, p_d
 if triton is not None:
     @triton.jit
     def _vtile(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr,
-               ROPE: tl.constexpr = True):
+               ROPE: tl.constexpr = True, S8: tl.constexpr = False):
         """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` bf16 (exact; masked entries 0).
         ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. FP8 layout: e4m3 code x its 1x64
         e8m0 scale below DN, the bf16 RoPE dims above; plain layout: ``codes`` holds the values. The bytes load as
         ``[BK, DW/64, 64]`` groups: ``c0`` and DN are multiples of 64, so a group lies in one scale group and is all
         codes or all RoPE, and every mask and scale is per group (one scale byte per group and thread).
-        ``ROPE = False``: the tile holds no RoPE dims."""
+        ``ROPE = False``: the tile holds no RoPE dims. ``S8`` (scale rows padded to at least ``c0 / 64 + DW / 64``
+        bytes, the ``S8`` plan): an entry's scale bytes load as one vector (a ``[BK, DW/64]`` tile masked per entry
+        only) instead of one byte per group and thread, so Triton's pipeliner can copy them ahead like the codes (a
+        byte load cannot be a ``cp.async``); the RoPE group reads a padding byte, unused."""
         gd = c0 + 64 * tl.arange(0, DW // 64)[None, :, None]  # [1, NG, 1] each group's first dim
         d = gd + tl.arange(0, 64)[None, None, :]  # [1, NG, 64]
         ok3 = ok[:, None, None]
         if FP8:
             c = tl.load(codes[:, None, None] + d, mask=ok3 & (gd < DN), other=0.0)
-            sc = tl.load(scales[:, None, None] + gd // 64, mask=ok3 & (gd < DN), other=127)
+            if S8:
+                g8 = c0 // 64 + tl.arange(0, DW // 64)[None, :]  # [1, NG]
+                sc = tl.load(scales[:, None] + g8, mask=ok[:, None], other=127)[:, :, None]  # [BK, NG, 1]
+            else:
+                sc = tl.load(scales[:, None, None] + gd // 64, mask=ok3 & (gd < DN), other=127)
             if not ROPE:
                 v = c.to(tl.float32) * e8m0(sc)
             else:
@@ -192,21 +199,6 @@ if triton is not None:
         else:
             v = tl.load(codes[:, None, None] + d, mask=ok3, other=0.0).to(tl.float32)
         return tl.reshape(v, (v.shape[0], DW)).to(tl.bfloat16)
-
-    @triton.jit
-    def _vtile_s8(codes, scales, rope, ok, DN: tl.constexpr, DR: tl.constexpr, DH: tl.constexpr):
-        """:func:`_vtile` of the whole head (``[BK, DH]``, DR = 64) for FP8 entries whose scale rows are padded to 8
-        bytes (the ``S8`` plan): each entry's scale bytes load as one 8-byte-aligned vector (a ``[BK, DH/64]`` tile)
-        instead of one byte per group and thread, so Triton's pipeliner can copy them ahead like the codes (a byte
-        load cannot be a ``cp.async``)."""
-        NG: tl.constexpr = DH // 64
-        gd = 64 * tl.arange(0, NG)[None, :, None]  # [1, NG, 1]
-        ok3 = ok[:, None, None]
-        c = tl.load(codes[:, None, None] + gd + tl.arange(0, 64)[None, None, :], mask=ok3 & (gd < DN), other=0.0)
-        f = e8m0(tl.load(scales[:, None] + tl.arange(0, NG)[None, :], mask=ok[:, None], other=127))  # [BK, NG]
-        r = tl.load(rope[:, None, None] + tl.arange(0, 64)[None, None, :], mask=ok3, other=0.0)  # [BK, 1, 64]
-        v = tl.where(gd < DN, c.to(tl.float32) * f[:, :, None], r.to(tl.float32))
-        return tl.reshape(v, (v.shape[0], DH)).to(tl.bfloat16)
 
     @triton.jit
     def _ids(idx_ptr, row, j0, live, K: tl.constexpr, BK: tl.constexpr):
@@ -261,7 +253,7 @@ if triton is not None:
         ``o_ptr`` is the output ``[B*S, H, DH]`` bf16 (``m_ptr/l_ptr`` unused); else the fp32 workspace
         ``acc [B*S, SPLIT, H, DH]`` with ``m``, ``l`` ``[B*S, SPLIT, H]``. ``SST``: bytes per scale row (``DN //
         64``, or 8 when padded); ``S8``: whole-head tiles with their scales as one vector per entry
-        (:func:`_vtile_s8`)."""
+        (:func:`_vtile`)."""
         DH: tl.constexpr = DN + DR
         DG: tl.constexpr = DH // DC
         G: tl.constexpr = ((H + BH - 1) // BH) * DG
@@ -285,10 +277,7 @@ if triton is not None:
         for jb in range(NJ):  # a constant trip count: the last split's blocks past K are all masked (no-ops)
             valid, codes, scales, rope = _rows(_ids(idx_ptr, row, j0 + jb * BK, True, K, BK), b, rc, rs, rr, cc, cs,
                                                cr, kc, ks, kr, S, W, NC, DN, DR, FP8, SST)
-            if S8:  # the whole head (DC == DH), scales as one vector per entry
-                kv = _vtile_s8(codes, scales, rope, valid, DN, DR, DH)
-            else:
-                kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8)  # [BK, DC] own dims, exact
+            kv = _vtile(codes, scales, rope, valid, oc, DN, DR, DC, FP8, S8=S8)  # [BK, DC] own dims, exact
             s = _dot(_hload(q_rows + oc + io, hm, PADH), tl.trans(kv), INTERPRET)  # [BH, BK] fp32, own dims
             for c in range(0, DH - DC, 64):  # the other dims of q.k, 64 at a time
                 c0 = _c0(c, oc, DC)
