@@ -165,9 +165,13 @@ def main() -> int:
         del src, dst
     launcher, nbytes, what = dict(attn=attn_case, mhc=mhc_case, fp8=fp8_case, moe=moe_case)[args.op](args, g)
     for text in args.tiles.split(";"):
-        run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
-        run()
-        torch.cuda.synchronize()
+        try:  # a plan that does not build (shared memory, registers) is reported; the others still run
+            run, p = launcher({k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)})
+            run()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            print(f"{what} plan {text or 'default'}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
         if args.ncu:  # plain launches for ncu to catch (its replay times each kernel)
             for _ in range(args.iters):
                 run()

@@ -100,7 +100,7 @@ def _close_bf16(got, ref, what):
 # interpreter lacks; stage 1 then returns h quantized: compared with the reference act_quant of the oracle's h).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
          (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv"),
-         (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled")]
+         (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled"), (5, "ragged", None, "wx"), (40, "hot", 32, "wx")]
 
 
 def _interpret_main(inp: str, out: str):
@@ -111,6 +111,7 @@ def _interpret_main(inp: str, out: str):
     from dsv4_jax.kernels.fp4_moe import launch_torch
     from dsv4_jax.kernels.fp4_moe_gemv import launch_gemv_torch
     from dsv4_jax.kernels.fp4_moe_scaled import launch_scaled_torch
+    from dsv4_jax.kernels.fp4_moe_wx import launch_wx_torch
 
     triton_shim.fix_interpreter()  # tl.dot_scaled
 
@@ -127,6 +128,11 @@ def _interpret_main(inp: str, out: str):
                                             *w, float(z["limit"]), t)
             hv = hq.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32)
             h = torch.from_numpy(hv * np.repeat(np.exp2(hs.numpy().astype(np.float32) - 127), 128, axis=1))
+        elif t.get("WX"):  # h comes back as its quantized values in the split-group order: put back in place
+            hv, y = launch_wx_torch(g("xin"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
+                                    float(z["limit"]), t)
+            n, I = hv.shape
+            h = hv.reshape(n, I // 128, 2, 64).transpose(2, 3).reshape(n, I)
         else:
             h, y = launch_torch(g("xin"), g("xs"), g("tok"), g("wt"), g("rows"), g("bexp"), g("used"), *w,
                                 float(z["limit"]), t)
@@ -139,6 +145,7 @@ def interpreted(tmp_path_factory):
     from dsv4_jax.kernels.fp4_moe import schedule, tiles
     from dsv4_jax.kernels.fp4_moe_gemv import gemv_tiles
     from dsv4_jax.kernels.fp4_moe_scaled import act_codes
+    from dsv4_jax.kernels.fp4_moe_wx import split_groups
 
     rng = np.random.default_rng(SEED)
     cfg = d.Config.tiny()
@@ -153,6 +160,8 @@ def interpreted(tmp_path_factory):
             t = gemv_tiles("cpu", D, I, len(tok))
         elif codes == "scaled":
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "SCALED": 1, "BN1": 128}
+        elif codes == "wx":
+            t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "WX": 1}
         else:
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
         if codes == 1:
@@ -163,6 +172,8 @@ def interpreted(tmp_path_factory):
             xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: quantized by act_words
         elif codes == "scaled":
             xin, xs = map(np.asarray, act_codes(x))  # e4m3 and e8m0 bytes
+        elif codes == "wx":
+            xin, xs = np.asarray(split_groups(xq)), np.zeros(1, np.float32)  # the quantized values, split groups
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
         if codes == "gemv":  # block row r = pair r, its expert id as it comes
@@ -178,7 +189,7 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
-                          direct=codes == "gemv", scaled=codes == "scaled"))
+                          direct=codes == "gemv", scaled=codes in ("scaled", "wx")))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -263,6 +274,7 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
                 (2048, "route", {"SCALED": 0, "CODES": 1})]
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
                                                                          (16, "hot")]]
+             + [(64, "hot", {"WX": 1}), (2048, "route", {"WX": 1}), (2048, "hot", {"WX": 1, "BM": 128, "num_warps": 8})]
              + [(16, "hot", {"GEMV": 1, "NG": 16, "num_warps": 8}),
                 (1, "route", {"GEMV": 1, "NG": 8, "num_warps": 4, "maxnreg": 96})])
 

@@ -414,3 +414,42 @@ def test_topk_plans_fit(rows, target):
     ]:
         smem, spill = _compile(fn, ptrs, {**meta, **extra}, opts, target=target)
         assert smem <= SMEM[target] and spill == 0, f"top-k {fn.__name__} {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("model,n_pairs", [("flash", 384), ("flash", 12288), ("pro", 12288)],
+                         ids=["flash-64tok", "flash-prefill", "pro-prefill"])
+def test_moe_wx_plans_fit(model, n_pairs, target):
+    """The FP4 MoE's register-operand kernels (``fp4_moe_wx``, the sm90 default for tiled calls) at the plans of 64
+    tokens (16-row blocks) and a 2K-token prefill, V4-Flash and V4-Pro: they fit, and on sm_90a the K loop feeds the
+    decoded weight to the wgmma from registers (``HGMMA ... R, R, gdesc``) and does not round-trip it through shared
+    memory (``STS``: the dot_scaled rewrite's activation upcast does, one reason it is 1.3-1.4x slower). gfx950
+    (whose default is the native scaled dot) must still compile them: they are the portable form for AMD chips
+    without MXFP4 MFMA."""
+    pytest.importorskip("triton")
+    from dsv4_jax.config import Config
+    from dsv4_jax.kernels import fp4_moe as m
+    from dsv4_jax.kernels import fp4_moe_wx as w
+
+    cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
+    D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
+    t = {**m.tiles("sm90", n_pairs, E, D, I), "SCALED": 0, "WX": 1}
+    assert m.tiles("sm90", n_pairs, E, D, I)["WX"] == 1
+    options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    p1 = dict(xv_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
+              w1p_ptr="*u8", w1s_ptr="*u8", w3p_ptr="*u8", w3s_ptr="*u8", hv_ptr="*bf16")
+    p2 = dict(hv_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p_ptr="*u8", w2s_ptr="*u8", y_ptr="*bf16")
+    for fn, ptrs, meta in ((w._gate_up_wx, p1, dict(R=n_pairs, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
+                           (w._down_wx, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
+        code: list = []
+        smem, spill = _compile(fn, ptrs, {**meta, "INTERPRET": False}, options, code, target=target)
+        # sm90, 4 warps: the gate/up kernel's two [128, BM] fp32 accumulators and its decoded operands spill ~100 B
+        # (measured faster than 8 warps without spills: H200, 2026-12-03); more would mean a plan that no longer fits
+        allowed = 256 if target == "sm90" else 0
+        assert smem <= SMEM[target] and spill <= allowed, f"{fn.__name__} {t}: {smem} B shared, {spill} B spills"
+        if target == "sm90":
+            loop = _longest_loop(code)
+            mma = [line for line in loop if "HGMMA" in line]
+            assert mma and all(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", line) for line in mma), \
+                f"{fn.__name__}: the weight operand does not come from registers: {mma[:2]}"
+            sts = sum(bool(re.search(r"\bSTS\b", line)) for line in loop)  # the A tile's round trip would be dozens
+            assert sts <= 2, f"{fn.__name__}: {sts} shared stores in the K loop"  # BN 64: one 16-bit exchange

@@ -15,8 +15,9 @@ import.
 Both implementations compute the same function up to fp32 summation order (each module's docstring says exactly).
 
 Block sizes per architecture are chosen in one place, :func:`arch`; ``tl.dot_scaled`` (MXFP4 x MXFP8 scaled dots)
-serves the tiled FP4 experts on gfx950 (native) and sm90 (Triton's bf16 rewrite, measured faster); every other
-target, and the decode GEMV kernels, dequantize FP4 in registers.
+serves the tiled FP4 experts on gfx950 (native); on sm90 they decode the weight in registers as the bf16 dots' A
+operand (``fp4_moe_wx``, measured faster than Triton's rewrite of the scaled dot); every other target, and the
+decode GEMV kernels, dequantize FP4 in registers too.
 """
 
 from __future__ import annotations

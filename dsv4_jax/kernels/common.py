@@ -12,6 +12,8 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
   (nearest even) after scaling by it.
 * :func:`fp4_exp`, :func:`e2m1_codes`, :func:`fp4_quant_block`: the reference's FP4 activation quantization
   (``fp4_act_quant``, spec 3.3) as e2m1 codes (4-bit integers, sign in bit 3) and power-of-two scale exponents.
+* :func:`moe_block_pairs`, :func:`swiglu_h`: the tiled FP4 MoE kernels' block prologue (a block's slots, tokens and
+  routing weights) and their stage-1 epilogue (the clamped SwiGLU with the reference's roundings).
 """
 
 from __future__ import annotations
@@ -152,3 +154,29 @@ def fp4_quant_block(x):
     are ``e2m1(codes) * 2**e`` (exact)."""
     e = fp4_exp(tl.max(tl.abs(x), axis=1))  # [NB]
     return e2m1_codes(x * pow2(-e)[:, None]), e
+
+
+@triton.jit
+def moe_block_pairs(rows_ptr, tok_ptr, wt_ptr, b, BM: tl.constexpr, R: tl.constexpr):
+    """The ``BM`` slots of block ``b`` of the tiled FP4 MoE kernels (``experts.group_pairs``'s layout) -> ``(slot
+    [BM], live [BM], tok [BM] int64, wt [BM])``: padding slots (pair index ``R``) are not live, read token 0 and
+    weight 0."""
+    slot = b * BM + tl.arange(0, BM)
+    pair = tl.load(rows_ptr + slot)
+    live = pair < R
+    tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
+    wt = tl.load(wt_ptr + pair, mask=live, other=0.0)
+    return slot, live, tok, wt
+
+
+@triton.jit
+def swiglu_h(acc_g, acc_u, wt, LIMIT: tl.constexpr):
+    """The experts' hidden activation from the fp32 gate and up sums ``[BN, BM]`` and the slots' routing weights
+    ``wt [BM]``: ``bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g``, ``u`` rounded to bf16 first (the
+    reference's order; ``LIMIT`` 0: no clamp), as fp32 values."""
+    g = round_bf16(acc_g)
+    u = round_bf16(acc_u)
+    if LIMIT > 0:
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        g = tl.minimum(g, LIMIT)
+    return round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))

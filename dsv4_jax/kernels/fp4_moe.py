@@ -43,8 +43,9 @@ step of one element of ``h``).
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops, no inline assembly; the tile sizes per architecture come
 from :func:`tiles` (one place). ROCm: the same kernels are expected to compile for CDNA (Triton's AMD backend);
-``tl.dot_scaled`` (native MXFP4 on gfx950, a bf16 rewrite by Triton on Hopper) is the default tiled path on sm90 and
-gfx950 (:mod:`fp4_moe_scaled`, ``tiles()["SCALED"]``); these register-dequantizing kernels serve the other targets.
+the tiled path on gfx950 is ``tl.dot_scaled`` (native MXFP4: :mod:`fp4_moe_scaled`, ``tiles()["SCALED"]``), on sm90
+the register-operand kernels of :mod:`fp4_moe_wx` (``tiles()["WX"]``: 1.3-1.4x faster than Triton's bf16 rewrite of
+the scaled dot there); these register-dequantizing kernels serve the other targets.
 Nothing here has been run on ROCm. CI runs the same ``@triton.jit`` kernels under ``TRITON_INTERPRET=1`` with
 torch CPU tensors (:func:`launch_torch`; the interpreter's bf16 dot and conversions are not faithful, so there
 the kernels dot fp32 copies of the same bf16-exact values).
@@ -60,10 +61,21 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import arch, triton_call, use_triton
-from dsv4_jax.kernels.common import act_exp, e2m1_factors, e2m1_pair, e4m3_grid, e8m0, pow2, round_bf16
+from dsv4_jax.kernels.common import (
+    act_exp,
+    e2m1_factors,
+    e2m1_pair,
+    e4m3_grid,
+    e8m0,
+    moe_block_pairs,
+    pow2,
+    round_bf16,
+    swiglu_h,
+)
 from dsv4_jax.kernels.fp4_moe_gemv import check_gemv_shapes, gemv_tiles, launch_gemv_jax
 from dsv4_jax.kernels.fp4_moe_mma import launch_mma_jax, mma_tiles
 from dsv4_jax.kernels.fp4_moe_scaled import act_codes, check_scaled_shapes, launch_scaled_jax
+from dsv4_jax.kernels.fp4_moe_wx import check_wx_shapes, launch_wx_jax, split_groups
 from dsv4_jax.modeling.experts import block_rows, group_pairs, n_blocks_bound, pairs_gathered, pairs_grouped
 from dsv4_jax.modeling.quant import Fp4Tensor, quantize_act
 
@@ -114,11 +126,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr
     if b >= tl.load(used_ptr):
         return
     ex = tl.load(bexp_ptr + b).to(tl.int64)
-    slot = b * BM + tl.arange(0, BM)  # [BM]
-    pair = tl.load(rows_ptr + slot)
-    live = pair < R
-    tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
-    wt = tl.load(wt_ptr + pair, mask=live, other=0.0)
+    slot, live, tok, wt = moe_block_pairs(rows_ptr, tok_ptr, wt_ptr, b, BM, R)  # [BM] each
     n = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
     w1p, w3p = w1p_ptr + ex * (I * D // 2), w3p_ptr + ex * (I * D // 2)
     w1s, w3s = w1s_ptr + ex * (I * D // 32), w3s_ptr + ex * (I * D // 32)
@@ -144,12 +152,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr
             xs = tl.load(xs_ptr + tok * (D // 128) + k0 // 128, mask=live, other=0.0)  # [BM]
             acc_g += blk_g * xs[None, :]
             acc_u += blk_u * xs[None, :]
-    g = round_bf16(acc_g)
-    u = round_bf16(acc_u)
-    if LIMIT > 0:
-        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-        g = tl.minimum(g, LIMIT)
-    a = round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
+    a = swiglu_h(acc_g, acc_u, wt, LIMIT)
     tl.store(h_ptr + slot[None, :].to(tl.int64) * I + n[:, None], a.to(h_ptr.dtype.element_ty))
 
 
@@ -206,8 +209,9 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     """Tile sizes for one call (the one place they are chosen): rows per block ``BM`` from the mean pairs per local
     expert, output tiles ``BN1`` (gate/up, over I) and ``BN2`` (down, over D), scale groups per K step ``G``, and
     ``CODES`` (1: dot the e2m1/e4m3 codes as fp16 and apply the scales to the partial products; 0: dot the scaled
-    values as bf16, the variant verified on an H200) and ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
-    :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128)."""
+    values as bf16, the variant verified on an H200), ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
+    :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128) and ``WX`` (1:
+    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for prefill blocks; ``BN1`` is 128)."""
     BM = max(16, min(64, block_rows(n_pairs, n_local)))
     if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
         return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, SCALED=0, num_warps=4, num_stages=1)
@@ -217,9 +221,14 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     # 2K tokens 7,403 vs 8,924 us; 2026-12-01). Other targets keep the register path (not measured).
     # Prefill tiles on sm90 take 4 warps: 2K tokens of V4-Flash 6,236 vs 7,387 us with 8 (H200, bench_moe.py,
     # 2026-12-02; 6,475 vs 7,411 in the twelfth session); gfx950 keeps 8 (its compile check; untimed).
-    scaled = int(target in ("sm90", "gfx950"))
-    return dict(BM=BM, BN1=128 if scaled or not decode else 64, BN2=64 if decode else 128,
-                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled,
+    # sm90 takes the WX kernels (fp4_moe_wx: the weight decoded in registers as the dots' A operand, the activations'
+    # bf16 values streamed untouched): V4-Flash, 64 tokens (BM 16) 1,982 vs 2,551 us with dot_scaled's rewrite, 2K
+    # tokens 4,610 vs 6,291 us, 8K tokens 14,247 vs 20,377 us (H200, bench_moe.py, 2026-12-03; 4 warps; 3 stages at
+    # BM 16, 2 above: 4 stages lost 20-27 %, BN2 64 or 256 lost 6-10 % at 2K and 8K).
+    wx = int(target == "sm90")
+    scaled = int(target in ("sm90", "gfx950") and not wx)
+    return dict(BM=BM, BN1=128 if scaled or wx or not decode else 64, BN2=64 if decode else 128,
+                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, WX=wx,
                 num_warps=4 if decode or target == "sm90" else 8, num_stages=3 if decode else 2)
 
 
@@ -293,7 +302,7 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
-TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "BN", "NG", "NW1", "NW2", "F8", "ACC", "maxnreg",
+TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "WX", "BN", "NG", "NW1", "NW2", "F8", "ACC", "maxnreg",
              "num_warps", "num_stages")
 
 
@@ -354,12 +363,20 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
                    w2s, w3s, float(cfg.swiglu_limit), t)
         return y.astype(jnp.float32)  # [R, D]
     t = {**tiles(arch(), R, n_local, D, I), **tile}
+    if ("SCALED" in tile or "CODES" in tile) and "WX" not in tile:  # asking for another tiled kernel
+        t["WX"] = 0
     if t["BM"] < 16:
         raise ValueError(f"fp4_moe: the tiled kernels need BM >= 16 rows per block (tl.dot), got {t['BM']}")
     check_shapes(x, w1s, w2s, w3s, t)
     rows, bexp, used, slot = schedule(e, n_local, t["BM"])
     if t["SCALED"] and t["CODES"]:
         raise ValueError("fp4_moe: CODES=1 is a variant of the register-dequantizing kernels; it needs SCALED=0")
+    if t.get("WX"):  # the weight as the register operand of bf16 dots (fp4_moe_wx)
+        check_wx_shapes(D, I, t)
+        y = launch_wx_jax(split_groups(xq.astype(jnp.bfloat16)), tok.astype(jnp.int32), wt.astype(jnp.float32), rows,
+                          bexp, used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        has = slot < y.shape[0]
+        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
     if t["SCALED"]:  # tl.dot_scaled on the stored codes and scales (fp4_moe_scaled)
         check_scaled_shapes(D, I, t)
         xq8, xs8 = act_codes(x)

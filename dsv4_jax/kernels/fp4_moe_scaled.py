@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, round_bf16
+from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, moe_block_pairs, round_bf16, swiglu_h
 from dsv4_jax.modeling.quant import Fp4Tensor, e8m0_bytes, quantize_act
 
 _BK = 128  # K columns per step: one activation scale block, four weight scale groups
@@ -49,11 +49,7 @@ def _gate_up_scaled(xq_ptr, xs_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_pt
     if b >= tl.load(used_ptr):
         return
     ex = tl.load(bexp_ptr + b).to(tl.int64)
-    slot = b * BM + tl.arange(0, BM)  # [BM]
-    pair = tl.load(rows_ptr + slot)
-    live = pair < R
-    tok = tl.load(tok_ptr + pair, mask=live, other=0).to(tl.int64)
-    wt = tl.load(wt_ptr + pair, mask=live, other=0.0)
+    slot, live, tok, wt = moe_block_pairs(rows_ptr, tok_ptr, wt_ptr, b, BM, R)  # [BM] each
     n = tl.program_id(1) * 128 + tl.arange(0, 128)  # [128] rows of the expert's [I, D] weights
     w1p, w3p = w1p_ptr + ex * (I * D // 2), w3p_ptr + ex * (I * D // 2)
     w1s, w3s = w1s_ptr + ex * (I * D // 32), w3s_ptr + ex * (I * D // 32)
@@ -69,12 +65,7 @@ def _gate_up_scaled(xq_ptr, xs_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_pt
                      other=127)  # [BM, BK/32]: the block's scale byte for each of its four groups
         acc_g = tl.dot_scaled(tl.load(w1p + woff), tl.load(w1s + soff), "e2m1", x, xs, "e4m3", acc_g)
         acc_u = tl.dot_scaled(tl.load(w3p + woff), tl.load(w3s + soff), "e2m1", x, xs, "e4m3", acc_u)
-    g = round_bf16(acc_g)  # [128, BM]
-    u = round_bf16(acc_u)
-    if LIMIT > 0:
-        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-        g = tl.minimum(g, LIMIT)
-    a = round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))  # [128, BM] h (bf16 values)
+    a = swiglu_h(acc_g, acc_u, wt, LIMIT)  # [128, BM] h (bf16 values)
     q, e = act_quant_block(tl.trans(a))  # [BM, 128] e4m3 codes, [BM] scale exponents
     tl.store(hq_ptr + slot[:, None].to(tl.int64) * I + n[None, :], e4m3_bits(q).to(tl.uint8))
     tl.store(hs_ptr + slot.to(tl.int64) * (I // 128) + tl.program_id(1), tl.minimum(e + 127, 255).to(tl.uint8))
