@@ -79,6 +79,10 @@ def _interpret_main(path: str) -> None:
                                                                  radix=True))
     res["prefill"] = np.asarray(run(q, hw, keys, t))
     res["launches"] = np.array(len(triton_shim.LAUNCHES))
+    run = jax.jit(lambda q, hw, keys, t: ix.indexer_topk_blocked(q, hw, keys, t, PREFILL_K, rows=16, radix=True,
+                                                                 kernel=True))  # totals by the scoring kernel
+    res["prefill_kernel"] = np.asarray(run(q, hw, keys, t))
+    res["kernel_launches"] = np.array(sum(r["kernel"] == "_indexer_score_kernel" for r in triton_shim.LAUNCHES))
     np.savez(path + ".out.npz", **res)
 
 
@@ -104,6 +108,8 @@ def test_interpreter_matches_lax_top_k(tmp_path):
     assert int(out["launches"]) == 4 * len(CASES) + 4 * 3, "expected four kernel launches per top-k"
     want = np.asarray(ix.indexer_topk_reference(*_prefill_case(), PREFILL_K))
     assert (out["prefill"] == want).all(), "indexer prefill rows with the radix selection differ from the reference"
+    assert int(out["kernel_launches"]) == 3, "expected one scoring launch per row block"
+    assert (out["prefill_kernel"] == want).all(), "prefill rows scored by the kernel differ from the reference"
     for c, (R, n, k) in enumerate(CASES):
         assert topk.plan(R, n, "cpu")["P"] > 1 or n <= topk.BLOCK, "a case meant to span programs does not"
         _check(out[f"{c}_v"].view(ml_dtypes.bfloat16), out[f"{c}_i"], _rows(R, n, SEED + c), k, f"case {c}")
@@ -146,12 +152,14 @@ def test_gpu_matches_lax_top_k(R, n, k):
 
 
 @gpu
-@pytest.mark.parametrize("radix", [True, False], ids=["radix", "merged"])
-def test_gpu_prefill_rows_match_reference(radix):
+@pytest.mark.parametrize("radix,kernel", [(True, False), (False, False), (True, True)],
+                         ids=["radix", "merged", "radix-kernel"])
+def test_gpu_prefill_rows_match_reference(radix, kernel):
     """The indexer's prefill rows on the GPU at V4's indexer shape (64 heads of 128 dims, k = 512): 2 x 384 query
     rows over 16,384 FP4 entries (a 64K-token cache) with duplicated keys (ties) and rows that see from 0 to all of
     them; the radix selection (what ``"auto"`` takes for prefill rows) and the per-block merge both give
-    :func:`indexer_topk_reference`'s ids, computed on the same device."""
+    :func:`indexer_topk_reference`'s ids, computed on the same device; so do the radix selection's totals from the
+    scoring kernel (``kernel``, what ``"auto"`` takes since 2026-12-03)."""
     rng = np.random.default_rng(SEED + 7)
     t = np.sort(rng.integers(0, 4 * 16384, (2, 384)), axis=1).astype(np.int32)
     t[:, 0] = 2  # a row that sees no entry
@@ -159,7 +167,7 @@ def test_gpu_prefill_rows_match_reference(radix):
 
     q, hw, keys, t = _case(2, 384, 64, 128, 16384, t, SEED + 8)
     want = np.asarray(jax.jit(ix.indexer_topk_reference, static_argnums=4)(q, hw, keys, t, 512))
-    got = np.asarray(jax.jit(lambda *a: ix.indexer_topk_blocked(*a, 512, radix=radix))(q, hw, keys, t))
+    got = np.asarray(jax.jit(lambda *a: ix.indexer_topk_blocked(*a, 512, radix=radix, kernel=kernel))(q, hw, keys, t))
     bad = np.argwhere(got != want)
     assert bad.size == 0, f"{len(bad)} ids differ from the reference, first at {bad[0].tolist()}"
 

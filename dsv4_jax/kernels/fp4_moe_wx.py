@@ -20,7 +20,8 @@ per 32 columns); 128-column steps keep it in registers (``tests/test_kernels_sm9
 
 Measured (H200, ``scripts/bench_moe.py --models flash --impls triton``, wall per MoE call, 2026-12-03): 64 tokens
 1,982 vs 2,551 us with the scaled dot, 2K tokens 4,610 vs 6,291 us (134 vs 98 TFLOP/s), 8K tokens 14,247 vs 20,377
-us (174 vs 121 TFLOP/s); a 128K-token prefill of 2 V4-Flash layers 131,568 tokens/s per layer (118,929 before). The
+us (174 vs 121 TFLOP/s); a 128K-token prefill of 2 V4-Flash layers 131,568 tokens/s per layer (118,929 before, the
+indexer's scores still from XLA). The
 decode GEMV kernels stay faster up to 32 tokens (1,189 vs 1,390 us at 32, :func:`fp4_moe.use_gemv`).
 
 Numerics: the same exact products as every other FP4 path (e2m1 value x e8m0 scale is exact in bf16, as are the

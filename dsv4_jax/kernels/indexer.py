@@ -16,7 +16,8 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   layout. With the kernels on (``"triton"``, and ``"auto"`` on one device: :func:`prefill_radix_on`) the blocks'
   bf16 totals fill a ``[B,S,Nc]`` buffer instead and one radix selection (:mod:`dsv4_jax.kernels.topk`) replaces
   the merges (each a ``jax.lax.top_k`` over ``[rows, k + block]``, a sort on GPUs): 7 % more prefill tokens/s at a
-  128K-token prompt on an H200.
+  128K-token prompt on an H200. There the totals come from the decode rows' scoring kernel too
+  (:func:`prefill_score_on`: one launch per row block instead of XLA's 1 GiB blocks of scores), 25 % more.
 
 The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
 
@@ -110,7 +111,9 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
         k = min(k, tot.shape[-1])
         vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
-    return indexer_topk_blocked(q, hw, keys, t, k, radix=q.dtype == jnp.bfloat16 and prefill_radix_on(kernels))
+    radix = q.dtype == jnp.bfloat16 and prefill_radix_on(kernels)
+    return indexer_topk_blocked(q, hw, keys, t, k, radix=radix, kernel=radix and isinstance(keys, Fp4Tensor)
+                                and prefill_score_on(kernels))
 
 
 # "auto" takes the radix selection for prefill rows: an H200, 2 V4-Flash layers, 128K-token prompt in 8K chunks
@@ -125,6 +128,24 @@ def prefill_radix_on(kernels: str) -> bool:
     reference on an H200, ``tests/test_kernels_topk.py``)."""
     if kernels == "auto":
         return PREFILL_RADIX_AUTO and use_triton(kernels) and single_device()
+    return use_opt_in_triton(kernels)
+
+
+# "auto" scores prefill rows (with the radix selection) by the scoring kernel rather than XLA's blocks of totals
+PREFILL_SCORE_AUTO = True
+
+
+def prefill_score_on(kernels: str) -> bool:
+    """Whether prefill rows that take the radix selection (:func:`prefill_radix_on`) get their totals from
+    :func:`_indexer_score_kernel` (:func:`indexer_totals_triton`) instead of XLA's blocks of ``[rows, heads, block]``
+    scores: ``"triton"``, and ``"auto"`` if :data:`PREFILL_SCORE_AUTO`. Measured on an H200 (2026-12-03, 2 V4-Flash
+    layers, a 128K-token prompt in 8K chunks, ``bench_attention.py --mode prefill --profile``): XLA's blocks took
+    71.6 of the last chunk's 152.3 ms of device time (the fp32 scores of 8,192 rows x 64 heads x 512 entries, 1 GiB
+    per block, written and read back); with the kernel the prefill ran at 164,579 tokens/s per layer against
+    131,568, the last chunk 108.8 ms against 155.4 (same ids as the reference on the GPU:
+    ``tests/test_kernels_topk.py::test_gpu_prefill_rows_match_reference[radix-kernel]``)."""
+    if kernels == "auto":
+        return PREFILL_SCORE_AUTO
     return use_opt_in_triton(kernels)
 
 
@@ -244,20 +265,23 @@ def row_block(batch: int, rows: int, heads: int, n_c: int, budget: int | None = 
     return max(1, min(rows, budget // (batch * heads * want * 8)))
 
 
-def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int,
-                         block: int | None = None, rows: int | None = None, radix: bool = False) -> jax.Array:
+def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None = None,
+                         rows: int | None = None, radix: bool = False, kernel: bool = False) -> jax.Array:
     """:func:`indexer_topk` as a loop over blocks of ``block`` entries (default :func:`block_size`) merged into a
     running top-k, for blocks of ``rows`` query rows at a time (default :func:`row_block`; a ``jax.lax.map``, the
     last block padded with rows that see nothing); equal to :func:`indexer_topk_reference` bit for bit (module
     docstring). ``radix`` (bf16 queries; the Triton kernels of :mod:`dsv4_jax.kernels.topk`): the blocks' totals
     fill a ``[B, rows, Nc]`` bf16 buffer (row blocks sized so that it fits the budget too) and one radix selection
-    replaces the merges, ``jax.lax.top_k`` of the whole row: the same ids."""
+    replaces the merges, ``jax.lax.top_k`` of the whole row: the same ids. ``kernel`` (with ``radix``, an FP4 cache):
+    the totals come from :func:`indexer_totals_triton` in one launch per row block (the same arithmetic; the fp32
+    sum over heads in another order, as for decode rows)."""
     B, S, Hi, _ = q.shape
-    R = rows or row_block(B, S, Hi, _n_entries(keys))
-    if radix:  # the totals buffer: 2 bytes per row and entry
-        R = min(R, max(1, _budget(None) // (2 * B * _n_entries(keys))))
+    fit = max(1, _budget(None) // (2 * B * _n_entries(keys)))  # rows whose totals buffer (bf16) fits the budget
+    R = rows or (fit if radix and kernel else row_block(B, S, Hi, _n_entries(keys)))  # kernel: no XLA score blocks
+    if radix:
+        R = min(R, fit)
     if R >= S:
-        return _topk_blocks(q, hw, keys, t, k, block, radix)
+        return _topk_blocks(q, hw, keys, t, k, block, radix, kernel)
     n = -(-S // R)
     pad = n * R - S
 
@@ -265,17 +289,21 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
         return a.reshape(B, n, R, *a.shape[2:]).swapaxes(0, 1)
 
-    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block, radix),
+    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block, radix, kernel),
                       (split(q, 0), split(hw, 0), split(t, -1)))  # [n,B,R,k]; padded rows: t = -1, nothing visible
     return out.swapaxes(0, 1).reshape(B, n * R, -1)[:, :S]
 
 
 def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None,
-                 radix: bool = False) -> jax.Array:
-    """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks."""
+                 radix: bool = False, kernel: bool = False) -> jax.Array:
+    """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks (or, ``kernel``, the
+    scoring kernel's totals of every entry)."""
     B, S, Hi, _ = q.shape
     n_c = _n_entries(keys)
     k = min(k, n_c)
+    if radix and kernel:
+        vals, ids = topk.top_k_triton(indexer_totals_triton(q, hw, keys, t), k)  # [B,S,k]
+        return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
     blk = min(block or block_size(B, S, Hi, n_c), n_c)
     n_blocks = -(-n_c // blk)
     if n_blocks == 1:  # decode rows: one block over the whole cache. No loop: a loop whose trip count is data-
