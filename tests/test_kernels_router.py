@@ -23,11 +23,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
-# (name, T, E, D, k, hash routing)
-CASES = [("learned-flash", 3, 256, 320, 6, False), ("learned-pro-ragged", 2, 384, 200, 6, False),
-         ("hash-tiny-logits", 4, 64, 128, 6, True)]
+# (name, T, E, D, k, hash routing, plan overrides: the prefill form's fp32 dot over 16 x 64 tiles, ragged T and D)
+CASES = [("learned-flash", 3, 256, 320, 6, False, {}), ("learned-pro-ragged", 2, 384, 200, 6, False, {}),
+         ("hash-tiny-logits", 4, 64, 128, 6, True, {}),
+         ("learned-dot", 21, 256, 200, 6, False, {"DOT": 1, "BT": 16, "BE": 64, "BK": 32}),
+         ("hash-dot", 18, 64, 128, 6, True, {"DOT": 1, "BT": 16, "BE": 32, "BK": 32})]
 SEED = 1618
 RTOL = 2e-5
+PREFILL_DOT = {"DOT": 1, "BT": 64, "BE": 64, "BK": 32}  # the prepared prefill plan (router.plan's docstring)
 
 
 def _inputs(T, E, D, k, hashed, seed):
@@ -82,11 +85,11 @@ def _interpret_main(path: str) -> None:
 
     z = dict(np.load(path))
     res = {}
-    for i, (_, T, E, D, k, hashed) in enumerate(CASES):
+    for i, (_, T, E, D, k, hashed, over) in enumerate(CASES):
         t = lambda n, i=i: torch.from_numpy(z[f"{n}{i}"].copy())  # noqa: E731
         idx, wts, _ = run_torch(t("x").view(torch.bfloat16), t("g").view(torch.bfloat16), None if hashed else t("b"),
                                 t("map") if hashed else None, t("ids") if hashed else None, k, 2.5,
-                                plan(T, E, D, "cpu"))
+                                {**plan(T, E, D, "cpu"), **over})
         res[f"idx{i}"], res[f"wts{i}"] = idx.numpy(), wts.numpy()
     np.savez(path + ".out.npz", **res)
 
@@ -96,7 +99,7 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     pytest.importorskip("torch")
     arrays, refs = {}, []
-    for i, (_, T, E, D, k, hashed) in enumerate(CASES):
+    for i, (_, T, E, D, k, hashed, _) in enumerate(CASES):
         x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED + i)
         arrays.update({f"x{i}": np.asarray(x).view(np.uint16), f"g{i}": np.asarray(g).view(np.uint16),
                        f"ids{i}": np.asarray(ids)})
@@ -117,11 +120,11 @@ def test_interpreter_matches_reference(interpreted, i):
 def test_inputs_exercise_ties_and_tiny_scores():
     """The built-in ties decide the order (3 before 7, 11 in and 12 out) and the hash case has weights that
     ``log(1 + exp(l))`` would round to zero: the interpreter test would catch a wrong tie-break or a naive log1p."""
-    _, T, E, D, k, _ = CASES[0]
+    _, T, E, D, k, _, _ = CASES[0]
     x, g, bias, _, ids = _inputs(T, E, D, k, False, SEED)
     idx, _ = _reference(_cfg(E, k), x, g, bias, None, ids)
     assert (idx[:, :2] == [3, 7]).all() and (idx == 11).any(axis=1).all() and not (idx == 12).any()
-    _, T, E, D, k, _ = CASES[2]
+    _, T, E, D, k, _, _ = CASES[2]
     x, g, _, tid2eid, ids = _inputs(T, E, D, k, True, SEED + 2)
     logits = np.asarray(x, np.float32) @ np.asarray(g, np.float32).T
     sel = logits[0, np.asarray(tid2eid)[int(ids[0])]]
@@ -133,7 +136,7 @@ def test_dispatch_keeps_reference_with_auto():
     :func:`route`)."""
     from dsv4_jax.kernels.router import route
 
-    _, T, E, D, k, _ = CASES[1]
+    _, T, E, D, k, _, _ = CASES[1]
     x, g, bias, _, ids = _inputs(T, E, D, k, False, 5)
     cfg = _cfg(E, k)
     a, b = route(cfg, g, bias, None, x, ids), _reference(cfg, x, g, bias, None, ids)
@@ -146,7 +149,7 @@ def test_bad_shapes_are_named():
 
     from dsv4_jax.kernels.router import route_triton
 
-    _, T, E, D, k, _ = CASES[0]
+    _, T, E, D, k, _, _ = CASES[0]
     x, g, bias, _, ids = _inputs(T, E, D, k, False, 3)
     with pytest.raises(ValueError, match="bias of shape"):
         route_triton(_cfg(E, k), g, jnp.zeros((E - 1,)), None, x, ids)
@@ -154,12 +157,24 @@ def test_bad_shapes_are_named():
         route_triton(_cfg(E, k), g[:, :-1], bias, None, x, ids)
 
 
+def test_tile_override_is_checked(monkeypatch):
+    """``DSV4_ROUTER_TILE`` reaches the plan, and a wrong entry is refused with the variable named."""
+    from dsv4_jax.kernels.router import plan
+
+    monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=1,BT=64,BE=64,BK=32")
+    assert plan(8192, 256, 4096, "sm90") == dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
+    monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=yes")
+    with pytest.raises(ValueError, match="DSV4_ROUTER_TILE='DOT=yes'"):
+        plan(1, 256, 4096, "sm90")
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.parametrize("case", [("flash-decode", 1, 256, 4096, 6, False), ("flash-batch32", 32, 256, 4096, 6, False),
                                   ("pro-decode", 1, 384, 7168, 6, False), ("flash-hash", 8, 256, 4096, 6, True),
-                                  ("flash-prefill", 2048, 256, 4096, 6, False)], ids=lambda c: c[0])
+                                  ("flash-prefill", 2048, 256, 4096, 6, False),
+                                  ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT)], ids=lambda c: c[0])
 def test_gpu_matches_reference(case):
-    """V4-Flash / V4-Pro router shapes inside jit."""
+    """V4-Flash / V4-Pro router shapes inside jit (and the prepared prefill plan, ``DOT``)."""
     from dsv4_jax.kernels import triton_unavailable
 
     why = triton_unavailable()
@@ -167,12 +182,14 @@ def test_gpu_matches_reference(case):
         pytest.skip(f"router GPU test: {why}")
     import jax
 
-    from dsv4_jax.kernels.router import route_triton
+    from dsv4_jax.kernels import arch
+    from dsv4_jax.kernels.router import plan, route_triton
 
-    name, T, E, D, k, hashed = case
+    name, T, E, D, k, hashed, *over = case
     x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED)
     cfg = _cfg(E, k)
-    idx, wts = jax.jit(route_triton, static_argnums=0)(cfg, g, bias, tid2eid, x, ids)
+    p = {**plan(T, E, D, arch()), **(over[0] if over else {})}
+    idx, wts = jax.jit(lambda *a: route_triton(cfg, *a, p=p))(g, bias, tid2eid, x, ids)
     _check((np.asarray(idx), np.asarray(wts)), _reference(cfg, x, g, bias, tid2eid, ids), name)
 
 

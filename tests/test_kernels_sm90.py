@@ -453,3 +453,19 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
                 f"{fn.__name__}: the weight operand does not come from registers: {mma[:2]}"
             sts = sum(bool(re.search(r"\bSTS\b", line)) for line in loop)  # the A tile's round trip would be dozens
             assert sts <= 2, f"{fn.__name__}: {sts} shared stores in the K loop"  # BN 64: one 16-bit exchange
+
+
+@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {"DOT": 1, "BT": 64, "BE": 64, "BK": 32})],
+                         ids=["decode", "batch32", "prefill-dot"])
+def test_router_plans_fit(T, over, target):
+    """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prepared prefill
+    plan (64 x 64 tiles summed by an fp32 dot): fits, no spills."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import router
+
+    p = {**router.plan(T, 256, 4096, target), **over}
+    (_, meta), _ = router._kernel_args(T, 256, 4096, 6, False, 2.5, p)
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=3)  # the launchers' default
+    smem, spill = _compile(router._logits_kernel, dict(x_ptr="*bf16", g_ptr="*bf16", T="i32", out_ptr="*fp32"), meta,
+                           options, target=target)
+    assert smem <= SMEM[target] and spill == 0, f"router logits {p}: {smem} B shared, {spill} B spills"

@@ -141,6 +141,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def env_tiles(var: str, keys: tuple[str, ...]) -> dict:
+    """Plan entries from the environment variable ``var`` (``"KEY=INT,KEY=INT"``; unset or empty: none), every key one
+    of ``keys``: the kernels' benchmark knobs (``DSV4_MOE_TILE``, ``DSV4_INDEX_TILE``, ``DSV4_ROUTER_TILE``), read
+    when a launch is traced. Anything else is refused, naming the variable and the entry."""
+    text = os.environ.get(var, "")
+    out = {}
+    for kv in filter(None, text.split(",")):
+        key, _, val = kv.partition("=")
+        if key not in keys or not val.lstrip("-").isdigit():
+            raise ValueError(f"{var}={text!r}: {kv!r} is not KEY=INT with KEY one of {keys}")
+        out[key] = int(val)
+    return out
+
+
 def split_output(split: int, shape: tuple[int, ...], out_dtype, f32):
     """``(shape, dtype)`` of a launch whose K may be split: ``[split, *shape]`` fp32 partials (``f32``: the float32
     dtype of the caller's library, jax or torch) when ``split > 1``, else ``shape`` in ``out_dtype``, written by the

@@ -53,14 +53,12 @@ the kernels dot fp32 copies of the same bf16-exact values).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from dsv4_jax.kernels import arch, triton_call, use_triton
+from dsv4_jax.kernels import arch, env_tiles, triton_call, use_triton
 from dsv4_jax.kernels.common import (
     act_exp,
     e2m1_factors,
@@ -310,14 +308,7 @@ def tile_override() -> dict:
     """Tile entries from the ``DSV4_MOE_TILE`` environment variable (``"GEMV=2,num_stages=2"``; empty: none), applied
     to every MoE call traced after it is set: a benchmark knob (``bench_decode.py --moe-tile``), e.g. to time a decode
     step with the opt-in tensor-core GEMV. Every variant computes the same contract (:func:`fp4_moe_pairs`)."""
-    text = os.environ.get("DSV4_MOE_TILE", "")
-    out = {}
-    for kv in filter(None, text.split(",")):
-        key, _, val = kv.partition("=")
-        if key not in TILE_KEYS or not val.lstrip("-").isdigit():
-            raise ValueError(f"DSV4_MOE_TILE={text!r}: {kv!r} is not KEY=INT with KEY one of {TILE_KEYS}")
-        out[key] = int(val)
-    return out
+    return env_tiles("DSV4_MOE_TILE", TILE_KEYS)
 
 
 def use_gemv(n_pairs: int, n_local: int) -> bool:

@@ -67,12 +67,20 @@ reference (``tests/test_kernels_indexer.py -k gpu``), and compiled for sm_90 and
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import SM_COUNT, arch, next_pow2, single_device, topk, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import (
+    SM_COUNT,
+    arch,
+    env_tiles,
+    next_pow2,
+    single_device,
+    topk,
+    triton_call,
+    use_opt_in_triton,
+    use_triton,
+)
 from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -440,14 +448,7 @@ def tile_override() -> dict:
     on an H200 (2026-12-03, batch 32 at 1M tokens, with the radix top-k): the plan 1,510 us per call, 128-entry
     blocks with 8 warps 2,082 us; scores laid out ``[entries, heads]`` (the decoded keys as the dot's register
     operand, 10 % fewer sm_90a instructions per block) 1,579 us, with 8 warps 3,534 us: not kept."""
-    text = os.environ.get("DSV4_INDEX_TILE", "")
-    out = {}
-    for kv in filter(None, text.split(",")):
-        key, _, val = kv.partition("=")
-        if key not in SCORE_TILE_KEYS or not val.isdigit():
-            raise ValueError(f"DSV4_INDEX_TILE={text!r}: {kv!r} is not KEY=INT with KEY one of {SCORE_TILE_KEYS}")
-        out[key] = int(val)
-    return out
+    return env_tiles("DSV4_INDEX_TILE", SCORE_TILE_KEYS)
 
 
 def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, next_pow2, triton_call, use_triton
+from dsv4_jax.kernels import arch, env_tiles, next_pow2, triton_call, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.quant import HIGHEST
 
@@ -65,8 +65,9 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(x_ptr, g_ptr, T, out_ptr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
-                       BT: tl.constexpr, BK: tl.constexpr):
-        """``out[t, e] = sum_d x[t, d] * gate[e, d]`` in fp32 for BT tokens and BE experts."""
+                       BT: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr = False):
+        """``out[t, e] = sum_d x[t, d] * gate[e, d]`` in fp32 for BT tokens and BE experts; ``DOT``: the tile's
+        products summed by an fp32 ``tl.dot`` (``ieee``: fp32 multiply-adds, no TF32), the form for many tokens."""
         tok = tl.program_id(1) * BT + tl.arange(0, BT)
         ex = tl.program_id(0) * BE + tl.arange(0, BE)
         tm, em = tok < T, ex < E
@@ -78,7 +79,10 @@ if triton is not None:
                         other=0.0).to(tl.float32)  # [BT, BK]
             g = tl.load(g_ptr + ex[:, None].to(tl.int64) * D + k[None, :], mask=em[:, None] & km[None, :],
                         other=0.0).to(tl.float32)  # [BE, BK]
-            acc += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
+            if DOT:
+                acc = tl.dot(x, tl.trans(g), acc, input_precision="ieee")
+            else:
+                acc += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
         tl.store(out_ptr + tok[:, None].to(tl.int64) * E + ex[None, :], acc, mask=tm[:, None] & em[None, :])
 
     @triton.jit
@@ -118,16 +122,36 @@ if triton is not None:
 
 
 def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
-    """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, launch options (the one place)."""
+    """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, ``DOT`` (the tile summed by an fp32
+    dot), launch options (the one place); ``DSV4_ROUTER_TILE`` overrides entries (:func:`tile_override`).
+
+    The default is the decode form (2 experts x up to 4 tokens per program, products summed along D): at batch 1 the
+    gate's 4 MB are spread over every SM. At prefill sizes it re-reads the tokens once per 2 experts (128 times for
+    V4-Flash), and a profile of a 128K-token prefill (H200, 2026-12-03, docs/performance.md) put 4.3 ms per layer and
+    8K-token chunk in the ``ffn`` scope's four Triton kernels (mHC's two took 0.9 ms in the ``attn`` scope): most of it
+    likely this kernel. ``DOT=1,BT=64,BE=64,BK=32`` is the prepared prefill form (64 x 64 tiles, 512 programs for 8K
+    tokens; the interpreter and sm_90 compile tests cover it), opt-in until a GPU times it."""
     if target == "cpu":  # the interpreter: few programs
-        return dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, num_warps=4)
-    return dict(BE=2, BT=min(4, next_pow2(T)), BK=512, num_warps=4)
+        p = dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, DOT=0, num_warps=4)
+    else:
+        p = dict(BE=2, BT=min(4, next_pow2(T)), BK=512, DOT=0, num_warps=4)
+    return {**p, **tile_override()}
+
+
+TILE_KEYS = ("BE", "BT", "BK", "DOT", "num_warps")
+
+
+def tile_override() -> dict:
+    """Plan entries from the ``DSV4_ROUTER_TILE`` environment variable (``"DOT=1,BT=64,BE=64,BK=32"``; empty: none),
+    for every launch traced after it is set: a benchmark knob (every plan computes the same logits up to the fp32
+    order of the D-long sums)."""
+    return env_tiles("DSV4_ROUTER_TILE", TILE_KEYS)
 
 
 def _kernel_args(T: int, E: int, D: int, k: int, hashed: bool, route_scale: float, p: dict):
     """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``: the one place the jax and
     the torch launchers take them from."""
-    meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], num_warps=p["num_warps"])
+    meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], DOT=bool(p.get("DOT", 0)), num_warps=p["num_warps"])
     meta2 = dict(E=E, EP=next_pow2(E), K=k, KP=next_pow2(k), SCALE=float(np.float32(route_scale)), HASH=hashed,
                  num_warps=p["num_warps"])
     return ((math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), meta1), ((T,), meta2)
