@@ -254,6 +254,11 @@ def test_bad_shapes_named():
     w1i, w2i, w3i = _weights(rng, 2, 96, 128)  # I = 96: not a multiple of the 128-wide FP8 block of h
     with pytest.raises(ValueError, match="I=96 is not tiled"):
         check_shapes(x, w1i, w2i, w3i, t)
+    from dsv4_jax.kernels.fp4_moe_wx import check_wx_shapes
+
+    check_wx_shapes(256, 128, {"BN2": 128})
+    with pytest.raises(ValueError, match=r"\(WX\): expert shape D=160"):  # the K steps are 128 columns wide
+        check_wx_shapes(160, 128, {"BN2": 32})
 
 
 # ---------------------------------------------------------------------------------------------- GPU (jax-triton)

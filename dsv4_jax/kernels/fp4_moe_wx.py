@@ -149,10 +149,11 @@ def _down_wx(hv_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D: tl.constexp
 
 
 def check_wx_shapes(D: int, I: int, t: dict) -> None:
-    """Refuse expert shapes the kernels do not tile (32-column groups, h's 128-column blocks, BN2 | D)."""
-    if D % 32 or I % 128 or D % t["BN2"]:
-        raise ValueError(f"fp4_moe (WX): expert shape D={D}, I={I} is not tiled by {t} (need D a multiple of 32, "
-                         f"I of 128 and D of BN2={t['BN2']})")
+    """Refuse expert shapes the kernels do not tile (128-column K steps in both stages, h's 128-column blocks,
+    BN2 | D)."""
+    if D % 128 or I % 128 or D % t["BN2"]:
+        raise ValueError(f"fp4_moe (WX): expert shape D={D}, I={I} is not tiled by {t} (need D and I multiples of "
+                         f"128 and D of BN2={t['BN2']})")
 
 
 def launch_wx_jax(xv, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w3: Fp4Tensor, limit: float,
