@@ -2,7 +2,8 @@
 # One device call: install jax-triton from the carried wheel, then the GPU checks and timings of the kernels and the
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
-#   stages: fp8 moe mhc index mesh decode attn attnb prefill kern profile ops golden tune moevar indexvar s8  (.golden: a copy of ../shared/golden/tiny, git-ignored)
+#   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
+#   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
@@ -48,6 +49,14 @@ for x in r:
                   scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
                   --topk-blocks radix --calls 4 --trials 3
               done; done ;;
+    prefillvar) for v in "base" "router" "attn" "both"; do  # the prepared prefill levers (docs/performance.md)
+                  env=(); extra=()
+                  [ "$v" = router ] || [ "$v" = both ] && env=(DSV4_ROUTER_TILE=DOT=1,BT=64,BE=64,BK=32)
+                  [ "$v" = attn ] || [ "$v" = both ] && extra=(--attn-prefill)
+                  TAIL=2 run "prefill_$v" "${PREFILLVAR_BOX:-150}" env "${env[@]}" python3 scripts/bench_attention.py \
+                    --mode prefill --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
+                    --kernels auto --decode 2 "${extra[@]}"
+                done ;;
     s8) tiles=${S8_TILES:-";S8=1,BK=64,num_stages=3;S8=1,BK=64,num_stages=2;S8=1,BK=32,num_stages=4;S8=1,BK=128"}
         for c in "hca 32 1048576" "hca 32 131072" "csa 32 1048576" "hca 1 1048576"; do set -- $c  # padded scales
           TAIL=8 run "attn_s8_$1_b$2_$3" "${S8_BOX:-90}" python3 scripts/probe_kernels.py --op attn --kind "$1" \
