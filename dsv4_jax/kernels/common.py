@@ -13,7 +13,8 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 * :func:`fp4_exp`, :func:`e2m1_codes`, :func:`fp4_quant_block`: the reference's FP4 activation quantization
   (``fp4_act_quant``, spec 3.3) as e2m1 codes (4-bit integers, sign in bit 3) and power-of-two scale exponents.
 * :func:`moe_block_pairs`, :func:`swiglu_h`: the tiled FP4 MoE kernels' block prologue (a block's slots, tokens and
-  routing weights) and their stage-1 epilogue (the clamped SwiGLU with the reference's roundings).
+  routing weights) and their stage-1 epilogue (the clamped SwiGLU with the reference's roundings);
+  :func:`moe_launch_dims`, their launchers' sizes (host side).
 """
 
 from __future__ import annotations
@@ -180,3 +181,13 @@ def swiglu_h(acc_g, acc_u, wt, LIMIT: tl.constexpr):
         u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
         g = tl.minimum(g, LIMIT)
     return round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
+
+
+def moe_launch_dims(w1_shape, tok, bexp, t: dict):
+    """The sizes every tiled FP4 MoE launcher (jax or torch arrays) needs: ``w1_shape`` the packed gate stack's
+    ``(E, I, D/2)``, ``tok [R]`` the pairs' tokens, ``bexp [n_blocks]`` the blocks' experts, ``t`` the tile plan ->
+    ``(I, D, R, n_blocks, n_slots, launch options)``."""
+    _, I, D2 = w1_shape
+    n_blocks = bexp.shape[0]
+    return I, 2 * D2, tok.shape[0], n_blocks, n_blocks * t["BM"], dict(num_warps=t["num_warps"],
+                                                                        num_stages=t["num_stages"])

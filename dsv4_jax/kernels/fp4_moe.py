@@ -66,6 +66,7 @@ from dsv4_jax.kernels.common import (
     e4m3_grid,
     e8m0,
     moe_block_pairs,
+    moe_launch_dims,
     pow2,
     round_bf16,
     swiglu_h,
@@ -257,13 +258,9 @@ def launch_torch(x, xs, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: 
     used block written (unused blocks keep the poison ``nan``)."""
     import torch
 
-    E, I, D2 = w1[0].shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1[0].shape, tok, bexp, t)
     h = torch.full((n_slots, I), float("nan"), dtype=torch.float32)
     y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
     _gate_up_kernel[(n_blocks, I // t["BN1"])](x, xs, tok, wt, rows, bexp, used, *w1, *w3, h, R=R, D=D, I=I,
                                                LIMIT=limit, BM=t["BM"], BN=t["BN1"], G=t["G"], DOT=tl.float32,
                                                CODES=t["CODES"], **kw)
@@ -277,11 +274,7 @@ def launch_jax(x, xs, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w
     """Both kernels through jax-triton on device arrays: ``x [T, D]`` the FP8-quantized tokens (``CODES`` 0: their
     values in bf16, exact; 1: their e4m3 codes in fp16, exact, with ``xs [T, D/128]`` fp32 block scales), ``tok``,
     ``wt``, the :func:`experts.group_pairs` layout -> ``y [slots, D]`` bf16 (rows of unused blocks undefined)."""
-    E, I, D2 = w1.packed.shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1.packed.shape, tok, bexp, t)
     dot = tl.float16 if t["CODES"] else tl.bfloat16
     h = triton_call(x, xs, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
                        kernel=_gate_up_kernel, out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, moe_block_pairs, round_bf16, swiglu_h
+from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, moe_block_pairs, moe_launch_dims, round_bf16, swiglu_h
 from dsv4_jax.modeling.quant import Fp4Tensor, e8m0_bytes, quantize_act
 
 _BK = 128  # K columns per step: one activation scale block, four weight scale groups
@@ -112,11 +112,7 @@ def launch_scaled_jax(xq, xs, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4T
                       limit: float, t: dict) -> jax.Array:
     """Both stages through :func:`triton_call`: ``xq``/``xs`` from :func:`act_codes`, ``tok``/``wt`` per pair, the
     ``group_pairs`` layout -> ``y [slots, D]`` bf16 (rows of unused blocks undefined)."""
-    E, I, D2 = w1.packed.shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1.packed.shape, tok, bexp, t)
     hq, hs = triton_call(xq, xs, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale,
                          kernel=_gate_up_scaled, tiled=True, grid=(n_blocks, I // 128),
                          out_shape=(jax.ShapeDtypeStruct((n_slots, I), jnp.uint8),
@@ -133,14 +129,10 @@ def launch_scaled_torch(xq, xs, tok, wt, rows, bexp, used, w1, w2, w3, limit: fl
     and e8m0 bytes (unwritten rows keep the poison 0xFF) and y in fp32 (unwritten rows ``nan``)."""
     import torch
 
-    E, I, D2 = w1[0].shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1[0].shape, tok, bexp, t)
     hq = torch.full((n_slots, I), 255, dtype=torch.uint8)
     hs = torch.full((n_slots, I // 128), 255, dtype=torch.uint8)
     y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
     _gate_up_scaled[(n_blocks, I // 128)](xq, xs, tok, wt, rows, bexp, used, *w1, *w3, hq, hs, R=R, D=D, I=I,
                                           LIMIT=limit, BM=t["BM"], **kw)
     _down_scaled[(n_blocks, D // t["BN2"])](hq, hs, bexp, used, *w2, y, D=D, I=I, BM=t["BM"], BN=t["BN2"], **kw)

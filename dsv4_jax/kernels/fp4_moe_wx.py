@@ -48,6 +48,7 @@ from dsv4_jax.kernels.common import (
     e2m1_factors,
     e2m1_pair,
     moe_block_pairs,
+    moe_launch_dims,
     pow2,
     round_bf16,
     swiglu_h,
@@ -161,11 +162,7 @@ def launch_wx_jax(xv, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w
     """Both stages through :func:`triton_call`: ``xv [T, D]`` bf16 the tokens' FP8-quantized values (the reference's
     ``act_quant`` per 1x128, exact in bf16) in :func:`split_groups` order, ``tok``/``wt`` per pair, the
     ``group_pairs`` layout -> ``y [slots, D]`` bf16 (rows of unused blocks undefined)."""
-    E, I, D2 = w1.packed.shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1.packed.shape, tok, bexp, t)
     hv = triton_call(xv, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_wx,
                      tiled=True, grid=(n_blocks, I // 128), out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
                      R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], **kw)
@@ -180,13 +177,9 @@ def launch_wx_torch(xv, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: 
     poison ``nan``)."""
     import torch
 
-    E, I, D2 = w1[0].shape
-    D, R = 2 * D2, tok.shape[0]
-    n_blocks = bexp.shape[0]
-    n_slots = n_blocks * t["BM"]
+    I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1[0].shape, tok, bexp, t)
     hv = torch.full((n_slots, I), float("nan"), dtype=torch.float32)
     y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
-    kw = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
     _gate_up_wx[(n_blocks, I // 128)](xv, tok, wt, rows, bexp, used, *w1, *w3, hv, R=R, D=D, I=I, LIMIT=limit,
                                       BM=t["BM"], INTERPRET=True, **kw)
     _down_wx[(n_blocks, D // t["BN2"])](hv, bexp, used, *w2, y, D=D, I=I, BM=t["BM"], BN=t["BN2"], INTERPRET=True,
