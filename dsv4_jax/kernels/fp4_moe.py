@@ -210,7 +210,7 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     ``CODES`` (1: dot the e2m1/e4m3 codes as fp16 and apply the scales to the partial products; 0: dot the scaled
     values as bf16, the variant verified on an H200), ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
     :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128) and ``WX`` (1:
-    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for prefill blocks; ``BN1`` is 128)."""
+    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for tiled calls; ``BN1`` is 128)."""
     BM = max(16, min(64, block_rows(n_pairs, n_local)))
     if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
         return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, SCALED=0, num_warps=4, num_stages=1)
@@ -225,7 +225,7 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     # tokens 4,610 vs 6,291 us, 8K tokens 14,247 vs 20,377 us (H200, bench_moe.py, 2026-12-03; 4 warps; 3 stages at
     # BM 16, 2 above: 4 stages lost 20-27 %, BN2 64 or 256 lost 6-10 % at 2K and 8K).
     wx = int(target == "sm90")
-    scaled = int(target in ("sm90", "gfx950") and not wx)
+    scaled = int(target == "gfx950")
     return dict(BM=BM, BN1=128 if scaled or wx or not decode else 64, BN2=64 if decode else 128,
                 G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, WX=wx,
                 num_warps=4 if decode or target == "sm90" else 8, num_stages=3 if decode else 2)
@@ -355,26 +355,20 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     rows, bexp, used, slot = schedule(e, n_local, t["BM"])
     if t["SCALED"] and t["CODES"]:
         raise ValueError("fp4_moe: CODES=1 is a variant of the register-dequantizing kernels; it needs SCALED=0")
+    pairs = (tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)
     if t.get("WX"):  # the weight as the register operand of bf16 dots (fp4_moe_wx)
         check_wx_shapes(D, I, t)
-        y = launch_wx_jax(split_groups(xq.astype(jnp.bfloat16)), tok.astype(jnp.int32), wt.astype(jnp.float32), rows,
-                          bexp, used, w1s, w2s, w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
-        has = slot < y.shape[0]
-        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
-    if t["SCALED"]:  # tl.dot_scaled on the stored codes and scales (fp4_moe_scaled)
+        y = launch_wx_jax(split_groups(xq.astype(jnp.bfloat16)), *pairs)  # [slots, D] bf16
+    elif t["SCALED"]:  # tl.dot_scaled on the stored codes and scales (fp4_moe_scaled)
         check_scaled_shapes(D, I, t)
-        xq8, xs8 = act_codes(x)
-        y = launch_scaled_jax(xq8, xs8, tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used, w1s, w2s,
-                              w3s, float(cfg.swiglu_limit), t)  # [slots, D] bf16
-        has = slot < y.shape[0]
-        return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
-    if t["CODES"]:
-        qa = quantize_act(x, 128)  # the same codes and scales as xq = qa.dequant()
-        xin, xs = qa.q.astype(jnp.float16), qa.scale.astype(jnp.float32)
+        y = launch_scaled_jax(*act_codes(x), *pairs)
     else:
-        xin, xs = xq.astype(jnp.bfloat16), jnp.zeros((1,), jnp.float32)
-    y = launch_jax(xin, xs, tok.astype(jnp.int32), wt.astype(jnp.float32), rows, bexp, used, w1s, w2s, w3s,
-                   float(cfg.swiglu_limit), t)  # [slots, D] bf16
+        if t["CODES"]:
+            qa = quantize_act(x, 128)  # the same codes and scales as xq = qa.dequant()
+            xin, xs = qa.q.astype(jnp.float16), qa.scale.astype(jnp.float32)
+        else:
+            xin, xs = xq.astype(jnp.bfloat16), jnp.zeros((1,), jnp.float32)
+        y = launch_jax(xin, xs, *pairs)
     has = slot < y.shape[0]
     return jnp.where(has[:, None], y[jnp.minimum(slot, y.shape[0] - 1)].astype(jnp.float32), 0.0)
 
