@@ -98,6 +98,7 @@ def _close_bf16(got, ref, what):
 # "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu")).
 # "scaled" rows run the tl.dot_scaled kernels of fp4_moe_scaled (tests/triton_shim.py emulates the dot, which the
 # interpreter lacks; stage 1 then returns h quantized: compared with the reference act_quant of the oracle's h).
+# "wx" rows run the register-operand kernels of fp4_moe_wx (h quantized too, put back in column order).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
          (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv"),
          (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled"), (5, "ragged", None, "wx"), (40, "hot", 32, "wx")]
