@@ -194,8 +194,7 @@ def bench_prefill(args) -> list[dict]:
     cfg = flash_layers(args.layers, "reference") if args.model == "flash" else d.Config.tiny()
     cfg = cfg.with_(kernels=args.kernels)
     indexer_mod.PREFILL_RADIX_AUTO = not args.prefill_merge  # read when the step is traced
-    if args.attn_prefill:  # "auto" takes the sparse-attention kernel for the prefill rows too (untimed before)
-        sa_mod.AUTO_MAX_ROWS, sa_mod.AUTO_MIN_LIST = 1 << 40, 0
+    sa_mod.PREFILL_AUTO = not args.attn_prefill_reference  # read when the step is traced
     w = d.init_weights(cfg, jax.random.key(0))
     L, C = args.prefill_len, args.chunk
     state = d.init_state(cfg, 1, L + args.decode)
@@ -224,7 +223,7 @@ def bench_prefill(args) -> list[dict]:
     stats = jax.devices()[0].memory_stats() or {}
     warm = times[1:] or times  # the first chunk includes compilation
     r = dict(mode="prefill", model=args.model, kernels=args.kernels, prefill_radix=not args.prefill_merge,
-             attn_prefill=args.attn_prefill,
+             attn_prefill_kernel=not args.attn_prefill_reference,
              layers=cfg.n_layers, prompt=L, chunk=C, tokens_per_s_per_layer=C / np.median(warm) * cfg.n_layers,
              first_chunk_s=times[0],
              decode_ms=float(np.median(dec[1:] or dec)) * 1e3 if dec else None,
@@ -288,9 +287,9 @@ def main():
     ap.add_argument("--prefill-merge", action="store_true", help="prefill: with --kernels auto, the indexer's prefill "
                     "rows merge a top-k per entry block instead of one radix selection (unsets "
                     "dsv4_jax.kernels.indexer.PREFILL_RADIX_AUTO)")
-    ap.add_argument("--attn-prefill", action="store_true", help="prefill: with --kernels auto, the prefill rows' "
-                    "sparse attention takes the Triton kernel too (lifts dsv4_jax.kernels.sparse_attention."
-                    "AUTO_MAX_ROWS and AUTO_MIN_LIST; the XLA reference otherwise)")
+    ap.add_argument("--attn-prefill-reference", action="store_true", help="prefill: with --kernels auto, the prefill "
+                    "rows' sparse attention keeps the XLA reference (unsets dsv4_jax.kernels.sparse_attention."
+                    "PREFILL_AUTO)")
     ap.add_argument("--kernels", default="auto", help="prefill: the config's kernels (reference | triton | auto)")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--profile", help="prefill: trace the last chunk into this folder; device time per named scope")

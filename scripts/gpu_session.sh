@@ -49,10 +49,10 @@ for x in r:
                   scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
                   --topk-blocks radix --calls 4 --trials 3
               done; done ;;
-    prefillvar) for v in "base" "router" "attn" "both"; do  # the prepared prefill levers (docs/performance.md)
+    prefillvar) for v in "default" "router-decode" "attn-reference"; do  # the prefill levers one at a time
                   env=(); extra=()
-                  [ "$v" = router ] || [ "$v" = both ] && env=(DSV4_ROUTER_TILE=DOT=1,BT=64,BE=64,BK=32)
-                  [ "$v" = attn ] || [ "$v" = both ] && extra=(--attn-prefill)
+                  [ "$v" = router-decode ] && env=(DSV4_ROUTER_TILE=DOT=0,BE=2,BT=4,BK=512)  # router.plan's decode form
+                  [ "$v" = attn-reference ] && extra=(--attn-prefill-reference)
                   TAIL=2 run "prefill_$v" "${PREFILLVAR_BOX:-150}" env "${env[@]}" python3 scripts/bench_attention.py \
                     --mode prefill --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
                     --kernels auto --decode 2 "${extra[@]}"

@@ -162,19 +162,32 @@ def test_tile_override_is_checked(monkeypatch):
     from dsv4_jax.kernels.router import plan
 
     monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=1,BT=64,BE=64,BK=32")
-    assert plan(8192, 256, 4096, "sm90") == dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
+    assert plan(32, 256, 4096, "sm90") == dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
     monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=yes")
     with pytest.raises(ValueError, match="DSV4_ROUTER_TILE='DOT=yes'"):
         plan(1, 256, 4096, "sm90")
 
 
+def test_gpu_plan_takes_the_dot_form_from_prefill_sizes(monkeypatch):
+    """Decode sizes keep the decode form, prefill chunks from ``DOT_MIN_TOKENS`` tokens take the ``DOT`` form (the
+    measured one, ``plan``'s docstring)."""
+    from dsv4_jax.kernels import router
+
+    monkeypatch.delenv("DSV4_ROUTER_TILE", raising=False)
+    n = router.DOT_MIN_TOKENS
+    assert [router.plan(T, 256, 4096, "sm90")["DOT"] for T in (1, 32, n - 1, n, 8192)] == [0, 0, 0, 1, 1]
+    assert router.plan(8192, 256, 4096, "sm90") == {"BE": 64, "BT": 64, "BK": 32, "DOT": 1, "num_warps": 4}
+    assert router.plan(8192, 256, 4096, "cpu")["DOT"] == 0  # the interpreter keeps its few-program form
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.parametrize("case", [("flash-decode", 1, 256, 4096, 6, False), ("flash-batch32", 32, 256, 4096, 6, False),
                                   ("pro-decode", 1, 384, 7168, 6, False), ("flash-hash", 8, 256, 4096, 6, True),
-                                  ("flash-prefill", 2048, 256, 4096, 6, False),
+                                  ("flash-prefill", 1024, 256, 4096, 6, False),
                                   ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT)], ids=lambda c: c[0])
 def test_gpu_matches_reference(case):
-    """V4-Flash / V4-Pro router shapes inside jit (and the prepared prefill plan, ``DOT``)."""
+    """V4-Flash / V4-Pro router shapes inside jit, in the plans ``plan`` picks: the decode form up to 1,024 tokens,
+    the ``DOT`` form at 8K (the last case also names it)."""
     from dsv4_jax.kernels import triton_unavailable
 
     why = triton_unavailable()

@@ -455,11 +455,11 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
             assert sts <= 2, f"{fn.__name__}: {sts} shared stores in the K loop"  # BN 64: one 16-bit exchange
 
 
-@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {"DOT": 1, "BT": 64, "BE": 64, "BK": 32})],
+@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {})],
                          ids=["decode", "batch32", "prefill-dot"])
 def test_router_plans_fit(T, over, target):
-    """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prepared prefill
-    plan (64 x 64 tiles summed by an fp32 dot): fits, no spills."""
+    """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prefill plan
+    (64 x 64 tiles summed by an fp32 dot, from 2K tokens on): fits, no spills."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import router
 

@@ -229,12 +229,15 @@ def test_reference_path_unchanged_on_cpu():
 
 
 @pytest.mark.parametrize("route,K,rows,want", [("jax-triton", 8320, 32, True), ("jax-triton", 4096, 1, True),
-                                               ("jax-triton", 640, 32, False), ("jax-triton", 8320, 8192, False),
-                                               ("xla", 8320, 32, False)],
-                         ids=["hca-1m-b32", "threshold-b1", "csa", "prefill-rows", "xla-route"])
+                                               ("jax-triton", 640, 32, False), ("jax-triton", 1152, 8192, True),
+                                               ("jax-triton", 640, 65, True), ("xla", 8320, 32, False),
+                                               ("xla", 640, 8192, False)],
+                         ids=["hca-1m-b32", "threshold-b1", "csa", "prefill-rows", "prefill-65-rows", "xla-route",
+                              "xla-route-prefill"])
 def test_auto_takes_the_kernel_only_where_measured_faster(monkeypatch, route, K, rows, want):
-    """``kernels="auto"`` on one GPU: the kernel for long index lists at decode row counts through jax-triton only;
-    ``"reference"`` never; and on a CPU backend ``"auto"`` never (the real ``use_triton`` says no there)."""
+    """``kernels="auto"`` on one GPU, through jax-triton only: the kernel for long index lists at decode row counts
+    and for every prefill row count (more than 64 rows); ``"reference"`` never; with ``PREFILL_AUTO`` off prefill rows
+    keep the reference; and on a CPU backend ``"auto"`` never (the real ``use_triton`` says no there)."""
     from dsv4_jax.kernels import sparse_attention as sa
 
     assert not sa.use_kernel("auto", 32, 8320) or sa.use_triton("auto"), "auto took the kernel where Triton cannot run"
@@ -243,6 +246,9 @@ def test_auto_takes_the_kernel_only_where_measured_faster(monkeypatch, route, K,
     monkeypatch.setattr(sa, "route_for", lambda tiled: route if tiled else "xla")
     assert sa.use_kernel("auto", rows, K) is want
     assert sa.use_kernel("reference", rows, K) is False
+    monkeypatch.setattr(sa, "PREFILL_AUTO", False)
+    assert sa.use_kernel("auto", rows, K) is (want and rows <= sa.AUTO_MAX_ROWS)
+    monkeypatch.setattr(sa, "PREFILL_AUTO", True)
     monkeypatch.setattr(sa, "single_device", lambda: False)
     assert sa.use_kernel("auto", rows, K) is False  # a multi-device mesh keeps the XLA path
 

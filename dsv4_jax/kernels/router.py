@@ -121,18 +121,24 @@ if triton is not None:
         tl.store(wts_ptr + t * K + kk, w / total * SCALE, mask=kk < K)
 
 
+DOT_MIN_TOKENS = 2048  # tokens from which the GPU plan takes the DOT form (plan)
+
+
 def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
     """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, ``DOT`` (the tile summed by an fp32
     dot), launch options (the one place); ``DSV4_ROUTER_TILE`` overrides entries (:func:`tile_override`).
 
-    The default is the decode form (2 experts x up to 4 tokens per program, products summed along D): at batch 1 the
+    Two forms. The decode form (2 experts x up to 4 tokens per program, products summed along D): at batch 1 the
     gate's 4 MB are spread over every SM. At prefill sizes it re-reads the tokens once per 2 experts (128 times for
-    V4-Flash), and a profile of a 128K-token prefill (H200, 2026-12-03, docs/performance.md) put 4.3 ms per layer and
-    8K-token chunk in the ``ffn`` scope's four Triton kernels (mHC's two took 0.9 ms in the ``attn`` scope): most of it
-    likely this kernel. ``DOT=1,BT=64,BE=64,BK=32`` is the prepared prefill form (64 x 64 tiles, 512 programs for 8K
-    tokens; the interpreter and sm_90 compile tests cover it), opt-in until a GPU times it."""
+    V4-Flash): there, from :data:`DOT_MIN_TOKENS` tokens, the ``DOT`` form takes 64 x 64 tiles summed by an fp32
+    ``ieee`` dot (512 programs for 8K tokens). Measured on an H200 (2026-12-04, ``bench_attention.py --mode prefill``,
+    a 128K-token prompt in 8K chunks, 2 V4-Flash layers): 166,212 -> 176,546 tokens/s per layer, the last chunk
+    108.3 -> 101.5 ms. Below :data:`DOT_MIN_TOKENS` the DOT form would leave SMs idle (``ceil(E/64) * ceil(T/64)``
+    programs: 128 at 2K tokens, V4-Flash); the sizes between were not timed."""
     if target == "cpu":  # the interpreter: few programs
         p = dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, DOT=0, num_warps=4)
+    elif T >= DOT_MIN_TOKENS:
+        p = dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
     else:
         p = dict(BE=2, BT=min(4, next_pow2(T)), BK=512, DOT=0, num_warps=4)
     return {**p, **tile_override()}

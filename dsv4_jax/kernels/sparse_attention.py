@@ -68,8 +68,9 @@ XLA's bundled Triton keeps a third shared-memory buffer and spills 6.6x more), s
 XLA route the plan keeps 32-entry blocks.
 
 Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 with this plan (2026-12-03), and so does the
-golden all-position test with ``kernels="triton"``. ``"auto"`` takes it only for long index lists at decode row
-counts, launched through jax-triton (:func:`use_kernel`); the CSA lists (640 entries) keep the reference.
+golden all-position test with ``kernels="triton"``. ``"auto"`` takes it, launched through jax-triton, for long index
+lists at decode row counts and for every prefill row (:func:`use_kernel`); decode rows over the CSA lists (640
+entries) keep the reference.
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
@@ -452,19 +453,26 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
 
 
 AUTO_MIN_LIST = 4096  # "auto": index lists at least this long (HCA layers at long context) take the kernel ...
-AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S), the regime it was measured faster in (docstring)
+AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S); more rows than this are prefill rows ...
+PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured faster, use_kernel's docstring)
 
 
 def use_kernel(kernels: str, rows: int, K: int) -> bool:
     """Whether :func:`sparse_attention` runs the Triton kernel for ``rows`` (``B*S``) query rows over ``K``-entry
     index lists: always with ``kernels="triton"`` (where :func:`use_opt_in_triton` allows); with ``"auto"`` on one
-    GPU device only for long lists at decode row counts, and only where the kernel launches through jax-triton
-    (Triton's own build; XLA's build of it is slower than the reference, module docstring). Measured on an H200
-    (2026-12-03, ``bench_attention.py --mode decode``, per call with dispatch): HCA at 1M (8,320 entries) batch 32 356
-    vs 634 us, batch 1 85 vs 123 us; CSA (640 entries) a tie (103 vs 110, 69 vs 69 us), so it keeps the reference."""
+    GPU device only where the kernel launches through jax-triton (Triton's own build; XLA's build of it is slower
+    than the reference, module docstring), and there for
+
+    * decode row counts (at most :data:`AUTO_MAX_ROWS`) over long lists: measured on an H200 (2026-12-03,
+      ``bench_attention.py --mode decode``, per call with dispatch) HCA at 1M (8,320 entries) batch 32 356 vs 634
+      us, batch 1 85 vs 123 us; CSA (640 entries) a tie (103 vs 110, 69 vs 69 us), so short lists keep the
+      reference;
+    * prefill rows (more than :data:`AUTO_MAX_ROWS`, if :data:`PREFILL_AUTO`): a 128K-token prompt in 8K chunks, 2
+      V4-Flash layers, went from 166,212 to 195,051 tokens/s per layer and its last chunk from 108.3 to 93.7 ms
+      (H200, 2026-12-04, ``bench_attention.py --mode prefill``; the XLA reference had taken 24.6 ms of that chunk)."""
     if kernels == "auto":
-        return (K >= AUTO_MIN_LIST and rows <= AUTO_MAX_ROWS and use_triton(kernels) and single_device()
-                and route_for(tiled=True) == "jax-triton")
+        wanted = K >= AUTO_MIN_LIST if rows <= AUTO_MAX_ROWS else PREFILL_AUTO
+        return wanted and use_triton(kernels) and single_device() and route_for(tiled=True) == "jax-triton"
     return use_opt_in_triton(kernels)
 
 
