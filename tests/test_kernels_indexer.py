@@ -1,9 +1,11 @@
-"""The indexer's decode scoring kernel (``kernels/indexer.py``: ``_indexer_score_kernel``, opt-in) against the
-reference arithmetic (``indexer._totals`` over the decoded FP4 cache, masked) and the reference top-k.
+"""The indexer's scoring kernels against the reference arithmetic (``indexer._totals`` over the decoded FP4 cache,
+masked) and the reference top-k: the decode rows' kernel (``kernels/indexer.py``: ``_indexer_score_kernel``) and the
+prefill rows' kernel (``kernels/indexer_prefill.py``: ``_prefill_score_kernel``, over the keys decoded to bf16).
 
-CPU: the kernel under Triton's interpreter in a subprocess, launched directly on torch tensors (its totals) and
-through the jax dispatcher ``indexer_topk(..., kernels="triton")`` with ``tests/triton_shim.py`` (its ids). GPU: the
-jitted launcher at V4-Flash indexer shapes (skipped without a GPU or jax-triton).
+CPU: the kernels under Triton's interpreter in a subprocess, launched directly on torch tensors (their totals) and
+through the jax dispatchers ``indexer_topk(..., kernels="triton")`` and ``indexer_topk_blocked(..., radix=True,
+kernel=True)`` with ``tests/triton_shim.py`` (their ids). GPU: the jitted launchers at V4-Flash indexer shapes
+(skipped without a GPU or jax-triton).
 
 Oracles and tolerances: queries and keys are FP4-snapped as in reference numerics, so every score is an exact fp32
 sum and equals the reference's bit for bit; the one reordering is the fp32 sum over heads, which can move a total by
@@ -29,15 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
 from dsv4_jax.kernels import indexer as ix  # noqa: E402
+from dsv4_jax.kernels import indexer_prefill as ixp  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
 from dsv4_jax.modeling.quant import Fp4Tensor, encode_fp4_cache, fp4_simulate  # noqa: E402
 
 SEED = 777
 BF16_ULP = 2.0**-7
 # (B, S, heads, head dim, entries, positions [B, S], k): decode rows with a partly visible cache, speculative verify
-# rows at 3 positions (heads padded from 20 to 32), one row seeing nothing, and k above the entry count.
+# rows at 3 positions (heads padded from 20 to 32), one row seeing nothing, and k above the entry count; the last
+# case as prefill rows (the prefill kernel's CPU plan puts 2 rows in a program): padded heads, two batch rows, rows
+# of one program that see different counts, a program whose rows see nothing, entries past the last block's end.
 CASES = [(2, 1, 4, 128, 100, [[50], [399]], 8), (1, 3, 20, 64, 70, [[198, 199, 203]], 16),
-         (2, 2, 16, 128, 40, [[2, 7], [150, 160]], 64)]
+         (2, 2, 16, 128, 40, [[2, 7], [150, 160]], 64), (2, 4, 20, 64, 90, [[1, 70, 71, 300], [2, 3, 250, 359]], 8)]
 
 
 def _case(B, S, Hi, Di, Nc, t, seed):
@@ -87,9 +92,15 @@ def _interpret_main(path: str) -> None:
         q = jnp.asarray(g("q").view(ml_dtypes.bfloat16))
         hw = jnp.asarray(g("hw").view(ml_dtypes.bfloat16))
         keys = Fp4Tensor(packed=jnp.asarray(g("packed")), scale=jnp.asarray(g("scale")))
+        kv = np.asarray(ix.cache_values(keys, jnp.bfloat16)).view(np.uint16)
+        tot = ixp.prefill_totals_torch(q16, hw16, torch.from_numpy(kv.copy()).view(torch.bfloat16), lim, S)
+        res[f"{c}_ptot"] = tot.numpy().reshape(B, S, -1)
         run = jax.jit(functools.partial(ix.indexer_topk, k=int(g("k")), kernels="triton"))
         res[f"{c}_ids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
-    res["launches"] = np.array(sum(r["kernel"] == "_indexer_score_kernel" for r in triton_shim.LAUNCHES))
+        run = jax.jit(functools.partial(ix.indexer_topk_blocked, k=int(g("k")), radix=True, kernel=True))
+        res[f"{c}_pids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
+    for name in ("_indexer_score_kernel", "_prefill_score_kernel"):
+        res[name] = np.array(sum(r["kernel"] == name for r in triton_shim.LAUNCHES))
     np.savez(path + ".out.npz", **res)
 
 
@@ -104,11 +115,14 @@ def test_interpreter_matches_reference(tmp_path):
                        f"{c}_t": np.asarray(tt), f"{c}_k": np.int32(k)})
         cases.append((q, hw, keys, tt, k))
     out = triton_shim.interpret(__file__, arrays, tmp_path)
-    assert int(out["launches"]) == len(CASES), "the dispatcher did not launch the kernel once per case"
+    for name in ("_indexer_score_kernel", "_prefill_score_kernel"):
+        assert int(out[name]) == len(CASES), f"the dispatcher did not launch {name} once per case"
     for c, (q, hw, keys, tt, k) in enumerate(cases):
         ids_ref = np.asarray(ix.indexer_topk_reference(q, hw, keys, tt, k))
-        assert out[f"{c}_ids"].shape == ids_ref.shape
-        _check(out[f"{c}_tot"], _ref_totals(q, hw, keys, tt), out[f"{c}_ids"], ids_ref, f"case {c}")
+        assert out[f"{c}_ids"].shape == ids_ref.shape == out[f"{c}_pids"].shape
+        ref = _ref_totals(q, hw, keys, tt)
+        _check(out[f"{c}_tot"], ref, out[f"{c}_ids"], ids_ref, f"case {c}")
+        _check(out[f"{c}_ptot"], ref, out[f"{c}_pids"], ids_ref, f"case {c}, prefill kernel")
     # the ties were exercised: some row's reference list holds entry 3 and a duplicate, 3 first
     lists = [np.asarray(ix.indexer_topk_reference(*cs)).reshape(-1, min(cs[4], cs[2].packed.shape[1]))
              for cs in cases]
@@ -158,6 +172,19 @@ def test_prefill_radix_rule(monkeypatch):
     assert not ix.prefill_radix_on("auto")
 
 
+def test_prefill_plan_rows_divide_the_sequence(monkeypatch):
+    """The prefill kernel's rows per program share one batch row: a power of two dividing the rows per batch row,
+    also when the environment asks for more; an unknown key is refused, naming it."""
+    monkeypatch.delenv("DSV4_INDEX_PREFILL_TILE", raising=False)
+    assert [ixp.plan(64, s, "sm90")["RB"] for s in (8192, 1000, 999)] == [2, 2, 1]
+    assert ixp.plan(20, 4, "cpu")["HP"] == 32
+    monkeypatch.setenv("DSV4_INDEX_PREFILL_TILE", "RB=8,BLK=64")
+    assert [(ixp.plan(64, s, "sm90")["RB"], ixp.plan(64, s, "sm90")["BLK"]) for s in (8192, 12)] == [(8, 64), (4, 64)]
+    monkeypatch.setenv("DSV4_INDEX_PREFILL_TILE", "TR=1")
+    with pytest.raises(ValueError, match="DSV4_INDEX_PREFILL_TILE='TR=1'"):
+        ixp.plan(64, 8192, "sm90")
+
+
 def test_tile_override_is_checked(monkeypatch):
     monkeypatch.setenv("DSV4_INDEX_TILE", "BLK=128,num_warps=8")
     p = ix.score_plan(64, 32, 262144, "sm90")
@@ -181,6 +208,21 @@ def test_gpu_matches_reference(B, Nc):
     ids = np.asarray(jax.jit(functools.partial(ix.indexer_topk, k=512, kernels="triton"))(q, hw, keys, tt))
     ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hw, keys, tt))
     _check(got, _ref_totals(q, hw, keys, tt), ids, ids_ref, f"B={B} Nc={Nc}")
+
+
+@gpu
+def test_gpu_prefill_kernel_matches_reference():
+    """The prefill rows' kernel at V4-Flash's indexer: 512 consecutive positions of a 32K-token prompt over its 8,192
+    entries (so the rows of a program see different counts), and 2 rows that see nothing; totals and the radix ids."""
+    S, Nc = 512, 8192
+    t = (4 * Nc - S + np.arange(S, dtype=np.int32))[None, :]  # [1, S]
+    t[0, :2] = 2
+    q, hw, keys, tt = _case(1, S, 64, 128, Nc, t, SEED + 5)
+    got = np.asarray(jax.jit(ixp.prefill_totals_triton)(q, hw, keys, tt))
+    ids = np.asarray(jax.jit(functools.partial(ix.indexer_topk_blocked, k=512, radix=True, kernel=True))(
+        q, hw, keys, tt))
+    ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hw, keys, tt))
+    _check(got, _ref_totals(q, hw, keys, tt), ids, ids_ref, f"prefill S={S} Nc={Nc}")
 
 
 if __name__ == "__main__":  # the interpreter subprocess

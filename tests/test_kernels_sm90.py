@@ -395,6 +395,24 @@ def test_indexer_score_plan_fits(heads, target):
     assert smem <= SMEM[target] and spill == 0, f"indexer score {p}: {smem} B shared, {spill} B spills"
 
 
+@pytest.mark.parametrize("heads", [64, 16])
+def test_indexer_prefill_plan_fits(heads, target):
+    """The indexer's prefill scoring kernel at its plan for an 8,192-row chunk over a 128K-token prompt: no spills,
+    shared memory within the chip's, and the key loads software-pipelined on sm_90 (``cp.async``: LDGSTS)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import indexer_prefill as ixp
+
+    p = ixp.plan(heads, 8192, target)
+    pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", k_ptr="*bf16", lim_ptr="*i32", out_ptr="*bf16")
+    meta = dict(S=8192, HI=heads, HP=p["HP"], DI=128, NC=32768, BLK=p["BLK"], NB=p["NB"], RB=p["RB"], NS=p["NS"])
+    sass: list = []
+    smem, spill = _compile(ixp._prefill_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
+                           sass=sass, target=target)
+    assert smem <= SMEM[target] and spill == 0, f"indexer prefill {p}: {smem} B shared, {spill} B spills"
+    if target == "sm90":
+        assert any("LDGSTS" in line for line in _longest_loop(sass)), "the key loads are not pipelined"
+
+
 @pytest.mark.parametrize("rows", [1, 32])
 def test_topk_plans_fit(rows, target):
     """The radix-selection top-k's four kernels at the indexer's decode shape (262,144 entries, k = 512)."""

@@ -80,9 +80,9 @@ def _interpret_main(path: str) -> None:
     res["prefill"] = np.asarray(run(q, hw, keys, t))
     res["launches"] = np.array(len(triton_shim.LAUNCHES))
     run = jax.jit(lambda q, hw, keys, t: ix.indexer_topk_blocked(q, hw, keys, t, PREFILL_K, rows=16, radix=True,
-                                                                 kernel=True))  # totals by the scoring kernel
+                                                                 kernel=True))  # totals by the prefill kernel
     res["prefill_kernel"] = np.asarray(run(q, hw, keys, t))
-    res["kernel_launches"] = np.array(sum(r["kernel"] == "_indexer_score_kernel" for r in triton_shim.LAUNCHES))
+    res["kernel_launches"] = np.array(sum(r["kernel"] == "_prefill_score_kernel" for r in triton_shim.LAUNCHES))
     np.savez(path + ".out.npz", **res)
 
 

@@ -16,8 +16,9 @@ first, ties by lower block id, -1 where fewer are visible (a query at position `
   layout. With the kernels on (``"triton"``, and ``"auto"`` on one device: :func:`prefill_radix_on`) the blocks'
   bf16 totals fill a ``[B,S,Nc]`` buffer instead and one radix selection (:mod:`dsv4_jax.kernels.topk`) replaces
   the merges (each a ``jax.lax.top_k`` over ``[rows, k + block]``, a sort on GPUs): 7 % more prefill tokens/s at a
-  128K-token prompt on an H200. There the totals come from the decode rows' scoring kernel too
-  (:func:`prefill_score_on`: one launch per row block instead of XLA's 1 GiB blocks of scores), 25 % more.
+  128K-token prompt on an H200. There the totals come from one kernel launch per row block
+  (:func:`prefill_score_on`, :mod:`dsv4_jax.kernels.indexer_prefill`: the keys decoded once, several rows per
+  program) instead of XLA's 1 GiB blocks of scores: 25 % more with the decode rows' kernel, 2.1x faster totals since.
 
 The two are equal bit for bit, ties included, wherever each total is a function of its query and key alone:
 
@@ -74,6 +75,7 @@ from dsv4_jax.kernels import (
     SM_COUNT,
     arch,
     env_tiles,
+    indexer_prefill,
     next_pow2,
     single_device,
     topk,
@@ -87,7 +89,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair, rn_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -144,13 +146,14 @@ PREFILL_SCORE_AUTO = True
 
 
 def prefill_score_on(kernels: str) -> bool:
-    """Whether prefill rows that take the radix selection (:func:`prefill_radix_on`) get their totals from
-    :func:`_indexer_score_kernel` (:func:`indexer_totals_triton`) instead of XLA's blocks of ``[rows, heads, block]``
+    """Whether prefill rows that take the radix selection (:func:`prefill_radix_on`) get their totals from a kernel
+    (:func:`dsv4_jax.kernels.indexer_prefill.prefill_totals_triton`) instead of XLA's blocks of ``[rows, heads, block]``
     scores: ``"triton"``, and ``"auto"`` if :data:`PREFILL_SCORE_AUTO`. Measured on an H200 (2026-12-03, 2 V4-Flash
     layers, a 128K-token prompt in 8K chunks, ``bench_attention.py --mode prefill --profile``): XLA's blocks took
     71.6 of the last chunk's 152.3 ms of device time (the fp32 scores of 8,192 rows x 64 heads x 512 entries, 1 GiB
     per block, written and read back); with the kernel the prefill ran at 164,579 tokens/s per layer against
-    131,568, the last chunk 108.8 ms against 155.4 (same ids as the reference on the GPU:
+    131,568, the last chunk 108.8 ms against 155.4, with the decode rows' kernel of the time (same ids as the reference
+    on the GPU:
     ``tests/test_kernels_topk.py::test_gpu_prefill_rows_match_reference[radix-kernel]``)."""
     if kernels == "auto":
         return PREFILL_SCORE_AUTO
@@ -281,8 +284,8 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
     docstring). ``radix`` (bf16 queries; the Triton kernels of :mod:`dsv4_jax.kernels.topk`): the blocks' totals
     fill a ``[B, rows, Nc]`` bf16 buffer (row blocks sized so that it fits the budget too) and one radix selection
     replaces the merges, ``jax.lax.top_k`` of the whole row: the same ids. ``kernel`` (with ``radix``, an FP4 cache):
-    the totals come from :func:`indexer_totals_triton` in one launch per row block (the same arithmetic; the fp32
-    sum over heads in another order, as for decode rows)."""
+    the totals come from :func:`dsv4_jax.kernels.indexer_prefill.prefill_totals_triton` in one launch per row block
+    (the same arithmetic; the fp32 sum over heads in another order, as for decode rows)."""
     B, S, Hi, _ = q.shape
     fit = max(1, _budget(None) // (2 * B * _n_entries(keys)))  # rows whose totals buffer (bf16) fits the budget
     R = rows or (fit if radix and kernel else row_block(B, S, Hi, _n_entries(keys)))  # kernel: no XLA score blocks
@@ -305,12 +308,12 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
 def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None,
                  radix: bool = False, kernel: bool = False) -> jax.Array:
     """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks (or, ``kernel``, the
-    scoring kernel's totals of every entry)."""
+    prefill scoring kernel's totals of every entry)."""
     B, S, Hi, _ = q.shape
     n_c = _n_entries(keys)
     k = min(k, n_c)
     if radix and kernel:
-        vals, ids = topk.top_k_triton(indexer_totals_triton(q, hw, keys, t), k)  # [B,S,k]
+        vals, ids = topk.top_k_triton(indexer_prefill.prefill_totals_triton(q, hw, keys, t), k)  # [B,S,k]
         return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
     blk = min(block or block_size(B, S, Hi, n_c), n_c)
     n_blocks = -(-n_c // blk)
@@ -367,13 +370,6 @@ def _radix_blocks(q: jax.Array, hw: jax.Array, keys, limit: jax.Array, k: int, b
 if triton is not None:
 
     @triton.jit
-    def _rn_bf16(v):
-        """fp32 -> nearest-even bf16 value, kept in fp32, by the hardware's conversion (a packed convert and a shift
-        per value; :func:`~dsv4_jax.kernels.common.round_bf16`'s integer arithmetic takes 3-4 operations). Under
-        Triton's interpreter the cast truncates: the tests run it with ``tests/triton_shim.py``, which rounds."""
-        return v.to(tl.bfloat16).to(tl.float32)
-
-    @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
                               HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
                               NB: tl.constexpr = 1):
@@ -412,10 +408,10 @@ if triton is not None:
                 ko = tl.reshape(hi * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # (e2m1 times a power of two)
                 sc = tl.dot(qe, tl.trans(ke))
                 sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products if snapped)
-                prod = _rn_bf16(tl.maximum(_rn_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
+                prod = rn_bf16(tl.maximum(rn_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
                 if HP != HI:  # padded heads add -0.0
                     prod = tl.where(hm[:, None], prod, -0.0)
-                tot = _rn_bf16(tl.sum(prod, axis=0))  # [BLK]
+                tot = rn_bf16(tl.sum(prod, axis=0))  # [BLK]
                 tl.store(out, tl.where(j < lim, tot, float("-inf")).to(out_ptr.dtype.element_ty), mask=jm)  # exact
 
 
@@ -452,16 +448,7 @@ def tile_override() -> dict:
 
 
 def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
-    B, S, Hi, Di = q.shape
-    Nc = keys.packed.shape[1]
-    want = {"hw": (B, S, Hi), "keys.packed": (B, Nc, Di // 2), "keys.scale": (B, Nc, Di // 32)}
-    got = {"hw": hw.shape, "keys.packed": keys.packed.shape, "keys.scale": keys.scale.shape}
-    for name, shape in want.items():
-        if tuple(got[name]) != shape:
-            raise ValueError(f"indexer kernel: {name} has shape {tuple(got[name])}, expected {shape} for q {q.shape}")
-    if Di % 32 or Di & (Di - 1):
-        raise ValueError(f"indexer kernel: index head dim {Di} must be a power of two and a multiple of 32")
-    return B, S, Hi, Di, Nc
+    return indexer_prefill.check_shapes(q, hw, keys, "indexer kernel")
 
 
 def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array) -> jax.Array:
