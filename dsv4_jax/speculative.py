@@ -248,7 +248,7 @@ def _step(weights, cfg: Config, c: SpecCarry) -> tuple[SpecCarry, jax.Array]:
         bad = active & ~ok & (n < room) & (stop_at >= n)
         f = jnp.where(bad, n + 1, e)  # tokens the main state keeps
     with jax.named_scope("rollback"):
-        layers = tuple(rollback(w.attn, ls, log, x, P, f, cfg.ratio(i), W)
+        layers = tuple(rollback(w.attn, ls, log, x, P, f, cfg.ratio(i), W, cfg.kernels)
                        for i, (w, ls, log, x) in enumerate(zip(weights.layers, state.layers, logs, xs)))
         state = state.replace(pos=P + f, layers=layers)
     with jax.named_scope("mtp_catch_up"):

@@ -159,7 +159,7 @@ def test_cpu_modes_give_the_reference():
     args = (_cache(z), jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]),
             jnp.asarray(z["n_new"]))
     auto = _as_numpy(*jax.jit(lambda x, *a: compress(cfg, w, x, *a, m, freqs, indexer=False))(x, *args))
-    kv, sc = _project(w, x, jnp.asarray(z["pos"]), m)
+    kv, sc = _project(w, x, jnp.asarray(z["pos"]), m, "reference")
     direct = _as_numpy(*jax.jit(lambda kv, sc, *a: compress_decode(cfg, w, kv, sc, *a, m, freqs))(
         kv[:, 0], sc[:, 0], *args))
     for k in ref:
@@ -174,6 +174,41 @@ def test_cpu_modes_give_the_reference():
     for k in ref:
         np.testing.assert_array_equal(auto[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"indexer auto {k}")
         np.testing.assert_array_equal(direct[k].view(np.uint8), ref[k].view(np.uint8), err_msg=f"indexer direct {k}")
+
+
+def test_tensor_core_projection(monkeypatch):
+    """Prefill chunks (``TC_MIN_ROWS`` rows and more) of bf16 activations take the compressor projection as a bf16 dot
+    with fp32 accumulation off the CPU; never with ``kernels="reference"``, for decode or speculative-verify rows, in
+    float32 numerics or on a CPU backend. Both forms are fp32 sums of the same exact products (a bf16 x bf16 product
+    is exact in fp32), so each must lie within the fp32 dot's error bound ``K * 2**-24 * sum |x_k w_k|`` of the
+    float64 value (one run forces the rule's backend check, so the CPU runs the tensor-core form's XLA program)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling import compressor as cm
+
+    rng = np.random.default_rng(SEED)
+    K, N, S, m = 512, 96, cm.TC_MIN_ROWS, 4
+    w = types.SimpleNamespace(wkv=jnp.asarray(rng.standard_normal((N, K)) * 0.05, jnp.bfloat16),
+                              wgate=jnp.asarray(rng.standard_normal((N, K)) * 0.05, jnp.bfloat16),
+                              ape=jnp.asarray(rng.standard_normal((m, N)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, S, K)) * np.exp2(rng.integers(-4, 4, (2, S, 1))), jnp.bfloat16)
+    pos = jnp.asarray([0, 37], jnp.int32)
+    assert not cm.tensor_core_project("auto", w, x) or jax.default_backend() != "cpu"
+    monkeypatch.setattr(cm.jax, "default_backend", lambda: "gpu")
+    assert cm.tensor_core_project("auto", w, x) and cm.tensor_core_project("triton", w, x)
+    assert not cm.tensor_core_project("reference", w, x)
+    assert not cm.tensor_core_project("auto", w, x[:, :cm.TC_MIN_ROWS - 1])  # decode and verify rows
+    assert not cm.tensor_core_project("auto", w, x.astype(jnp.float32))  # float32 numerics
+    xd, wd = np.asarray(x, np.float64), np.asarray(w.wkv, np.float64)
+    want, bound = xd @ wd.T, np.abs(xd) @ np.abs(wd).T * K * 2.0**-24
+    for kernels in ("auto", "reference"):
+        kv, sc = jax.jit(lambda x, p, k=kernels: cm._project(w, x, p, m, k))(x, pos)
+        err = np.abs(np.asarray(kv, np.float64) - want)
+        assert (err <= bound).all(), f"{kernels}: projection beyond the fp32 dot's bound ({(err / bound).max():.2f})"
+        assert sc.shape == kv.shape and np.isfinite(np.asarray(sc)).all()
 
 
 def test_bad_shapes_are_refused():

@@ -192,7 +192,7 @@ def test_rollback_equals_feeding_only_the_kept_tokens(tmp_path_factory):
     def verify_rollback(w, state, chunk, keep):
         logs = [snapshot(ls, state.pos, S, cfg.ratio(i), W) for i, ls in enumerate(state.layers)]
         _, new, xs = forward_layers(w, cfg, chunk, state, jnp.full_like(keep, S))
-        layers = tuple(rollback(wl.attn, ls, log, x, state.pos, keep, cfg.ratio(i), W)
+        layers = tuple(rollback(wl.attn, ls, log, x, state.pos, keep, cfg.ratio(i), W, cfg.kernels)
                        for i, (wl, ls, log, x) in enumerate(zip(w.layers, new.layers, logs, xs)))
         return new.replace(pos=state.pos + keep, layers=layers)
 

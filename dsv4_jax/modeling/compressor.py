@@ -51,23 +51,48 @@ def _sum_slots(x: jax.Array) -> jax.Array:
     return out
 
 
-def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+# Rows from which a chunk of bf16 activations takes the projection on the tensor cores (:func:`tensor_core_project`)
+TC_MIN_ROWS = 64
+
+
+def tensor_core_project(kernels: str, w: CompressorWeights, x: jax.Array) -> bool:
+    """Whether :func:`_project` multiplies ``x`` and the weights as bf16 with fp32 accumulation instead of casting
+    both to fp32 first: for chunks of at least :data:`TC_MIN_ROWS` rows of bf16 activations and bf16 weights (as
+    shipped), off the CPU, unless ``kernels="reference"``. The product of two bf16 values is exact in fp32, so both
+    forms sum the same exact products in fp32; they differ in the order and rounding of the partial sums. Measured on
+    an H200 (2026-12-04, ``adhoc/proj_bench.py`` in docs/performance.md; 8,192 x 4,096 times 4,096 x 1,024, error
+    against float64 in units of ``2**-24 * sum |x_k w_k|``): XLA's fp32 ``HIGHEST`` form 1.74 ms (40 TFLOP/s), error
+    mean 0.16 / max 3.7; the tensor-core form 0.30 ms, mean 1.4 / max 11.7 (the tensor cores' accumulation is not a
+    chain of round-to-nearest fp32 adds), both far inside the fp32 dot's bound of ``K`` = 4,096 units and far below
+    the bf16/FP8 roundings that follow. The golden criteria passed with it (``DSV4_KERNELS=auto``); a 128K prefill
+    ran at 254,447 tokens/s per layer against 234,376. Decode steps and speculative-verify chunks (below the
+    threshold) keep the fp32 form, so a rollback's rebuilt buffers (:func:`rebuild_buffers`, same rule, same
+    ``kernels``) match the chunk's bit for bit."""
+    return (x.shape[1] >= TC_MIN_ROWS and x.dtype == jnp.bfloat16 and w.wkv.dtype == jnp.bfloat16
+            and w.wgate.dtype == jnp.bfloat16 and kernels != "reference" and jax.default_backend() != "cpu")
+
+
+def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels: str) -> tuple[jax.Array, jax.Array]:
     """The chunk's projections ``kv``/``sc`` ``[B, S, c*d]`` fp32, the score with ``ape`` of each token's place in
-    its window."""
+    its window (``kernels``: :func:`tensor_core_project`)."""
     S = x.shape[1]
     with jax.named_scope("compressor_proj"):
-        xf = x.astype(jnp.float32)
-        kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
-        sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
+        if tensor_core_project(kernels, w, x):
+            kv = jnp.einsum("bsk,nk->bsn", x, w.wkv, preferred_element_type=jnp.float32)  # [B,S,c*d]
+            sc = jnp.einsum("bsk,nk->bsn", x, w.wgate, preferred_element_type=jnp.float32)
+        else:
+            xf = x.astype(jnp.float32)
+            kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
+            sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
         t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
         sc = sc + w.ape[t % m]  # position inside its window
     return kv, sc
 
 
-def _token_axis(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
-                n_new: jax.Array, m: int, proj: tuple[jax.Array, jax.Array] | None = None):
-    """Project a chunk ``x [B,S,D]`` (or take its projections ``proj``, :func:`_project`'s) and lay the row's
-    buffered tokens and the chunk on one window-aligned axis.
+def _token_axis(w: CompressorWeights, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array,
+                m: int, proj: tuple[jax.Array, jax.Array]):
+    """Lay the row's buffered tokens and a chunk's projections ``proj`` (:func:`_project`'s ``kv``/``sc``
+    ``[B,S,c*d]``) on one window-aligned axis.
 
     Returns ``kv_ax``/``sc_ax`` ``[B, L, c*d]`` fp32 (axis slot ``r`` = absolute position ``base + r``; slots
     without a token hold kv 0 / score -inf) and ``base [B]``. ``L = P + m*nwin`` covers the previous complete window
@@ -75,7 +100,7 @@ def _token_axis(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf
     """
     overlap = m == 4
     c = 2 if overlap else 1
-    kv, sc = _project(w, x, pos, m) if proj is None else proj
+    kv, sc = proj
     S = kv.shape[1]
     P = m if overlap else 0  # buffer slots holding the previous complete window
     nwin = (m - 1 + S + m - 1) // m  # windows that can be touched by this chunk
@@ -136,7 +161,7 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     kernel where :func:`dsv4_jax.kernels.use_triton` says so (:func:`dsv4_jax.kernels.compressor_step.compress_decode`;
     both variants' GPU tests passed on an H200).
     """
-    kv, sc = _project(w, x, pos, ratio)  # [B,S,c*d] fp32
+    kv, sc = _project(w, x, pos, ratio, cfg.kernels)  # [B,S,c*d] fp32
     snapped = (indexer and cfg.simulate and isinstance(cache, Fp4Tensor)) or (
         not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache))
     if x.shape[1] == 1 and snapped and x.shape[0] > 0 and use_triton(cfg):  # a decode step: one Triton kernel
@@ -151,7 +176,7 @@ def compress_projected(cfg: Config, w: CompressorWeights, kv: jax.Array, sc: jax
     with ``ape``). The XLA path of every chunk, and the reference of the decode kernel
     (:mod:`dsv4_jax.kernels.compressor_step`)."""
     m = ratio
-    kv_ax, sc_ax, base = _token_axis(w, None, kv_buf, score_buf, pos, n_new, m, proj=(kv, sc))
+    kv_ax, sc_ax, base = _token_axis(w, kv_buf, score_buf, pos, n_new, m, (kv, sc))
     nwin = (kv_ax.shape[1] - (m if m == 4 else 0)) // m
     entry_ids = pos[:, None] // m + jnp.arange(nwin)[None, :]  # [B, nwin]
     complete = (entry_ids + 1) * m <= (pos + n_new)[:, None]
@@ -198,12 +223,13 @@ def _pool(cfg: Config, w: CompressorWeights, kv_ax: jax.Array, sc_ax: jax.Array,
 
 
 def rebuild_buffers(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
-                    n_new: jax.Array, ratio: int) -> tuple[jax.Array, jax.Array]:
+                    n_new: jax.Array, ratio: int, kernels: str) -> tuple[jax.Array, jax.Array]:
     """The buffers :func:`compress` would return for the same chunk, without pooling any entry: what a rollback to
     ``n_new`` tokens of a longer chunk needs (the projections of the ``S`` chunk tokens are recomputed, ~``S*D*2cd``
     multiply-adds, because the verify pass that computed them does not keep them). Bit for bit the same buffers."""
     with jax.named_scope("compressor_rebuild"):
-        kv_ax, sc_ax, base = _token_axis(w, x, kv_buf, score_buf, pos, n_new, ratio)
+        proj = _project(w, x, pos, ratio, kernels)
+        kv_ax, sc_ax, base = _token_axis(w, kv_buf, score_buf, pos, n_new, ratio, proj)
         return _buffers(kv_ax, sc_ax, base, pos + n_new, ratio)
 
 

@@ -114,17 +114,19 @@ def undo(ls: LayerState, log: UndoLog, pos: jax.Array, S: int, ratio: int, W: in
 
 
 def rollback(w: AttentionWeights, ls: LayerState, log: UndoLog, x: jax.Array, pos: jax.Array, keep: jax.Array,
-             ratio: int, W: int) -> LayerState:
+             ratio: int, W: int, kernels: str) -> LayerState:
     """``ls`` after a chunk ``x [B,S,D]`` (the layer's attention input) at ``pos [B]`` -> the state after only its
-    first ``keep [B]`` tokens, bit for bit as if only those had been fed."""
+    first ``keep [B]`` tokens, bit for bit as if only those had been fed (``kernels``: the config's, which chose
+    the chunk's compressor projection)."""
     S = x.shape[1]
     with jax.named_scope("rollback"):
         new = _restore_caches(ls, log, pos, S, keep, ratio, W)
         if ratio:
-            new["c_kv"], new["c_score"] = rebuild_buffers(w.compressor, x, log.c_kv, log.c_score, pos, keep, ratio)
+            new["c_kv"], new["c_score"] = rebuild_buffers(w.compressor, x, log.c_kv, log.c_score, pos, keep, ratio,
+                                                         kernels)
         if ratio == 4:
             new["ic_kv"], new["ic_score"] = rebuild_buffers(w.indexer.compressor, x, log.ic_kv, log.ic_score, pos,
-                                                            keep, 4)
+                                                            keep, 4, kernels)
         return ls.replace(**new)
 
 
