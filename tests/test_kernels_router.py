@@ -23,11 +23,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
-# (name, T, E, D, k, hash routing, plan overrides: the prefill form's fp32 dot over 16 x 64 tiles, ragged T and D)
+# (name, T, E, D, k, hash routing, plan overrides: the prefill forms' dots over 16 x 64 tiles, fp32 and bf16
+# operands, ragged T and D)
 CASES = [("learned-flash", 3, 256, 320, 6, False, {}), ("learned-pro-ragged", 2, 384, 200, 6, False, {}),
          ("hash-tiny-logits", 4, 64, 128, 6, True, {}),
          ("learned-dot", 21, 256, 200, 6, False, {"DOT": 1, "BT": 16, "BE": 64, "BK": 32}),
-         ("hash-dot", 18, 64, 128, 6, True, {"DOT": 1, "BT": 16, "BE": 32, "BK": 32})]
+         ("hash-dot", 18, 64, 128, 6, True, {"DOT": 1, "BT": 16, "BE": 32, "BK": 32}),
+         ("learned-bf16-dot", 21, 256, 200, 6, False, {"DOT": 2, "BT": 16, "BE": 64, "BK": 32}),
+         ("hash-bf16-dot", 18, 64, 128, 6, True, {"DOT": 2, "BT": 16, "BE": 32, "BK": 32})]
 SEED = 1618
 RTOL = 2e-5
 PREFILL_DOT = {"DOT": 1, "BT": 64, "BE": 64, "BK": 32}  # the prepared prefill plan (router.plan's docstring)
@@ -79,6 +82,7 @@ def _reference(cfg, x, g, bias, tid2eid, ids):
 
 
 def _interpret_main(path: str) -> None:
+    triton_shim.fix_interpreter()  # the interpreter's bf16 dot (the DOT=2 cases) and roundings
     import torch
 
     from dsv4_jax.kernels.router import plan, run_torch
@@ -177,17 +181,32 @@ def test_gpu_plan_takes_the_dot_form_from_prefill_sizes(monkeypatch):
     n = router.DOT_MIN_TOKENS
     assert [router.plan(T, 256, 4096, "sm90")["DOT"] for T in (1, 32, n - 1, n, 8192)] == [0, 0, 0, 1, 1]
     assert router.plan(8192, 256, 4096, "sm90") == {"BE": 64, "BT": 64, "BK": 32, "DOT": 1, "num_warps": 4}
-    assert router.plan(8192, 256, 4096, "cpu")["DOT"] == 0  # the interpreter keeps its few-program form
+    bf16 = [router.plan(T, 256, 4096, "sm90", bf16=True)["DOT"] for T in (1, 32, n - 1, n, 8192)]
+    assert bf16 == [0, 0, 0, 2, 2] if router.BF16_DOT else [0, 0, 0, 1, 1]  # bf16 tokens and gate: their own dot
+    assert router.plan(8192, 256, 4096, "cpu", bf16=True)["DOT"] == 0  # the interpreter keeps its few-program form
+
+
+def test_bf16_dot_needs_bf16_operands():
+    """The ``DOT=2`` plan multiplies the operands as they are: fp32 tokens (float32 numerics) are refused, named."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.router import route_triton
+
+    x, g, bias, tid2eid, ids = _inputs(4, 64, 128, 6, False, SEED)
+    with pytest.raises(ValueError, match="DOT=2 plan needs bf16 tokens and gate, got float32"):
+        route_triton(_cfg(64, 6), g, bias, tid2eid, x.astype(jnp.float32), ids, p={"DOT": 2})
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.parametrize("case", [("flash-decode", 1, 256, 4096, 6, False), ("flash-batch32", 32, 256, 4096, 6, False),
                                   ("pro-decode", 1, 384, 7168, 6, False), ("flash-hash", 8, 256, 4096, 6, True),
                                   ("flash-prefill", 1024, 256, 4096, 6, False),
-                                  ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT)], ids=lambda c: c[0])
+                                  ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT),
+                                  ("flash-prefill-bf16-dot", 8192, 256, 4096, 6, False,
+                                   {"DOT": 2, "BT": 64, "BE": 64, "BK": 64})], ids=lambda c: c[0])
 def test_gpu_matches_reference(case):
-    """V4-Flash / V4-Pro router shapes inside jit, in the plans ``plan`` picks: the decode form up to 1,024 tokens,
-    the ``DOT`` form at 8K (the last case also names it)."""
+    """V4-Flash / V4-Pro router shapes inside jit, in the plans ``plan`` picks for bf16 inputs: the decode form up to
+    1,024 tokens, the ``DOT`` form at 8K; and both ``DOT`` forms at 8K by name (fp32 ``ieee``, bf16 operands)."""
     from dsv4_jax.kernels import triton_unavailable
 
     why = triton_unavailable()
@@ -201,7 +220,7 @@ def test_gpu_matches_reference(case):
     name, T, E, D, k, hashed, *over = case
     x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED)
     cfg = _cfg(E, k)
-    p = {**plan(T, E, D, arch()), **(over[0] if over else {})}
+    p = {**plan(T, E, D, arch(), bf16=True), **(over[0] if over else {})}
     idx, wts = jax.jit(lambda *a: route_triton(cfg, *a, p=p))(g, bias, tid2eid, x, ids)
     _check((np.asarray(idx), np.asarray(wts)), _reference(cfg, x, g, bias, tid2eid, ids), name)
 

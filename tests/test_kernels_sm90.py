@@ -473,15 +473,16 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
             assert sts <= 2, f"{fn.__name__}: {sts} shared stores in the K loop"  # BN 64: one 16-bit exchange
 
 
-@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {})],
-                         ids=["decode", "batch32", "prefill-dot"])
+@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {}), (8192, {"DOT": 2, "BK": 64})],
+                         ids=["decode", "batch32", "prefill-dot", "prefill-bf16-dot"])
 def test_router_plans_fit(T, over, target):
-    """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prefill plan
-    (64 x 64 tiles summed by an fp32 dot, from 2K tokens on): fits, no spills."""
+    """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prefill plans
+    (64 x 64 tiles summed by a dot of the bf16 operands, or of their fp32 values, from 2K tokens on): fits, no
+    spills."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import router
 
-    p = {**router.plan(T, 256, 4096, target), **over}
+    p = {**router.plan(T, 256, 4096, target, bf16=True), **over}
     (_, meta), _ = router._kernel_args(T, 256, 4096, 6, False, 2.5, p)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=3)  # the launchers' default
     smem, spill = _compile(router._logits_kernel, dict(x_ptr="*bf16", g_ptr="*bf16", T="i32", out_ptr="*fp32"), meta,

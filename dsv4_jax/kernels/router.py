@@ -65,9 +65,11 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(x_ptr, g_ptr, T, out_ptr, D: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
-                       BT: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr = False):
-        """``out[t, e] = sum_d x[t, d] * gate[e, d]`` in fp32 for BT tokens and BE experts; ``DOT``: the tile's
-        products summed by an fp32 ``tl.dot`` (``ieee``: fp32 multiply-adds, no TF32), the form for many tokens."""
+                       BT: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr = 0):
+        """``out[t, e] = sum_d x[t, d] * gate[e, d]`` in fp32 for BT tokens and BE experts; ``DOT`` 1: the tile's
+        products summed by an fp32 ``tl.dot`` (``ieee``: fp32 multiply-adds, no TF32); ``DOT`` 2: a ``tl.dot`` of
+        the bf16 operands themselves with an fp32 accumulator (tensor cores: each product of two bf16 values is
+        exact in fp32, the sums fp32); the forms for many tokens."""
         tok = tl.program_id(1) * BT + tl.arange(0, BT)
         ex = tl.program_id(0) * BE + tl.arange(0, BE)
         tm, em = tok < T, ex < E
@@ -76,13 +78,15 @@ if triton is not None:
             k = k0 + tl.arange(0, BK)
             km = k < D
             x = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + k[None, :], mask=tm[:, None] & km[None, :],
-                        other=0.0).to(tl.float32)  # [BT, BK]
+                        other=0.0)  # [BT, BK]
             g = tl.load(g_ptr + ex[:, None].to(tl.int64) * D + k[None, :], mask=em[:, None] & km[None, :],
-                        other=0.0).to(tl.float32)  # [BE, BK]
-            if DOT:
-                acc = tl.dot(x, tl.trans(g), acc, input_precision="ieee")
+                        other=0.0)  # [BE, BK]
+            if DOT == 2:
+                acc = tl.dot(x, tl.trans(g), acc)
+            elif DOT == 1:
+                acc = tl.dot(x.to(tl.float32), tl.trans(g.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * g.to(tl.float32)[None, :, :], axis=2)
         tl.store(out_ptr + tok[:, None].to(tl.int64) * E + ex[None, :], acc, mask=tm[:, None] & em[None, :])
 
     @triton.jit
@@ -122,11 +126,15 @@ if triton is not None:
 
 
 DOT_MIN_TOKENS = 2048  # tokens from which the GPU plan takes the DOT form (plan)
+# bf16 tokens and gate take the DOT form on their own bf16 values (DOT 2) rather than fp32 ieee: off until timed and
+# GPU-tested (written 2026-12-04 when the session's device time was spent; CPU: interpreter and sm_90/gfx950 builds)
+BF16_DOT = False
 
 
-def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
-    """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, ``DOT`` (the tile summed by an fp32
-    dot), launch options (the one place); ``DSV4_ROUTER_TILE`` overrides entries (:func:`tile_override`).
+def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) -> dict:
+    """Experts ``BE`` and tokens ``BT`` per logits program, the D step ``BK``, ``DOT`` (the tile summed by a dot: 1
+    fp32 ``ieee``, 2 bf16 operands, for ``bf16`` tokens and gate), launch options (the one place);
+    ``DSV4_ROUTER_TILE`` overrides entries (:func:`tile_override`).
 
     Two forms. The decode form (2 experts x up to 4 tokens per program, products summed along D): at batch 1 the
     gate's 4 MB are spread over every SM. At prefill sizes it re-reads the tokens once per 2 experts (128 times for
@@ -134,9 +142,13 @@ def plan(T: int, E: int, D: int, target: str | None = None) -> dict:
     ``ieee`` dot (512 programs for 8K tokens). Measured on an H200 (2026-12-04, ``bench_attention.py --mode prefill``,
     a 128K-token prompt in 8K chunks, 2 V4-Flash layers): 166,212 -> 176,546 tokens/s per layer, the last chunk
     108.3 -> 101.5 ms. Below :data:`DOT_MIN_TOKENS` the DOT form would leave SMs idle (``ceil(E/64) * ceil(T/64)``
-    programs: 128 at 2K tokens, V4-Flash); the sizes between were not timed."""
+    programs: 128 at 2K tokens, V4-Flash); the sizes between were not timed. ``DOT`` 2 (the bf16 operands on the
+    tensor cores, the way the compressor's prefill projection gained 5.8x, ``modeling/compressor.py``) is opt-in
+    (:data:`BF16_DOT`, or ``DSV4_ROUTER_TILE=DOT=2,BK=64``) until its GPU test and timing have run."""
     if target == "cpu":  # the interpreter: few programs
         p = dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, DOT=0, num_warps=4)
+    elif T >= DOT_MIN_TOKENS and bf16 and BF16_DOT:
+        p = dict(BE=64, BT=64, BK=64, DOT=2, num_warps=4)
     elif T >= DOT_MIN_TOKENS:
         p = dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
     else:
@@ -157,7 +169,7 @@ def tile_override() -> dict:
 def _kernel_args(T: int, E: int, D: int, k: int, hashed: bool, route_scale: float, p: dict):
     """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``: the one place the jax and
     the torch launchers take them from."""
-    meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], DOT=bool(p.get("DOT", 0)), num_warps=p["num_warps"])
+    meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], DOT=int(p.get("DOT", 0)), num_warps=p["num_warps"])
     meta2 = dict(E=E, EP=next_pow2(E), K=k, KP=next_pow2(k), SCALE=float(np.float32(route_scale)), HASH=hashed,
                  num_warps=p["num_warps"])
     return ((math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), meta1), ((T,), meta2)
@@ -174,7 +186,10 @@ def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids:
                          f"{None if bias is None else bias.shape}")
     if tid2eid is not None and tid2eid.shape[1] != K:
         raise ValueError(f"route: tid2eid has shape {tid2eid.shape}, expected [vocab, {K}]")
-    p = p or plan(T, E, D, arch())
+    bf16 = x.dtype == jnp.bfloat16 and gate.dtype == jnp.bfloat16
+    p = p or plan(T, E, D, arch(), bf16)
+    if p.get("DOT") == 2 and not bf16:
+        raise ValueError(f"route: the DOT=2 plan needs bf16 tokens and gate, got {x.dtype} and {gate.dtype}")
     hashed = tid2eid is not None
     (g1, m1), (g2, m2) = _kernel_args(T, E, D, K, hashed, cfg.route_scale, p)
     logits = triton_call(x, gate, T, kernel=_logits_kernel, out_shape=jax.ShapeDtypeStruct((T, E), jnp.float32),
