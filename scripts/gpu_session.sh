@@ -3,6 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
+#           prefillops
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -57,6 +58,12 @@ for x in r:
                     --mode prefill --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
                     --kernels auto --decode 2 "${extra[@]}"
                 done ;;
+    prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
+                  --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
+                run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \
+                  -k gpu  # both DOT forms at 8K tokens
+                DSV4_ROUTER_TILE=DOT=2,BT=64,BE=64,BK=64 DSV4_KERNELS=auto run golden_router_bf16 120 python3 -m pytest \
+                  -q -rf --tb=short -p no:cacheprovider tests/test_golden.py -k all_positions ;;  # DOT=2 forced
     s8) tiles=${S8_TILES:-";S8=1,BK=64,num_stages=3;S8=1,BK=64,num_stages=2;S8=1,BK=32,num_stages=4;S8=1,BK=128"}
         for c in "hca 32 1048576" "hca 32 131072" "csa 32 1048576" "hca 1 1048576"; do set -- $c  # padded scales
           TAIL=8 run "attn_s8_$1_b$2_$3" "${S8_BOX:-90}" python3 scripts/probe_kernels.py --op attn --kind "$1" \

@@ -14,7 +14,7 @@ to bf16), masked to -inf past each row's visible count, the same totals as the d
   thread and its quad, not across warps; the keys stream through shared memory by the software pipeliner
   (``NS`` stages), the queries stay put.
 
-Measured on an H200 (2026-12-04, ``adhoc`` driver in docs/performance.md: 8,192 rows at positions 120K-128K over
+Measured on an H200 (2026-12-04, ``scripts/bench_prefill_ops.py --ops indexer``: 8,192 rows at positions 120K-128K over
 32,768 entries, V4-Flash's 64 heads of 128): 9.5-10.1 ms per call (:func:`plan`), 450 TFLOP/s of the dot, against
 20.7-24.3 ms for the decode rows' kernel over the same rows; the totals bit for bit the same but for a few one-ulp
 differences (the fp32 head sum's order). ``RB=1`` re-reads every bf16 key per row (31 ms); rounding by integer

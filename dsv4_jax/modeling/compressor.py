@@ -60,7 +60,7 @@ def tensor_core_project(kernels: str, w: CompressorWeights, x: jax.Array) -> boo
     both to fp32 first: for chunks of at least :data:`TC_MIN_ROWS` rows of bf16 activations and bf16 weights (as
     shipped), off the CPU, unless ``kernels="reference"``. The product of two bf16 values is exact in fp32, so both
     forms sum the same exact products in fp32; they differ in the order and rounding of the partial sums. Measured on
-    an H200 (2026-12-04, ``adhoc/proj_bench.py`` in docs/performance.md; 8,192 x 4,096 times 4,096 x 1,024, error
+    an H200 (2026-12-04; ``scripts/bench_prefill_ops.py --ops compressor``: 8,192 x 4,096 by 4,096 x 1,024, error
     against float64 in units of ``2**-24 * sum |x_k w_k|``): XLA's fp32 ``HIGHEST`` form 1.74 ms (40 TFLOP/s), error
     mean 0.16 / max 3.7; the tensor-core form 0.30 ms, mean 1.4 / max 11.7 (the tensor cores' accumulation is not a
     chain of round-to-nearest fp32 adds), both far inside the fp32 dot's bound of ``K`` = 4,096 units and far below
