@@ -67,7 +67,9 @@ def tensor_core_project(kernels: str, w: CompressorWeights, x: jax.Array) -> boo
     the bf16/FP8 roundings that follow. The golden criteria passed with it (``DSV4_KERNELS=auto``); a 128K prefill
     ran at 254,447 tokens/s per layer against 234,376. Decode steps and speculative-verify chunks (below the
     threshold) keep the fp32 form, so a rollback's rebuilt buffers (:func:`rebuild_buffers`, same rule, same
-    ``kernels``) match the chunk's bit for bit."""
+    ``kernels``) match the chunk's bit for bit. On accelerators a token's projection thus depends on whether its
+    chunk has 64+ rows (the fp32 sums' order and rounding, as above): a prompt prefilled whole or in small chunks can
+    differ there at the fp32 ulp level, before the bf16/FP8 roundings."""
     return (x.shape[1] >= TC_MIN_ROWS and x.dtype == jnp.bfloat16 and w.wkv.dtype == jnp.bfloat16
             and w.wgate.dtype == jnp.bfloat16 and kernels != "reference" and jax.default_backend() != "cpu")
 
