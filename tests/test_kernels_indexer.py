@@ -130,11 +130,14 @@ def test_interpreter_matches_reference(tmp_path):
 
 
 def test_bad_shapes_are_named():
-    q, hw, keys, _ = _case(1, 1, 4, 128, 16, [[40]], SEED)
+    q, hw, keys, t = _case(1, 1, 4, 128, 16, [[40]], SEED)
     with pytest.raises(ValueError, match=r"keys\.scale has shape"):
         ix._check_score(q, hw, Fp4Tensor(packed=keys.packed, scale=keys.scale[..., :2]))
     with pytest.raises(ValueError, match=r"hw has shape"):
         ix._check_score(q, hw[..., :3], keys)
+    kv = ix.cache_values(keys, jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"prefill kernel: kv is float32\[1, 16, 128\], expected bf16\[1, 16, 128\]"):
+        ixp.prefill_totals_triton(q, hw, keys, t, kv.astype(jnp.float32))
 
 
 def test_cpu_and_auto_keep_the_blocked_reference(monkeypatch):

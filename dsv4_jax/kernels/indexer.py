@@ -284,15 +284,26 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
     docstring). ``radix`` (bf16 queries; the Triton kernels of :mod:`dsv4_jax.kernels.topk`): the blocks' totals
     fill a ``[B, rows, Nc]`` bf16 buffer (row blocks sized so that it fits the budget too) and one radix selection
     replaces the merges, ``jax.lax.top_k`` of the whole row: the same ids. ``kernel`` (with ``radix``, an FP4 cache):
-    the totals come from :func:`dsv4_jax.kernels.indexer_prefill.prefill_totals_triton` in one launch per row block
-    (the same arithmetic; the fp32 sum over heads in another order, as for decode rows)."""
+    the totals come from :func:`dsv4_jax.kernels.indexer_prefill.prefill_totals_triton` in one launch per row block,
+    over the keys decoded to bf16 once for all row blocks (the same arithmetic; the fp32 sum over heads in another
+    order, as for decode rows)."""
     B, S, Hi, _ = q.shape
     fit = max(1, _budget(None) // (2 * B * _n_entries(keys)))  # rows whose totals buffer (bf16) fits the budget
     R = rows or (fit if radix and kernel else row_block(B, S, Hi, _n_entries(keys)))  # kernel: no XLA score blocks
     if radix:
         R = min(R, fit)
+    if radix and kernel:
+        kv = cache_values(keys, jnp.bfloat16)  # [B, Nc, Di]: decoded once for every row block
+
+        def one(q, hw, t):  # one block of query rows
+            tot = indexer_prefill.prefill_totals_triton(q, hw, keys, t, kv)  # [B,R,Nc]
+            vals, ids = topk.top_k_triton(tot, min(k, tot.shape[-1]))
+            return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)  # [B,R,k]
+    else:
+        def one(q, hw, t):
+            return _topk_blocks(q, hw, keys, t, k, block, radix)
     if R >= S:
-        return _topk_blocks(q, hw, keys, t, k, block, radix, kernel)
+        return one(q, hw, t)
     n = -(-S // R)
     pad = n * R - S
 
@@ -300,21 +311,18 @@ def indexer_topk_blocked(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
         return a.reshape(B, n, R, *a.shape[2:]).swapaxes(0, 1)
 
-    out = jax.lax.map(lambda a: _topk_blocks(a[0], a[1], keys, a[2], k, block, radix, kernel),
-                      (split(q, 0), split(hw, 0), split(t, -1)))  # [n,B,R,k]; padded rows: t = -1, nothing visible
+    out = jax.lax.map(lambda a: one(*a), (split(q, 0), split(hw, 0), split(t, -1)))  # [n,B,R,k]
+    # padded rows: t = -1, nothing visible
     return out.swapaxes(0, 1).reshape(B, n * R, -1)[:, :S]
 
 
 def _topk_blocks(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, block: int | None,
-                 radix: bool = False, kernel: bool = False) -> jax.Array:
-    """:func:`indexer_topk_blocked` for one block of query rows: the loop over entry blocks (or, ``kernel``, the
-    prefill scoring kernel's totals of every entry)."""
+                 radix: bool = False) -> jax.Array:
+    """:func:`indexer_topk_blocked` for one block of query rows without the prefill kernel: the loop over entry
+    blocks."""
     B, S, Hi, _ = q.shape
     n_c = _n_entries(keys)
     k = min(k, n_c)
-    if radix and kernel:
-        vals, ids = topk.top_k_triton(indexer_prefill.prefill_totals_triton(q, hw, keys, t), k)  # [B,S,k]
-        return jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
     blk = min(block or block_size(B, S, Hi, n_c), n_c)
     n_blocks = -(-n_c // blk)
     if n_blocks == 1:  # decode rows: one block over the whole cache. No loop: a loop whose trip count is data-

@@ -119,19 +119,30 @@ def check_shapes(q, hw, keys: Fp4Tensor, what: str) -> tuple[int, int, int, int,
     return B, S, Hi, Di, Nc
 
 
-def prefill_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array) -> jax.Array:
+def _launch(p: dict, R: int, S: int, Hi: int, Di: int, Nc: int) -> tuple[tuple[int, int], dict]:
+    """Grid and metaparameters of :func:`_prefill_score_kernel` for ``R`` rows under plan ``p``: the one place both
+    launchers take them from."""
+    grid = (R // p["RB"], -(-Nc // (p["BLK"] * p["NB"])))
+    meta = dict(S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"], RB=p["RB"], NS=p["NS"],
+                num_warps=p["num_warps"], num_stages=1)  # the loop's own stages: NS
+    return grid, meta
+
+
+def prefill_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array,
+                          kv: jax.Array | None = None) -> jax.Array:
     """Every entry's total ``[B,S,Nc]`` bf16 (-inf where invisible) for query rows ``q [B,S,Hi,Di]`` bf16 with head
-    weights ``hw [B,S,Hi]`` at positions ``t [B,S]`` over the FP4 cache ``keys``: the keys decoded once (XLA), then
-    one launch of :func:`_prefill_score_kernel`."""
+    weights ``hw [B,S,Hi]`` at positions ``t [B,S]`` over the FP4 cache ``keys``: the keys decoded to bf16 (XLA;
+    ``kv [B,Nc,Di]``: already decoded by the caller, e.g. once for several row blocks), then one launch of
+    :func:`_prefill_score_kernel`."""
     B, S, Hi, Di, Nc = check_shapes(q, hw, keys, "indexer prefill kernel")
-    p = plan(Hi, S)
-    kv = cache_values(keys, jnp.bfloat16)  # [B, Nc, Di] exact
+    kv = cache_values(keys, jnp.bfloat16) if kv is None else kv  # [B, Nc, Di] exact
+    if kv.shape != (B, Nc, Di) or kv.dtype != jnp.bfloat16:
+        raise ValueError(f"indexer prefill kernel: kv is {kv.dtype}{list(kv.shape)}, expected bf16[{B}, {Nc}, {Di}]")
     lim = ((t.astype(jnp.int32) + 1) // 4).reshape(B * S)  # visible entries per row
+    grid, meta = _launch(plan(Hi, S), B * S, S, Hi, Di, Nc)
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), kv, lim,
                       kernel=_prefill_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
-                      grid=(B * S // p["RB"], -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di,
-                      NC=Nc, BLK=p["BLK"], NB=p["NB"], RB=p["RB"], NS=p["NS"], num_warps=p["num_warps"],
-                      num_stages=1)  # the loop's own stages: NS
+                      grid=grid, **meta)
     return out.reshape(B, S, Nc)
 
 
@@ -142,9 +153,7 @@ def prefill_totals_torch(q, hw, kv, lim, S: int):
 
     R, Hi, Di = q.shape
     Nc = kv.shape[1]
-    p = plan(Hi, S, "cpu" if q.device.type == "cpu" else None)
+    grid, meta = _launch(plan(Hi, S, "cpu" if q.device.type == "cpu" else None), R, S, Hi, Di, Nc)
     out = torch.full((R, Nc), float("nan"), dtype=torch.float32, device=q.device)
-    grid = (R // p["RB"], -(-Nc // (p["BLK"] * p["NB"])))
-    _prefill_score_kernel[grid](q, hw, kv, lim, out, S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"],
-                                RB=p["RB"], NS=p["NS"], num_warps=p["num_warps"], num_stages=1)
+    _prefill_score_kernel[grid](q, hw, kv, lim, out, **meta)
     return out

@@ -91,8 +91,8 @@ def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels
     return kv, sc
 
 
-def _token_axis(w: CompressorWeights, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array,
-                m: int, proj: tuple[jax.Array, jax.Array]):
+def _token_axis(kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, m: int,
+                proj: tuple[jax.Array, jax.Array]):
     """Lay the row's buffered tokens and a chunk's projections ``proj`` (:func:`_project`'s ``kv``/``sc``
     ``[B,S,c*d]``) on one window-aligned axis.
 
@@ -178,7 +178,7 @@ def compress_projected(cfg: Config, w: CompressorWeights, kv: jax.Array, sc: jax
     with ``ape``). The XLA path of every chunk, and the reference of the decode kernel
     (:mod:`dsv4_jax.kernels.compressor_step`)."""
     m = ratio
-    kv_ax, sc_ax, base = _token_axis(w, kv_buf, score_buf, pos, n_new, m, (kv, sc))
+    kv_ax, sc_ax, base = _token_axis(kv_buf, score_buf, pos, n_new, m, (kv, sc))
     nwin = (kv_ax.shape[1] - (m if m == 4 else 0)) // m
     entry_ids = pos[:, None] // m + jnp.arange(nwin)[None, :]  # [B, nwin]
     complete = (entry_ids + 1) * m <= (pos + n_new)[:, None]
@@ -231,7 +231,7 @@ def rebuild_buffers(w: CompressorWeights, x: jax.Array, kv_buf: jax.Array, score
     multiply-adds, because the verify pass that computed them does not keep them). Bit for bit the same buffers."""
     with jax.named_scope("compressor_rebuild"):
         proj = _project(w, x, pos, ratio, kernels)
-        kv_ax, sc_ax, base = _token_axis(w, kv_buf, score_buf, pos, n_new, ratio, proj)
+        kv_ax, sc_ax, base = _token_axis(kv_buf, score_buf, pos, n_new, ratio, proj)
         return _buffers(kv_ax, sc_ax, base, pos + n_new, ratio)
 
 
