@@ -238,6 +238,19 @@ def test_interpreter_matches_reference(interpreted, c):
     assert rel <= 2e-2, f"case {c}: end-to-end normwise error {rel:.2e}"
 
 
+def test_wide_blocks_from_full_experts():
+    """sm90's WX kernels take 128-pair blocks with 8 warps only where the mean load per local expert reaches
+    ``WX_WIDE_PAIRS`` (64K-token chunks of V4-Flash; measured, ``tiles``' comment); an 8K-token chunk keeps 64."""
+    from dsv4_jax.kernels.fp4_moe import WX_WIDE_PAIRS, tiles
+
+    D, I, E = 4096, 2048, 256
+    assert {k: tiles("sm90", 8192 * 6, E, D, I)[k] for k in ("BM", "num_warps", "WX")} == dict(BM=64, num_warps=4, WX=1)
+    assert {k: tiles("sm90", 65536 * 6, E, D, I)[k] for k in ("BM", "num_warps")} == dict(BM=128, num_warps=8)
+    assert tiles("sm90", WX_WIDE_PAIRS * 8 - 1, 8, D, I)["BM"] == 64  # by the mean over the local experts
+    assert tiles("sm90", WX_WIDE_PAIRS * 8, 8, D, I)["BM"] == 128
+    assert tiles("gfx950", 65536 * 6, E, D, I)["BM"] == 64  # the native scaled dots: not measured wide
+
+
 def test_bad_shapes_named():
     """Shapes the kernels cannot tile are refused with the tensor at fault named (no silent fallback)."""
     from dsv4_jax.kernels.fp4_moe import check_shapes, tiles

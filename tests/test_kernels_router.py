@@ -182,7 +182,8 @@ def test_gpu_plan_takes_the_dot_form_from_prefill_sizes(monkeypatch):
     assert [router.plan(T, 256, 4096, "sm90")["DOT"] for T in (1, 32, n - 1, n, 8192)] == [0, 0, 0, 1, 1]
     assert router.plan(8192, 256, 4096, "sm90") == {"BE": 64, "BT": 64, "BK": 32, "DOT": 1, "num_warps": 4}
     bf16 = [router.plan(T, 256, 4096, "sm90", bf16=True)["DOT"] for T in (1, 32, n - 1, n, 8192)]
-    assert bf16 == [0, 0, 0, 2, 2] if router.BF16_DOT else [0, 0, 0, 1, 1]  # bf16 tokens and gate: their own dot
+    assert bf16 == [0, 0, 0, 2, 2]  # bf16 tokens and gate: their own dot (router.BF16_DOT, measured)
+    assert router.plan(8192, 256, 4096, "sm90", bf16=True) == {"BE": 64, "BT": 128, "BK": 64, "DOT": 2, "num_warps": 4}
     assert router.plan(8192, 256, 4096, "cpu", bf16=True)["DOT"] == 0  # the interpreter keeps its few-program form
 
 
@@ -203,7 +204,8 @@ def test_bf16_dot_needs_bf16_operands():
                                   ("flash-prefill", 1024, 256, 4096, 6, False),
                                   ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT),
                                   ("flash-prefill-bf16-dot", 8192, 256, 4096, 6, False,
-                                   {"DOT": 2, "BT": 64, "BE": 64, "BK": 64})], ids=lambda c: c[0])
+                                   {"DOT": 2, "BT": 64, "BE": 64, "BK": 64}),
+                                  ("pro-prefill-plan", 8192, 384, 7168, 6, False)], ids=lambda c: c[0])
 def test_gpu_matches_reference(case):
     """V4-Flash / V4-Pro router shapes inside jit, in the plans ``plan`` picks for bf16 inputs: the decode form up to
     1,024 tokens, the ``DOT`` form at 8K; and both ``DOT`` forms at 8K by name (fp32 ``ieee``, bf16 operands)."""
