@@ -161,6 +161,21 @@ def test_auto_takes_the_kernel_over_long_caches_only(monkeypatch):
     assert not ix.score_kernel_on("auto", 262144)
 
 
+def test_decode_rows_never_take_the_prefill_kernel(monkeypatch):
+    """Rows up to ``MAX_KERNEL_ROWS`` (decode, speculative verify) below the decode kernel's cache size keep XLA's
+    single block: the prefill kernel's 2-row x 2,048-entry programs would be a handful (one at batch 1 over a 4K
+    cache: 39 us per call on an H200); more rows take it."""
+    seen = []
+    monkeypatch.setattr(ix, "prefill_radix_on", lambda kernels: True)
+    monkeypatch.setattr(ix, "prefill_score_on", lambda kernels: True)
+    monkeypatch.setattr(ix, "score_kernel_on", lambda kernels, n: False)
+    monkeypatch.setattr(ix, "indexer_topk_blocked", lambda *a, radix, kernel: seen.append((radix, kernel)))
+    for B, S in [(1, 1), (32, 1), (32, 2), (2, ix.MAX_KERNEL_ROWS // 2), (1, ix.MAX_KERNEL_ROWS + 1), (2, 200)]:
+        q, hw, keys, t = _case(B, S, 4, 64, 40, np.full((B, S), 200, np.int32), SEED)
+        ix.indexer_topk(q, hw, keys, t, 8, kernels="auto")
+    assert seen == [(True, False)] * 4 + [(True, True)] * 2
+
+
 def test_prefill_radix_rule(monkeypatch):
     """The prefill rows' radix selection: ``"triton"`` takes it; ``"auto"`` where Triton runs on one device while
     ``PREFILL_RADIX_AUTO`` is on (measured faster on an H200); ``"reference"`` never."""

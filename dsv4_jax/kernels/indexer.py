@@ -115,15 +115,19 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
       :func:`prefill_radix_on` does).
     """
     B, S = q.shape[:2]
-    if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and 0 < B * S <= MAX_KERNEL_ROWS
+    decode_rows = 0 < B * S <= MAX_KERNEL_ROWS
+    if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and decode_rows
             and score_kernel_on(kernels, _n_entries(keys))):
         tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc] bf16
         k = min(k, tot.shape[-1])
         vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     radix = q.dtype == jnp.bfloat16 and prefill_radix_on(kernels)
+    # The prefill kernel scores 2 rows of one batch row over 2,048 entries per program: decode rows would leave it a
+    # handful of programs (a 4K-token cache at batch 1: one, 39 us per call on an H200, 2026-12-04), so decode rows
+    # over short caches keep XLA's single block (_topk_blocks)
     return indexer_topk_blocked(q, hw, keys, t, k, radix=radix, kernel=radix and isinstance(keys, Fp4Tensor)
-                                and prefill_score_on(kernels))
+                                and not decode_rows and prefill_score_on(kernels))
 
 
 # "auto" takes the radix selection for prefill rows: an H200, 2 V4-Flash layers, 128K-token prompt in 8K chunks
