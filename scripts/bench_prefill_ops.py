@@ -95,21 +95,23 @@ def bench_compressor(args) -> None:
 def bench_router(args) -> None:
     E = 256
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((S, D)), jnp.bfloat16)
+    cfg = Config.tiny(n_routed_experts=E, n_activated_experts=6, route_scale=2.5)
     gate = jnp.asarray(rng.standard_normal((E, D)) / 64, jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(E) * 0.01, jnp.float32)
-    ids = jnp.zeros((S,), jnp.int32)
-    cfg = Config.tiny(n_routed_experts=E, n_activated_experts=6, route_scale=2.5)
-    first = None
-    for tile in args.router_tiles.split(";"):
-        over = {k: int(v) for k, v in (kv.split("=") for kv in tile.split(",") if kv)}
-        p = {**router.plan(S, E, D, "sm90", bf16=True), **over}
-        f = jax.jit(lambda g, b, x, i, p=p: router.route_triton(cfg, g, b, None, x, i, p=p))
-        idx = np.asarray(f(gate, bias, x, ids)[0])
-        same = None if first is None else round(float((idx == first).all(axis=1).mean()), 6)
-        first = idx if first is None else first
-        print(json.dumps(dict(op="router", plan=p, ms=round(timed(f, gate, bias, x, ids, trials=args.trials), 3),
-                              selections_equal_to_first=same)), flush=True)
+    for T in (int(t) for t in args.router_tokens.split(",")):
+        x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+        ids = jnp.zeros((T,), jnp.int32)
+        first = None
+        for tile in args.router_tiles.split(";"):
+            over = {k: int(v) for k, v in (kv.split("=") for kv in tile.split(",") if kv)}
+            p = {**router.plan(T, E, D, "sm90", bf16=True), **over}
+            f = jax.jit(lambda g, b, x, i, p=p: router.route_triton(cfg, g, b, None, x, i, p=p))
+            idx = np.asarray(f(gate, bias, x, ids)[0])
+            same = None if first is None else round(float((idx == first).all(axis=1).mean()), 6)
+            first = idx if first is None else first
+            print(json.dumps(dict(op="router", tokens=T, plan=p, ms=round(timed(f, gate, bias, x, ids,
+                                                                                trials=args.trials), 3),
+                                  selections_equal_to_first=same)), flush=True)
 
 
 def main() -> None:
@@ -118,7 +120,8 @@ def main() -> None:
     ap.add_argument("--index-tiles", default=";NB=8;RB=4", help="';'-separated DSV4_INDEX_PREFILL_TILE values "
                     "('' = the plan)")
     ap.add_argument("--router-tiles", default="DOT=1,BK=32;DOT=2,BK=64;DOT=2,BK=64,BT=128;DOT=2,BK=32",
-                    help="';'-separated router plan entries (over router.plan's 8K-token bf16 plan)")
+                    help="';'-separated router plan entries (over router.plan's bf16 plan for the tokens)")
+    ap.add_argument("--router-tokens", default="8192", help="comma list of token counts for the router")
     ap.add_argument("--trials", type=int, default=9)
     args = ap.parse_args()
     ops = {"indexer": bench_indexer, "compressor": bench_compressor, "router": bench_router}

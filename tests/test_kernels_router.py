@@ -181,8 +181,10 @@ def test_gpu_plan_takes_the_dot_form_from_prefill_sizes(monkeypatch):
     n = router.DOT_MIN_TOKENS
     assert [router.plan(T, 256, 4096, "sm90")["DOT"] for T in (1, 32, n - 1, n, 8192)] == [0, 0, 0, 1, 1]
     assert router.plan(8192, 256, 4096, "sm90") == {"BE": 64, "BT": 64, "BK": 32, "DOT": 1, "num_warps": 4}
-    bf16 = [router.plan(T, 256, 4096, "sm90", bf16=True)["DOT"] for T in (1, 32, n - 1, n, 8192)]
-    assert bf16 == [0, 0, 0, 2, 2]  # bf16 tokens and gate: their own dot (router.BF16_DOT, measured)
+    m = router.BF16_DOT_MIN_TOKENS
+    bf16 = [router.plan(T, 256, 4096, "sm90", bf16=True)["DOT"] for T in (1, 32, m - 1, m, n, 8192)]
+    assert bf16 == [0, 0, 0, 2, 2, 2]  # bf16 tokens and gate: their own dot (router.BF16_DOT, measured)
+    assert router.plan(m, 256, 4096, "sm90", bf16=True) == {"BE": 32, "BT": 64, "BK": 64, "DOT": 2, "num_warps": 4}
     assert router.plan(8192, 256, 4096, "sm90", bf16=True) == {"BE": 64, "BT": 128, "BK": 64, "DOT": 2, "num_warps": 4}
     assert router.plan(8192, 256, 4096, "cpu", bf16=True)["DOT"] == 0  # the interpreter keeps its few-program form
 
@@ -202,6 +204,7 @@ def test_bf16_dot_needs_bf16_operands():
 @pytest.mark.parametrize("case", [("flash-decode", 1, 256, 4096, 6, False), ("flash-batch32", 32, 256, 4096, 6, False),
                                   ("pro-decode", 1, 384, 7168, 6, False), ("flash-hash", 8, 256, 4096, 6, True),
                                   ("flash-prefill", 1024, 256, 4096, 6, False),
+                                  ("flash-prefill-256", 256, 256, 4096, 6, False),
                                   ("flash-prefill-dot", 8192, 256, 4096, 6, False, PREFILL_DOT),
                                   ("flash-prefill-bf16-dot", 8192, 256, 4096, 6, False,
                                    {"DOT": 2, "BT": 64, "BE": 64, "BK": 64}),

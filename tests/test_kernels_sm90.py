@@ -475,8 +475,8 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
             assert sts <= 2, f"{fn.__name__}: {sts} shared stores in the K loop"  # BN 64: one 16-bit exchange
 
 
-@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (8192, {}), (8192, {"DOT": 2, "BK": 64})],
-                         ids=["decode", "batch32", "prefill-dot", "prefill-bf16-dot"])
+@pytest.mark.parametrize("T,over", [(1, {}), (32, {}), (1024, {}), (8192, {}), (8192, {"DOT": 1, "BT": 64, "BK": 32})],
+                         ids=["decode", "batch32", "prefill-1k", "prefill-bf16-dot", "prefill-fp32-dot"])
 def test_router_plans_fit(T, over, target):
     """The router's logits kernel at V4-Flash's gate (256 experts x 4096) in the decode plan and the prefill plans
     (64 x 64 tiles summed by a dot of the bf16 operands, or of their fp32 values, from 2K tokens on): fits, no

@@ -131,6 +131,10 @@ DOT_MIN_TOKENS = 2048  # tokens from which the GPU plan takes the DOT form (plan
 # (scripts/bench_prefill_ops.py --ops router, 2026-12-04): DOT 1 1.673 ms, DOT 2 0.229 ms (BT 64) / 0.175 ms (BT 128);
 # one token of 8,192 picked another expert set (a near tie); golden all-position criterion passed with DOT 2 forced.
 BF16_DOT = True
+# tokens from which bf16 inputs take DOT 2 (H200, 2026-12-04, bench_prefill_ops.py --ops router --router-tokens ...,
+# ms per call with dispatch, the decode form vs DOT 2 with 32 x 64 tiles): 256 tokens 0.282 vs 0.122, 512 0.492 vs
+# 0.115, 1K 0.806 vs 0.101, 2K 1.517 vs 0.132, 4K 2.606 vs 0.211 (128 x 64: 0.233); the same expert sets throughout
+BF16_DOT_MIN_TOKENS = 256
 
 
 def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) -> dict:
@@ -146,12 +150,14 @@ def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) 
     108.3 -> 101.5 ms. Below :data:`DOT_MIN_TOKENS` the DOT form would leave SMs idle (``ceil(E/64) * ceil(T/64)``
     programs: 128 at 2K tokens, V4-Flash); the sizes between were not timed. ``DOT`` 2 (the bf16 operands on the
     tensor cores, the way the compressor's prefill projection gained 5.8x, ``modeling/compressor.py``) is the form
-    for bf16 inputs (:data:`BF16_DOT`): 128 x 64 tiles, 9.6x faster than ``DOT`` 1 at 8K tokens (H200, 2026-12-04);
-    float32 numerics keep ``DOT`` 1."""
+    for bf16 inputs (:data:`BF16_DOT`) from :data:`BF16_DOT_MIN_TOKENS` tokens: 128 x 64 tiles from 8K tokens, 9.6x
+    faster than ``DOT`` 1 there, 64 x 32 below (more programs), 2.3-11x faster than the decode form from 256 to 4K
+    tokens (H200, 2026-12-04); float32 numerics keep ``DOT`` 1 from :data:`DOT_MIN_TOKENS`."""
     if target == "cpu":  # the interpreter: few programs
         p = dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, DOT=0, num_warps=4)
-    elif T >= DOT_MIN_TOKENS and bf16 and BF16_DOT:
-        p = dict(BE=64, BT=128, BK=64, DOT=2, num_warps=4)
+    elif T >= BF16_DOT_MIN_TOKENS and bf16 and BF16_DOT:
+        wide = T >= 8192
+        p = dict(BE=64 if wide else 32, BT=128 if wide else 64, BK=64, DOT=2, num_warps=4)
     elif T >= DOT_MIN_TOKENS:
         p = dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
     else:
