@@ -1,8 +1,9 @@
 """The FP4 decoding helpers of ``dsv4_jax/kernels/common.py`` (``e2m1_pair``, ``e2m1_nibble``,
-``e2m1_factors``) against the reference decoding of ``dsv4_jax/modeling/quant.py``, for every packed byte and scale
-bytes across the whole e8m0 range, under Triton's interpreter (the same ``@triton.jit`` code the GPU kernels
-inline). Exact: the decoded weights are powers of two times 3-bit magnitudes, so any difference is a bug (a wrong
-bit placement, a lost sign, a flushed denormal, an overflowing factor)."""
+``e2m1_factors``, and the bf16 forms ``e2m1_bits16``, ``e2m1_factors16``, ``bits16_value``) against the reference
+decoding of ``dsv4_jax/modeling/quant.py``, for every packed byte and scale bytes across the whole e8m0 range, under
+Triton's interpreter (the same ``@triton.jit`` code the GPU kernels inline). Exact: the decoded weights are powers
+of two times 3-bit magnitudes, so any difference is a bug (a wrong bit placement, a lost sign, a flushed denormal,
+an overflowing factor)."""
 
 from __future__ import annotations
 
@@ -25,19 +26,25 @@ try:  # the kernel is defined at module level, where the interpreter finds the h
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_nibble, e2m1_pair
+    from dsv4_jax.kernels.common import bits16_value, e2m1_bits16, e2m1_factors, e2m1_factors16, e2m1_nibble, e2m1_pair
 
     @triton.jit
-    def _decode(p_ptr, b_ptr, lo_ptr, hi_ptr, NB: tl.constexpr):
-        """Row j: the 256 bytes decoded with scale byte b[j] (low and high nibbles)."""
+    def _decode(p_ptr, b_ptr, lo_ptr, hi_ptr, NB: tl.constexpr, BITS16: tl.constexpr):
+        """Row j: the 256 bytes decoded with scale byte b[j] (low and high nibbles); ``BITS16``: through the bf16 bit
+        patterns (the WX kernels' ``BFMUL`` form), values in fp32."""
         i = tl.arange(0, 256)
         j = tl.arange(0, NB)
         p = tl.load(p_ptr + i).to(tl.int32)[None, :]  # [1, 256]
-        f1, f2 = e2m1_factors(tl.load(b_ptr + j))  # [NB]
-        lo, hi = e2m1_pair(p)
+        if BITS16:
+            g1, g2 = e2m1_factors16(tl.load(b_ptr + j))  # [NB]
+            f1, f2 = bits16_value(g1, True), bits16_value(g2, True)
+            lo, hi = bits16_value(e2m1_bits16(p, 0), True), bits16_value(e2m1_bits16(p, 1), True)
+        else:
+            f1, f2 = e2m1_factors(tl.load(b_ptr + j))  # [NB]
+            lo, hi = e2m1_pair(p)
         out = j[:, None] * 256 + i[None, :]
-        tl.store(lo_ptr + out, lo * f1[:, None] * f2[:, None])
-        tl.store(hi_ptr + out, hi * f1[:, None] * f2[:, None])
+        tl.store(lo_ptr + out, lo * f2[:, None] * f1[:, None])
+        tl.store(hi_ptr + out, hi * f2[:, None] * f1[:, None])
 
     @triton.jit
     def _decode_words(w_ptr, o_ptr):
@@ -60,11 +67,13 @@ def _decode_main(path: str) -> None:
     b = torch.from_numpy(z["b"].copy())
     lo = torch.full((nb, 256), float("nan"), dtype=torch.float32)
     hi = torch.full((nb, 256), float("nan"), dtype=torch.float32)
-    _decode[(1,)](p, b, lo, hi, NB=triton.next_power_of_2(nb))
+    _decode[(1,)](p, b, lo, hi, NB=triton.next_power_of_2(nb), BITS16=False)
+    lo16, hi16 = torch.full_like(lo, float("nan")), torch.full_like(hi, float("nan"))
+    _decode[(1,)](p, b, lo16, hi16, NB=triton.next_power_of_2(nb), BITS16=True)
     words = torch.from_numpy(z["p"].copy().view(np.int32))  # little-endian: byte 4i + k at bits 8k of word i
     nib = torch.full((8, 64), float("nan"), dtype=torch.float32)
     _decode_words[(1,)](words, nib)
-    np.savez(path + ".out.npz", lo=lo.numpy(), hi=hi.numpy(), nib=nib.numpy())
+    np.savez(path + ".out.npz", lo=lo.numpy(), hi=hi.numpy(), nib=nib.numpy(), lo16=lo16.numpy(), hi16=hi16.numpy())
 
 
 def test_fp4_pair_decoding_is_exact(tmp_path):
@@ -81,9 +90,10 @@ def test_fp4_pair_decoding_is_exact(tmp_path):
     scale = np.exp2(b.astype(np.float64) - 127)[:, None]
     ref = {half: (np.where(c & 8, -1.0, 1.0) * mag[c & 7] * scale).astype(np.float32)
            for half, c in (("lo", codes & 15), ("hi", codes >> 4))}
-    for half in ("lo", "hi"):
-        np.testing.assert_array_equal(out[half], ref[half], err_msg=f"{half} nibbles")
-        assert (np.signbit(out[half]) == np.signbit(ref[half])).all(), f"{half}: the sign of -0 (code 8) is kept"
+    for half in ("lo", "hi", "lo16", "hi16"):  # fp32 forms, then the bf16 bit patterns'
+        want = ref[half[:2]]
+        np.testing.assert_array_equal(out[half], want, err_msg=f"{half} nibbles")
+        assert (np.signbit(out[half]) == np.signbit(want)).all(), f"{half}: the sign of -0 (code 8) is kept"
     # e2m1_nibble on the same bytes read as int32 words: nibble m of word i is column 8i + m of the packed row
     # (byte 4i + m // 2, low nibble for even m), times 2**-126 (the factor of scale byte 127, f1 * f2 = 2**126)
     cols = np.stack([codes & 15, codes >> 4], axis=1).reshape(64, 8)  # [word, nibble m]: column 8i + m's code

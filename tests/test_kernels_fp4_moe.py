@@ -98,10 +98,12 @@ def _close_bf16(got, ref, what):
 # "gemv" rows run the decode kernels of fp4_moe_gemv (one pair per block row, tile sizes of gemv_tiles("cpu")).
 # "scaled" rows run the tl.dot_scaled kernels of fp4_moe_scaled (tests/triton_shim.py emulates the dot, which the
 # interpreter lacks; stage 1 then returns h quantized: compared with the reference act_quant of the oracle's h).
-# "wx" rows run the register-operand kernels of fp4_moe_wx (h quantized too, put back in column order).
+# "wx" rows run the register-operand kernels of fp4_moe_wx (h quantized too, put back in column order); "wxbf" the
+# same with the weights decoded through bf16 bit patterns (BFMUL=1).
 CASES = [(1, "ragged", None, 0), (5, "ragged", None, 1), (40, "hot", 32, 0), (40, "hot", 32, 1),
          (1, "ragged", None, "gemv"), (5, "ragged", None, "gemv"), (40, "hot", None, "gemv"),
-         (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled"), (5, "ragged", None, "wx"), (40, "hot", 32, "wx")]
+         (5, "ragged", None, "scaled"), (40, "hot", 32, "scaled"), (5, "ragged", None, "wx"), (40, "hot", 32, "wx"),
+         (40, "hot", 32, "wxbf")]
 
 
 def _interpret_main(inp: str, out: str):
@@ -161,8 +163,9 @@ def interpreted(tmp_path_factory):
             t = gemv_tiles("cpu", D, I, len(tok))
         elif codes == "scaled":
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "SCALED": 1, "BN1": 128}
-        elif codes == "wx":
-            t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "WX": 1}
+        elif codes in ("wx", "wxbf"):
+            t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "WX": 1,
+                 "BFMUL": int(codes == "wxbf")}
         else:
             t = {**tiles("cpu", len(tok), E, D, I), **({"BM": bm} if bm else {}), "CODES": codes}
         if codes == 1:
@@ -173,7 +176,7 @@ def interpreted(tmp_path_factory):
             xin, xs = np.asarray(x.astype(jnp.float32)), np.zeros(1, np.float32)  # raw: quantized by act_words
         elif codes == "scaled":
             xin, xs = map(np.asarray, act_codes(x))  # e4m3 and e8m0 bytes
-        elif codes == "wx":
+        elif codes in ("wx", "wxbf"):
             xin, xs = np.asarray(split_groups(xq)), np.zeros(1, np.float32)  # the quantized values, split groups
         else:
             xin, xs = np.asarray(xq), np.zeros(1, np.float32)
@@ -190,7 +193,7 @@ def interpreted(tmp_path_factory):
         for i, w in zip((1, 2, 3), (w1, w2, w3)):
             arrays[f"{c}_w{i}p"], arrays[f"{c}_w{i}s"] = np.asarray(w.packed), np.asarray(w.scale)
         cases.append(dict(T=T, kind=kind, x=x, xq=xq, tok=tok, e=e, wt=wt, slot=np.asarray(slot),
-                          direct=codes == "gemv", scaled=codes in ("scaled", "wx")))
+                          direct=codes == "gemv", scaled=codes in ("scaled", "wx", "wxbf")))
     tmp = tmp_path_factory.mktemp("fp4_moe")
     np.savez(tmp / "in.npz", **arrays)
     env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu")
@@ -294,6 +297,7 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
                                                                          (16, "hot")]]
              + [(64, "hot", {"WX": 1}), (2048, "route", {"WX": 1}), (2048, "hot", {"WX": 1, "BM": 128, "num_warps": 8})]
+             + [(64, "hot", {"WX": 1, "BFMUL": 1}), (2048, "route", {"WX": 1, "BFMUL": 1})]
              + [(16, "hot", {"GEMV": 1, "NG": 16, "num_warps": 8}),
                 (1, "route", {"GEMV": 1, "NG": 8, "num_warps": 4, "maxnreg": 96})])
 

@@ -73,6 +73,31 @@ def e2m1_pair(p):
 
 
 @triton.jit
+def e2m1_bits16(p, m: tl.constexpr):
+    """Nibble ``m`` of int32 ``p`` -> the bf16 bit pattern (in the low 16 bits of an int32) of its e2m1 value times
+    2**-126: :func:`e2m1_nibble`'s fp32 pattern 16 bits lower (3 integer operations; sign at bit 15, the magnitude
+    bits on bits 6-8; +-0.5 lands on a bf16 subnormal). Kernels bitcast it to bf16 (``.to(tl.int16)`` keeps the
+    bits) to scale it by :func:`e2m1_factors16`'s powers of two in bf16 pairs."""
+    return ((p << (28 - 4 * m)) >> 22) & 0x81C0
+
+
+@triton.jit
+def e2m1_factors16(b):
+    """:func:`e2m1_factors` as bf16 bit patterns (int32, low 16 bits): ``f1 = 2**(min(b, 128) - 1)``, ``f2 =
+    2**(max(b, 128) - 128)``, both normal bf16."""
+    return (tl.minimum(b, 128) + 126) << 7, (tl.maximum(b, 128) - 1) << 7
+
+
+@triton.jit
+def bits16_value(bits, INTERPRET: tl.constexpr):
+    """bf16 bit patterns (int32, low 16 bits) -> the values: bf16 on the GPU, the same values in fp32 under the
+    interpreter (whose bf16 arithmetic is not the GPU's)."""
+    if INTERPRET:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def e2m1_factors(b):
     """e8m0 scale bytes ``b`` (int32) -> powers of two ``(f1, f2)`` with ``f1 * f2 = 2**(b - 127) * 2**126``: the
     factor from :func:`e2m1_pair`'s values to the weights. ``f1 = 2**(min(b, 128) - 1)``, ``f2 = 2**(max(b, 128) -

@@ -301,8 +301,8 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
     return (pairs_grouped if grouped else pairs_gathered)(cfg, x, xq, tok, e, wt, w1s, w2s, w3s)
 
 
-TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "WX", "BN", "NG", "NW1", "NW2", "F8", "ACC", "maxnreg",
-             "num_warps", "num_stages")
+TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "WX", "BFMUL", "BN", "NG", "NW1", "NW2", "F8", "ACC",
+             "maxnreg", "num_warps", "num_stages")
 
 
 def tile_override() -> dict:

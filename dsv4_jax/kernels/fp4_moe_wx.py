@@ -24,6 +24,16 @@ us (174 vs 121 TFLOP/s); a 128K-token prefill of 2 V4-Flash layers 131,568 token
 indexer's scores still from XLA). The
 decode GEMV kernels stay faster up to 32 tokens (1,189 vs 1,390 us at 32, :func:`fp4_moe.use_gemv`).
 
+Opt-in ``BFMUL`` (plan key; ``DSV4_MOE_TILE=BFMUL=1``): each nibble decoded straight to the bf16 bit pattern of its
+value times 2**-126 (:func:`common.e2m1_bits16`, the same 3 integer operations) and the group's two powers of two
+applied by bf16 pair multiplies (``HMUL2.BF16``: one instruction per two weights and factor) instead of two fp32
+multiplies per weight and the fp32 -> bf16 packs. Exact as well: products of powers of two, +-0.5 passing through a
+bf16 subnormal, which PTX's ``mul.bf16x2`` keeps (no ``.ftz`` form exists for bf16). sm_90a SASS compiled on the
+CPU (2026-12-04): the gate/up loop 2,019 -> 1,629 instructions per 128-column step at 8K tokens (7.9 -> 6.4 per
+weight), the down loop 1,008 -> 816; with 128-pair blocks 1,030 -> 838 and 547 -> 451. Off until a GPU has timed it
+and run its cases of ``tests/test_kernels_fp4_moe.py::test_gpu_matches_reference`` (the interpreter checks the bit
+patterns: ``tests/test_kernels_common.py``, and the kernels' ``wxbf`` case).
+
 Numerics: the same exact products as every other FP4 path (e2m1 value x e8m0 scale is exact in bf16, as are the
 reference's FP8-quantized activation values), summed in fp32 inside the dots. Stage 1 writes ``h`` already quantized
 as the reference's ``act_quant`` per 1x128 block (a program's 128 columns are one block: :func:`common.act_quant_block`
@@ -45,7 +55,10 @@ import triton.language as tl
 from dsv4_jax.kernels import triton_call
 from dsv4_jax.kernels.common import (
     act_quant_block,
+    bits16_value,
+    e2m1_bits16,
     e2m1_factors,
+    e2m1_factors16,
     e2m1_pair,
     moe_block_pairs,
     moe_launch_dims,
@@ -64,12 +77,21 @@ def split_groups(v: jax.Array) -> jax.Array:
 
 
 @triton.jit
-def _wdec(wp, ws, n, k0, K: tl.constexpr, INTERPRET: tl.constexpr):
+def _wdec(wp, ws, n, k0, K: tl.constexpr, INTERPRET: tl.constexpr, BFMUL: tl.constexpr = 0):
     """Rows ``n [BN]`` (int64) of one expert's packed ``[N, K/2]`` weights, columns ``[k0, k0 + 128)`` -> the even
-    and the odd columns' weights ``[BN, 64]`` each, bf16 (fp32 under the interpreter), exact."""
+    and the odd columns' weights ``[BN, 64]`` each, bf16 (fp32 under the interpreter), exact. ``BFMUL``: decode each
+    nibble straight to bf16 bits and scale pairs of them by bf16 multiplies (``HMUL2.BF16``) instead of two fp32
+    multiplies per weight and a conversion (module docstring)."""
     BN: tl.constexpr = n.shape[0]
     p = tl.load(wp + n[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, 64))[None, :]).to(tl.int32)  # [BN, 64] bytes
     sc = tl.load(ws + n[:, None] * (K // 32) + (k0 // 32 + tl.arange(0, 4))[None, :]).to(tl.int32)  # [BN, 4]
+    if BFMUL:
+        g1, g2 = e2m1_factors16(sc)  # [BN, 4] bf16 bits each
+        f1 = bits16_value(tl.reshape(tl.broadcast_to(g1[:, :, None], (BN, 4, 16)), (BN, 64)), INTERPRET)
+        f2 = bits16_value(tl.reshape(tl.broadcast_to(g2[:, :, None], (BN, 4, 16)), (BN, 64)), INTERPRET)
+        lo = bits16_value(e2m1_bits16(p, 0), INTERPRET)  # [BN, 64] values times 2**-126
+        hi = bits16_value(e2m1_bits16(p, 1), INTERPRET)
+        return lo * f2 * f1, hi * f2 * f1  # powers of two: exact, f2 first never overflows
     f1, f2 = e2m1_factors(sc)  # [BN, 4] each
     f1 = tl.reshape(tl.broadcast_to(f1[:, :, None], (BN, 4, 16)), (BN, 64))  # byte j's group: j // 16
     f2 = tl.reshape(tl.broadcast_to(f2[:, :, None], (BN, 4, 16)), (BN, 64))
@@ -100,7 +122,7 @@ def _dot(a, b, acc, INTERPRET: tl.constexpr):
 @triton.jit
 def _gate_up_wx(xv_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p_ptr, w1s_ptr, w3p_ptr, w3s_ptr, hv_ptr,
                 R: tl.constexpr, D: tl.constexpr, I: tl.constexpr, LIMIT: tl.constexpr, BM: tl.constexpr,
-                INTERPRET: tl.constexpr = False):
+                INTERPRET: tl.constexpr = False, BFMUL: tl.constexpr = 0):
     """hv[slot, 128 columns] = the values of act_quant(bf16(wt * silu(min(g, L)) * clip(u, -L, L))) for the BM slots
     of one block and the 128 columns ``128 * program_id(1) + [0, 128)`` of ``h`` (one quantization block), stored in
     the :func:`split_groups` order; ``xv [T, D]``: the tokens' FP8-quantized values, in that order too."""
@@ -115,9 +137,9 @@ def _gate_up_wx(xv_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p_ptr, 
     acc_u = tl.zeros((128, BM), tl.float32)
     for kk in range(0, D, 128):
         xe, xo = _xtile(x_rows, kk, live, INTERPRET)  # [64, BM] each
-        g_lo, g_hi = _wdec(w1p_ptr, w1s_ptr, n, kk, D, INTERPRET)  # [128, 64] each
+        g_lo, g_hi = _wdec(w1p_ptr, w1s_ptr, n, kk, D, INTERPRET, BFMUL)  # [128, 64] each
         acc_g = _dot(g_hi, xo, _dot(g_lo, xe, acc_g, INTERPRET), INTERPRET)
-        u_lo, u_hi = _wdec(w3p_ptr, w3s_ptr, n, kk, D, INTERPRET)
+        u_lo, u_hi = _wdec(w3p_ptr, w3s_ptr, n, kk, D, INTERPRET, BFMUL)
         acc_u = _dot(u_hi, xo, _dot(u_lo, xe, acc_u, INTERPRET), INTERPRET)
     a = swiglu_h(acc_g, acc_u, wt, LIMIT)  # [128, BM] h (bf16 values)
     q, e = act_quant_block(tl.trans(a))  # [BM, 128] e4m3 codes, [BM] scale exponents
@@ -129,7 +151,7 @@ def _gate_up_wx(xv_ptr, tok_ptr, wt_ptr, rows_ptr, bexp_ptr, used_ptr, w1p_ptr, 
 
 @triton.jit
 def _down_wx(hv_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D: tl.constexpr, I: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False):
+             BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr = False, BFMUL: tl.constexpr = 0):
     """y[slot, n] = bf16(hq[slot] @ w2[n].T) for the BM slots of one block and BN output columns; ``hv``: stage 1's
     output (quantized values, split-group order)."""
     b = tl.program_id(0)
@@ -143,7 +165,7 @@ def _down_wx(hv_ptr, bexp_ptr, used_ptr, w2p_ptr, w2s_ptr, y_ptr, D: tl.constexp
     acc = tl.zeros((BN, BM), tl.float32)
     for kk in range(0, I, 128):
         he, ho = _xtile(h_rows, kk, live, INTERPRET)
-        w_lo, w_hi = _wdec(w2p_ptr, w2s_ptr, n, kk, I, INTERPRET)
+        w_lo, w_hi = _wdec(w2p_ptr, w2s_ptr, n, kk, I, INTERPRET, BFMUL)
         acc = _dot(w_hi, ho, _dot(w_lo, he, acc, INTERPRET), INTERPRET)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     tl.store(y_ptr + slot[None, :] * D + col[:, None], round_bf16(acc).to(y_ptr.dtype.element_ty))
@@ -165,10 +187,10 @@ def launch_wx_jax(xv, tok, wt, rows, bexp, used, w1: Fp4Tensor, w2: Fp4Tensor, w
     I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1.packed.shape, tok, bexp, t)
     hv = triton_call(xv, tok, wt, rows, bexp, used, w1.packed, w1.scale, w3.packed, w3.scale, kernel=_gate_up_wx,
                      tiled=True, grid=(n_blocks, I // 128), out_shape=jax.ShapeDtypeStruct((n_slots, I), jnp.bfloat16),
-                     R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], **kw)
+                     R=R, D=D, I=I, LIMIT=limit, BM=t["BM"], BFMUL=t.get("BFMUL", 0), **kw)
     return triton_call(hv, bexp, used, w2.packed, w2.scale, kernel=_down_wx, tiled=True,
                        out_shape=jax.ShapeDtypeStruct((n_slots, D), jnp.bfloat16), grid=(n_blocks, D // t["BN2"]),
-                       D=D, I=I, BM=t["BM"], BN=t["BN2"], **kw)
+                       D=D, I=I, BM=t["BM"], BN=t["BN2"], BFMUL=t.get("BFMUL", 0), **kw)
 
 
 def launch_wx_torch(xv, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: dict):
@@ -180,8 +202,9 @@ def launch_wx_torch(xv, tok, wt, rows, bexp, used, w1, w2, w3, limit: float, t: 
     I, D, R, n_blocks, n_slots, kw = moe_launch_dims(w1[0].shape, tok, bexp, t)
     hv = torch.full((n_slots, I), float("nan"), dtype=torch.float32)
     y = torch.full((n_slots, D), float("nan"), dtype=torch.float32)
+    bf = t.get("BFMUL", 0)
     _gate_up_wx[(n_blocks, I // 128)](xv, tok, wt, rows, bexp, used, *w1, *w3, hv, R=R, D=D, I=I, LIMIT=limit,
-                                      BM=t["BM"], INTERPRET=True, **kw)
+                                      BM=t["BM"], INTERPRET=True, BFMUL=bf, **kw)
     _down_wx[(n_blocks, D // t["BN2"])](hv, bexp, used, *w2, y, D=D, I=I, BM=t["BM"], BN=t["BN2"], INTERPRET=True,
-                                        **kw)
+                                        BFMUL=bf, **kw)
     return hv, y
