@@ -89,6 +89,8 @@ def _interpret_main(path: str) -> None:
         lim = torch.from_numpy(((g("t") + 1) // 4).reshape(-1).astype(np.int32))
         tot = ix.totals_torch(q16, hw16, torch.from_numpy(g("packed")), torch.from_numpy(g("scale")), lim, S)
         res[f"{c}_tot"] = tot.numpy().reshape(B, S, -1)
+        tot = ix.totals_torch(q16, hw16, torch.from_numpy(g("packed")), torch.from_numpy(g("scale")), lim, S, {"BF": 1})
+        res[f"{c}_tot_bf"] = tot.numpy().reshape(B, S, -1)  # the keys through bf16 bit patterns: the same totals
         q = jnp.asarray(g("q").view(ml_dtypes.bfloat16))
         hw = jnp.asarray(g("hw").view(ml_dtypes.bfloat16))
         keys = Fp4Tensor(packed=jnp.asarray(g("packed")), scale=jnp.asarray(g("scale")))
@@ -122,6 +124,8 @@ def test_interpreter_matches_reference(tmp_path):
         assert out[f"{c}_ids"].shape == ids_ref.shape == out[f"{c}_pids"].shape
         ref = _ref_totals(q, hw, keys, tt)
         _check(out[f"{c}_tot"], ref, out[f"{c}_ids"], ids_ref, f"case {c}")
+        same = (out[f"{c}_tot_bf"] == out[f"{c}_tot"]) | (np.isnan(out[f"{c}_tot"]) & np.isnan(out[f"{c}_tot_bf"]))
+        assert same.all(), f"case {c}: the BF key decode changed {int((~same).sum())} totals"
         _check(out[f"{c}_ptot"], ref, out[f"{c}_pids"], ids_ref, f"case {c}, prefill kernel")
     # the ties were exercised: some row's reference list holds entry 3 and a duplicate, 3 first
     lists = [np.asarray(ix.indexer_topk_reference(*cs)).reshape(-1, min(cs[4], cs[2].packed.shape[1]))

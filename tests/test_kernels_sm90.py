@@ -382,17 +382,26 @@ def test_moe_scaled_plans_fit(model, n_pairs, target):
 @pytest.mark.parametrize("heads", [64, 16])
 def test_indexer_score_plan_fits(heads, target):
     """The indexer's decode scoring kernel at V4-Flash's indexer (64 heads of 128 dims) and a narrower one, at batch
-    32 over a 1M-token cache (the most blocks per program)."""
+    32 over a 1M-token cache (the most blocks per program), with either key decode (``BF``): fits, no spills; on
+    sm_90a the opt-in ``BF`` decode scales the keys by ``HMUL2.BF16`` in fewer loop instructions (486 -> 438 at 64
+    heads, 2026-12-04)."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import indexer as ix
 
     p = ix.score_plan(heads, 32, 262144, target)
     assert p["NB"] > 1
     pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*bf16")
-    meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"])
-    smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
-                           target=target)
-    assert smem <= SMEM[target] and spill == 0, f"indexer score {p}: {smem} B shared, {spill} B spills"
+    counts = []
+    for bf in (0, 1):
+        meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"], BF=bf, INTERPRET=False)
+        code: list = []
+        smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
+                               code, target=target)
+        assert smem <= SMEM[target] and spill == 0, f"indexer score {p}, BF={bf}: {smem} B shared, {spill} B spills"
+        if target == "sm90":
+            counts.append(_count_ops(_longest_loop(code)))
+    if target == "sm90":
+        assert sum(counts[1].values()) < sum(counts[0].values()) and counts[1].get("HMUL2.BF16_V2"), counts[1]
 
 
 @pytest.mark.parametrize("heads", [64, 16])
@@ -461,7 +470,7 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
     for fn, ptrs, meta in ((w._gate_up_wx, p1, dict(R=n_pairs, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
                            (w._down_wx, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
         code: list = []
-        smem, spill = _compile(fn, ptrs, {**meta, "INTERPRET": False}, options, code, target=target)
+        smem, spill = _compile(fn, ptrs, {**meta, "INTERPRET": False, "BFMUL": 0}, options, code, target=target)
         # sm90, 4 warps: the gate/up kernel's two [128, BM] fp32 accumulators and its decoded operands spill ~100 B
         # (measured faster than 8 warps without spills: H200, 2026-12-03); more would mean a plan that no longer fits
         allowed = 256 if target == "sm90" else 0

@@ -89,7 +89,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_pair, rn_bf16
+    from dsv4_jax.kernels.common import bits16_value, e2m1_bits16, e2m1_factors, e2m1_factors16, e2m1_pair, rn_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -384,12 +384,15 @@ if triton is not None:
     @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
                               HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
-                              NB: tl.constexpr = 1):
+                              NB: tl.constexpr = 1, BF: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
         """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over the ``NB`` entry blocks ``[BLK *
         (NB * program_id(1) + b), + BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks
         [B, NC, DI/32]`` e8m0), -inf for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and
         ``hw [B*S, HI]`` bf16, loaded once per program; the heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to
-        the head sum, which changes no sum. A block with nothing visible reads no key."""
+        the head sum, which changes no sum. A block with nothing visible reads no key. ``BF`` (opt-in): the keys
+        decoded straight to bf16 bit patterns and scaled by bf16 pair multiplies (the same values; as the FP4
+        experts' ``BFMUL``, :mod:`dsv4_jax.kernels.fp4_moe_wx`; under the interpreter, whose bf16 arithmetic is not
+        the GPU's, the same bit patterns scaled in fp32)."""
         r = tl.program_id(0)
         lim = tl.load(lim_ptr + r)
         h = tl.arange(0, HP)
@@ -413,11 +416,18 @@ if triton is not None:
                 # [BLK, DI/32, 16]: each 32-dim scale group's 16 bytes; its scale loaded and decoded once per group
                 jm3 = jm[:, None, None]
                 kp = tl.load(kp_ptr + e[:, None, None] * (DI // 2) + i3, mask=jm3, other=0).to(tl.int32)
-                f1, f2 = e2m1_factors(tl.load(ks_ptr + e[:, None, None] * (DI // 32) + g3, mask=jm3,
-                                              other=127).to(tl.int32))  # [BLK, DI/32, 1] group scales
-                lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
-                ke = tl.reshape(lo * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # [BLK, DI/2] exact key values
-                ko = tl.reshape(hi * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # (e2m1 times a power of two)
+                sb = tl.load(ks_ptr + e[:, None, None] * (DI // 32) + g3, mask=jm3, other=127).to(tl.int32)
+                if BF:  # bf16 bit patterns, bf16 pair multiplies (exact: powers of two)
+                    g1, g2 = e2m1_factors16(sb)  # [BLK, DI/32, 1]
+                    f1, f2 = bits16_value(g1, INTERPRET), bits16_value(g2, INTERPRET)
+                    lo, hi = bits16_value(e2m1_bits16(kp, 0), INTERPRET), bits16_value(e2m1_bits16(kp, 1), INTERPRET)
+                    ke = tl.reshape(lo * f2 * f1, (BLK, DI // 2)).to(tl.bfloat16)  # (a no-op on the GPU)
+                    ko = tl.reshape(hi * f2 * f1, (BLK, DI // 2)).to(tl.bfloat16)
+                else:
+                    f1, f2 = e2m1_factors(sb)  # [BLK, DI/32, 1] group scales
+                    lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
+                    ke = tl.reshape(lo * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # [BLK, DI/2] exact key values
+                    ko = tl.reshape(hi * f1 * f2, (BLK, DI // 2)).to(tl.bfloat16)  # (e2m1 times a power of two)
                 sc = tl.dot(qe, tl.trans(ke))
                 sc = tl.dot(qo, tl.trans(ko), sc)  # [HP, BLK] fp32 scores (exact sums of exact products if snapped)
                 prod = rn_bf16(tl.maximum(rn_bf16(sc), 0.0) * w[:, None])  # [HP, BLK]
@@ -444,7 +454,7 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     return p
 
 
-SCORE_TILE_KEYS = ("BLK", "NB", "num_warps", "maxnreg", "tiled")
+SCORE_TILE_KEYS = ("BLK", "NB", "BF", "num_warps", "maxnreg", "tiled")
 
 
 def tile_override() -> dict:
@@ -473,21 +483,24 @@ def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.A
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
                       lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
                       grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
-                      BLK=p["BLK"], NB=p["NB"], num_warps=p["num_warps"], num_stages=p["num_stages"],
-                      maxnreg=p.get("maxnreg"), tiled=bool(p.get("tiled", 0)))  # speed knobs, never a result's
+                      BLK=p["BLK"], NB=p["NB"], BF=p.get("BF", 0), num_warps=p["num_warps"],
+                      num_stages=p["num_stages"], maxnreg=p.get("maxnreg"),
+                      tiled=bool(p.get("tiled", 0)))  # speed knobs, never a result's
     return out.reshape(B, S, Nc)
 
 
-def totals_torch(q, hw, packed, scale, lim, S: int):
+def totals_torch(q, hw, packed, scale, lim, S: int, tiles: dict | None = None):
     """:func:`_indexer_score_kernel` on torch tensors (the interpreter tests): ``q [R, Hi, Di]`` and ``hw [R, Hi]``
-    bf16, ``packed``/``scale`` uint8 ``[B, Nc, *]``, ``lim [R]`` int32 -> totals ``[R, Nc]`` fp32."""
+    bf16, ``packed``/``scale`` uint8 ``[B, Nc, *]``, ``lim [R]`` int32 -> totals ``[R, Nc]`` fp32; ``tiles``
+    overrides plan entries."""
     import torch
 
     R, Hi, Di = q.shape
     Nc = packed.shape[1]
-    p = score_plan(Hi, R, Nc, "cpu" if q.device.type == "cpu" else None)
+    p = {**score_plan(Hi, R, Nc, "cpu" if q.device.type == "cpu" else None), **(tiles or {})}
     out = torch.full((R, Nc), float("nan"), dtype=torch.float32, device=q.device)
     _indexer_score_kernel[(R, -(-Nc // (p["BLK"] * p["NB"])))](q, hw, packed, scale, lim, out, S=S, HI=Hi,
                                                                HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"],
+                                                               BF=p.get("BF", 0), INTERPRET=q.device.type == "cpu",
                                                                num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out
