@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops
+#           prefillops bf16mul
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -58,6 +58,17 @@ for x in r:
                     --mode prefill --prefill-len "${PREFILL_LEN:-131072}" --chunk "${PREFILL_CHUNK:-8192}" --layers 2 \
                     --kernels auto --decode 2 "${extra[@]}"
                 done ;;
+    bf16mul) run router_tests 75 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \
+               -k gpu  # the 256- and 1K-token cases of the DOT=2 plan below 8K tokens
+             run moe_bfmul_tests 150 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+               tests/test_kernels_fp4_moe.py -k "gpu and BFMUL"  # the WX kernels' bf16 decode vs the reference
+             DSV4_INDEX_TILE=BF=1 run index_bf_tests 100 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+               tests/test_kernels_indexer.py tests/test_kernels_topk.py -k gpu  # the indexer's bf16 key decode
+             TAIL=12 run moe_bfmul "${BF16MUL_BOX:-150}" python3 scripts/bench_moe.py --models flash --impls triton \
+               --tokens 8192,65536 --variants "BFMUL=1"
+             for v in "" "BF=1"; do DSV4_INDEX_TILE=$v TAIL=4 run "indexer_b32_${v:-plan}" 90 python3 \
+               scripts/bench_attention.py --mode indexer --impls triton --batch 32 --contexts 131072,1048576 \
+               --topk-blocks radix --calls 4 --trials 3; done ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \
