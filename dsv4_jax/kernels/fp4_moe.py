@@ -213,7 +213,8 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     ``CODES`` (1: dot the e2m1/e4m3 codes as fp16 and apply the scales to the partial products; 0: dot the scaled
     values as bf16, the variant verified on an H200), ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
     :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128) and ``WX`` (1:
-    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for tiled calls; ``BN1`` is 128)."""
+    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for tiled calls; ``BN1`` is 128; their
+    opt-in ``BFMUL`` key, absent here, decodes through bf16 bit patterns)."""
     BM = max(16, min(64, block_rows(n_pairs, n_local)))
     if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
         return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, SCALED=0, num_warps=4, num_stages=1)
