@@ -133,7 +133,8 @@ DOT_MIN_TOKENS = 2048  # tokens from which the GPU plan takes the DOT form (plan
 BF16_DOT = True
 # tokens from which bf16 inputs take DOT 2 (H200, 2026-12-04, bench_prefill_ops.py --ops router --router-tokens ...,
 # ms per call with dispatch, the decode form vs DOT 2 with 32 x 64 tiles): 256 tokens 0.282 vs 0.122, 512 0.492 vs
-# 0.115, 1K 0.806 vs 0.101, 2K 1.517 vs 0.132, 4K 2.606 vs 0.211 (128 x 64: 0.233); the same expert sets throughout
+# 0.115, 1K 0.806 vs 0.101, 2K 1.517 vs 0.132, 4K 2.606 vs 0.211 (128 x 64: 0.233); the same expert sets throughout.
+# Its GPU test cases at 256 and 1K tokens (tests/test_kernels_router.py) have not run yet: the device time was spent
 BF16_DOT_MIN_TOKENS = 256
 
 
@@ -150,9 +151,9 @@ def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) 
     108.3 -> 101.5 ms. Below :data:`DOT_MIN_TOKENS` the DOT form would leave SMs idle (``ceil(E/64) * ceil(T/64)``
     programs: 128 at 2K tokens, V4-Flash); the sizes between were not timed. ``DOT`` 2 (the bf16 operands on the
     tensor cores, the way the compressor's prefill projection gained 5.8x, ``modeling/compressor.py``) is the form
-    for bf16 inputs (:data:`BF16_DOT`) from :data:`BF16_DOT_MIN_TOKENS` tokens: 128 x 64 tiles from 8K tokens, 9.6x
-    faster than ``DOT`` 1 there, 64 x 32 below (more programs), 2.3-11x faster than the decode form from 256 to 4K
-    tokens (H200, 2026-12-04); float32 numerics keep ``DOT`` 1 from :data:`DOT_MIN_TOKENS`."""
+    for bf16 inputs (:data:`BF16_DOT`) from :data:`BF16_DOT_MIN_TOKENS` tokens: 128 tokens x 64 experts per program
+    from 8K tokens, 9.6x faster than ``DOT`` 1 there, 64 x 32 below (more programs), 2.3-11x faster than the decode
+    form from 256 to 4K tokens (H200, 2026-12-04); float32 numerics keep ``DOT`` 1 from :data:`DOT_MIN_TOKENS`."""
     if target == "cpu":  # the interpreter: few programs
         p = dict(BE=min(64, next_pow2(E)), BT=min(4, next_pow2(T)), BK=128, DOT=0, num_warps=4)
     elif T >= BF16_DOT_MIN_TOKENS and bf16 and BF16_DOT:
