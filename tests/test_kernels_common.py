@@ -1,5 +1,5 @@
 """The FP4 decoding helpers of ``dsv4_jax/kernels/common.py`` (``e2m1_pair``, ``e2m1_nibble``,
-``e2m1_factors``, and the bf16 forms ``e2m1_bits16``, ``e2m1_factors16``, ``bits16_value``) against the reference
+``e2m1_factors``, and the bf16 forms ``e2m1_pair16``, ``e2m1_bits16``, ``e2m1_factors16``) against the reference
 decoding of ``dsv4_jax/modeling/quant.py``, for every packed byte and scale bytes across the whole e8m0 range, under
 Triton's interpreter (the same ``@triton.jit`` code the GPU kernels inline). Exact: the decoded weights are powers
 of two times 3-bit magnitudes, so any difference is a bug (a wrong bit placement, a lost sign, a flushed denormal,
@@ -26,7 +26,7 @@ try:  # the kernel is defined at module level, where the interpreter finds the h
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import bits16_value, e2m1_bits16, e2m1_factors, e2m1_factors16, e2m1_nibble, e2m1_pair
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_factors16, e2m1_nibble, e2m1_pair, e2m1_pair16
 
     @triton.jit
     def _decode(p_ptr, b_ptr, lo_ptr, hi_ptr, NB: tl.constexpr, BITS16: tl.constexpr):
@@ -35,16 +35,17 @@ try:  # the kernel is defined at module level, where the interpreter finds the h
         i = tl.arange(0, 256)
         j = tl.arange(0, NB)
         p = tl.load(p_ptr + i).to(tl.int32)[None, :]  # [1, 256]
+        out = j[:, None] * 256 + i[None, :]
         if BITS16:
             g1, g2 = e2m1_factors16(tl.load(b_ptr + j))  # [NB]
-            f1, f2 = bits16_value(g1, True), bits16_value(g2, True)
-            lo, hi = bits16_value(e2m1_bits16(p, 0), True), bits16_value(e2m1_bits16(p, 1), True)
+            lo, hi = e2m1_pair16(p, g1[:, None], g2[:, None], True)
+            tl.store(lo_ptr + out, lo)
+            tl.store(hi_ptr + out, hi)
         else:
             f1, f2 = e2m1_factors(tl.load(b_ptr + j))  # [NB]
             lo, hi = e2m1_pair(p)
-        out = j[:, None] * 256 + i[None, :]
-        tl.store(lo_ptr + out, lo * f2[:, None] * f1[:, None])
-        tl.store(hi_ptr + out, hi * f2[:, None] * f1[:, None])
+            tl.store(lo_ptr + out, lo * f2[:, None] * f1[:, None])
+            tl.store(hi_ptr + out, hi * f2[:, None] * f1[:, None])
 
     @triton.jit
     def _decode_words(w_ptr, o_ptr):

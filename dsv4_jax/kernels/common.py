@@ -98,6 +98,17 @@ def bits16_value(bits, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def e2m1_pair16(p, g1, g2, INTERPRET: tl.constexpr):
+    """Packed bytes ``p`` (int32) and their groups' :func:`e2m1_factors16` patterns ``g1``, ``g2`` (broadcastable to
+    ``p``) -> the low and the high nibbles' weights, exact: bf16 scaled by bf16 pair multiplies on the GPU, the same
+    values in fp32 under the interpreter (:func:`bits16_value`). ``f2`` first: the product never overflows."""
+    f1, f2 = bits16_value(g1, INTERPRET), bits16_value(g2, INTERPRET)
+    lo = bits16_value(e2m1_bits16(p, 0), INTERPRET)  # values times 2**-126
+    hi = bits16_value(e2m1_bits16(p, 1), INTERPRET)
+    return lo * f2 * f1, hi * f2 * f1
+
+
+@triton.jit
 def e2m1_factors(b):
     """e8m0 scale bytes ``b`` (int32) -> powers of two ``(f1, f2)`` with ``f1 * f2 = 2**(b - 127) * 2**126``: the
     factor from :func:`e2m1_pair`'s values to the weights. ``f1 = 2**(min(b, 128) - 1)``, ``f2 = 2**(max(b, 128) -

@@ -55,11 +55,10 @@ import triton.language as tl
 from dsv4_jax.kernels import triton_call
 from dsv4_jax.kernels.common import (
     act_quant_block,
-    bits16_value,
-    e2m1_bits16,
     e2m1_factors,
     e2m1_factors16,
     e2m1_pair,
+    e2m1_pair16,
     moe_block_pairs,
     moe_launch_dims,
     pow2,
@@ -77,24 +76,25 @@ def split_groups(v: jax.Array) -> jax.Array:
 
 
 @triton.jit
+def _per_byte(v):
+    """A step's per-group values ``[BN, 4]`` -> per packed byte ``[BN, 64]`` (byte j's group: j // 16)."""
+    BN: tl.constexpr = v.shape[0]
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BN, 4, 16)), (BN, 64))
+
+
+@triton.jit
 def _wdec(wp, ws, n, k0, K: tl.constexpr, INTERPRET: tl.constexpr, BFMUL: tl.constexpr = 0):
     """Rows ``n [BN]`` (int64) of one expert's packed ``[N, K/2]`` weights, columns ``[k0, k0 + 128)`` -> the even
     and the odd columns' weights ``[BN, 64]`` each, bf16 (fp32 under the interpreter), exact. ``BFMUL``: decode each
     nibble straight to bf16 bits and scale pairs of them by bf16 multiplies (``HMUL2.BF16``) instead of two fp32
     multiplies per weight and a conversion (module docstring)."""
-    BN: tl.constexpr = n.shape[0]
     p = tl.load(wp + n[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, 64))[None, :]).to(tl.int32)  # [BN, 64] bytes
     sc = tl.load(ws + n[:, None] * (K // 32) + (k0 // 32 + tl.arange(0, 4))[None, :]).to(tl.int32)  # [BN, 4]
     if BFMUL:
-        g1, g2 = e2m1_factors16(sc)  # [BN, 4] bf16 bits each
-        f1 = bits16_value(tl.reshape(tl.broadcast_to(g1[:, :, None], (BN, 4, 16)), (BN, 64)), INTERPRET)
-        f2 = bits16_value(tl.reshape(tl.broadcast_to(g2[:, :, None], (BN, 4, 16)), (BN, 64)), INTERPRET)
-        lo = bits16_value(e2m1_bits16(p, 0), INTERPRET)  # [BN, 64] values times 2**-126
-        hi = bits16_value(e2m1_bits16(p, 1), INTERPRET)
-        return lo * f2 * f1, hi * f2 * f1  # powers of two: exact, f2 first never overflows
+        g1, g2 = e2m1_factors16(sc)  # [BN, 4] bf16 bit patterns each
+        return e2m1_pair16(p, _per_byte(g1), _per_byte(g2), INTERPRET)  # [BN, 64] each
     f1, f2 = e2m1_factors(sc)  # [BN, 4] each
-    f1 = tl.reshape(tl.broadcast_to(f1[:, :, None], (BN, 4, 16)), (BN, 64))  # byte j's group: j // 16
-    f2 = tl.reshape(tl.broadcast_to(f2[:, :, None], (BN, 4, 16)), (BN, 64))
+    f1, f2 = _per_byte(f1), _per_byte(f2)
     lo, hi = e2m1_pair(p)
     dt = tl.float32 if INTERPRET else tl.bfloat16
     return (lo * f2 * f1).to(dt), (hi * f2 * f1).to(dt)  # f2 first: never overflows (module docstring)

@@ -89,7 +89,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import bits16_value, e2m1_bits16, e2m1_factors, e2m1_factors16, e2m1_pair, rn_bf16
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_factors16, e2m1_pair, e2m1_pair16, rn_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -419,10 +419,9 @@ if triton is not None:
                 sb = tl.load(ks_ptr + e[:, None, None] * (DI // 32) + g3, mask=jm3, other=127).to(tl.int32)
                 if BF:  # bf16 bit patterns, bf16 pair multiplies (exact: powers of two)
                     g1, g2 = e2m1_factors16(sb)  # [BLK, DI/32, 1]
-                    f1, f2 = bits16_value(g1, INTERPRET), bits16_value(g2, INTERPRET)
-                    lo, hi = bits16_value(e2m1_bits16(kp, 0), INTERPRET), bits16_value(e2m1_bits16(kp, 1), INTERPRET)
-                    ke = tl.reshape(lo * f2 * f1, (BLK, DI // 2)).to(tl.bfloat16)  # (a no-op on the GPU)
-                    ko = tl.reshape(hi * f2 * f1, (BLK, DI // 2)).to(tl.bfloat16)
+                    lo, hi = e2m1_pair16(kp, g1, g2, INTERPRET)
+                    ke = tl.reshape(lo, (BLK, DI // 2)).to(tl.bfloat16)  # (a no-op on the GPU)
+                    ko = tl.reshape(hi, (BLK, DI // 2)).to(tl.bfloat16)
                 else:
                     f1, f2 = e2m1_factors(sb)  # [BLK, DI/32, 1] group scales
                     lo, hi = e2m1_pair(kp)  # values times 2**-126 (exact)
