@@ -443,6 +443,17 @@ def test_topk_plans_fit(rows, target):
         assert smem <= SMEM[target] and spill == 0, f"top-k {fn.__name__} {p}: {smem} B shared, {spill} B spills"
 
 
+def _wx_kernels(t: dict, n_pairs: int, D: int, I: int) -> list:
+    """``(kernel, pointer types, constexprs)`` of both WX stages (``fp4_moe_wx``) for plan ``t``."""
+    from dsv4_jax.kernels import fp4_moe_wx as w
+
+    p1 = dict(xv_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
+              w1p_ptr="*u8", w1s_ptr="*u8", w3p_ptr="*u8", w3s_ptr="*u8", hv_ptr="*bf16")
+    p2 = dict(hv_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p_ptr="*u8", w2s_ptr="*u8", y_ptr="*bf16")
+    return [(w._gate_up_wx, p1, dict(R=n_pairs, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
+            (w._down_wx, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))]
+
+
 @pytest.mark.parametrize("model,n_pairs", [("flash", 384), ("flash", 12288), ("pro", 12288), ("flash", 393216)],
                          ids=["flash-64tok", "flash-prefill", "pro-prefill", "flash-64k-wide"])
 def test_moe_wx_plans_fit(model, n_pairs, target):
@@ -455,7 +466,6 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe as m
-    from dsv4_jax.kernels import fp4_moe_wx as w
 
     cfg = Config.v4_flash() if model == "flash" else Config.v4_pro()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
@@ -464,11 +474,7 @@ def test_moe_wx_plans_fit(model, n_pairs, target):
     if target == "gfx950":  # the 128-pair blocks are sm90's (tiles: measured there); gfx950's WX form keeps 64
         t = {**t, "BM": min(t["BM"], 64), "num_warps": 4}
     options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
-    p1 = dict(xv_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
-              w1p_ptr="*u8", w1s_ptr="*u8", w3p_ptr="*u8", w3s_ptr="*u8", hv_ptr="*bf16")
-    p2 = dict(hv_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p_ptr="*u8", w2s_ptr="*u8", y_ptr="*bf16")
-    for fn, ptrs, meta in ((w._gate_up_wx, p1, dict(R=n_pairs, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
-                           (w._down_wx, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
+    for fn, ptrs, meta in _wx_kernels(t, n_pairs, D, I):
         code: list = []
         smem, spill = _compile(fn, ptrs, {**meta, "INTERPRET": False, "BFMUL": 0}, options, code, target=target)
         # sm90, 4 warps: the gate/up kernel's two [128, BM] fp32 accumulators and its decoded operands spill ~100 B
@@ -502,17 +508,12 @@ def test_moe_wx_bf16_multiplies(target):
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe as m
-    from dsv4_jax.kernels import fp4_moe_wx as w
 
     cfg = Config.v4_flash()
     D, I, E = cfg.dim, cfg.moe_inter_dim, cfg.n_routed_experts
     t = {**m.tiles("sm90", 8192 * 6, E, D, I), "SCALED": 0, "WX": 1}
     options = dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
-    p1 = dict(xv_ptr="*bf16", tok_ptr="*i32", wt_ptr="*fp32", rows_ptr="*i32", bexp_ptr="*i32", used_ptr="*i32",
-              w1p_ptr="*u8", w1s_ptr="*u8", w3p_ptr="*u8", w3s_ptr="*u8", hv_ptr="*bf16")
-    p2 = dict(hv_ptr="*bf16", bexp_ptr="*i32", used_ptr="*i32", w2p_ptr="*u8", w2s_ptr="*u8", y_ptr="*bf16")
-    for fn, ptrs, meta in ((w._gate_up_wx, p1, dict(R=8192 * 6, D=D, I=I, LIMIT=10.0, BM=t["BM"])),
-                           (w._down_wx, p2, dict(D=D, I=I, BM=t["BM"], BN=t["BN2"]))):
+    for fn, ptrs, meta in _wx_kernels(t, 8192 * 6, D, I):
         counts = []
         for bf in (0, 1):
             code: list = []
