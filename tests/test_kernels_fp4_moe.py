@@ -254,6 +254,17 @@ def test_wide_blocks_from_full_experts():
     assert tiles("gfx950", 65536 * 6, E, D, I)["BM"] == 64  # the native scaled dots: not measured wide
 
 
+def test_bf16_weight_decode_only_where_measured():
+    """The WX kernels' bf16 decode (``BFMUL``) is sm90's plan (timed and GPU-checked there); every other target keeps
+    the fp32 decode (no WX kernels by default, and ``BFMUL`` 0 where a plan override asks for them)."""
+    from dsv4_jax.kernels.fp4_moe import tiles
+
+    D, I, E = 4096, 2048, 256
+    assert tiles("sm90", 8192 * 6, E, D, I)["BFMUL"] == 1
+    for target in ("sm80", "gfx950", "gfx9"):
+        assert tiles(target, 8192 * 6, E, D, I).get("BFMUL", 0) == 0, target
+
+
 def test_bad_shapes_named():
     """Shapes the kernels cannot tile are refused with the tensor at fault named (no silent fallback)."""
     from dsv4_jax.kernels.fp4_moe import check_shapes, tiles
@@ -287,7 +298,8 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"FP4 MoE kern
 # pairs on one weight tile; 32 rows per program), the tiled kernels forced at decode sizes, and the register-
 # dequantizing tiled kernels (SCALED=0) in both dot variants (CODES), and the tensor-core GEMV (GEMV=2, and GEMV=3
 # with its e4m3 dots; opt-in), and the FMA GEMV with 512-column steps at 16 tokens (its one-token plan, NG 16, on a
-# hot expert) and with 256-column ones at one token (the plan before 2026-12-03) under a register cap.
+# hot expert) and with 256-column ones at one token (the plan before 2026-12-03) under a register cap; the WX kernels
+# with the fp32 weight decode (BFMUL=0: other targets' form; sm90's plan decodes through bf16 bit patterns).
 GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "route"), (64, "route"), (64, "hot"),
                                             (2048, "route")]]
              + [(16, "hot", {"GEMV": 1}), (64, "route", {"GEMV": 1}), (4, "route", {"GEMV": 0})]
@@ -297,7 +309,7 @@ GPU_CASES = ([(T, kind, {}) for T, kind in [(1, "route"), (4, "route"), (16, "ro
              + [(T, kind, {"GEMV": g}) for g in (2, 3) for T, kind in [(1, "route"), (16, "route"), (32, "route"),
                                                                          (16, "hot")]]
              + [(64, "hot", {"WX": 1}), (2048, "route", {"WX": 1}), (2048, "hot", {"WX": 1, "BM": 128, "num_warps": 8})]
-             + [(64, "hot", {"WX": 1, "BFMUL": 1}), (2048, "route", {"WX": 1, "BFMUL": 1})]
+             + [(64, "hot", {"WX": 1, "BFMUL": 0}), (2048, "route", {"WX": 1, "BFMUL": 0})]
              + [(16, "hot", {"GEMV": 1, "NG": 16, "num_warps": 8}),
                 (1, "route", {"GEMV": 1, "NG": 8, "num_warps": 4, "maxnreg": 96})])
 

@@ -207,6 +207,14 @@ def test_prefill_plan_rows_divide_the_sequence(monkeypatch):
         ixp.plan(64, 8192, "sm90")
 
 
+def test_bf16_key_decode_only_where_measured():
+    """The decode scoring kernel's bf16 key decode (``BF``) is sm90's plan (timed and GPU-checked there); other
+    targets and the interpreter keep the fp32 decode (the interpreter runs ``BF`` only where a test asks)."""
+    assert ix.score_plan(64, 32, 262144, "sm90")["BF"] == 1
+    for target in ("sm80", "gfx950", "gfx9", "cpu"):
+        assert ix.score_plan(64, 32, 262144, target)["BF"] == 0, target
+
+
 def test_tile_override_is_checked(monkeypatch):
     monkeypatch.setenv("DSV4_INDEX_TILE", "BLK=128,num_warps=8")
     p = ix.score_plan(64, 32, 262144, "sm90")

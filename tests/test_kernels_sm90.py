@@ -383,8 +383,8 @@ def test_moe_scaled_plans_fit(model, n_pairs, target):
 def test_indexer_score_plan_fits(heads, target):
     """The indexer's decode scoring kernel at V4-Flash's indexer (64 heads of 128 dims) and a narrower one, at batch
     32 over a 1M-token cache (the most blocks per program), with either key decode (``BF``): fits, no spills; on
-    sm_90a the opt-in ``BF`` decode scales the keys by ``HMUL2.BF16`` in fewer loop instructions (486 -> 438 at 64
-    heads, 2026-12-04)."""
+    sm_90a the ``BF`` decode (sm90's plan) scales the keys by ``HMUL2.BF16`` in fewer loop instructions (486 -> 438
+    at 64 heads, 2026-12-04)."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import indexer as ix
 
@@ -501,10 +501,10 @@ def _count_ops(loop: list) -> dict:
 
 
 def test_moe_wx_bf16_multiplies(target):
-    """The WX kernels' opt-in ``BFMUL`` decode (each nibble straight to bf16 bits, its two powers of two applied by
-    bf16 pair multiplies) at V4-Flash's 8K-token plan: on sm_90a the K loops hold ``HMUL2.BF16`` and neither fp32
-    multiplies nor fp32 -> bf16 packs, and at least 15 % fewer instructions than the default decode (2,019 -> 1,629
-    in the gate/up loop, 1,008 -> 816 in the down loop, 2026-12-04); gfx950 compiles it."""
+    """The WX kernels' ``BFMUL`` decode (sm90's plan: each nibble straight to bf16 bits, its two powers of two
+    applied by bf16 pair multiplies) at V4-Flash's 8K-token plan: on sm_90a the K loops hold ``HMUL2.BF16`` and
+    neither fp32 multiplies nor fp32 -> bf16 packs, and at least 15 % fewer instructions than the fp32 decode (2,019
+    -> 1,629 in the gate/up loop, 1,008 -> 816 in the down loop, 2026-12-04); gfx950 compiles it."""
     pytest.importorskip("triton")
     from dsv4_jax.config import Config
     from dsv4_jax.kernels import fp4_moe as m

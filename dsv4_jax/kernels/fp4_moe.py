@@ -213,8 +213,9 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     ``CODES`` (1: dot the e2m1/e4m3 codes as fp16 and apply the scales to the partial products; 0: dot the scaled
     values as bf16, the variant verified on an H200), ``SCALED`` (1: the ``tl.dot_scaled`` kernels of
     :mod:`fp4_moe_scaled`, the default where the dots are native MXFP4: gfx950; ``BN1`` is then 128) and ``WX`` (1:
-    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for tiled calls; ``BN1`` is 128; their
-    opt-in ``BFMUL`` key, absent here, decodes through bf16 bit patterns)."""
+    the register-operand kernels of :mod:`fp4_moe_wx`, the sm90 default for tiled calls; ``BN1`` is 128) with
+    ``BFMUL`` (1 on sm90: the weights decoded through bf16 bit patterns and bf16 pair multiplies; 0 elsewhere: the
+    fp32 decode, for chips where bf16 arithmetic on subnormal bit patterns is not known to be exact)."""
     BM = max(16, min(64, block_rows(n_pairs, n_local)))
     if target == "cpu":  # the interpreter: its cost is per op, so few programs with whole-width tiles
         return dict(BM=BM, BN1=min(128, I), BN2=min(128, D), G=1, CODES=0, SCALED=0, num_warps=4, num_stages=1)
@@ -235,8 +236,10 @@ def tiles(target: str, n_pairs: int, n_local: int, D: int, I: int) -> dict:
     # 90.5 vs 97.0 ms, 8K tokens (192 per expert, 128-slot blocks a third padding) 15.6 vs 14.2 ms (H200,
     # bench_moe.py --tokens 8192,65536 --variants "BM=128,num_warps=8", 2026-12-04)
     wide = wx and n_pairs >= WX_WIDE_PAIRS * max(1, n_local)
+    # BFMUL: V4-Flash 8K tokens 13.26 vs 14.22 ms, 64K tokens 82.85 vs 90.95 ms (H200, bench_moe.py --tokens
+    # 8192,65536 --variants BFMUL=1, 2026-12-05; the GPU cases of test_kernels_fp4_moe.py passed with it)
     return dict(BM=128 if wide else BM, BN1=128 if scaled or wx or not decode else 64, BN2=64 if decode else 128,
-                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, WX=wx,
+                G=4 if (D // 32) % 4 == 0 else 1, CODES=0, SCALED=scaled, WX=wx, BFMUL=wx,
                 num_warps=8 if wide else 4 if decode or target == "sm90" else 8, num_stages=3 if decode else 2)
 
 

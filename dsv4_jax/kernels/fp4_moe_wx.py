@@ -24,15 +24,17 @@ us (174 vs 121 TFLOP/s); a 128K-token prefill of 2 V4-Flash layers 131,568 token
 indexer's scores still from XLA). The
 decode GEMV kernels stay faster up to 32 tokens (1,189 vs 1,390 us at 32, :func:`fp4_moe.use_gemv`).
 
-Opt-in ``BFMUL`` (plan key; ``DSV4_MOE_TILE=BFMUL=1``): each nibble decoded straight to the bf16 bit pattern of its
-value times 2**-126 (:func:`common.e2m1_bits16`, the same 3 integer operations) and the group's two powers of two
-applied by bf16 pair multiplies (``HMUL2.BF16``: one instruction per two weights and factor) instead of two fp32
-multiplies per weight and the fp32 -> bf16 packs. Exact as well: products of powers of two, +-0.5 passing through a
-bf16 subnormal, which PTX's ``mul.bf16x2`` keeps (no ``.ftz`` form exists for bf16). sm_90a SASS compiled on the
-CPU (2026-12-04): the gate/up loop 2,019 -> 1,629 instructions per 128-column step at 8K tokens (7.9 -> 6.4 per
-weight), the down loop 1,008 -> 816; with 128-pair blocks 1,030 -> 838 and 547 -> 451. Off until a GPU has timed it
-and run its cases of ``tests/test_kernels_fp4_moe.py::test_gpu_matches_reference`` (the interpreter checks the bit
-patterns: ``tests/test_kernels_common.py``, and the kernels' ``wxbf`` case).
+``BFMUL`` (plan key, 1 in sm90's plan; ``DSV4_MOE_TILE=BFMUL=0`` turns it off): each nibble decoded straight to the
+bf16 bit pattern of its value times 2**-126 (:func:`common.e2m1_bits16`, the same 3 integer operations) and the
+group's two powers of two applied by bf16 pair multiplies (``HMUL2.BF16``: one instruction per two weights and
+factor) instead of two fp32 multiplies per weight and the fp32 -> bf16 packs. Exact as well: products of powers of
+two, +-0.5 passing through a bf16 subnormal, which PTX's ``mul.bf16x2`` keeps (no ``.ftz`` form exists for bf16).
+sm_90a SASS compiled on the CPU (2026-12-04): the gate/up loop 2,019 -> 1,629 instructions per 128-column step at 8K
+tokens (7.9 -> 6.4 per weight), the down loop 1,008 -> 816; with 128-pair blocks 1,030 -> 838 and 547 -> 451.
+Measured (H200, ``bench_moe.py --tokens 8192,65536 --variants BFMUL=1``, 2026-12-05): 8K tokens 14.22 -> 13.26 ms,
+64K tokens 90.95 -> 82.85 ms; its GPU cases of ``tests/test_kernels_fp4_moe.py`` passed. Other targets keep the fp32
+decode (not measured; bf16 arithmetic on subnormal patterns is not known to be exact there). The interpreter checks
+the bit patterns (``tests/test_kernels_common.py``) and the kernels' ``wxbf`` case.
 
 Numerics: the same exact products as every other FP4 path (e2m1 value x e8m0 scale is exact in bf16, as are the
 reference's FP8-quantized activation values), summed in fp32 inside the dots. Stage 1 writes ``h`` already quantized

@@ -389,7 +389,7 @@ if triton is not None:
         (NB * program_id(1) + b), + BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks
         [B, NC, DI/32]`` e8m0), -inf for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and
         ``hw [B*S, HI]`` bf16, loaded once per program; the heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to
-        the head sum, which changes no sum. A block with nothing visible reads no key. ``BF`` (opt-in): the keys
+        the head sum, which changes no sum. A block with nothing visible reads no key. ``BF`` (sm90's plan): the keys
         decoded straight to bf16 bit patterns and scaled by bf16 pair multiplies (the same values; as the FP4
         experts' ``BFMUL``, :mod:`dsv4_jax.kernels.fp4_moe_wx`; under the interpreter, whose bf16 arithmetic is not
         the GPU's, the same bit patterns scaled in fp32)."""
@@ -448,7 +448,10 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     blk = over.get("BLK", 32)
     blocks = -(-n_c // blk)
     nb = 2 if target == "cpu" else max(1, min(16, rows * blocks // (2 * SM_COUNT[target])))
-    p = dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), num_warps=4, num_stages=1)
+    # BF (keys decoded through bf16 bit patterns, bf16 pair multiplies) on sm90: batch 32 at 128K / 1M tokens 214 /
+    # 1,066 us per call against 231 / 1,142 (H200, bench_attention.py --mode indexer, 2026-12-05); elsewhere the fp32
+    # decode (bf16 arithmetic on subnormal bit patterns is not known to be exact there)
+    p = dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), BF=int(target == "sm90"), num_warps=4, num_stages=1)
     p.update(over)
     return p
 
