@@ -202,6 +202,19 @@ def test_dispatch_keeps_reference_on_cpu_and_with_auto():
     np.testing.assert_array_equal(np.asarray(a[0].astype(np.float32)), np.asarray(b.astype(np.float32)))
 
 
+def test_tile_override_is_checked(monkeypatch):
+    """``DSV4_MHC_TILE`` reaches the GPU plan (not the interpreter's), and a wrong entry is refused, named."""
+    from dsv4_jax.kernels.mhc import plan
+
+    base = plan(1, 4, 4096, "sm90", norm=True)
+    monkeypatch.setenv("DSV4_MHC_TILE", "NS=256,BK=32")
+    assert plan(1, 4, 4096, "sm90", norm=True) == {**base, "NS": 256, "BK": 32}
+    assert plan(1, 4, 4096, "cpu", norm=True)["NS"] == 2
+    monkeypatch.setenv("DSV4_MHC_TILE", "BD=512")
+    with pytest.raises(ValueError, match="DSV4_MHC_TILE='BD=512'"):
+        plan(1, 4, 4096, "sm90")
+
+
 def test_bad_weights_are_named():
     """Weights of another hc_mult/dim are refused naming the shapes."""
     import jax.numpy as jnp

@@ -143,8 +143,8 @@ def next_pow2(n: int) -> int:
 
 def env_tiles(var: str, keys: tuple[str, ...]) -> dict:
     """Plan entries from the environment variable ``var`` (``"KEY=INT,KEY=INT"``; unset or empty: none), every key one
-    of ``keys``: the kernels' benchmark knobs (``DSV4_MOE_TILE``, ``DSV4_INDEX_TILE``, ``DSV4_ROUTER_TILE``), read
-    when a launch is traced. Anything else is refused, naming the variable and the entry."""
+    of ``keys``: the kernels' benchmark knobs (``DSV4_MOE_TILE``, ``DSV4_INDEX_TILE``, ``DSV4_ROUTER_TILE``,
+    ``DSV4_MHC_TILE``), read when a launch is traced. Anything else is refused, naming the variable and the entry."""
     text = os.environ.get(var, "")
     out = {}
     for kv in filter(None, text.split(",")):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, next_pow2, triton_call, use_triton
+from dsv4_jax.kernels import arch, env_tiles, next_pow2, triton_call, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling import hyper
 from dsv4_jax.modeling.layers import rms_norm
@@ -174,7 +174,17 @@ def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False,
     while NS < 256 and NS * blocks < 2 * sms and K >= 2 * (2 * NS) * BK:
         NS *= 2
     BD = next_pow2(D) if norm else 1024
-    return dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=8 if BD > 2048 else 4)
+    p = dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=8 if BD > 2048 else 4)
+    return {**p, **tile_override()}
+
+
+TILE_KEYS = ("NS", "BK", "BT", "num_warps", "warps2")
+
+
+def tile_override() -> dict:
+    """Plan entries from the ``DSV4_MHC_TILE`` environment variable (``"NS=256"``; empty: none), for every GPU launch
+    traced after it is set: a benchmark knob (the splits change only the fp32 order of the mixes' sums)."""
+    return env_tiles("DSV4_MHC_TILE", TILE_KEYS)
 
 
 def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
