@@ -166,7 +166,7 @@ def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) 
     return {**p, **tile_override()}
 
 
-TILE_KEYS = ("BE", "BT", "BK", "DOT", "num_warps")
+TILE_KEYS = ("BE", "BT", "BK", "DOT", "num_warps", "SW")  # SW: the selection kernel's warps (default num_warps)
 
 
 def tile_override() -> dict:
@@ -181,7 +181,7 @@ def _kernel_args(T: int, E: int, D: int, k: int, hashed: bool, route_scale: floa
     the torch launchers take them from."""
     meta1 = dict(D=D, E=E, BE=p["BE"], BT=p["BT"], BK=p["BK"], DOT=int(p.get("DOT", 0)), num_warps=p["num_warps"])
     meta2 = dict(E=E, EP=next_pow2(E), K=k, KP=next_pow2(k), SCALE=float(np.float32(route_scale)), HASH=hashed,
-                 num_warps=p["num_warps"])
+                 num_warps=p.get("SW", p["num_warps"]))
     return ((math.ceil(E / p["BE"]), math.ceil(T / p["BT"])), meta1), ((T,), meta2)
 
 
