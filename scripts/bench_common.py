@@ -8,7 +8,12 @@ per call including the launch gaps a model step also pays.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib
 import math
+import os
+import runpy
 import statistics
 import sys
 import time
@@ -20,6 +25,49 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 L2_FLUSH_BYTES = 256 << 20  # rotate weight copies until this many bytes separate two reads of one copy (L2 is 50 MB)
+
+
+@contextlib.contextmanager
+def variant(spec: str):
+    """Run the body under a benchmark variant, then restore everything: ``spec`` is whitespace-separated entries,
+    ``NAME=VALUE`` (an environment variable, e.g. ``DSV4_MHC_TILE=NS=256,warps2=4``: the kernels' plan knobs, read
+    when a launch is traced) or ``package.module:ATTR=VALUE`` (a module constant, ``VALUE`` a Python literal, e.g.
+    ``dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0``); empty or ``default``: nothing. JAX's tracing caches are
+    cleared on entry and exit, so a jitted step is traced again under the variant (``forward_jit``'s cache would
+    otherwise hand back the program traced before). A malformed entry or an unknown attribute fails before anything
+    is timed."""
+    env, attrs = {}, []
+    for entry in spec.split():
+        if entry == "default":
+            continue
+        name, eq, value = entry.partition("=")
+        if not eq or not name:
+            raise ValueError(f"variant {spec!r}: {entry!r} is neither NAME=VALUE nor module:ATTR=VALUE")
+        if ":" in name:
+            mod, _, attr = name.partition(":")
+            m = importlib.import_module(mod)
+            if not hasattr(m, attr):
+                raise ValueError(f"variant {spec!r}: module {mod} has no attribute {attr!r}")
+            attrs.append((m, attr, ast.literal_eval(value)))
+        else:
+            env[name] = value
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_attrs = [(m, a, getattr(m, a)) for m, a, _ in attrs]
+    try:
+        os.environ.update(env)
+        for m, a, v in attrs:
+            setattr(m, a, v)
+        jax.clear_caches()
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for m, a, v in saved_attrs:
+            setattr(m, a, v)
+        jax.clear_caches()
 
 
 def time_call(fn, *args, trials: int = 10, warmup: int = 2) -> float:
@@ -144,3 +192,12 @@ def op_scopes(hlo_text: str) -> dict[str, list[str]]:
     pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
     return {m.group(1): [x for x in m.group(2).split("/") if x and not x.startswith("jit(")]
             for m in map(pat.match, hlo_text.splitlines()) if m}
+
+
+if __name__ == "__main__":  # python scripts/bench_common.py 'SPEC' -m MODULE [ARGS...]: a module run under a variant
+    if len(sys.argv) < 4 or sys.argv[2] != "-m":
+        raise SystemExit("usage: python scripts/bench_common.py 'VARIANT' -m MODULE [ARGS...] (e.g. -m pytest -k gpu)")
+    spec, module, args = sys.argv[1], sys.argv[3], sys.argv[4:]
+    sys.argv = [module, *args]
+    with variant(spec):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import time_call, triton_copy_bandwidth, xla_copy_bandwidth  # noqa: E402
+from scripts.bench_common import time_call, triton_copy_bandwidth, variant, xla_copy_bandwidth  # noqa: E402
 
 
 def copy_bandwidth(device) -> dict:
@@ -163,9 +163,10 @@ def kernels_mode(kern: str, default_route: str) -> str:
 
 
 def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("auto",), speculative=0,
-          spec_on=None, start="full") -> list[dict]:
-    """Time every (mesh, batch, kernels) combination; ``spec_on = (batches, kernels)`` limits the speculative
-    timing (``speculative`` drafts) to those (default: all); ``start``: see :func:`start_position`."""
+          spec_on=None, start="full", variants=("",)) -> list[dict]:
+    """Time every (mesh, batch, kernels, variant) combination; ``spec_on = (batches, kernels)`` limits the
+    speculative timing (``speculative`` drafts) to those (default: all); ``start``: see :func:`start_position`;
+    ``variants``: :func:`scripts.bench_common.variant` specs, each timed on the same weights in this process."""
     from dsv4_jax.kernels import launch_route, use_triton
 
     results = []
@@ -185,14 +186,15 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
         bw = max(bws.values())
         print("copy bandwidth (4 GiB, read + write): " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bws.items()),
               flush=True)
-        for batch, kern in [(b, k) for b in batches for k in kernels]:
+        for batch, kern, var in [(b, k, v) for b in batches for k in kernels for v in variants]:
             if batch % shape[0]:
                 print(f"skip mesh {shape} batch {batch}: not divisible by the data axis", flush=True)
                 continue
             c = cfg.with_(kernels=kernels_mode(kern, default_route))
             pos = start_position(max_len, steps_taken(iters), start)
-            res = step_timing(c, w, mesh, batch, max_len, iters, seed, pos)
-            res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route())
+            with variant(var):
+                res = step_timing(c, w, mesh, batch, max_len, iters, seed, pos)
+            res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route(), variant=var or "default")
             if speculative and batch in spec_on[0] and kern in spec_on[1]:
                 res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
                                                  res["median_step_s"])
@@ -363,6 +365,9 @@ def main(argv=None) -> int:
     ap.add_argument("--start", default="full", help="position every row starts the timed steps at: 'full' (the "
                     "latest the timed steps allow: a full max-len context) or an int (0: an empty state); the "
                     "speculative timing always starts at 0")
+    ap.add_argument("--variants", default="", help="';'-separated benchmark variants, each timed on the same weights: "
+                    "NAME=VALUE env entries and module:ATTR=VALUE constants (scripts/bench_common.variant), e.g. "
+                    "'default;DSV4_MHC_TILE=warps2=4 dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0'")
     ap.add_argument("--out", help="write results json here")
     args = ap.parse_args(argv)
     if args.moe_tile:
@@ -370,6 +375,10 @@ def main(argv=None) -> int:
         from dsv4_jax.kernels.fp4_moe import tile_override
 
         tile_override()  # a malformed value fails here, not in the middle of a timing
+    variants = tuple(args.variants.split(";")) if args.variants else ("",)
+    for v in variants:  # a malformed variant fails here, not after the first timings
+        with variant(v):
+            pass
     meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes.split(",")]
     print(f"devices: {jax.devices()}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "args": vars(args)}
@@ -393,7 +402,8 @@ def main(argv=None) -> int:
           sink=lambda r: (out["bench"].append(r), save()), kernels=tuple(args.kernels.split(",")),
           speculative=args.speculative,
           spec_on=(tuple(int(b) for b in (args.speculative_batch or args.batch).split(",")),
-                   tuple((args.speculative_kernels or args.kernels).split(","))), start=args.start)
+                   tuple((args.speculative_kernels or args.kernels).split(","))), start=args.start,
+          variants=variants)
     return 0
 
 

@@ -32,7 +32,7 @@ import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import device_events  # noqa: E402
+from scripts.bench_common import device_events, variant  # noqa: E402
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers, start_position  # noqa: E402
 
 
@@ -53,29 +53,30 @@ def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
-            seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True) -> list[dict]:
-    """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) at ``batch`` rows; with a
-    ``mesh``, ``w`` already placed on it (the state is sharded here). ``full``: every row starts as late as the
-    traced steps allow (a full ``max_len`` context, :func:`start_position`), else at position 0 (an empty
-    state: the indexer kernel then skips its whole cache)."""
+            seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True, variants=("",)) -> list[dict]:
+    """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) and benchmark variant
+    (:func:`scripts.bench_common.variant`) at ``batch`` rows; with a ``mesh``, ``w`` already placed on it (the state
+    is sharded here). ``full``: every row starts as late as the traced steps allow (a full ``max_len`` context,
+    :func:`start_position`), else at position 0 (an empty state: the indexer kernel then skips its whole cache)."""
     w = d.init_weights(cfg, jax.random.key(seed)) if w is None else w  # eager: one small program per leaf shape
     mesh = mesh or sh.make_mesh(1, 1, devices=jax.devices()[:1])
     tok = jnp.asarray(np.random.default_rng(seed).integers(2, cfg.vocab_size, (batch, 1)), jnp.int32)
     out = []
     default_route = launch_route()
-    for kern in kernels:
+    for kern, var in [(k, v) for k in kernels for v in variants]:
         c = cfg.with_(kernels=kernels_mode(kern, default_route))
         step = jax.jit(lambda w, t, s, c=c: forward_jit(w, c, t, s, return_logits="last"), donate_argnums=2)
         state = d.init_state(c, batch, max_len)
         start = start_position(max_len, 13 + steps, "full" if full else 0)  # 13 untraced steps, the traced ones
         state = sh.shard_state(state.replace(pos=jnp.full_like(state.pos, start),
                                              mtp_pos=jnp.full_like(state.mtp_pos, start)), mesh)
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), variant(var):
             tab = _traced(step, w, tok, state, steps, device_match)
-        tab.update(kernels=kern, batch=batch, layers=cfg.n_layers, mesh=list(mesh.devices.shape),
-                   device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
+        tab.update(kernels=kern, variant=var or "default", batch=batch, layers=cfg.n_layers,
+                   mesh=list(mesh.devices.shape), device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
         out.append(tab)
-        print(f"\n== kernels={kern} batch={batch} mesh={tab['mesh']}: wall {tab['wall_us_per_step']:.0f} us/step, "
+        print(f"\n== kernels={kern} variant={var or 'default'} batch={batch} mesh={tab['mesh']}: "
+              f"wall {tab['wall_us_per_step']:.0f} us/step, "
               f"device busy {tab['busy_us_per_step']:.0f} us/step, {tab['kernels_per_step']:.0f} kernels/step "
               f"({tab['device']}; {', '.join(tab['processes'])})")
         for r in tab["rows"][:top]:
@@ -120,7 +121,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for profile.json")
     ap.add_argument("--empty", action="store_true", help="start at position 0 (an empty state) instead of a full "
                     "max-len context")
+    ap.add_argument("--variants", default="", help="';'-separated benchmark variants (see bench_decode.py)")
     args = ap.parse_args(argv)
+    variants = tuple(args.variants.split(";")) if args.variants else ("",)
+    for v in variants:  # a malformed variant fails before the weights are made
+        with variant(v):
+            pass
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
     cfg = make(args.layers, "reference")
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
         w = jax.device_put(w, sh.weight_shardings(cfg, mesh))
     res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
                                                              args.max_len, args.steps, args.device_match, w=w,
-                                                             top=args.top, mesh=mesh, full=not args.empty)]
+                                                             top=args.top, mesh=mesh, full=not args.empty,
+                                                             variants=variants)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))

@@ -159,6 +159,14 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------- plan
+# The GPU plan's rules (module constants so that a benchmark variant can change them, scripts/bench_common.variant):
+# K steps each split keeps at least, and the finishing kernel's warps for rows wider than 2,048. Candidates from the
+# sm_90a builds (docs/performance.md, "Small decode kernels"): MIN_K_STEPS 1 (256 splits of one step at one token) and
+# 4 warps (the Sinkhorn loop without a barrier), not yet timed in a decode step.
+MIN_K_STEPS = 2
+WIDE_FINISH_WARPS = 8
+
+
 def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False, sms: int = 132) -> dict:
     """K splits ``NS`` (enough programs for ~1-2 per SM at decode, none at large T), the K step ``BK``, tokens per
     program ``BT``, the y columns per program ``BD`` (a whole row with the fused norm) and launch options: the one
@@ -170,11 +178,11 @@ def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False,
         return dict(NS=2, BK=64, BT=2, BD=next_pow2(D) if norm else min(next_pow2(D), 1024), num_warps=4, warps2=4)
     BT, BK = 4, 64
     blocks = math.ceil(T / BT)
-    NS = 1  # each split keeps >= 2 K steps of BK (the fn loads feed no tl.dot: a step waits for its loads)
-    while NS < 256 and NS * blocks < 2 * sms and K >= 2 * (2 * NS) * BK:
+    NS = 1  # each split keeps >= MIN_K_STEPS K steps of BK (the fn loads feed no tl.dot: a step waits for its loads)
+    while NS < 256 and NS * blocks < 2 * sms and K >= MIN_K_STEPS * (2 * NS) * BK:
         NS *= 2
     BD = next_pow2(D) if norm else 1024
-    p = dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=8 if BD > 2048 else 4)
+    p = dict(NS=NS, BK=BK, BT=BT, BD=BD, num_warps=4, warps2=WIDE_FINISH_WARPS if BD > 2048 else 4)
     return {**p, **tile_override()}
 
 

@@ -134,8 +134,14 @@ BF16_DOT = True
 # tokens from which bf16 inputs take DOT 2 (H200, 2026-12-04, bench_prefill_ops.py --ops router --router-tokens ...,
 # ms per call with dispatch, the decode form vs DOT 2 with 32 x 64 tiles): 256 tokens 0.282 vs 0.122, 512 0.492 vs
 # 0.115, 1K 0.806 vs 0.101, 2K 1.517 vs 0.132, 4K 2.606 vs 0.211 (128 x 64: 0.233); the same expert sets throughout.
-# Its GPU test cases at 256 and 1K tokens (tests/test_kernels_router.py) have not run yet: the device time was spent
+# Its GPU test cases at 256 and 1K tokens (tests/test_kernels_router.py) passed on an H200 (2026-12-05).
 BF16_DOT_MIN_TOKENS = 256
+# Decode candidates from the sm_90a builds (docs/performance.md, "Small decode kernels"), off until a GPU times them
+# in a decode step: up to WHOLE_ROW_MAX_TOKENS tokens take one expert per logits program and the whole D row in one
+# step (no loop: all loads issued at once, one reduction); SELECT_WARPS > 0 gives the selection kernel that many warps
+# (1: its picks need no barrier).
+WHOLE_ROW_MAX_TOKENS = 0
+SELECT_WARPS = 0
 
 
 def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) -> dict:
@@ -161,8 +167,12 @@ def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) 
         p = dict(BE=64 if wide else 32, BT=128 if wide else 64, BK=64, DOT=2, num_warps=4)
     elif T >= DOT_MIN_TOKENS:
         p = dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
+    elif T <= WHOLE_ROW_MAX_TOKENS:
+        p = dict(BE=1, BT=next_pow2(T), BK=next_pow2(D), DOT=0, num_warps=4)
     else:
         p = dict(BE=2, BT=min(4, next_pow2(T)), BK=512, DOT=0, num_warps=4)
+    if target != "cpu" and SELECT_WARPS:
+        p["SW"] = SELECT_WARPS
     return {**p, **tile_override()}
 
 

@@ -1,0 +1,62 @@
+"""``scripts/bench_common.variant``: the benchmark variants that ``bench_decode.py`` and ``profile_decode.py`` time in
+one process. A variant must reach what a jitted step traces (environment knobs and module constants, with JAX's
+tracing caches cleared so the step is traced again), must be undone afterwards, and a malformed one must be refused
+before anything is timed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import dsv4_jax.kernels.sparse_attention as sa
+
+_spec = importlib.util.spec_from_file_location("dsv4_bench_common", Path(__file__).parents[1] / "scripts"
+                                               / "bench_common.py")
+bench_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_common)
+
+
+def test_variant_reaches_the_trace_and_is_undone(monkeypatch):
+    """An env entry (with '=' in its value) and a module constant apply inside, a jitted function traced before sees
+    the new constant (its cache was cleared), and both are restored after, the env variable removed if unset."""
+    monkeypatch.delenv("DSV4_MHC_TILE", raising=False)
+    before = sa.AUTO_MIN_LIST
+    f = jax.jit(lambda x: x + sa.AUTO_MIN_LIST)  # the constant is baked in at trace time
+    assert int(f(jnp.int32(0))) == before
+    spec = "DSV4_MHC_TILE=NS=256,warps2=4 dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=7"
+    with bench_common.variant(spec):
+        assert os.environ["DSV4_MHC_TILE"] == "NS=256,warps2=4"
+        assert sa.AUTO_MIN_LIST == 7
+        assert int(f(jnp.int32(0))) == 7
+    assert "DSV4_MHC_TILE" not in os.environ
+    assert sa.AUTO_MIN_LIST == before
+    assert int(f(jnp.int32(0))) == before
+
+
+def test_variant_restores_after_an_error(monkeypatch):
+    """A failure inside the body still restores a variable that was set before."""
+    monkeypatch.setenv("DSV4_ROUTER_TILE", "SW=1")
+    with pytest.raises(RuntimeError):
+        with bench_common.variant("DSV4_ROUTER_TILE=BE=1"):
+            raise RuntimeError
+    assert os.environ["DSV4_ROUTER_TILE"] == "SW=1"
+
+
+@pytest.mark.parametrize("spec,needle", [("NOEQUALS", "'NOEQUALS' is neither"),
+                                         ("dsv4_jax.kernels.sparse_attention:NO_SUCH=1", "no attribute 'NO_SUCH'"),
+                                         ("=3", "'=3' is neither")])
+def test_bad_variant_is_named(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        with bench_common.variant(spec):
+            pass
+
+
+def test_default_is_nothing(monkeypatch):
+    monkeypatch.delenv("DSV4_MHC_TILE", raising=False)
+    with bench_common.variant("default"):
+        assert "DSV4_MHC_TILE" not in os.environ
