@@ -317,7 +317,7 @@ def test_sm90_compile_fits(m, indexer):
     d = cfg.index_head_dim if indexer else cfg.head_dim
     meta = cs._meta(cfg, d, m, 1 << 18, cs.plan(d, m), indexer)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    f32 = ("kvn_ptr", "scn_ptr", "cos_ptr", "sin_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
+    f32 = ("kvn_ptr", "scn_ptr", "cs_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
     ptrs = {**{a: "*fp32" for a in f32}, "pos_ptr": "*i32", "nnew_ptr": "*i32", "nw_ptr": "*bf16"}
     if indexer:
         ptrs.update({a: "*u8" for a in ("packed_in", "scale_in", "packed_ptr", "scale_ptr")})

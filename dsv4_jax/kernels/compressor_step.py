@@ -118,14 +118,15 @@ if triton is not None:
         return kv, sc
 
     @triton.jit
-    def _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+    def _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                               codes_in, scales_in, rope_in, kvb_in, scb_in,  # aliased by the outputs below
                               codes_ptr, scales_ptr, rope_ptr, kvb_ptr, scb_ptr,
                               N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DN: tl.constexpr,
                               RD: tl.constexpr, OVERLAP: tl.constexpr, CH: tl.constexpr, FCH: tl.constexpr,
                               EPS: tl.constexpr, INDEXER: tl.constexpr, LOG: tl.constexpr, HSCALE: tl.constexpr):
         """Program ``row``: one decode step of the row's compressor (module docstring). ``kvn/scn [B, CD]`` the
-        token's projections, ``pos``/``nnew [B]`` int32, ``cos``/``sin [B, RD/2]`` fp32 at the entry's position,
+        token's projections, ``pos``/``nnew [B]`` int32, ``cs [B, 2, RD/2]`` fp32 the cos and sin at the entry's
+        position (one array: XLA computes both in one fusion),
         ``nw [D]`` the norm weight; in place: ``codes [B, N, DN]`` e4m3 (written as bytes), ``scales [B, N, DN/64]``
         e8m0 bytes, ``rope [B, N, RD]`` bf16, ``kvb``/``scb [B, CM, CD]`` fp32 buffers (``CD = c*D``, ``CM = c*M``).
         The ``*_in`` pointers are the same buffers as the outputs' (``input_output_aliases``), unused.
@@ -183,8 +184,8 @@ if triton is not None:
             a, b = tl.split(tl.reshape(y, (D // 2, 2)))  # [D/2] each
             jp = tl.arange(0, D // 2) - (D - RD) // 2  # pair index inside the rope dims
             rope = jp >= 0
-            cs = tl.load(cos_ptr + row * (RD // 2) + jp, mask=rope, other=1.0)
-            sn = tl.load(sin_ptr + row * (RD // 2) + jp, mask=rope, other=0.0)
+            cs = tl.load(cs_ptr + row * RD + jp, mask=rope, other=1.0)
+            sn = tl.load(cs_ptr + row * RD + RD // 2 + jp, mask=rope, other=0.0)
             ra = tl.where(rope, round_bf16(a * cs - b * sn), a)
             rb = tl.where(rope, round_bf16(a * sn + b * cs), b)
             y = tl.reshape(tl.join(ra, rb), (D,))
@@ -235,7 +236,7 @@ if triton is not None:
             tl.store(scb + dst, tl.load(scn + cc))
 
     @triton.jit
-    def _compress_step_indexer_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+    def _compress_step_indexer_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                                       packed_in, scale_in, kvb_in, scb_in,  # aliased by the outputs below
                                       packed_ptr, scale_ptr, kvb_ptr, scb_ptr,
                                       N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
@@ -245,7 +246,7 @@ if triton is not None:
         ``packed [B, N, D/2]`` and ``scale [B, N, D/32]`` (uint8, the ``Fp4Tensor``); an entry point of its own
         because a launch passes exactly the kernel's arrays (jax-triton: the outputs' pointers follow the inputs),
         and the indexer's cache has no third leaf (``rope`` gets ``scale``'s pointer, never used)."""
-        _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cos_ptr, sin_ptr, nw_ptr,
+        _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                               packed_in, scale_in, scale_in, kvb_in, scb_in, packed_ptr, scale_ptr, scale_ptr, kvb_ptr,
                               scb_ptr, N, M, D, D - RD, RD, OVERLAP, CH, FCH, EPS, True, LOG, HSCALE)
 
@@ -333,11 +334,11 @@ def compress_decode_triton(cfg: Config, norm: jax.Array, kv_new: jax.Array, sc_n
     d = norm.shape[0]
     B, N = leaves[0].shape[:2]
     meta = _meta(cfg, d, ratio, N, plan(d, ratio), indexer)
-    ins = (kv_new, sc_new, pos, n_new, cos.astype(jnp.float32), sin.astype(jnp.float32), norm, *leaves, kv_buf,
-           score_buf)
-    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[7:])
+    cs = jnp.stack([cos, sin], axis=1).astype(jnp.float32)  # [B, 2, rd/2]: cos, sin and this in one XLA fusion
+    ins = (kv_new, sc_new, pos, n_new, cs, norm, *leaves, kv_buf, score_buf)
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[6:])
     outs = triton_call(*ins, kernel=_compress_step_indexer_kernel if indexer else _compress_step_kernel,
-                       out_shape=shapes, grid=(B,), input_output_aliases={7 + i: i for i in range(len(shapes))},
+                       out_shape=shapes, grid=(B,), input_output_aliases={6 + i: i for i in range(len(shapes))},
                        **meta)
     return _rebuild(indexer, outs[:-2]), outs[-2], outs[-1]
 
@@ -384,10 +385,13 @@ def run_torch(cfg: Config, norm, kv_new, sc_new, codes, scales, rope, kv_buf, sc
     d = norm.shape[0]
     B, N = codes.shape[:2]
     indexer = rope is None
+    import torch
+
     meta = _meta(cfg, d, ratio, N, p or plan(d, ratio), indexer)
+    cs = torch.stack([cos, sin], dim=1).contiguous()  # [B, 2, rd/2], as the jax launcher passes them
     if indexer:
-        _compress_step_indexer_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, kv_buf,
+        _compress_step_indexer_kernel[(B,)](kv_new, sc_new, pos, n_new, cs, norm, codes, scales, kv_buf,
                                             score_buf, codes, scales, kv_buf, score_buf, **meta)
     else:
-        _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cos, sin, norm, codes, scales, rope, kv_buf,
+        _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cs, norm, codes, scales, rope, kv_buf,
                                     score_buf, codes, scales, rope, kv_buf, score_buf, **meta)
