@@ -73,7 +73,7 @@ for x in r:
             VM="dsv4_jax.kernels.mhc:MIN_K_STEPS=1 dsv4_jax.kernels.mhc:WIDE_FINISH_WARPS=4"
             VR="dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=1 dsv4_jax.kernels.router:SELECT_WARPS=1"
             VA="dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0"  # the attention kernel on the short lists too
-            TAIL=2 run decode_smallk "${SMALLK_BOX:-240}" python3 scripts/bench_decode.py --model flash --layers 3 \
+            TAIL=2 run decode_smallk "${SMALLK_BOX:-230}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 1,32 --kernels auto --iters 10 --variants "default;$VM $VR;$VM $VR $VA" --out "$OUT/smallk.json"
             python3 -c "
 import json; r=json.load(open('$OUT/smallk.json'))['bench']
@@ -81,8 +81,9 @@ for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")"
             DSV4_KERNELS=auto run golden_smallk 100 python3 scripts/bench_common.py "$VM $VR $VA" -m pytest -q -rf \
               --tb=short -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
-            run mhc_router_smallk 70 python3 scripts/bench_common.py "$VM $VR" -m pytest -q -rf --tb=short \
-              -p no:cacheprovider tests/test_kernels_mhc.py tests/test_kernels_router.py -k gpu
+            run mhc_router_smallk 90 python3 scripts/bench_common.py "$VM $VR" -m pytest -q -rf --tb=short \
+              -p no:cacheprovider tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
+              tests/test_kernels_compressor_indexer.py -k gpu
             TAIL=12 run moe_crossover 90 python3 scripts/bench_moe.py --models flash --impls triton --tokens 16,32,64 \
               --variants "GEMV=0;GEMV=1"  # the WX kernels (bf16 decode) against the GEMV at batch-32 decode sizes
             TAIL=36 run profile_smallk 90 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \

@@ -46,21 +46,24 @@ def _state(m: int, rows, d: int, n_entries: int, seed: int) -> dict:
     dn = d - 64
     codes = rng.integers(0, 0x7F, (B, n_entries, dn), dtype=np.uint8) | (rng.integers(0, 2, (B, n_entries, dn),
                                                                                      dtype=np.uint8) << 7)
-    return dict(
+    z = dict(
         kv_new=(rng.standard_normal((B, c * d)) * 1.5 * tiny).astype(np.float32),
         sc_new=(rng.standard_normal((B, c * d)) * 2.0).astype(np.float32),
         kv_buf=kv_buf, sc_buf=sc_buf, pos=pos, n_new=np.array([n for _, n in rows], np.int32),
         codes=codes, scales=rng.integers(110, 135, (B, n_entries, dn // 64), dtype=np.uint8),
         rope=rng.standard_normal((B, n_entries, 64)).astype(ml_dtypes.bfloat16).astype(np.float32),
         norm=(1.0 + 0.25 * rng.standard_normal(d)).astype(ml_dtypes.bfloat16).astype(np.float32))
+    z["ape"] = (rng.standard_normal((m, c * d)) * 0.5).astype(np.float32)  # added to sc_new by both paths
+    return z
 
 
-def _weights(norm):
+def _weights(z: dict):
+    """The weights the decode step reads (the norm and ``ape``; the projections are already made)."""
     import jax.numpy as jnp
 
     from dsv4_jax.modeling.weights import CompressorWeights
 
-    return CompressorWeights(ape=None, wkv=None, wgate=None, norm=jnp.asarray(norm, jnp.bfloat16))
+    return CompressorWeights(ape=jnp.asarray(z["ape"]), wkv=None, wgate=None, norm=jnp.asarray(z["norm"], jnp.bfloat16))
 
 
 def _cache(z: dict):
@@ -91,7 +94,7 @@ def _reference(cfg, m: int, z: dict) -> dict:
     from dsv4_jax.modeling.layers import rope_freqs
 
     fn = jax.jit(lambda *a: compress_decode_reference(cfg, *a, m, rope_freqs(cfg, m)))
-    cache, kvb, scb = fn(_weights(z["norm"]), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _cache(z),
+    cache, kvb, scb = fn(_weights(z), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _cache(z),
                          jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]),
                          jnp.asarray(z["n_new"]))
     return _as_numpy(cache, kvb, scb)
@@ -227,7 +230,7 @@ def _idx_reference(cfg, z: dict) -> dict:
     from dsv4_jax.modeling.layers import rope_freqs
 
     fn = jax.jit(lambda *a: compress_decode_reference(cfg, *a, 4, rope_freqs(cfg, 4), indexer=True))
-    res = fn(_weights(z["norm"]), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _fp4_cache(z),
+    res = fn(_weights(z), jnp.asarray(z["kv_new"]), jnp.asarray(z["sc_new"]), _fp4_cache(z),
              jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]))
     return _idx_numpy(*res)
 

@@ -87,7 +87,7 @@ def _interpret_main(path: str) -> None:
         rope = t["rope"].to(torch.bfloat16)
         codes = t["codes"].view(torch.float8_e4m3fn)  # the same memory, typed as the cache's codes
         cs.run_torch(cfg, t["norm"].to(torch.bfloat16), t["kv_new"], t["sc_new"], codes, t["scales"], rope,
-                     t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], m, t["cos"], t["sin"])
+                     t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], m, t["cos"], t["sin"], t["ape"])
         out.update({f"{i}_codes": t["codes"].numpy(), f"{i}_scales": t["scales"].numpy(),
                     f"{i}_rope": rope.float().numpy(), f"{i}_kv_buf": t["kv_buf"].numpy(),
                     f"{i}_sc_buf": t["sc_buf"].numpy()})
@@ -159,7 +159,7 @@ def test_cpu_modes_give_the_reference():
     args = (_cache(z), jnp.asarray(z["kv_buf"]), jnp.asarray(z["sc_buf"]), jnp.asarray(z["pos"]),
             jnp.asarray(z["n_new"]))
     auto = _as_numpy(*jax.jit(lambda x, *a: compress(cfg, w, x, *a, m, freqs, indexer=False))(x, *args))
-    kv, sc = _project(w, x, jnp.asarray(z["pos"]), m, "reference")
+    kv, sc = _project(w, x, jnp.asarray(z["pos"]), m, "reference", with_ape=False)  # compress_decode adds it
     direct = _as_numpy(*jax.jit(lambda kv, sc, *a: compress_decode(cfg, w, kv, sc, *a, m, freqs))(
         kv[:, 0], sc[:, 0], *args))
     for k in ref:
@@ -225,10 +225,11 @@ def test_bad_shapes_are_refused():
     args = dict(norm=jnp.asarray(z["norm"], jnp.bfloat16), kv_new=jnp.asarray(z["kv_new"]),
                 sc_new=jnp.asarray(z["sc_new"]), cache=_cache(z), kv_buf=jnp.asarray(z["kv_buf"]),
                 score_buf=jnp.asarray(z["sc_buf"]), pos=jnp.asarray(z["pos"]), n_new=jnp.asarray(z["n_new"]),
-                ratio=m, cos=jnp.asarray(cos), sin=jnp.asarray(sin))
+                ratio=m, cos=jnp.asarray(cos), sin=jnp.asarray(sin), ape=jnp.asarray(z["ape"]))
     bad = [("kv_new", dict(kv_new=args["kv_new"][:, :128])), ("score_buf", dict(score_buf=args["score_buf"][:, :4])),
            ("kv_buf", dict(kv_buf=args["kv_buf"].astype(jnp.bfloat16))), ("n_new", dict(n_new=args["n_new"][:3])),
-           ("ratio", dict(ratio=8)), ("power of two", dict(norm=jnp.ones((96,), jnp.bfloat16)))]
+           ("ratio", dict(ratio=8)), ("power of two", dict(norm=jnp.ones((96,), jnp.bfloat16))),
+           ("ape", dict(ape=args["ape"][:2]))]
     for name, change in bad:
         with pytest.raises(ValueError, match=name):
             compress_decode_triton(cfg, **{**args, **change})
@@ -269,12 +270,12 @@ def test_gpu_matches_reference(m, B):
     cfg = Config.v4_flash(kernels="auto")
     d, freqs = cfg.head_dim, rope_freqs(cfg, m)
     z = _state(m, _gpu_rows(m, B, SEED), d, GPU_ENTRIES, SEED + m + B)
-    w = _weights(z["norm"])
+    w = _weights(z)
 
     @jax.jit
     def kern(kvn, scn, cache, kvb, scb, pos, nn):
         cos, sin = rope_cos_sin(freqs, (pos // m) * m)
-        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin)
+        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin, w.ape)
 
     ref = jax.jit(lambda *a: compress_decode_reference(cfg, w, *a, m, freqs))
     auto = jax.jit(lambda *a: compress_decode(cfg, w, *a, m, freqs))
@@ -317,7 +318,7 @@ def test_sm90_compile_fits(m, indexer):
     d = cfg.index_head_dim if indexer else cfg.head_dim
     meta = cs._meta(cfg, d, m, 1 << 18, cs.plan(d, m), indexer)
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    f32 = ("kvn_ptr", "scn_ptr", "cs_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
+    f32 = ("kvn_ptr", "scn_ptr", "ape_ptr", "cs_ptr", "kvb_in", "scb_in", "kvb_ptr", "scb_ptr")
     ptrs = {**{a: "*fp32" for a in f32}, "pos_ptr": "*i32", "nnew_ptr": "*i32", "nw_ptr": "*bf16"}
     if indexer:
         ptrs.update({a: "*u8" for a in ("packed_in", "scale_in", "packed_ptr", "scale_ptr")})

@@ -56,7 +56,7 @@ def _interpret_indexer(z: dict, path: str) -> None:
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in a.items()}
     cfg = _cfg(a["norm"].shape[0], 64)
     cs.run_torch(cfg, t["norm"].to(torch.bfloat16), t["kv_new"], t["sc_new"], t["packed"], t["scale"], None,
-                 t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], 4, t["cos"], t["sin"])
+                 t["kv_buf"], t["sc_buf"], t["pos"], t["n_new"], 4, t["cos"], t["sin"], t["ape"])
     out = {f"0_{k}": t[k].numpy() for k in ("packed", "scale", "kv_buf", "sc_buf")}
     triton_shim.install(target="cpu")
     import jax
@@ -131,12 +131,12 @@ def test_gpu_indexer_matches_reference(B):
     cfg = Config.v4_flash(kernels="auto")
     m, d, freqs = 4, cfg.index_head_dim, rope_freqs(cfg, 4)
     z = _idx_state(_gpu_rows(m, B, SEED), d, GPU_ENTRIES, SEED + 7 + B)
-    w = _weights(z["norm"])
+    w = _weights(z)
 
     @jax.jit
     def kern(kvn, scn, cache, kvb, scb, pos, nn):
         cos, sin = rope_cos_sin(freqs, (pos // m) * m)
-        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin)
+        return compress_decode_triton(cfg, w.norm, kvn, scn, cache, kvb, scb, pos, nn, m, cos, sin, w.ape)
 
     ref = jax.jit(lambda *a: compress_decode_reference(cfg, w, *a, m, freqs, indexer=True))
     auto = jax.jit(lambda *a: compress_decode(cfg, w, *a, m, freqs, indexer=True))

@@ -14,7 +14,8 @@ returns for a chunk of one token (``S == 1``, ``n_new`` 0 or 1 per row) of
   [B, N, d/2]`` and ``scale [B, N, d/32]`` uint8): the same kernel with ``INDEXER`` on, launched through
   :func:`_compress_step_indexer_kernel` (its own entry because the cache has two leaves, not three).
 
-``kv_new``/``sc_new`` are the token's projections (the score with ``ape``), which stay in XLA (two GEMVs). The
+``kv_new``/``sc_new`` are the token's projections (the score without ``ape``: the kernel adds the row of the token's
+place in its window, the same fp32 add, one XLA kernel fewer), which stay in XLA (two GEMVs). The
 reference is :func:`dsv4_jax.modeling.compressor.compress_projected` (the CPU path; this module calls it, it does not
 copy it).
 
@@ -97,10 +98,11 @@ QBLOCK = 64  # the FP8 snap's block of nope dims (spec 3.2)
 if triton is not None:
 
     @triton.jit
-    def _slot(kvb, scb, kvn, scn, s, prev_ok, ch, M: tl.constexpr, NS: tl.constexpr, CD: tl.constexpr,
+    def _slot(kvb, scb, kvn, scn, apn, s, prev_ok, ch, M: tl.constexpr, NS: tl.constexpr, CD: tl.constexpr,
               D: tl.constexpr, OVERLAP: tl.constexpr, KV: tl.constexpr):
         """Gating slot ``s`` (runtime int) of a completing window, channels ``ch [D]``: its score row (or with
-        ``KV`` its kv row too) as fp32 ``[D]``. Slot ``NS - 1`` is the new token (``kvn``/``scn`` row pointers);
+        ``KV`` its kv row too) as fp32 ``[D]``. Slot ``NS - 1`` is the new token (``kvn``/``scn`` row pointers,
+        its score plus the ``ape`` row ``apn`` of its place in the window);
         the others are buffer slot ``s`` (``kvb``/``scb``: the row's buffer), with overlap the A halves of slots
         ``< M`` (absent, kv 0 / score -inf, unless ``prev_ok``) and the B halves (columns ``D + ch``) of the rest."""
         is_new = s == NS - 1  # the masks below are scalars, broadcast to [D] by "& (col >= 0)"
@@ -109,7 +111,9 @@ if triton is not None:
         if OVERLAP:
             col = ch + tl.where(s >= M, D, 0)
             ok = ok & ((s >= M) | prev_ok)
-        sc = tl.where(is_new, tl.load(scn + col, mask=is_new & (col >= 0), other=float("-inf")),
+        new_ok = is_new & (col >= 0)
+        sc = tl.where(is_new, tl.load(scn + col, mask=new_ok, other=float("-inf")) + tl.load(apn + col, mask=new_ok,
+                                                                                            other=0.0),
                       tl.load(scb + s * CD + col, mask=ok & (col >= 0), other=float("-inf")))
         kv = sc
         if KV:
@@ -118,16 +122,17 @@ if triton is not None:
         return kv, sc
 
     @triton.jit
-    def _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
+    def _compress_step_kernel(kvn_ptr, scn_ptr, ape_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                               codes_in, scales_in, rope_in, kvb_in, scb_in,  # aliased by the outputs below
                               codes_ptr, scales_ptr, rope_ptr, kvb_ptr, scb_ptr,
                               N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DN: tl.constexpr,
                               RD: tl.constexpr, OVERLAP: tl.constexpr, CH: tl.constexpr, FCH: tl.constexpr,
                               EPS: tl.constexpr, INDEXER: tl.constexpr, LOG: tl.constexpr, HSCALE: tl.constexpr):
         """Program ``row``: one decode step of the row's compressor (module docstring). ``kvn/scn [B, CD]`` the
-        token's projections, ``pos``/``nnew [B]`` int32, ``cs [B, 2, RD/2]`` fp32 the cos and sin at the entry's
-        position (one array: XLA computes both in one fusion),
-        ``nw [D]`` the norm weight; in place: ``codes [B, N, DN]`` e4m3 (written as bytes), ``scales [B, N, DN/64]``
+        token's projections (the score without ``ape``), ``ape [M, CD]`` fp32 (row ``pos % M`` is added to the
+        token's score, as the reference's projection adds it), ``pos``/``nnew [B]`` int32, ``cs [B, 2, RD/2]``
+        fp32 the cos and sin at the entry's position (one array: XLA computes both in one fusion), ``nw [D]`` the
+        norm weight; in place: ``codes [B, N, DN]`` e4m3 (written as bytes), ``scales [B, N, DN/64]``
         e8m0 bytes, ``rope [B, N, RD]`` bf16, ``kvb``/``scb [B, CM, CD]`` fp32 buffers (``CD = c*D``, ``CM = c*M``).
         The ``*_in`` pointers are the same buffers as the outputs' (``input_output_aliases``), unused.
         ``INDEXER`` (launched through :func:`_compress_step_indexer_kernel`): after RoPE the Hadamard rotation
@@ -144,6 +149,7 @@ if triton is not None:
         off = p % M
         kvn = kvn_ptr + row * CD
         scn = scn_ptr + row * CD
+        apn = ape_ptr + off * CD  # the ape row of the token's place in its window
         kvb = kvb_ptr + row * (CM * CD)
         scb = scb_ptr + row * (CM * CD)
         cc = tl.arange(0, CD)
@@ -153,25 +159,25 @@ if triton is not None:
                 last = j == M - 1
                 cur_kv = tl.where(last, tl.load(kvn + cc)[None, :],
                                   tl.load(kvb + (M + j) * CD + cc[None, :], mask=~last, other=0.0))
-                cur_sc = tl.where(last, tl.load(scn + cc)[None, :],
+                cur_sc = tl.where(last, (tl.load(scn + cc) + tl.load(apn + cc))[None, :],
                                   tl.load(scb + (M + j) * CD + cc[None, :], mask=~last, other=0.0))
             prev_ok = p >= M  # with overlap: the previous window exists
             ch = tl.arange(0, D)
             mx = tl.full([D], float("-inf"), tl.float32)
             for c0 in range(0, NS, CH):  # softmax over the slots, per channel: the max ...
                 for i in tl.static_range(CH):
-                    _, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
+                    _, sc = _slot(kvb, scb, kvn, scn, apn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
                     mx = tl.maximum(mx, sc)
             den = tl.zeros([D], tl.float32)
             for c0 in range(0, NS, CH):  # ... the sum of exp(x - max) in slot order ...
                 for i in tl.static_range(CH):
-                    _, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
+                    _, sc = _slot(kvb, scb, kvn, scn, apn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, False)
                     den = den + tl.exp(sc - mx)
             pooled = tl.zeros([D], tl.float32)
             for c0 in range(0, NS, CH):  # ... and the weighted kv, summed in runs of CH slots, then the runs
                 part = tl.zeros([D], tl.float32)
                 for i in tl.static_range(CH):
-                    kv, sc = _slot(kvb, scb, kvn, scn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, True)
+                    kv, sc = _slot(kvb, scb, kvn, scn, apn, c0 + i, prev_ok, ch, M, NS, CD, D, OVERLAP, True)
                     g = tl.div_rn(tl.exp(sc - mx), den) * kv
                     part = g if i == 0 else part + g
                 pooled = tl.where(c0 == 0, part, pooled + part)
@@ -233,10 +239,10 @@ if triton is not None:
         elif n > 0:  # the token goes to its slot of the current window
             dst = (M + off if OVERLAP else off) * CD + cc
             tl.store(kvb + dst, tl.load(kvn + cc))
-            tl.store(scb + dst, tl.load(scn + cc))
+            tl.store(scb + dst, tl.load(scn + cc) + tl.load(apn + cc))
 
     @triton.jit
-    def _compress_step_indexer_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
+    def _compress_step_indexer_kernel(kvn_ptr, scn_ptr, ape_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                                       packed_in, scale_in, kvb_in, scb_in,  # aliased by the outputs below
                                       packed_ptr, scale_ptr, kvb_ptr, scb_ptr,
                                       N: tl.constexpr, M: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
@@ -246,7 +252,7 @@ if triton is not None:
         ``packed [B, N, D/2]`` and ``scale [B, N, D/32]`` (uint8, the ``Fp4Tensor``); an entry point of its own
         because a launch passes exactly the kernel's arrays (jax-triton: the outputs' pointers follow the inputs),
         and the indexer's cache has no third leaf (``rope`` gets ``scale``'s pointer, never used)."""
-        _compress_step_kernel(kvn_ptr, scn_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
+        _compress_step_kernel(kvn_ptr, scn_ptr, ape_ptr, pos_ptr, nnew_ptr, cs_ptr, nw_ptr,
                               packed_in, scale_in, scale_in, kvb_in, scb_in, packed_ptr, scale_ptr, scale_ptr, kvb_ptr,
                               scb_ptr, N, M, D, D - RD, RD, OVERLAP, CH, FCH, EPS, True, LOG, HSCALE)
 
@@ -271,7 +277,8 @@ def _meta(cfg: Config, d: int, m: int, n: int, p: dict, indexer: bool = False) -
     return meta
 
 
-def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio: int) -> None:
+def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio: int,
+           ape) -> None:
     """ValueError naming the first tensor whose shape or dtype does not fit."""
     if ratio not in (4, 128):
         raise ValueError(f"compress_decode: ratio must be 4 or 128, got {ratio}")
@@ -300,6 +307,7 @@ def _check(cfg: Config, norm: jax.Array, kv_new, sc_new, cache, kv_buf, score_bu
         raise ValueError(f"compress_decode: the cache must be an Fp8Cache (cfg.kv_fp8_sim) or, for the indexer, an "
                          f"Fp4Tensor (cfg.simulate), got {type(cache).__name__}")
     want = [("kv_new", kv_new, (B, c * d), jnp.float32), ("sc_new", sc_new, (B, c * d), jnp.float32),
+            ("ape", ape, (ratio, c * d), jnp.float32),
             ("kv_buf", kv_buf, (B, c * ratio, c * d), jnp.float32),
             ("score_buf", score_buf, (B, c * ratio, c * d), jnp.float32), *leaves, ("pos", pos, (B,), jnp.int32),
             ("n_new", n_new, (B,), jnp.int32)]
@@ -324,21 +332,21 @@ def _rebuild(indexer: bool, leaves):
 
 def compress_decode_triton(cfg: Config, norm: jax.Array, kv_new: jax.Array, sc_new: jax.Array,
                            cache: Fp8Cache | Fp4Tensor, kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array,
-                           n_new: jax.Array, ratio: int, cos: jax.Array, sin: jax.Array):
+                           n_new: jax.Array, ratio: int, cos: jax.Array, sin: jax.Array, ape: jax.Array):
     """The kernel on one device's rows: ``cos``/``sin [B, rd/2]`` fp32 at each row's entry position; an
     ``Fp4Tensor`` cache selects the indexer variant. Returns the new cache and buffers (the inputs' buffers,
     written in place)."""
-    _check(cfg, norm, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio)
+    _check(cfg, norm, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio, ape)
     indexer = isinstance(cache, Fp4Tensor)
     leaves = _leaves(cache)
     d = norm.shape[0]
     B, N = leaves[0].shape[:2]
     meta = _meta(cfg, d, ratio, N, plan(d, ratio), indexer)
     cs = jnp.stack([cos, sin], axis=1).astype(jnp.float32)  # [B, 2, rd/2]: cos, sin and this in one XLA fusion
-    ins = (kv_new, sc_new, pos, n_new, cs, norm, *leaves, kv_buf, score_buf)
-    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[6:])
+    ins = (kv_new, sc_new, ape, pos, n_new, cs, norm, *leaves, kv_buf, score_buf)
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins[7:])
     outs = triton_call(*ins, kernel=_compress_step_indexer_kernel if indexer else _compress_step_kernel,
-                       out_shape=shapes, grid=(B,), input_output_aliases={6 + i: i for i in range(len(shapes))},
+                       out_shape=shapes, grid=(B,), input_output_aliases={7 + i: i for i in range(len(shapes))},
                        **meta)
     return _rebuild(indexer, outs[:-2]), outs[-2], outs[-1]
 
@@ -349,7 +357,8 @@ def compress_decode_reference(cfg: Config, w: CompressorWeights, kv_new: jax.Arr
     """The XLA path: :func:`dsv4_jax.modeling.compressor.compress_projected` on the one-token chunk."""
     from dsv4_jax.modeling.compressor import compress_projected
 
-    return compress_projected(cfg, w, kv_new[:, None], sc_new[:, None], cache, kv_buf, score_buf, pos, n_new, ratio,
+    sc = sc_new + w.ape[pos % ratio]  # [B, c*d]: the score with ape, as _project adds it for a one-token chunk
+    return compress_projected(cfg, w, kv_new[:, None], sc[:, None], cache, kv_buf, score_buf, pos, n_new, ratio,
                               freqs, indexer=indexer)
 
 
@@ -357,9 +366,10 @@ def compress_decode(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new
                     kv_buf: jax.Array, score_buf: jax.Array, pos: jax.Array, n_new: jax.Array, ratio: int, freqs,
                     indexer: bool = False):
     """One decode step of the attention compressor (or with ``indexer`` the indexer's) after its projection (module
-    docstring): ``kv_new``/``sc_new [B, c*d]`` fp32, the token's projections (the score with ``ape``); returns
-    ``(cache, kv_buf, score_buf)``. The kernel runs where :func:`dsv4_jax.kernels.use_triton` says so for an
-    ``Fp8Cache`` (attention) or an ``Fp4Tensor`` with ``cfg.simulate`` (indexer), else the reference."""
+    docstring): ``kv_new``/``sc_new [B, c*d]`` fp32, the token's projections (the score without ``ape``: both
+    paths add it); returns ``(cache, kv_buf, score_buf)``. The kernel runs where
+    :func:`dsv4_jax.kernels.use_triton` says so for an ``Fp8Cache`` (attention) or an ``Fp4Tensor`` with
+    ``cfg.simulate`` (indexer), else the reference."""
     fits = (isinstance(cache, Fp4Tensor) and cfg.simulate) if indexer else isinstance(cache, Fp8Cache)
     if not (use_triton(cfg) and fits and kv_new.shape[0] > 0):
         return compress_decode_reference(cfg, w, kv_new, sc_new, cache, kv_buf, score_buf, pos, n_new, ratio, freqs,
@@ -368,18 +378,21 @@ def compress_decode(cfg: Config, w: CompressorWeights, kv_new: jax.Array, sc_new
     leaves = _leaves(cache)
     k = len(leaves)
 
-    def local(kvn, scn, *a):  # a: the cache leaves, kvb, scb, p, nn, cs, sn, norm
+    def local(kvn, scn, *a):  # a: the cache leaves, kvb, scb, p, nn, cs, sn, (norm, ape)
         kvb, scb, p, nn, cs, sn = a[k:-1]
-        return compress_decode_triton(cfg, a[-1], kvn, scn, _rebuild(indexer, a[:k]), kvb, scb, p, nn, ratio, cs, sn)
+        norm, ape = a[-1]
+        return compress_decode_triton(cfg, norm, kvn, scn, _rebuild(indexer, a[:k]), kvb, scb, p, nn, ratio, cs, sn,
+                                      ape.astype(jnp.float32))
 
     acts = (kv_new, sc_new, *leaves, kv_buf, score_buf, pos, n_new, cos, sin)
-    return replicated_on_mesh(local, acts, w.norm)
+    return replicated_on_mesh(local, acts, (w.norm, w.ape))
 
 
 def run_torch(cfg: Config, norm, kv_new, sc_new, codes, scales, rope, kv_buf, score_buf, pos, n_new, ratio: int, cos,
-              sin, p: dict | None = None) -> None:
+              sin, ape, p: dict | None = None) -> None:
     """Launch the kernel on torch tensors (CI: under ``TRITON_INTERPRET=1``), updating ``codes`` (float8_e4m3fn),
-    ``scales``, ``rope`` and the buffers in place; shapes as :func:`compress_decode_triton`'s. ``rope=None``: the
+    ``scales``, ``rope`` and the buffers in place; shapes as :func:`compress_decode_triton`'s (``sc_new`` without
+    ``ape [m, c*d]``, which the kernel adds). ``rope=None``: the
     indexer variant, ``codes``/``scales`` the ``Fp4Tensor``'s ``packed [B, N, d/2]``/``scale [B, N, d/32]``
     (uint8)."""
     d = norm.shape[0]
@@ -390,8 +403,8 @@ def run_torch(cfg: Config, norm, kv_new, sc_new, codes, scales, rope, kv_buf, sc
     meta = _meta(cfg, d, ratio, N, p or plan(d, ratio), indexer)
     cs = torch.stack([cos, sin], dim=1).contiguous()  # [B, 2, rd/2], as the jax launcher passes them
     if indexer:
-        _compress_step_indexer_kernel[(B,)](kv_new, sc_new, pos, n_new, cs, norm, codes, scales, kv_buf,
+        _compress_step_indexer_kernel[(B,)](kv_new, sc_new, ape, pos, n_new, cs, norm, codes, scales, kv_buf,
                                             score_buf, codes, scales, kv_buf, score_buf, **meta)
     else:
-        _compress_step_kernel[(B,)](kv_new, sc_new, pos, n_new, cs, norm, codes, scales, rope, kv_buf,
+        _compress_step_kernel[(B,)](kv_new, sc_new, ape, pos, n_new, cs, norm, codes, scales, rope, kv_buf,
                                     score_buf, codes, scales, rope, kv_buf, score_buf, **meta)

@@ -74,9 +74,11 @@ def tensor_core_project(kernels: str, w: CompressorWeights, x: jax.Array) -> boo
             and w.wgate.dtype == jnp.bfloat16 and kernels != "reference" and jax.default_backend() != "cpu")
 
 
-def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels: str) -> tuple[jax.Array, jax.Array]:
+def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels: str,
+             with_ape: bool = True) -> tuple[jax.Array, jax.Array]:
     """The chunk's projections ``kv``/``sc`` ``[B, S, c*d]`` fp32, the score with ``ape`` of each token's place in
-    its window (``kernels``: :func:`tensor_core_project`)."""
+    its window unless ``with_ape`` is off (the decode kernel adds it itself: one XLA kernel fewer per compressor and
+    step) (``kernels``: :func:`tensor_core_project`)."""
     S = x.shape[1]
     with jax.named_scope("compressor_proj"):
         if tensor_core_project(kernels, w, x):
@@ -86,8 +88,9 @@ def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels
             xf = x.astype(jnp.float32)
             kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
             sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
-        t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
-        sc = sc + w.ape[t % m]  # position inside its window
+        if with_ape:
+            t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
+            sc = sc + w.ape[t % m]  # position inside its window
     return kv, sc
 
 
@@ -163,12 +166,13 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     kernel where :func:`dsv4_jax.kernels.use_triton` says so (:func:`dsv4_jax.kernels.compressor_step.compress_decode`;
     both variants' GPU tests passed on an H200).
     """
-    kv, sc = _project(w, x, pos, ratio, cfg.kernels)  # [B,S,c*d] fp32
     snapped = (indexer and cfg.simulate and isinstance(cache, Fp4Tensor)) or (
         not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache))
     if x.shape[1] == 1 and snapped and x.shape[0] > 0 and use_triton(cfg):  # a decode step: one Triton kernel
+        kv, sc = _project(w, x, pos, ratio, cfg.kernels, with_ape=False)  # [B,1,c*d] fp32, the score without ape
         return compress_decode(cfg, w, kv[:, 0], sc[:, 0], cache, kv_buf, score_buf, pos, n_new, ratio, freqs,
-                               indexer=indexer)  # for everything after the projection
+                               indexer=indexer)  # for everything after the projection, ape's add included
+    kv, sc = _project(w, x, pos, ratio, cfg.kernels)  # [B,S,c*d] fp32
     return compress_projected(cfg, w, kv, sc, cache, kv_buf, score_buf, pos, n_new, ratio, freqs, indexer)
 
 
