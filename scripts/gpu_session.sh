@@ -83,7 +83,7 @@ for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:
               --tb=short -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
             run mhc_router_smallk 90 python3 scripts/bench_common.py "$VM $VR" -m pytest -q -rf --tb=short \
               -p no:cacheprovider tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
-              tests/test_kernels_compressor_indexer.py -k gpu
+              tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu
             TAIL=12 run moe_crossover 90 python3 scripts/bench_moe.py --models flash --impls triton --tokens 16,32,64 \
               --variants "GEMV=0;GEMV=1"  # the WX kernels (bf16 decode) against the GEMV at batch-32 decode sizes
             TAIL=36 run profile_smallk 90 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \

@@ -44,7 +44,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_down_kernel", "_gate_up_gemv", "_down_gemv", "_sparse_attn_kernel", "_mix_partial_kernel",
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
-           "_query_kernel", "_hist_kernel", "_count_kernel", "_write_kernel")
+           "_query_kernel", "_hist_kernel", "_count_kernel", "_write_kernel", "_ring_write_kernel")
 
 
 def _child(golden: str, out: str) -> None:

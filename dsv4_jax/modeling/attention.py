@@ -20,6 +20,7 @@ import numpy as np
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.attn_proj import q_kv_lora
 from dsv4_jax.kernels.fp8_linear import grouped_proj
+from dsv4_jax.kernels.ring_write import ring_write
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
 from dsv4_jax.modeling.indexer import index_topk
@@ -103,14 +104,5 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         # the write after the last read of the old ring (attention above): without this order XLA copied every
         # donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200)
         out, ring = jax.lax.optimization_barrier((out, ls.kv))
-        end = pos + n_new
-        keep = (t < end[:, None]) & (t >= end[:, None] - W)  # the last W valid tokens: unique slots
-        slot = jnp.where(keep, t % W, W)
-        if S == 1:  # decode: a select over the whole (small) ring; XLA made the one-row scatter a slice + select
-            hit = jnp.arange(W)[None, :] == slot  # [B,W]     + update per leaf, twice the kernels (same result)
-            new["kv"] = jax.tree_util.tree_map(
-                lambda c, v: jnp.where(hit.reshape(B, W, *([1] * (c.ndim - 2))), v, c), ring, kv)
-        else:
-            rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
-            new["kv"] = jax.tree_util.tree_map(lambda c, v: c.at[rows, slot].set(v, mode="drop"), ring, kv)
+        new["kv"] = ring_write(ring, kv, pos, n_new, kernels=kn)  # slot t % W of the last W tokens; decode: a kernel
     return out, ls.replace(**new), chosen

@@ -1,0 +1,150 @@
+"""The window ring's decode write (``dsv4_jax/kernels/ring_write.py``) against its XLA reference: bit for bit (the
+kernel moves bytes). Cases: rows at different positions (slot 0, the last slot, a wrap far past ``W``), a row that
+brings no token (``n_new = 0``: its ring must stay as it was), the V4 entry layout (448 e4m3 codes, 7 scale bytes,
+64 bf16 RoPE dims: none a power of two but the last, so the masks are exercised).
+
+CPU: the jax launcher under Triton's interpreter (``tests/triton_shim.py``) in a subprocess; GPU: the jitted launcher
+and the ``"auto"`` dispatcher (skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton_shim  # noqa: E402
+
+SEED = 53
+DN, NS, RD = 448, 7, 64  # V4's entry: e4m3 nope dims, their e8m0 bytes per 64, bf16 RoPE dims
+
+
+def _case(B: int, W: int, seed: int) -> dict:
+    """A random ring and one new entry per row (codes as bytes, RoPE as bf16 bit patterns), positions and n_new."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+
+    def rope(shape):  # finite bf16 values' bit patterns (XLA's CPU select canonicalises NaN payloads)
+        return (rng.standard_normal(shape) * 4).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+    pos = rng.integers(0, 1 << 20, B).astype(np.int32)
+    pos[:4] = [0, W - 1, 7 * W + 3, 1_000_003][: min(4, B)]  # slot 0, the last slot, wraps
+    n_new = np.ones(B, np.int32)
+    if B >= 3:
+        n_new[2] = 0  # a row without a token
+    return dict(ring_codes=rng.integers(0, 256, (B, W, DN), dtype=np.uint8),
+                ring_scales=rng.integers(100, 140, (B, W, NS), dtype=np.uint8),
+                ring_rope=rope((B, W, RD)),
+                kv_codes=rng.integers(0, 256, (B, 1, DN), dtype=np.uint8),
+                kv_scales=rng.integers(100, 140, (B, 1, NS), dtype=np.uint8),
+                kv_rope=rope((B, 1, RD)), pos=pos, n_new=n_new)
+
+
+def _caches(z: dict):
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.quant import Fp8Cache
+
+    def make(p):
+        return Fp8Cache(codes=jnp.asarray(z[p + "codes"]).view(jnp.float8_e4m3fn), scales=jnp.asarray(z[p + "scales"]),
+                        rope=jnp.asarray(z[p + "rope"]).view(jnp.bfloat16))
+
+    return make("ring_"), make("kv_"), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"])
+
+
+def _bytes(c) -> dict:
+    return {"codes": np.asarray(c.codes).view(np.uint8), "scales": np.asarray(c.scales),
+            "rope": np.asarray(c.rope).view(np.uint16)}
+
+
+def _reference(z: dict) -> dict:
+    import jax
+
+    from dsv4_jax.kernels.ring_write import ring_write_reference
+
+    return _bytes(jax.jit(ring_write_reference)(*_caches(z)))
+
+
+def _check(got: dict, z: dict, what: str) -> None:
+    ref = _reference(z)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{what}: {k}")
+    moved = ref["codes"] != z["ring_codes"]
+    idle = z["n_new"] == 0
+    assert moved.any() and not moved[idle].any(), f"{what}: the cases do not write, or write a row without a token"
+
+
+def _interpret_main(path: str) -> None:
+    """Subprocess body: the jax launcher (``kernels="triton"``) under the shim, on every stored case."""
+    triton_shim.install(target="cpu")
+    import jax
+
+    from dsv4_jax.kernels.ring_write import ring_write
+
+    z = dict(np.load(path))
+    out = {}
+    for i in range(int(z["n"])):
+        a = {k[len(f"{i}_"):]: v for k, v in z.items() if k.startswith(f"{i}_")}
+        n0 = len(triton_shim.LAUNCHES)
+        res = jax.jit(lambda *c: ring_write(*c, kernels="triton"))(*_caches(a))
+        assert [r["kernel"] for r in triton_shim.LAUNCHES[n0:]] == ["_ring_write_kernel"], "the kernel did not run"
+        out.update({f"{i}_{k}": v for k, v in _bytes(res).items()})
+    np.savez(path + ".out.npz", **out)
+
+
+CASES = [(5, 16), (3, 128)]  # (rows, W): V4's W = 128
+
+
+def test_interpreter_matches_reference_bits(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    cases = [_case(B, W, SEED + i) for i, (B, W) in enumerate(CASES)]
+    arrays = {"n": np.asarray(len(cases))}
+    for i, z in enumerate(cases):
+        arrays.update({f"{i}_{k}": v for k, v in z.items()})
+    out = triton_shim.interpret(__file__, arrays, tmp_path)
+    for i, z in enumerate(cases):
+        _check({k: out[f"{i}_{k}"] for k in ("codes", "scales", "rope")}, z, f"interpreter case {CASES[i]}")
+
+
+def test_cpu_dispatch_and_bad_shapes():
+    """On a CPU backend ``"auto"`` is the reference; the launcher names a mismatched leaf."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.ring_write import ring_write, ring_write_triton
+
+    z = _case(4, 16, SEED)
+    _check(_bytes(ring_write(*_caches(z), kernels="auto")), z, "auto on CPU")
+    ring, kv, pos, nn = _caches(z)
+    with pytest.raises(ValueError, match="kv.rope"):
+        ring_write_triton(ring, kv.replace(rope=kv.rope[..., :32]), pos, nn)
+    with pytest.raises(ValueError, match="kv.codes"):
+        ring_write_triton(ring, kv.replace(codes=jnp.zeros((4, 2, DN), jnp.float8_e4m3fn)), pos, nn)
+    with pytest.raises(ValueError, match="pos"):
+        ring_write_triton(ring, kv, pos[:3], nn)
+
+
+@pytest.mark.parametrize("B", [1, 32])
+def test_gpu_matches_reference_bits(B):
+    """V4's ring (W = 128) at batch 1 and 32: the jitted launcher and the ``"auto"`` dispatcher."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"ring write GPU test: {why}")
+    import jax
+
+    from dsv4_jax.kernels.ring_write import ring_write, ring_write_triton
+
+    z = _case(B, 128, SEED + B)
+    _check(_bytes(jax.jit(ring_write_triton)(*_caches(z))), z, f"GPU B={B}")
+    _check(_bytes(jax.jit(lambda *c: ring_write(*c, kernels="auto"))(*_caches(z))), z, f"GPU auto B={B}")
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    _interpret_main(sys.argv[1])
