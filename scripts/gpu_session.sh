@@ -74,7 +74,8 @@ for x in r:
             VR="dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=1 dsv4_jax.kernels.router:SELECT_WARPS=1"
             VA="dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0"  # the attention kernel on the short lists too
             TAIL=2 run decode_smallk "${SMALLK_BOX:-230}" python3 scripts/bench_decode.py --model flash --layers 3 \
-              --batch 1,32 --kernels auto --iters 10 --variants "default;$VM $VR;$VM $VR $VA" --out "$OUT/smallk.json"
+              --batch 1,32 --kernels auto --iters 10 --out "$OUT/smallk.json" \
+              --variants "default;dsv4_jax.kernels.ring_write:USE_KERNEL=False;$VM $VR $VA"
             python3 -c "
 import json; r=json.load(open('$OUT/smallk.json'))['bench']
 for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:.3f} ms per call, \"

@@ -108,11 +108,14 @@ def ring_write_triton(ring: Fp8Cache, kv: Fp8Cache, pos: jax.Array, n_new: jax.A
     return Fp8Cache(codes=outs[0], scales=outs[1], rope=outs[2])
 
 
+USE_KERNEL = True  # a benchmark switch (scripts/bench_common.variant): False keeps the reference everywhere
+
+
 def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, *, kernels: str = "auto"):
     """The ring after a chunk's write (see :func:`ring_write_reference`): the kernel for decode chunks of an
     ``Fp8Cache`` ring where :func:`dsv4_jax.kernels.use_triton` says so, the reference otherwise; the same bits."""
-    if (isinstance(ring, Fp8Cache) and isinstance(kv, Fp8Cache) and kv.codes.shape[1] == 1 and kv.codes.shape[0] > 0
-            and use_triton(kernels)):
+    if (USE_KERNEL and isinstance(ring, Fp8Cache) and isinstance(kv, Fp8Cache) and kv.codes.shape[1] == 1
+            and kv.codes.shape[0] > 0 and use_triton(kernels)):
         def local(rc, rs, rr, kc, ks, kr, p, n, _):
             return ring_write_triton(Fp8Cache(codes=rc, scales=rs, rope=rr), Fp8Cache(codes=kc, scales=ks, rope=kr),
                                      p, n)
