@@ -1,7 +1,9 @@
-"""The window ring's decode write (``dsv4_jax/kernels/ring_write.py``) against its XLA reference: bit for bit (the
-kernel moves bytes). Cases: rows at different positions (slot 0, the last slot, a wrap far past ``W``), a row that
-brings no token (``n_new = 0``: its ring must stay as it was), the V4 entry layout (448 e4m3 codes, 7 scale bytes,
-64 bf16 RoPE dims: none a power of two but the last, so the masks are exercised).
+"""The window ring's decode write (``dsv4_jax/kernels/ring_write.py``) against its XLA reference (``encode_fp8_cache``
+of the new entry, written with selects): bit for bit (the snap is the reference's operations: power-of-two scales,
+e4m3 nearest even; the rest moves bytes). Cases: rows at different positions (slot 0, the last slot, a wrap far past
+``W``), a row that brings no token (``n_new = 0``: its ring must stay as it was), the V4 entry layout (448 e4m3
+codes in 7 blocks, 64 bf16 RoPE dims), entries whose blocks span 2**-20 .. 2**8 (e4m3 subnormal codes) with zeros and
+negative zeros.
 
 CPU: the jax launcher under Triton's interpreter (``tests/triton_shim.py``) in a subprocess; GPU: the jitted launcher
 and the ``"auto"`` dispatcher (skipped without a GPU).
@@ -37,24 +39,26 @@ def _case(B: int, W: int, seed: int) -> dict:
     n_new = np.ones(B, np.int32)
     if B >= 3:
         n_new[2] = 0  # a row without a token
+    vals = rng.standard_normal((B, 1, DN + RD)) * np.exp2(rng.integers(-20, 9, (B, 1, (DN + RD) // 64)).repeat(64, -1))
+    vals[..., 5] = 0.0
+    vals[..., 6] = -0.0
     return dict(ring_codes=rng.integers(0, 256, (B, W, DN), dtype=np.uint8),
                 ring_scales=rng.integers(100, 140, (B, W, NS), dtype=np.uint8),
-                ring_rope=rope((B, W, RD)),
-                kv_codes=rng.integers(0, 256, (B, 1, DN), dtype=np.uint8),
-                kv_scales=rng.integers(100, 140, (B, 1, NS), dtype=np.uint8),
-                kv_rope=rope((B, 1, RD)), pos=pos, n_new=n_new)
+                ring_rope=rope((B, W, RD)), values=vals.astype(ml_dtypes.bfloat16).view(np.uint16), pos=pos,
+                n_new=n_new)
 
 
 def _caches(z: dict):
+    """(ring, kv, pos, n_new, values): the new entries both snapped (``kv``, what the reference writes) and as bf16
+    values (what the kernel snaps)."""
     import jax.numpy as jnp
 
-    from dsv4_jax.modeling.quant import Fp8Cache
+    from dsv4_jax.modeling.quant import Fp8Cache, encode_fp8_cache
 
-    def make(p):
-        return Fp8Cache(codes=jnp.asarray(z[p + "codes"]).view(jnp.float8_e4m3fn), scales=jnp.asarray(z[p + "scales"]),
-                        rope=jnp.asarray(z[p + "rope"]).view(jnp.bfloat16))
-
-    return make("ring_"), make("kv_"), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"])
+    ring = Fp8Cache(codes=jnp.asarray(z["ring_codes"]).view(jnp.float8_e4m3fn), scales=jnp.asarray(z["ring_scales"]),
+                    rope=jnp.asarray(z["ring_rope"]).view(jnp.bfloat16))
+    values = jnp.asarray(z["values"]).view(jnp.bfloat16)
+    return ring, encode_fp8_cache(values, DN), jnp.asarray(z["pos"]), jnp.asarray(z["n_new"]), values
 
 
 def _bytes(c) -> dict:
@@ -67,7 +71,7 @@ def _reference(z: dict) -> dict:
 
     from dsv4_jax.kernels.ring_write import ring_write_reference
 
-    return _bytes(jax.jit(ring_write_reference)(*_caches(z)))
+    return _bytes(jax.jit(ring_write_reference)(*_caches(z)[:4]))
 
 
 def _check(got: dict, z: dict, what: str) -> None:
@@ -77,6 +81,8 @@ def _check(got: dict, z: dict, what: str) -> None:
     moved = ref["codes"] != z["ring_codes"]
     idle = z["n_new"] == 0
     assert moved.any() and not moved[idle].any(), f"{what}: the cases do not write, or write a row without a token"
+    codes = ref["codes"][~idle] & 0x7F
+    assert np.any((codes > 0) & (codes < 8)) and np.any(ref["codes"][~idle] == 0x80), f"{what}: no subnormal or -0"
 
 
 def _interpret_main(path: str) -> None:
@@ -113,20 +119,18 @@ def test_interpreter_matches_reference_bits(tmp_path):
 
 
 def test_cpu_dispatch_and_bad_shapes():
-    """On a CPU backend ``"auto"`` is the reference; the launcher names a mismatched leaf."""
-    import jax.numpy as jnp
-
+    """On a CPU backend ``"auto"`` is the reference; the launcher names what does not fit."""
     from dsv4_jax.kernels.ring_write import ring_write, ring_write_triton
 
     z = _case(4, 16, SEED)
     _check(_bytes(ring_write(*_caches(z), kernels="auto")), z, "auto on CPU")
-    ring, kv, pos, nn = _caches(z)
-    with pytest.raises(ValueError, match="kv.rope"):
-        ring_write_triton(ring, kv.replace(rope=kv.rope[..., :32]), pos, nn)
-    with pytest.raises(ValueError, match="kv.codes"):
-        ring_write_triton(ring, kv.replace(codes=jnp.zeros((4, 2, DN), jnp.float8_e4m3fn)), pos, nn)
+    ring, _, pos, nn, values = _caches(z)
+    with pytest.raises(ValueError, match="values"):
+        ring_write_triton(ring, values[..., :256], pos, nn)
+    with pytest.raises(ValueError, match="ring codes"):
+        ring_write_triton(ring.replace(scales=ring.scales[..., :3]), values, pos, nn)
     with pytest.raises(ValueError, match="pos"):
-        ring_write_triton(ring, kv, pos[:3], nn)
+        ring_write_triton(ring, values, pos[:3], nn)
 
 
 @pytest.mark.parametrize("B", [1, 32])
@@ -142,7 +146,8 @@ def test_gpu_matches_reference_bits(B):
     from dsv4_jax.kernels.ring_write import ring_write, ring_write_triton
 
     z = _case(B, 128, SEED + B)
-    _check(_bytes(jax.jit(ring_write_triton)(*_caches(z))), z, f"GPU B={B}")
+    ring, _, pos, nn, values = _caches(z)
+    _check(_bytes(jax.jit(ring_write_triton)(ring, values, pos, nn)), z, f"GPU B={B}")
     _check(_bytes(jax.jit(lambda *c: ring_write(*c, kernels="auto"))(*_caches(z))), z, f"GPU auto B={B}")
 
 

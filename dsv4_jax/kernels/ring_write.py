@@ -9,16 +9,20 @@ scatter with the out-of-window tokens dropped.
 
 Why a kernel: the FP8-snapped ring (:class:`~dsv4_jax.modeling.quant.Fp8Cache`) has three leaves of different
 shapes (e4m3 codes, e8m0 scale bytes, bf16 RoPE dims), so XLA's decode write is three fusions per layer (one per
-leaf; ``scripts/count_launches.py`` on an sm_90 build), each passing over its whole leaf. :func:`_ring_write_kernel`
-writes the three leaves of each row's one slot in one launch (one program per row; the 583 bytes of the entry, the
-other slots untouched: the ring is updated in place through ``input_output_aliases``, like the compressor's caches
-in :mod:`dsv4_jax.kernels.compressor_step`). Byte copies: the result is the reference's bit for bit.
+leaf, each with the snap of the new entry inside; ``scripts/count_launches.py`` on an sm_90 build), each passing over
+its whole leaf. :func:`_ring_write_kernel` takes the entry's bf16 values, snaps them as
+:func:`~dsv4_jax.modeling.quant.encode_fp8_cache` does (:func:`common.act_quant_block`, the reference's codes and
+scales bit for bit) and writes the three leaves of the row's one slot in one launch (one program per row; the other
+slots untouched: the ring is updated in place through ``input_output_aliases``, like the compressor's caches in
+:mod:`dsv4_jax.kernels.compressor_step`). A first form copied the already snapped leaves: XLA then materialised
+them in three more fusions (and the RoPE tables in two): 111 -> 115 kernels for a 2-layer V4-Flash batch-1 step,
+where this form gives 109 (``count_launches.py``, 2026-12-05).
 
 Used for decode chunks (``S == 1``) of an ``Fp8Cache`` ring where :func:`dsv4_jax.kernels.use_triton` says so
 (``"auto"`` on GPUs); under a mesh each device writes its own batch rows
 (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`: the ring is replicated over ``model``). Plain rings
-(``init_state(..., snapped=False)``, float32 numerics) and longer chunks keep the reference. Portable Triton (byte
-loads and stores), no inline assembly.
+(``init_state(..., snapped=False)``, float32 numerics) and longer chunks keep the reference. Portable Triton
+(fp32 and integer arithmetic, byte stores), no inline assembly.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import next_pow2, triton_call, use_triton
+from dsv4_jax.kernels import triton_call, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.quant import Fp8Cache
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
     import triton.language as tl
+
+    from dsv4_jax.kernels.common import act_quant_block, e4m3_bits
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -60,66 +66,73 @@ def ring_write_reference(ring, kv, pos: jax.Array, n_new: jax.Array):
 if triton is not None:
 
     @triton.jit
-    def _ring_write_kernel(codes_ptr, scales_ptr, rope_ptr, pos_ptr, nnew_ptr,
+    def _ring_write_kernel(kv_ptr, pos_ptr, nnew_ptr,
                            rc_in, rs_in, rr_in,  # the ring's leaves, aliased by the outputs below
                            rc_ptr, rs_ptr, rr_ptr,
-                           W: tl.constexpr, DN: tl.constexpr, NS: tl.constexpr, RD: tl.constexpr,
-                           DNP: tl.constexpr, NSP: tl.constexpr, RDP: tl.constexpr):
-        """Program ``row``: if the row brings a token (``nnew > 0``), its entry (``codes [B, DN]`` e4m3 moved as
-        bytes, ``scales [B, NS]`` bytes, ``rope [B, RD]`` bf16) into ring slot ``pos % W`` of ``rc [B, W, DN]``,
-        ``rs [B, W, NS]``, ``rr [B, W, RD]``, in place (the ``*_in`` pointers are the outputs' buffers, unused)."""
+                           W: tl.constexpr, D: tl.constexpr, DN: tl.constexpr):
+        """Program ``row``: if the row brings a token (``nnew > 0``), its entry ``kv [B, D]`` (bf16 values, RoPE
+        applied) snapped as :func:`~dsv4_jax.modeling.quant.encode_fp8_cache` snaps it (the first ``DN`` dims per
+        block of 64: :func:`common.act_quant_block`'s codes and power-of-two scales, the codes as e4m3 bytes by
+        :func:`common.e4m3_bits`; the last ``D - DN`` dims kept) into ring slot ``pos % W`` of ``rc [B, W, DN]``,
+        ``rs [B, W, DN/64]``, ``rr [B, W, D - DN]``, in place (the ``*_in`` pointers are the outputs' buffers,
+        unused). ``D`` a power of two, ``DN`` a multiple of 64."""
         row = tl.program_id(0).to(tl.int64)
         n = tl.load(nnew_ptr + row)
         if n > 0:
             slot = row * W + (tl.load(pos_ptr + row) % W).to(tl.int64)
-            dc = tl.arange(0, DNP)
-            src = codes_ptr.to(tl.pointer_type(tl.uint8))  # e4m3 codes as bytes: no FP8 type involved
-            dst = rc_ptr.to(tl.pointer_type(tl.uint8))
-            tl.store(dst + slot * DN + dc, tl.load(src + row * DN + dc, mask=dc < DN), mask=dc < DN)
-            ds = tl.arange(0, NSP)
-            tl.store(rs_ptr + slot * NS + ds, tl.load(scales_ptr + row * NS + ds, mask=ds < NS), mask=ds < NS)
-            dr = tl.arange(0, RDP)
-            tl.store(rr_ptr + slot * RD + dr, tl.load(rope_ptr + row * RD + dr, mask=dr < RD), mask=dr < RD)
+            blk = tl.arange(0, D // 64)
+            dd = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [D/64, 64]
+            y = tl.load(kv_ptr + row * D + dd).to(tl.float32)
+            q, e = act_quant_block(y)  # [D/64, 64] e4m3 grid values, [D/64] scale exponents
+            dst = rc_ptr.to(tl.pointer_type(tl.uint8))  # the e4m3 codes as bytes: no FP8 type involved
+            tl.store(dst + slot * DN + dd, e4m3_bits(q).to(tl.uint8), mask=dd < DN)
+            tl.store(rs_ptr + slot * (DN // 64) + blk, (e + 127).to(tl.uint8), mask=blk < DN // 64)
+            tl.store(rr_ptr + slot * (D - DN) + (dd - DN), y.to(rr_ptr.dtype.element_ty), mask=dd >= DN)
 
 
-def _meta(ring: Fp8Cache) -> dict:
-    W, dn = ring.codes.shape[1:]
-    ns, rd = ring.scales.shape[-1], ring.rope.shape[-1]
-    return dict(W=W, DN=dn, NS=ns, RD=rd, DNP=next_pow2(dn), NSP=next_pow2(ns), RDP=next_pow2(rd), num_warps=1,
-                num_stages=1)
-
-
-def ring_write_triton(ring: Fp8Cache, kv: Fp8Cache, pos: jax.Array, n_new: jax.Array) -> Fp8Cache:
-    """The kernel on one device's rows: a decode chunk (``kv`` leaves ``[B, 1, ...]``) into an ``Fp8Cache`` ring."""
-    B, W = ring.codes.shape[:2]
-    for name, r, v in (("codes", ring.codes, kv.codes), ("scales", ring.scales, kv.scales),
-                       ("rope", ring.rope, kv.rope)):
-        if r.ndim != 3 or r.shape[0] != B or v.shape != (B, 1, r.shape[2]) or v.dtype != r.dtype:
-            raise ValueError(f"ring_write: kv.{name} is {v.dtype} {tuple(v.shape)}, expected {r.dtype} "
-                             f"{(B, 1, *r.shape[2:])} for the ring's {name} {tuple(r.shape)}")
+def _check(ring: Fp8Cache, values: jax.Array, pos: jax.Array, n_new: jax.Array) -> None:
+    """ValueError naming what does not fit the kernel."""
+    B, W, dn = ring.codes.shape
+    rd = ring.rope.shape[-1]
+    D = dn + rd
+    if D & (D - 1) or dn % 64 or ring.scales.shape != (B, W, dn // 64) or ring.rope.shape != (B, W, rd):
+        raise ValueError(f"ring_write: ring codes {ring.codes.shape}, scales {ring.scales.shape}, rope "
+                         f"{ring.rope.shape}: the kernel needs nope dims in blocks of 64 and a power-of-two entry")
+    if values.shape != (B, 1, D) or values.dtype != ring.rope.dtype:
+        raise ValueError(f"ring_write: values are {values.dtype} {tuple(values.shape)}, expected {ring.rope.dtype} "
+                         f"{(B, 1, D)} (one decode token per row)")
     if pos.shape != (B,) or n_new.shape != (B,):
         raise ValueError(f"ring_write: pos {pos.shape} and n_new {n_new.shape} must be ({B},)")
+
+
+def ring_write_triton(ring: Fp8Cache, values: jax.Array, pos: jax.Array, n_new: jax.Array) -> Fp8Cache:
+    """The kernel on one device's rows: a decode token's KV ``values [B, 1, Dh]`` (bf16, before the snap) snapped
+    into an ``Fp8Cache`` ring."""
+    _check(ring, values, pos, n_new)
+    B, W, dn = ring.codes.shape
     leaves = (ring.codes, ring.scales, ring.rope)
-    ins = (kv.codes.reshape(B, -1), kv.scales.reshape(B, -1), kv.rope.reshape(B, -1), pos.astype(jnp.int32),
-           n_new.astype(jnp.int32), *leaves)
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves)
-    outs = triton_call(*ins, kernel=_ring_write_kernel, out_shape=shapes, grid=(B,),
-                       input_output_aliases={5 + i: i for i in range(3)}, **_meta(ring))
+    outs = triton_call(values.reshape(B, -1), pos.astype(jnp.int32), n_new.astype(jnp.int32), *leaves,
+                       kernel=_ring_write_kernel, out_shape=shapes, grid=(B,),
+                       input_output_aliases={3 + i: i for i in range(3)}, W=W, D=values.shape[-1], DN=dn,
+                       num_warps=1, num_stages=1)
     return Fp8Cache(codes=outs[0], scales=outs[1], rope=outs[2])
 
 
 USE_KERNEL = True  # a benchmark switch (scripts/bench_common.variant): False keeps the reference everywhere
 
 
-def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, *, kernels: str = "auto"):
-    """The ring after a chunk's write (see :func:`ring_write_reference`): the kernel for decode chunks of an
-    ``Fp8Cache`` ring where :func:`dsv4_jax.kernels.use_triton` says so, the reference otherwise; the same bits."""
-    if (USE_KERNEL and isinstance(ring, Fp8Cache) and isinstance(kv, Fp8Cache) and kv.codes.shape[1] == 1
-            and kv.codes.shape[0] > 0 and use_triton(kernels)):
-        def local(rc, rs, rr, kc, ks, kr, p, n, _):
-            return ring_write_triton(Fp8Cache(codes=rc, scales=rs, rope=rr), Fp8Cache(codes=kc, scales=ks, rope=kr),
-                                     p, n)
+def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, values: jax.Array | None = None, *,
+               kernels: str = "auto"):
+    """The ring after a chunk's write (see :func:`ring_write_reference`; ``kv`` the entries in the ring's layout).
+    With ``values`` (the entries' bf16 values before the FP8 snap, ``kv == encode_fp8_cache(values)``), a decode
+    chunk of an ``Fp8Cache`` ring takes the kernel where :func:`dsv4_jax.kernels.use_triton` says so: it snaps the
+    values itself, so XLA need not materialise the snapped leaves for it (their fusion stays inside the attention's
+    reads). The same bits either way."""
+    if (USE_KERNEL and values is not None and isinstance(ring, Fp8Cache) and values.shape[1] == 1
+            and values.shape[0] > 0 and values.dtype == jnp.bfloat16 and use_triton(kernels)):
+        def local(rc, rs, rr, v, p, n, _):
+            return ring_write_triton(Fp8Cache(codes=rc, scales=rs, rope=rr), v, p, n)
 
-        return replicated_on_mesh(local, (ring.codes, ring.scales, ring.rope, kv.codes, kv.scales, kv.rope, pos,
-                                          n_new), ())
+        return replicated_on_mesh(local, (ring.codes, ring.scales, ring.rope, values, pos, n_new), ())
     return ring_write_reference(ring, kv, pos, n_new)

@@ -66,6 +66,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
 
     with jax.named_scope("kv_proj"):
         kv = apply_rope(kv, cos, sin)
+        kv_values = kv  # [B,S,Dh] before the snap: the ring write's kernel snaps them itself
         if cfg.kv_fp8_sim:
             kv = encode_fp8_cache(kv, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
         kv = in_layout(kv, ls.kv)  # [B,S,Dh] as the ring stores it
@@ -104,5 +105,5 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         # the write after the last read of the old ring (attention above): without this order XLA copied every
         # donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200)
         out, ring = jax.lax.optimization_barrier((out, ls.kv))
-        new["kv"] = ring_write(ring, kv, pos, n_new, kernels=kn)  # slot t % W of the last W tokens; decode: a kernel
+        new["kv"] = ring_write(ring, kv, pos, n_new, kv_values, kernels=kn)  # slot t % W of the last W tokens
     return out, ls.replace(**new), chosen
