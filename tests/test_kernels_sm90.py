@@ -543,3 +543,38 @@ def test_router_plans_fit(T, over, target):
     smem, spill = _compile(router._logits_kernel, dict(x_ptr="*bf16", g_ptr="*bf16", T="i32", out_ptr="*fp32"), meta,
                            options, target=target)
     assert smem <= SMEM[target] and spill == 0, f"router logits {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("D", [4096, 7168], ids=["flash", "pro"])
+def test_small_decode_candidates_fit(D, target, monkeypatch):
+    """The small decode kernels' candidate plans at one token (module constants, defaults off until a GPU times them;
+    ``docs/performance.md``, thirtieth session): the router's whole-row logits program and one-warp selection, mHC's
+    single-step splits and 4-warp finish, at V4-Flash's and V4-Pro's widths: they fit, no spills."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import mhc, router
+
+    monkeypatch.setattr(router, "WHOLE_ROW_MAX_TOKENS", 1)
+    monkeypatch.setattr(router, "SELECT_WARPS", 1)
+    monkeypatch.setattr(mhc, "MIN_K_STEPS", 1)
+    monkeypatch.setattr(mhc, "WIDE_FINISH_WARPS", 4)
+    E = 256 if D == 4096 else 384
+    p = router.plan(1, E, D, target, bf16=True)
+    assert (p["BE"], p["BK"], p["SW"]) == (1, D if D == 4096 else 8192, 1)
+    (_, m1), (_, m2) = router._kernel_args(1, E, D, 6, False, 2.5, p)
+    for fn, meta, ptrs in ((router._logits_kernel, m1, dict(x_ptr="*bf16", g_ptr="*bf16", T="i32", out_ptr="*fp32")),
+                           (router._select_kernel, m2, dict(logit_ptr="*fp32", bias_ptr="*fp32", map_ptr="*i32",
+                                                            ids_ptr="*i32", idx_ptr="*i32", wts_ptr="*fp32"))):
+        meta = dict(meta)
+        smem, spill = _compile(fn, ptrs, meta, dict(num_warps=meta.pop("num_warps"), num_stages=3), target=target)
+        assert smem <= SMEM[target] and spill == 0, f"router {fn.__name__} {p}: {smem} B shared, {spill} B spills"
+    p = mhc.plan(1, 4, D, target, norm=True)
+    assert p["NS"] == 256 and p["warps2"] == 4, p
+    (_, m1), (_, m2), _ = mhc._kernel_args(1, 4, D, p, True, True, 1e-6, 1e-6, 20, True)
+    for fn, meta, ptrs in ((mhc._mix_partial_kernel, m1, dict(x_ptr="*bf16", fn_ptr="*fp32", part_ptr="*fp32",
+                                                              T="i32")),
+                           (mhc._finish_kernel, m2, dict(part_ptr="*fp32", x_ptr="*bf16", scale_ptr="*fp32",
+                                                         base_ptr="*fp32", nw_ptr="*fp32", y_ptr="*bf16",
+                                                         post_ptr="*fp32", comb_ptr="*fp32", yq_ptr="*bf16"))):
+        meta = dict(meta)
+        smem, spill = _compile(fn, ptrs, meta, dict(num_warps=meta.pop("num_warps"), num_stages=1), target=target)
+        assert smem <= SMEM[target] and spill == 0, f"mHC {fn.__name__} {p}: {smem} B shared, {spill} B spills"
