@@ -73,14 +73,15 @@ for x in r:
             VM="dsv4_jax.kernels.mhc:MIN_K_STEPS=1 dsv4_jax.kernels.mhc:WIDE_FINISH_WARPS=4"
             VR="dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=1 dsv4_jax.kernels.router:SELECT_WARPS=1"
             VA="dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0"  # the attention kernel on the short lists too
+            VW="dsv4_jax.kernels.ring_write:AUTO=True"  # the ring-write kernel in "auto"
             TAIL=2 run decode_smallk "${SMALLK_BOX:-230}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 1,32 --kernels auto --iters 10 --out "$OUT/smallk.json" \
-              --variants "default;dsv4_jax.kernels.ring_write:USE_KERNEL=False;$VM $VR $VA"
+              --variants "default;$VW;$VM $VR $VA $VW"
             python3 -c "
 import json; r=json.load(open('$OUT/smallk.json'))['bench']
 for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")"
-            DSV4_KERNELS=auto run golden_smallk 100 python3 scripts/bench_common.py "$VM $VR $VA" -m pytest -q -rf \
+            DSV4_KERNELS=auto run golden_smallk 100 python3 scripts/bench_common.py "$VM $VR $VA $VW" -m pytest -q -rf \
               --tb=short -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
             run mhc_router_smallk 90 python3 scripts/bench_common.py "$VM $VR" -m pytest -q -rf --tb=short \
               -p no:cacheprovider tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
@@ -88,7 +89,7 @@ for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:
             TAIL=12 run moe_crossover 90 python3 scripts/bench_moe.py --models flash --impls triton --tokens 16,32,64 \
               --variants "GEMV=0;GEMV=1"  # the WX kernels (bf16 decode) against the GEMV at batch-32 decode sizes
             TAIL=36 run profile_smallk 90 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
-              --kernels auto --top 16 --variants "default;$VM $VR $VA" ;;
+              --kernels auto --top 16 --variants "default;$VM $VR $VA $VW" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \

@@ -134,8 +134,9 @@ def test_cpu_dispatch_and_bad_shapes():
 
 
 @pytest.mark.parametrize("B", [1, 32])
-def test_gpu_matches_reference_bits(B):
-    """V4's ring (W = 128) at batch 1 and 32: the jitted launcher and the ``"auto"`` dispatcher."""
+def test_gpu_matches_reference_bits(B, monkeypatch):
+    """V4's ring (W = 128) at batch 1 and 32: the jitted launcher and the ``"auto"`` dispatcher with the kernel in
+    it (``AUTO``)."""
     from dsv4_jax.kernels import triton_unavailable
 
     why = triton_unavailable()
@@ -143,8 +144,10 @@ def test_gpu_matches_reference_bits(B):
         pytest.skip(f"ring write GPU test: {why}")
     import jax
 
+    from dsv4_jax.kernels import ring_write as rw
     from dsv4_jax.kernels.ring_write import ring_write, ring_write_triton
 
+    monkeypatch.setattr(rw, "AUTO", True)
     z = _case(B, 128, SEED + B)
     ring, _, pos, nn, values = _caches(z)
     _check(_bytes(jax.jit(ring_write_triton)(ring, values, pos, nn)), z, f"GPU B={B}")

@@ -18,8 +18,8 @@ slots untouched: the ring is updated in place through ``input_output_aliases``, 
 them in three more fusions (and the RoPE tables in two): 111 -> 115 kernels for a 2-layer V4-Flash batch-1 step,
 where this form gives 109 (``count_launches.py``, 2026-12-05).
 
-Used for decode chunks (``S == 1``) of an ``Fp8Cache`` ring where :func:`dsv4_jax.kernels.use_triton` says so
-(``"auto"`` on GPUs); under a mesh each device writes its own batch rows
+Used for decode chunks (``S == 1``) of an ``Fp8Cache`` ring with ``kernels="triton"`` (opt-in until its GPU test
+and the golden criteria have run with it: :data:`AUTO`); under a mesh each device writes its own batch rows
 (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`: the ring is replicated over ``model``). Plain rings
 (``init_state(..., snapped=False)``, float32 numerics) and longer chunks keep the reference. Portable Triton
 (fp32 and integer arithmetic, byte stores), no inline assembly.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import triton_call, use_triton
+from dsv4_jax.kernels import triton_call, use_opt_in_triton, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.quant import Fp8Cache
 
@@ -119,18 +119,22 @@ def ring_write_triton(ring: Fp8Cache, values: jax.Array, pos: jax.Array, n_new: 
     return Fp8Cache(codes=outs[0], scales=outs[1], rope=outs[2])
 
 
-USE_KERNEL = True  # a benchmark switch (scripts/bench_common.variant): False keeps the reference everywhere
+# "auto" takes the kernel once its GPU test and the golden criteria have passed on a GPU with it (not yet: no device
+# could be started in the session that wrote it); until then it is opt-in (kernels="triton"), and AUTO=True (a
+# benchmark variant, scripts/bench_common.variant) puts it in "auto" for a timing
+AUTO = False
 
 
 def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, values: jax.Array | None = None, *,
                kernels: str = "auto"):
     """The ring after a chunk's write (see :func:`ring_write_reference`; ``kv`` the entries in the ring's layout).
     With ``values`` (the entries' bf16 values before the FP8 snap, ``kv == encode_fp8_cache(values)``), a decode
-    chunk of an ``Fp8Cache`` ring takes the kernel where :func:`dsv4_jax.kernels.use_triton` says so: it snaps the
-    values itself, so XLA need not materialise the snapped leaves for it (their fusion stays inside the attention's
-    reads). The same bits either way."""
-    if (USE_KERNEL and values is not None and isinstance(ring, Fp8Cache) and values.shape[1] == 1
-            and values.shape[0] > 0 and values.dtype == jnp.bfloat16 and use_triton(kernels)):
+    chunk of an ``Fp8Cache`` ring takes the kernel (``kernels="triton"``, or ``"auto"`` on GPUs with :data:`AUTO`):
+    it snaps the values itself, so XLA need not materialise the snapped leaves for it (their fusion stays inside the
+    attention's reads). The same bits either way."""
+    wanted = use_triton(kernels) if AUTO else use_opt_in_triton(kernels)
+    if (wanted and values is not None and isinstance(ring, Fp8Cache) and values.shape[1] == 1
+            and values.shape[0] > 0 and values.dtype == jnp.bfloat16):
         def local(rc, rs, rr, v, p, n, _):
             return ring_write_triton(Fp8Cache(codes=rc, scales=rs, rope=rr), v, p, n)
 
