@@ -70,6 +70,16 @@ def variant(spec: str):
         jax.clear_caches()
 
 
+def parse_variants(text: str) -> tuple[str, ...]:
+    """``--variants`` text (``';'``-separated :func:`variant` specs; empty: the default alone) -> the specs, each
+    checked by entering it once, so a malformed one fails before anything is made or timed."""
+    variants = tuple(text.split(";")) if text else ("",)
+    for v in variants:
+        with variant(v):
+            pass
+    return variants
+
+
 def time_call(fn, *args, trials: int = 10, warmup: int = 2) -> float:
     """Median seconds of ``fn(*args)`` (already jitted), each run blocked until ready."""
     for _ in range(warmup):

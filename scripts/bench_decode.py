@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import time_call, triton_copy_bandwidth, variant, xla_copy_bandwidth  # noqa: E402
+from scripts.bench_common import parse_variants, time_call, triton_copy_bandwidth, variant, xla_copy_bandwidth  # noqa: E402
 
 
 def copy_bandwidth(device) -> dict:
@@ -192,12 +192,12 @@ def bench(cfg, meshes, batches, max_len, iters, seed=0, sink=None, kernels=("aut
                 continue
             c = cfg.with_(kernels=kernels_mode(kern, default_route))
             pos = start_position(max_len, steps_taken(iters), start)
-            with variant(var):
+            with variant(var):  # the speculative timing too: it traces its own programs
                 res = step_timing(c, w, mesh, batch, max_len, iters, seed, pos)
+                if speculative and batch in spec_on[0] and kern in spec_on[1]:
+                    res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
+                                                     res["median_step_s"])
             res.update(kernels=kern, triton=use_triton(c), launch_route=launch_route(), variant=var or "default")
-            if speculative and batch in spec_on[0] and kern in spec_on[1]:
-                res["speculative"] = spec_timing(c, w, mesh, batch, max_len, iters, speculative, seed,
-                                                 res["median_step_s"])
             nbytes = step_bytes(cfg, w, d.init_state(cfg, batch, max_len), batch)
             # per device: dense weights split by the model axis (approx.), experts by all devices, state by data
             per_dev = nbytes["total"] / n
@@ -375,10 +375,7 @@ def main(argv=None) -> int:
         from dsv4_jax.kernels.fp4_moe import tile_override
 
         tile_override()  # a malformed value fails here, not in the middle of a timing
-    variants = tuple(args.variants.split(";")) if args.variants else ("",)
-    for v in variants:  # a malformed variant fails here, not after the first timings
-        with variant(v):
-            pass
+    variants = parse_variants(args.variants)  # a malformed variant fails here, before anything is timed
     meshes = [tuple(int(v) for v in m.split("x")) for m in args.meshes.split(",")]
     print(f"devices: {jax.devices()}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "args": vars(args)}

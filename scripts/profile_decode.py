@@ -32,7 +32,7 @@ import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import device_events, variant  # noqa: E402
+from scripts.bench_common import device_events, parse_variants, variant  # noqa: E402
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers, start_position  # noqa: E402
 
 
@@ -123,10 +123,7 @@ def main(argv=None) -> int:
                     "max-len context")
     ap.add_argument("--variants", default="", help="';'-separated benchmark variants (see bench_decode.py)")
     args = ap.parse_args(argv)
-    variants = tuple(args.variants.split(";")) if args.variants else ("",)
-    for v in variants:  # a malformed variant fails before the weights are made
-        with variant(v):
-            pass
+    variants = parse_variants(args.variants)  # a malformed variant fails here, before anything is timed
     make = {"flash": flash_layers, "pro": pro_layers,
             "tiny": lambda n, num: d.Config.tiny(numerics=num)}[args.model]
     cfg = make(args.layers, "reference")

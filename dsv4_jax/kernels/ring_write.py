@@ -1,9 +1,9 @@
 """The window ring's write of a decode step (spec 6: the KV entries of each row's last ``W`` tokens), in place.
 
-Public function :func:`ring_write` ``(ring, kv, pos, n_new) -> ring``: a chunk's KV entries ``kv [B, S, ...]``
-written into the ring ``[B, W, ...]`` at slot ``t % W`` of each token ``t`` among the row's last ``W`` valid ones
-(``pos`` the chunk's first position per row, ``n_new`` its valid tokens). :func:`ring_write_reference` is the XLA
-code the model always ran (the spec, the CPU path): at decode (``S == 1``) a select over the whole ring per leaf
+Public function :func:`ring_write` ``(ring, kv, pos, n_new, values=None) -> ring``: a chunk's KV entries ``kv [B, S,
+...]`` written into the ring ``[B, W, ...]`` at slot ``t % W`` of each token ``t`` among the row's last ``W`` valid
+ones (``pos`` the chunk's first position per row, ``n_new`` its valid tokens). :func:`ring_write_reference` is the
+XLA code the model always ran (the spec, the CPU path): at decode (``S == 1``) a select over the whole ring per leaf
 (a one-row scatter became a slice, a select and an update per leaf: twice the kernels, the same result), otherwise a
 scatter with the out-of-window tokens dropped.
 
