@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul smallk
+#           prefillops bf16mul defaults
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -69,27 +69,19 @@ for x in r:
              for v in "" "BF=1"; do DSV4_INDEX_TILE=$v TAIL=4 run "indexer_b32_${v:-plan}" 90 python3 \
                scripts/bench_attention.py --mode indexer --impls triton --batch 32 --contexts 131072,1048576 \
                --topk-blocks radix --calls 4 --trials 3; done ;;
-    smallk) # the small decode kernels' candidates from their sm_90a builds (docs/performance.md), as module constants
-            VM="dsv4_jax.kernels.mhc:MIN_K_STEPS=1 dsv4_jax.kernels.mhc:WIDE_FINISH_WARPS=4"
-            VR="dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=1 dsv4_jax.kernels.router:SELECT_WARPS=1"
-            VA="dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=0"  # the attention kernel on the short lists too
-            VW="dsv4_jax.kernels.ring_write:AUTO=True"  # the ring-write kernel in "auto"
-            TAIL=2 run decode_smallk "${SMALLK_BOX:-230}" python3 scripts/bench_decode.py --model flash --layers 3 \
-              --batch 1,32 --kernels auto --iters 10 --out "$OUT/smallk.json" \
-              --variants "default;$VW;$VM $VR $VA $VW"
+    defaults) # the small decode kernels' plans made defaults (thirty-first session) against the earlier defaults
+            OLD="dsv4_jax.kernels.mhc:MIN_K_STEPS=2 dsv4_jax.kernels.mhc:WIDE_FINISH_WARPS=8"
+            OLD="$OLD dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=0 dsv4_jax.kernels.router:SELECT_WARPS=0"
+            OLD="$OLD dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=4096 dsv4_jax.kernels.ring_write:AUTO=False"
+            TAIL=2 run decode_defaults "${DEFAULTS_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
+              --batch 1,32 --kernels auto --iters 20 --out "$OUT/defaults.json" --variants "default;$OLD;default"
             python3 -c "
-import json; r=json.load(open('$OUT/smallk.json'))['bench']
-for x in r: print('batch', x['batch'], x['variant'], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+import json; r=json.load(open('$OUT/defaults.json'))['bench']
+for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")"
-            DSV4_KERNELS=auto run golden_smallk 100 python3 scripts/bench_common.py "$VM $VR $VA $VW" -m pytest -q -rf \
-              --tb=short -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
-            run mhc_router_smallk 90 python3 scripts/bench_common.py "$VM $VR" -m pytest -q -rf --tb=short \
-              -p no:cacheprovider tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
-              tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu
-            TAIL=12 run moe_crossover 90 python3 scripts/bench_moe.py --models flash --impls triton --tokens 16,32,64 \
-              --variants "GEMV=0;GEMV=1"  # the WX kernels (bf16 decode) against the GEMV at batch-32 decode sizes
-            TAIL=36 run profile_smallk 90 python3 scripts/profile_decode.py --model flash --layers 3 --batch 1 \
-              --kernels auto --top 16 --variants "default;$VM $VR $VA $VW" ;;
+            run small_tests "${SMALLT_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+              tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
+              tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \

@@ -163,10 +163,11 @@ def test_bad_shapes_are_named():
 
 def test_tile_override_is_checked(monkeypatch):
     """``DSV4_ROUTER_TILE`` reaches the plan, and a wrong entry is refused with the variable named."""
-    from dsv4_jax.kernels.router import plan
+    from dsv4_jax.kernels.router import SELECT_WARPS, plan
 
     monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=1,BT=64,BE=64,BK=32")
-    assert plan(32, 256, 4096, "sm90") == dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4)
+    sw = {"SW": SELECT_WARPS} if SELECT_WARPS else {}  # the decode size's selection warps stay (not overridden)
+    assert plan(32, 256, 4096, "sm90") == dict(BE=64, BT=64, BK=32, DOT=1, num_warps=4, **sw)
     monkeypatch.setenv("DSV4_ROUTER_TILE", "DOT=yes")
     with pytest.raises(ValueError, match="DSV4_ROUTER_TILE='DOT=yes'"):
         plan(1, 256, 4096, "sm90")
@@ -187,6 +188,8 @@ def test_gpu_plan_takes_the_dot_form_from_prefill_sizes(monkeypatch):
     assert router.plan(m, 256, 4096, "sm90", bf16=True) == {"BE": 32, "BT": 64, "BK": 64, "DOT": 2, "num_warps": 4}
     assert router.plan(8192, 256, 4096, "sm90", bf16=True) == {"BE": 64, "BT": 128, "BK": 64, "DOT": 2, "num_warps": 4}
     assert router.plan(8192, 256, 4096, "cpu", bf16=True)["DOT"] == 0  # the interpreter keeps its few-program form
+    one = router.plan(1, 256, 4096, "sm90", bf16=True)  # one token: the whole row per program, a 1-warp selection
+    assert (one["BE"], one["BK"], one.get("SW")) == (1, 4096, router.SELECT_WARPS or None), one
 
 
 def test_bf16_dot_needs_bf16_operands():

@@ -547,9 +547,10 @@ def test_router_plans_fit(T, over, target):
 
 @pytest.mark.parametrize("D", [4096, 7168], ids=["flash", "pro"])
 def test_small_decode_candidates_fit(D, target, monkeypatch):
-    """The small decode kernels' candidate plans at one token (module constants, defaults off until a GPU times them;
-    ``docs/performance.md``, thirtieth session): the router's whole-row logits program and one-warp selection, mHC's
-    single-step splits and 4-warp finish, at V4-Flash's and V4-Pro's widths: they fit, no spills."""
+    """The small decode kernels' plans at one token (module constants: candidates of the thirtieth session, defaults
+    since a GPU timed them in a decode step, ``docs/performance.md``): the router's whole-row logits program and
+    one-warp selection, mHC's single-step splits and 4-warp finish, at V4-Flash's and V4-Pro's widths: they fit, no
+    spills."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import mhc, router
 

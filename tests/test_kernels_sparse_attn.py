@@ -229,14 +229,15 @@ def test_reference_path_unchanged_on_cpu():
 
 
 @pytest.mark.parametrize("route,K,rows,want", [("jax-triton", 8320, 32, True), ("jax-triton", 4096, 1, True),
-                                               ("jax-triton", 640, 32, False), ("jax-triton", 1152, 8192, True),
+                                               ("jax-triton", 640, 32, True), ("jax-triton", 1152, 8192, True),
                                                ("jax-triton", 640, 65, True), ("xla", 8320, 32, False),
                                                ("xla", 640, 8192, False)],
                          ids=["hca-1m-b32", "threshold-b1", "csa", "prefill-rows", "prefill-65-rows", "xla-route",
                               "xla-route-prefill"])
 def test_auto_takes_the_kernel_only_where_measured_faster(monkeypatch, route, K, rows, want):
-    """``kernels="auto"`` on one GPU, through jax-triton only: the kernel for long index lists at decode row counts
-    and for every prefill row count (more than 64 rows); ``"reference"`` never; with ``PREFILL_AUTO`` off prefill rows
+    """``kernels="auto"`` on one GPU, through jax-triton only: the kernel for every index list at decode row counts
+    (CSA's 640-entry lists too: the decode step timed faster with them, ``AUTO_MIN_LIST``) and for every prefill row
+    count (more than 64 rows); ``"reference"`` never; with ``PREFILL_AUTO`` off prefill rows
     keep the reference; and on a CPU backend ``"auto"`` never (the real ``use_triton`` says no there)."""
     from dsv4_jax.kernels import sparse_attention as sa
 

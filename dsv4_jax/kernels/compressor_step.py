@@ -32,7 +32,7 @@ window completes and nothing but one buffer row changes. Here one program per ba
   the runs, as ``_sum_slots``); then ``rms_norm`` of the bf16-rounded vector (correctly rounded ``sqrt`` and
   divisions, bf16 output), RoPE on the last ``rd`` dims at position ``w*m`` (cos/sin from XLA:
   ``layers.rope_cos_sin``, so the kernel needs no ``cos``), the FP8 snap of the nope dims (``encode_fp8_cache``:
-  power-of-two scales rounded up, e4m3 nearest even, written as code bytes by integer arithmetic) and the entry
+  power-of-two scales rounded up, e4m3 nearest even, written as code bytes by :func:`common.e4m3_bits`) and the entry
   stored at ``cache[row, w]`` (dropped when ``w >= N``, like ``write_entries``). The indexer variant replaces the
   FP8 snap by the Hadamard rotation of all ``d`` dims (``layers.hadamard``: Sylvester order, the fp32 butterflies
   with strides 1, 2, 4, ... of :func:`dsv4_jax.kernels.hadamard.butterflies`, times ``fp32(d**-0.5)``, rounded once
@@ -87,7 +87,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import act_quant_block, fp4_quant_block, round_bf16
+    from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, fp4_quant_block, round_bf16
     from dsv4_jax.kernels.hadamard import butterflies
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
@@ -209,12 +209,7 @@ if triton is not None:
             else:
                 # the FP8 snap of the nope dims per block of 64 (encode_fp8_cache), the codes as e4m3 bytes
                 q, e = act_quant_block(tl.reshape(y, (D // 64, 64)))  # [D/64, 64] e4m3 grid values, [D/64] exps
-                qb = q.to(tl.int32, bitcast=True)
-                mag = qb & 0x7FFFFFFF
-                ex = mag >> 23  # the fp32 biased exponent: e4m3 normals from 2**-6 (121) up
-                code = tl.where(ex >= 121, ((ex - 120) << 3) | ((mag >> 20) & 7),
-                                (q * tl.where(q < 0, -512.0, 512.0)).to(tl.int32))  # subnormals: k * 2**-9
-                code = tl.where(mag > 0x7F800000, 0x7F, code) | ((qb >> 24) & 0x80)  # NaN; the sign
+                code = e4m3_bits(q)  # [D/64, 64] int32 bytes (sign, NaN and subnormals as the cast's)
                 if ent < N:  # write_entries drops ids past the cache
                     slot = row * N + ent
                     blk = tl.arange(0, D // 64)

@@ -162,9 +162,10 @@ if triton is not None:
 # The GPU plan's rules (module constants so that a benchmark variant can change them, scripts/bench_common.variant):
 # K steps each split keeps at least, and the finishing kernel's warps for rows wider than 2,048. Candidates from the
 # sm_90a builds (docs/performance.md, "Small decode kernels"): MIN_K_STEPS 1 (256 splits of one step at one token) and
-# 4 warps (the Sinkhorn loop without a barrier), not yet timed in a decode step.
-MIN_K_STEPS = 2
-WIDE_FINISH_WARPS = 8
+# 4 warps (the Sinkhorn loop without a barrier). The 3-layer V4-Flash decode step at batch 1 on an H100 (2026-12-05,
+# bench_decode.py --variants): 2.156 -> 1.871 ms per call (the earlier 2 and 8), the same in a loop.
+MIN_K_STEPS = 1
+WIDE_FINISH_WARPS = 4
 
 
 def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False, sms: int = 132) -> dict:
@@ -172,7 +173,7 @@ def plan(T: int, hc: int, D: int, target: str | None = None, norm: bool = False,
     program ``BT``, the y columns per program ``BD`` (a whole row with the fused norm) and launch options: the one
     place they are chosen. At one token (V4-Flash, K = 16K) the splits were 32 programs of 8 K steps each: 9.5 us
     per call on an H200 for 1.5 MB of ``fn`` (2026-11-30 profile: latency, each step waiting for its loads); now
-    128 programs of 2 steps (not yet timed; 32 tokens: 64 splits of 4 steps instead of 32 of 8)."""
+    256 programs of 1 step (:data:`MIN_K_STEPS`; 32 tokens: 64 splits of 4 steps instead of 32 of 8)."""
     K = hc * D
     if target == "cpu":  # the interpreter pays per program and per op: whole rows
         return dict(NS=2, BK=64, BT=2, BD=next_pow2(D) if norm else min(next_pow2(D), 1024), num_warps=4, warps2=4)

@@ -119,10 +119,10 @@ def ring_write_triton(ring: Fp8Cache, values: jax.Array, pos: jax.Array, n_new: 
     return Fp8Cache(codes=outs[0], scales=outs[1], rope=outs[2])
 
 
-# "auto" takes the kernel once its GPU test and the golden criteria have passed on a GPU with it (not yet: no device
-# could be started in the session that wrote it); until then it is opt-in (kernels="triton"), and AUTO=True (a
-# benchmark variant, scripts/bench_common.variant) puts it in "auto" for a timing
-AUTO = False
+# "auto" takes the kernel: its GPU tests (batch 1 and 32, bit for bit) and the golden all-position and layer-isolated
+# criteria passed with it on an H100 (2026-12-05, docs/performance.md); AUTO=False (a benchmark variant,
+# scripts/bench_common.variant) makes it opt-in again (kernels="triton") for a timing without it
+AUTO = True
 
 
 def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, values: jax.Array | None = None, *,

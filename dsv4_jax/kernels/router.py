@@ -136,12 +136,13 @@ BF16_DOT = True
 # 0.115, 1K 0.806 vs 0.101, 2K 1.517 vs 0.132, 4K 2.606 vs 0.211 (128 x 64: 0.233); the same expert sets throughout.
 # Its GPU test cases at 256 and 1K tokens (tests/test_kernels_router.py) passed on an H200 (2026-12-05).
 BF16_DOT_MIN_TOKENS = 256
-# Decode candidates from the sm_90a builds (docs/performance.md, "Small decode kernels"), off until a GPU times them
-# in a decode step: up to WHOLE_ROW_MAX_TOKENS tokens take one expert per logits program and the whole D row in one
-# step (no loop: all loads issued at once, one reduction); SELECT_WARPS > 0 gives the selection kernel that many warps
-# (1: its picks need no barrier).
-WHOLE_ROW_MAX_TOKENS = 0
-SELECT_WARPS = 0
+# Decode plans from the sm_90a builds (docs/performance.md, "Small decode kernels"): up to WHOLE_ROW_MAX_TOKENS tokens
+# take one expert per logits program and the whole D row in one step (no loop: all loads issued at once, one
+# reduction); SELECT_WARPS > 0 gives the selection kernel that many warps (1: its picks need no barrier). The 3-layer
+# V4-Flash decode step at batch 1 on an H100 (2026-12-05, bench_decode.py --variants): 2.156 -> 1.787 ms per call
+# (the earlier 0 and 0), the same in a loop; the logits kernel 21.8 -> 7.2 us.
+WHOLE_ROW_MAX_TOKENS = 1
+SELECT_WARPS = 1
 
 
 def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) -> dict:
@@ -171,7 +172,7 @@ def plan(T: int, E: int, D: int, target: str | None = None, bf16: bool = False) 
         p = dict(BE=1, BT=next_pow2(T), BK=next_pow2(D), DOT=0, num_warps=4)
     else:
         p = dict(BE=2, BT=min(4, next_pow2(T)), BK=512, DOT=0, num_warps=4)
-    if target != "cpu" and SELECT_WARPS:
+    if target != "cpu" and SELECT_WARPS and p["DOT"] == 0:  # decode sizes only: timed there, not at prefill
         p["SW"] = SELECT_WARPS
     return {**p, **tile_override()}
 

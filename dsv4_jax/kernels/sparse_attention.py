@@ -452,7 +452,7 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
                        grid=(n_merge,), H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4, num_stages=1)
 
 
-AUTO_MIN_LIST = 4096  # "auto": index lists at least this long (HCA layers at long context) take the kernel ...
+AUTO_MIN_LIST = 0  # "auto": index lists at least this long take the kernel (0: every list, CSA ones too) ...
 AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S); more rows than this are prefill rows ...
 PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured faster, use_kernel's docstring)
 
@@ -465,8 +465,10 @@ def use_kernel(kernels: str, rows: int, K: int) -> bool:
 
     * decode row counts (at most :data:`AUTO_MAX_ROWS`) over long lists: measured on an H200 (2026-12-03,
       ``bench_attention.py --mode decode``, per call with dispatch) HCA at 1M (8,320 entries) batch 32 356 vs 634
-      us, batch 1 85 vs 123 us; CSA (640 entries) a tie (103 vs 110, 69 vs 69 us), so short lists keep the
-      reference;
+      us, batch 1 85 vs 123 us; CSA (640 entries) a tie (103 vs 110, 69 vs 69 us) alone, but in the 3-layer
+      V4-Flash decode step at batch 1 (H100, 2026-12-05, ``bench_decode.py --variants``) the kernel on every list
+      took the step from 2.156 to 1.572 ms per call (the reference's gathers and fusions are launches of their
+      own), the same in a loop: every list takes it (:data:`AUTO_MIN_LIST` 0; 4,096 before);
     * prefill rows (more than :data:`AUTO_MAX_ROWS`, if :data:`PREFILL_AUTO`): a 128K-token prompt in 8K chunks, 2
       V4-Flash layers, went from 166,212 to 195,051 tokens/s per layer and its last chunk from 108.3 to 93.7 ms
       (H200, 2026-12-04, ``bench_attention.py --mode prefill``; the XLA reference had taken 24.6 ms of that chunk)."""
