@@ -69,7 +69,7 @@ for x in r:
              for v in "" "BF=1"; do DSV4_INDEX_TILE=$v TAIL=4 run "indexer_b32_${v:-plan}" 90 python3 \
                scripts/bench_attention.py --mode indexer --impls triton --batch 32 --contexts 131072,1048576 \
                --topk-blocks radix --calls 4 --trials 3; done ;;
-    defaults) # the small decode kernels' plans made defaults (thirty-first session) against the earlier defaults
+    defaults) # the small decode kernels' plans made defaults (thirty-second session) against the earlier defaults
             OLD="dsv4_jax.kernels.mhc:MIN_K_STEPS=2 dsv4_jax.kernels.mhc:WIDE_FINISH_WARPS=8"
             OLD="$OLD dsv4_jax.kernels.router:WHOLE_ROW_MAX_TOKENS=0 dsv4_jax.kernels.router:SELECT_WARPS=0"
             OLD="$OLD dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=4096 dsv4_jax.kernels.ring_write:AUTO=False"
