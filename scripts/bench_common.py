@@ -173,9 +173,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
 
 
-def device_events(trace_dir: Path, device_match: str) -> tuple[str, list[str], list[dict]]:
+def device_events(trace_dir: Path, device_match: str, host: bool = False) -> tuple[str, list[str], list[dict]]:
     """The newest Perfetto trace under ``trace_dir`` (``jax.profiler``): its path, the names of the processes whose
-    name contains ``device_match`` (e.g. ``/device:GPU:0``) and their complete events (kernels, command buffers)."""
+    name contains ``device_match`` (e.g. ``/device:GPU:0``) and their complete events (kernels, command buffers);
+    with ``host``, the complete events of every other process instead (the host's threads: dispatch, launches,
+    waits)."""
     import gzip
     import json
 
@@ -191,7 +193,7 @@ def device_events(trace_dir: Path, device_match: str) -> tuple[str, list[str], l
     if not pids:
         raise SystemExit(f"no process matches {device_match!r}; processes: {sorted(names.values())}")
     return (str(files[-1]), sorted(names[p] for p in pids),
-            [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e])
+            [e for e in events if e.get("ph") == "X" and (e.get("pid") in pids) != host and "dur" in e])
 
 
 def op_scopes(hlo_text: str) -> dict[str, list[str]]:

@@ -5,7 +5,10 @@ For each ``Config.kernels`` value it times the step (median wall), then traces `
 Perfetto JSON the profiler writes: device kernels (events of the processes whose name matches ``--device-match``,
 ``/device:GPU`` by default) grouped by name (digits stripped, so ``fusion.12`` and ``fusion.31`` pool), with their
 count and device time per step, the device-busy time per step beside the wall time (the rest is launch gaps), and
-the number of kernels per step. One call answers "which kernels, how many launches, how much idle".
+the number of kernels per step. One call answers "which kernels, how many launches, how much idle". ``--host-top N``
+also lists the host's events of the same trace (every other process: JAX's dispatch, XLA's thunks, the launches,
+the waits), grouped the same way with their count and time per step (nested events each count their own time):
+where the wall time outside the kernels goes.
 
     python scripts/profile_decode.py --model flash --layers 3 --batch 1,32 --kernels reference,auto@xla --out $OUT
     python scripts/profile_decode.py --model tiny --device-match CPU     # smoke test of the parser on a CPU
@@ -52,8 +55,22 @@ def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
             "busy_us_per_step": busy / steps, "rows": rows}
 
 
+def host_table(trace_dir: Path, device_match: str, steps: int) -> list[dict]:
+    """The host's events of the newest trace under ``trace_dir`` (the processes not matching ``device_match``),
+    grouped by name with digits stripped: count and microseconds per step, longest first."""
+    _, _, events = device_events(trace_dir, device_match, host=True)
+    per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
+    for e in events:
+        key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:70] or "?"
+        per[key][0] += 1
+        per[key][1] += float(e["dur"])
+    return sorted(({"event": k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
+                  key=lambda r: -r["us_per_step"])
+
+
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
-            seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True, variants=("",)) -> list[dict]:
+            seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True, variants=("",),
+            host_top: int = 0) -> list[dict]:
     """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) and benchmark variant
     (:func:`scripts.bench_common.variant`) at ``batch`` rows; with a ``mesh``, ``w`` already placed on it (the state
     is sharded here). ``full``: every row starts as late as the traced steps allow (a full ``max_len`` context,
@@ -71,7 +88,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
         state = sh.shard_state(state.replace(pos=jnp.full_like(state.pos, start),
                                              mtp_pos=jnp.full_like(state.mtp_pos, start)), mesh)
         with jax.set_mesh(mesh), variant(var):
-            tab = _traced(step, w, tok, state, steps, device_match)
+            tab = _traced(step, w, tok, state, steps, device_match, host_top > 0)
         tab.update(kernels=kern, variant=var or "default", batch=batch, layers=cfg.n_layers,
                    mesh=list(mesh.devices.shape), device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
         out.append(tab)
@@ -81,11 +98,16 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
               f"({tab['device']}; {', '.join(tab['processes'])})")
         for r in tab["rows"][:top]:
             print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['kernel']}")
+        if host_top:
+            print("  host events per step:")
+            for r in tab["host"][:host_top]:
+                print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['event']}")
     return out
 
 
-def _traced(step, w, tok, state, steps: int, device_match: str) -> dict:
-    """Median wall of 10 steps after 3 warm-up ones, then the kernel table of ``steps`` traced steps."""
+def _traced(step, w, tok, state, steps: int, device_match: str, host: bool = False) -> dict:
+    """Median wall of 10 steps after 3 warm-up ones, then the kernel table of ``steps`` traced steps (with ``host``,
+    the host's events too, under ``"host"``)."""
     for _ in range(3):
         logits, state = step(w, tok, state)
     jax.block_until_ready(logits)
@@ -101,6 +123,8 @@ def _traced(step, w, tok, state, steps: int, device_match: str) -> dict:
                 logits, state = step(w, tok, state)
             jax.block_until_ready(logits)
         tab = kernel_table(Path(tmp), device_match, steps)
+        if host:
+            tab["host"] = host_table(Path(tmp), device_match, steps)
     tab["wall_us_per_step"] = float(np.median(ts)) * 1e6
     return tab
 
@@ -122,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--empty", action="store_true", help="start at position 0 (an empty state) instead of a full "
                     "max-len context")
     ap.add_argument("--variants", default="", help="';'-separated benchmark variants (see bench_decode.py)")
+    ap.add_argument("--host-top", type=int, default=0, help="host events listed per configuration (0: none)")
     args = ap.parse_args(argv)
     variants = parse_variants(args.variants)  # a malformed variant fails here, before anything is timed
     make = {"flash": flash_layers, "pro": pro_layers,
@@ -135,7 +160,7 @@ def main(argv=None) -> int:
     res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
                                                              args.max_len, args.steps, args.device_match, w=w,
                                                              top=args.top, mesh=mesh, full=not args.empty,
-                                                             variants=variants)]
+                                                             variants=variants, host_top=args.host_top)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))
