@@ -97,7 +97,7 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
           TAIL=30 run bench_moe 100 python3 scripts/bench_moe.py --models flash --tokens 1,16,64,2048 ;;
     profile) TAIL=${PROFILE_TAIL:-60} run profile "${PROFILE_BOX:-240}" python3 scripts/profile_decode.py --model flash \
               --layers 3 --batch "${PROFILE_BATCH:-1}" --kernels "${PROFILE_KERNELS:-reference,auto}" \
-              --top "${PROFILE_TOP:-25}" --out "$OUT" ;;
+              --top "${PROFILE_TOP:-25}" --out "$OUT" ${PROFILE_EXTRA:-} ;;  # e.g. --host-top 20
     golden) for k in ${GOLDEN_KERNELS:-auto reference}; do  # failures are reported as they happen (-rf, -s)
               DSV4_KERNELS=$k run golden_$k "${GOLDEN_BOX:-280}" python3 -m pytest -q -s -rf --tb=line \
                 -p no:cacheprovider tests/test_golden.py -k "${GOLDEN_K:-end_to_end or all_positions or layer_isolated}"
