@@ -60,3 +60,25 @@ def test_default_is_nothing(monkeypatch):
     monkeypatch.delenv("DSV4_MHC_TILE", raising=False)
     with bench_common.variant("default"):
         assert "DSV4_MHC_TILE" not in os.environ
+
+
+def test_device_events_splits_device_and_host(tmp_path):
+    """``device_events`` on a Perfetto trace: the matching process's complete events, or with ``host=True`` every
+    other process's; metadata, instant events and events without a duration are neither; no match is named."""
+    import gzip
+    import json
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 1, "name": "fusion.3", "dur": 5.0}, {"ph": "X", "pid": 1, "name": "k", "dur": 2.0},
+              {"ph": "X", "pid": 2, "name": "ThunkExecutor::Execute", "dur": 9.0},
+              {"ph": "i", "pid": 2, "name": "mark"}, {"ph": "X", "pid": 2, "name": "no-dur"}]
+    (tmp_path / "run").mkdir()
+    with gzip.open(tmp_path / "run" / "a.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    _, procs, dev = bench_common.device_events(tmp_path, "/device:GPU")
+    assert procs == ["/device:GPU:0"] and [e["name"] for e in dev] == ["fusion.3", "k"]
+    _, _, host = bench_common.device_events(tmp_path, "/device:GPU", host=True)
+    assert [e["name"] for e in host] == ["ThunkExecutor::Execute"]
+    with pytest.raises(SystemExit, match="no process matches '/device:TPU'"):
+        bench_common.device_events(tmp_path, "/device:TPU")
