@@ -19,9 +19,9 @@ them in three more fusions (and the RoPE tables in two): 111 -> 115 kernels for 
 where this form gives 109 (``count_launches.py``, 2026-12-05).
 
 Used for decode chunks (``S == 1``) of an ``Fp8Cache`` ring with ``kernels="triton"`` or ``"auto"`` on GPUs (its GPU
-test and the golden criteria passed with it on an H100, 2026-12-05: :data:`AUTO`); under a mesh each device writes its own batch rows
-(:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`: the ring is replicated over ``model``). Plain rings
-(``init_state(..., snapped=False)``, float32 numerics) and longer chunks keep the reference. Portable Triton
+test and the golden criteria passed with it on an H100, 2026-12-05: :data:`AUTO`); under a mesh each device writes
+its own batch rows (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`: the ring is replicated over ``model``).
+Plain rings (``init_state(..., snapped=False)``, float32 numerics) and longer chunks keep the reference. Portable Triton
 (fp32 and integer arithmetic, byte stores), no inline assembly.
 """
 
