@@ -39,33 +39,30 @@ from scripts.bench_common import device_events, parse_variants, variant  # noqa:
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers, start_position  # noqa: E402
 
 
+def _grouped(events: list[dict], steps: int, label: str, width: int) -> list[dict]:
+    """Complete events grouped by name (digits stripped, cut to ``width``: ``fusion.12`` and ``fusion.31`` pool):
+    ``{label: name, "per_step": count / steps, "us_per_step": total / steps}``, longest first."""
+    per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
+    for e in events:
+        key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:width] or "?"
+        per[key][0] += 1
+        per[key][1] += float(e["dur"])
+    return sorted(({label: k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
+                  key=lambda r: -r["us_per_step"])
+
+
 def kernel_table(trace_dir: Path, device_match: str, steps: int) -> dict:
     """Per-kernel device time from the newest Perfetto trace under ``trace_dir``."""
     trace, processes, events = device_events(trace_dir, device_match)
-    per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
-    busy = 0.0
-    for e in events:
-        key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:60] or "?"
-        per[key][0] += 1
-        per[key][1] += float(e["dur"])
-        busy += float(e["dur"])
-    rows = sorted(({"kernel": k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
-                  key=lambda r: -r["us_per_step"])
-    return {"trace": trace, "processes": processes, "kernels_per_step": sum(c for c, _ in per.values()) / steps,
-            "busy_us_per_step": busy / steps, "rows": rows}
+    rows = _grouped(events, steps, "kernel", 60)
+    return {"trace": trace, "processes": processes, "kernels_per_step": len(events) / steps,
+            "busy_us_per_step": sum(float(e["dur"]) for e in events) / steps, "rows": rows}
 
 
 def host_table(trace_dir: Path, device_match: str, steps: int) -> list[dict]:
     """The host's events of the newest trace under ``trace_dir`` (the processes not matching ``device_match``),
-    grouped by name with digits stripped: count and microseconds per step, longest first."""
-    _, _, events = device_events(trace_dir, device_match, host=True)
-    per = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, total us]
-    for e in events:
-        key = re.sub(r"[._]?\d+", "", e.get("name", "?"))[:70] or "?"
-        per[key][0] += 1
-        per[key][1] += float(e["dur"])
-    return sorted(({"event": k, "per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in per.items()),
-                  key=lambda r: -r["us_per_step"])
+    grouped as the kernels are: count and microseconds per step, longest first."""
+    return _grouped(device_events(trace_dir, device_match, host=True)[2], steps, "event", 70)
 
 
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,

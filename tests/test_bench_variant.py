@@ -82,3 +82,13 @@ def test_device_events_splits_device_and_host(tmp_path):
     assert [e["name"] for e in host] == ["ThunkExecutor::Execute"]
     with pytest.raises(SystemExit, match="no process matches '/device:TPU'"):
         bench_common.device_events(tmp_path, "/device:TPU")
+    spec = importlib.util.spec_from_file_location("dsv4_profile_decode", Path(__file__).parents[1] / "scripts"
+                                                  / "profile_decode.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    tab = prof.kernel_table(tmp_path, "/device:GPU", steps=2)  # per step: the totals halved
+    assert (tab["kernels_per_step"], tab["busy_us_per_step"]) == (1.0, 3.5)
+    assert [(r["kernel"], r["per_step"], r["us_per_step"]) for r in tab["rows"]] == [("fusion", 0.5, 2.5),
+                                                                                   ("k", 0.5, 1.0)]
+    assert prof.host_table(tmp_path, "/device:GPU", steps=2) == [
+        {"event": "ThunkExecutor::Execute", "per_step": 0.5, "us_per_step": 4.5}]
