@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import card_rates, copies_for, device_events, op_scopes, print_rates, time_call  # noqa: E402
+from bench_common import card_rates, copies_for, op_scopes, print_rates, scope_table, time_call  # noqa: E402
 
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax.kernels import indexer as indexer_mod  # noqa: E402
@@ -237,32 +237,6 @@ def bench_prefill(args) -> list[dict]:
             for row in prof[what][:args.profile_top]:
                 print(f"  {row['ms']:9.2f} ms {row['kernels']:6d} kernels  {row['scope']}", flush=True)
     return [r]
-
-
-def scope_table(trace_dir: Path, scopes: dict[str, list[str]], depth: int = 3) -> dict:
-    """Device time of the newest Perfetto trace under ``trace_dir`` (GPU 0), summed per kernel name and per named
-    scope: the kernel's HLO instruction (``hlo_op``, else the event name) looked up in ``scopes``
-    (:func:`op_scopes`), cut to its first ``depth`` levels below the jit, e.g. ``layer_0/attn/indexer``."""
-    import re
-
-    trace, _, events = device_events(trace_dir, "/device:GPU:0")
-    per_scope: dict[str, list] = {}
-    per_name: dict[str, list] = {}
-    for e in events:
-        if e.get("name", "").startswith("Xla"):  # the module's own span
-            continue
-        a, ms = e.get("args", {}), float(e["dur"]) / 1e3
-        op = str(a.get("hlo_op") or e.get("name", "?"))
-        for table, key in ((per_scope, "/".join(scopes.get(op, [])[:depth]) or "(no scope)"),
-                           (per_name, re.sub(r"[._]?\d+$", "", op)[:60])):
-            row = table.setdefault(key, [0, 0.0])
-            row[0] += 1
-            row[1] += ms
-    rank = lambda t: sorted(({"scope": k, "kernels": n, "ms": ms} for k, (n, ms) in t.items()),  # noqa: E731
-                            key=lambda r: -r["ms"])
-    rows = rank(per_scope)
-    return {"trace": trace, "kernels": sum(r["kernels"] for r in rows), "busy_ms": sum(r["ms"] for r in rows),
-            "scopes": rows, "names": rank(per_name)}
 
 
 def main():

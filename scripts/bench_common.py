@@ -206,6 +206,36 @@ def op_scopes(hlo_text: str) -> dict[str, list[str]]:
             for m in map(pat.match, hlo_text.splitlines()) if m}
 
 
+def scope_table(trace_dir: Path, scopes: dict[str, list[str]], depth: int = 3,
+                device_match: str = "/device:GPU:0") -> dict:
+    """Device time of the newest Perfetto trace under ``trace_dir`` (the processes matching ``device_match``), summed
+    per kernel name and per named scope: the kernel's HLO instruction (``hlo_op``, else the event name) looked up in
+    ``scopes`` (:func:`op_scopes`), its op's own name dropped, cut to its first ``depth`` levels below the jit, e.g.
+    ``layer_0/attn/indexer``. Rows ``{"scope", "kernels", "ms"}``, longest first; the module's own span (``Xla...``)
+    is not a kernel."""
+    import re
+
+    trace, _, events = device_events(trace_dir, device_match)
+    per_scope: dict[str, list] = {}
+    per_name: dict[str, list] = {}
+    for e in events:
+        if e.get("name", "").startswith("Xla"):  # the module's own span
+            continue
+        a, ms = e.get("args", {}), float(e["dur"]) / 1e3
+        op = str(a.get("hlo_op") or e.get("name", "?"))
+        parts = scopes.get(op, [])
+        for table, key in ((per_scope, "/".join(parts[:-1][:depth] or parts) or "(no scope)"),
+                           (per_name, re.sub(r"[._]?\d+$", "", op)[:60])):
+            row = table.setdefault(key, [0, 0.0])
+            row[0] += 1
+            row[1] += ms
+    rank = lambda t: sorted(({"scope": k, "kernels": n, "ms": ms} for k, (n, ms) in t.items()),  # noqa: E731
+                            key=lambda r: -r["ms"])
+    rows = rank(per_scope)
+    return {"trace": trace, "kernels": sum(r["kernels"] for r in rows), "busy_ms": sum(r["ms"] for r in rows),
+            "scopes": rows, "names": rank(per_name)}
+
+
 if __name__ == "__main__":  # python scripts/bench_common.py 'SPEC' -m MODULE [ARGS...]: a module run under a variant
     if len(sys.argv) < 4 or sys.argv[2] != "-m":
         raise SystemExit("usage: python scripts/bench_common.py 'VARIANT' -m MODULE [ARGS...] (e.g. -m pytest -k gpu)")

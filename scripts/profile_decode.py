@@ -8,7 +8,9 @@ count and device time per step, the device-busy time per step beside the wall ti
 the number of kernels per step. One call answers "which kernels, how many launches, how much idle". ``--host-top N``
 also lists the host's events of the same trace (every other process: JAX's dispatch, XLA's thunks, the launches,
 the waits), grouped the same way with their count and time per step (nested events each count their own time):
-where the wall time outside the kernels goes.
+where the wall time outside the kernels goes. ``--scopes N`` lists the device time per named scope
+(``layer_0/attn/indexer``, ``layer_1/ffn/shared_expert``...: each kernel's HLO instruction looked up in the compiled
+step's ``op_name`` metadata), which tells whose the small XLA fusions are.
 
     python scripts/profile_decode.py --model flash --layers 3 --batch 1,32 --kernels reference,auto@xla --out $OUT
     python scripts/profile_decode.py --model tiny --device-match CPU     # smoke test of the parser on a CPU
@@ -35,7 +37,7 @@ import dsv4_jax as d  # noqa: E402
 from dsv4_jax import sharding as sh  # noqa: E402
 from dsv4_jax.kernels import launch_route  # noqa: E402
 from dsv4_jax.modeling.model import forward_jit  # noqa: E402
-from scripts.bench_common import device_events, parse_variants, variant  # noqa: E402
+from scripts.bench_common import device_events, op_scopes, parse_variants, scope_table, variant  # noqa: E402
 from scripts.bench_decode import flash_layers, kernels_mode, pro_layers, start_position  # noqa: E402
 
 
@@ -65,9 +67,18 @@ def host_table(trace_dir: Path, device_match: str, steps: int) -> list[dict]:
     return _grouped(device_events(trace_dir, device_match, host=True)[2], steps, "event", 70)
 
 
+def scope_rows(trace_dir: Path, scopes: dict[str, list[str]], device_match: str, steps: int,
+               depth: int = 3) -> list[dict]:
+    """:func:`scripts.bench_common.scope_table`'s per-scope rows of the newest trace, per step: ``{"scope",
+    "per_step": kernels / steps, "us_per_step"}``, longest first."""
+    rows = scope_table(trace_dir, scopes, depth, device_match)["scopes"]
+    return [{"scope": r["scope"], "per_step": r["kernels"] / steps, "us_per_step": r["ms"] * 1e3 / steps}
+            for r in rows]
+
+
 def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int, device_match: str,
             seed: int = 0, w=None, top: int = 25, mesh=None, full: bool = True, variants=("",),
-            host_top: int = 0) -> list[dict]:
+            host_top: int = 0, scopes: int = 0) -> list[dict]:
     """Time and trace one decode step per ``kernels`` entry (``MODE`` or ``MODE@ROUTE``) and benchmark variant
     (:func:`scripts.bench_common.variant`) at ``batch`` rows; with a ``mesh``, ``w`` already placed on it (the state
     is sharded here). ``full``: every row starts as late as the traced steps allow (a full ``max_len`` context,
@@ -85,7 +96,7 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
         state = sh.shard_state(state.replace(pos=jnp.full_like(state.pos, start),
                                              mtp_pos=jnp.full_like(state.mtp_pos, start)), mesh)
         with jax.set_mesh(mesh), variant(var):
-            tab = _traced(step, w, tok, state, steps, device_match, host_top > 0)
+            tab = _traced(step, w, tok, state, steps, device_match, host_top > 0, scopes > 0)
         tab.update(kernels=kern, variant=var or "default", batch=batch, layers=cfg.n_layers,
                    mesh=list(mesh.devices.shape), device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"))
         out.append(tab)
@@ -99,12 +110,16 @@ def profile(cfg, kernels: tuple[str, ...], batch: int, max_len: int, steps: int,
             print("  host events per step:")
             for r in tab["host"][:host_top]:
                 print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['event']}")
+        if scopes:
+            print("  device time per named scope, per step:")
+            for r in tab["scopes"][:scopes]:
+                print(f"  {r['us_per_step']:9.1f} us  {r['per_step']:6.1f}x  {r['scope']}")
     return out
 
 
-def _traced(step, w, tok, state, steps: int, device_match: str, host: bool = False) -> dict:
+def _traced(step, w, tok, state, steps: int, device_match: str, host: bool = False, scoped: bool = False) -> dict:
     """Median wall of 10 steps after 3 warm-up ones, then the kernel table of ``steps`` traced steps (with ``host``,
-    the host's events too, under ``"host"``)."""
+    the host's events too, under ``"host"``; with ``scoped``, the device time per named scope under ``"scopes"``)."""
     for _ in range(3):
         logits, state = step(w, tok, state)
     jax.block_until_ready(logits)
@@ -122,6 +137,9 @@ def _traced(step, w, tok, state, steps: int, device_match: str, host: bool = Fal
         tab = kernel_table(Path(tmp), device_match, steps)
         if host:
             tab["host"] = host_table(Path(tmp), device_match, steps)
+        if scoped:  # the program just traced, compiled again (the persistent cache) for its op_name metadata
+            tab["scopes"] = scope_rows(Path(tmp), op_scopes(step.lower(w, tok, state).compile().as_text()),
+                                       device_match, steps)
     tab["wall_us_per_step"] = float(np.median(ts)) * 1e6
     return tab
 
@@ -144,6 +162,8 @@ def main(argv=None) -> int:
                     "max-len context")
     ap.add_argument("--variants", default="", help="';'-separated benchmark variants (see bench_decode.py)")
     ap.add_argument("--host-top", type=int, default=0, help="host events listed per configuration (0: none)")
+    ap.add_argument("--scopes", type=int, default=0, help="named scopes listed per configuration, by device time "
+                    "(0: none)")
     args = ap.parse_args(argv)
     variants = parse_variants(args.variants)  # a malformed variant fails here, before anything is timed
     make = {"flash": flash_layers, "pro": pro_layers,
@@ -157,7 +177,8 @@ def main(argv=None) -> int:
     res = [r for b in args.batch.split(",") for r in profile(cfg, tuple(args.kernels.split(",")), int(b),
                                                              args.max_len, args.steps, args.device_match, w=w,
                                                              top=args.top, mesh=mesh, full=not args.empty,
-                                                             variants=variants, host_top=args.host_top)]
+                                                             variants=variants, host_top=args.host_top,
+                                                             scopes=args.scopes)]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile.json").write_text(json.dumps(res, indent=1))

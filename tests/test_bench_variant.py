@@ -92,3 +92,35 @@ def test_device_events_splits_device_and_host(tmp_path):
                                                                                    ("k", 0.5, 1.0)]
     assert prof.host_table(tmp_path, "/device:GPU", steps=2) == [
         {"event": "ThunkExecutor::Execute", "per_step": 0.5, "us_per_step": 4.5}]
+
+
+def test_scope_rows_sum_kernels_per_named_scope(tmp_path):
+    """``profile_decode.scope_rows``: each device kernel's ``hlo_op`` looked up in the compiled step's ``op_name``
+    scopes (cut to three levels), per step; unknown instructions pool under ``(no scope)``, the module span is no
+    kernel."""
+    import gzip
+    import json
+
+    hlo = "\n".join([
+        '  %fusion.1 = f32[8]{0} fusion(%a), kind=kLoop, metadata={op_name="jit(step)/layer_0/attn/indexer/max"}',
+        '  %dsv4_triton_kernel.2 = f32[8]{0} custom-call(%a), metadata={op_name="jit(f)/layer_0/attn/indexer/x/y"}',
+        '  ROOT %fusion.3 = f32[8]{0} fusion(%b), kind=kLoop, metadata={op_name="jit(step)/layer_1/ffn/add"}'])
+    scopes = bench_common.op_scopes(hlo)
+    assert scopes["fusion.1"] == ["layer_0", "attn", "indexer", "max"]
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "name": "loop_fusion", "dur": 4.0, "args": {"hlo_op": "fusion.1"}},
+              {"ph": "X", "pid": 1, "name": "_k", "dur": 6.0, "args": {"hlo_op": "dsv4_triton_kernel.2"}},
+              {"ph": "X", "pid": 1, "name": "f3", "dur": 2.0, "args": {"hlo_op": "fusion.3"}},
+              {"ph": "X", "pid": 1, "name": "memset", "dur": 1.0},
+              {"ph": "X", "pid": 1, "name": "XlaModule:step", "dur": 50.0}]
+    (tmp_path / "run").mkdir()
+    with gzip.open(tmp_path / "run" / "a.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    spec = importlib.util.spec_from_file_location("dsv4_profile_decode", Path(__file__).parents[1] / "scripts"
+                                                  / "profile_decode.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    rows = prof.scope_rows(tmp_path, scopes, "/device:GPU", steps=2)
+    assert [(r["scope"], r["per_step"]) for r in rows] == [("layer_0/attn/indexer", 1.0), ("layer_1/ffn", 0.5),
+                                                           ("(no scope)", 0.5)]
+    assert [r["us_per_step"] for r in rows] == pytest.approx([5.0, 1.0, 0.5], rel=1e-12)  # us -> ms -> us

@@ -66,24 +66,44 @@ def _interpret_main(path: str) -> None:
     out = {}
     for i in range(len(CASES)):
         q = torch.from_numpy(z[f"q{i}"].copy()).to(torch.bfloat16)  # exact: bf16 values
+        cos, sin = torch.from_numpy(z[f"cos{i}"].copy()), torch.from_numpy(z[f"sin{i}"].copy())
+        parts = torch.from_numpy(z[f"parts{i}"].copy())  # [2, T, H, n] fp32 partials summing to q exactly
         for fp4 in (0, 1):
-            out[f"{i}_{fp4}"] = run_query_torch(q, torch.from_numpy(z[f"cos{i}"].copy()),
-                                                torch.from_numpy(z[f"sin{i}"].copy()), bool(fp4)).numpy()
+            out[f"{i}_{fp4}"] = run_query_torch(q, cos, sin, bool(fp4)).numpy()
+            out[f"{i}_{fp4}_s2"] = run_query_torch(parts, cos, sin, bool(fp4), split=2).numpy()
+            out[f"{i}_{fp4}_s1"] = run_query_torch(q[None], cos, sin, bool(fp4), split=1).numpy()
     np.savez(path + ".out.npz", **out)
+
+
+def _parts(q: np.ndarray, seed: int) -> np.ndarray:
+    """Two fp32 partials ``[2, *q.shape]`` of the bf16 values ``q`` whose sum is ``q`` exactly in either order: ``d``
+    within a factor 4 of ``q`` (bf16), ``q - d`` exact in fp32."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0.25, 1.0, q.shape) * rng.choice([-1.0, 1.0], q.shape)
+    d = (q * u).astype(ml_dtypes.bfloat16).astype(np.float32)
+    parts = np.stack([q - d, d]).astype(np.float32)
+    assert (parts[0] + parts[1] == q).all() and (parts[1] + parts[0] == q).all()
+    return parts
 
 
 def test_interpreter_matches_reference_bits(tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("torch")
     cases = [_inputs(*c, SEED + i) for i, c in enumerate(CASES)]
+    for i, z in enumerate(cases):
+        z["parts"] = _parts(z["q"], SEED + 100 + i)
     arrays = {f"{k}{i}": v for i, z in enumerate(cases) for k, v in z.items()}
     out = triton_shim.interpret(__file__, arrays, tmp_path)
     for i, z in enumerate(cases):
         for fp4 in (0, 1):
-            got, ref = out[f"{i}_{fp4}"], _reference(z, bool(fp4))
-            assert np.isfinite(got).all(), f"case {CASES[i]}: unwritten outputs"
-            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
-                                          err_msg=f"case {CASES[i]} fp4={fp4}")
+            ref = _reference(z, bool(fp4))
+            for form in ("", "_s2", "_s1"):  # the bf16 input, wq_b's split partials, its unsplit bf16 output
+                got = out[f"{i}_{fp4}{form}"]
+                assert np.isfinite(got).all(), f"case {CASES[i]}{form}: unwritten outputs"
+                np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
+                                              err_msg=f"case {CASES[i]} fp4={fp4}{form}")
 
 
 def test_reference_is_the_models_former_steps():
@@ -164,6 +184,40 @@ def test_gpu_matches_reference(T):
     for fp4 in (False, True):
         got = jax.jit(indexer_query_triton, static_argnums=3)(q, cos, sin, fp4)
         _check(np.asarray(got[0].astype(jnp.float32)), _reference(z, fp4), fp4, f"T={T} fp4={fp4}")
+
+
+@pytest.mark.parametrize("T", [1, 4], ids=["decode-b1", "decode-b4"])
+def test_gpu_query_linear_matches_unfused(monkeypatch, T):
+    """``indexer_query_linear`` with the kernel on (``QUERY_AUTO`` patched: ``wq_b``'s GEMV partials straight into the
+    query kernel) against the unfused path on the same GPU (the FP8 linear, then ``indexer_query_reference``):
+    V4-Flash's ``wq_b`` (8,192 x 1,024), 64 heads of 128, the snap on and off; :func:`_check`'s tolerance (the split
+    partials may also be summed in another order there: one more bf16 rounding to move)."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"indexer query GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+
+    import dsv4_jax.kernels.hadamard as hd
+    from dsv4_jax.modeling.quant import Fp8Tensor, quantize_act, quantize_fp8_weight_np
+
+    rng = np.random.default_rng(SEED + 7 * T)
+    wq, ws = quantize_fp8_weight_np(rng.standard_normal((8192, 1024)).astype(np.float32) * 0.05)
+    w = Fp8Tensor(q=jnp.asarray(wq), scale=jnp.asarray(ws))
+    qr = jnp.asarray(rng.standard_normal((1, T, 1024)), jnp.bfloat16)
+    qrq = quantize_act(qr).dequant().astype(jnp.bfloat16)
+    z = _inputs(T, 64, 128, 64, SEED + T)
+    cos, sin = jnp.asarray(z["cos"])[None], jnp.asarray(z["sin"])[None]
+    def run(fp4: bool, on: bool):  # a fresh jit per setting: the switch is read at trace time
+        monkeypatch.setattr(hd, "QUERY_AUTO", on)
+        return jax.jit(lambda a, b: hd.indexer_query_linear(a, b, w, 64, cos, sin, jnp.bfloat16, True, fp4))(qr, qrq)
+
+    for fp4 in (False, True):
+        got, ref = run(fp4, True), run(fp4, False)
+        _check(np.asarray(got[0].astype(jnp.float32)), np.asarray(ref[0].astype(jnp.float32)), fp4,
+               f"query linear T={T} fp4={fp4}")
 
 
 if __name__ == "__main__":  # the interpreter subprocess

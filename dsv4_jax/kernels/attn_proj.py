@@ -6,8 +6,9 @@ Public function :func:`q_kv_lora` ``x [B, S, D] -> (qr [B, S, q_lora], qr_values
   activation quantization of spec 3.4 and rounded to the activation dtype before its norm, as the model always
   computed them (:func:`q_kv_lora_reference`: the two :func:`dsv4_jax.modeling.quant.linear` calls and the two
   :func:`dsv4_jax.modeling.layers.rms_norm` calls, the spec and the CPU path);
-* ``qr_values``: the values of ``qr``'s FP8 quantization (exact in bf16), which ``wq_b``'s GEMV consumes, or
-  ``None`` where the caller quantizes.
+* ``qr_values``: the values of ``qr``'s FP8 quantization (exact in bf16), which ``wq_b``'s GEMV consumes (the
+  attention's, and in CSA layers the indexer's: both quantize the same ``qr``), or ``None`` where the caller
+  quantizes.
 
 Why: in a batch-1 decode step the two projections were two GEMV launches (both latency-bound: 4.2 and 2.1 MB of
 FP8), and XLA added five small kernels after them (two split-K sums fused with a reduction each, two norms, the

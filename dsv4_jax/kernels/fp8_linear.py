@@ -333,13 +333,18 @@ def _launch(x, sx, w: Fp8Tensor, M, N, K, G, out_dtype, x_fp8: bool, p: dict | N
     return sum_splits(y, p["SPLIT"], out_dtype)
 
 
-def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
-    """triton_call of :func:`fp8_gemv_kernel` on the raw activation ``x [M, G, K]`` -> ``[M, G, N]``."""
+def gemv_partials(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
+    """triton_call of :func:`fp8_gemv_kernel` on the raw activation ``x [M, G, K]`` -> fp32 partials
+    ``[SPLIT, M, G, N]``, or ``[M, G, N]`` in ``out_dtype`` when unsplit (:func:`split_output`)."""
     out_t = jax.ShapeDtypeStruct(*split_output(p["SPLIT"], (M, G, N), out_dtype, jnp.float32))
     kw = {k: v for k, v in p.items() if k != "GEMV"}
-    y = triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
+    return triton_call(x, w.q, w.scale, kernel=fp8_gemv_kernel, out_shape=out_t, grid=grid(M, N, G, p), M=M,
                        MP=next_pow2(M), N=N, K=K, G=G, SWK=w.scale.shape[1], **kw)
-    return sum_splits(y, p["SPLIT"], out_dtype)
+
+
+def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
+    """:func:`gemv_partials` summed -> ``[M, G, N]``."""
+    return sum_splits(gemv_partials(x, w, M, N, K, G, out_dtype, p), p["SPLIT"], out_dtype)
 
 
 def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None = None) -> jax.Array:

@@ -27,11 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import next_pow2, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import next_pow2, single_device, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels.fp8_linear import QBLOCK, gemv2_ok, gemv_partials, gemv_values
+from dsv4_jax.kernels.fp8_linear import plan as fp8_plan
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.layers import apply_rope
 from dsv4_jax.modeling.layers import hadamard as hadamard_reference
-from dsv4_jax.modeling.quant import fp4_simulate
+from dsv4_jax.modeling.quant import Fp8Tensor, fp4_simulate, linear
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
@@ -74,17 +76,24 @@ if triton is not None:
     @triton.jit
     def _query_kernel(x_ptr, cos_ptr, sin_ptr, R, y_ptr,  # jax-triton: the outputs follow the inputs
                       N: tl.constexpr, LOG: tl.constexpr, BR: tl.constexpr, SCALE: tl.constexpr, RD: tl.constexpr,
-                      HEADS: tl.constexpr, FP4: tl.constexpr):
+                      HEADS: tl.constexpr, FP4: tl.constexpr, SPLIT: tl.constexpr = 0):
         """:func:`indexer_query` on rows ``[program_id * BR, + BR)`` of the bf16 queries ``x [R, N]`` (``R`` =
         tokens x ``HEADS``; ``cos``/``sin [R / HEADS, RD / 2]`` fp32 per token): RoPE of the last ``RD`` dims
         (``layers.apply_rope``: pairs ``(2j, 2j + 1)``, ``a cos - b sin`` and ``a sin + b cos`` in fp32, rounded to
         bf16), the butterflies times ``SCALE`` rounded to bf16 (:func:`_hadamard_kernel`), then with ``FP4`` the
         FP4 snap per 32 dims (``quant.fp4_simulate``: :func:`common.fp4_quant_block`'s codes times their scale,
-        exact in bf16). Rounding by arithmetic (nearest even: the interpreter's cast truncates)."""
+        exact in bf16). Rounding by arithmetic (nearest even: the interpreter's cast truncates). ``SPLIT >= 1``: ``x``
+        is the ``wq_b`` GEMV's output as it leaves the kernel, ``[SPLIT, R, N]`` fp32 partials (bf16 when 1), summed
+        here in split order and rounded to bf16 first (the linear's output)."""
         r = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR] rows (token * HEADS + head)
         c = tl.arange(0, N)
         ok = (r < R)[:, None]
-        y = tl.load(x_ptr + r.to(tl.int64)[:, None] * N + c[None, :], mask=ok, other=0.0).to(tl.float32)  # [BR, N]
+        rows = x_ptr + r.to(tl.int64)[:, None] * N + c[None, :]
+        y = tl.load(rows, mask=ok, other=0.0).to(tl.float32)  # [BR, N]
+        if SPLIT > 0:
+            for s in tl.static_range(1, SPLIT):
+                y = y + tl.load(rows + s * R * N, mask=ok, other=0.0).to(tl.float32)
+            y = round_bf16(y)
         a, b = tl.split(tl.reshape(y, (BR, N // 2, 2)))  # [BR, N/2] the even and the odd dims of each pair
         j = tl.arange(0, N // 2)[None, :] - (N - RD) // 2  # [1, N/2] pair index within the RoPE dims (< 0: none)
         rope = j >= 0
@@ -100,6 +109,9 @@ if triton is not None:
             v = e2m1_nibble(codes, 0) * 8.507059173023462e37 * pow2(e)[:, None]
             y = tl.reshape(v, (BR, N))
         tl.store(y_ptr + r.to(tl.int64)[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+QUERY_AUTO = False  # the query kernel in "auto" (GPUs): on once its GPU test and the golden criteria pass with it
 
 
 def plan(n: int) -> dict:
@@ -143,9 +155,9 @@ def indexer_query_reference(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dt
     return fp4_simulate(q, 32) if fp4 else q
 
 
-def _query_meta(n: int, rd: int, heads: int, fp4: bool, p: dict) -> dict:
+def _query_meta(n: int, rd: int, heads: int, fp4: bool, p: dict, split: int = 0) -> dict:
     return dict(N=n, LOG=int(math.log2(n)), BR=p["BR"], SCALE=float(np.float32(n**-0.5)), RD=rd, HEADS=heads,
-                FP4=fp4, num_warps=p["num_warps"], num_stages=1)
+                FP4=fp4, SPLIT=split, num_warps=p["num_warps"], num_stages=1)
 
 
 def _check_query(q, cos, sin) -> None:
@@ -178,24 +190,54 @@ def indexer_query(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dtype, fp4: 
     fusion, the Hadamard launch and the snap's reduce and quantize fusions. It is the reference's operations in its
     order; only the RoPE products may contract into FMAs on a GPU (as XLA's may), which can move a rotated value by
     one bf16 ulp and a snapped code by one step. Not yet run on a GPU: ``"auto"`` keeps
-    :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs)."""
-    if (use_opt_in_triton(kernels) and q.size > 0 and q.dtype == jnp.bfloat16
+    :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs) until ``QUERY_AUTO`` is on."""
+    wanted = use_triton(kernels) if QUERY_AUTO else use_opt_in_triton(kernels)
+    if (wanted and q.size > 0 and q.dtype == jnp.bfloat16
             and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)):
         return replicated_on_mesh(lambda a, c, s, _: indexer_query_triton(a, c, s, fp4), (q, cos, sin), ())
     return indexer_query_reference(q, cos, sin, out_dtype, fp4, kernels)
 
 
-def run_query_torch(q, cos, sin, fp4: bool):
-    """:func:`_query_kernel` on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``q [T, Hi, n]`` bf16 values,
-    ``cos``/``sin [T, rd/2]`` fp32 -> fp32 ``[T, Hi, n]`` (bf16 values)."""
+def indexer_query_linear(qr: jax.Array, qrq: jax.Array | None, wq_b, heads: int, cos: jax.Array, sin: jax.Array,
+                         out_dtype, simulate: bool, fp4: bool, *, kernels: str = "auto") -> jax.Array:
+    """The indexer's queries from the q LoRA ``qr [B, S, q_lora]``: ``wq_b``'s linear (``qrq``: ``qr``'s FP8
+    quantization's values when the caller has them) reshaped to ``[B, S, heads, Di]``, then :func:`indexer_query`.
+
+    With the query kernel on (as :func:`indexer_query`: ``QUERY_AUTO`` or ``kernels="triton"``), at decode rows on one
+    device with an FP8 ``wq_b``: the GEMV's split-K partials go straight into :func:`_query_kernel` (``SPLIT``),
+    which sums them in split order and rounds before the RoPE: two launches for the GEMV, its sum, the RoPE, the
+    Hadamard and the snap."""
+    B, S, K = qr.shape
+    M, N = B * S, wq_b.shape[0] if isinstance(wq_b, jax.Array) else wq_b.q.shape[0]
+    wanted = use_triton(kernels) if QUERY_AUTO else use_opt_in_triton(kernels)
+    if (wanted and simulate and isinstance(wq_b, Fp8Tensor) and qr.dtype == jnp.bfloat16 and N % heads == 0
+            and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and K % QBLOCK == 0 and gemv2_ok(M, K, kernels)
+            and single_device()):
+        _check_query(jnp.zeros((B, S, heads, N // heads), jnp.bfloat16), cos, sin)
+        p = fp8_plan(M, N, K)  # the GEMV plan at these rows
+        part = gemv_partials(gemv_values(qr, qrq).reshape(M, 1, K), wq_b, M, N, K, 1, jnp.bfloat16, p)
+        R, n = M * heads, N // heads
+        y = triton_call(part, cos.reshape(M, -1).astype(jnp.float32), sin.reshape(M, -1).astype(jnp.float32), R,
+                        kernel=_query_kernel, out_shape=jax.ShapeDtypeStruct((R, n), jnp.bfloat16),
+                        grid=(-(-R // plan(n)["BR"]),), **_query_meta(n, 2 * cos.shape[-1], heads, fp4, plan(n),
+                                                                      p["SPLIT"]))
+        return y.reshape(B, S, heads, n)
+    q = linear(qr, wq_b, out_dtype, simulate, qrq, kernels=kernels, parallel="none").reshape(B, S, heads, -1)
+    return indexer_query(q, cos, sin, out_dtype, fp4, kernels=kernels)
+
+
+def run_query_torch(q, cos, sin, fp4: bool, split: int = 0):
+    """:func:`_query_kernel` on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``q [T, Hi, n]`` bf16 values
+    (``split >= 1``: ``wq_b``'s partials ``[split, T, Hi, n]``, fp32 or bf16), ``cos``/``sin [T, rd/2]`` fp32 -> fp32
+    ``[T, Hi, n]`` (bf16 values)."""
     import torch
 
-    T, Hi, n = q.shape
+    T, Hi, n = q.shape[-3:]
     R = T * Hi
     p = plan(n)
     y = torch.full((R, n), float("nan"), dtype=torch.float32)
-    _query_kernel[(-(-R // p["BR"]),)](q.reshape(R, n), cos, sin, R, y, **_query_meta(n, 2 * cos.shape[-1], Hi, fp4,
-                                                                                          p))
+    _query_kernel[(-(-R // p["BR"]),)](q.reshape(-1, n), cos, sin, R, y,
+                                       **_query_meta(n, 2 * cos.shape[-1], Hi, fp4, p, split))
     return y.reshape(T, Hi, n)
 
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.act_quant import grouped_proj_quant
 from dsv4_jax.kernels.attn_proj import q_kv_lora
-from dsv4_jax.kernels.fp8_linear import grouped_proj
 from dsv4_jax.kernels.ring_write import ring_write
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
@@ -82,7 +82,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
             with jax.named_scope("indexer"):
                 new["ikv"], new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ikv, ls.ic_kv,
                                                                      ls.ic_score, pos, n_new, 4, freqs, indexer=True)
-                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin)  # [B,S,k]
+                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin, qrq)  # [B,S,k]
         else:
             j = jnp.arange(n_c)[None, None, :]
             comp_idx = jnp.where(j < ((t + 1) // ratio)[..., None], j, -1)  # every complete entry
@@ -94,16 +94,19 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
             idx = jnp.concatenate([idx, comp_idx], axis=-1)  # [B,S,K] into [ring | chunk | compressed]
         o = sparse_attention(q, ls.kv, kv, new["ckv"] if ratio else None, idx, w.attn_sink, Dh**-0.5, dt,
                              kernels=kn)  # [B,S,H,Dh]
+        # the ring write (below) after the last read of the old ring (this attention): without this order XLA copied
+        # every donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200).
+        # On o, not on the layer's output: a barrier there kept wo_b's split-K sum out of its consumer's fusion.
+        o, ring = jax.lax.optimization_barrier((o, ls.kv))
 
     with jax.named_scope("o_proj"):
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, S, G, H * Dh // G)
-        z = grouped_proj(o, w.wo_a, dt, kernels=kn)  # [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation
-        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, kernels=kn, parallel="rows")  # [B,S,D]
+        # z [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation; zq: its FP8 quantization's values where the kernel
+        # made them with the split-K sum (decode rows), else None (wo_b's linear quantizes)
+        z, zq = grouped_proj_quant(o, w.wo_a, dt, kernels=kn)
+        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, zq, kernels=kn, parallel="rows")  # [B,S,D]
 
     with jax.named_scope("kv_ring_write"):
-        # the write after the last read of the old ring (attention above): without this order XLA copied every
-        # donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200)
-        out, ring = jax.lax.optimization_barrier((out, ls.kv))
         new["kv"] = ring_write(ring, kv, pos, n_new, kv_values, kernels=kn)  # slot t % W of the last W tokens
     return out, ls.replace(**new), chosen

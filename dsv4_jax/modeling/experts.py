@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.act_quant import swiglu_f32, swiglu_pair
 from dsv4_jax.modeling.quant import linear, linear_pair
 
 
@@ -31,15 +31,12 @@ def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Arr
     dt, sim = cfg.act_dtype, cfg.simulate
     kn = cfg.kernels  # FP8 weights (the shared expert) go through kernels.fp8_linear; FP4 ones stay on the reference
     cols, rows = ("cols", "rows") if shared else (None, None)
+    lim = float(cfg.swiglu_limit) if clamp and cfg.swiglu_limit > 0 else 0.0  # 0: no clamp
+    if weight is None:  # a and the values of its FP8 quantization in one launch where the kernel runs (decode rows)
+        a, aq = swiglu_pair(x, w1, w3, xq, lim, dt, sim, kernels=kn, parallel=cols)  # [.., I], values or None
+        return linear(a, w2, dt, sim, aq, kernels=kn, parallel=rows)
     g, u = linear_pair(x, w1, w3, dt, sim, xq, kernels=kn, parallel=cols)  # bf16 [.., I] each
-    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
-    if clamp and cfg.swiglu_limit > 0:
-        lim = np.float32(cfg.swiglu_limit)
-        u = jnp.clip(u, -lim, lim)
-        g = jnp.minimum(g, lim)
-    a = jax.nn.silu(g) * u
-    if weight is not None:
-        a = weight[:, None] * a
+    a = weight[:, None] * swiglu_f32(g, u, lim)  # the routing weight on the fp32 activation
     return linear(a.astype(dt), w2, dt, sim, kernels=kn, parallel=rows)
 
 

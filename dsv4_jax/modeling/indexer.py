@@ -13,26 +13,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.hadamard import indexer_query
+from dsv4_jax.kernels.hadamard import indexer_query_linear
 from dsv4_jax.kernels.indexer import indexer_topk
 from dsv4_jax.modeling.quant import linear
 from dsv4_jax.modeling.weights import IndexerWeights
 
 
 def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys, t: jax.Array,
-               cos: jax.Array, sin: jax.Array) -> jax.Array:
+               cos: jax.Array, sin: jax.Array, qrq: jax.Array | None = None) -> jax.Array:
     """Top-k compressed block ids ``[B, S, k]`` (-1 where fewer than k blocks are visible).
 
     Args:
       x: ``[B,S,D]`` attention input; qr: ``[B,S,q_lora]`` normalised q LoRA; keys: ``[B, Nc, Di]`` indexer cache
       (plain, or FP4 codes, decoded block by block; already holding the blocks completed in this chunk); t: ``[B,S]``
-      absolute query positions; cos/sin: ``[B,S,rd/2]`` RoPE of the query positions.
+      absolute query positions; cos/sin: ``[B,S,rd/2]`` RoPE of the query positions; qrq: the values of ``qr``'s FP8
+      quantization where the attention's fused q projection made them (``wq_b`` of the attention quantizes the same
+      ``qr``: one quantization for both, not a second one here), else ``None``.
     """
     dt = cfg.act_dtype
     B, S, _ = x.shape
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
-    q = linear(qr, w.wq_b, dt, cfg.simulate, kernels=cfg.kernels, parallel="none").reshape(B, S, Hi, Di)  # replicated
-    q = indexer_query(q, cos, sin, dt, cfg.simulate, kernels=cfg.kernels)  # RoPE, Hadamard, FP4 snap
+    # wq_b (replicated under a mesh), then RoPE, Hadamard, FP4 snap -> [B,S,Hi,Di]
+    q = indexer_query_linear(qr, qrq, w.wq_b, Hi, cos, sin, dt, cfg.simulate, cfg.simulate, kernels=cfg.kernels)
     hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
     hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
     return indexer_topk(q, hw, keys, t, cfg.index_topk, kernels=cfg.kernels)  # scores and top-k, block by block
