@@ -82,17 +82,19 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
             run small_tests "${SMALLT_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
               tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
               tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu ;;
-    fuse) # thirty-third session: the sum + quantize kernel and the indexer query kernel, checked, then timed
-          V1="dsv4_jax.kernels.act_quant:AUTO=True"; V2="dsv4_jax.kernels.hadamard:QUERY_AUTO=True"
-          run fuse_tests "${FUSET_BOX:-150}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-            tests/test_kernels_act_quant.py tests/test_kernels_indexer_query.py tests/test_kernels_hadamard.py -k gpu
-          DSV4_KERNELS=auto run golden_fuse "${GOLDENF_BOX:-200}" python3 scripts/bench_common.py "$V1 $V2" -m pytest \
-            -q -s -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
+    fuse) # thirty-third session: the sum + quantize, query and q/kv prep kernels (defaults) against them off
+          OLD="dsv4_jax.kernels.act_quant:AUTO=False dsv4_jax.kernels.hadamard:QUERY_AUTO=False"
+          OLD="$OLD dsv4_jax.kernels.attn_prep:AUTO=False"
+          run fuse_tests "${FUSET_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+            tests/test_kernels_act_quant.py tests/test_kernels_attn_prep.py tests/test_kernels_indexer_query.py \
+            tests/test_kernels_hadamard.py -k gpu
+          DSV4_KERNELS=auto run golden_fuse "${GOLDENF_BOX:-200}" python3 -m pytest -q -s -rf --tb=line \
+            -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
           TAIL=2 run decode_fuse "${FUSE_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
-            --batch 1,32 --kernels auto --iters 20 --out "$OUT/fuse.json" --variants "default;$V1 $V2;default;$V1 $V2"
+            --batch 1,32 --kernels auto --iters 20 --out "$OUT/fuse.json" --variants "default;$OLD;default"
           python3 -c "
 import json; r=json.load(open('$OUT/fuse.json'))['bench']
-for x in r: print('batch', x['batch'], x['variant'][-40:], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives

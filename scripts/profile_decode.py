@@ -10,7 +10,8 @@ also lists the host's events of the same trace (every other process: JAX's dispa
 the waits), grouped the same way with their count and time per step (nested events each count their own time):
 where the wall time outside the kernels goes. ``--scopes N`` lists the device time per named scope
 (``layer_0/attn/indexer``, ``layer_1/ffn/shared_expert``...: each kernel's HLO instruction looked up in the compiled
-step's ``op_name`` metadata), which tells whose the small XLA fusions are.
+step's ``op_name`` metadata), which tells whose the small XLA fusions are. Kernels inside XLA's CUDA graphs carry
+no HLO name in the trace (they pool under ``(no scope)``): run it with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``.
 
     python scripts/profile_decode.py --model flash --layers 3 --batch 1,32 --kernels reference,auto@xla --out $OUT
     python scripts/profile_decode.py --model tiny --device-match CPU     # smoke test of the parser on a CPU
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="", help="';'-separated benchmark variants (see bench_decode.py)")
     ap.add_argument("--host-top", type=int, default=0, help="host events listed per configuration (0: none)")
     ap.add_argument("--scopes", type=int, default=0, help="named scopes listed per configuration, by device time "
-                    "(0: none)")
+                    "(0: none; run with XLA_FLAGS=--xla_gpu_enable_command_buffer= so that kernels carry their names)")
     args = ap.parse_args(argv)
     variants = parse_variants(args.variants)  # a malformed variant fails here, before anything is timed
     make = {"flash": flash_layers, "pro": pro_layers,

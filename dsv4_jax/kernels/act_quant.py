@@ -28,9 +28,12 @@ the bf16 rounding, as in :mod:`dsv4_jax.kernels.attn_proj`); the SwiGLU is the r
 (``g * sigmoid(g) * u``), whose exponential may differ from XLA's in the last fp32 bit before the bf16 rounding
 (as in the FP4 MoE kernels). The quantization is exact.
 
-Status: opt-in (``kernels="triton"``, or ``AUTO = True``) until its GPU test and the golden criteria have run with
-it; one device only (under a mesh the callers keep XLA's form). Portable Triton (integer/fp32 arithmetic, plain
-loads), tested under the interpreter in CI.
+Status: in ``"auto"`` on one GPU (``AUTO``; ``kernels="triton"`` too). Its GPU test passed on an H100 and so did the
+golden all-position and layer-isolated criteria with it on (2026-12-06, with :mod:`dsv4_jax.kernels.attn_prep` and
+the indexer query kernel); in the 3-layer V4-Flash decode step at batch 1 the three together took the jitted loop
+from 1.081 to 1.043 ms per step (``docs/performance.md``, thirty-third session). ``AUTO = False`` (a benchmark
+variant) makes it opt-in again. Under a mesh the callers keep XLA's form. Portable Triton (integer/fp32 arithmetic,
+plain loads), tested under the interpreter in CI.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
-AUTO = False  # the kernel in "auto" (GPUs): on once its GPU test and the golden criteria have passed with it
+AUTO = True  # the kernel in "auto" (GPUs): its GPU test and the golden criteria passed with it (Status above)
 NBLK = 4  # 128-wide blocks per program
 
 

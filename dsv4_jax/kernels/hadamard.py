@@ -111,7 +111,7 @@ if triton is not None:
         tl.store(y_ptr + r.to(tl.int64)[:, None] * N + c[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-QUERY_AUTO = False  # the query kernel in "auto" (GPUs): on once its GPU test and the golden criteria pass with it
+QUERY_AUTO = True  # the query kernel in "auto" (GPUs): its GPU tests and the golden criteria passed with it
 
 
 def plan(n: int) -> dict:
@@ -186,11 +186,15 @@ def indexer_query(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dtype, fp4: 
     """The indexer's queries ``q [B, S, Hi, Di]`` (the ``wq_b`` output) -> RoPE'd, Hadamard-rotated and (``fp4``)
     FP4-snapped queries in ``out_dtype`` (spec 8). ``cos``/``sin [B, S, rd/2]``: the query positions' RoPE.
 
-    Opt-in (``kernels="triton"``, bf16 activations): :func:`_query_kernel`, one launch for what XLA runs as a RoPE
-    fusion, the Hadamard launch and the snap's reduce and quantize fusions. It is the reference's operations in its
-    order; only the RoPE products may contract into FMAs on a GPU (as XLA's may), which can move a rotated value by
-    one bf16 ulp and a snapped code by one step. Not yet run on a GPU: ``"auto"`` keeps
-    :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs) until ``QUERY_AUTO`` is on."""
+    With bf16 activations on GPUs (``"auto"`` while ``QUERY_AUTO``, and ``"triton"``): :func:`_query_kernel`, one
+    launch for what XLA runs as a RoPE fusion, the Hadamard launch and the snap's reduce and quantize fusions. It is
+    the reference's operations in its order; only the RoPE products may contract into FMAs on a GPU (as XLA's may),
+    which can move a rotated value by one bf16 ulp and a snapped code by one step. Its GPU tests passed on an H100
+    (against this reference and, fed ``wq_b``'s split partials, against the unfused path) and so did the golden
+    all-position and layer-isolated criteria with it (2026-12-06); on its own it had timed no faster in a decode step
+    (2026-12-02, README), with ``wq_b``'s split sum folded in it is one of the three kernels that took the 3-layer
+    batch-1 loop from 1.081 to 1.043 ms (``docs/performance.md``, thirty-third session). Elsewhere
+    :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs)."""
     wanted = use_triton(kernels) if QUERY_AUTO else use_opt_in_triton(kernels)
     if (wanted and q.size > 0 and q.dtype == jnp.bfloat16
             and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)):

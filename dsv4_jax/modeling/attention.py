@@ -19,13 +19,14 @@ import numpy as np
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.act_quant import grouped_proj_quant
+from dsv4_jax.kernels.attn_prep import prep_q_kv
 from dsv4_jax.kernels.attn_proj import q_kv_lora
 from dsv4_jax.kernels.ring_write import ring_write
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
 from dsv4_jax.modeling.indexer import index_topk
-from dsv4_jax.modeling.layers import apply_rope, head_rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import encode_fp8_cache, linear, quantize_act
+from dsv4_jax.modeling.layers import apply_rope, rope_cos_sin
+from dsv4_jax.modeling.quant import linear, quantize_act
 from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
 
@@ -61,14 +62,12 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         # qr [B,S,q_lora], kv [B,S,Dh]: both normed; qrq: qr's FP8 quantization where the fused kernels make it
         qr, qrq, kv = q_kv_lora(x, xq, w.wq_a, w.wkv, w.q_norm, w.kv_norm, cfg.norm_eps, dt, sim, kernels=kn)
         q = linear(qr, w.wq_b, dt, sim, qrq, kernels=kn, parallel="cols").reshape(B, S, H, Dh)
-        q = head_rms_norm(q, cfg.norm_eps, dt, cfg.cpu_rsqrt_tail)
-        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
 
     with jax.named_scope("kv_proj"):
-        kv = apply_rope(kv, cos, sin)
-        kv_values = kv  # [B,S,Dh] before the snap: the ring write's kernel snaps them itself
-        if cfg.kv_fp8_sim:
-            kv = encode_fp8_cache(kv, cfg.nope_dim)  # the FP8 snap of the nope dims (spec 3.2) as codes + scales
+        # q: per-head RMS norm and RoPE; kv_values [B,S,Dh]: RoPE'd, before the snap (the ring write's kernel snaps
+        # them itself); kv: the FP8 snap of the nope dims (spec 3.2) as codes + scales. One kernel at decode rows.
+        q, kv_values, kv = prep_q_kv(q, kv, cos, sin, cfg.norm_eps, cfg.nope_dim if cfg.kv_fp8_sim else None,
+                                     cfg.cpu_rsqrt_tail, kernels=kn)
         kv = in_layout(kv, ls.kv)  # [B,S,Dh] as the ring stores it
 
     new = {}
