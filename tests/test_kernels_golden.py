@@ -3,10 +3,11 @@
 The same ``@triton.jit`` kernels the GPU runs (``kernels/fp8_linear.py``: FP8 linear, the two-weight GEMV of the
 shared expert and wo_a's grouped projection; ``kernels/attn_proj.py``: wq_a + wkv with their norms;
 ``kernels/fp4_moe.py``: the routed experts; ``kernels/act_quant.py``: the split-K sum and quantization after
-``wo_a`` and the shared expert's gate/up (opt-in, on with ``"triton"``); ``kernels/sparse_attention.py``;
+``wo_a`` and the shared expert's gate/up; ``kernels/attn_prep.py``: the queries' norm + RoPE and the new KV entry's
+RoPE + snap; ``kernels/sparse_attention.py``;
 ``kernels/compressor_step.py``: the attention and indexer compressors' decode steps; ``kernels/indexer.py``: the
 indexer's scoring (opt-in, on with ``"triton"``); ``kernels/hadamard.py``: the keys' Hadamard and the indexer
-query's ``wq_b`` split-K sum, RoPE, Hadamard and FP4 snap (opt-in); ``kernels/mhc.py``: mHC's hc_pre with the block
+query's ``wq_b`` split-K sum, RoPE, Hadamard and FP4 snap; ``kernels/mhc.py``: mHC's hc_pre with the block
 norm; ``kernels/router.py``: the MoE router) are launched by their own jax launchers with
 ``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU stand-in for ``jax_triton.triton_call`` running
 Triton's interpreter inside ``jax.pure_callback``), in a subprocess because ``TRITON_INTERPRET=1`` must be set
@@ -46,7 +47,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
            "_query_kernel", "_hist_kernel", "_count_kernel", "_write_kernel", "_ring_write_kernel",
-           "_sum_quant_kernel")
+           "_sum_quant_kernel", "_prep_kernel")
 
 
 def _child(golden: str, out: str) -> None:
