@@ -176,6 +176,10 @@ def _interpret_main(path: str) -> None:
         o = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W, max(Nc, 1), Dh**-0.5, p)
         res[f"o{i}"] = o.numpy()
         res[f"split{i}"] = np.int64(p["SPLIT"])
+        if p["SPLIT"] > 1:  # the merge's inverse RoPE epilogue on the same workspace
+            rope = (t(f"cos{i}"), t(f"sin{i}"))
+            res[f"orope{i}"] = run_torch(t(f"q{i}").view(torch.bfloat16), srcs, fp8, idx, t(f"sink{i}"), W,
+                                         max(Nc, 1), Dh**-0.5, p, rope=rope).numpy()
     np.savez(path + ".out.npz", **res)
 
 
@@ -188,8 +192,39 @@ def interpreted(tmp_path_factory):
         q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED + i, kw.get("hole"),
                                        kw.get("dr", 64))
         arrays.update(_arrays(i, q, caches if Nc else caches[:2], idx, sink, fp8))
+        arrays.update(_rope_tables(i, B * S, kw.get("dr", 64)))
         cases.append(_reference(q, caches, idx, sink, Nc))
     return cases, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("sparse_attn"))
+
+
+def _rope_tables(i: int, R: int, rd: int) -> dict:
+    """fp32 cos/sin ``[R, rd/2]`` of random angles for case ``i``'s rows (the merge's inverse RoPE)."""
+    ang = np.random.default_rng(SEED + 50 + i).uniform(-np.pi, np.pi, (R, rd // 2))
+    return {f"cos{i}": np.cos(ang).astype(np.float32), f"sin{i}": np.sin(ang).astype(np.float32)}
+
+
+def test_interpreter_merge_applies_the_inverse_rope(interpreted):
+    """On every split case the merge with ``rope`` gives, bit for bit, ``layers.apply_rope(bf16(o), cos, sin,
+    inverse=True)`` of its own output without it (the model's former separate step), and changes the RoPE dims."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling.layers import apply_rope
+
+    _, out = interpreted
+    done = 0
+    for i, case in enumerate(CASES):
+        if f"orope{i}" not in out:
+            continue
+        _, B, S, H, Dh, *_, kw = case
+        tabs = _rope_tables(i, B * S, kw.get("dr", 64))
+        cos, sin = (jnp.asarray(tabs[f"{k}{i}"]).reshape(B, S, 1, -1) for k in ("cos", "sin"))
+        o = jnp.asarray(out[f"o{i}"]).astype(jnp.bfloat16)
+        want = np.asarray(apply_rope(o, cos, sin, inverse=True).astype(jnp.float32))
+        got = out[f"orope{i}"]
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=case[0])
+        assert (got != np.asarray(o.astype(jnp.float32))).any(), f"{case[0]}: the RoPE changed nothing"
+        done += 1
+    assert done >= 5, done
 
 
 def _close(got, ref, mag, what, ulps=0.5):
@@ -315,6 +350,38 @@ def test_gpu_matches_reference(case):
     got = jax.jit(lambda *a: sparse_attention_triton(*a, Dh**-0.5, p))(q, *caches, idx, sink)
     ref, mag = _reference(q, caches, idx, sink, Nc)
     _close(np.asarray(got.astype(jnp.float32)), ref, mag, case[0], ulps=1.0)  # the kernel rounds to bf16 too
+
+
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] in ("flash-decode", "csa-decode-b32", "flash-prefill")],
+                         ids=lambda c: c[0])
+def test_gpu_merge_rope_matches_xla_rope(monkeypatch, case):
+    """The merge's inverse RoPE (``out_rope``, ``MERGE_ROPE`` patched on) against the same kernel's output rotated
+    by XLA (``layers.apply_rope(..., inverse=True)``): within one bf16 ulp (either side may contract the products into
+    FMAs), >= 97 % bit for bit; the prefill case runs unsplit, where XLA rotates on both sides."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"sparse attention GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+    from test_kernels_fp8 import _bf16_ulp
+
+    import dsv4_jax.kernels.sparse_attention as sa
+    from dsv4_jax.kernels.sparse_attention import sparse_attention_triton
+    from dsv4_jax.modeling.layers import apply_rope
+
+    monkeypatch.setattr(sa, "MERGE_ROPE", True)
+    _, B, S, H, Dh, W, Nc, n_comp, positions, fp8, kw = case
+    q, caches, idx, sink = _inputs(B, S, H, Dh, W, Nc, n_comp, positions, fp8, SEED, kw.get("hole"))
+    tabs = _rope_tables(0, B * S, 64)
+    cos, sin = (jnp.asarray(tabs[f"{k}0"]).reshape(B, S, -1) for k in ("cos", "sin"))
+    f = jax.jit(lambda *a: sparse_attention_triton(*a, Dh**-0.5, out_rope=(cos, sin)))
+    got = np.asarray(f(q, *caches, idx, sink).astype(jnp.float32))
+    plain = jax.jit(lambda *a: sparse_attention_triton(*a, Dh**-0.5))(q, *caches, idx, sink)
+    want = np.asarray(apply_rope(plain, cos[:, :, None], sin[:, :, None], inverse=True).astype(jnp.float32))
+    assert (np.abs(got - want) <= _bf16_ulp(want) + 2.0**-133).all(), f"{case[0]}: beyond one bf16 ulp"
+    assert np.mean(got.view(np.uint32) == want.view(np.uint32)) >= 0.97, f"{case[0]}: too few equal bits"
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`

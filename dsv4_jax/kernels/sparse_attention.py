@@ -95,6 +95,7 @@ from dsv4_jax.kernels import (
     use_opt_in_triton,
     use_triton,
 )
+from dsv4_jax.modeling.layers import apply_rope
 from dsv4_jax.modeling.quant import Fp8Cache, cache_values, dot_f32
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -306,12 +307,14 @@ if triton is not None:
                 tl.store(l_ptr + ws, l, mask=hm)
 
     @triton.jit
-    def _combine_kernel(acc_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H: tl.constexpr, DH: tl.constexpr,
-                        SPLIT: tl.constexpr, SP2: tl.constexpr, DCC: tl.constexpr):
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, sink_ptr, cs_ptr, sn_ptr, o_ptr, H: tl.constexpr, DH: tl.constexpr,
+                        SPLIT: tl.constexpr, SP2: tl.constexpr, DCC: tl.constexpr, RD: tl.constexpr = 0):
         """o[row, h, dims of this program] from the workspace of :func:`_sparse_attn_kernel`: weights
         ``w_s = exp(m_s - max_s m_s)`` per split, ``l = sum_s w_s l_s + exp(sink - max)``,
         ``o = bf16(sum_s w_s acc_s / l)`` (fp32; a fixed reduction tree: deterministic). One program per (row, head,
-        ``DCC`` dims): all splits in one ``[SP2, DCC]`` tile."""
+        ``DCC`` dims): all splits in one ``[SP2, DCC]`` tile. ``RD > 0``: then the inverse RoPE of the last ``RD``
+        dims with the row's ``cos``/``sin [B*S, RD/2]`` (``layers.apply_rope(o, cos, sin, inverse=True)`` of the
+        bf16 output: ``a cos + b sin`` and ``b cos - a sin`` in fp32, rounded to bf16; ``DCC >= RD``)."""
         pid = tl.program_id(0)  # (row * H + h) * (DH // DCC) + dim chunk
         d = (pid % (DH // DCC)) * DCC + tl.arange(0, DCC)  # [DCC]
         rh = pid // (DH // DCC)
@@ -326,6 +329,16 @@ if triton is not None:
         l = tl.sum(w * tl.load(l_ptr + ws, mask=s < SPLIT, other=0.0), axis=0) + tl.exp(tl.load(sink_ptr + h) - mx)
         a = tl.load(acc_ptr + ws.to(tl.int64)[:, None] * DH + d[None, :], mask=(s < SPLIT)[:, None], other=0.0)
         o = tl.sum(w[:, None] * a, axis=0) / l  # [DCC]
+        if RD > 0:  # the output as the model rounds it, then its inverse RoPE (only the last chunk has RoPE dims)
+            o = round_bf16(o)
+            pa, pb = tl.split(tl.reshape(o, (DCC // 2, 2)))  # [DCC/2] the even and the odd dims of each pair
+            j = (pid % (DH // DCC)) * (DCC // 2) + tl.arange(0, DCC // 2) - (DH - RD) // 2  # pair within RoPE dims
+            rope = j >= 0
+            cs = tl.load(cs_ptr + row * (RD // 2) + j, mask=rope, other=1.0)
+            sn = tl.load(sn_ptr + row * (RD // 2) + j, mask=rope, other=0.0)
+            ra = round_bf16(pa * cs + pb * sn)
+            rb = round_bf16(pb * cs - pa * sn)
+            o = tl.reshape(tl.join(tl.where(rope, ra, pa), tl.where(rope, rb, pb)), (DCC,))
         tl.store(o_ptr + rh.to(tl.int64) * DH + d, o.to(o_ptr.dtype.element_ty))
 
 
@@ -424,9 +437,14 @@ def _check(q, ring, chunk, comp, idx):
         raise ValueError(f"sparse_attention: head_dim={Dh} must be a multiple of 64 for the kernel")
 
 
-def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: dict | None = None) -> jax.Array:
+def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: dict | None = None,
+                            out_rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """The Triton path of :func:`sparse_attention` (bf16 q, bf16 P): the main kernel, plus the merge when the plan
-    splits the index lists."""
+    splits the index lists; ``out_rope``: the output's inverse RoPE, in the merge's epilogue (else by XLA after the
+    unsplit kernel, or without :data:`MERGE_ROPE`)."""
+    if out_rope is not None and not MERGE_ROPE:  # XLA rotates the kernel's output (a launch of its own)
+        o = sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale, p)
+        return apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
     _check(q, ring, chunk, comp, idx)
     B, S, H, Dh = q.shape
     W, K = ring.shape[1], idx.shape[-1]
@@ -444,14 +462,28 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
         out = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), f32(1), f32(1)]
-        return triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=True, **meta)[0]
+        o = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=True, **meta)[0]
+        return o if out_rope is None else apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
     R, sp = B * S, p["SPLIT"]
     acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=True, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
                                                                           f32(R, sp, H)], grid=(n_main,), **meta)
-    return triton_call(acc, m, l, sink, kernel=_combine_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
-                       grid=(n_merge,), H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4, num_stages=1)
+    rd = 0 if out_rope is None else 2 * out_rope[0].shape[-1]
+    if rd > p["DCC"]:
+        raise ValueError(f"sparse_attention: {rd} RoPE dims do not fit the merge's {p['DCC']}-dim chunks")
+    cs, sn = ((f32_rows(c, R) for c in out_rope) if rd else (jnp.zeros((1,), jnp.float32),) * 2)
+    return triton_call(acc, m, l, sink, cs, sn, kernel=_combine_kernel,
+                       out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), grid=(n_merge,), H=H, DH=Dh, SPLIT=sp,
+                       SP2=p["SP2"], DCC=p["DCC"], RD=rd, num_warps=4, num_stages=1)
 
 
+def f32_rows(c: jax.Array, R: int) -> jax.Array:
+    """``cos`` or ``sin [B, S, rd/2]`` as the kernels read them: fp32 ``[B*S, rd/2]``."""
+    return c.reshape(R, -1).astype(jnp.float32)
+
+
+# The merge applies the output's inverse RoPE (``out_rope``) in its epilogue: bit for bit XLA's rotation under the
+# interpreter (tests/test_kernels_sparse_attn.py); off until its GPU test and the golden criteria have run with it
+MERGE_ROPE = False
 AUTO_MIN_LIST = 0  # "auto": index lists at least this long take the kernel (0: every list, CSA ones too) ...
 AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S); more rows than this are prefill rows ...
 PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured faster, use_kernel's docstring)
@@ -478,22 +510,28 @@ def use_kernel(kernels: str, rows: int, K: int) -> bool:
     return use_opt_in_triton(kernels)
 
 
-def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, kernels: str = "auto") -> jax.Array:
+def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, kernels: str = "auto",
+                     out_rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Attention of queries ``q [B,S,H,Dh]`` over index lists ``idx [B,S,K]`` into ``[ring | chunk | comp]`` (see
     :func:`sparse_attention_reference`). The Triton kernel runs (bf16 queries with bf16 P, ``Dh`` a multiple of 64)
-    where :func:`use_kernel` says so; everywhere else the XLA reference."""
+    where :func:`use_kernel` says so; everywhere else the XLA reference. ``out_rope``: the rows' ``(cos, sin)``
+    ``[B, S, rd/2]``, whose inverse RoPE the output then gets (``layers.apply_rope(o, cos, sin, inverse=True)``, the
+    attention's last step in the spec): in the kernel's merge when it runs split (a launch less per layer at decode),
+    else by XLA."""
     B, S, _, Dh = q.shape
     if (q.dtype == jnp.bfloat16 and p_dtype == jnp.bfloat16 and Dh % 64 == 0
             and use_kernel(kernels, B * S, idx.shape[-1])):
-        return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale)
-    return sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
+        return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale, out_rope=out_rope)
+    o = sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
+    return o if out_rope is None else apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
 
 
 # ---------------------------------------------------------------------------------------------- torch launcher
-def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: float, p: dict):
+def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
     """Launch the kernel(s) on torch tensors (CI: under ``TRITON_INTERPRET=1``). ``sources``: three tuples
     (codes, scales, rope) or (values, dummy, dummy) for ring, chunk, compressed; ``p``: a :func:`plan` for this
-    ``K``. Returns o ``[B,S,H,Dh]`` fp32."""
+    ``K``; ``rope``: ``(cos, sin)`` fp32 ``[B*S, rd/2]`` for the merge's inverse RoPE (split plans). Returns o
+    ``[B,S,H,Dh]`` fp32."""
     import torch
 
     B, S, H, Dh = q.shape
@@ -512,6 +550,7 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
     _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, acc, m, l, INTERPRET=interp, **meta)
     o = nan(B, S, H, Dh)
-    _combine_kernel[(n_merge,)](acc, m, l, sink, o, H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"], num_warps=4,
-                                num_stages=1)
+    cs, sn = rope if rope is not None else (torch.zeros(1), torch.zeros(1))
+    _combine_kernel[(n_merge,)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"],
+                                RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4, num_stages=1)
     return o

@@ -25,7 +25,7 @@ from dsv4_jax.kernels.ring_write import ring_write
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
 from dsv4_jax.modeling.indexer import index_topk
-from dsv4_jax.modeling.layers import apply_rope, rope_cos_sin
+from dsv4_jax.modeling.layers import rope_cos_sin
 from dsv4_jax.modeling.quant import linear, quantize_act
 from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
@@ -92,14 +92,13 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         if comp_idx is not None:
             idx = jnp.concatenate([idx, comp_idx], axis=-1)  # [B,S,K] into [ring | chunk | compressed]
         o = sparse_attention(q, ls.kv, kv, new["ckv"] if ratio else None, idx, w.attn_sink, Dh**-0.5, dt,
-                             kernels=kn)  # [B,S,H,Dh]
+                             kernels=kn, out_rope=(cos, sin))  # [B,S,H,Dh], the inverse RoPE applied
         # the ring write (below) after the last read of the old ring (this attention): without this order XLA copied
         # every donated ring leaf before writing it in place (9 extra kernels per 3-layer decode step on an H200).
         # On o, not on the layer's output: a barrier there kept wo_b's split-K sum out of its consumer's fusion.
         o, ring = jax.lax.optimization_barrier((o, ls.kv))
 
     with jax.named_scope("o_proj"):
-        o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, S, G, H * Dh // G)
         # z [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation; zq: its FP8 quantization's values where the kernel
         # made them with the split-K sum (decode rows), else None (wo_b's linear quantizes)
