@@ -482,8 +482,10 @@ def f32_rows(c: jax.Array, R: int) -> jax.Array:
 
 
 # The merge applies the output's inverse RoPE (``out_rope``) in its epilogue: bit for bit XLA's rotation under the
-# interpreter (tests/test_kernels_sparse_attn.py); off until its GPU test and the golden criteria have run with it
-MERGE_ROPE = False
+# interpreter (tests/test_kernels_sparse_attn.py); its GPU test and the golden criteria passed with it on an H100
+# (2026-12-06), and the 3-layer V4-Flash batch-1 loop took 1.046 ms with it, 1.071 without (docs/performance.md).
+# False (a benchmark variant): XLA rotates the kernel's output, a launch of its own per layer.
+MERGE_ROPE = True
 AUTO_MIN_LIST = 0  # "auto": index lists at least this long take the kernel (0: every list, CSA ones too) ...
 AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S); more rows than this are prefill rows ...
 PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured faster, use_kernel's docstring)
