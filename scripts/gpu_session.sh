@@ -82,12 +82,12 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
             run small_tests "${SMALLT_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
               tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
               tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu ;;
-    fuse) # thirty-third session: the sum + quantize, query and q/kv prep kernels (defaults) against them off
+    fuse) # thirty-third session: the sum + quantize, query, q/kv prep kernels and the merge's RoPE against them off
           OLD="dsv4_jax.kernels.act_quant:AUTO=False dsv4_jax.kernels.hadamard:QUERY_AUTO=False"
-          OLD="$OLD dsv4_jax.kernels.attn_prep:AUTO=False"
+          OLD="$OLD dsv4_jax.kernels.attn_prep:AUTO=False dsv4_jax.kernels.sparse_attention:MERGE_ROPE=False"
           run fuse_tests "${FUSET_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
             tests/test_kernels_act_quant.py tests/test_kernels_attn_prep.py tests/test_kernels_indexer_query.py \
-            tests/test_kernels_hadamard.py -k gpu
+            tests/test_kernels_hadamard.py tests/test_kernels_sparse_attn.py -k gpu
           DSV4_KERNELS=auto run golden_fuse "${GOLDENF_BOX:-200}" python3 -m pytest -q -s -rf --tb=line \
             -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
           TAIL=2 run decode_fuse "${FUSE_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
