@@ -136,6 +136,16 @@ def use_opt_in_triton(kernels: str) -> bool:
     return kernels == "triton" and use_triton(kernels) and single_device()
 
 
+def use_switched_triton(kernels: str, auto: bool, one_device: bool = False) -> bool:
+    """Whether a kernel with its own ``"auto"`` switch (a module constant such as ``ring_write.AUTO``, which a
+    benchmark variant can turn off) runs: with the switch on wherever :func:`use_triton` says so (``one_device``: and
+    only without a multi-device mesh, for kernels whose callers have no per-device form), off only where opted in
+    (:func:`use_opt_in_triton`)."""
+    if not auto:
+        return use_opt_in_triton(kernels)
+    return use_triton(kernels) and (single_device() or not one_device)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton block shapes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import single_device, sum_splits, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import sum_splits, triton_call, use_switched_triton
 from dsv4_jax.kernels.fp8_linear import (
     GEMV_ROWS,
     QBLOCK,
@@ -143,7 +143,7 @@ def swiglu_f32(g: jax.Array, u: jax.Array, limit: float) -> jax.Array:
 
 
 def _wanted(kernels: str) -> bool:
-    return (use_triton(kernels) and single_device()) if AUTO else use_opt_in_triton(kernels)
+    return use_switched_triton(kernels, AUTO, one_device=True)
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import next_pow2, single_device, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import next_pow2, triton_call, use_switched_triton
 from dsv4_jax.modeling.layers import apply_rope, head_rms_norm
 from dsv4_jax.modeling.quant import Fp8Cache, encode_fp8_cache
 
@@ -48,7 +48,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, round_bf16
+    from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, rope_rows, round_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -58,19 +58,6 @@ BH = 8  # heads per program
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rope_rows(y, cs_ptr, sn_ptr, r, BR: tl.constexpr, DH: tl.constexpr, RD: tl.constexpr):
-        """``apply_rope`` of rows ``y [BR, DH]`` (fp32 values) of token ``r``: pairs of the last ``RD`` dims rotated by
-        ``cos``/``sin [RD/2]`` of the token, rounded to bf16; the other dims as they are."""
-        a, b = tl.split(tl.reshape(y, (BR, DH // 2, 2)))  # [BR, DH/2] the even and the odd dims of each pair
-        j = tl.arange(0, DH // 2)[None, :] - (DH - RD) // 2  # [1, DH/2] pair index within the RoPE dims (< 0: none)
-        rope = j >= 0
-        cs = tl.load(cs_ptr + r * (RD // 2) + j, mask=rope, other=1.0)
-        sn = tl.load(sn_ptr + r * (RD // 2) + j, mask=rope, other=0.0)
-        ra = round_bf16(a * cs - b * sn)
-        rb = round_bf16(a * sn + b * cs)
-        return tl.reshape(tl.join(tl.where(rope, ra, a), tl.where(rope, rb, b)), (BR, DH))
 
     @triton.jit
     def _prep_kernel(q_ptr, kv_ptr, cs_ptr, sn_ptr, qo_ptr, kvo_ptr, codes_ptr, scales_ptr, rope_ptr,
@@ -95,10 +82,11 @@ if triton is not None:
             one = tl.full((BH,), 1.0, tl.float32)
             rr = round_bf16(tl.div_rn(one, tl.sqrt_rn(ms)))
             rr = tl.where(r * H + h >= TAIL, round_bf16(tl.div_rn(one, round_bf16(tl.sqrt_rn(ms)))), rr)
-            qy = _rope_rows(round_bf16(x * rr[:, None]), cs_ptr, sn_ptr, r, BH, DH, RD)
+            qy = rope_rows(round_bf16(x * rr[:, None]), cs_ptr, sn_ptr, r, ok, BH, DH, RD)
             tl.store(qo_ptr + rows, qy.to(qo_ptr.dtype.element_ty), mask=ok)
         else:
-            ky = _rope_rows(tl.load(kv_ptr + r * DH + c[None, :]).to(tl.float32), cs_ptr, sn_ptr, r, 1, DH, RD)
+            kv = tl.load(kv_ptr + r * DH + c[None, :]).to(tl.float32)  # [1, DH]
+            ky = rope_rows(kv, cs_ptr, sn_ptr, r, tl.full((1, 1), 1, tl.int1), 1, DH, RD)
             tl.store(kvo_ptr + r * DH + c[None, :], ky.to(kvo_ptr.dtype.element_ty))
             blk = tl.arange(0, DH // 64)
             dd = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [DH/64, 64]
@@ -162,8 +150,8 @@ def prep_q_kv(q: jax.Array, kv: jax.Array, cos: jax.Array, sin: jax.Array, eps: 
     kernel runs for bf16 decode rows with a snap where :data:`AUTO` (or ``kernels="triton"``) says so, on one
     device; everywhere else :func:`prep_q_kv_reference`."""
     B, S = q.shape[:2]
-    wanted = (use_triton(kernels) and single_device()) if AUTO else use_opt_in_triton(kernels)
-    if (wanted and dn is not None and 0 < B * S <= MAX_ROWS and q.dtype == kv.dtype == jnp.bfloat16):
+    if (use_switched_triton(kernels, AUTO, one_device=True) and dn is not None and 0 < B * S <= MAX_ROWS
+            and q.dtype == kv.dtype == jnp.bfloat16):
         return prep_q_kv_triton(q, kv, cos, sin, eps, dn, cpu_rsqrt_tail)
     return prep_q_kv_reference(q, kv, cos, sin, eps, dn, cpu_rsqrt_tail)
 

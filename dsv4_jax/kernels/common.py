@@ -5,6 +5,7 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
 * :func:`round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32. :func:`rn_bf16`: the same by the hardware's
   conversion (fewer instructions where it is the bottleneck; nearest-even on NVIDIA and AMD; under the interpreter
   the tests' ``tests/triton_shim.py`` makes the cast round, as it truncates there).
+* :func:`rope_rows`: the reference's RoPE of rows of values (the indexer query and the attention prep kernels).
 * :func:`pow2`, :func:`e8m0`: powers of two from integer exponents / e8m0 scale bytes.
 * :func:`e2m1_pair`, :func:`e2m1_nibble`, :func:`e2m1_factors`: both nibbles of a packed e2m1 byte (or any nibble
   of a packed int32 word) as fp32 values times 2**-126 (the 3 magnitude bits placed under the exponent, 3 integer
@@ -31,6 +32,23 @@ def round_bf16(v):
     b = v.to(tl.int32, bitcast=True)
     b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
     return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rope_rows(y, cos_ptr, sin_ptr, t, ok, BR: tl.constexpr, N: tl.constexpr, RD: tl.constexpr):
+    """``layers.apply_rope`` of rows ``y [BR, N]`` (fp32 values): the pairs ``(2j, 2j + 1)`` of the last ``RD`` dims
+    rotated by row ``t`` (``[BR, 1]`` int64 or a scalar) of the fp32 tables ``cos``/``sin [*, RD/2]``, ``a cos - b
+    sin`` and ``a sin + b cos`` rounded to bf16 (nearest even, :func:`round_bf16`); the other dims as they are.
+    ``ok [BR, 1]``: the rows whose table entries are read."""
+    a, b = tl.split(tl.reshape(y, (BR, N // 2, 2)))  # [BR, N/2] the even and the odd dims of each pair
+    j = tl.arange(0, N // 2)[None, :] - (N - RD) // 2  # [1, N/2] pair index within the RoPE dims (< 0: none)
+    rope = j >= 0
+    e = t * (RD // 2) + j  # [BR, N/2] the row's cos/sin entry
+    cs = tl.load(cos_ptr + e, mask=ok & rope, other=1.0)
+    sn = tl.load(sin_ptr + e, mask=ok & rope, other=0.0)
+    ra = round_bf16(a * cs - b * sn)
+    rb = round_bf16(a * sn + b * cs)
+    return tl.reshape(tl.join(tl.where(rope, ra, a), tl.where(rope, rb, b)), (BR, N))
 
 
 @triton.jit

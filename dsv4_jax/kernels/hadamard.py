@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kernels import next_pow2, single_device, triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import next_pow2, triton_call, use_switched_triton, use_triton
 from dsv4_jax.kernels.fp8_linear import QBLOCK, gemv2_ok, gemv_partials, gemv_values
 from dsv4_jax.kernels.fp8_linear import plan as fp8_plan
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
@@ -39,7 +39,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_nibble, fp4_quant_block, pow2, round_bf16
+    from dsv4_jax.kernels.common import e2m1_nibble, fp4_quant_block, pow2, rope_rows, round_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -94,15 +94,7 @@ if triton is not None:
             for s in tl.static_range(1, SPLIT):
                 y = y + tl.load(rows + s * R * N, mask=ok, other=0.0).to(tl.float32)
             y = round_bf16(y)
-        a, b = tl.split(tl.reshape(y, (BR, N // 2, 2)))  # [BR, N/2] the even and the odd dims of each pair
-        j = tl.arange(0, N // 2)[None, :] - (N - RD) // 2  # [1, N/2] pair index within the RoPE dims (< 0: none)
-        rope = j >= 0
-        t = (r // HEADS).to(tl.int64)[:, None] * (RD // 2) + j  # [BR, N/2] the token's cos/sin entry
-        cs = tl.load(cos_ptr + t, mask=ok & rope, other=1.0)
-        sn = tl.load(sin_ptr + t, mask=ok & rope, other=0.0)
-        ra = round_bf16(a * cs - b * sn)
-        rb = round_bf16(a * sn + b * cs)
-        y = tl.reshape(tl.join(tl.where(rope, ra, a), tl.where(rope, rb, b)), (BR, N))
+        y = rope_rows(y, cos_ptr, sin_ptr, (r // HEADS).to(tl.int64)[:, None], ok, BR, N, RD)  # the token's RoPE
         y = round_bf16(butterflies(y, BR, N, LOG) * SCALE)
         if FP4:  # codes x 2**126 x 2**e: e2m1_nibble's values are the e2m1 values times 2**-126
             codes, e = fp4_quant_block(tl.reshape(y, (BR * N // 32, 32)))  # [BR*N/32, 32], [BR*N/32]
@@ -160,17 +152,18 @@ def _query_meta(n: int, rd: int, heads: int, fp4: bool, p: dict, split: int = 0)
                 FP4=fp4, SPLIT=split, num_warps=p["num_warps"], num_stages=1)
 
 
-def _check_query(q, cos, sin) -> None:
-    n, rd = q.shape[-1], 2 * cos.shape[-1]
-    if q.ndim != 4 or n & (n - 1) or n < 32 or not 0 < rd <= n or cos.shape != q.shape[:2] + (rd // 2,) \
+def _check_query(q_shape: tuple, cos, sin) -> None:
+    """ValueError unless queries of shape ``q_shape`` and the tables fit :func:`_query_kernel`."""
+    n, rd = q_shape[-1], 2 * cos.shape[-1]
+    if len(q_shape) != 4 or n & (n - 1) or n < 32 or not 0 < rd <= n or cos.shape != tuple(q_shape[:2]) + (rd // 2,) \
             or sin.shape != cos.shape:
-        raise ValueError(f"indexer_query: q {q.shape} (B, S, heads, a power of two >= 32), cos {cos.shape} and sin "
-                         f"{sin.shape} (B, S, rope_dims/2 <= head_dim/2) do not fit")
+        raise ValueError(f"indexer_query: q {tuple(q_shape)} (B, S, heads, a power of two >= 32), cos {cos.shape} and "
+                         f"sin {sin.shape} (B, S, rope_dims/2 <= head_dim/2) do not fit")
 
 
 def indexer_query_triton(q: jax.Array, cos: jax.Array, sin: jax.Array, fp4: bool) -> jax.Array:
     """:func:`indexer_query` in one launch (bf16 in and out; ``cos``/``sin`` fp32)."""
-    _check_query(q, cos, sin)
+    _check_query(q.shape, cos, sin)
     B, S, Hi, n = q.shape
     R = B * S * Hi
     p = plan(n)
@@ -195,8 +188,7 @@ def indexer_query(q: jax.Array, cos: jax.Array, sin: jax.Array, out_dtype, fp4: 
     (2026-12-02, README), with ``wq_b``'s split sum folded in it is one of the three kernels that took the 3-layer
     batch-1 loop from 1.081 to 1.043 ms (``docs/performance.md``, thirty-third session). Elsewhere
     :func:`indexer_query_reference` (whose Hadamard is the kernel above on GPUs)."""
-    wanted = use_triton(kernels) if QUERY_AUTO else use_opt_in_triton(kernels)
-    if (wanted and q.size > 0 and q.dtype == jnp.bfloat16
+    if (use_switched_triton(kernels, QUERY_AUTO) and q.size > 0 and q.dtype == jnp.bfloat16
             and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)):
         return replicated_on_mesh(lambda a, c, s, _: indexer_query_triton(a, c, s, fp4), (q, cos, sin), ())
     return indexer_query_reference(q, cos, sin, out_dtype, fp4, kernels)
@@ -213,18 +205,17 @@ def indexer_query_linear(qr: jax.Array, qrq: jax.Array | None, wq_b, heads: int,
     Hadamard and the snap."""
     B, S, K = qr.shape
     M, N = B * S, wq_b.shape[0] if isinstance(wq_b, jax.Array) else wq_b.q.shape[0]
-    wanted = use_triton(kernels) if QUERY_AUTO else use_opt_in_triton(kernels)
-    if (wanted and simulate and isinstance(wq_b, Fp8Tensor) and qr.dtype == jnp.bfloat16 and N % heads == 0
-            and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and K % QBLOCK == 0 and gemv2_ok(M, K, kernels)
-            and single_device()):
-        _check_query(jnp.zeros((B, S, heads, N // heads), jnp.bfloat16), cos, sin)
+    if (use_switched_triton(kernels, QUERY_AUTO, one_device=True) and simulate and isinstance(wq_b, Fp8Tensor)
+            and qr.dtype == jnp.bfloat16 and N % heads == 0 and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)
+            and K % QBLOCK == 0 and gemv2_ok(M, K, kernels)):
+        R, n = M * heads, N // heads
+        _check_query((B, S, heads, n), cos, sin)
         p = fp8_plan(M, N, K)  # the GEMV plan at these rows
         part = gemv_partials(gemv_values(qr, qrq).reshape(M, 1, K), wq_b, M, N, K, 1, jnp.bfloat16, p)
-        R, n = M * heads, N // heads
+        pq = plan(n)
         y = triton_call(part, cos.reshape(M, -1).astype(jnp.float32), sin.reshape(M, -1).astype(jnp.float32), R,
                         kernel=_query_kernel, out_shape=jax.ShapeDtypeStruct((R, n), jnp.bfloat16),
-                        grid=(-(-R // plan(n)["BR"]),), **_query_meta(n, 2 * cos.shape[-1], heads, fp4, plan(n),
-                                                                      p["SPLIT"]))
+                        grid=(-(-R // pq["BR"]),), **_query_meta(n, 2 * cos.shape[-1], heads, fp4, pq, p["SPLIT"]))
         return y.reshape(B, S, heads, n)
     q = linear(qr, wq_b, out_dtype, simulate, qrq, kernels=kernels, parallel="none").reshape(B, S, heads, -1)
     return indexer_query(q, cos, sin, out_dtype, fp4, kernels=kernels)

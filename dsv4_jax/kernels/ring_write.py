@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import triton_call, use_opt_in_triton, use_triton
+from dsv4_jax.kernels import triton_call, use_switched_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling.quant import Fp8Cache
 
@@ -132,9 +132,8 @@ def ring_write(ring, kv, pos: jax.Array, n_new: jax.Array, values: jax.Array | N
     chunk of an ``Fp8Cache`` ring takes the kernel (``kernels="triton"``, or ``"auto"`` on GPUs with :data:`AUTO`):
     it snaps the values itself, so XLA need not materialise the snapped leaves for it (their fusion stays inside the
     attention's reads). The same bits either way."""
-    wanted = use_triton(kernels) if AUTO else use_opt_in_triton(kernels)
-    if (wanted and values is not None and isinstance(ring, Fp8Cache) and values.shape[1] == 1
-            and values.shape[0] > 0 and values.dtype == jnp.bfloat16):
+    if (use_switched_triton(kernels, AUTO) and values is not None and isinstance(ring, Fp8Cache)
+            and values.shape[1] == 1 and values.shape[0] > 0 and values.dtype == jnp.bfloat16):
         def local(rc, rs, rr, v, p, n, _):
             return ring_write_triton(Fp8Cache(codes=rc, scales=rs, rope=rr), v, p, n)
 

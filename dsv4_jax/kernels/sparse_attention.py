@@ -444,7 +444,7 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     unsplit kernel, or without :data:`MERGE_ROPE`)."""
     if out_rope is not None and not MERGE_ROPE:  # XLA rotates the kernel's output (a launch of its own)
         o = sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale, p)
-        return apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
+        return _rotate_back(o, out_rope)
     _check(q, ring, chunk, comp, idx)
     B, S, H, Dh = q.shape
     W, K = ring.shape[1], idx.shape[-1]
@@ -463,7 +463,7 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
         out = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), f32(1), f32(1)]
         o = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=True, **meta)[0]
-        return o if out_rope is None else apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
+        return o if out_rope is None else _rotate_back(o, out_rope)
     R, sp = B * S, p["SPLIT"]
     acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=True, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
                                                                           f32(R, sp, H)], grid=(n_main,), **meta)
@@ -474,6 +474,12 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     return triton_call(acc, m, l, sink, cs, sn, kernel=_combine_kernel,
                        out_shape=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), grid=(n_merge,), H=H, DH=Dh, SPLIT=sp,
                        SP2=p["SP2"], DCC=p["DCC"], RD=rd, num_warps=4, num_stages=1)
+
+
+def _rotate_back(o: jax.Array, out_rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """XLA's inverse RoPE of the attention output ``o [B, S, H, Dh]`` with the rows' ``(cos, sin) [B, S, rd/2]``."""
+    cos, sin = out_rope
+    return apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
 
 
 def f32_rows(c: jax.Array, R: int) -> jax.Array:
@@ -525,7 +531,7 @@ def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, 
             and use_kernel(kernels, B * S, idx.shape[-1])):
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale, out_rope=out_rope)
     o = sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
-    return o if out_rope is None else apply_rope(o, out_rope[0][:, :, None], out_rope[1][:, :, None], inverse=True)
+    return o if out_rope is None else _rotate_back(o, out_rope)
 
 
 # ---------------------------------------------------------------------------------------------- torch launcher
