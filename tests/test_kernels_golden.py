@@ -46,7 +46,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_down_kernel", "_gate_up_gemv", "_down_gemv", "_sparse_attn_kernel", "_mix_partial_kernel",
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
-           "_query_kernel", "_hist_kernel", "_count_kernel", "_write_kernel", "_ring_write_kernel",
+           "_query_kernel", "_sort_kernel", "_ring_write_kernel",
            "_sum_quant_kernel", "_prep_kernel")
 
 
@@ -114,7 +114,7 @@ def result(golden_dir, tmp_path_factory):
 def test_kernels_ran(result):
     """Every kernel was launched (FP8 linear tiled, GEMV and two-weight GEMV, the attention's input norms, wo_a's
     grouped projection, both MoE stages tiled and GEMV, sparse attention, mHC, router, the indexer's Hadamard, scoring
-    and radix top-k): no silent XLA fallback."""
+    and its one-program sort top-k of the short caches): no silent XLA fallback."""
     counts = dict(zip(KERNELS, result["launches"].tolist()))
     assert all(v > 0 for v in counts.values()) and int(result["grouped"]) > 0, (counts, int(result["grouped"]))
 

@@ -101,7 +101,7 @@ def _interpret_main(path: str) -> None:
         res[f"{c}_ids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
         run = jax.jit(functools.partial(ix.indexer_topk_blocked, k=int(g("k")), radix=True, kernel=True))
         res[f"{c}_pids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
-    for name in ("_indexer_score_kernel", "_prefill_score_kernel"):
+    for name in ("_indexer_score_kernel", "_prefill_score_kernel", "_sort_kernel"):
         res[name] = np.array(sum(r["kernel"] == name for r in triton_shim.LAUNCHES))
     np.savez(path + ".out.npz", **res)
 
@@ -117,7 +117,7 @@ def test_interpreter_matches_reference(tmp_path):
                        f"{c}_t": np.asarray(tt), f"{c}_k": np.int32(k)})
         cases.append((q, hw, keys, tt, k))
     out = triton_shim.interpret(__file__, arrays, tmp_path)
-    for name in ("_indexer_score_kernel", "_prefill_score_kernel"):
+    for name in ("_indexer_score_kernel", "_prefill_score_kernel", "_sort_kernel"):  # short caches: the sort top-k
         assert int(out[name]) == len(CASES), f"the dispatcher did not launch {name} once per case"
     for c, (q, hw, keys, tt, k) in enumerate(cases):
         ids_ref = np.asarray(ix.indexer_topk_reference(q, hw, keys, tt, k))
@@ -154,15 +154,19 @@ def test_cpu_and_auto_keep_the_blocked_reference(monkeypatch):
 
 def test_auto_takes_the_kernel_over_long_caches_only(monkeypatch):
     """Where Triton runs on one device, ``"auto"`` scores with the kernel from :data:`AUTO_MIN_ENTRIES` compressed
-    entries on (measured faster there on an H200; a tie at 1,024), ``"triton"`` always, ``"reference"`` never."""
+    entries on (measured faster there on an H200; a tie at 1,024 with the radix top-k) and below that only with
+    :data:`SHORT_AUTO` (the one-program sort; on: faster on an H100), ``"triton"`` always, ``"reference"`` never."""
     monkeypatch.setattr(ix, "use_triton", lambda kernels: kernels != "reference")
     monkeypatch.setattr(ix, "use_opt_in_triton", lambda kernels: kernels == "triton")
     monkeypatch.setattr(ix, "single_device", lambda: True)
+    monkeypatch.setattr(ix, "SHORT_AUTO", False)
     n = ix.AUTO_MIN_ENTRIES
     assert [ix.score_kernel_on("auto", m) for m in (1024, n - 1, n, 262144)] == [False, False, True, True]
     assert ix.score_kernel_on("triton", 16) and not ix.score_kernel_on("reference", 262144)
+    monkeypatch.setattr(ix, "SHORT_AUTO", True)  # short caches too: the kernel and the one-program sort
+    assert [ix.score_kernel_on("auto", m) for m in (1024, n - 1, n)] == [True] * 3
     monkeypatch.setattr(ix, "single_device", lambda: False)  # a mesh: the XLA path, which GSPMD partitions
-    assert not ix.score_kernel_on("auto", 262144)
+    assert not ix.score_kernel_on("auto", 262144) and not ix.score_kernel_on("auto", 1024)
 
 
 def test_decode_rows_never_take_the_prefill_kernel(monkeypatch):
@@ -229,7 +233,7 @@ gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"indexer kern
 
 
 @gpu
-@pytest.mark.parametrize("B,Nc", [(1, 2048), (4, 16384)])
+@pytest.mark.parametrize("B,Nc", [(1, 2048), (32, 1024), (4, 16384)])
 def test_gpu_matches_reference(B, Nc):
     """V4-Flash indexer (64 heads of 128, top-512) at decode: rows at different positions, one seeing a few entries."""
     t = np.linspace(20, 4 * Nc + 3, B).astype(np.int32)[:, None]  # [B, 1]

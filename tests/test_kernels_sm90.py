@@ -579,3 +579,18 @@ def test_small_decode_candidates_fit(D, target, monkeypatch):
         meta = dict(meta)
         smem, spill = _compile(fn, ptrs, meta, dict(num_warps=meta.pop("num_warps"), num_stages=1), target=target)
         assert smem <= SMEM[target] and spill == 0, f"mHC {fn.__name__} {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx950"])
+@pytest.mark.parametrize("n", [77, 1024, 8192])
+def test_topk_sort_plans_fit(n, target):
+    """The one-program sort top-k at the indexer's short caches (k = 512, or the row), up to ``SORT_MAX`` entries."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import next_pow2, topk
+
+    p = topk.sort_plan(n)
+    k = min(512, n)
+    smem, spill = _compile(topk._sort_kernel, dict(x_ptr="*i16", v_ptr="*i16", i_ptr="*i32"),
+                           dict(N=n, NP=p["NP"], K=k, KP=next_pow2(k)),
+                           dict(num_warps=p["num_warps"], num_stages=p["num_stages"]), target=target)
+    assert smem <= SMEM[target] and spill == 0, f"sort top-k {p}: {smem} B shared, {spill} B spills"

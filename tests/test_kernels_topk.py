@@ -1,10 +1,11 @@
-"""The radix-selection top-k (``kernels/topk.py``) against ``jax.lax.top_k``, its definition.
+"""The top-k kernels (``kernels/topk.py``: the radix selection and the one-program sort) against ``jax.lax.top_k``,
+their definition.
 
-CPU: the four kernels under Triton's interpreter in a subprocess, launched through the jax launcher
-(``top_k_triton`` with ``tests/triton_shim.py``), also as the indexer's prefill selection
-(``indexer_topk_blocked(..., radix=True)`` against ``indexer_topk_reference``: the same ids). GPU: the jitted
-launcher at the indexer's decode shapes (262,144 entries, k = 512), against ``jax.lax.top_k`` on the same device
-(skipped without a GPU or jax-triton).
+CPU: the sort kernel and the radix selection's four kernels under Triton's interpreter in a subprocess, launched
+through the jax launcher (``top_k_triton`` with ``tests/triton_shim.py``), also as the indexer's prefill selection
+(``indexer_topk_blocked(..., radix=True)`` against ``indexer_topk_reference``: the same ids). GPU: the jitted launcher
+at the indexer's decode shapes (262,144 entries, k = 512), against ``jax.lax.top_k`` on the same device (skipped
+without a GPU or jax-triton).
 
 Oracle and tolerance: ``jax.lax.top_k``'s ids, and its values (signed zeros included; a NaN as a NaN: the GPU's
 ``top_k`` returned another NaN bit pattern for one row of 10,000 entries), exactly: selection has no tolerance. The
@@ -34,6 +35,9 @@ from dsv4_jax.kernels import topk, triton_unavailable  # noqa: E402
 SEED = 4242
 # (rows, entries, k): several programs per row on the CPU plan (4 "SMs"), k = N, k tiny, a row of 9,000
 CASES = [(3, 5000, 512), (1, 1024, 1024), (4, 2500, 7), (2, 9000, 300)]
+# the one-program sort (top_k_sort_triton): rows padded to a power of two, k = N not a power of two, k tiny, the
+# indexer's 4K-context row (993 of 1,024 entries visible, k = 512)
+SORT_CASES = [(3, 1000, 512), (2, 300, 300), (4, 77, 5), (1, 1024, 512)]
 
 
 def _rows(R: int, n: int, seed: int) -> np.ndarray:
@@ -74,6 +78,11 @@ def _interpret_main(path: str) -> None:
         x = jnp.asarray(z[f"{c}_x"].view(ml_dtypes.bfloat16))
         v, i = jax.jit(topk.top_k_triton, static_argnums=1)(x, int(z[f"{c}_k"]))
         res[f"{c}_v"], res[f"{c}_i"] = np.asarray(v).view(np.uint16), np.asarray(i)
+    for c in range(int(z["ns"])):
+        x = jnp.asarray(z[f"s{c}_x"].view(ml_dtypes.bfloat16))
+        v, i = jax.jit(topk.top_k_sort_triton, static_argnums=1)(x, int(z[f"s{c}_k"]))
+        res[f"s{c}_v"], res[f"s{c}_i"] = np.asarray(v).view(np.uint16), np.asarray(i)
+    res["sort_launches"] = np.array(sum(r["kernel"] == "_sort_kernel" for r in triton_shim.LAUNCHES))
     q, hw, keys, t = _prefill_case()  # the indexer's prefill rows, radix selection after the blocks
     run = jax.jit(lambda q, hw, keys, t: ix.indexer_topk_blocked(q, hw, keys, t, PREFILL_K, block=64, rows=16,
                                                                  radix=True))
@@ -101,11 +110,16 @@ def _prefill_case():
 def test_interpreter_matches_lax_top_k(tmp_path):
     pytest.importorskip("triton")
     pytest.importorskip("torch")
-    arrays = {"n": len(CASES)}
+    arrays = {"n": len(CASES), "ns": len(SORT_CASES)}
     for c, (R, n, k) in enumerate(CASES):
         arrays.update({f"{c}_x": _rows(R, n, SEED + c).view(np.uint16), f"{c}_k": np.int32(k)})
+    for c, (R, n, k) in enumerate(SORT_CASES):
+        arrays.update({f"s{c}_x": _rows(R, n, SEED + 50 + c).view(np.uint16), f"s{c}_k": np.int32(k)})
     out = triton_shim.interpret(__file__, arrays, tmp_path)
-    assert int(out["launches"]) == 4 * len(CASES) + 4 * 3, "expected four kernel launches per top-k"
+    assert int(out["launches"]) == 4 * len(CASES) + len(SORT_CASES) + 4 * 3, "expected 4 launches per radix top-k"
+    assert int(out["sort_launches"]) == len(SORT_CASES), "expected one launch per sort top-k"
+    for c, (R, n, k) in enumerate(SORT_CASES):
+        _check(out[f"s{c}_v"].view(ml_dtypes.bfloat16), out[f"s{c}_i"], _rows(R, n, SEED + 50 + c), k, f"sort {c}")
     want = np.asarray(ix.indexer_topk_reference(*_prefill_case(), PREFILL_K))
     assert (out["prefill"] == want).all(), "indexer prefill rows with the radix selection differ from the reference"
     assert int(out["kernel_launches"]) == 3, "expected one scoring launch per row block"
@@ -130,6 +144,20 @@ def test_bad_input_is_named():
         topk.top_k_triton(x.astype(jnp.bfloat16), 101)
 
 
+def test_sort_bad_input_is_named():
+    x = jnp.zeros((2, topk.SORT_MAX + 1), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"rows of {topk.SORT_MAX + 1} entries exceed SORT_MAX"):
+        topk.top_k_sort_triton(x, 4)
+    with pytest.raises(ValueError, match=r"k=0 must be in \[1, 100\]"):
+        topk.top_k_sort_triton(x[:, :100], 0)
+
+
+def test_sort_plan_pads_to_a_power_of_two():
+    for n, np_, warps in [(1, 2, 4), (77, 128, 4), (1000, 1024, 8), (1024, 1024, 8), (8192, 8192, 16)]:
+        p = topk.sort_plan(n)
+        assert (p["NP"], p["num_warps"]) == (np_, warps), (n, p)
+
+
 def test_auto_takes_the_kernels_for_long_rows_only(monkeypatch):
     monkeypatch.setattr(topk, "use_triton", lambda kernels: kernels != "reference")
     monkeypatch.setattr(topk, "use_opt_in_triton", lambda kernels: kernels == "triton")
@@ -149,6 +177,16 @@ def test_gpu_matches_lax_top_k(R, n, k):
     x = _rows(R, n, SEED + n + R)
     v, i = jax.jit(topk.top_k_triton, static_argnums=1)(jnp.asarray(x), k)
     _check(v, i, x, k, f"R={R} n={n} k={k}")
+
+
+@gpu
+@pytest.mark.parametrize("R,n,k", [(1, 1024, 512), (32, 1024, 512), (3, 8191, 512), (2, 4096, 4096), (5, 77, 5)])
+def test_gpu_sort_matches_lax_top_k(R, n, k):
+    """The one-program sort at the indexer's short caches (4K tokens at batch 1 and 32, just under 32K), k = N, a
+    tiny row."""
+    x = _rows(R, n, SEED + 2 * n + R)
+    v, i = jax.jit(topk.top_k_sort_triton, static_argnums=1)(jnp.asarray(x), k)
+    _check(v, i, x, k, f"sort R={R} n={n} k={k}")
 
 
 @gpu

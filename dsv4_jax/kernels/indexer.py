@@ -47,23 +47,24 @@ The two are equal bit for bit, ties included, wherever each total is a function 
   dependent (blocks holding a visible entry), which on a GPU costs a device-to-host copy and a host sync per
   condition check (``scripts/count_launches.py``).
 
-Decode rows on a GPU (``kernels="triton"``, and ``"auto"`` over caches of 8,192 entries or more:
-:func:`score_kernel_on`): one Triton kernel, :func:`_indexer_score_kernel`, computes every visible total of a few
-query rows straight from the FP4 key cache (the XLA form is ~20 kernels per CSA layer and step: decode, dot,
-roundings, head sum, mask), and a top-k picks from them as the reference does: ``jax.lax.top_k``'s result, by radix
-selection where :func:`dsv4_jax.kernels.topk.use_kernel` says so (``"triton"``, and ``"auto"`` over rows of 8,192
-entries or more: four passes over the row instead of a sort, :mod:`dsv4_jax.kernels.topk`), else
-:func:`top_k_two_level` (``jax.lax.top_k`` in two levels for many rows). The totals are :func:`_totals`' arithmetic:
-the keys' e2m1 codes times their power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact products in
-fp32 (exact in reference numerics, as above), the same three bf16 roundings; only the fp32 order of the sum over heads
-may differ from XLA's, which can move a total by one bf16 ulp (and then a tie at the k-th place). Memory: the
-``[B,S,Nc]`` bf16 totals of the few decode rows (0.5 MiB per row at 1M tokens: 262,144 entries), never the
+Decode rows on a GPU (``kernels="triton"``, and ``"auto"`` on one device: :func:`score_kernel_on`): one Triton kernel,
+:func:`_indexer_score_kernel`, computes every visible total of a few query rows straight from the FP4 key cache (the
+XLA form is ~20 kernels per CSA layer and step: decode, dot, roundings, head sum, mask), and a top-k picks from them
+as the reference does: ``jax.lax.top_k``'s result, by radix selection where :func:`dsv4_jax.kernels.topk.use_kernel`
+says so (``"triton"``, and ``"auto"`` over rows of 8,192 entries or more: four passes over the row instead of a sort,
+:mod:`dsv4_jax.kernels.topk`), else :func:`top_k_two_level` (``jax.lax.top_k`` in two levels for many rows); below
+8,192 entries (``"triton"``, and ``"auto"`` where :data:`SHORT_AUTO` says so) one program per row sorts the whole row
+(:func:`dsv4_jax.kernels.topk.top_k_sort_triton`): two launches per CSA layer in all. The totals are :func:`_totals`'
+arithmetic: the keys' e2m1 codes times their power-of-two scales become bf16 exactly, the dot over ``Di`` sums exact
+products in fp32 (exact in reference numerics, as above), the same three bf16 roundings; only the fp32 order of the
+sum over heads may differ from XLA's, which can move a total by one bf16 ulp (and then a tie at the k-th place).
+Memory: the ``[B,S,Nc]`` bf16 totals of the few decode rows (0.5 MiB per row at 1M tokens: 262,144 entries), never the
 ``[B,S,Hi,Nc]`` scores. Each program loads its row's queries once and scores up to 16 blocks of 32 entries (one block
-per program re-read 16 KB of queries per 4.3 KB of keys: 5.4 ms per call at batch 32 and 1M tokens on an H200). At batch
-32 and a full 1M-token context a call (scores and radix top-k) reads 570 MB of keys in 1.18 ms on an H200
+per program re-read 16 KB of queries per 4.3 KB of keys: 5.4 ms per call at batch 32 and 1M tokens on an H200). At
+batch 32 and a full 1M-token context a call (scores and radix top-k) reads 570 MB of keys in 1.18 ms on an H200
 (``bench_attention.py --mode indexer``, 2026-12-03): the scoring kernel is latency-bound, not at the bytes' floor.
-Tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``), on an H200 against the
-reference (``tests/test_kernels_indexer.py -k gpu``), and compiled for sm_90 and gfx950.
+Tested under the interpreter (CI, and the golden layer-isolated test with ``kernels="triton"``), on an H200 against
+the reference (``tests/test_kernels_indexer.py -k gpu``), and compiled for sm_90 and gfx950.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
             and score_kernel_on(kernels, _n_entries(keys))):
         tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc] bf16
         k = min(k, tot.shape[-1])
-        vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
+        if tot.shape[-1] < AUTO_MIN_ENTRIES:  # a short cache: one sort per row (kernels="triton", or SHORT_AUTO)
+            vals, idx = topk.top_k_sort_triton(tot, k)
+        else:
+            vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
     radix = q.dtype == jnp.bfloat16 and prefill_radix_on(kernels)
     # The prefill kernel scores 2 rows of one batch row over 2,048 entries per program: decode rows would leave it a
@@ -169,13 +173,24 @@ AUTO_MIN_ENTRIES = 8192  # compressed entries (32K tokens of context) from which
 
 def score_kernel_on(kernels: str, n_c: int) -> bool:
     """Whether the decode rows' totals come from :func:`_indexer_score_kernel`: with ``kernels="triton"``, and with
-    ``"auto"`` over caches of at least :data:`AUTO_MIN_ENTRIES` entries, on one device where Triton runs. Measured
-    on an H200 (2026-12-02, ``scripts/bench_attention.py --mode indexer``, V4-Flash's indexer, per call with the
-    top-k): batch 32 at 128K tokens 334 vs 930 us for the XLA path, at 1M 2.2 vs 8.1 ms; batch 1 at 1M 206-210 vs
-    327-342 us; at 4K (1,024 entries) a tie (58-67 vs 60-67 us), which is why short caches keep the XLA path."""
+    ``"auto"`` over caches of at least :data:`AUTO_MIN_ENTRIES` entries (and shorter ones while :data:`SHORT_AUTO`
+    is on: then with the one-program sort), on one device where Triton runs. Measured on an H200 (2026-12-02,
+    ``scripts/bench_attention.py --mode indexer``, V4-Flash's indexer, per call with the top-k): batch 32 at 128K
+    tokens 334 vs 930 us for the XLA path, at 1M 2.2 vs 8.1 ms; batch 1 at 1M 206-210 vs 327-342 us; at 4K (1,024
+    entries) a tie per call with the radix top-k (58-67 vs 60-67 us); with the sort, faster in the decode loop
+    (:data:`SHORT_AUTO`)."""
     if use_opt_in_triton(kernels):
         return True
-    return kernels == "auto" and n_c >= AUTO_MIN_ENTRIES and use_triton(kernels) and single_device()
+    long_or_short = n_c >= AUTO_MIN_ENTRIES or SHORT_AUTO
+    return kernels == "auto" and long_or_short and use_triton(kernels) and single_device()
+
+
+# "auto" on caches shorter than AUTO_MIN_ENTRIES: the scoring kernel and one sort per row (topk.top_k_sort_triton,
+# 2 launches) instead of XLA's decode, dot, roundings, head sum, mask and sort (7 launches per CSA layer and step).
+# 3 V4-Flash layers (H100, bench_decode.py --variants, 2026-12-06), ms per step in a jitted loop, XLA path -> this:
+# 4K context batch 1 1.048 -> 1.032-1.047, batch 32 4.761 -> 4.681-4.738; 16K context batch 1 1.113 -> 1.052,
+# batch 32 4.970 -> 4.766 (the XLA path's work grows with the cache)
+SHORT_AUTO = True
 
 
 def _rounded(x: jax.Array, dt) -> jax.Array:

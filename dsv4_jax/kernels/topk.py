@@ -149,6 +149,25 @@ if triton is not None:
             og += tl.sum(gt, axis=0)
             oe += tl.sum(eq, axis=0)
 
+    @triton.jit
+    def _sort_kernel(x_ptr, v_ptr, i_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+        """Program ``row``: the ``K`` largest of the row's ``N`` entries (bf16 bit patterns as int16), largest first,
+        equal values lowest id first, by one bitonic top-k (``tl.topk``) over ``NP`` (a power of two >= ``N``)
+        packed keys ``key = u << 16 | (65535 - id)`` (int32: :func:`_ukey`'s order shifted to a signed ``u``, then the
+        id reversed, so that a larger key is a larger value or, for equal values, a lower id; padding entries get
+        the smallest int32, below every real key). Writes the values' bit patterns ``v [R, K]`` and ids ``i [R,
+        K]``."""
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, NP)
+        b = tl.load(x_ptr + row * N + j, mask=j < N, other=0).to(tl.int32)  # sign-extended bit patterns
+        u = b ^ ((b >> 15) & 0x7FFF)  # [NP] in [-32768, 32767], ordered as the values in the IEEE total order
+        key = tl.where(j < N, (u << 16) | (65535 - j), -2147483648)
+        top = tl.topk(key, KP)  # [KP] largest first
+        u = top >> 16  # the xor is its own inverse: bits back from the order key
+        o = tl.arange(0, KP)
+        tl.store(v_ptr + row * K + o, (u ^ ((u >> 15) & 0x7FFF)).to(tl.int16), mask=o < K)
+        tl.store(i_ptr + row * K + o, 65535 - (top & 0xFFFF), mask=o < K)
+
 
 # ---------------------------------------------------------------------------------------------- planning, launch
 BLOCK = 1024  # entries per loop step of a program (8 per thread at 4 warps)
@@ -204,6 +223,45 @@ def top_k_triton(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return vals.reshape(*lead, k), ids.reshape(*lead, k)
 
 
+SORT_MAX = 8192  # longest rows the one-program sort kernel takes (the packed keys carry 16-bit ids)
+
+
+def sort_plan(n: int) -> dict:
+    """Launch options of :func:`_sort_kernel` for rows of ``n`` entries: the keys padded to a power of two, one
+    program per row, 4 keys per thread up to 16 warps (8 warps at 1,024 entries: the sm_90a build runs 1,326
+    instructions per thread against 4 warps' 2,055; no spills either way, nor on gfx950). :data:`SORT_WARPS`
+    overrides the warps (a benchmark knob; every plan gives the same result)."""
+    np_ = next_pow2(max(n, 2))
+    return dict(NP=np_, num_warps=SORT_WARPS or min(16, max(4, np_ // 128)), num_stages=1)
+
+
+SORT_WARPS = 0  # 0: sort_plan's choice
+
+
+def _check_sort(x, k: int):
+    _check(x, k)
+    if x.shape[-1] > SORT_MAX:
+        raise ValueError(f"top_k sort kernel: rows of {x.shape[-1]} entries exceed SORT_MAX={SORT_MAX} (the radix "
+                         "kernels, top_k_triton, take longer rows)")
+
+
+def top_k_sort_triton(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`top_k` of rows of at most :data:`SORT_MAX` entries in one kernel launch (one program per row sorts the
+    row's packed keys: :func:`_sort_kernel`), bit for bit ``jax.lax.top_k``. For short rows, where the radix
+    selection's four launches and XLA's sort of the chosen cost more than the whole row's sort (the indexer at a
+    context below 32K tokens: 1,024 entries at 4K)."""
+    _check_sort(x, k)
+    lead, n = x.shape[:-1], x.shape[-1]
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1, n), jnp.int16)  # [R, n]
+    R = bits.shape[0]
+    p = sort_plan(n)
+    v, i = triton_call(bits, kernel=_sort_kernel, out_shape=[jax.ShapeDtypeStruct((R, k), jnp.int16),
+                                                             jax.ShapeDtypeStruct((R, k), jnp.int32)],
+                       grid=(R,), N=n, NP=p["NP"], K=k, KP=next_pow2(k), num_warps=p["num_warps"],
+                       num_stages=p["num_stages"])
+    return jax.lax.bitcast_convert_type(v, jnp.bfloat16).reshape(*lead, k), i.reshape(*lead, k)
+
+
 MIN_ENTRIES = 8192  # "auto": rows at least this long take the kernels (the indexer's kernel threshold, 32K tokens)
 
 
@@ -247,3 +305,17 @@ def run_torch(bits, k: int, target: str = "cpu"):
     ids = torch.full((R, k), -1, dtype=torch.int32, device=dev)
     _write_kernel[grid](bits, h1, h2, g, e, ids, P=p["P"], PP=p["PP"], **meta)
     return ids
+
+
+def run_sort_torch(bits, k: int):
+    """:func:`_sort_kernel` on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``bits [R, N]`` int16 -> ``(v [R, k]
+    int16 bit patterns, ids [R, k] int32)``, largest first."""
+    import torch
+
+    R, n = bits.shape
+    p = sort_plan(n)
+    v = torch.full((R, k), -1, dtype=torch.int16, device=bits.device)
+    i = torch.full((R, k), -7, dtype=torch.int32, device=bits.device)
+    _sort_kernel[(R,)](bits, v, i, N=n, NP=p["NP"], K=k, KP=next_pow2(k), num_warps=p["num_warps"],
+                       num_stages=p["num_stages"])
+    return v, i

@@ -86,7 +86,9 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
     # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
     pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
-    tok = jnp.arange(T * k, dtype=jnp.int32) // k
+    # each pair's token; a literal at decode sizes (XLA folds no iota: as jnp.arange(T * k) // k it was a kernel of
+    # its own on GPUs, every layer and step)
+    tok = jnp.asarray(np.arange(T * k, dtype=np.int32) // k) if T * k <= 4096 else jnp.arange(T * k) // k
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
         return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx)
