@@ -37,6 +37,7 @@ from dsv4_jax.modeling.quant import Fp4Tensor, encode_fp4_cache, fp4_simulate  #
 
 SEED = 777
 BF16_ULP = 2.0**-7
+HW_SCALE = 128**-0.5 * 64**-0.5  # the model's head-weight scale at V4's indexer (Di 128, Hi 64), applied in-kernel
 # (B, S, heads, head dim, entries, positions [B, S], k): decode rows with a partly visible cache, speculative verify
 # rows at 3 positions (heads padded from 20 to 32), one row seeing nothing, and k above the entry count; the last
 # case as prefill rows (the prefill kernel's CPU plan puts 2 rows in a program): padded heads, two batch rows, rows
@@ -91,6 +92,11 @@ def _interpret_main(path: str) -> None:
         res[f"{c}_tot"] = tot.numpy().reshape(B, S, -1)
         tot = ix.totals_torch(q16, hw16, torch.from_numpy(g("packed")), torch.from_numpy(g("scale")), lim, S, {"BF": 1})
         res[f"{c}_tot_bf"] = tot.numpy().reshape(B, S, -1)  # the keys through bf16 bit patterns: the same totals
+        hws = np.asarray(ix.scale_head_weights(jnp.asarray(g("hw").view(ml_dtypes.bfloat16)), HW_SCALE))
+        hws16 = torch.from_numpy(hws.view(np.uint16).reshape(B * S, Hi).copy()).view(torch.bfloat16)
+        packed, scale = torch.from_numpy(g("packed")), torch.from_numpy(g("scale"))
+        res[f"{c}_tot_s"] = ix.totals_torch(q16, hw16, packed, scale, lim, S, hw_scale=HW_SCALE).numpy()
+        res[f"{c}_tot_s_ref"] = ix.totals_torch(q16, hws16, packed, scale, lim, S).numpy()  # scaled by XLA first
         q = jnp.asarray(g("q").view(ml_dtypes.bfloat16))
         hw = jnp.asarray(g("hw").view(ml_dtypes.bfloat16))
         keys = Fp4Tensor(packed=jnp.asarray(g("packed")), scale=jnp.asarray(g("scale")))
@@ -99,6 +105,8 @@ def _interpret_main(path: str) -> None:
         res[f"{c}_ptot"] = tot.numpy().reshape(B, S, -1)
         run = jax.jit(functools.partial(ix.indexer_topk, k=int(g("k")), kernels="triton"))
         res[f"{c}_ids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
+        run = jax.jit(functools.partial(ix.indexer_topk, k=int(g("k")), kernels="triton", hw_scale=HW_SCALE))
+        res[f"{c}_ids_s"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
         run = jax.jit(functools.partial(ix.indexer_topk_blocked, k=int(g("k")), radix=True, kernel=True))
         res[f"{c}_pids"] = np.asarray(run(q, hw, keys, jnp.asarray(g("t"))))
     for name in ("_indexer_score_kernel", "_prefill_score_kernel", "_sort_kernel"):
@@ -117,8 +125,9 @@ def test_interpreter_matches_reference(tmp_path):
                        f"{c}_t": np.asarray(tt), f"{c}_k": np.int32(k)})
         cases.append((q, hw, keys, tt, k))
     out = triton_shim.interpret(__file__, arrays, tmp_path)
-    for name in ("_indexer_score_kernel", "_prefill_score_kernel", "_sort_kernel"):  # short caches: the sort top-k
-        assert int(out[name]) == len(CASES), f"the dispatcher did not launch {name} once per case"
+    # per case: the decode dispatcher twice (with and without hw_scale; short caches: the sort top-k), the prefill once
+    for name, n in (("_indexer_score_kernel", 2), ("_prefill_score_kernel", 1), ("_sort_kernel", 2)):
+        assert int(out[name]) == n * len(CASES), f"the dispatchers did not launch {name} {n}x per case"
     for c, (q, hw, keys, tt, k) in enumerate(cases):
         ids_ref = np.asarray(ix.indexer_topk_reference(q, hw, keys, tt, k))
         assert out[f"{c}_ids"].shape == ids_ref.shape == out[f"{c}_pids"].shape
@@ -127,6 +136,12 @@ def test_interpreter_matches_reference(tmp_path):
         same = (out[f"{c}_tot_bf"] == out[f"{c}_tot"]) | (np.isnan(out[f"{c}_tot"]) & np.isnan(out[f"{c}_tot_bf"]))
         assert same.all(), f"case {c}: the BF key decode changed {int((~same).sum())} totals"
         _check(out[f"{c}_ptot"], ref, out[f"{c}_pids"], ids_ref, f"case {c}, prefill kernel")
+        same = (out[f"{c}_tot_s"] == out[f"{c}_tot_s_ref"]) | np.isnan(out[f"{c}_tot_s_ref"])
+        assert same.all(), f"case {c}: the in-kernel head-weight scale changed {int((~same).sum())} totals"
+        hws = ix.scale_head_weights(hw, HW_SCALE)
+        ref_s = _ref_totals(q, hws, keys, tt)
+        _check(out[f"{c}_tot_s"].reshape(ref_s.shape), ref_s, out[f"{c}_ids_s"],
+               np.asarray(ix.indexer_topk_reference(q, hws, keys, tt, k)), f"case {c}, hw_scale")
     # the ties were exercised: some row's reference list holds entry 3 and a duplicate, 3 first
     lists = [np.asarray(ix.indexer_topk_reference(*cs)).reshape(-1, min(cs[4], cs[2].packed.shape[1]))
              for cs in cases]
@@ -238,10 +253,13 @@ def test_gpu_matches_reference(B, Nc):
     """V4-Flash indexer (64 heads of 128, top-512) at decode: rows at different positions, one seeing a few entries."""
     t = np.linspace(20, 4 * Nc + 3, B).astype(np.int32)[:, None]  # [B, 1]
     q, hw, keys, tt = _case(B, 1, 64, 128, Nc, t, SEED + Nc)
-    got = np.asarray(jax.jit(ix.indexer_totals_triton)(q, hw, keys, tt))
-    ids = np.asarray(jax.jit(functools.partial(ix.indexer_topk, k=512, kernels="triton"))(q, hw, keys, tt))
-    ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hw, keys, tt))
-    _check(got, _ref_totals(q, hw, keys, tt), ids, ids_ref, f"B={B} Nc={Nc}")
+    hw = (hw * 20).astype(jnp.bfloat16)  # about the raw weights_proj outputs' size; the kernel scales them (HW_SCALE)
+    got = np.asarray(jax.jit(ix.indexer_totals_triton, static_argnums=4)(q, hw, keys, tt, HW_SCALE))
+    run = jax.jit(functools.partial(ix.indexer_topk, k=512, kernels="triton", hw_scale=HW_SCALE))
+    ids = np.asarray(run(q, hw, keys, tt))
+    hws = ix.scale_head_weights(hw, HW_SCALE)  # the model's XLA form
+    ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hws, keys, tt))
+    _check(got, _ref_totals(q, hws, keys, tt), ids, ids_ref, f"B={B} Nc={Nc}")
 
 
 @gpu

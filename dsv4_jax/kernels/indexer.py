@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv4_jax.kernels import (
     SM_COUNT,
@@ -105,12 +106,22 @@ MIN_BLOCK = 1024  # entries per block the row blocks keep (row_block): merges ov
 MAX_KERNEL_ROWS = 256  # query rows (B * S) up to which the opt-in kernel scores (decode, speculative verify)
 
 
-def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, kernels: str = "reference") -> jax.Array:
+def scale_head_weights(hw: jax.Array, scale: float | None) -> jax.Array:
+    """The head weights times their scale, rounded to their dtype (the reference's ``weights_proj(x) * scale``);
+    ``scale`` None: ``hw`` as it is."""
+    if scale is None:
+        return hw
+    return (hw.astype(jnp.float32) * np.float32(scale)).astype(hw.dtype)
+
+
+def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, kernels: str = "reference",
+                 hw_scale: float | None = None) -> jax.Array:
     """Top-k compressed block ids ``[B,S,min(k,Nc)]`` (-1 = none) of the indexer; see the module docstring.
 
     Args:
       q: ``[B,S,Hi,Di]`` rotated, snapped index queries (act dtype); hw: ``[B,S,Hi]`` head weights (act dtype, scale
-      folded in); keys: ``[B,Nc,Di]`` indexer cache (plain, or :class:`Fp4Tensor` codes); t: ``[B,S]`` absolute
+      folded in, or not yet where ``hw_scale`` is given: :func:`scale_head_weights`, inside the scoring kernel where
+      it runs); keys: ``[B,Nc,Di]`` indexer cache (plain, or :class:`Fp4Tensor` codes); t: ``[B,S]`` absolute
       query positions; k: ``index_topk``; kernels: ``Config.kernels`` (decode rows of bf16 queries over an FP4
       cache take the scoring kernel where :func:`score_kernel_on` says so, prefill rows the radix selection where
       :func:`prefill_radix_on` does).
@@ -119,13 +130,14 @@ def indexer_topk(q: jax.Array, hw: jax.Array, keys, t: jax.Array, k: int, *, ker
     decode_rows = 0 < B * S <= MAX_KERNEL_ROWS
     if (isinstance(keys, Fp4Tensor) and q.dtype == jnp.bfloat16 and decode_rows
             and score_kernel_on(kernels, _n_entries(keys))):
-        tot = indexer_totals_triton(q, hw, keys, t)  # [B,S,Nc] bf16
+        tot = indexer_totals_triton(q, hw, keys, t, hw_scale)  # [B,S,Nc] bf16
         k = min(k, tot.shape[-1])
         if tot.shape[-1] < AUTO_MIN_ENTRIES:  # a short cache: one sort per row (kernels="triton", or SHORT_AUTO)
             vals, idx = topk.top_k_sort_triton(tot, k)
         else:
             vals, idx = topk.top_k(tot, k, kernels=kernels, fallback=top_k_two_level)
         return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+    hw = scale_head_weights(hw, hw_scale)
     radix = q.dtype == jnp.bfloat16 and prefill_radix_on(kernels)
     # The prefill kernel scores 2 rows of one batch row over 2,048 entries per program: decode rows would leave it a
     # handful of programs (a 4K-token cache at batch 1: one, 39 us per call on an H200, 2026-12-04), so decode rows
@@ -399,12 +411,15 @@ if triton is not None:
     @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
                               HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
-                              NB: tl.constexpr = 1, BF: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
+                              NB: tl.constexpr = 1, BF: tl.constexpr = 0, HWS: tl.constexpr = 0.0,
+                              INTERPRET: tl.constexpr = False):
         """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over the ``NB`` entry blocks ``[BLK *
         (NB * program_id(1) + b), + BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks
         [B, NC, DI/32]`` e8m0), -inf for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and
         ``hw [B*S, HI]`` bf16, loaded once per program; the heads padded to ``HP`` (a dot needs 16 rows) add -0.0 to
-        the head sum, which changes no sum. A block with nothing visible reads no key. ``BF`` (sm90's plan): the keys
+        the head sum, which changes no sum. ``HWS`` (non-zero): ``hw`` is the head weights before their scale, each
+        becomes ``bf16(hw * HWS)`` here (the model's XLA multiply, a kernel of its own before). A block with nothing
+        visible reads no key. ``BF`` (sm90's plan): the keys
         decoded straight to bf16 bit patterns and scaled by bf16 pair multiplies (the same values; as the FP4
         experts' ``BFMUL``, :mod:`dsv4_jax.kernels.fp4_moe_wx`; under the interpreter, whose bf16 arithmetic is not
         the GPU's, the same bit patterns scaled in fp32)."""
@@ -419,6 +434,8 @@ if triton is not None:
         qe = tl.load(qrow, mask=hm[:, None], other=0.0)
         qo = tl.load(qrow + 1, mask=hm[:, None], other=0.0)
         w = tl.load(hw_ptr + r.to(tl.int64) * HI + h, mask=hm, other=0.0).to(tl.float32)  # [HP]
+        if HWS != 0.0:
+            w = rn_bf16(w * HWS)
         for b in range(NB):
             j0 = (tl.program_id(1) * NB + b) * BLK
             j = j0 + tl.arange(0, BLK)  # [BLK] entry ids
@@ -490,23 +507,32 @@ def _check_score(q, hw, keys: Fp4Tensor) -> tuple[int, int, int, int, int]:
     return indexer_prefill.check_shapes(q, hw, keys, "indexer kernel")
 
 
-def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array) -> jax.Array:
+def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.Array,
+                          hw_scale: float | None = None) -> jax.Array:
     """Every entry's total ``[B,S,Nc]`` bf16 (-inf where invisible; the totals are bf16 values, stored as such: half
     the bytes of fp32 for the top-k to read) for query rows ``q [B,S,Hi,Di]`` bf16 with head weights ``hw [B,S,Hi]``
-    over the FP4 cache ``keys``, in one kernel launch."""
+    (times ``hw_scale`` first where given, :func:`scale_head_weights`) over the FP4 cache ``keys``, in one kernel
+    launch."""
     B, S, Hi, Di, Nc = _check_score(q, hw, keys)
     p = score_plan(Hi, B * S, Nc)
     lim = ((t.astype(jnp.int32) + 1) // 4).reshape(B * S)  # visible entries per row
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
                       lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
                       grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
-                      BLK=p["BLK"], NB=p["NB"], BF=p.get("BF", 0), num_warps=p["num_warps"],
+                      BLK=p["BLK"], NB=p["NB"], BF=p.get("BF", 0), HWS=_hws(hw_scale), num_warps=p["num_warps"],
                       num_stages=p["num_stages"], maxnreg=p.get("maxnreg"),
                       tiled=bool(p.get("tiled", 0)))  # speed knobs, never a result's
     return out.reshape(B, S, Nc)
 
 
-def totals_torch(q, hw, packed, scale, lim, S: int, tiles: dict | None = None):
+def _hws(hw_scale: float | None) -> float:
+    """The kernel's ``HWS``: the scale as the fp32 value the XLA form multiplies by (0.0: none)."""
+    if hw_scale is not None and not hw_scale:
+        raise ValueError("indexer kernel: hw_scale 0 would zero every head weight; pass None for no scale")
+    return 0.0 if hw_scale is None else float(np.float32(hw_scale))
+
+
+def totals_torch(q, hw, packed, scale, lim, S: int, tiles: dict | None = None, hw_scale: float | None = None):
     """:func:`_indexer_score_kernel` on torch tensors (the interpreter tests): ``q [R, Hi, Di]`` and ``hw [R, Hi]``
     bf16, ``packed``/``scale`` uint8 ``[B, Nc, *]``, ``lim [R]`` int32 -> totals ``[R, Nc]`` fp32; ``tiles``
     overrides plan entries."""
@@ -518,6 +544,7 @@ def totals_torch(q, hw, packed, scale, lim, S: int, tiles: dict | None = None):
     out = torch.full((R, Nc), float("nan"), dtype=torch.float32, device=q.device)
     _indexer_score_kernel[(R, -(-Nc // (p["BLK"] * p["NB"])))](q, hw, packed, scale, lim, out, S=S, HI=Hi,
                                                                HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"],
-                                                               BF=p.get("BF", 0), INTERPRET=q.device.type == "cpu",
+                                                               BF=p.get("BF", 0), HWS=_hws(hw_scale),
+                                                               INTERPRET=q.device.type == "cpu",
                                                                num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out

@@ -9,8 +9,6 @@ compressed entries (:func:`dsv4_jax.kernels.indexer.indexer_topk`), never holdin
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels.hadamard import indexer_query_linear
@@ -35,6 +33,6 @@ def index_topk(cfg: Config, w: IndexerWeights, x: jax.Array, qr: jax.Array, keys
     Hi, Di = cfg.index_n_heads, cfg.index_head_dim
     # wq_b (replicated under a mesh), then RoPE, Hadamard, FP4 snap -> [B,S,Hi,Di]
     q = indexer_query_linear(qr, qrq, w.wq_b, Hi, cos, sin, dt, cfg.simulate, cfg.simulate, kernels=cfg.kernels)
-    hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi]
-    hw = (hw.astype(jnp.float32) * np.float32(Di**-0.5 * Hi**-0.5)).astype(dt)
-    return indexer_topk(q, hw, keys, t, cfg.index_topk, kernels=cfg.kernels)  # scores and top-k, block by block
+    hw = linear(x, w.weights_proj, dt, cfg.simulate)  # bf16 linear -> [B,S,Hi], scaled by Di**-0.5 Hi**-0.5 below
+    # scores and top-k, block by block (the head weights' scale inside the scoring kernel where it runs)
+    return indexer_topk(q, hw, keys, t, cfg.index_topk, kernels=cfg.kernels, hw_scale=Di**-0.5 * Hi**-0.5)
