@@ -48,6 +48,8 @@ def _inputs(T, E, D, k, hashed, seed):
         g[: E // 2] *= 40 * -np.sign(x[0] @ g[: E // 2].T)[:, None]  # half the logits far negative for token 0
         tid2eid = np.stack([rng.permutation(E)[:k] for _ in range(50)]).astype(np.int32)
         tid2eid[ids[0]] = np.arange(k)  # token 0 reads the far-negative experts
+        if ids[-1] != ids[0]:  # a row naming one expert twice: the ranks keep such ties in position order
+            tid2eid[ids[-1], :2] = tid2eid[ids[-1], 1]
         bias = None
     else:
         g[7], g[12] = g[3], g[11]  # identical rows: exactly tied scores
@@ -91,10 +93,11 @@ def _interpret_main(path: str) -> None:
     res = {}
     for i, (_, T, E, D, k, hashed, over) in enumerate(CASES):
         t = lambda n, i=i: torch.from_numpy(z[f"{n}{i}"].copy())  # noqa: E731
-        idx, wts, _ = run_torch(t("x").view(torch.bfloat16), t("g").view(torch.bfloat16), None if hashed else t("b"),
-                                t("map") if hashed else None, t("ids") if hashed else None, k, 2.5,
-                                {**plan(T, E, D, "cpu"), **over})
-        res[f"idx{i}"], res[f"wts{i}"] = idx.numpy(), wts.numpy()
+        idx, wts, _, rank = run_torch(t("x").view(torch.bfloat16), t("g").view(torch.bfloat16),
+                                      None if hashed else t("b"), t("map") if hashed else None,
+                                      t("ids") if hashed else None, k, 2.5, {**plan(T, E, D, "cpu"), **over},
+                                      ranks=True)
+        res[f"idx{i}"], res[f"wts{i}"], res[f"rank{i}"] = idx.numpy(), wts.numpy(), rank.numpy()
     np.savez(path + ".out.npz", **res)
 
 
@@ -119,6 +122,10 @@ def interpreted(tmp_path_factory):
 def test_interpreter_matches_reference(interpreted, i):
     refs, out = interpreted
     _check((out[f"idx{i}"], out[f"wts{i}"]), refs[i], CASES[i][0])
+    from dsv4_jax.modeling.experts import choice_ranks
+
+    want = np.asarray(choice_ranks(np.asarray(out[f"idx{i}"])))  # the MoE's combine order of these choices
+    assert (out[f"rank{i}"] == want).all(), f"{CASES[i][0]}: ranks differ from experts.choice_ranks"
 
 
 def test_inputs_exercise_ties_and_tiny_scores():
@@ -223,14 +230,16 @@ def test_gpu_matches_reference(case):
     import jax
 
     from dsv4_jax.kernels import arch
-    from dsv4_jax.kernels.router import plan, route_triton
+    from dsv4_jax.kernels.router import plan, route_triton_ranked
+    from dsv4_jax.modeling.experts import choice_ranks
 
     name, T, E, D, k, hashed, *over = case
     x, g, bias, tid2eid, ids = _inputs(T, E, D, k, hashed, SEED)
     cfg = _cfg(E, k)
     p = {**plan(T, E, D, arch(), bf16=True), **(over[0] if over else {})}
-    idx, wts = jax.jit(lambda *a: route_triton(cfg, *a, p=p))(g, bias, tid2eid, x, ids)
+    idx, wts, rank = jax.jit(lambda *a: route_triton_ranked(cfg, *a, p=p))(g, bias, tid2eid, x, ids)
     _check((np.asarray(idx), np.asarray(wts)), _reference(cfg, x, g, bias, tid2eid, ids), name)
+    assert (np.asarray(rank) == np.asarray(choice_ranks(idx))).all(), f"{name}: ranks differ from choice_ranks"
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`

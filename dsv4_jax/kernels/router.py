@@ -90,9 +90,11 @@ if triton is not None:
         tl.store(out_ptr + tok[:, None].to(tl.int64) * E + ex[None, :], acc, mask=tm[:, None] & em[None, :])
 
     @triton.jit
-    def _select_kernel(logit_ptr, bias_ptr, map_ptr, ids_ptr, idx_ptr, wts_ptr, E: tl.constexpr, EP: tl.constexpr,
-                       K: tl.constexpr, KP: tl.constexpr, SCALE: tl.constexpr, HASH: tl.constexpr):
-        """Token ``program_id(0)``: scores, the top-K experts (or the hash map's), their normalised weights."""
+    def _select_kernel(logit_ptr, bias_ptr, map_ptr, ids_ptr, idx_ptr, wts_ptr, rank_ptr, E: tl.constexpr,
+                       EP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SCALE: tl.constexpr, HASH: tl.constexpr):
+        """Token ``program_id(0)``: scores, the top-K experts (or the hash map's), their normalised weights, and each
+        choice's rank in (expert id, position) order (:func:`dsv4_jax.modeling.experts.choice_ranks`: the order the
+        MoE adds the experts' outputs in)."""
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, EP)
         em = e < E
@@ -123,6 +125,10 @@ if triton is not None:
             total = total + tl.sum(tl.where(kk == j, w, 0.0), axis=0)
         tl.store(idx_ptr + t * K + kk, chosen, mask=kk < K)
         tl.store(wts_ptr + t * K + kk, w / total * SCALE, mask=kk < K)
+        ci, cj = chosen[None, :], chosen[:, None]  # [1, KP] choice i, [KP, 1] choice j
+        before = (ci < cj) | ((ci == cj) & (kk[None, :] < kk[:, None]))
+        rank = tl.sum((before & (kk[None, :] < K)).to(tl.int32), axis=1)  # [KP]: choices before choice j
+        tl.store(rank_ptr + t * K + kk, rank, mask=kk < K)
 
 
 DOT_MIN_TOKENS = 2048  # tokens from which the GPU plan takes the DOT form (plan)
@@ -198,6 +204,12 @@ def _kernel_args(T: int, E: int, D: int, k: int, hashed: bool, route_scale: floa
 
 def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array, p: dict | None = None):
     """The Triton path of :func:`route` (same returns)."""
+    return route_triton_ranked(cfg, gate, bias, tid2eid, x, ids, p)[:2]
+
+
+def route_triton_ranked(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array,
+                        p: dict | None = None):
+    """:func:`route_triton` and the choices' ranks ``[T, k]`` int32 (:func:`route_ranked`)."""
     T, D = x.shape
     E, K = gate.shape[0], cfg.n_activated_experts
     if gate.shape != (E, D):
@@ -219,8 +231,8 @@ def route_triton(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids:
     return triton_call(
         logits, dummy_f if hashed else bias.astype(jnp.float32), tid2eid.astype(jnp.int32) if hashed else dummy_i,
         ids.astype(jnp.int32) if hashed else dummy_i, kernel=_select_kernel,
-        out_shape=(jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, K), jnp.float32)), grid=g2,
-        **m2)
+        out_shape=(jax.ShapeDtypeStruct((T, K), jnp.int32), jax.ShapeDtypeStruct((T, K), jnp.float32),
+                   jax.ShapeDtypeStruct((T, K), jnp.int32)), grid=g2, **m2)
 
 
 def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
@@ -228,15 +240,24 @@ def route(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Ar
     [T]`` (see :func:`route_reference`). The kernels run where :func:`dsv4_jax.kernels.use_triton` says so
     (``"auto"`` on GPUs); under a mesh each device routes its batch rows' tokens
     (:func:`dsv4_jax.kernels.on_mesh.replicated_on_mesh`)."""
+    return route_ranked(cfg, gate, bias, tid2eid, x, ids)[:2]
+
+
+def route_ranked(cfg: Config, gate: jax.Array, bias, tid2eid, x: jax.Array, ids: jax.Array):
+    """:func:`route` and, where the kernels route, each choice's rank ``[T, k]`` int32 in (expert id, position)
+    order, which the selection kernel computes beside the ids (the MoE's combine would otherwise compute it: on GPUs
+    an XLA kernel of its own per layer); ``None`` on the XLA path."""
     if use_triton(cfg) and x.shape[0] > 0:
-        return replicated_on_mesh(lambda x, ids, p: route_triton(cfg, *p, x, ids), (x, ids), (gate, bias, tid2eid))
-    return route_reference(cfg, gate, bias, tid2eid, x, ids)
+        return replicated_on_mesh(lambda x, ids, p: route_triton_ranked(cfg, *p, x, ids), (x, ids),
+                                  (gate, bias, tid2eid))
+    return (*route_reference(cfg, gate, bias, tid2eid, x, ids), None)
 
 
 # ---------------------------------------------------------------------------------------------- torch launcher
-def run_torch(x, gate, bias, tid2eid, ids, k: int, route_scale: float, p: dict):
+def run_torch(x, gate, bias, tid2eid, ids, k: int, route_scale: float, p: dict, ranks: bool = False):
     """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``); ``bias`` or ``tid2eid``/``ids`` None.
-    Returns ``(idx [T, k] int32, wts [T, k] fp32, logits [T, E] fp32)``."""
+    Returns ``(idx [T, k] int32, wts [T, k] fp32, logits [T, E] fp32)``, and the ranks ``[T, k]`` int32 last with
+    ``ranks``."""
     import torch
 
     T, D = x.shape
@@ -248,6 +269,7 @@ def run_torch(x, gate, bias, tid2eid, ids, k: int, route_scale: float, p: dict):
     idx = torch.full((T, k), -1, dtype=torch.int32)
     wts = torch.full((T, k), float("nan"), dtype=torch.float32)
     dummy_f, dummy_i = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.int32)
+    rank = torch.full((T, k), -1, dtype=torch.int32)
     _select_kernel[g2](logits, dummy_f if hashed else bias, tid2eid if hashed else dummy_i,
-                       ids if hashed else dummy_i, idx, wts, **m2)
-    return idx, wts, logits
+                       ids if hashed else dummy_i, idx, wts, rank, **m2)
+    return (idx, wts, logits, rank) if ranks else (idx, wts, logits)

@@ -133,15 +133,22 @@ def pairs_grouped(cfg: Config, x, xq, tok, e, wt, w1s, w2s, w3s, block: int | No
     return out[:R]
 
 
-def combine(y: jax.Array, idx: jax.Array) -> jax.Array:
+def choice_ranks(idx: jax.Array) -> jax.Array:
+    """``[T,k]`` int32: how many of a token's choices come before choice ``j`` in (expert id, position) order, i.e.
+    the stable argsort's inverse, without a sort (on GPUs a sort kernel and a copy per layer)."""
+    k = idx.shape[-1]
+    lower = (idx[:, None, :] < idx[:, :, None]) | ((idx[:, None, :] == idx[:, :, None]) & jnp.tri(k, k, -1, bool))
+    return jnp.sum(lower, axis=-1, dtype=jnp.int32)
+
+
+def combine(y: jax.Array, idx: jax.Array, rank: jax.Array | None = None) -> jax.Array:
     """Per-pair outputs ``[T*k, D]`` (pair ``t*k + j`` = token t's j-th choice ``idx[t, j]``) -> fp32 ``[T, D]``,
-    each token's experts added in ascending expert id, as the reference loops over experts."""
+    each token's experts added in ascending expert id, as the reference loops over experts. ``rank``:
+    :func:`choice_ranks` of ``idx`` where the router's kernel made them (computed here otherwise: on GPUs a kernel
+    of its own per layer, which XLA does not fuse into the selects)."""
     T, k = idx.shape
     y = y.reshape(T, k, -1)
-    # rank of each choice in (expert id, position) order: the stable argsort's inverse, without a sort (on GPUs a
-    # sort kernel and a copy per layer; here the ranks, selects and adds fuse into one kernel)
-    lower = (idx[:, None, :] < idx[:, :, None]) | ((idx[:, None, :] == idx[:, :, None]) & jnp.tri(k, k, -1, bool))
-    rank = jnp.sum(lower, axis=-1)  # [T,k]: how many choices come before choice j
+    rank = choice_ranks(idx) if rank is None else rank  # [T,k]
     acc = None
     for r in range(k):  # the choice of rank r, picked by selects (exact), added in rank order
         pick = y[:, k - 1]

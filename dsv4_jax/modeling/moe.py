@@ -34,10 +34,11 @@ from dsv4_jax.modeling.weights import MoEWeights
 from dsv4_jax.sharding import EXPERT_AXES
 
 
-def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32); the math and its kernel live in
+def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array):
+    """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32, the choices' ranks ``[T,k]``
+    int32 in expert id order where the router's kernel made them, else None); the math and its kernel live in
     :mod:`dsv4_jax.kernels.router`."""
-    return kernels_router.route(cfg, w.gate, w.bias, w.tid2eid, x, ids)
+    return kernels_router.route_ranked(cfg, w.gate, w.bias, w.tid2eid, x, ids)
 
 
 def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array | None = None
@@ -49,12 +50,12 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
     """
     B, S, D = x.shape
     xt = x.reshape(B * S, D)
-    idx, wts = route(cfg, w, xt, ids.reshape(-1))
+    idx, wts, rank = route(cfg, w, xt, ids.reshape(-1))
     # the experts' first GEMMs share one activation quantization
     xq = quantized_input(xt, cfg.simulate) if xq is None else xq.reshape(xt.shape).astype(jnp.float32)
 
     with jax.named_scope("routed_experts"):
-        y = routed_experts(cfg, w, xt, xq, idx, wts)
+        y = routed_experts(cfg, w, xt, xq, idx, wts, rank)
     with jax.named_scope("shared_expert"):
         y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp,
                        shared=True).astype(jnp.float32)
@@ -76,8 +77,9 @@ def dispatch_strategy(cfg: Config, n_tokens: int, n_dev: int) -> str:
     return "all_to_all" if n_dev > k and n_tokens * k >= cfg.n_routed_experts else "gather"
 
 
-def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
-    """Sum of the routed experts for tokens ``xt [T,D]`` (``xq``: their FP8-quantized fp32 value), fp32 ``[T,D]``."""
+def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank=None) -> jax.Array:
+    """Sum of the routed experts for tokens ``xt [T,D]`` (``xq``: their FP8-quantized fp32 value), fp32 ``[T,D]``;
+    ``rank``: the choices' order for the sum where the router made it (:func:`experts.combine`)."""
     T, k = idx.shape
     mesh = jax.sharding.get_abstract_mesh()
     n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
@@ -91,7 +93,7 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts) -> jax.Array:
     tok = jnp.asarray(np.arange(T * k, dtype=np.int32) // k) if T * k <= 4096 else jnp.arange(T * k) // k
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
-        return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx)
+        return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx, rank)
     ex = P(EXPERT_AXES)
     if strategy == "gather":
         def local(xt, xq, idx, wts, w1, w2, w3):
