@@ -34,6 +34,7 @@ from dsv4_jax.kernels.indexer import (
     indexer_topk_blocked,
     indexer_topk_reference,
     row_block,
+    scale_head_weights,
 )
 from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, encode_fp4_cache, fp4_simulate
 
@@ -228,8 +229,8 @@ def test_model_uses_blocked_op(monkeypatch):
     calls = [(toks[:, :61], [61, 29]), (toks[:, 61:], [61, 61])]  # one shape: one compile per op
 
     def run(op):
-        def stand_in(*args, kernels):  # the model passes its kernels field; these ops are the XLA paths
-            return op(*args)
+        def stand_in(q, hw, *args, kernels, hw_scale=None):  # the model's call; these ops are the XLA paths
+            return op(q, scale_head_weights(hw, hw_scale), *args)
 
         monkeypatch.setattr(modeling_indexer, "indexer_topk", stand_in)
         jax.clear_caches()  # the jitted forward must retrace with this op

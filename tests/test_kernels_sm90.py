@@ -393,7 +393,8 @@ def test_indexer_score_plan_fits(heads, target):
     pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*bf16")
     counts = []
     for bf in (0, 1):
-        meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"], BF=bf, INTERPRET=False)
+        meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"], BF=bf, INTERPRET=False,
+                    HWS=ix._hws(128**-0.5 * heads**-0.5))  # the model folds the head-weight scale in
         code: list = []
         smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
                                code, target=target)
@@ -564,7 +565,8 @@ def test_small_decode_candidates_fit(D, target, monkeypatch):
     (_, m1), (_, m2) = router._kernel_args(1, E, D, 6, False, 2.5, p)
     for fn, meta, ptrs in ((router._logits_kernel, m1, dict(x_ptr="*bf16", g_ptr="*bf16", T="i32", out_ptr="*fp32")),
                            (router._select_kernel, m2, dict(logit_ptr="*fp32", bias_ptr="*fp32", map_ptr="*i32",
-                                                            ids_ptr="*i32", idx_ptr="*i32", wts_ptr="*fp32"))):
+                                                            ids_ptr="*i32", idx_ptr="*i32", wts_ptr="*fp32",
+                                                            rank_ptr="*i32"))):
         meta = dict(meta)
         smem, spill = _compile(fn, ptrs, meta, dict(num_warps=meta.pop("num_warps"), num_stages=3), target=target)
         assert smem <= SMEM[target] and spill == 0, f"router {fn.__name__} {p}: {smem} B shared, {spill} B spills"

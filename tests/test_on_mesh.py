@@ -159,6 +159,7 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
     import dsv4_jax.kernels.mhc as M
     import dsv4_jax.kernels.router as R
     from dsv4_jax.modeling import hyper
+    from dsv4_jax.modeling.experts import choice_ranks
     from dsv4_jax.modeling.layers import rms_norm
     from dsv4_jax.modeling.quant import quantize_act
 
@@ -216,15 +217,16 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
         y, post, comb = hc_norm(c, h, wl, norm_w)
         return y, post, comb, quantize_act(y).dequant().astype(jnp.bfloat16)
 
-    def router(c, gate, bias, tid2eid, x, ids, p=None):
+    def router(c, gate, bias, tid2eid, x, ids, p=None):  # the ranked route: the selection kernel's ranks too
         seen.append(("route", x.shape[0]))
-        return R.route_reference(c, gate, bias, tid2eid, x, ids)
+        idx, wts = R.route_reference(c, gate, bias, tid2eid, x, ids)
+        return idx, wts, choice_ranks(idx)
 
     for mod in (M, R):
         monkeypatch.setattr(mod, "use_triton", lambda kernels: True)
     monkeypatch.setattr(M, "hc_pre_norm_triton", hc_norm)
     monkeypatch.setattr(M, "hc_pre_norm_quant_triton", hc_norm_quant)
-    monkeypatch.setattr(R, "route_triton", router)
+    monkeypatch.setattr(R, "route_triton_ranked", router)
     got = run("auto")
     rows = 4 // shape[0]  # batch rows per device (split over data)
     assert ("hc_pre_norm", (rows, 11)) in seen and ("hc_pre_norm", (rows, 1)) in seen, sorted(set(seen))
