@@ -41,6 +41,16 @@ CASES = [
     ("padded-norm", 2, 4, 384, 20, dict(NS=2, BK=64, BT=2, BD=512, num_warps=4, warps2=4), True),
 ]
 QROW = [i for i, c in enumerate(CASES) if c[-1] and c[3] % 128 == 0]  # cases with the quantized row (yq)
+# the fused hc_post form (the previous block's output folded into the first kernel), fused norm always (as the model
+# calls it): (name, T, hc, D, plan); the quantized row where D is a multiple of 128
+POST_CASES = [  # the form's splits are the plan's NS / hc, each BK columns of every stream per step
+    ("post-decode", 1, 4, 256, dict(NS=4, BK=64, BT=2, BD=256, num_warps=4, warps2=4)),  # 1 split, 4 steps
+    ("post-ragged", 3, 4, 200, dict(NS=8, BK=64, BT=2, BD=256, num_warps=4, warps2=4)),  # 2 splits of 128, D tail
+    ("post-many-splits", 2, 4, 256, dict(NS=16, BK=64, BT=4, BD=256, num_warps=4, warps2=4)),  # 4 splits of 64
+    # the block output as its linear's 3 fp32 split-K partials (quant.SplitSum), summed by the kernel
+    ("post-partials", 3, 4, 256, dict(NS=8, BK=64, BT=2, BD=256, num_warps=4, warps2=4)),
+]
+OUT_SPLITS = {"post-partials": 3}
 SEED = 2718
 ABS_MIX = 2.0**-14
 ABS_Y = 2.0**-18  # cancellation slack of y, relative to sum_j |x_j| (module docstring)
@@ -60,6 +70,32 @@ def _inputs(T, hc, D, seed):
     base = jnp.asarray(rng.standard_normal(nmix), jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 2.0, 3), jnp.float32)
     return h, HcWeights(fn=fn, base=base, scale=scale)
+
+
+def _post_inputs(T, hc, D, seed, splits=0):
+    """The previous block's output ``out [T, D]`` (bf16, RMS ~1; with ``splits``: fp32 partials ``[splits, T, D]``),
+    its value (bf16), its ``post [T, hc]`` in (0, 2) and a positive ``comb [T, hc, hc]`` with rows summing to ~1 (as
+    ``hc_pre`` makes them), fp32."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed + 7)
+    out = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    if splits:  # fp32 partials [splits, T, D] and their value: summed in split order, rounded once
+        out = rng.standard_normal((splits, T, D)).astype(np.float32)
+        val = out[0]
+        for s in range(1, splits):
+            val = val + out[s]
+        return out, jnp.asarray(val, jnp.bfloat16), *_post_rest(rng, T, hc)
+    return out, out, *_post_rest(rng, T, hc)
+
+
+def _post_rest(rng, T, hc):
+    import jax.numpy as jnp
+
+    post = jnp.asarray(rng.uniform(0.0, 2.0, (T, hc)), jnp.float32)
+    c = rng.uniform(0.05, 1.0, (T, hc, hc))
+    comb = jnp.asarray(c / c.sum(-1, keepdims=True), jnp.float32)
+    return post, comb
 
 
 def _cfg(hc, D, iters):
@@ -118,6 +154,17 @@ def _interpret_main(path: str) -> None:
         res.update({f"y{i}": y.numpy(), f"post{i}": post.numpy(), f"comb{i}": comb.numpy()})
         if yq:  # the fused norm's cases also write the quantized row
             res[f"yq{i}"] = yq[0].numpy()
+    for i, (_, _, _, D, p) in enumerate(POST_CASES):
+        t = lambda k, i=i: torch.from_numpy(z[f"P{k}{i}"].copy())  # noqa: E731
+        o = t("out")
+        prev = (o if o.dtype == torch.float32 else o.view(torch.bfloat16), t("post"), t("comb"))
+        y, post, comb, *yq, hn = run_torch(t("h").view(torch.bfloat16), t("fn"), t("scale"), t("base"),
+                                           float(z["hc_eps"]), float(z["norm_eps"]), 20, p,
+                                           t("nw").view(torch.bfloat16), qy=D % 128 == 0, prev=prev)
+        res.update({f"Py{i}": y.numpy(), f"Ppost{i}": post.numpy(), f"Pcomb{i}": comb.numpy(),
+                    f"Ph{i}": hn.view(torch.int16).numpy()})
+        if yq:
+            res[f"Pyq{i}"] = yq[0].numpy()
     np.savez(path + ".out.npz", **res)
 
 
@@ -134,6 +181,15 @@ def interpreted(tmp_path_factory):
                        f"scale{i}": np.asarray(w.scale), f"base{i}": np.asarray(w.base),
                        f"nw{i}": np.asarray(nw).view(np.uint16)})
         refs.append(_reference(cfg, h, w, nw if norm else None))
+    for i, (_, T, hc, D, _) in enumerate(POST_CASES):
+        h, w = _inputs(T, hc, D, SEED + 50 + i)
+        out, _, post, comb = _post_inputs(T, hc, D, SEED + 50 + i, OUT_SPLITS.get(POST_CASES[i][0], 0))
+        out = np.asarray(out) if out.dtype == np.float32 else np.asarray(out).view(np.uint16)  # partials / bf16
+        arrays.update({f"Ph{i}": np.asarray(h).view(np.uint16), f"Pfn{i}": np.asarray(w.fn),
+                       f"Pscale{i}": np.asarray(w.scale), f"Pbase{i}": np.asarray(w.base),
+                       f"Pnw{i}": np.asarray(_norm_weight(D, SEED + 50 + i)).view(np.uint16),
+                       f"Pout{i}": out, f"Ppost{i}": np.asarray(post),
+                       f"Pcomb{i}": np.asarray(comb)})
     arrays.update(hc_eps=np.float32(cfg.hc_eps), norm_eps=np.float32(cfg.norm_eps))
     return refs, triton_shim.interpret(__file__, arrays, tmp_path_factory.mktemp("mhc"))
 
@@ -162,6 +218,31 @@ def test_interpreter_quantized_row(interpreted, i):
     got, want = out[f"yq{i}"], _quantized_values(out[f"y{i}"])
     assert np.isfinite(got).all(), f"{CASES[i][0]}: unwritten yq"
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=CASES[i][0])
+
+
+@pytest.mark.parametrize("i", range(len(POST_CASES)), ids=[c[0] for c in POST_CASES])
+def test_interpreter_post_matches_reference(interpreted, i):
+    """The fused ``hc_post`` form: the streams it writes equal ``hyper.hc_post``'s bit for bit (the same fp32
+    operations in the same order, one rounding); ``y``, ``post``, ``comb`` match the reference ``hc_pre_norm`` of
+    those streams within the tolerances above, and the quantized row is ``quantize_act`` of ``y`` bit for bit."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.modeling import hyper
+
+    _, out = interpreted
+    name, T, hc, D, _ = POST_CASES[i]
+    cfg = _cfg(hc, D, 20)
+    h, w = _inputs(T, hc, D, SEED + 50 + i)
+    _, o, post, comb = _post_inputs(T, hc, D, SEED + 50 + i, OUT_SPLITS.get(name, 0))
+    want = hyper.hc_post(cfg, o[:, None], h[:, None], post[:, None], comb[:, None])[:, 0]  # [T, hc, D] bf16
+    got = out[f"Ph{i}"].view(np.uint16)
+    np.testing.assert_array_equal(got, np.asarray(want).view(np.uint16), err_msg=f"{name}: streams")
+    ref = _reference(cfg, jnp.asarray(want), w, _norm_weight(D, SEED + 50 + i))
+    _check((out[f"Py{i}"], out[f"Ppost{i}"], out[f"Pcomb{i}"]), ref, name, NORM_ULPS)
+    if D % 128 == 0:
+        yq = out[f"Pyq{i}"]
+        np.testing.assert_array_equal(yq.view(np.uint32), _quantized_values(out[f"Py{i}"]).view(np.uint32),
+                                      err_msg=f"{name}: yq")
 
 
 def test_check_catches_plausible_kernel_bugs():
@@ -261,6 +342,50 @@ def test_gpu_matches_reference(case, norm):
         np.testing.assert_array_equal(np.asarray(y2.astype(np.float32)), np.asarray(y.astype(np.float32)))
         want = _quantized_values(np.asarray(y[:, 0].astype(np.float32)))
         np.testing.assert_array_equal(np.asarray(yq[:, 0].astype(np.float32)).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("case", [("flash-decode", 1, 4, 4096, 0), ("flash-decode-partials", 1, 4, 4096, 5),
+                                  ("flash-batch32", 32, 4, 4096, 0), ("pro-decode-partials", 1, 4, 7168, 7),
+                                  ("flash-prefill", 512, 4, 4096, 0)], ids=lambda c: c[0])
+def test_gpu_post_matches_reference(case):
+    """The fused ``hc_post`` form at V4 shapes inside jit with the card's plan: the streams it writes within one bf16
+    ulp of XLA's ``hyper.hc_post`` (both compilers may contract a product and a sum into one fma differently; the
+    interpreter test checks the formula bit for bit) and equal to them nearly everywhere, also from split-K partials
+    of the block output (wo_b's, 5 splits at V4-Flash's decode plan); ``y``/``post``/``comb``
+    against the reference ``hc_pre_norm`` of the kernel's own streams, the quantized row bit for bit."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None:
+        pytest.skip(f"mHC GPU test: {why}")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.mhc import hc_post_pre_norm_quant_triton
+    from dsv4_jax.modeling import hyper
+    from dsv4_jax.modeling.quant import SplitSum
+
+    name, T, hc, D, splits = case
+    cfg = _cfg(hc, D, 20)
+    h, w = _inputs(T, hc, D, SEED + 3)
+    raw, o, post, comb = _post_inputs(T, hc, D, SEED + 3, splits)
+    nw = _norm_weight(D, SEED + 3)
+    args = (o[:, None], h[:, None], post[:, None], comb[:, None], w, nw)
+    if splits:  # the block output as its linear's split-K partials, which the kernel sums
+        kargs = (SplitSum(jnp.asarray(raw)[:, :, None], jnp.bfloat16), *args[1:])
+    else:
+        kargs = args
+    hn, y, yq, p2, c2 = jax.jit(hc_post_pre_norm_quant_triton, static_argnums=0)(cfg, *kargs)
+    want = np.asarray(jax.jit(hyper.hc_post, static_argnums=0)(cfg, *args[:4])[:, 0].astype(jnp.float32))
+    got = np.asarray(hn[:, 0].astype(jnp.float32))
+    ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(want), 2.0**-126))) - 7)
+    assert (np.abs(got - want) <= ulp).all(), f"{name}: streams off by {np.max(np.abs(got - want) / ulp):.1f} ulps"
+    assert np.mean(got != want) < 1e-2, f"{name}: {np.mean(got != want):.3%} of the streams differ"
+    ref = _reference(cfg, hn[:, 0], w, nw)
+    _check((np.asarray(y[:, 0].astype(jnp.float32)), np.asarray(p2[:, 0]), np.asarray(c2[:, 0])), ref, name,
+           NORM_ULPS)
+    want_q = _quantized_values(np.asarray(y[:, 0].astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(yq[:, 0].astype(jnp.float32)).view(np.uint32), want_q.view(np.uint32))
 
 
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`

@@ -581,6 +581,15 @@ def test_small_decode_candidates_fit(D, target, monkeypatch):
         meta = dict(meta)
         smem, spill = _compile(fn, ptrs, meta, dict(num_warps=meta.pop("num_warps"), num_stages=1), target=target)
         assert smem <= SMEM[target] and spill == 0, f"mHC {fn.__name__} {p}: {smem} B shared, {spill} B spills"
+    for T in (1, 32):  # the fused hc_post form of the first kernel, at one token and at batch 32
+        pt = mhc.plan(T, 4, D, target, norm=True)
+        (_, m1), _, _ = mhc._kernel_args(T, 4, D, pt, True, True, 1e-6, 1e-6, 20, True, post=True)
+        ptrs = dict(out_ptr="*fp32" if T == 1 else "*bf16", hr_ptr="*bf16", post_ptr="*fp32", comb_ptr="*fp32",
+                    fn_ptr="*fp32", T="i32", part_ptr="*fp32", h_ptr="*bf16")
+        m1 = dict(m1, OS=5, OSP=8) if T == 1 else dict(m1)  # one token: the output as wo_b's 5 split-K partials
+        smem, spill = _compile(mhc._post_mix_partial_kernel, ptrs, m1, dict(num_warps=m1.pop("num_warps"),
+                                                                            num_stages=1), target=target)
+        assert smem <= SMEM[target] and spill == 0, f"mHC post form {pt}: {smem} B shared, {spill} B spills"
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx950"])

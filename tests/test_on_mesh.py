@@ -217,6 +217,12 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
         y, post, comb = hc_norm(c, h, wl, norm_w)
         return y, post, comb, quantize_act(y).dequant().astype(jnp.bfloat16)
 
+    def post_norm_quant(c, out, h, post, comb, wl, norm_w, p=None):  # the fused hc_post form: XLA's hc_post first
+        h = hyper.hc_post(c, out, h, post, comb)
+        seen.append(("hc_post_pre_norm", h.shape[:2]))
+        y, post, comb, yq = hc_norm_quant(c, h, wl, norm_w)
+        return h, y, yq, post, comb
+
     def router(c, gate, bias, tid2eid, x, ids, p=None):  # the ranked route: the selection kernel's ranks too
         seen.append(("route", x.shape[0]))
         idx, wts = R.route_reference(c, gate, bias, tid2eid, x, ids)
@@ -226,10 +232,13 @@ def test_model_takes_the_per_device_path_on_a_mesh(monkeypatch, shape):
         monkeypatch.setattr(mod, "use_triton", lambda kernels: True)
     monkeypatch.setattr(M, "hc_pre_norm_triton", hc_norm)
     monkeypatch.setattr(M, "hc_pre_norm_quant_triton", hc_norm_quant)
+    monkeypatch.setattr(M, "hc_post_pre_norm_quant_triton", post_norm_quant)
+    monkeypatch.setattr(M, "FUSE_POST", True)  # the fused hc_post form's dispatch too (opt-in)
     monkeypatch.setattr(R, "route_triton_ranked", router)
     got = run("auto")
     rows = 4 // shape[0]  # batch rows per device (split over data)
     assert ("hc_pre_norm", (rows, 11)) in seen and ("hc_pre_norm", (rows, 1)) in seen, sorted(set(seen))
+    assert ("hc_post_pre_norm", (rows, 11)) in seen and ("hc_post_pre_norm", (rows, 1)) in seen, sorted(set(seen))
     assert ("route", rows * 11) in seen and ("route", rows) in seen, sorted(set(seen))
     Dh = cfg.head_dim
     assert ("q_kv_lora", rows, (cfg.q_lora_rank, cfg.dim), (Dh, cfg.dim)) in seen, sorted(set(seen))  # decode rows

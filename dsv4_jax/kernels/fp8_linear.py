@@ -60,7 +60,15 @@ from dsv4_jax.kernels import (
 )
 from dsv4_jax.kernels.fp8_prefill import PREFILL_MIN_ROWS, fp8_wx, prefill_plan, split_plan
 from dsv4_jax.kernels.on_mesh import grouped_on_mesh, linear_on_mesh, pair_on_mesh
-from dsv4_jax.modeling.quant import Fp8Tensor, QuantAct, dequant, dot_f32, linear_reference, quantize_act
+from dsv4_jax.modeling.quant import (
+    Fp8Tensor,
+    QuantAct,
+    SplitSum,
+    dequant,
+    dot_f32,
+    linear_reference,
+    quantize_act,
+)
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
     import triton
@@ -347,7 +355,7 @@ def _launch_gemv(x, w: Fp8Tensor, M, N, K, G, out_dtype, p: dict) -> jax.Array:
     return sum_splits(gemv_partials(x, w, M, N, K, G, out_dtype, p), p["SPLIT"], out_dtype)
 
 
-def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None = None) -> jax.Array:
+def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None = None, partials: bool = False):
     *lead, K = x.shape
     N = w.q.shape[0]
     _check(w, "fp8_linear", K, N)
@@ -358,7 +366,10 @@ def _fp8_linear_triton(x: jax.Array, w: Fp8Tensor, out_dtype, xq, p: dict | None
         return jnp.zeros((*lead, N), out_dtype)
     p = p or plan(M, N, K)
     if p.get("GEMV"):  # the quantized values (exact in bf16), so that the kernel's K loop only streams the weight
-        return _launch_gemv(gemv_values(x, xq).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p).reshape(*lead, N)
+        y = gemv_partials(gemv_values(x, xq).reshape(M, 1, K), w, M, N, K, 1, out_dtype, p)
+        if partials and p["SPLIT"] > 1:
+            return SplitSum(y.reshape(p["SPLIT"], *lead, N), out_dtype)
+        return sum_splits(y, p["SPLIT"], out_dtype).reshape(*lead, N)
     if p.get("WX"):  # prefill: the same values, as the B operand of the weight-stationary tensor-core kernel
         return fp8_wx(gemv_values(x, xq).reshape(M, 1, K), w, out_dtype, p).reshape(*lead, N)
     qa = xq if isinstance(xq, QuantAct) else quantize_act(x, QBLOCK)
@@ -389,7 +400,7 @@ def _triton_ok(kernels: str) -> bool:
 
 
 def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array | None = None, *,
-               kernels: str = "auto", parallel: str | None = None) -> jax.Array:
+               kernels: str = "auto", parallel: str | None = None, partials: bool = False):
     """``x [..., K] @ W[N, K].T -> [..., N]`` in ``out_dtype`` with the FP8 activation quantization (spec 3.4).
 
     ``xq``: the input's precomputed :class:`QuantAct`, or its values (fp32 or bf16, exact): the GEMV path (decode
@@ -397,7 +408,8 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
     ``parallel``: how the weight is split under a mesh (:mod:`dsv4_jax.kernels.on_mesh`: ``"cols"``, ``"rows"``,
     ``"none"``); there the kernel runs per device on its shards. The XLA path is kept (same function up to fp32
     summation order) under a mesh for a caller that does not say (``None``) or a split that would cut a scale block,
-    and, with ``"auto"``, on devices without e4m3 tensor-core dots.
+    and, with ``"auto"``, on devices without e4m3 tensor-core dots. ``partials``: where the one-device GEMV splits
+    K, its fp32 partials as a :class:`dsv4_jax.modeling.quant.SplitSum` (the caller's consumer sums them).
     """
     if parallel is not None and use_triton(kernels) and not single_device() and fp8_dot_supported():
         y = linear_on_mesh(lambda xl, wl, dt: _fp8_linear_triton(xl, wl, dt, None), x, w, out_dtype, parallel)
@@ -405,7 +417,7 @@ def fp8_linear(x: jax.Array, w: Fp8Tensor, out_dtype, xq: QuantAct | jax.Array |
             return y
     if _triton_ok(kernels):
         if fp8_dot_supported():
-            return _fp8_linear_triton(x, w, out_dtype, xq)
+            return _fp8_linear_triton(x, w, out_dtype, xq, partials=partials)
         if kernels == "triton":
             raise RuntimeError(f"kernels='triton': the FP8 linear kernel needs e4m3 tensor-core dots (NVIDIA sm89+ or "
                                f"AMD gfx950); this device is {jax.devices()[0].device_kind!r}. Use kernels='auto'")

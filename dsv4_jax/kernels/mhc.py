@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import arch, env_tiles, next_pow2, triton_call, use_triton
+from dsv4_jax.kernels import arch, env_tiles, next_pow2, single_device, triton_call, use_triton
 from dsv4_jax.kernels.on_mesh import replicated_on_mesh
 from dsv4_jax.modeling import hyper
 from dsv4_jax.modeling.layers import rms_norm
+from dsv4_jax.modeling.quant import SplitSum, summed
 from dsv4_jax.modeling.weights import HcWeights
 
 try:  # the model imports this module; triton is optional (kernels="reference" needs none of it)
@@ -80,6 +81,68 @@ if triton is not None:
             sq += x * x
         acc = tl.where(rows[None, :] == NMIX, tl.sum(sq, axis=1)[:, None], tl.sum(acc, axis=2))
         dst = part_ptr + (tok[:, None].to(tl.int64) * NS + s) * P + rows[None, :]
+        tl.store(dst, acc, mask=live[:, None])
+
+    @triton.jit
+    def _post_mix_partial_kernel(out_ptr, hr_ptr, post_ptr, comb_ptr, fn_ptr, T, part_ptr, h_ptr, D: tl.constexpr,
+                                 HC: tl.constexpr, NMIX: tl.constexpr, P: tl.constexpr, NS: tl.constexpr,
+                                 DCS: tl.constexpr, BKP: tl.constexpr, BT: tl.constexpr, H_BF16: tl.constexpr,
+                                 OS: tl.constexpr = 1, OSP: tl.constexpr = 1):
+        """:func:`_mix_partial_kernel` over streams it first forms: the previous block's ``hc_post``
+        (:func:`dsv4_jax.modeling.hyper.hc_post`), ``h[t, k, d] = post[t, k] * out[t, d] + sum_j comb[t, j, k] *
+        hr[t, j, d]`` in fp32 (j in order), rounded once to ``h``'s dtype (bf16 when ``H_BF16``), written to ``h [T,
+        HC*D]`` and fed to the mixes (the XLA fusion that formed it was a launch of its own per site). Program (s, tb):
+        columns ``d`` in ``[s*DCS, s*DCS+DCS)`` of every stream (each writes its own columns of ``h`` once), ``BKP``
+        at a time; the partials' layout is :func:`_mix_partial_kernel`'s (any split of K sums the same terms).
+        ``OS > 1``: ``out`` is its linear's fp32 split-K partials ``[OS, T, D]`` (:class:`quant.SplitSum`; ``OSP``:
+        ``OS`` to a power of two), summed here in a fixed order (sequential under the interpreter, a reduction tree on
+        GPUs; XLA's sum has its own) and rounded as ``h`` (the XLA sum of the partials was a launch of its own)."""
+        s = tl.program_id(0)
+        tok = tl.program_id(1) * BT + tl.arange(0, BT)  # [BT]
+        live = tok < T
+        t64 = tok.to(tl.int64)
+        K: tl.constexpr = HC * D
+        rows = tl.arange(0, P)  # [P] fn rows (NMIX real ones)
+        ks = tl.arange(0, HC)  # [HC] streams
+        acc = tl.zeros((BT, P, BKP), tl.float32)  # per-lane partial sums, reduced once after the loop
+        sq = tl.zeros((BT, BKP), tl.float32)
+        lv3 = live[:, None, None]
+        pk = tl.load(post_ptr + t64[:, None] * HC + ks[None, :], mask=live[:, None], other=0.0)[:, :, None]  # [BT,HC,1]
+        for dd in range(0, DCS, BKP):
+            # every load of the step before its store (the store could alias them: loads after it would wait)
+            d = s * DCS + dd + tl.arange(0, BKP)  # [BKP]
+            dm = d < D
+            m2 = live[:, None] & dm[None, :]
+            m3 = lv3 & dm[None, None, :]
+            kd = ks[None, :, None] * D + d[None, None, :]  # [1, HC, BKP] columns of h / fn
+            f = tl.load(fn_ptr + rows[:, None, None] * K + kd, mask=(rows[:, None, None] < NMIX) & dm[None, None, :],
+                        other=0.0)  # [P, HC, BKP]
+            if OS > 1:  # all splits in one tile, summed in a fixed order (one load's latency, not OS of them)
+                sp = tl.arange(0, OSP)[:, None, None]
+                o = tl.sum(tl.load(out_ptr + (sp * T + t64[None, :, None]) * D + d[None, None, :],
+                                   mask=(sp < OS) & m2[None, :, :], other=0.0), axis=0)  # [BT, BKP]
+                if H_BF16:
+                    o = round_bf16(o)
+            else:
+                o = tl.load(out_ptr + t64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)  # [BT, BKP]
+            mixed = tl.zeros((BT, HC, BKP), tl.float32)
+            for j in tl.static_range(HC):  # sum over j in order, as hyper.hc_post
+                cj = tl.load(comb_ptr + t64[:, None] * (HC * HC) + j * HC + ks[None, :], mask=live[:, None],
+                             other=0.0)[:, :, None]  # [BT, HC, 1]: comb[t, j, k]
+                hj = tl.load(hr_ptr + t64[:, None] * K + j * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+                if j == 0:
+                    mixed = cj * hj[:, None, :]
+                else:
+                    mixed = mixed + cj * hj[:, None, :]
+            hn = pk * o[:, None, :] + mixed  # [BT, HC, BKP]
+            if H_BF16:
+                hn = round_bf16(hn)
+            tl.store(h_ptr + t64[:, None, None] * K + kd, hn.to(h_ptr.dtype.element_ty), mask=m3)
+            hn = tl.where(m3, hn, 0.0)
+            acc += tl.sum(hn[:, None, :, :] * f[None, :, :, :], axis=2)
+            sq += tl.sum(hn * hn, axis=1)
+        acc = tl.where(rows[None, :] == NMIX, tl.sum(sq, axis=1)[:, None], tl.sum(acc, axis=2))
+        dst = part_ptr + (t64[:, None] * NS + s) * P + rows[None, :]
         tl.store(dst, acc, mask=live[:, None])
 
     @triton.jit
@@ -209,9 +272,10 @@ def _check(h: jax.Array, w: HcWeights, norm_w) -> None:
 
 
 def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, norm_eps: float, hc_eps: float,
-                 iters: int, qy: bool = False):
+                 iters: int, qy: bool = False, post: bool = False):
     """Grids and metaparameters of both kernels, ``((grid1, meta1), (grid2, meta2))``, and the workspace width
-    ``P``: the one place the jax and the torch launchers take them from."""
+    ``P``: the one place the jax and the torch launchers take them from. ``post``: the first kernel is
+    :func:`_post_mix_partial_kernel` (``y_bf16`` also says the streams it forms are bf16)."""
     K, nmix = hc * D, hc * (2 + hc)
     P = next_pow2(nmix + 1)
     KC = math.ceil(math.ceil(K / p["NS"]) / p["BK"]) * p["BK"]
@@ -219,11 +283,17 @@ def _kernel_args(T: int, hc: int, D: int, p: dict, norm: bool, y_bf16: bool, nor
     meta2 = dict(D=D, HC=hc, NS=p["NS"], NSP=next_pow2(p["NS"]), P=P, NORM_EPS=float(np.float32(norm_eps)),
                  HC_EPS=float(np.float32(hc_eps)), ITERS=iters, BD=p["BD"], NORM=norm, Y_BF16=y_bf16, QY=qy,
                  num_warps=p["warps2"])
+    if post:  # the fused hc_post form: BK / hc columns of every stream per step (the plain form's K elements)
+        bkp = max(1, p["BK"] // hc)
+        meta1 = dict(D=D, HC=hc, NMIX=nmix, P=P, NS=p["NS"], DCS=math.ceil(math.ceil(D / p["NS"]) / bkp) * bkp,
+                     BKP=bkp, BT=p["BT"], H_BF16=y_bf16, OS=1, OSP=1, num_warps=p["num_warps"])
     return ((p["NS"], math.ceil(T / p["BT"])), meta1), ((T, math.ceil(D / p["BD"]) + 1), meta2), P
 
 
-def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy: bool = False):
-    """Both kernels; returns ``y, post, comb`` and, with ``qy`` (needs the norm), ``yq`` (else ``None``)."""
+def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy: bool = False, prev=None):
+    """Both kernels; returns ``y, post, comb``, with ``qy`` (needs the norm) ``yq`` (else ``None``), and the streams
+    ``h`` the mixes read. ``prev``: the previous block's ``(out [B,S,D], post [B,S,hc], comb [B,S,hc,hc])``, whose
+    ``hc_post`` over the residual streams ``h`` the first kernel forms (:func:`_post_mix_partial_kernel`)."""
     B, S, hc, D = h.shape
     _check(h, w, norm_w)
     T = B * S
@@ -232,10 +302,21 @@ def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy:
         raise ValueError(f"hc_pre: the fused norm needs a whole row per program, BD={p['BD']} < dim={D}")
     qy = qy and norm_w is not None
     (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, cfg.act_dtype == jnp.bfloat16,
-                                         cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters, qy)
+                                         cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters, qy, prev is not None)
     x = h.reshape(T, hc * D)
-    part = triton_call(x, w.fn.astype(jnp.float32), T, kernel=_mix_partial_kernel,
-                       out_shape=jax.ShapeDtypeStruct((T, p["NS"], P), jnp.float32), grid=g1, **m1)
+    fn = w.fn.astype(jnp.float32)
+    part_t = jax.ShapeDtypeStruct((T, m2["NS"], P), jnp.float32)  # the splits (fewer in the hc_post form)
+    if prev is None:
+        part = triton_call(x, fn, T, kernel=_mix_partial_kernel, out_shape=part_t, grid=g1, **m1)
+    else:
+        out, post0, comb0 = prev
+        os_ = out.parts.shape[0] if isinstance(out, SplitSum) else 1
+        _check_prev(h, out.parts[0] if os_ > 1 else out, post0, comb0)
+        out = out.parts.reshape(os_, T, D) if os_ > 1 else out.reshape(T, D)
+        m1 = {**m1, "OS": os_, "OSP": next_pow2(os_)}
+        part, x = triton_call(out, x, post0.reshape(T, hc).astype(jnp.float32),
+                              comb0.reshape(T, hc * hc).astype(jnp.float32), fn, T, kernel=_post_mix_partial_kernel,
+                              out_shape=(part_t, jax.ShapeDtypeStruct((T, hc * D), cfg.act_dtype)), grid=g1, **m1)
     nw = jnp.zeros((1,), jnp.float32) if norm_w is None else norm_w
     y, post, comb, yq = triton_call(
         part, x, w.scale.astype(jnp.float32), w.base.astype(jnp.float32), nw, kernel=_finish_kernel,
@@ -243,7 +324,15 @@ def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy:
                    jax.ShapeDtypeStruct((T, hc, hc), jnp.float32),
                    jax.ShapeDtypeStruct((T, D) if qy else (1,), jnp.bfloat16)), grid=g2, **m2)
     yq = yq.reshape(B, S, D) if qy else None
-    return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc), yq
+    return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc), yq, x.reshape(B, S, hc, D)
+
+
+def _check_prev(h: jax.Array, out: jax.Array, post: jax.Array, comb: jax.Array) -> None:
+    B, S, hc, D = h.shape
+    want = ((B, S, D), (B, S, hc), (B, S, hc, hc))
+    if (out.shape, post.shape, comb.shape) != want:
+        raise ValueError(f"hc_post: block output {out.shape}, post {post.shape}, comb {comb.shape} do not match the "
+                         f"streams {h.shape} (expected {want[0]}, {want[1]}, {want[2]})")
 
 
 def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
@@ -258,7 +347,16 @@ def hc_pre_norm_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Arra
 
 def hc_pre_norm_quant_triton(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array, p: dict | None = None):
     """The Triton path of :func:`hc_pre_norm_quant`: ``y, post, comb, yq``."""
-    return _launch(cfg, h, w, norm_w, p, True)
+    return _launch(cfg, h, w, norm_w, p, True)[:4]
+
+
+def hc_post_pre_norm_quant_triton(cfg: Config, out: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array,
+                                  w: HcWeights, norm_w: jax.Array, p: dict | None = None):
+    """The Triton path of :func:`hc_post_pre_norm_quant`: ``h_new, y, yq, post, comb`` (``yq`` ``None`` without
+    the activation simulation or with a dim not a multiple of 128)."""
+    qy = cfg.simulate and cfg.dim % 128 == 0
+    y, post2, comb2, yq, h_new = _launch(cfg, h, w, norm_w, p, qy, prev=(out, post, comb))
+    return h_new, y, yq, post2, comb2
 
 
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
@@ -298,22 +396,62 @@ def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array
     return y, None, post, comb
 
 
+# The fused hc_post form on the kernel path: opt-in until a GPU times its current form. Its first form (one stream at
+# a time, each stream's loads after the previous stream's store, 1/hc the programs) passed its GPU test and the golden
+# criteria on an H100 but made the 3-layer V4-Flash loop slower: 0.985 against 0.970 ms at batch 1, 4.685 against
+# 4.669 at batch 32 (2026-12-06, docs/performance.md), although the step had 3 kernels fewer at batch 1 (wo_b's
+# split-K sum and both hc_post fusions) and 2 at batch 32. The current form (all streams in one tile, every load
+# before the store, the plain form's program count) is checked under the interpreter and compiled without spills
+# for sm_90a and gfx950, not yet timed.
+FUSE_POST = False
+
+
+def hc_post_pre_norm_quant(cfg: Config, out: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array,
+                           w: HcWeights, norm_w: jax.Array):
+    """The previous block's ``hc_post`` (its output ``out [B,S,D]`` into the residual streams ``h [B,S,hc,D]`` with
+    its ``post``/``comb``, :func:`dsv4_jax.modeling.hyper.hc_post`), then :func:`hc_pre_norm_quant` of the new
+    streams: ``(h_new, y, yq, post, comb)``. The kernel path forms the streams inside the mixes' first kernel
+    (:func:`_post_mix_partial_kernel`), which writes them for the next site: XLA's fusion of ``hc_post`` was a
+    launch of its own at every site. Same dispatch as :func:`hc_pre`; the reference path is ``hyper.hc_post``
+    followed by :func:`hc_pre_norm_quant`. ``out`` may be a :class:`quant.SplitSum` (its linear's partials), which
+    the kernel sums."""
+    if FUSE_POST and _triton_ok(cfg, h):
+        if not single_device():  # (the linears hand partials over on one device only)
+            out = summed(out)
+        return replicated_on_mesh(lambda *a: hc_post_pre_norm_quant_triton(cfg, *a[:4], *a[4]),
+                                  (out, h, post, comb), (w, norm_w))
+    h = hyper.hc_post(cfg, summed(out), h, post, comb)
+    return (h, *hc_pre_norm_quant(cfg, h, w, norm_w))
+
+
 # ---------------------------------------------------------------------------------------------- torch launcher
 def run_torch(h, fn, scale, base, hc_eps: float, norm_eps: float, iters: int, p: dict, norm_w=None,
-              y_bf16: bool = True, qy: bool = False):
+              y_bf16: bool = True, qy: bool = False, prev=None):
     """Both kernels on torch tensors (CI: under ``TRITON_INTERPRET=1``): ``h [T, hc, D]`` -> y ``[T, D]`` fp32
     (normed by ``norm_w [D]`` when given, after rounding y to bf16 if ``y_bf16``), post ``[T, hc]``, comb
-    ``[T, hc, hc]``; with ``qy`` (and ``norm_w``) also ``yq [T, D]`` fp32 (the quantized values of y as stored)."""
+    ``[T, hc, hc]``; with ``qy`` (and ``norm_w``) also ``yq [T, D]`` fp32 (the quantized values of y as stored).
+    ``prev``: ``(out [T, D], post [T, hc], comb [T, hc, hc])`` of the previous block (``out`` may be fp32 split-K
+    partials ``[OS, T, D]``), ``h`` then being the residual streams (:func:`_post_mix_partial_kernel`); the streams
+    it formed (``[T, hc, D]``, ``h``'s dtype) come last."""
     import torch
 
     T, hc, D = h.shape
     qy = qy and norm_w is not None
-    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters, qy)
+    (g1, m1), (g2, m2), P = _kernel_args(T, hc, D, p, norm_w is not None, y_bf16, norm_eps, hc_eps, iters, qy,
+                                         prev is not None)
     x = h.reshape(T, hc * D).contiguous()
     nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=h.device)  # noqa: E731
-    part = nan(T, p["NS"], P)
-    _mix_partial_kernel[g1](x, fn, T, part, **m1)
+    part = nan(T, m2["NS"], P)
+    if prev is None:
+        _mix_partial_kernel[g1](x, fn, T, part, **m1)
+    else:
+        hn = torch.full((T, hc * D), float("nan"), dtype=h.dtype, device=h.device)
+        os_ = prev[0].shape[0] if prev[0].dim() == 3 else 1
+        _post_mix_partial_kernel[g1](prev[0].contiguous(), x, prev[1].contiguous(), prev[2].contiguous(), fn, T, part,
+                                     hn, **{**m1, "OS": os_, "OSP": next_pow2(os_)})
+        x = hn
     y, post, comb, yq = nan(T, D), nan(T, hc), nan(T, hc, hc), nan(T, D) if qy else nan(1)
     nw = torch.zeros(1, dtype=torch.float32, device=h.device) if norm_w is None else norm_w
     _finish_kernel[g2](part, x, scale, base, nw, y, post, comb, yq, **m2)
-    return (y, post, comb, yq) if qy else (y, post, comb)
+    res = (y, post, comb, yq) if qy else (y, post, comb)
+    return res if prev is None else (*res, x.view(T, hc, D))

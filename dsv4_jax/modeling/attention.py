@@ -103,7 +103,8 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         # z [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation; zq: its FP8 quantization's values where the kernel
         # made them with the split-K sum (decode rows), else None (wo_b's linear quantizes)
         z, zq = grouped_proj_quant(o, w.wo_a, dt, kernels=kn)
-        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, zq, kernels=kn, parallel="rows")  # [B,S,D]
+        # [B,S,D], or the kernel's split-K partials (quant.SplitSum): the block's next mHC kernel sums them
+        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, zq, kernels=kn, parallel="rows", partials=True)
 
     with jax.named_scope("kv_ring_write"):
         new["kv"] = ring_write(ring, kv, pos, n_new, kv_values, kernels=kn)  # slot t % W of the last W tokens

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.mhc import hc_pre_norm_quant
+from dsv4_jax.kernels.mhc import hc_post_pre_norm_quant, hc_pre_norm_quant
 from dsv4_jax.modeling.attention import attention
 from dsv4_jax.modeling.hyper import hc_head, hc_post
 from dsv4_jax.modeling.layers import rms_norm, rope_freqs
@@ -61,16 +61,38 @@ def block(cfg: Config, w: BlockWeights, ratio: int, h: jax.Array, ids: jax.Array
     ``[B,S,k]`` or None, ``"router"`` expert ids ``[B,S,k]``), plus ``"attn_input"`` ``[B,S,D]`` (the attention's
     input, from which a speculative rollback rebuilds the compressor buffers).
     """
+    h, ls, aux = block_pending(cfg, w, ratio, h, ids, ls, pos, n_new)
+    return streams(cfg, h), ls, aux
+
+
+def block_pending(cfg: Config, w: BlockWeights, ratio: int, h, ids: jax.Array, ls: LayerState, pos: jax.Array,
+                  n_new: jax.Array) -> tuple[tuple, LayerState, dict]:
+    """:func:`block` with its last ``hc_post`` left pending: returns ``(out, h_res, post, comb)`` (:func:`streams`
+    forms the streams) instead of the streams, and takes such a tuple for ``h`` as well. The next block's mHC
+    kernels then form the streams where they read them (:func:`dsv4_jax.kernels.mhc.hc_post_pre_norm_quant`), as
+    the block's own ffn site does with its attention's ``hc_post``: on GPUs a launch less per site."""
     with jax.named_scope("attn"):
         # rms_norm(hc_pre's y), and its FP8 quantization where the mHC kernel makes it (else None)
-        x, xq, post, comb = hc_pre_norm_quant(cfg, h, w.hc_attn, w.attn_norm)
+        h, x, xq, post, comb = _collapse(cfg, h, w.hc_attn, w.attn_norm)
         a, ls, chosen = attention(cfg, w.attn, x, ls, pos, n_new, ratio, rope_freqs(cfg, ratio), xq)
-        h = hc_post(cfg, a, h, post, comb)
     with jax.named_scope("ffn"):
-        xf, xfq, post, comb = hc_pre_norm_quant(cfg, h, w.hc_ffn, w.ffn_norm)
+        h, xf, xfq, post, comb = _collapse(cfg, (a, h, post, comb), w.hc_ffn, w.ffn_norm)
         f, experts = moe(cfg, w.ffn, xf, ids, xfq)
-        h = hc_post(cfg, f, h, post, comb)
-    return h, ls, {"indexer": chosen, "router": experts, "attn_input": x}
+    return (f, h, post, comb), ls, {"indexer": chosen, "router": experts, "attn_input": x}
+
+
+def _collapse(cfg: Config, h, w: HcWeights, norm_w: jax.Array):
+    """An mHC site on streams ``h`` or on a pending ``hc_post`` ``(out, h_res, post, comb)``: ``(streams, y, yq,
+    post, comb)`` (:func:`dsv4_jax.kernels.mhc.hc_post_pre_norm_quant`)."""
+    if isinstance(h, tuple):
+        return hc_post_pre_norm_quant(cfg, *h, w, norm_w)
+    return (h, *hc_pre_norm_quant(cfg, h, w, norm_w))
+
+
+def streams(cfg: Config, h) -> jax.Array:
+    """The hc streams ``[B,S,hc,D]`` of :func:`block_pending`'s result (its pending ``hc_post`` applied by XLA), or
+    ``h`` itself."""
+    return hc_post(cfg, *h) if isinstance(h, tuple) else h
 
 
 def head(cfg: Config, head_w: jax.Array, hc_w: HcWeights, norm_w: jax.Array, h: jax.Array) -> jax.Array:
@@ -109,9 +131,10 @@ def forward_layers(weights: Weights, cfg: Config, tokens: jax.Array, state: Stat
     layers, attn_inputs = [], []
     for i, (w, ls) in enumerate(zip(weights.layers, state.layers)):
         with jax.named_scope(f"layer_{i}"):
-            h, ls, aux = block(cfg, w, cfg.ratio(i), h, tokens, ls, pos, n_new)
+            h, ls, aux = block_pending(cfg, w, cfg.ratio(i), h, tokens, ls, pos, n_new)
         layers.append(ls)
         attn_inputs.append(aux["attn_input"])
+    h = streams(cfg, h)
     return h, state.replace(pos=pos + n_new, layers=tuple(layers)), tuple(attn_inputs)
 
 

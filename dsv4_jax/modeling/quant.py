@@ -169,6 +169,24 @@ class QuantAct:
         return (qb * self.scale[..., None]).reshape(self.q.shape)
 
 
+@struct.dataclass
+class SplitSum:
+    """A linear's output left as the fp32 split-K partials of its kernel, ``parts [S, ..., N]``: the value is their
+    sum over ``S`` rounded to ``dtype`` (:meth:`value`, what the kernels' XLA sum computes). A consumer kernel that
+    reads the output once can sum them itself, a launch less (``mhc.hc_post_pre_norm_quant``)."""
+
+    parts: jax.Array  # fp32 [S, ..., N]
+    dtype: jnp.dtype = struct.field(pytree_node=False)
+
+    def value(self) -> jax.Array:
+        return self.parts.sum(0).astype(self.dtype)
+
+
+def summed(y) -> jax.Array:
+    """``y`` as an array: a :class:`SplitSum`'s value, anything else as it is."""
+    return y.value() if isinstance(y, SplitSum) else y
+
+
 def quantize_act(x: jax.Array, block: int = 128) -> QuantAct:
     """The one FP8 activation quantizer: e4m3 codes and per-block power-of-two scales (rounded up, spec 3.1)."""
     q, s = fp8_act_quant(x, block)  # fp32 values on the e4m3 grid [..., K/block, block], scales [..., K/block, 1]
@@ -250,19 +268,20 @@ def quantized_input(x: jax.Array, simulate: bool) -> jax.Array:
 
 
 def linear(x: jax.Array, w, out_dtype, simulate: bool, xq: QuantAct | jax.Array | None = None, *,
-           kernels: str = "reference", parallel: str | None = None) -> jax.Array:
+           kernels: str = "reference", parallel: str | None = None, partials: bool = False) -> jax.Array:
     """``y = x @ W.T`` with the official dispatch on the weight type (spec 3.4).
 
     ``xq`` may pass the input's precomputed quantization (a :class:`QuantAct`, or the fp32 ``quantized_input(x)``).
     ``kernels`` (``Config.kernels``) selects the implementation of FP8 weights with the simulations on:
     :func:`dsv4_jax.kernels.fp8_linear.fp8_linear` (Triton where :func:`dsv4_jax.kernels.use_triton` says so);
     everything else is :func:`linear_reference`. ``parallel`` (``"cols"``, ``"rows"``, ``"none"``): how the weight is
-    split under a mesh, which lets the kernel run per device (:mod:`dsv4_jax.kernels.on_mesh`).
+    split under a mesh, which lets the kernel run per device (:mod:`dsv4_jax.kernels.on_mesh`). ``partials``: the
+    caller takes a :class:`SplitSum` where the kernel splits K (its consumer sums the partials; :func:`summed`).
     """
     if kernels != "reference" and simulate and isinstance(w, Fp8Tensor):
         from dsv4_jax.kernels.fp8_linear import fp8_linear
 
-        return fp8_linear(x, w, out_dtype, xq, kernels=kernels, parallel=parallel)
+        return fp8_linear(x, w, out_dtype, xq, kernels=kernels, parallel=parallel, partials=partials)
     return linear_reference(x, w, out_dtype, simulate, xq)
 
 
