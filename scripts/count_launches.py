@@ -254,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scopes", type=int, default=15, help="named scopes to list (most kernels first)")
     ap.add_argument("--json", help="append each result as a JSON line to this file")
     ap.add_argument("--names", default="", help="list the kernels (HLO names) of the scopes containing this text")
+    ap.add_argument("--variants", default="",
+                    help="';'-separated variants (scripts/bench_common.variant: NAME=VALUE env entries, "
+                         "module:ATTR=VALUE constants), each counted: 'dsv4_jax.kernels.mhc:FUSE_POST=True;default'")
     ap.add_argument("--builds", action="store_true",
                     help="also report XLA's build of every Triton kernel (registers, spills, shared memory; needs a "
                          "CUDA ptxas: $PTXAS, the pip CUDA toolkit or /usr/local/cuda)")
@@ -267,13 +270,15 @@ def main(argv=None) -> int:
     import dsv4_jax as d
     from dsv4_jax.modeling import hyper
     from dsv4_jax.modeling.model import forward_jit
+    from scripts.bench_common import parse_variants, variant
 
     hyper.UNROLL_SINKHORN = True  # as on a GPU backend (the default backend of this process is the CPU)
     base = (flash_layers if args.model == "flash" else pro_layers)(args.layers, "reference")
     import dsv4_jax.kernels as K
 
-    runs = [(k, r) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])]
-    for kern, route in runs:
+    runs = [(k, r, v) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])
+            for v in parse_variants(args.variants)]
+    for kern, route, var in runs:
         if kern != "reference":
             pretend_gpu()
             K.set_launch_route(route)
@@ -284,14 +289,16 @@ def main(argv=None) -> int:
             tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
             t0 = time.perf_counter()
             # the state donated, as bench_decode.py and the decode loop update it (else XLA copies every cache)
-            _, dump = compile_for_h200(lambda w, t, s, c=cfg: forward_jit(w, c, t, s, return_logits="last"),
-                                       w, tok, state, donate_argnums=2, options=PTX_DUMP if ptxas else None)
+            with variant(var):
+                _, dump = compile_for_h200(lambda w, t, s, c=cfg: forward_jit(w, c, t, s, return_logits="last"),
+                                           w, tok, state, donate_argnums=2, options=PTX_DUMP if ptxas else None)
             res = summarize(dump)
             res.update(model=args.model, layers=args.layers, batch=batch, mode=kern, route=route,
-                       max_len=args.max_len, compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__,
-                       dump=dump)
+                       variant=var or "default", max_len=args.max_len,
+                       compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__, dump=dump)
             top = list(res["by_scope"].items())[:args.scopes]
-            print(f"{args.model} x{args.layers} batch {batch} kernels={kern} {route}: {res['kernels']} kernels, "
+            label = f" [{var}]" if var else ""
+            print(f"{args.model} x{args.layers} batch {batch} kernels={kern} {route}{label}: {res['kernels']} kernels, "
                   f"{res['host_launches']} host launches ({res['graphs']} graphs), {res['host_syncs']} host syncs, "
                   f"{res['legacy_custom_calls']} legacy custom calls; compiled in {res['compile_s']} s", flush=True)
             print("  " + ", ".join(f"{k or '(top)'} {v}" for k, v in top), flush=True)
