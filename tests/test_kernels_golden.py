@@ -8,7 +8,8 @@ RoPE + snap; ``kernels/sparse_attention.py``;
 ``kernels/compressor_step.py``: the attention and indexer compressors' decode steps; ``kernels/indexer.py``: the
 indexer's scoring (opt-in, on with ``"triton"``); ``kernels/hadamard.py``: the keys' Hadamard and the indexer
 query's ``wq_b`` split-K sum, RoPE, Hadamard and FP4 snap; ``kernels/mhc.py``: mHC's hc_pre with the block
-norm; ``kernels/router.py``: the MoE router) are launched by their own jax launchers with
+norm, at the ffn site in its opt-in form that also forms the streams, ``FUSE_POST``; ``kernels/router.py``: the
+MoE router) are launched by their own jax launchers with
 ``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU stand-in for ``jax_triton.triton_call`` running
 Triton's interpreter inside ``jax.pure_callback``), in a subprocess because ``TRITON_INTERPRET=1`` must be set
 before triton is imported. So the launchers' grids, plans, layouts, rounding points and combine order are exercised
@@ -47,7 +48,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
            "_query_kernel", "_sort_kernel", "_ring_write_kernel",
-           "_sum_quant_kernel", "_prep_kernel")
+           "_sum_quant_kernel", "_prep_kernel", "_post_mix_partial_kernel")
 
 
 def _child(golden: str, out: str) -> None:
@@ -61,7 +62,10 @@ def _child(golden: str, out: str) -> None:
     import ml_dtypes
 
     import dsv4_jax as d
+    import dsv4_jax.kernels.mhc as mhc
     from dsv4_jax.modeling.model import block
+
+    mhc.FUSE_POST = True  # the opt-in fused hc_post form: each block's ffn site forms the attention's streams
 
     gdir = Path(golden)
     cfg = d.Config.from_pretrained(gdir / "ckpt", cpu_rsqrt_tail=True, kernels="triton")
