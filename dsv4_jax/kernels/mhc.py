@@ -21,6 +21,12 @@ layer; each is a few microseconds of launch for almost no bytes. Here:
    ``y = sum_i pre_i * x_i`` for their BD columns, in stream order, rounded once to the output dtype. (The Sinkhorn
    ran in every program before, after the row's work: at one token a serial chain of ~8 us per call on an H200.)
 
+Opt-in (:data:`FUSE_POST`): :func:`hc_post_pre_norm_quant` runs a second form of the first kernel,
+:func:`_post_mix_partial_kernel`, that first forms the site's streams from the previous block's output and
+``post``/``comb`` (``hyper.hc_post``, bit for bit under the interpreter; the output may come as its linear's split-K
+partials, :class:`dsv4_jax.modeling.quant.SplitSum`), writes them and feeds them to the mixes: 3 kernels fewer per
+3-layer V4-Flash decode step at batch 1. Off until a GPU times its current form faster (:data:`FUSE_POST`).
+
 Numerics contract: the same formula and operation order as the reference except the order of the fp32 sums over
 K (the dot and the sum of squares: split-K here, XLA's own order there) and ``exp``/``sigmoid`` implementations
 (ulp-level). With ``fn``-scaled mixes of order one the K-sums agree to ~2**-17 relative, hence ``post``/``comb``
