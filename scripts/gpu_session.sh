@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul defaults fuse
+#           prefillops bf16mul defaults fuse post
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -94,6 +94,18 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/fuse.json" --variants "default;$OLD;default"
           python3 -c "
 import json; r=json.load(open('$OUT/fuse.json'))['bench']
+for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
+    post) # thirty-fifth session: the mHC site forming the previous block's streams (mhc.FUSE_POST), opt-in until timed
+          ON="dsv4_jax.kernels.mhc:FUSE_POST=True"
+          run post_tests "${POSTT_BOX:-100}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+            tests/test_kernels_mhc.py -k gpu_post
+          DSV4_MHC_FUSE_POST=1 DSV4_KERNELS=auto run golden_post "${GOLDENP_BOX:-200}" python3 -m pytest -q -s -rf \
+            --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
+          TAIL=2 run decode_post "${POST_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
+            --batch 1,32 --kernels auto --iters 20 --out "$OUT/post.json" --variants "$ON;default;$ON;default"
+          python3 -c "
+import json; r=json.load(open('$OUT/post.json'))['bench']
 for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \

@@ -245,6 +245,24 @@ def test_interpreter_post_matches_reference(interpreted, i):
                                       err_msg=f"{name}: yq")
 
 
+def test_fuse_post_switch():
+    """The fused hc_post form is off unless ``DSV4_MHC_FUSE_POST=1`` (a GPU test run turns it on for a process)."""
+    import os
+    import subprocess
+
+    code = "import dsv4_jax.kernels.mhc as m; print(m.FUSE_POST)"
+    got = {}
+    for value in ("", "1", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "DSV4_MHC_FUSE_POST"}
+        if value:
+            env["DSV4_MHC_FUSE_POST"] = value
+        r = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[value] = r.stdout.strip()
+    assert got == {"": "False", "1": "True", "0": "False"}, got
+
+
 def test_check_catches_plausible_kernel_bugs():
     """The tolerances see the mistakes a kernel could make: one Sinkhorn iteration more (before convergence, at 3
     iterations), ``comb`` transposed, the stream weights of streams 0 and 1 swapped."""

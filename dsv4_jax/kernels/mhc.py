@@ -41,6 +41,7 @@ a mesh every device runs it on its own batch rows.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -408,8 +409,8 @@ def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array
 # 4.669 at batch 32 (2026-12-06, docs/performance.md), although the step had 3 kernels fewer at batch 1 (wo_b's
 # split-K sum and both hc_post fusions) and 2 at batch 32. The current form (all streams in one tile, every load
 # before the store, the plain form's program count) is checked under the interpreter and compiled without spills
-# for sm_90a and gfx950, not yet timed.
-FUSE_POST = False
+# for sm_90a and gfx950, not yet timed. ``DSV4_MHC_FUSE_POST=1`` turns it on for a process (GPU test runs).
+FUSE_POST = os.environ.get("DSV4_MHC_FUSE_POST", "0") == "1"
 
 
 def hc_post_pre_norm_quant(cfg: Config, out: jax.Array, h: jax.Array, post: jax.Array, comb: jax.Array,
