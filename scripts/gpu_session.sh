@@ -12,6 +12,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 run() { local name=$1 t=$2; shift 2; echo "=== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?";
         tail -n "${TAIL:-12}" "$OUT/$name.log"; }
+variant_table() { python3 -c "
+import json, sys; r=json.load(open(sys.argv[1]))['bench']
+for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" "$1"; }
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(fp8 moe decode kern)
 [ -d .golden ] && export DSV4_GOLDEN=$PWD/.golden  # carried copy of ../shared/golden/tiny
 for s in "${stages[@]}"; do
@@ -75,10 +79,7 @@ for x in r:
             OLD="$OLD dsv4_jax.kernels.sparse_attention:AUTO_MIN_LIST=4096 dsv4_jax.kernels.ring_write:AUTO=False"
             TAIL=2 run decode_defaults "${DEFAULTS_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 1,32 --kernels auto --iters 20 --out "$OUT/defaults.json" --variants "default;$OLD;default"
-            python3 -c "
-import json; r=json.load(open('$OUT/defaults.json'))['bench']
-for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
-                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")"
+            variant_table "$OUT/defaults.json"
             run small_tests "${SMALLT_BOX:-170}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
               tests/test_kernels_mhc.py tests/test_kernels_router.py tests/test_kernels_compressor.py \
               tests/test_kernels_compressor_indexer.py tests/test_kernels_ring_write.py -k gpu ;;
@@ -92,10 +93,7 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
             -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
           TAIL=2 run decode_fuse "${FUSE_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/fuse.json" --variants "default;$OLD;default"
-          python3 -c "
-import json; r=json.load(open('$OUT/fuse.json'))['bench']
-for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
-                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
+          variant_table "$OUT/fuse.json" ;;
     post) # thirty-fifth session: the mHC site forming the previous block's streams (mhc.FUSE_POST), opt-in until timed
           ON="dsv4_jax.kernels.mhc:FUSE_POST=True"
           run post_tests "${POSTT_BOX:-100}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
@@ -104,10 +102,7 @@ for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']
             --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
           TAIL=2 run decode_post "${POST_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/post.json" --variants "$ON;default;$ON;default"
-          python3 -c "
-import json; r=json.load(open('$OUT/post.json'))['bench']
-for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
-                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
+          variant_table "$OUT/post.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \

@@ -318,8 +318,12 @@ def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy:
     else:
         out, post0, comb0 = prev
         os_ = out.parts.shape[0] if isinstance(out, SplitSum) else 1
-        _check_prev(h, out.parts[0] if os_ > 1 else out, post0, comb0)
-        out = out.parts.reshape(os_, T, D) if os_ > 1 else out.reshape(T, D)
+        if os_ > 1:
+            _check_prev(h, out.parts.shape[1:], post0, comb0)
+            out = out.parts.reshape(os_, T, D)
+        else:
+            _check_prev(h, out.shape, post0, comb0)
+            out = out.reshape(T, D)
         m1 = {**m1, "OS": os_, "OSP": next_pow2(os_)}
         part, x = triton_call(out, x, post0.reshape(T, hc).astype(jnp.float32),
                               comb0.reshape(T, hc * hc).astype(jnp.float32), fn, T, kernel=_post_mix_partial_kernel,
@@ -334,12 +338,13 @@ def _launch(cfg: Config, h: jax.Array, w: HcWeights, norm_w, p: dict | None, qy:
     return y.reshape(B, S, D), post.reshape(B, S, hc), comb.reshape(B, S, hc, hc), yq, x.reshape(B, S, hc, D)
 
 
-def _check_prev(h: jax.Array, out: jax.Array, post: jax.Array, comb: jax.Array) -> None:
+def _check_prev(h: jax.Array, out_shape: tuple, post: jax.Array, comb: jax.Array) -> None:
+    """The previous block's output (``out_shape``: one split's, for partials), ``post`` and ``comb`` fit ``h``."""
     B, S, hc, D = h.shape
     want = ((B, S, D), (B, S, hc), (B, S, hc, hc))
-    if (out.shape, post.shape, comb.shape) != want:
-        raise ValueError(f"hc_post: block output {out.shape}, post {post.shape}, comb {comb.shape} do not match the "
-                         f"streams {h.shape} (expected {want[0]}, {want[1]}, {want[2]})")
+    if (tuple(out_shape), post.shape, comb.shape) != want:
+        raise ValueError(f"hc_post: block output {tuple(out_shape)}, post {post.shape}, comb {comb.shape} do not "
+                         f"match the streams {h.shape} (expected {want[0]}, {want[1]}, {want[2]})")
 
 
 def hc_pre_triton(cfg: Config, h: jax.Array, w: HcWeights, p: dict | None = None):
@@ -361,13 +366,17 @@ def hc_post_pre_norm_quant_triton(cfg: Config, out: jax.Array, h: jax.Array, pos
                                   w: HcWeights, norm_w: jax.Array, p: dict | None = None):
     """The Triton path of :func:`hc_post_pre_norm_quant`: ``h_new, y, yq, post, comb`` (``yq`` ``None`` without
     the activation simulation or with a dim not a multiple of 128)."""
-    qy = cfg.simulate and cfg.dim % 128 == 0
-    y, post2, comb2, yq, h_new = _launch(cfg, h, w, norm_w, p, qy, prev=(out, post, comb))
+    y, post2, comb2, yq, h_new = _launch(cfg, h, w, norm_w, p, _quantized_row(cfg), prev=(out, post, comb))
     return h_new, y, yq, post2, comb2
 
 
 def _triton_ok(cfg: Config, h: jax.Array) -> bool:
     return use_triton(cfg) and h.shape[0] * h.shape[1] > 0
+
+
+def _quantized_row(cfg: Config) -> bool:
+    """Whether the finish kernel also writes the normed row's FP8 quantization (the block's FP8 linears take it)."""
+    return cfg.simulate and cfg.dim % 128 == 0
 
 
 def hc_pre(cfg: Config, h: jax.Array, w: HcWeights):
@@ -396,7 +405,7 @@ def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array
     kernel path, where the finish kernel holds the normed row anyway (one XLA reduce and one elementwise kernel
     less per site and step); ``None`` on the reference path and without the activation simulation (the linears then
     quantize ``y`` themselves)."""
-    if _triton_ok(cfg, h) and cfg.simulate and cfg.dim % 128 == 0:
+    if _triton_ok(cfg, h) and _quantized_row(cfg):
         y, post, comb, yq = replicated_on_mesh(lambda h, p: hc_pre_norm_quant_triton(cfg, h, *p), (h,), (w, norm_w))
         return y, yq, post, comb
     y, post, comb = hc_pre_norm(cfg, h, w, norm_w)
