@@ -118,10 +118,10 @@ def _annotations(dump: str) -> dict[int, str]:
     return out
 
 
-def _hlo_info(dump: str) -> tuple[dict[str, str], dict[str, int]]:
-    """From the optimized HLO: instruction name -> named scope (op_name without the jit prefixes and the op), and
-    while-loop name -> known trip count."""
-    scopes, trips = {}, {}
+def _hlo_info(dump: str) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+    """From the optimized HLO: instruction name -> named scope (op_name without the jit prefixes and the op),
+    while-loop name -> known trip count, and Triton custom call -> its kernel's function name."""
+    scopes, trips, funcs = {}, {}, {}
     for path in glob.glob(f"{dump}/*after_optimizations.txt"):
         text = open(path).read()
         scopes.update({name: "/".join(parts[:-1]) or parts[-1] if parts else ""
@@ -130,14 +130,17 @@ def _hlo_info(dump: str) -> tuple[dict[str, str], dict[str, int]]:
             t = re.match(r"\s*%([\w.\-]+) = .* while\(.*\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
             if t:
                 trips[t.group(1)] = int(t.group(2))
-    return scopes, trips
+            f = re.match(r"\s*%([\w.\-]+) = .* custom-call\(.*tt\.func public @(\w+)", line)
+            if f:
+                funcs[f.group(1)] = f.group(2)
+    return scopes, trips, funcs
 
 
 def summarize(dump: str) -> dict:
     """Counts of one compiled step from its dump folder (see the module docstring)."""
     [seq] = glob.glob(f"{dump}/*thunk_sequence_after_thunk_passes.txt")
     names = _annotations(dump)
-    scopes, trips = _hlo_info(dump)
+    scopes, trips, funcs = _hlo_info(dump)
     res = Counter(dict.fromkeys(("kernels", "host_launches", "graphs", "host_syncs", "legacy_custom_calls"), 0))
     by_scope, by_kind, names_in = Counter(), Counter(), {}
 
@@ -170,7 +173,9 @@ def summarize(dump: str) -> dict:
                     res["legacy_custom_calls"] += mult
                 scope = scopes.get(hlo, scopes.get(hlo.replace("_", "."), "?"))
                 by_scope[scope] += mult
-                names_in.setdefault(scope, []).append(hlo if mult == 1 else f"{hlo} x{mult}")
+                func = funcs.get(hlo, funcs.get(hlo.replace("_", ".")))
+                label = f"{hlo} ({func})" if func else hlo
+                names_in.setdefault(scope, []).append(label if mult == 1 else f"{label} x{mult}")
 
     walk(_tree(seq), 1, False)
     return {**res, "by_kind": dict(by_kind), "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),

@@ -9,7 +9,8 @@ RoPE + snap; ``kernels/sparse_attention.py``;
 indexer's scoring (opt-in, on with ``"triton"``); ``kernels/hadamard.py``: the keys' Hadamard and the indexer
 query's ``wq_b`` split-K sum, RoPE, Hadamard and FP4 snap; ``kernels/mhc.py``: mHC's hc_pre with the block
 norm, at the ffn site in its opt-in form that also forms the streams, ``FUSE_POST``; ``kernels/router.py``: the
-MoE router) are launched by their own jax launchers with
+MoE router; ``kernels/bf16_proj.py``: the compressors' and the indexer's bf16 projections at decode rows, five in
+one launch on CSA layers, two on HCA ones, opt-in, on with ``"triton"``) are launched by their own jax launchers with
 ``Config(kernels="triton")`` through ``tests/triton_shim.py`` (a CPU stand-in for ``jax_triton.triton_call`` running
 Triton's interpreter inside ``jax.pure_callback``), in a subprocess because ``TRITON_INTERPRET=1`` must be set
 before triton is imported. So the launchers' grids, plans, layouts, rounding points and combine order are exercised
@@ -48,7 +49,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
            "_query_kernel", "_sort_kernel", "_ring_write_kernel",
-           "_sum_quant_kernel", "_prep_kernel", "_post_mix_partial_kernel")
+           "_sum_quant_kernel", "_prep_kernel", "_post_mix_partial_kernel", "_proj5_kernel", "_proj2_kernel")
 
 
 def _child(golden: str, out: str) -> None:

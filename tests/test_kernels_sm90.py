@@ -605,3 +605,23 @@ def test_topk_sort_plans_fit(n, target):
                            dict(N=n, NP=p["NP"], K=k, KP=next_pow2(k)),
                            dict(num_warps=p["num_warps"], num_stages=p["num_stages"]), target=target)
     assert smem <= SMEM[target] and spill == 0, f"sort top-k {p}: {smem} B shared, {spill} B spills"
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx950"])
+@pytest.mark.parametrize("M,K", [(1, 4096), (4, 4096), (8, 4096), (1, 7168)])
+def test_bf16_proj_plans_fit(M, K, target):
+    """The bf16 projections kernel (five weights: a V4-Flash / V4-Pro CSA layer's) at decode rows: no spills; on
+    sm_90a its K loop reads the weights with 16-byte loads (``LDG.E.128``)."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import bf16_proj
+
+    t = bf16_proj.plan(M, K, target)
+    _, meta = bf16_proj._meta(M, K, (1024, 1024, 256, 256, 64), (False,) * 4 + (True,), t)
+    ptrs = {f"w{i}": "*bf16" for i in range(5)} | {f"o{i}": "*fp32" for i in range(4)} | {"x_ptr": "*bf16",
+                                                                                           "o4": "*bf16"}
+    sass = []
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    smem, spill = _compile(bf16_proj._proj5_kernel, ptrs, meta, options, sass, target)
+    assert smem <= SMEM[target] and spill == 0, f"bf16_proj {t}: {smem} B shared, {spill} B spills"
+    if target == "sm90":
+        assert any("LDG.E.128" in line for line in sass), "no 16-byte weight loads in the sm_90a build"

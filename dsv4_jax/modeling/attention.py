@@ -21,6 +21,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.kernels.act_quant import grouped_proj_quant
 from dsv4_jax.kernels.attn_prep import prep_q_kv
 from dsv4_jax.kernels.attn_proj import q_kv_lora
+from dsv4_jax.kernels.bf16_proj import bf16_projections, kernel_applies
 from dsv4_jax.kernels.ring_write import ring_write
 from dsv4_jax.kernels.sparse_attention import sparse_attention
 from dsv4_jax.modeling.compressor import compress
@@ -39,6 +40,19 @@ def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
     in_chunk = kp >= pos[:, None, None]
     idx = jnp.where(in_chunk, W + kp - pos[:, None, None], kp % W)
     return jnp.where(kp >= 0, idx, -1)
+
+
+def csa_projections(cfg: Config, w: AttentionWeights, x: jax.Array) -> tuple[jax.Array, ...] | None:
+    """A CSA layer's five bf16 projections of its input ``x [B,S,D]`` in one launch (:mod:`dsv4_jax.kernels.bf16_proj`,
+    decode rows with the kernel on): the attention compressor's ``kv``/``sc`` and the indexer compressor's (fp32
+    ``[B,S,c*d]``, the scores without ``ape``), and the indexer's head weights (bf16 ``[B,S,Hi]``); None where the
+    kernel does not take them (each computes its own then, as before)."""
+    ws = (w.compressor.wkv, w.compressor.wgate, w.indexer.compressor.wkv, w.indexer.compressor.wgate,
+          w.indexer.weights_proj)
+    if not kernel_applies(x, ws, cfg.kernels):
+        return None
+    with jax.named_scope("csa_projections"):
+        return bf16_projections(x, ws, (jnp.float32,) * 4 + (cfg.act_dtype,), kernels=cfg.kernels)
 
 
 def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, pos: jax.Array, n_new: jax.Array,
@@ -73,15 +87,19 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     new = {}
     comp_idx = chosen = None
     if ratio:
+        proj = csa_projections(cfg, w, x) if ratio == 4 else None  # one launch for the CSA layer's five, or None
         with jax.named_scope("compressor"):
             new["ckv"], new["c_kv"], new["c_score"] = compress(cfg, w.compressor, x, ls.ckv, ls.c_kv, ls.c_score,
-                                                               pos, n_new, ratio, freqs, indexer=False)
+                                                               pos, n_new, ratio, freqs, indexer=False,
+                                                               proj=proj[:2] if proj else None)
         n_c = new["ckv"].shape[1]
         if ratio == 4:
             with jax.named_scope("indexer"):
                 new["ikv"], new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ikv, ls.ic_kv,
-                                                                     ls.ic_score, pos, n_new, 4, freqs, indexer=True)
-                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin, qrq)  # [B,S,k]
+                                                                     ls.ic_score, pos, n_new, 4, freqs, indexer=True,
+                                                                     proj=proj[2:4] if proj else None)
+                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin, qrq,
+                                               hw=proj[4] if proj else None)  # [B,S,k]
         else:
             j = jnp.arange(n_c)[None, None, :]
             comp_idx = jnp.where(j < ((t + 1) // ratio)[..., None], j, -1)  # every complete entry

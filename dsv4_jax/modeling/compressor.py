@@ -17,10 +17,11 @@ import jax.numpy as jnp
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels import use_triton
+from dsv4_jax.kernels.bf16_proj import bf16_projections
 from dsv4_jax.kernels.compressor_step import compress_decode
 from dsv4_jax.kernels.hadamard import hadamard
 from dsv4_jax.modeling.layers import apply_rope, rms_norm, rope_cos_sin
-from dsv4_jax.modeling.quant import HIGHEST, Fp4Tensor, Fp8Cache, encode_fp4_cache, encode_fp8_cache
+from dsv4_jax.modeling.quant import Fp4Tensor, Fp8Cache, encode_fp4_cache, encode_fp8_cache
 from dsv4_jax.modeling.state import in_layout
 from dsv4_jax.modeling.weights import CompressorWeights
 
@@ -75,19 +76,21 @@ def tensor_core_project(kernels: str, w: CompressorWeights, x: jax.Array) -> boo
 
 
 def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels: str,
-             with_ape: bool = True) -> tuple[jax.Array, jax.Array]:
+             with_ape: bool = True, proj: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """The chunk's projections ``kv``/``sc`` ``[B, S, c*d]`` fp32, the score with ``ape`` of each token's place in
     its window unless ``with_ape`` is off (the decode kernel adds it itself: one XLA kernel fewer per compressor and
-    step) (``kernels``: :func:`tensor_core_project`)."""
+    step) (``kernels``: :func:`tensor_core_project`; the fp32 form by :func:`bf16_projections`, a kernel at decode
+    rows where it is switched on). ``proj``: ``kv``/``sc`` already made by the caller (the attention's one launch
+    for all of a CSA layer's bf16 projections), the same values as here."""
     S = x.shape[1]
     with jax.named_scope("compressor_proj"):
-        if tensor_core_project(kernels, w, x):
+        if proj is not None:
+            kv, sc = proj
+        elif tensor_core_project(kernels, w, x):
             kv = jnp.einsum("bsk,nk->bsn", x, w.wkv, preferred_element_type=jnp.float32)  # [B,S,c*d]
             sc = jnp.einsum("bsk,nk->bsn", x, w.wgate, preferred_element_type=jnp.float32)
-        else:
-            xf = x.astype(jnp.float32)
-            kv = jnp.einsum("bsk,nk->bsn", xf, w.wkv.astype(jnp.float32), precision=HIGHEST)  # [B,S,c*d]
-            sc = jnp.einsum("bsk,nk->bsn", xf, w.wgate.astype(jnp.float32), precision=HIGHEST)
+        else:  # fp32 sums of the exact products: XLA's HIGHEST einsum, or the kernel
+            kv, sc = bf16_projections(x, (w.wkv, w.wgate), (jnp.float32, jnp.float32), kernels=kernels)
         if with_ape:
             t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
             sc = sc + w.ape[t % m]  # position inside its window
@@ -145,7 +148,8 @@ def _buffers(kv_ax: jax.Array, sc_ax: jax.Array, base: jax.Array, end: jax.Array
 
 
 def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax.Array, score_buf: jax.Array,
-             pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool):
+             pos: jax.Array, n_new: jax.Array, ratio: int, freqs, indexer: bool,
+             proj: tuple[jax.Array, jax.Array] | None = None):
     """Run the compressor over a chunk and write the windows it completes into the compressed cache.
 
     Args:
@@ -154,6 +158,8 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
       ``kv_buf``/``score_buf``: ``[B, c*m, c*d]`` fp32 buffers. pos: ``[B]`` position of the chunk's first token per
       row; ``n_new``: ``[B]`` valid tokens per row.
       indexer: indexer compressor (Hadamard + FP4 snapping) instead of the attention one (FP8 snapping).
+      proj: the chunk's ``kv``/``sc`` projections (``[B, S, c*d]`` fp32, the score without ``ape``) where the caller
+      made them (:func:`_project`), else None.
     Returns:
       the new cache and the new buffers.
 
@@ -169,10 +175,10 @@ def compress(cfg: Config, w: CompressorWeights, x: jax.Array, cache, kv_buf: jax
     snapped = (indexer and cfg.simulate and isinstance(cache, Fp4Tensor)) or (
         not indexer and cfg.kv_fp8_sim and isinstance(cache, Fp8Cache))
     if x.shape[1] == 1 and snapped and x.shape[0] > 0 and use_triton(cfg):  # a decode step: one Triton kernel
-        kv, sc = _project(w, x, pos, ratio, cfg.kernels, with_ape=False)  # [B,1,c*d] fp32, the score without ape
+        kv, sc = _project(w, x, pos, ratio, cfg.kernels, with_ape=False, proj=proj)  # [B,1,c*d] fp32, no ape
         return compress_decode(cfg, w, kv[:, 0], sc[:, 0], cache, kv_buf, score_buf, pos, n_new, ratio, freqs,
                                indexer=indexer)  # for everything after the projection, ape's add included
-    kv, sc = _project(w, x, pos, ratio, cfg.kernels)  # [B,S,c*d] fp32
+    kv, sc = _project(w, x, pos, ratio, cfg.kernels, proj=proj)  # [B,S,c*d] fp32
     return compress_projected(cfg, w, kv, sc, cache, kv_buf, score_buf, pos, n_new, ratio, freqs, indexer)
 
 
