@@ -111,7 +111,7 @@ for x in r:
             "$P" -m pytest -q -s -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
           TAIL=2 run decode_proj "${PROJ_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/proj.json" \
-            --variants "default;$P;$F;$P $F;$P DSV4_PROJ_TILE=BN=2;default;$P $F"
+            --variants "${PROJ_VARIANTS:-default;$P;$F;$P $F;default;$P $F}"
           variant_table "$OUT/proj.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
