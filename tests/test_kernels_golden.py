@@ -49,7 +49,7 @@ KERNELS = ("fp8_gemm_kernel", "fp8_gemv_kernel", "fp8_gemv2_kernel", "_lora_norm
            "_finish_kernel", "_logits_kernel", "_select_kernel", "_hadamard_kernel", "_act_words_kernel",
            "_compress_step_kernel", "_compress_step_indexer_kernel", "_indexer_score_kernel",
            "_query_kernel", "_sort_kernel", "_ring_write_kernel",
-           "_sum_quant_kernel", "_prep_kernel", "_post_mix_partial_kernel", "_proj5_kernel", "_proj2_kernel")
+           "_sum_quant_kernel", "_prep_kernel", "_post_mix_partial_kernel", "_proj5_kernel")
 
 
 def _child(golden: str, out: str) -> None:

@@ -49,6 +49,10 @@ except ImportError:  # pragma: no cover - exercised only without the triton extr
     triton = tl = None
 
 AUTO = False  # opt-in until its GPU test and timing (module docstring)
+# The HCA compressors' two weights (m = 128: 8.4 MB on V4-Flash) through the kernel too; off: XLA's reduce fusion
+# took 6.5 us per HCA layer against the kernel's 7.0 (H200, 2026-12-06, profile_decode.py, 2-row programs). A
+# rollback rebuilds a compressor's projections by the same rule (its ratio), so its bits match the verify chunk's.
+HCA = False
 ROWS = 8  # activation rows up to this many take the kernel (decode steps, speculative verify chunks of small batches)
 MAX_WEIGHTS = 5  # a CSA layer: both compressors' wkv and wgate, the indexer's weights_proj
 TILE_KEYS = ("BN", "BK", "num_warps")  # DSV4_PROJ_TILE: benchmark knobs (kernels.env_tiles)
@@ -118,16 +122,19 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------------------------- plan, launch
 def plan(M: int, K: int, target: str | None = None) -> dict:
-    """Tiles for ``M`` rows of ``K`` columns (nothing else: module docstring). GPUs: 4 weight rows per program (a
-    V4-Flash CSA layer's five weights: 656 programs), ``BK`` so that the ``[MP, BN, BK]`` accumulator is 8K values
-    (64 registers per thread at 4 warps; 1,024 columns, 8 KB of weights per step, at one row). The interpreter: wide
-    programs (its cost is per program). ``DSV4_PROJ_TILE`` (``BN``, ``BK``, ``num_warps``) overrides, for probes."""
+    """Tiles for ``M`` rows of ``K`` columns (nothing else: module docstring). GPUs: 2 weight rows per program (a
+    V4-Flash CSA layer's five weights: 1,312 programs, an HCA layer's two: 512), ``BK`` so that the ``[MP, BN, BK]``
+    accumulator holds at most 8K values (1,024 columns, 4 KB of weights per step, at one row; K is a constexpr, so
+    the whole loop unrolls and every step's loads are issued up front: sm_90a SASS). 4 rows per program measured
+    slower on an H200 (2026-12-06, ``profile_decode.py``: an HCA layer's two weights 6.4 us against XLA's 3.7).
+    The interpreter: wide programs (its cost is per program). ``DSV4_PROJ_TILE`` (``BN``, ``BK``, ``num_warps``)
+    overrides, for probes."""
     target = target or arch()
     mp = next_pow2(M)
     if target == "cpu":
         t = dict(BN=16, BK=min(256, next_pow2(K)), num_warps=4)
     else:
-        t = dict(BN=4, BK=max(128, min(1024, 8192 // (mp * 4))), num_warps=4)
+        t = dict(BN=2, BK=max(128, min(1024, 8192 // (mp * 2))), num_warps=4)
     t.update(env_tiles("DSV4_PROJ_TILE", TILE_KEYS))
     return t
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import use_triton
+from dsv4_jax.kernels import bf16_proj, use_triton
 from dsv4_jax.kernels.bf16_proj import bf16_projections
 from dsv4_jax.kernels.compressor_step import compress_decode
 from dsv4_jax.kernels.hadamard import hadamard
@@ -89,8 +89,9 @@ def _project(w: CompressorWeights, x: jax.Array, pos: jax.Array, m: int, kernels
         elif tensor_core_project(kernels, w, x):
             kv = jnp.einsum("bsk,nk->bsn", x, w.wkv, preferred_element_type=jnp.float32)  # [B,S,c*d]
             sc = jnp.einsum("bsk,nk->bsn", x, w.wgate, preferred_element_type=jnp.float32)
-        else:  # fp32 sums of the exact products: XLA's HIGHEST einsum, or the kernel
-            kv, sc = bf16_projections(x, (w.wkv, w.wgate), (jnp.float32, jnp.float32), kernels=kernels)
+        else:  # fp32 sums of the exact products: XLA's HIGHEST einsum, or the kernel (HCA: bf16_proj.HCA)
+            kn = kernels if m == 4 or bf16_proj.HCA else "reference"
+            kv, sc = bf16_projections(x, (w.wkv, w.wgate), (jnp.float32, jnp.float32), kernels=kn)
         if with_ape:
             t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S] absolute positions
             sc = sc + w.ape[t % m]  # position inside its window
