@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul defaults fuse post proj
+#           prefillops bf16mul defaults fuse post proj tiles
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -113,6 +113,14 @@ for x in r:
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/proj.json" \
             --variants "${PROJ_VARIANTS:-default;$P;$F;$P $F;default;$P $F}"
           variant_table "$OUT/proj.json" ;;
+    tiles) # the decode GEMVs' tiles in the batch-1 step, each variant right after a default run (batch-1 plans only:
+           # the MoE's below 32 pairs, the FP8 GEMV's at every decode row count)
+           vs="${TILE_VARIANTS:-DSV4_MOE_TILE=BN=8,NG=32,num_warps=4;DSV4_MOE_TILE=BN=16,NG=16,num_warps=4}"
+           vs="$vs;${FP8_TILE_VARIANTS:-DSV4_FP8_GEMV_TILE=BLOCK_N=8;DSV4_FP8_GEMV_TILE=NB=4;DSV4_FP8_GEMV_TILE=PER_SM=16}"
+           alt=""; IFS=';' read -ra vv <<< "$vs"; for v in "${vv[@]}"; do alt="$alt;default;$v"; done
+           TAIL=2 run decode_tiles "${TILES_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
+             --batch 1 --kernels auto --iters 20 --out "$OUT/tiles.json" --variants "${alt#;}"
+           variant_table "$OUT/tiles.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \

@@ -50,6 +50,7 @@ from dsv4_jax.kernels import (
     SM_COUNT,
     TILED_MIN_ROWS,
     arch,
+    env_tiles,
     fp8_dot_supported,
     next_pow2,
     single_device,
@@ -299,13 +300,18 @@ def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per
 
 
 GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kernel
+GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "num_warps", "num_stages")  # DSV4_FP8_GEMV_TILE (gemv_plan)
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
               num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
     split until about ``per_sm`` programs per SM stream the weight (no empty split); ``maxnreg``: ptxas's register
-    cap (probes)."""
+    cap (probes). ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``num_warps``, ``num_stages``) overrides
+    them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``)."""
+    env = env_tiles("DSV4_FP8_GEMV_TILE", GEMV_TILE_KEYS)
+    block_n, nb, per_sm = env.get("BLOCK_N", block_n), env.get("NB", nb), env.get("PER_SM", per_sm)
+    num_warps, num_stages = env.get("num_warps", num_warps), env.get("num_stages", num_stages)
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
