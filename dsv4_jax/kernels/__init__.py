@@ -9,6 +9,10 @@ One module per op (``fp8_linear``, ``fp4_moe``, ``sparse_attention``, ``mhc``) h
   :func:`launch_route`). The kernels import with plain ``triton`` (CI runs them on CPU under ``TRITON_INTERPRET=1``
   with torch tensors); ``jax_triton`` is imported lazily in the launcher only.
 
+Where one op's module would pass ~500 lines, a part moves to a module beside it named after the op:
+``sparse_attention_ref`` (the reference), ``fp8_prefill``, ``fp4_moe_gemv`` / ``_wx`` / ``_mma`` / ``_scaled``,
+``indexer_prefill`` (kernel forms), ``bf16_proj`` (the decode step's bf16 projections, an op of its own).
+
 ``Config.kernels`` chooses: ``"reference"`` never uses Triton; ``"triton"`` always does and fails loudly where it
 cannot (CPU backend, or the packages its launch route needs missing); ``"auto"`` uses Triton on a GPU backend when they
 import.
