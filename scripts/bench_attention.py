@@ -45,9 +45,9 @@ from bench_common import card_rates, copies_for, op_scopes, print_rates, scope_t
 
 import dsv4_jax as d  # noqa: E402
 from dsv4_jax.kernels import indexer as indexer_mod  # noqa: E402
+from dsv4_jax.kernels import indexer_ref, triton_unavailable  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa_mod  # noqa: E402
-from dsv4_jax.kernels import triton_unavailable  # noqa: E402
-from dsv4_jax.kernels.indexer import TOPK_BLOCK, indexer_topk  # noqa: E402
+from dsv4_jax.kernels.indexer import indexer_topk  # noqa: E402
 from dsv4_jax.kernels.sparse_attention import (  # noqa: E402
     PER_SM,
     plan,
@@ -150,11 +150,11 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
     """The indexer's decode call (scores of every visible compressed key + top-k) at each context: the XLA path
     (``kernels="reference"``) and, where Triton runs, the scoring kernel (``kernels="triton"``: one kernel for the
     totals, then the top-k), for every ``--topk-blocks`` value: ``radix`` (the radix-selection kernels,
-    ``kernels/topk.py``) or a number (``jax.lax.top_k`` in two levels with ``indexer.TOPK_BLOCK`` set to it; it
-    applies from ``indexer.TOPK_MIN_ROWS`` rows on), each checked to select the ids of the first. Bytes = the FP4
+    ``kernels/topk.py``) or a number (``jax.lax.top_k`` in two levels with ``indexer_ref.TOPK_BLOCK`` set to it; it
+    applies from ``indexer_ref.TOPK_MIN_ROWS`` rows on), each checked to select the ids of the first. Bytes = the FP4
     key cache each row reads (``Di / 2`` codes + ``Di / 32`` scales per entry)."""
     impls = [m for m in args.impls.split(",") if m == "reference" or triton_unavailable() is None]
-    rows, default_block, use_radix = [], indexer_mod.TOPK_BLOCK, indexer_mod.topk.use_kernel
+    rows, default_block, use_radix = [], indexer_ref.TOPK_BLOCK, indexer_mod.topk.use_kernel
     for ctx in map(int, args.contexts.split(",")):
         nc = ctx // 4
         nbytes = args.batch * nc * (cfg.index_head_dim // 2 + cfg.index_head_dim // 32)
@@ -166,7 +166,7 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
             for tb in variants[:None if impl != "reference" else 1]:  # the XLA path: no top-k variants
                 radix = tb == "radix"  # both read when the op is traced: one program per value
                 indexer_mod.topk.use_kernel = use_radix if radix else (lambda kernels, n: False)
-                indexer_mod.TOPK_BLOCK = default_block if radix else int(tb)
+                indexer_ref.TOPK_BLOCK = default_block if radix else int(tb)
                 op = lambda c, impl=impl: indexer_topk(*c, cfg.index_topk, kernels=impl)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n
@@ -181,7 +181,7 @@ def bench_indexer(cfg, args, rates) -> list[dict]:
                 rows.append(r)
                 print(f"indexer ctx {ctx:8d} batch {args.batch:3d} {name:22s} {nc:7d} keys/row  {r['MB']:8.2f} MB  "
                       f"{r['us']:9.1f} us  {100 * r['frac_copy']:5.1f}% of copy bw  same ids: {same}", flush=True)
-        indexer_mod.TOPK_BLOCK, indexer_mod.topk.use_kernel = default_block, use_radix
+        indexer_ref.TOPK_BLOCK, indexer_mod.topk.use_kernel = default_block, use_radix
         del cases
     return rows
 
@@ -248,7 +248,8 @@ def main():
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--variants", default="", help="decode: extra Triton plans, e.g. 'BH=64,DC=256;num_warps=4'")
     ap.add_argument("--heads", type=int, default=0, help="override n_heads (CPU smoke tests)")
-    ap.add_argument("--topk-blocks", default=f"radix,{TOPK_BLOCK}", help="indexer: top-k selections to time (comma "
+    ap.add_argument("--topk-blocks", default=f"radix,{indexer_ref.TOPK_BLOCK}",
+                    help="indexer: top-k selections to time (comma "
                     "list): radix (the radix-selection kernels), or jax.lax.top_k with first-level blocks of N entries "
                     "(0 = one top_k over the row)")
     ap.add_argument("--impls", default="reference,triton", help="indexer: kernels modes to time (comma list)")

@@ -113,7 +113,12 @@ def xla_copy_bandwidth(nbytes: int = 4 << 30) -> float:
 
 
 def triton_copy_bandwidth(nbytes: int = 4 << 30, block: int = 8192) -> float | None:
-    """Bytes/s (read + write) of a Triton streaming copy of ``nbytes`` through jax-triton (``None`` without it)."""
+    """Bytes/s (read + write) of a Triton streaming copy of ``nbytes`` through jax-triton (``None`` without it, or
+    without a GPU backend: the CPU smoke runs of the benchmarks)."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    if triton_unavailable() is not None:
+        return None
     try:
         import jax_triton as jt
         import triton

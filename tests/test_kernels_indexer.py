@@ -33,7 +33,7 @@ import triton_shim  # noqa: E402
 from dsv4_jax.kernels import indexer as ix  # noqa: E402
 from dsv4_jax.kernels import indexer_prefill as ixp  # noqa: E402
 from dsv4_jax.kernels import triton_unavailable  # noqa: E402
-from dsv4_jax.modeling.quant import Fp4Tensor, encode_fp4_cache, fp4_simulate  # noqa: E402
+from dsv4_jax.modeling.quant import Fp4Tensor, cache_values, encode_fp4_cache, fp4_simulate  # noqa: E402
 
 SEED = 777
 BF16_ULP = 2.0**-7
@@ -58,7 +58,7 @@ def _case(B, S, Hi, Di, Nc, t, seed):
 
 
 def _ref_totals(q, hw, keys, t):
-    tot = np.asarray(ix._totals(q, hw, ix.cache_values(keys, q.dtype)))  # [B,S,Nc]
+    tot = np.asarray(ix._totals(q, hw, cache_values(keys, q.dtype)))  # [B,S,Nc]
     visible = np.arange(tot.shape[-1])[None, None, :] < ((np.asarray(t) + 1) // 4)[..., None]
     return np.where(visible, tot, -np.inf)
 
@@ -100,7 +100,7 @@ def _interpret_main(path: str) -> None:
         q = jnp.asarray(g("q").view(ml_dtypes.bfloat16))
         hw = jnp.asarray(g("hw").view(ml_dtypes.bfloat16))
         keys = Fp4Tensor(packed=jnp.asarray(g("packed")), scale=jnp.asarray(g("scale")))
-        kv = np.asarray(ix.cache_values(keys, jnp.bfloat16)).view(np.uint16)
+        kv = np.asarray(cache_values(keys, jnp.bfloat16)).view(np.uint16)
         tot = ixp.prefill_totals_torch(q16, hw16, torch.from_numpy(kv.copy()).view(torch.bfloat16), lim, S)
         res[f"{c}_ptot"] = tot.numpy().reshape(B, S, -1)
         run = jax.jit(functools.partial(ix.indexer_topk, k=int(g("k")), kernels="triton"))
@@ -154,7 +154,7 @@ def test_bad_shapes_are_named():
         ix._check_score(q, hw, Fp4Tensor(packed=keys.packed, scale=keys.scale[..., :2]))
     with pytest.raises(ValueError, match=r"hw has shape"):
         ix._check_score(q, hw[..., :3], keys)
-    kv = ix.cache_values(keys, jnp.bfloat16)
+    kv = cache_values(keys, jnp.bfloat16)
     with pytest.raises(ValueError, match=r"prefill kernel: kv is float32\[1, 16, 128\], expected bf16\[1, 16, 128\]"):
         ixp.prefill_totals_triton(q, hw, keys, t, kv.astype(jnp.float32))
 
