@@ -114,9 +114,11 @@ for x in r:
             --variants "${PROJ_VARIANTS:-default;$P;$F;$P $F;default;$P $F}"
           variant_table "$OUT/proj.json" ;;
     tiles) # the decode GEMVs' tiles in the batch-1 step, each variant right after a default run (batch-1 plans only:
-           # the MoE's below 32 pairs, the FP8 GEMV's at every decode row count)
+           # the MoE's below 32 pairs, the FP8 GEMV's at every decode row count), and the short attention lists on
+           # XLA's launch route (the step in one CUDA graph)
            vs="${TILE_VARIANTS:-DSV4_MOE_TILE=BN=8,NG=32,num_warps=4;DSV4_MOE_TILE=BN=16,NG=16,num_warps=4}"
            vs="$vs;${FP8_TILE_VARIANTS:-DSV4_FP8_GEMV_TILE=BLOCK_N=8;DSV4_FP8_GEMV_TILE=NB=4;DSV4_FP8_GEMV_TILE=PER_SM=16}"
+           vs="$vs;dsv4_jax.kernels.sparse_attention:XLA_ROUTE_MAX_LIST=1024"  # one CUDA graph per step (4K context)
            alt=""; IFS=';' read -ra vv <<< "$vs"; for v in "${vv[@]}"; do alt="$alt;default;$v"; done
            TAIL=2 run decode_tiles "${TILES_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
              --batch 1 --kernels auto --iters 20 --out "$OUT/tiles.json" --variants "${alt#;}"

@@ -285,8 +285,43 @@ def test_auto_takes_the_kernel_only_where_measured_faster(monkeypatch, route, K,
     monkeypatch.setattr(sa, "PREFILL_AUTO", False)
     assert sa.use_kernel("auto", rows, K) is (want and rows <= sa.AUTO_MAX_ROWS)
     monkeypatch.setattr(sa, "PREFILL_AUTO", True)
+    monkeypatch.setattr(sa, "XLA_ROUTE_MAX_LIST", 1024)  # short lists through XLA's route: the kernel on either route
+    assert sa.use_kernel("auto", rows, K) is (want or (K <= 1024 and (rows <= sa.AUTO_MAX_ROWS or sa.PREFILL_AUTO)))
+    assert sa._tiled(K) is (K > 1024)
+    monkeypatch.setattr(sa, "XLA_ROUTE_MAX_LIST", 0)
     monkeypatch.setattr(sa, "single_device", lambda: False)
     assert sa.use_kernel("auto", rows, K) is False  # a multi-device mesh keeps the XLA path
+
+
+def test_short_lists_launch_on_the_route_asked(monkeypatch):
+    """``XLA_ROUTE_MAX_LIST``: the kernel launches over lists up to that length as an untiled kernel (XLA's route:
+    inside the step's CUDA graph), longer ones as before; the default (0) changes nothing. Checked on the launcher's
+    ``tiled`` argument (a stand-in ``triton_call`` records it and returns zeros of the asked shapes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    seen = []
+
+    def fake_call(*args, tiled=False, out_shape=None, **kw):
+        seen.append((kw["kernel"].__name__, tiled))
+        outs = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+        z = [jnp.zeros(o.shape, o.dtype) for o in outs]
+        return z if isinstance(out_shape, (list, tuple)) else z[0]
+
+    monkeypatch.setattr(sa, "triton_call", fake_call)
+    B, S, H, Dh, W, K = 1, 1, 16, 128, 8, 24
+    q = jnp.zeros((B, S, H, Dh), jnp.bfloat16)
+    ring, chunk = jnp.zeros((B, W, Dh), jnp.bfloat16), jnp.zeros((B, S, Dh), jnp.bfloat16)
+    idx = jnp.zeros((B, S, K), jnp.int32)
+    sink = jnp.zeros((H,), jnp.float32)
+    p = sa.plan(H, Dh, target="cpu", rows=B * S, K=K)
+    for limit, tiled in ((0, True), (K, False), (K - 1, True)):
+        monkeypatch.setattr(sa, "XLA_ROUTE_MAX_LIST", limit)
+        seen.clear()
+        jax.eval_shape(lambda a: sa.sparse_attention_triton(a, ring, chunk, None, idx, sink, Dh**-0.5, p), q)
+        assert seen and all(t is tiled for name, t in seen if name == "_sparse_attn_kernel"), (limit, seen)
 
 
 @pytest.mark.parametrize("case", [(2, 10, 4, 128, 128, 16, 8, [20, 300], True), (1, 7, 2, 128, 128, 0, 0, [5], False)],

@@ -70,8 +70,8 @@ XLA route the plan keeps 32-entry blocks.
 
 Status: ``tests/test_kernels_sparse_attn.py -k gpu`` passes on an H200 with this plan (2026-12-03), and so does the
 golden all-position test with ``kernels="triton"``. ``"auto"`` takes it, launched through jax-triton, for long index
-lists at decode row counts and for every prefill row (:func:`use_kernel`); decode rows over the CSA lists (640
-entries) keep the reference.
+lists at decode row counts and for every prefill row (:func:`use_kernel`); since 2026-12-05 every decode list too
+(:data:`AUTO_MIN_LIST` 0: the CSA lists of 640 entries included).
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
@@ -320,7 +320,7 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
         dc = Dh if pow2 and Dh <= 512 else (Dh // 2 if pow2 else 64)  # a tile's dims must be a power of two
         # long lists: fewer, larger blocks (Triton's own build); XLA's build of BK 64 spills heavily and its third
         # shared-memory buffer would not fit BK 128 (docstring)
-        bk = 128 if (K or 0) > LONG_LIST and route_for(tiled=True) == "jax-triton" else 32
+        bk = 128 if (K or 0) > LONG_LIST and route_for(tiled=_tiled(K or 0)) == "jax-triton" else 32
         # heads: a power of two from 16 (tl.dot's tensor-core tile; fewer heads are padded and masked) to 64
         p = dict(BH=min(max(next_pow2(H), 16), 64), BK=bk, DC=dc, num_warps=8, num_stages=1)
     p.update(tiles or {})
@@ -407,11 +407,11 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     if p["SPLIT"] == 1:  # the output directly (m, l: unused one-element outputs, the kernel's pointers after o)
         out = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16), f32(1), f32(1)]
-        o = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=True, **meta)[0]
+        o = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=_tiled(K), **meta)[0]
         return o if out_rope is None else _rotate_back(o, out_rope)
     R, sp = B * S, p["SPLIT"]
-    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=True, out_shape=[f32(R, sp, H, Dh), f32(R, sp, H),
-                                                                          f32(R, sp, H)], grid=(n_main,), **meta)
+    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=_tiled(K), grid=(n_main,),
+                            out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], **meta)
     rd = 0 if out_rope is None else 2 * out_rope[0].shape[-1]
     if rd > p["DCC"]:
         raise ValueError(f"sparse_attention: {rd} RoPE dims do not fit the merge's {p['DCC']}-dim chunks")
@@ -440,6 +440,18 @@ MERGE_ROPE = True
 AUTO_MIN_LIST = 0  # "auto": index lists at least this long take the kernel (0: every list, CSA ones too) ...
 AUTO_MAX_ROWS = 64  # ... at decode-sized row counts (B * S); more rows than this are prefill rows ...
 PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured faster, use_kernel's docstring)
+# Index lists up to this many entries launch through XLA's Triton route instead of jax-triton (0: none). At decode
+# the lists are short until the context is long (4K context: 160 entries on HCA layers, 640 on CSA ones), where the
+# two builds differ least (32-entry blocks either way), and the kernel then sits inside the step's CUDA graph: a
+# 3-layer batch-1 step compiled for sm_90 has 1 host launch instead of 7 (scripts/count_launches.py). A benchmark
+# knob (bench_decode.py --variants), untimed.
+XLA_ROUTE_MAX_LIST = 0
+
+
+def _tiled(K: int) -> bool:
+    """Whether a launch over ``K``-entry lists takes the tiled kernels' route (jax-triton where installed):
+    all but the lists of at most :data:`XLA_ROUTE_MAX_LIST` entries."""
+    return K > XLA_ROUTE_MAX_LIST
 
 
 def use_kernel(kernels: str, rows: int, K: int) -> bool:
@@ -459,7 +471,8 @@ def use_kernel(kernels: str, rows: int, K: int) -> bool:
       (H200, 2026-12-04, ``bench_attention.py --mode prefill``; the XLA reference had taken 24.6 ms of that chunk)."""
     if kernels == "auto":
         wanted = K >= AUTO_MIN_LIST if rows <= AUTO_MAX_ROWS else PREFILL_AUTO
-        return wanted and use_triton(kernels) and single_device() and route_for(tiled=True) == "jax-triton"
+        return wanted and use_triton(kernels) and single_device() and (route_for(tiled=True) == "jax-triton"
+                                                                       or not _tiled(K))
     return use_opt_in_triton(kernels)
 
 
