@@ -128,8 +128,10 @@ def plan(M: int, K: int, target: str | None = None) -> dict:
     """Tiles for ``M`` rows of ``K`` columns (nothing else: module docstring). GPUs: 2 weight rows per program (a
     V4-Flash CSA layer's five weights: 1,312 programs, an HCA layer's two: 512), ``BK`` so that the ``[MP, BN, BK]``
     accumulator holds at most 8K values (1,024 columns, 4 KB of weights per step, at one row; K is a constexpr, so
-    the whole loop unrolls and every step's loads are issued up front: sm_90a SASS). 4 rows per program measured
-    slower on an H200 (2026-12-06, ``profile_decode.py``: an HCA layer's two weights 6.4 us against XLA's 3.7).
+    the whole loop unrolls and every step's loads are issued up front: sm_90a SASS). Device time on an H200
+    (2026-12-06, ``profile_decode.py --scopes``) of a CSA layer's five with 4 / 2 / 1 rows per program: 8.8 / 8.3 /
+    7.7 us (XLA's three fusions ~11); an HCA layer's compressor scope (two projections and the step kernel): 9.3 /
+    7.0 / 7.2 us against XLA's 6.5. 2 rows: the form its GPU test and the golden criteria ran with.
     The interpreter: wide programs (its cost is per program). ``DSV4_PROJ_TILE`` (``BN``, ``BK``, ``num_warps``)
     overrides, for probes."""
     target = target or arch()
