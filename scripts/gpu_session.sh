@@ -120,12 +120,12 @@ for x in r:
            vs="$vs;${FP8_TILE_VARIANTS:-DSV4_FP8_GEMV_TILE=BLOCK_N=8;DSV4_FP8_GEMV_TILE=NB=4;DSV4_FP8_GEMV_TILE=PER_SM=16}"
            vs="$vs;dsv4_jax.kernels.sparse_attention:XLA_ROUTE_MAX_LIST=1024"  # one CUDA graph per step (4K context)
            X="dsv4_jax.kernels.sparse_attention:XLA_ROUTE_MAX_LIST=1024"  # its checks first: the kernel as XLA builds it
-           DSV4_TRITON_LAUNCH=xla run attn_xla_tests "${ATTNX_BOX:-150}" python3 -m pytest -q -rf --tb=short \
+           DSV4_TRITON_LAUNCH=xla run attn_xla_tests "${ATTNX_BOX:-120}" python3 -m pytest -q -rf --tb=short \
              -p no:cacheprovider tests/test_kernels_sparse_attn.py -k "gpu and not 1m"
-           DSV4_KERNELS=auto run golden_attn_xla "${GOLDENX_BOX:-150}" python3 scripts/bench_common.py "$X" -m pytest \
+           DSV4_KERNELS=auto run golden_attn_xla "${GOLDENX_BOX:-130}" python3 scripts/bench_common.py "$X" -m pytest \
              -q -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
            alt=""; IFS=';' read -ra vv <<< "$vs"; for v in "${vv[@]}"; do alt="$alt;default;$v"; done
-           TAIL=2 run decode_tiles "${TILES_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
+           TAIL=2 run decode_tiles "${TILES_BOX:-280}" python3 scripts/bench_decode.py --model flash --layers 3 \
              --batch 1 --kernels auto --iters 20 --out "$OUT/tiles.json" --variants "${alt#;}"
            variant_table "$OUT/tiles.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
