@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul defaults fuse post proj tiles
+#           prefillops bf16mul defaults fuse proj tiles
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -94,15 +94,6 @@ for x in r:
           TAIL=2 run decode_fuse "${FUSE_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
             --batch 1,32 --kernels auto --iters 20 --out "$OUT/fuse.json" --variants "default;$OLD;default"
           variant_table "$OUT/fuse.json" ;;
-    post) # thirty-fifth session: the mHC site forming the previous block's streams (mhc.FUSE_POST), opt-in until timed
-          ON="dsv4_jax.kernels.mhc:FUSE_POST=True"
-          run post_tests "${POSTT_BOX:-100}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-            tests/test_kernels_mhc.py -k gpu_post
-          DSV4_MHC_FUSE_POST=1 DSV4_KERNELS=auto run golden_post "${GOLDENP_BOX:-200}" python3 -m pytest -q -s -rf \
-            --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated"
-          TAIL=2 run decode_post "${POST_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
-            --batch 1,32 --kernels auto --iters 20 --out "$OUT/post.json" --variants "$ON;default;$ON;default"
-          variant_table "$OUT/post.json" ;;
     proj) # thirty-sixth session: the bf16 projections kernel (bf16_proj.AUTO) and the fused hc_post form, each opt-in
           P="dsv4_jax.kernels.bf16_proj:AUTO=True"; F="dsv4_jax.kernels.mhc:FUSE_POST=True"
           run proj_tests "${PROJT_BOX:-120}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \

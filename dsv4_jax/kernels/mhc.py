@@ -25,7 +25,7 @@ Opt-in (:data:`FUSE_POST`): :func:`hc_post_pre_norm_quant` runs a second form of
 :func:`_post_mix_partial_kernel`, that first forms the site's streams from the previous block's output and
 ``post``/``comb`` (``hyper.hc_post``, bit for bit under the interpreter; the output may come as its linear's split-K
 partials, :class:`dsv4_jax.modeling.quant.SplitSum`), writes them and feeds them to the mixes: 3 kernels fewer per
-3-layer V4-Flash decode step at batch 1. Off until a GPU times its current form faster (:data:`FUSE_POST`).
+3-layer V4-Flash decode step at batch 1, but slower in the step on an H200 (:data:`FUSE_POST`: off).
 
 Numerics contract: the same formula and operation order as the reference except the order of the fp32 sums over
 K (the dot and the sum of squares: split-K here, XLA's own order there) and ``exp``/``sigmoid`` implementations
@@ -412,13 +412,15 @@ def hc_pre_norm_quant(cfg: Config, h: jax.Array, w: HcWeights, norm_w: jax.Array
     return y, None, post, comb
 
 
-# The fused hc_post form on the kernel path: opt-in until a GPU times its current form. Its first form (one stream at
-# a time, each stream's loads after the previous stream's store, 1/hc the programs) passed its GPU test and the golden
-# criteria on an H100 but made the 3-layer V4-Flash loop slower: 0.985 against 0.970 ms at batch 1, 4.685 against
-# 4.669 at batch 32 (2026-12-06, docs/performance.md), although the step had 3 kernels fewer at batch 1 (wo_b's
-# split-K sum and both hc_post fusions) and 2 at batch 32. The current form (all streams in one tile, every load
-# before the store, the plain form's program count) is checked under the interpreter and compiled without spills
-# for sm_90a and gfx950, not yet timed. ``DSV4_MHC_FUSE_POST=1`` turns it on for a process (GPU test runs).
+# The fused hc_post form on the kernel path: opt-in, measured slower. Its first form (one stream at a time, each
+# stream's loads after the previous stream's store, 1/hc the programs) passed its GPU test and the golden criteria
+# on an H100 but made the 3-layer V4-Flash loop slower: 0.985 against 0.970 ms at batch 1, 4.685 against 4.669 at
+# batch 32 (2026-12-06, docs/performance.md), although the step had 3 kernels fewer at batch 1 (wo_b's split-K sum
+# and both hc_post fusions) and 2 at batch 32. The current form (all streams in one tile, every load before the
+# store, the plain form's program count) passed its GPU test and the golden criteria on an H200 and was slower too:
+# 4.694 ms (4.678 and 4.658 with the bf16 projections kernel also on) against 4.613 / 4.603 at batch 32, 0.889
+# against 0.861 / 0.880 at batch 1 (2026-12-06, runs alternated with the defaults). ``DSV4_MHC_FUSE_POST=1`` turns
+# it on for a process (GPU test runs).
 FUSE_POST = os.environ.get("DSV4_MHC_FUSE_POST", "0") == "1"
 
 
