@@ -30,7 +30,8 @@ Two dot variants (``tiles()["CODES"]``): 0 (default, verified on an H200) dots t
 accumulates each 1x32 group into one fp32 accumulator; 1 dots the raw codes as fp16 (e2m1 code bits placed under the
 fp16 exponent, e4m3 activation codes from ``quantize_act``) and applies the weight scale to each group's partial
 product and the activation scale to each 128-block's: the same exact products, 20-25% fewer instructions per weight
-byte in the decode loop (sm_90 SASS: 1122 vs 1471 per gate/up iteration, 1156 vs 1358 down), not yet timed. Decode
+byte in the decode loop (sm_90 SASS: 1122 vs 1471 per gate/up iteration, 1156 vs 1358 down), yet 4 % slower on an
+H200 at 32 tokens (2,209 vs 2,115 us per call, 2026-11-30, ``docs/performance.md``): variant 0 stays the default. Decode
 is bound by those instructions (~9-11 per FP4 weight element at BM=16, against ~4.5 that the issue rate allows at
 the copy bandwidth), not by the dots.
 

@@ -57,11 +57,13 @@ SM: latency, not bytes or flops. At batch 32 an entry is 584 bytes for 4 x 64 x 
 ridge), so 60 % of the copy bandwidth needs ~500 TFLOP/s of bf16 dots on gathered operands: a warp-specialised
 design (producer warps gathering and dequantizing, consumer warpgroups on wgmma), not a tuning of this one.
 
-Opt-in ``S8`` plan (a benchmark knob, not yet timed on a GPU): with each entry's scale row padded to 8 bytes (the
-state stores 7; ``probe_kernels.py --scale-stride 8`` builds such caches), whole-head tiles read an entry's scales as
-one 8-byte vector (:func:`_vtile`). The stored rows make every scale a byte load, which ``cp.async`` cannot do, so
-a pipelined build (``num_stages`` > 1) still waits on memory once per block; with ``S8`` and 3 stages the sm_90a
-build copies every gathered operand ahead and keeps no byte load in the loop (``tests/test_kernels_sm90.py``).
+Opt-in ``S8`` plan (a benchmark knob): with each entry's scale row padded to 8 bytes (the state stores 7;
+``probe_kernels.py --scale-stride 8`` builds such caches), whole-head tiles read an entry's scales as one 8-byte
+vector (:func:`_vtile`). The stored rows make every scale a byte load, which ``cp.async`` cannot do, so a pipelined
+build (``num_stages`` > 1) still waits on memory once per block; with ``S8`` and 3 stages the sm_90a build copies
+every gathered operand ahead and keeps no byte load in the loop (``tests/test_kernels_sm90.py``). Timed on an H200
+(2026-12-03, ``docs/performance.md``): the 2-3 stage plans 15-17 % slower than the default, the one-stage ``S8``
+plan within 1.5 % of it, so the state keeps its 7-byte rows: the chain, not the wait for memory, bounds the kernel.
 
 Launch route: XLA's Triton route builds this kernel 1.5-3.6x slower than Triton's own compiler does (2026-12-03:
 XLA's bundled Triton keeps a third shared-memory buffer and spills 6.6x more), so the kernel launches as a tiled one
