@@ -59,7 +59,9 @@ gpu_device_info {
 platform_name: "CUDA"
 device_description_str: "NVIDIA H200"
 """
-CONTAINERS = {"kCommandBuffer", "kSequential", "kWhile", "kConditional", "kWaitForStreams"}
+# kAsyncStart holds an async region (a side stream: dsv4_jax.kernels.streams); its kAsyncDone launches nothing
+CONTAINERS = {"kCommandBuffer", "kSequential", "kWhile", "kConditional", "kWaitForStreams", "kAsyncStart"}
+MARKERS = {"kAsyncDone"}
 _LINE = re.compile(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)")
 
 
@@ -164,6 +166,8 @@ def summarize(dump: str) -> dict:
                 walk(max(branches, key=len) if branches else [], mult, graphed)
             elif kind in CONTAINERS:
                 walk(n["children"][""], mult, graphed)
+            elif kind in MARKERS:
+                continue
             else:
                 hlo = names.get(n["id"], n["name"])
                 res["kernels"] += mult

@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul defaults fuse proj tiles
+#           prefillops bf16mul defaults fuse proj tiles streams
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -119,6 +119,14 @@ for x in r:
            TAIL=2 run decode_tiles "${TILES_BOX:-280}" python3 scripts/bench_decode.py --model flash --layers 3 \
              --batch 1 --kernels auto --iters 20 --out "$OUT/tiles.json" --variants "${alt#;}"
            variant_table "$OUT/tiles.json" ;;
+    streams) # independent branches on a second stream (dsv4_jax.kernels.streams): bit for bit first, then the step
+             S="dsv4_jax.kernels.streams:BRANCHES"
+             run streams_tests "${STREAMS_BOX:-150}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
+               tests/test_streams.py -k gpu
+             TAIL=2 run decode_streams "${STREAMSD_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
+               --batch 1,32 --kernels auto --iters 20 --out "$OUT/streams.json" --variants \
+               "${STREAMS_VARIANTS:-default;$S='shared,indexer';default;$S='shared';$S='indexer';default;$S='shared,indexer'}"
+             variant_table "$OUT/streams.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
                   --ops "${PREFILLOPS:-indexer,compressor,router}"  # the prefill ops beside their alternatives
                 run router_tests 60 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_kernels_router.py \

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels import streams
 from dsv4_jax.kernels.act_quant import grouped_proj_quant
 from dsv4_jax.kernels.attn_prep import prep_q_kv
 from dsv4_jax.kernels.attn_proj import q_kv_lora
@@ -98,8 +99,11 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
                 new["ikv"], new["ic_kv"], new["ic_score"] = compress(cfg, w.indexer.compressor, x, ls.ikv, ls.ic_kv,
                                                                      ls.ic_score, pos, n_new, 4, freqs, indexer=True,
                                                                      proj=proj[2:4] if proj else None)
-                comp_idx = chosen = index_topk(cfg, w.indexer, x, qr, new["ikv"], t, cos, sin, qrq,
-                                               hw=proj[4] if proj else None)  # [B,S,k]
+                # reads the state, writes none of it: a side stream where enabled (beside wq_b and the q/kv prep)
+                comp_idx = chosen = streams.side(
+                    "indexer", lambda wi, x, qr, ikv, t, cos, sin, qrq, hw: index_topk(cfg, wi, x, qr, ikv, t, cos, sin,
+                                                                                        qrq, hw=hw),
+                    w.indexer, x, qr, new["ikv"], t, cos, sin, qrq, proj[4] if proj else None)  # [B,S,k]
         else:
             j = jnp.arange(n_c)[None, None, :]
             comp_idx = jnp.where(j < ((t + 1) // ratio)[..., None], j, -1)  # every complete entry

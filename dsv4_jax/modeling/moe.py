@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels import router as kernels_router
-from dsv4_jax.kernels import use_triton
+from dsv4_jax.kernels import streams, use_triton
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
 from dsv4_jax.modeling.quant import quantized_input
 from dsv4_jax.modeling.weights import MoEWeights
@@ -56,9 +56,11 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
 
     with jax.named_scope("routed_experts"):
         y = routed_experts(cfg, w, xt, xq, idx, wts, rank)
-    with jax.named_scope("shared_expert"):
-        y = y + swiglu(cfg, xt, xq, w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp,
-                       shared=True).astype(jnp.float32)
+    def shared(xt, xq, s1, s2, s3):
+        return swiglu(cfg, xt, xq, s1, s2, s3, None, clamp=cfg.shared_expert_clamp, shared=True)
+
+    with jax.named_scope("shared_expert"):  # independent of the routed experts: a side stream where enabled
+        y = y + streams.side("shared", shared, xt, xq, w.s1, w.s2, w.s3).astype(jnp.float32)
     return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)
 
 
