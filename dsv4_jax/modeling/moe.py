@@ -29,7 +29,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.kernels import router as kernels_router
 from dsv4_jax.kernels import streams, use_triton
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
-from dsv4_jax.modeling.quant import quantized_input
+from dsv4_jax.modeling.quant import quantized_input, summed
 from dsv4_jax.modeling.weights import MoEWeights
 from dsv4_jax.sharding import EXPERT_AXES
 
@@ -52,15 +52,22 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
     xt = x.reshape(B * S, D)
     idx, wts, rank = route(cfg, w, xt, ids.reshape(-1))
     # the experts' first GEMMs share one activation quantization
-    xq = quantized_input(xt, cfg.simulate) if xq is None else xq.reshape(xt.shape).astype(jnp.float32)
+    given = xq is not None
+    xq_in = xq if given else quantized_input(xt, cfg.simulate)
+    xq = xq_in.reshape(xt.shape).astype(jnp.float32) if given else xq_in
 
     with jax.named_scope("routed_experts"):
         y = routed_experts(cfg, w, xt, xq, idx, wts, rank)
-    def shared(xt, xq, s1, s2, s3):
-        return swiglu(cfg, xt, xq, s1, s2, s3, None, clamp=cfg.shared_expert_clamp, shared=True)
+    side = streams.enabled("shared")
+
+    def shared(xt, xq_in, s1, s2, s3):
+        # on a side stream: the caller's codes as they came (no fp32 copy crosses the region's boundary), w2's
+        # split-K partials out (their sum stays fused into the block's consumer, as inline)
+        xq = xq_in.reshape(xt.shape).astype(jnp.float32) if given else xq_in
+        return swiglu(cfg, xt, xq, s1, s2, s3, None, clamp=cfg.shared_expert_clamp, shared=True, partials=side)
 
     with jax.named_scope("shared_expert"):  # independent of the routed experts: a side stream where enabled
-        y = y + streams.side("shared", shared, xt, xq, w.s1, w.s2, w.s3).astype(jnp.float32)
+        y = y + summed(streams.side("shared", shared, xt, xq_in, w.s1, w.s2, w.s3)).astype(jnp.float32)
     return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)
 
 
