@@ -51,8 +51,11 @@ def side(branch: str, fn, *args):
     else inline. ``fn`` must be pure and close over static values only (configs, Python numbers)."""
     if not enabled(branch):
         return fn(*args)
+    import inspect
+
     from jax._src import config as jax_config  # the compute_on context's own switch (no public way, see below)
-    from jax.experimental.compute_on import compute_on
+    from jax._src.core import MemorySpace
+    from jax.experimental import compute_on as co
 
     def body(*a):
         # only the region's call carries the annotation: JAX tags every equation traced inside ``compute_on``,
@@ -64,5 +67,13 @@ def side(branch: str, fn, *args):
         finally:
             jax_config.compute_on_context_manager.set_local(prev)
 
-    with compute_on(f"gpu_stream:{STREAM}"):
+    ctype = f"gpu_stream:{STREAM}"
+    # the functional form (jax >= 0.11: ``compute_on(f, compute_type=, out_memory_spaces=)``; ``compute_on2`` in
+    # 0.10) where there is one, else the context manager around a jitted call (0.10's ``compute_on``)
+    functional = getattr(co, "compute_on2", None)
+    if functional is None and "out_memory_spaces" in inspect.signature(co.compute_on).parameters:
+        functional = co.compute_on
+    if functional is not None:
+        return functional(body, compute_type=ctype, out_memory_spaces=MemorySpace.Device)(*args)
+    with co.compute_on(ctype):
         return jax.jit(body)(*args)
