@@ -124,7 +124,7 @@ for x in r:
              run streams_tests "${STREAMS_BOX:-120}" python3 -m pytest -q -s -rf --tb=short -p no:cacheprovider \
                tests/test_streams.py -k gpu
              TAIL=2 run decode_streams "${STREAMSD_BOX:-300}" python3 scripts/bench_decode.py --model flash --layers 3 \
-               --batch 1,32 --kernels auto --iters 20 --out "$OUT/streams.json" --variants \
+               --batch "${STREAMS_BATCH:-1,32}" --kernels auto --iters 20 --out "$OUT/streams.json" --variants \
                "${STREAMS_VARIANTS:-default;$S='shared,indexer';default;$S='shared,indexer';$S='shared'}"
              variant_table "$OUT/streams.json" ;;
     prefillops) TAIL=30 run prefill_ops "${PREFILLOPS_BOX:-150}" python3 scripts/bench_prefill_ops.py \
