@@ -200,7 +200,9 @@ def gemv_tiles(target: str, D: int, I: int, n_pairs: int = 1) -> dict:
     # 2 % and 1 % slower: H200, 2026-12-03, scripts/probe_kernels.py --op moe). Below 32 pairs 8 rows per program
     # (4 warps, twice the programs) rather than 16 (8 warps): one token 94.6-107.2 vs 106.6-119.8 us per MoE call,
     # the 3-layer batch-1 decode step 0.848-0.857 vs 0.860-0.867 ms in a loop, each pair of runs alternated (H200,
-    # 2026-12-06, bench_moe.py / bench_decode.py --variants DSV4_MOE_TILE=BN=8,num_warps=4).
+    # 2026-12-06, bench_moe.py / bench_decode.py --variants DSV4_MOE_TILE=BN=8,num_warps=4). Two 16-byte vectors
+    # per thread and matrix (BN 8, NG 32, 4 warps) measured the same in that step (H100, 2026-12-07: 1.020 ms vs
+    # 1.017 / 1.007 for the runs around it).
     bn = 32 if n_pairs >= 32 else 8
     ng = 16 if n_pairs < 32 and D % 512 == 0 and I % 512 == 0 else 8
     return dict(BN=bn, NG=ng, num_warps=bn * ng // 32, num_stages=1)

@@ -446,7 +446,8 @@ PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured 
 # the lists are short until the context is long (4K context: 160 entries on HCA layers, 640 on CSA ones), where the
 # two builds differ least (32-entry blocks either way), and the kernel then sits inside the step's CUDA graph: a
 # 3-layer batch-1 step compiled for sm_90 has 1 host launch instead of 7 (scripts/count_launches.py). A benchmark
-# knob (bench_decode.py --variants), untimed.
+# knob (bench_decode.py --variants): measured slower on an H100 (2026-12-07, batch-1 step in a loop 1.035 / 1.001 ms
+# against 1.003 / 0.985, alternated; per call 1.77 / 1.60 vs 1.41 / 1.39 ms; docs/performance.md), so 0.
 XLA_ROUTE_MAX_LIST = 0
 
 

@@ -19,9 +19,14 @@ Numerics: the same kernels on the same inputs; only the order in which the GPU r
 the same outputs). What changes is the region's boundary: XLA does not fuse across it, so a conversion or an add
 that a neighbouring fusion used to absorb may become a kernel of its own.
 
-Status: opt-in (:data:`BRANCHES` empty), a benchmark knob (``dsv4_jax.kernels.streams:BRANCHES=shared,indexer``).
-On the CPU (the reference path, the interpreter tests) and under a multi-device mesh it does nothing: the function
-runs inline. ROCm: XLA's stream annotation is common GPU code; never tried there.
+Status: opt-in (:data:`BRANCHES` empty), a benchmark knob (``dsv4_jax.kernels.streams:BRANCHES='shared,indexer'``).
+Measured on an H100 (2026-12-07, ``bash scripts/gpu_session.sh streams``, 3-layer V4-Flash step in a 16-step loop,
+each variant right after a default run; ``docs/performance.md``): batch 1 1.018 / 1.010 ms against 1.004 / 0.993,
+batch 32 4.707 / 4.748 against 4.714 / 4.734: no gain (the overlapped kernels share the same memory bandwidth and
+SMs, and the regions' boundaries cost a few small kernels: 118 against 112 per batch-1 step, 161 against 150 at
+batch 32), so it stays off. Its GPU test passed at batch 1 (logits and state bit for bit). On the CPU (the
+reference path, the interpreter tests) and under a multi-device mesh it does nothing: the function runs inline.
+ROCm: XLA's stream annotation is common GPU code; never tried there.
 """
 
 from __future__ import annotations
