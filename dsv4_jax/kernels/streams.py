@@ -12,8 +12,9 @@ are needed.
 The branches (the callers name them):
 
 * ``"shared"``: the MoE's shared expert (3 kernels, ~12.6 us per layer on an H200), beside the routed experts;
-* ``"indexer"``: a CSA layer's compressor and indexer (~30 us), beside the attention's ``wq_b`` GEMV and q/kv
-  preparation (~17 us).
+* ``"indexer"``: a CSA layer's ``index_topk`` (its query GEMV and kernel, scoring and top-k, ~15 of the indexer's
+  ~22 us), beside the attention's ``wq_b`` GEMV and q/kv preparation (~17 us). The compressors, which write the
+  state in place, stay on the main stream.
 
 Numerics: the same kernels on the same inputs; only the order in which the GPU runs them changes (bit for bit
 the same outputs). What changes is the region's boundary: XLA does not fuse across it, so a conversion or an add
