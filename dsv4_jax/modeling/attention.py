@@ -13,6 +13,8 @@ kernel in place, the XLA reference through a concatenation) and decodes only tho
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,10 +102,8 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
                                                                      ls.ic_score, pos, n_new, 4, freqs, indexer=True,
                                                                      proj=proj[2:4] if proj else None)
                 # reads the state, writes none of it: a side stream where enabled (beside wq_b and the q/kv prep)
-                comp_idx = chosen = streams.side(
-                    "indexer", lambda wi, x, qr, ikv, t, cos, sin, qrq, hw: index_topk(cfg, wi, x, qr, ikv, t, cos, sin,
-                                                                                        qrq, hw=hw),
-                    w.indexer, x, qr, new["ikv"], t, cos, sin, qrq, proj[4] if proj else None)  # [B,S,k]
+                comp_idx = chosen = streams.side("indexer", functools.partial(index_topk, cfg), w.indexer, x, qr,
+                                                 new["ikv"], t, cos, sin, qrq, proj[4] if proj else None)  # [B,S,k]
         else:
             j = jnp.arange(n_c)[None, None, :]
             comp_idx = jnp.where(j < ((t + 1) // ratio)[..., None], j, -1)  # every complete entry

@@ -54,17 +54,19 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
     # the experts' first GEMMs share one activation quantization
     given = xq is not None
     xq_in = xq if given else quantized_input(xt, cfg.simulate)
-    xq = xq_in.reshape(xt.shape).astype(jnp.float32) if given else xq_in
+
+    def values(q):  # the quantized row as the experts take it: the caller's values in fp32
+        return q.reshape(xt.shape).astype(jnp.float32) if given else q
 
     with jax.named_scope("routed_experts"):
-        y = routed_experts(cfg, w, xt, xq, idx, wts, rank)
+        y = routed_experts(cfg, w, xt, values(xq_in), idx, wts, rank)
     side = streams.enabled("shared")
 
     def shared(xt, xq_in, s1, s2, s3):
         # on a side stream: the caller's codes as they came (no fp32 copy crosses the region's boundary), w2's
         # split-K partials out (their sum stays fused into the block's consumer, as inline)
-        xq = xq_in.reshape(xt.shape).astype(jnp.float32) if given else xq_in
-        return swiglu(cfg, xt, xq, s1, s2, s3, None, clamp=cfg.shared_expert_clamp, shared=True, partials=side)
+        return swiglu(cfg, xt, values(xq_in), s1, s2, s3, None, clamp=cfg.shared_expert_clamp, shared=True,
+                      partials=side)
 
     with jax.named_scope("shared_expert"):  # independent of the routed experts: a side stream where enabled
         y = y + summed(streams.side("shared", shared, xt, xq_in, w.s1, w.s2, w.s3)).astype(jnp.float32)
