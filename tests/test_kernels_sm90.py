@@ -26,15 +26,20 @@ def target(request) -> str:
     return request.param
 
 
-def _compile(fn, pointers: dict, constexprs: dict, options: dict, sass: list | None = None, target: str = "sm90"):
+def _compile(fn, pointers: dict, constexprs: dict, options: dict, sass: list | None = None, target: str = "sm90",
+             gluon: bool = False):
     """Compile ``fn`` for ``target`` (``"sm90"`` or ``"gfx950"``) with 16-byte-aligned pointers (as jax-triton and
     the XLA route declare them; other entries of ``pointers`` are runtime scalars) -> (shared memory bytes, spill
     bytes: ptxas's spill stores on sm_90, the AMDGPU backend's VGPR + SGPR spill counts on gfx950). ``sass``: a list
     that receives the machine code's lines (sm_90a SASS disassembled with the nvdisasm bundled with Triton; gfx950
-    AMDGCN assembly)."""
+    AMDGCN assembly). ``gluon``: ``fn`` is a Gluon kernel (built from its own IR: ``GluonASTSource``); ptxas must
+    then keep its partitions' register budgets (``setmaxnreg``) too."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
 
     sig = {a: pointers[a] if a in pointers else "constexpr" for a in fn.arg_names}
     missing = [a for a in fn.arg_names if a not in pointers and a not in constexprs]
@@ -65,6 +70,7 @@ def _compile(fn, pointers: dict, constexprs: dict, options: dict, sass: list | N
                                    timeout=120).stdout.splitlines()
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out)]
     assert spills, f"ptxas printed no register report:\n{out[-2000:]}"
+    assert "'setmaxnreg' ignored" not in out, out[-2000:]
     return k.metadata.shared, max(spills)
 
 

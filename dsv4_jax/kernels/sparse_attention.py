@@ -94,6 +94,7 @@ from dsv4_jax.kernels import (
     next_pow2,
     route_for,
     single_device,
+    sparse_attention_ws,
     triton_call,
     use_opt_in_triton,
     use_triton,
@@ -333,12 +334,16 @@ def plan(H: int, Dh: int, target: str | None = None, rows: int | None = None, K:
         split = 1 if rows is None else max(1, min(nb, per_sm * SM_COUNT[target] // (rows * groups)))  # one wave
         bps = math.ceil(nb / split)
     p.update(BPS=bps, SPLIT=math.ceil(nb / bps))
-    sp2 = next_pow2(p["SPLIT"])
+    return p | merge_tile(p["SPLIT"], Dh)
+
+
+def merge_tile(split: int, Dh: int) -> dict:
+    """The merge's tile for ``split`` splits: all splits (``SP2``, padded to a power of two) x ``DCC`` dims."""
+    sp2 = next_pow2(split)
     dcc = 64
     while dcc * 2 <= min(Dh, 4096 // sp2) and Dh % (dcc * 2) == 0:
         dcc *= 2
-    p.update(SP2=sp2, DCC=dcc)
-    return p
+    return dict(SP2=sp2, DCC=dcc)
 
 
 def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p: dict, sst: int | None = None) -> dict:
@@ -398,7 +403,12 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     if comp is None:  # HCA/window-only layers: no compressed source (a 1-row dummy, never indexed)
         comp = jax.tree_util.tree_map(lambda a: a[:, :1], ring)
     fp8 = isinstance(ring, Fp8Cache)
+    ws_plan = None
+    if p is None and _use_ws(B * S, H, Dh, ring):
+        ws_plan = sparse_attention_ws.plan(B * S, H, K, SM_COUNT[arch()])
     p = p or plan(H, Dh, rows=B * S, K=K)
+    if ws_plan is not None and ws_plan["SPLIT"] == 1:
+        ws_plan = None  # rows that fill the card: the portable kernel writes the output directly
     sink = sink.astype(jnp.float32)
     args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink]
     for c in (ring, chunk, comp):
@@ -412,8 +422,14 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
         o = triton_call(*args, kernel=_sparse_attn_kernel, out_shape=out, grid=(n_main,), tiled=_tiled(K), **meta)[0]
         return o if out_rope is None else _rotate_back(o, out_rope)
     R, sp = B * S, p["SPLIT"]
-    acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=_tiled(K), grid=(n_main,),
-                            out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], **meta)
+    if ws_plan is not None:  # the warp-specialised Gluon kernel writes the same workspace
+        acc, m, l = sparse_attention_ws.launch_jax(args[0], args[1], args[3:], W, comp.shape[1], scale, ws_plan,
+                                                   ring.scales.shape[-1])
+        sp = ws_plan["SPLIT"]
+        p = p | merge_tile(sp, Dh)
+    else:
+        acc, m, l = triton_call(*args, kernel=_sparse_attn_kernel, tiled=_tiled(K), grid=(n_main,),
+                                out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], **meta)
     rd = 0 if out_rope is None else 2 * out_rope[0].shape[-1]
     if rd > p["DCC"]:
         raise ValueError(f"sparse_attention: {rd} RoPE dims do not fit the merge's {p['DCC']}-dim chunks")
@@ -449,6 +465,18 @@ PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured 
 # knob (bench_decode.py --variants): measured slower on an H100 (2026-12-07, batch-1 step in a loop 1.035 / 1.001 ms
 # against 1.003 / 0.985, alternated; per call 1.77 / 1.60 vs 1.41 / 1.39 ms; docs/performance.md), so 0.
 XLA_ROUTE_MAX_LIST = 0
+
+
+# Opt-in (a benchmark knob until measured): decode rows over V4's FP8 caches on sm_90 run the warp-specialised Gluon
+# kernel of :mod:`sparse_attention_ws` (launched through jax-triton) instead of the portable one.
+WS = False
+
+
+def _use_ws(rows: int, H: int, Dh: int, ring) -> bool:
+    """Whether :data:`WS` applies: sm_90, decode rows, the FP8 layout the Gluon kernel handles, jax-triton."""
+    return (WS and arch() == "sm90" and rows <= AUTO_MAX_ROWS and isinstance(ring, Fp8Cache)
+            and sparse_attention_ws.supported(H, ring.codes.shape[-1], Dh - ring.codes.shape[-1], True)
+            and route_for(tiled=True) == "jax-triton")
 
 
 def _tiled(K: int) -> bool:

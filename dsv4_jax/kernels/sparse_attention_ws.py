@@ -1,0 +1,366 @@
+"""Sparse attention at decode on Hopper (sm_90) with warp specialisation, in Gluon: an opt-in kernel beside the
+portable one of :mod:`sparse_attention`.
+
+Why (issue 12): the portable kernel runs one dependent chain per 64-entry block (index load -> gather -> dequantize
+-> shared memory -> q.k wgmma -> softmax -> P.V wgmma) in one 8-warp program per SM, so the gathers, the CUDA-core
+decode and the tensor cores take turns: 18 % of the copy bandwidth at batch 32 and 1M tokens (H200, 2026-12-03).
+Triton 3.6 does not warp-specialise a gather + dot loop on sm_90 (``docs/performance.md``); Gluon, Triton's
+lower-level language, lets a kernel say which warps do what. Here one program (a query row's 64 heads over one
+range of its index list, as the portable kernel's split plan) has three partitions:
+
+* two decoder partitions (4 warps each, few registers): decoder ``d`` takes the blocks ``t = d, d + 2, ...`` of the
+  program's range: loads the block's ids, gathers its entries' e4m3 codes, 1x64 e8m0 scales and bf16 RoPE dims from
+  the source they live in (ring, chunk or compressed), decodes them to bf16 (exact), writes the ``[BK, 512]`` tile
+  and the ids into its own shared-memory buffer and signals ``full[d]``; it gathers its next block while the
+  consumers work on this one, and waits on ``empty[d]`` only to overwrite the buffer.
+* the consumers (the default partition, 8 warps = 2 warpgroups): per block, in list order, ``S = Q K^T`` (wgmma, Q
+  ``[64, 512]`` resident in shared memory, the 2 warpgroups each take half of the block's entries), the online
+  softmax of the portable kernel (running max, ``alpha = exp(m - m_new)``, P rounded to bf16 relative to the running
+  max for P.V only), ``acc += P V`` (wgmma, P from registers, each warpgroup 256 of the 512 output dims), then
+  ``empty[d]``.
+
+Same arithmetic as the portable kernel (exact bf16 x bf16 products, fp32 sums in the tensor cores' order), the
+same workspace ``(acc, m, l)`` per split, merged by :func:`sparse_attention._combine_kernel` (sink, division, the
+output's inverse RoPE): so the numerics contract of :mod:`sparse_attention` holds as it is.
+
+Scope: sm_90 only (wgmma, mbarriers, ``setmaxnreg``), no interpreter (Gluon has none): tested on the GPU against the
+XLA reference and compiled for sm_90a without a GPU in CI. V4's layout only: 64 heads per program (a multiple of 64
+heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (:func:`run_torch`).
+"""
+
+from __future__ import annotations
+
+import math
+
+try:  # Gluon ships with triton >= 3.5; the model never needs it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.runtime.jit import constexpr_function
+except ImportError:  # pragma: no cover - a triton without Gluon
+    gluon = gl = None
+
+BK = 32  # entries per block
+NDEC = 2  # tile buffers between the decoder and the consumers
+HEADS = 64  # heads per program (wgmma's M)
+DEC_WARPS = 4
+DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
+MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
+EC = 8  # entries a decoder decodes at a time
+
+
+if gluon is not None:
+
+    @constexpr_function
+    def _layout3(num_warps):
+        """The decoder's ``[entries, 8, 64]`` layout (groups of 64 dims, 16 bytes a thread)."""
+        return gl.BlockedLayout([1, 1, 16], [1, 8, 4], [num_warps, 1, 1], [2, 1, 0])
+
+    @gluon.jit
+    def _x3(v):
+        """``[n]`` -> ``[n, 1, 1]``."""
+        return gl.expand_dims(gl.expand_dims(v, 1), 2)
+
+    @gluon.jit
+    def _load_ids(idx_ptr, row, t, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr):
+        """Block ``t``'s ids ``[BK]`` (-1 past K and past the program's range)."""
+        jj = j0 + t * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, gl.SliceLayout(2, _layout3(gl.num_warps()))))
+        return gl.load(idx_ptr + row * K + jj, mask=(jj < K) & (t < NB), other=-1)
+
+    @gluon.jit
+    def _rows(ids, b, S: gl.constexpr, W: gl.constexpr, NC: gl.constexpr):
+        """Ids -> (in ring, in chunk, row in its source)."""
+        in_r = ids < W
+        in_c = (ids >= W) & (ids < W + S)
+        r = gl.where(in_r, b * W + ids, gl.where(in_c, b * S + ids - W, b * NC + ids - W - S)).to(gl.int64)
+        return in_r, in_c, r
+
+    @gluon.jit
+    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
+               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
+               EC: gl.constexpr):
+        """Start a block's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
+        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
+        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row)."""
+        L3: gl.constexpr = _layout3(gl.num_warps())
+        LE: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        idst.store(ids)
+        gl.thread_barrier()
+        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
+        for c in gl.static_range(BK // EC):
+            e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
+            in_r, in_c, r = _rows(e, b, S, W, NC)
+            ok = _x3(e >= 0)
+            cb = gl.where(_x3(in_r), rc, gl.where(_x3(in_c), cc, kc)) + _x3(r) * DN
+            async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0), cb + g * 64 + i,
+                                                   mask=ok & (g * 64 < DN))
+            in_r2 = gl.convert_layout(in_r, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+            in_c2 = gl.convert_layout(in_c, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+            r2 = gl.convert_layout(r, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+            ok2 = gl.convert_layout(e >= 0, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+            rb = gl.where(gl.expand_dims(in_r2, 1), rr, gl.where(gl.expand_dims(in_c2, 1), cr, kr))
+            async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0),
+                                                   rb + gl.expand_dims(r2, 1) * DR + ir, mask=gl.expand_dims(ok2, 1))
+        async_copy.commit_group()
+        in_r, in_c, r = _rows(ids, b, S, W, NC)
+        g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
+        sb = gl.where(gl.expand_dims(in_r, 1), rs, gl.where(gl.expand_dims(in_c, 1), cs, ks))
+        return gl.load(sb + gl.expand_dims(r, 1) * SST + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN),
+                       other=127)
+
+    @gluon.jit
+    def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
+                 row, b, j0, S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr,
+                 DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
+                 EC: gl.constexpr):
+        """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers: each gathered by ``cp.async`` two
+        blocks ahead into one of three staging buffers, then decoded (e4m3 code x its e8m0 scale, RoPE dims as they
+        are; exact in bf16) into a tile ``[BK, 512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros)."""
+        L3: gl.constexpr = _layout3(gl.num_warps())
+        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        code = g * 64 < DN  # [1, 8, 1]
+        sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
+                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, BK, EC)
+        sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
+                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, BK, EC)
+        nxt = _load_ids(idx_ptr, row, 2, j0, K, BK, NB)
+        for n in range(NB):
+            st = n % 3
+            sc2 = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index((n + 2) % 3), rawrs.index((n + 2) % 3),
+                         idsts.index((n + 2) % 3), b, S, W, NC, DN, DR, SST, BK, EC)
+            nxt = _load_ids(idx_ptr, row, n + 3, j0, K, BK, NB)
+            scst.store(sc0)
+            async_copy.wait_group(2)  # block n's copies (this thread's) have landed ...
+            gl.thread_barrier()  # ... and every decoder thread's
+            tb = n % NBUF
+            mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile buffer
+            kbuf = kbufs.index(tb)
+            rawc = rawcs.index(st)
+            rawr = rawrs.index(st)
+            idst = idsts.index(st)
+            for c in gl.static_range(BK // EC):
+                cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes
+                f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
+                    gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
+                rp = rawr.slice(c * EC, EC, dim=0).load(gl.SliceLayout(1, L3))  # [EC, 64]
+                ok = idst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(1, gl.SliceLayout(2, L3))) >= 0  # [EC]
+                v = gl.where(code, cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2),
+                             gl.expand_dims(rp, 1).to(gl.float32))
+                v = gl.where(_x3(ok), v, 0.0)  # masked entries (never copied: the stage holds stale bytes)
+                kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
+            idbufs.index(tb).store(idst.load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
+            fence_async_shared()
+            mbarrier.arrive(full.index(tb), count=1)
+            gl.thread_barrier()  # every thread is done with this stage before it is refilled
+            sc0 = sc1
+            sc1 = sc2
+
+    @gluon.jit
+    def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
+                  NB: gl.constexpr, NDEC: gl.constexpr):
+        """The online softmax over the program's ``NB`` blocks -> ``(acc [64, DH], m [64], l [64])`` fp32."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, DH // 2, 16])
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, BK // 2, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        acc = gl.zeros([64, DH], gl.float32, acc_l)
+        m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
+        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
+        s0 = gl.zeros([64, BK], gl.float32, s_l)
+        for t in range(NB):
+            d = t % NDEC
+            mbarrier.wait(full.index(d), (t // NDEC) & 1)
+            kb = kbufs.index(d)
+            s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
+            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=1))
+            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
+            alpha = gl.exp(m - m_ref)
+            p = gl.exp(s - gl.expand_dims(m_ref, 1))
+            l = l * alpha + gl.sum(p, axis=1)
+            pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
+            acc = warpgroup_mma(pb, kb, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(d), count=1)
+            m = m_new
+        return acc, m, l
+
+    @gluon.jit
+    def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
+                               S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, H: gl.constexpr,
+                               DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
+                               SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NDEC: gl.constexpr,
+                               DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr):
+        """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
+        blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
+        ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
+        DH: gl.constexpr = DN + DR
+        G: gl.constexpr = H // 64
+        pid = gl.program_id(0)
+        g = pid % G
+        sp = (pid // G) % SPLIT
+        row = pid // (G * SPLIT)
+        b = row // S
+        # Q [64, DH] of this row's head group, resident in shared memory for every block's q.k
+        ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        h = gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
+        dq = gl.arange(0, DH, layout=gl.SliceLayout(0, ql))
+        qrows = (row * H + g * 64 + h).to(gl.int64)
+        qv = gl.load(q_ptr + gl.expand_dims(qrows, 1) * DH + gl.expand_dims(dq, 0))
+        q_smem = gl.allocate_shared_memory(gl.bfloat16, [64, DH],
+                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+        q_smem.store(qv)
+        kbufs = gl.allocate_shared_memory(gl.bfloat16, [NDEC, BK, DH],
+                                          gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+        idbufs = gl.allocate_shared_memory(gl.int32, [NDEC, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        rawcs = gl.allocate_shared_memory(gl.uint8, [3, BK, 8, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+        rawrs = gl.allocate_shared_memory(gl.bfloat16, [3, BK, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        idsts = gl.allocate_shared_memory(gl.int32, [3, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        scst = gl.allocate_shared_memory(gl.uint8, [BK, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        full = gl.allocate_shared_memory(gl.int64, [NDEC, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NDEC, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NDEC):
+            mbarrier.init(full.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        j0 = sp * (BPS * BK)
+        acc, m, l = gl.warp_specialize([
+            (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC)),
+            (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
+                        empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
+            [DEC_WARPS], [DEC_REGS])
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, DH // 2, 16])
+        ws = (row * SPLIT + sp) * H + g * 64  # the program's first workspace row
+        ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+        da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
+        gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
+        hm = gl.arange(0, 64, layout=m.type.layout)
+        gl.store(m_ptr + ws + hm, m)
+        gl.store(l_ptr + ws + hm, l)
+
+
+def supported(H: int, DN: int, DR: int, fp8: bool) -> bool:
+    """Whether the kernel handles this layout: Gluon present, FP8 entries of V4's 448 + 64 dims, 64 heads a group."""
+    return gluon is not None and fp8 and H % HEADS == 0 and DN == 448 and DR == 64
+
+
+def plan(rows: int, H: int, K: int, sms: int) -> dict:
+    """Blocks per program and splits: as :func:`sparse_attention.plan`'s decode split (one program per SM, one
+    wave), over :data:`BK`-entry blocks."""
+    nb = math.ceil(K / BK)
+    split = max(1, min(nb, sms // (rows * (H // HEADS))))
+    bps = math.ceil(nb / split)
+    return dict(BK=BK, BPS=bps, SPLIT=math.ceil(nb / bps), NDEC=NDEC, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
+                MAXNREG=MAXNREG)
+
+
+def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst: int) -> dict:
+    B, S, H, Dh = q_shape
+    import numpy as np
+
+    return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
+                SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NDEC=p["NDEC"], DEC_WARPS=p["DEC_WARPS"],
+                DEC_REGS=p["DEC_REGS"], EC=p["EC"])
+
+
+def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
+    """Launch on torch tensors (CUDA, sm_90): the Gluon kernel into the workspace, then the portable merge.
+    ``sources``: three (codes, scales, rope) tuples (ring, chunk, compressed); ``p``: a :func:`plan`. Returns o
+    ``[B, S, H, Dh]`` fp32."""
+    import torch
+
+    from dsv4_jax.kernels.sparse_attention import _combine_kernel, merge_tile
+
+    B, S, H, Dh = q.shape
+    K = idx.shape[-1]
+    flat = [t for src in sources for t in src]
+    DN = sources[0][0].shape[-1]
+    meta = _meta(q.shape, W, NC, K, DN, scale, p, sources[0][1].shape[-1])
+    R, sp = B * S, p["SPLIT"]
+    nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=q.device)  # noqa: E731
+    acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
+    _sparse_attn_ws_kernel[(R * sp * (H // HEADS),)](q, idx, *flat, acc, m, l, num_warps=8, maxnreg=p["MAXNREG"],
+                                                     **meta)
+    mt = merge_tile(sp, Dh)
+    o = nan(B, S, H, Dh)
+    cs, sn = rope if rope is not None else (torch.zeros(1, device=q.device), torch.zeros(1, device=q.device))
+    _combine_kernel[(R * H * (Dh // mt["DCC"]),)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=sp, **mt,
+                                                  RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4,
+                                                  num_stages=1)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------- jax launcher
+def _gluon_route() -> None:
+    """Teach jax-triton 0.3.1 to build this module's Gluon kernel: its ``get_or_create_triton_kernel`` lowers every
+    kernel as Triton IR (``ASTSource``), which a Gluon function is not; for Gluon functions the patched builder
+    compiles through ``GluonASTSource`` with :data:`MAXNREG` (a warp-specialised kernel must know its register cap,
+    jax-triton has no such option) and hands jax-triton the PTX, the kernel's real warp count (consumers and
+    decoders) and its shared memory. Other kernels go to jax-triton's own builder unchanged."""
+    import jax_triton.triton_lib as jtl
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
+    if getattr(jtl, "_dsv4_gluon_route", False):
+        return
+    base = jtl.get_or_create_triton_kernel
+    cache = {}
+
+    def build(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps, num_stages, num_ctas,
+              compute_capability, enable_fp_fusion, metaparams, dump):
+        if not isinstance(fn, GluonJITFunction):
+            return base(backend_init_func, platform, fn, arg_dtypes, scalar_args, num_warps=num_warps,
+                        num_stages=num_stages, num_ctas=num_ctas, compute_capability=compute_capability,
+                        enable_fp_fusion=enable_fp_fusion, metaparams=metaparams, dump=dump)
+        if platform != "cuda" or scalar_args:
+            raise ValueError(f"{fn.__name__}: the Gluon route builds CUDA kernels with array arguments only")
+        cc = compute_capability or jtl.triton_kernel_call_lib.get_compute_capability(0)
+        key = (fn, tuple(arg_dtypes), tuple(sorted(metaparams.items())), num_warps, cc)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_dtypes))}
+        if key not in cache:
+            sig = {fn.arg_names[i]: t for i, t in enumerate(arg_dtypes)} | {k: "constexpr" for k in metaparams}
+            k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
+                               target=GPUTarget("cuda", cc, 32),
+                               options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG))
+            cache[key] = jtl.triton_kernel_call_lib.TritonKernel(k.metadata.name, k.metadata.num_warps, num_ctas,
+                                                                 k.metadata.shared, k.asm["ptx"], "", cc)
+        return cache[key], attrs
+
+    jtl.get_or_create_triton_kernel = build
+    jtl._dsv4_gluon_route = True
+
+
+def launch_jax(q, idx, parts: list, W: int, NC: int, scale: float, p: dict, sst: int):
+    """The kernel inside ``jit`` (jax-triton, through :func:`_gluon_route`): ``q [B, S, H, Dh]`` bf16, ``idx [B, S,
+    K]`` int32, ``parts``: the ring's, chunk's and compressed cache's (codes, scales, rope) -> the workspace
+    ``(acc [B*S, SPLIT, H, Dh], m, l [B*S, SPLIT, H])`` fp32 for :func:`sparse_attention._combine_kernel`."""
+    import jax
+    import jax.numpy as jnp
+    import jax_triton as jt
+
+    if p["MAXNREG"] != MAXNREG:
+        raise ValueError(f"sparse_attention_ws: the jax route builds with MAXNREG={MAXNREG}, the plan asks "
+                         f"{p['MAXNREG']}")
+    _gluon_route()
+    B, S, H, Dh = q.shape
+    K = idx.shape[-1]
+    meta = _meta(q.shape, W, NC, K, parts[0].shape[-1], scale, p, sst)
+    R, sp = B * S, p["SPLIT"]
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    return jt.triton_call(q, idx, *parts, kernel=_sparse_attn_ws_kernel, grid=(R * sp * (H // HEADS),),
+                          out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], num_warps=8, num_stages=1,
+                          **meta)

@@ -1,0 +1,117 @@
+"""The warp-specialised Gluon sparse-attention kernel (:mod:`dsv4_jax.kernels.sparse_attention_ws`).
+
+CPU: its sm_90a build (Gluon has no interpreter): the partitions' register budgets hold without spills, the gathers
+are ``cp.async`` copies, the dots wgmma. GPU (sm_90, torch launch): its output against the XLA reference on the
+cases of ``tests/test_kernels_sparse_attn.py`` (windows not full, -1 holes, rows at different positions, a list that
+is not a multiple of the block), with that file's error bound.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_kernels_sm90 import _compile  # noqa: E402
+from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  # noqa: E402
+
+ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
+
+
+def test_sm90_build_fits_without_spills():
+    """12 warps (8 consumers, 4 decoders) under a 168-register cap: no spill anywhere (the decoders' budget below
+    ~88 registers spills) and ptxas keeps the partitions' budgets, the shared memory within an sm_90 block's 227 KB,
+    the decoders' gathers ``cp.async`` (LDGSTS) and the dots wgmma (HGMMA)."""
+    if ws.gluon is None:
+        pytest.skip("this triton has no Gluon")
+    p = ws.plan(32, 64, 8320, 132)
+    meta = ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, p, 7)
+    ptrs = dict(q_ptr="*bf16", idx_ptr="*i32", rc="*fp8e4nv", rs="*u8", rr="*bf16", cc="*fp8e4nv", cs="*u8",
+                cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16", o_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32")
+    sass = []
+    shared, spills = _compile(ws._sparse_attn_ws_kernel, ptrs, meta, dict(num_warps=8, maxnreg=p["MAXNREG"]), sass,
+                              gluon=True)
+    assert spills == 0 and shared <= 232448, (spills, shared)
+    code = "\n".join(sass)
+    assert "LDGSTS" in code and "HGMMA" in code and "USETMAXREG" in code
+
+
+def test_plan_splits_like_the_portable_kernel():
+    """One program per SM (one wave), no empty split, every list slot in exactly one split."""
+    for rows, H, K in ((32, 64, 8320), (1, 64, 640), (4, 128, 8320), (64, 64, 640)):
+        p = ws.plan(rows, H, K, 132)
+        assert rows * (H // 64) * p["SPLIT"] <= max(132, rows * (H // 64))
+        assert (p["SPLIT"] - 1) * p["BPS"] * p["BK"] < K <= p["SPLIT"] * p["BPS"] * p["BK"]
+
+
+GPU_CASES = [  # (name, B, H, Nc, n_comp, positions[, hole]): V4 layout, head_dim 512 (448 FP8 + 64 RoPE), window 128;
+    # hole: list slots set to -1 (here whole 32-entry blocks)
+    ("flash-decode", 4, 64, 1024, 512, [3, 130, 4000, 4095]),
+    ("masked-blocks", 2, 64, 2048, 512, [3000, 9000], (160, 256)),
+    ("csa-decode-b1", 1, 64, 2048, 512, [8000]),
+    ("csa-decode-b32", 32, 64, 2048, 512, _POS32),
+    ("long-list-ragged", 2, 64, 2048, 1200, [5000, 8000]),
+    ("hca-1m-decode-b32", 32, 64, 8192, 8192, _POS32),
+    ("pro-heads-128", 2, 128, 2048, 512, [100, 9000]),
+]
+
+
+def _torch(a):
+    import torch
+
+    a = np.asarray(a)
+    if a.dtype.itemsize == 2 and a.dtype.kind not in "iu":  # bf16
+        return torch.from_numpy(a.view(np.int16).copy()).cuda().view(torch.bfloat16)
+    if a.dtype.itemsize == 1 and a.dtype.kind not in "iu":  # e4m3
+        return torch.from_numpy(a.view(np.uint8).copy()).cuda().view(torch.float8_e4m3fn)
+    return torch.from_numpy(a.copy()).cuda()
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
+def test_gpu_matches_reference(case):
+    torch = pytest.importorskip("torch")
+    if ws.gluon is None or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised kernel needs an sm_90 GPU (Hopper) and Gluon")
+    name, B, H, Nc, n_comp, positions, *hole = case
+    q, caches, idx, sink = _inputs(B, 1, H, 512, 128, Nc, n_comp, positions, True, SEED, hole[0] if hole else None)
+    ref, mag = _reference(q, caches, idx, sink, Nc)
+    sources = [tuple(_torch(x) for x in (c.codes, c.scales, c.rope)) for c in caches]
+    K = idx.shape[-1]
+    p = ws.plan(B, H, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    got = ws.run_torch(_torch(q), sources, _torch(idx), _torch(sink), 128, Nc, 512**-0.5, p)
+    torch.cuda.synchronize()
+    got = got.to(torch.bfloat16).float().cpu().numpy()  # the model's output dtype
+    _close(got, ref, mag, name, ulps=1.0)
+
+
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] in ("csa-decode-b32", "masked-blocks")],
+                         ids=lambda c: c[0])
+def test_gpu_jax_route_matches_reference(monkeypatch, case):
+    """``sparse_attention.WS`` on: the model's launcher (inside ``jit``, jax-triton with the Gluon build route)
+    takes the kernel and meets the same bound."""
+    from dsv4_jax.kernels import triton_unavailable
+
+    why = triton_unavailable()
+    if why is not None or ws.gluon is None:
+        pytest.skip(f"the Gluon kernel's jax route: {why or 'no Gluon'}")
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import sparse_attention as sa
+
+    if sa.arch() != "sm90":
+        pytest.skip("the warp-specialised kernel needs an sm_90 GPU")
+    monkeypatch.setattr(sa, "WS", True)
+    name, B, H, Nc, n_comp, positions, *hole = case
+    q, caches, idx, sink = _inputs(B, 1, H, 512, 128, Nc, n_comp, positions, True, SEED, hole[0] if hole else None)
+    calls = []
+    real = ws.launch_jax
+    monkeypatch.setattr(ws, "launch_jax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = jax.jit(lambda *a: sa.sparse_attention_triton(*a, 512**-0.5))(q, *caches, idx, sink)
+    assert calls, f"{name}: the Gluon kernel did not run"
+    ref, mag = _reference(q, caches, idx, sink, Nc)
+    _close(np.asarray(got.astype(jnp.float32)), ref, mag, name, ulps=1.0)
