@@ -120,10 +120,13 @@ def bench_decode(cfg, args, rates) -> list[dict]:
                     op = lambda c, sc=sc: sparse_attention_reference(*c[:5], c[5], sc, jnp.bfloat16)  # noqa: E731
                 else:
                     over = parse_variants(impl[7:-1])[0] if "[" in impl else {}
-                    p = plan_variant(cfg, args.batch, K, over)
+                    ws = bool(over.pop("WS", 0))  # the warp-specialised Gluon kernel (sparse_attention.WS)
+                    p = None if ws else plan_variant(cfg, args.batch, K, over)
                     op = lambda c, sc=sc, p=p: sparse_attention_triton(*c[:5], c[5], sc, p)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
+                sa_mod.WS = impl != "reference" and ws
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n
+                sa_mod.WS = False
                 r = dict(context=ctx, layer=kind, impl=impl, entries=K, MB=nbytes / 1e6, us=t * 1e6,
                          frac_copy=nbytes / t / rates["copy_best"], device=rates["device"])
                 rows.append(r)

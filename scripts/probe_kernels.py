@@ -46,7 +46,6 @@ import triton.testing  # noqa: E402
 
 from dsv4_jax.kernels import fp4_moe_gemv, fp4_moe_mma, fp8_linear, mhc  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
-from dsv4_jax.kernels import sparse_attention_ws as sa_ws  # noqa: E402
 
 H, DH, DN, W = 64, 512, 448, 128  # V4-Flash attention
 HC, D, NMIX = 4, 4096, 24  # V4-Flash mHC
@@ -77,6 +76,8 @@ def attn_case(args, g):
 
     def launcher(over):
         if over.pop("WS", 0):  # the warp-specialised Gluon kernel (sm_90), its own plan with these overrides
+            from dsv4_jax.kernels import sparse_attention_ws as sa_ws
+
             p = {**sa_ws.plan(B, H, K, 132), **over}
             return (lambda: sa_ws.run_torch(q, sources, idx, sink, W, nc, DH**-0.5, p)), p
         p = sa.plan(H, DH, "sm90", rows=B, K=K, tiles=over)

@@ -547,7 +547,7 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
     _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, acc, m, l, INTERPRET=interp, **meta)
     o = nan(B, S, H, Dh)
-    cs, sn = rope if rope is not None else (torch.zeros(1), torch.zeros(1))
+    cs, sn = rope if rope is not None else (torch.zeros(1, device=q.device), torch.zeros(1, device=q.device))
     _combine_kernel[(n_merge,)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"],
                                 RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4, num_stages=1)
     return o

@@ -31,6 +31,7 @@ heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (
 from __future__ import annotations
 
 import math
+import os
 
 try:  # Gluon ships with triton >= 3.5; the model never needs it
     from triton.experimental import gluon
@@ -53,6 +54,7 @@ DEC_WARPS = 4
 DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
 EC = 8  # entries a decoder decodes at a time
+WG_REGS = 184  # WG2 plan: the second consumer warpgroup's registers (the sm_90a build spills from ~200)
 
 
 if gluon is not None:
@@ -95,20 +97,19 @@ if gluon is not None:
         g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, L3))  # [EC] entries of the RoPE rows' layout
         for c in gl.static_range(BK // EC):
             e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
             in_r, in_c, r = _rows(e, b, S, W, NC)
-            ok = _x3(e >= 0)
             cb = gl.where(_x3(in_r), rc, gl.where(_x3(in_c), cc, kc)) + _x3(r) * DN
             async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0), cb + g * 64 + i,
-                                                   mask=ok & (g * 64 < DN))
-            in_r2 = gl.convert_layout(in_r, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
-            in_c2 = gl.convert_layout(in_c, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
-            r2 = gl.convert_layout(r, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
-            ok2 = gl.convert_layout(e >= 0, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+                                                   mask=_x3(e >= 0) & (g * 64 < DN))
+            e2 = idst.slice(c * EC, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
+            in_r2, in_c2, r2 = _rows(e2, b, S, W, NC)
             rb = gl.where(gl.expand_dims(in_r2, 1), rr, gl.where(gl.expand_dims(in_c2, 1), cr, kr))
             async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0),
-                                                   rb + gl.expand_dims(r2, 1) * DR + ir, mask=gl.expand_dims(ok2, 1))
+                                                   rb + gl.expand_dims(r2, 1) * DR + ir,
+                                                   mask=gl.expand_dims(e2 >= 0, 1))
         async_copy.commit_group()
         in_r, in_c, r = _rows(ids, b, S, W, NC)
         g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
@@ -198,11 +199,54 @@ if gluon is not None:
         return acc, m, l
 
     @gluon.jit
+    def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
+                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NDEC: gl.constexpr):
+        """One warpgroup of the ``WG2`` plan: the whole ``S = Q K^T`` of every block (both warpgroups form the same
+        bits), its own online softmax (row reductions inside its warps: no shared memory, no barrier between the
+        warpgroups) and output dims ``[half * DH/2, (half + 1) * DH/2)`` of ``acc``, written to the workspace (and
+        ``m``, ``l`` by half 0)."""
+        HD: gl.constexpr = DH // 2
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HD, 16])
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BK, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        acc = gl.zeros([64, HD], gl.float32, acc_l)
+        m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
+        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
+        s0 = gl.zeros([64, BK], gl.float32, s_l)
+        for t in range(NB):
+            d = t % NDEC
+            mbarrier.wait(full.index(d), (t // NDEC) & 1)
+            kb = kbufs.index(d)
+            s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
+            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=1))
+            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp(m - m_ref)
+            p = gl.exp(s - gl.expand_dims(m_ref, 1))
+            l = l * alpha + gl.sum(p, axis=1)
+            pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
+            acc = warpgroup_mma(pb, kb.slice(half * HD, HD, dim=1), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(d), count=1)
+            m = m_new
+        ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+        da = half * HD + gl.arange(0, HD, layout=gl.SliceLayout(0, acc_l))
+        gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
+        if half == 0:
+            hm = gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
+            gl.store(m_ptr + ws + hm, m)
+            gl.store(l_ptr + ws + hm, l)
+
+    @gluon.jit
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
                                S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, H: gl.constexpr,
                                DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NDEC: gl.constexpr,
-                               DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr):
+                               DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
+                               WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -214,7 +258,7 @@ if gluon is not None:
         row = pid // (G * SPLIT)
         b = row // S
         # Q [64, DH] of this row's head group, resident in shared memory for every block's q.k
-        ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        ql: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
         h = gl.arange(0, 64, layout=gl.SliceLayout(1, ql))
         dq = gl.arange(0, DH, layout=gl.SliceLayout(0, ql))
         qrows = (row * H + g * 64 + h).to(gl.int64)
@@ -233,24 +277,33 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [NDEC, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NDEC):
             mbarrier.init(full.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2 if WG2 else 1)
         fence_async_shared()
         j0 = sp * (BPS * BK)
-        acc, m, l = gl.warp_specialize([
-            (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC)),
-            (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
-                        empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
-            [DEC_WARPS], [DEC_REGS])
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, DH // 2, 16])
         ws = (row * SPLIT + sp) * H + g * 64  # the program's first workspace row
-        ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
-        da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
-        gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
-        hm = gl.arange(0, 64, layout=m.type.layout)
-        gl.store(m_ptr + ws + hm, m)
-        gl.store(l_ptr + ws + hm, l)
-
+        if WG2:  # two independent consumer warpgroups (the default partition is half 0)
+            gl.warp_specialize([
+                (_consumer_wg, (0, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
+                                NDEC)),
+                (_consumer_wg, (1, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
+                                NDEC)),
+                (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
+                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
+                [4, DEC_WARPS], [WG_REGS, DEC_REGS])
+        else:
+            acc, m, l = gl.warp_specialize([
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC)),
+                (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
+                [DEC_WARPS], [DEC_REGS])
+            acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                            instr_shape=[16, DH // 2, 16])
+            ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+            da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
+            gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
+            hm = gl.arange(0, 64, layout=m.type.layout)
+            gl.store(m_ptr + ws + hm, m)
+            gl.store(l_ptr + ws + hm, l)
 
 def supported(H: int, DN: int, DR: int, fp8: bool) -> bool:
     """Whether the kernel handles this layout: Gluon present, FP8 entries of V4's 448 + 64 dims, 64 heads a group."""
@@ -267,13 +320,18 @@ def plan(rows: int, H: int, K: int, sms: int) -> dict:
                 MAXNREG=MAXNREG)
 
 
+def num_warps(p: dict) -> int:
+    """The kernel's ``num_warps`` (its default partition): the 8 consumer warps, or one warpgroup with ``WG2``."""
+    return 4 if p.get("WG2") else 8
+
+
 def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst: int) -> dict:
     B, S, H, Dh = q_shape
     import numpy as np
 
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NDEC=p["NDEC"], DEC_WARPS=p["DEC_WARPS"],
-                DEC_REGS=p["DEC_REGS"], EC=p["EC"])
+                DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
@@ -292,7 +350,8 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
     R, sp = B * S, p["SPLIT"]
     nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=q.device)  # noqa: E731
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
-    _sparse_attn_ws_kernel[(R * sp * (H // HEADS),)](q, idx, *flat, acc, m, l, num_warps=8, maxnreg=p["MAXNREG"],
+    _sparse_attn_ws_kernel[(R * sp * (H // HEADS),)](q, idx, *flat, acc, m, l, num_warps=num_warps(p),
+                                                     maxnreg=p["MAXNREG"],
                                                      **meta)
     mt = merge_tile(sp, Dh)
     o = nan(B, S, H, Dh)
@@ -333,9 +392,16 @@ def _gluon_route() -> None:
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_dtypes))}
         if key not in cache:
             sig = {fn.arg_names[i]: t for i, t in enumerate(arg_dtypes)} | {k: "constexpr" for k in metaparams}
-            k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
-                               target=GPUTarget("cuda", cc, 32),
-                               options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG))
+            unset = os.environ.get("TRITON_CACHE_DIR") == ""  # jax-triton's import sets it so: Triton's own cache
+            if unset:
+                del os.environ["TRITON_CACHE_DIR"]
+            try:
+                k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
+                                   target=GPUTarget("cuda", cc, 32),
+                                   options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG))
+            finally:
+                if unset:
+                    os.environ["TRITON_CACHE_DIR"] = ""
             cache[key] = jtl.triton_kernel_call_lib.TritonKernel(k.metadata.name, k.metadata.num_warps, num_ctas,
                                                                  k.metadata.shared, k.asm["ptx"], "", cc)
         return cache[key], attrs
@@ -362,5 +428,6 @@ def launch_jax(q, idx, parts: list, W: int, NC: int, scale: float, p: dict, sst:
     R, sp = B * S, p["SPLIT"]
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     return jt.triton_call(q, idx, *parts, kernel=_sparse_attn_ws_kernel, grid=(R * sp * (H // HEADS),),
-                          out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], num_warps=8, num_stages=1,
+                          out_shape=[f32(R, sp, H, Dh), f32(R, sp, H), f32(R, sp, H)], num_warps=num_warps(p),
+                          num_stages=1,
                           **meta)
