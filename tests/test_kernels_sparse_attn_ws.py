@@ -34,8 +34,8 @@ def test_sm90_build_fits_without_spills(over):
     ptrs = dict(q_ptr="*bf16", idx_ptr="*i32", rc="*fp8e4nv", rs="*u8", rr="*bf16", cc="*fp8e4nv", cs="*u8",
                 cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16", o_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32")
     sass = []
-    shared, spills = _compile(ws._sparse_attn_ws_kernel, ptrs, meta, dict(num_warps=ws.num_warps(p), maxnreg=p["MAXNREG"]), sass,
-                              gluon=True)
+    opts = dict(num_warps=ws.num_warps(p), maxnreg=p["MAXNREG"])
+    shared, spills = _compile(ws._sparse_attn_ws_kernel, ptrs, meta, opts, sass, gluon=True)
     assert spills == 0 and shared <= 232448, (spills, shared)
     code = "\n".join(sass)
     assert "LDGSTS" in code and "HGMMA" in code and "USETMAXREG" in code

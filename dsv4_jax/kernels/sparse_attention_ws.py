@@ -165,6 +165,17 @@ if gluon is not None:
             sc1 = sc2
 
     @gluon.jit
+    def _online(s, ids, m, l, SCALE: gl.constexpr):
+        """One block of the portable kernel's online softmax: raw scores ``s [64, BK]``, the block's ids, the running
+        ``m``, ``l`` -> ``(p, alpha, m_new, l_new)``."""
+        s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=1))
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
+        alpha = gl.exp(m - m_ref)
+        p = gl.exp(s - gl.expand_dims(m_ref, 1))
+        return p, alpha, m_new, l * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
     def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
                   NB: gl.constexpr, NDEC: gl.constexpr):
         """The online softmax over the program's ``NB`` blocks -> ``(acc [64, DH], m [64], l [64])`` fp32."""
@@ -184,12 +195,7 @@ if gluon is not None:
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
-            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
-            m_new = gl.maximum(m, gl.max(s, axis=1))
-            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
-            alpha = gl.exp(m - m_ref)
-            p = gl.exp(s - gl.expand_dims(m_ref, 1))
-            l = l * alpha + gl.sum(p, axis=1)
+            p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
             pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
             acc = warpgroup_mma(pb, kb, acc, is_async=True)
@@ -220,12 +226,7 @@ if gluon is not None:
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
-            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
-            m_new = gl.maximum(m, gl.max(s, axis=1))
-            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp(m - m_ref)
-            p = gl.exp(s - gl.expand_dims(m_ref, 1))
-            l = l * alpha + gl.sum(p, axis=1)
+            p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
             pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
             acc = warpgroup_mma(pb, kb.slice(half * HD, HD, dim=1), acc, is_async=True)
