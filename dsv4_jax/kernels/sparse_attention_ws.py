@@ -126,8 +126,7 @@ if gluon is not None:
         blocks ahead into one of three staging buffers, then decoded (e4m3 code x its e8m0 scale, RoPE dims as they
         are; exact in bf16) into a tile ``[BK, 512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros)."""
         L3: gl.constexpr = _layout3(gl.num_warps())
-        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
-        code = g * 64 < DN  # [1, 8, 1]
+        LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [BK, 64] RoPE dims
         sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
                      rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, BK, EC)
         sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
@@ -147,16 +146,14 @@ if gluon is not None:
             rawc = rawcs.index(st)
             rawr = rawrs.index(st)
             idst = idsts.index(st)
-            for c in gl.static_range(BK // EC):
-                cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes
+            for c in gl.static_range(BK // EC):  # codes x scales; a masked entry's bytes were zero-filled (0)
+                cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
                 f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
                     gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
-                rp = rawr.slice(c * EC, EC, dim=0).load(gl.SliceLayout(1, L3))  # [EC, 64]
-                ok = idst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(1, gl.SliceLayout(2, L3))) >= 0  # [EC]
-                v = gl.where(code, cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2),
-                             gl.expand_dims(rp, 1).to(gl.float32))
-                v = gl.where(_x3(ok), v, 0.0)  # masked entries (never copied: the stage holds stale bytes)
+                v = cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2)
                 kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
+            gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
+            kbuf.slice(DN, DR, dim=1).store(rawr.load(LRR))  # [BK, 64] bf16 as copied (masked entries: zeros)
             idbufs.index(tb).store(idst.load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
             fence_async_shared()
             mbarrier.arrive(full.index(tb), count=1)
