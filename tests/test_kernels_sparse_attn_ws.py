@@ -22,7 +22,8 @@ from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  
 ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
-@pytest.mark.parametrize("over", [{}, {"WG2": 1}], ids=["8-warp-consumer", "two-consumer-warpgroups"])
+@pytest.mark.parametrize("over", [{}, {"WG2": 1}, {"DEC_WARPS": 8, "DEC_REGS": 64, "MAXNREG": 128, "ACC_N": 128}],
+                         ids=["8-warp-consumer", "two-consumer-warpgroups", "8-warp-decoder"])
 def test_sm90_build_fits_without_spills(over):
     """12 warps (8 consumers, 4 decoders) under a 168-register cap: no spill anywhere (the decoders' budget below
     ~88 registers spills) and ptxas keeps the partitions' budgets, the shared memory within an sm_90 block's 227 KB,
@@ -72,7 +73,8 @@ def _torch(a):
     return torch.from_numpy(a.copy()).cuda()
 
 
-@pytest.mark.parametrize("over", [{}, {"WG2": 1}], ids=["8-warp-consumer", "two-consumer-warpgroups"])
+@pytest.mark.parametrize("over", [{}, {"WG2": 1}, {"DEC_WARPS": 8, "DEC_REGS": 64, "MAXNREG": 128, "ACC_N": 128}],
+                         ids=["8-warp-consumer", "two-consumer-warpgroups", "8-warp-decoder"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
 def test_gpu_matches_reference(case, over):
     torch = pytest.importorskip("torch")

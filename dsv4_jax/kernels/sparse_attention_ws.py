@@ -174,10 +174,10 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NDEC: gl.constexpr):
+                  NB: gl.constexpr, NDEC: gl.constexpr, ACC_N: gl.constexpr):
         """The online softmax over the program's ``NB`` blocks -> ``(acc [64, DH], m [64], l [64])`` fp32."""
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, DH // 2, 16])
+                                                        instr_shape=[16, ACC_N, 16])
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                       instr_shape=[16, BK // 2, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
@@ -203,13 +203,15 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
-                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NDEC: gl.constexpr):
+                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NDEC: gl.constexpr,
+                     ACC_N: gl.constexpr):
         """One warpgroup of the ``WG2`` plan: the whole ``S = Q K^T`` of every block (both warpgroups form the same
         bits), its own online softmax (row reductions inside its warps: no shared memory, no barrier between the
         warpgroups) and output dims ``[half * DH/2, (half + 1) * DH/2)`` of ``acc``, written to the workspace (and
         ``m``, ``l`` by half 0)."""
         HD: gl.constexpr = DH // 2
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HD, 16])
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, ACC_N, 16])
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BK, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
         acc = gl.zeros([64, HD], gl.float32, acc_l)
@@ -244,7 +246,8 @@ if gluon is not None:
                                DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NDEC: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
-                               WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184):
+                               WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184,
+                               ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -282,20 +285,20 @@ if gluon is not None:
         if WG2:  # two independent consumer warpgroups (the default partition is half 0)
             gl.warp_specialize([
                 (_consumer_wg, (0, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NDEC)),
+                                NDEC, ACC_N)),
                 (_consumer_wg, (1, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NDEC)),
+                                NDEC, ACC_N)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
                             empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
                 [4, DEC_WARPS], [WG_REGS, DEC_REGS])
         else:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC)),
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC, ACC_N)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
                             full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                            instr_shape=[16, DH // 2, 16])
+                                                            instr_shape=[16, ACC_N, 16])
             ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
             da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
             gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
@@ -329,7 +332,8 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
 
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NDEC=p["NDEC"], DEC_WARPS=p["DEC_WARPS"],
-                DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS))
+                DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
+                ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"])
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
@@ -349,8 +353,7 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
     nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float32, device=q.device)  # noqa: E731
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
     _sparse_attn_ws_kernel[(R * sp * (H // HEADS),)](q, idx, *flat, acc, m, l, num_warps=num_warps(p),
-                                                     maxnreg=p["MAXNREG"],
-                                                     **meta)
+                                                     maxnreg=p["MAXNREG"], **meta)
     mt = merge_tile(sp, Dh)
     o = nan(B, S, H, Dh)
     cs, sn = rope if rope is not None else (torch.zeros(1, device=q.device), torch.zeros(1, device=q.device))
@@ -364,9 +367,9 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
 def _gluon_route() -> None:
     """Teach jax-triton 0.3.1 to build this module's Gluon kernel: its ``get_or_create_triton_kernel`` lowers every
     kernel as Triton IR (``ASTSource``), which a Gluon function is not; for Gluon functions the patched builder
-    compiles through ``GluonASTSource`` with :data:`MAXNREG` (a warp-specialised kernel must know its register cap,
-    jax-triton has no such option) and hands jax-triton the PTX, the kernel's real warp count (consumers and
-    decoders) and its shared memory. Other kernels go to jax-triton's own builder unchanged."""
+    compiles through ``GluonASTSource`` with the register cap its ``MAXNREG`` constexpr names (a warp-specialised
+    kernel must know its cap, jax-triton has no such option) and hands jax-triton the PTX, the kernel's real warp
+    count (consumers and decoders) and its shared memory. Other kernels go to jax-triton's own builder unchanged."""
     import jax_triton.triton_lib as jtl
     import triton
     from triton.backends.compiler import GPUTarget
@@ -396,7 +399,8 @@ def _gluon_route() -> None:
             try:
                 k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
                                    target=GPUTarget("cuda", cc, 32),
-                                   options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG))
+                                   options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                maxnreg=metaparams["MAXNREG"]))
             finally:
                 if unset:
                     os.environ["TRITON_CACHE_DIR"] = ""
@@ -416,9 +420,6 @@ def launch_jax(q, idx, parts: list, W: int, NC: int, scale: float, p: dict, sst:
     import jax.numpy as jnp
     import jax_triton as jt
 
-    if p["MAXNREG"] != MAXNREG:
-        raise ValueError(f"sparse_attention_ws: the jax route builds with MAXNREG={MAXNREG}, the plan asks "
-                         f"{p['MAXNREG']}")
     _gluon_route()
     B, S, H, Dh = q.shape
     K = idx.shape[-1]
