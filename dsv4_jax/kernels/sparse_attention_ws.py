@@ -6,18 +6,29 @@ Why (issue 12): the portable kernel runs one dependent chain per 64-entry block 
 decode and the tensor cores take turns: 18 % of the copy bandwidth at batch 32 and 1M tokens (H200, 2026-12-03).
 Triton 3.6 does not warp-specialise a gather + dot loop on sm_90 (``docs/performance.md``); Gluon, Triton's
 lower-level language, lets a kernel say which warps do what. Here one program (a query row's 64 heads over one
-range of its index list, as the portable kernel's split plan) has three partitions:
+range of its index list, as the portable kernel's split plan) has two partitions:
 
-* two decoder partitions (4 warps each, few registers): decoder ``d`` takes the blocks ``t = d, d + 2, ...`` of the
-  program's range: loads the block's ids, gathers its entries' e4m3 codes, 1x64 e8m0 scales and bf16 RoPE dims from
-  the source they live in (ring, chunk or compressed), decodes them to bf16 (exact), writes the ``[BK, 512]`` tile
-  and the ids into its own shared-memory buffer and signals ``full[d]``; it gathers its next block while the
-  consumers work on this one, and waits on ``empty[d]`` only to overwrite the buffer.
-* the consumers (the default partition, 8 warps = 2 warpgroups): per block, in list order, ``S = Q K^T`` (wgmma, Q
-  ``[64, 512]`` resident in shared memory, the 2 warpgroups each take half of the block's entries), the online
-  softmax of the portable kernel (running max, ``alpha = exp(m - m_new)``, P rounded to bf16 relative to the running
-  max for P.V only), ``acc += P V`` (wgmma, P from registers, each warpgroup 256 of the 512 output dims), then
-  ``empty[d]``.
+* a decoder partition (4 warps, 96 registers): per 32-entry block, in list order, it copies the entries' e4m3 codes
+  and bf16 RoPE dims from the source they live in (ring, chunk or compressed) with ``cp.async`` two blocks ahead into
+  three staging buffers (a masked id's copy is zero-filled: its values read as 0), loads the 7-byte scale rows
+  (``cp.async`` copies 4 bytes at least, aligned), then decodes codes x 2**(s - 127) (exact in bf16) into one of two
+  ``[BK, 512]`` tiles, copies the RoPE dims into their columns and signals ``full``; ``empty`` tells it a tile is
+  free again.
+* the consumers (the default partition, 8 warps = 2 warpgroups): per block ``S = Q K^T`` (wgmma, Q ``[64, 512]``
+  resident in shared memory, each warpgroup half of the block's entries), the online softmax of the portable kernel
+  (running max, ``alpha = exp(m - m_new)``, P rounded to bf16 relative to the running max for P.V only), ``acc += P
+  V`` (wgmma, P from registers, each warpgroup 256 of the 512 output dims), then ``empty``.
+
+Plan knobs (:func:`plan`, benchmarks): ``WG2`` makes the consumers two independent warpgroups (each forms the whole
+S, its own softmax and half the output dims: no shared-memory reductions or barriers between them, twice the q.k
+work); ``DEC_WARPS=8`` (with ``MAXNREG=128``, ``DEC_REGS=64``, ``ACC_N=128``) doubles the decoders: 16 warps leave
+ptxas 128 registers per instruction, so the accumulator's wgmma instructions are 128 wide instead of 256.
+
+Register budgets (sm_90a builds, ``tests/test_kernels_sparse_attn_ws.py``): ptxas checks each instruction against
+the kernel's average (65,536 / threads) whatever the ``setmaxnreg`` regions allow, and a 64 x 256 wgmma with an fp32
+accumulator needs 158: hence 12 warps under a 168 cap (Triton sizes the partitions' ``setmaxnreg`` from the cap,
+which a warp-specialised kernel must be given), or 16 with 128-wide instructions. The decoder spills below ~88
+registers.
 
 Same arithmetic as the portable kernel (exact bf16 x bf16 products, fp32 sums in the tensor cores' order), the
 same workspace ``(acc, m, l)`` per split, merged by :func:`sparse_attention._combine_kernel` (sink, division, the
@@ -25,7 +36,9 @@ output's inverse RoPE): so the numerics contract of :mod:`sparse_attention` hold
 
 Scope: sm_90 only (wgmma, mbarriers, ``setmaxnreg``), no interpreter (Gluon has none): tested on the GPU against the
 XLA reference and compiled for sm_90a without a GPU in CI. V4's layout only: 64 heads per program (a multiple of 64
-heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (:func:`run_torch`).
+heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (:func:`run_torch`) or inside ``jit``
+(:func:`launch_jax`: jax-triton, whose kernel builder :func:`_gluon_route` extends to Gluon functions), where
+``sparse_attention.WS`` (opt-in) sends decode rows.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ except ImportError:  # pragma: no cover - a triton without Gluon
     gluon = gl = None
 
 BK = 32  # entries per block
-NDEC = 2  # tile buffers between the decoder and the consumers
+NDEC = 2  # bf16 tiles between the decoder and the consumers
 HEADS = 64  # heads per program (wgmma's M)
 DEC_WARPS = 4
 DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
