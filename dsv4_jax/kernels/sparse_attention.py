@@ -77,6 +77,11 @@ lists at decode row counts and for every prefill row (:func:`use_kernel`); since
 
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
+
+Warp-specialised form (:mod:`sparse_attention_ws`, Gluon, sm_90 only): a decoder partition gathers and dequantizes
+while the consumer warpgroups run the dots; it writes this kernel's workspace and shares its merge. Opt-in
+(:data:`WS`): on an H100 (2026-12-07) 3-8 % faster than this kernel at batch 32 and 24 % slower at batch 1
+(``docs/performance.md``).
 """
 
 from __future__ import annotations
