@@ -119,3 +119,28 @@ def test_gpu_jax_route_matches_reference(monkeypatch, case):
     assert calls, f"{name}: the Gluon kernel did not run"
     ref, mag = _reference(q, caches, idx, sink, Nc)
     _close(np.asarray(got.astype(jnp.float32)), ref, mag, name, ulps=1.0)
+
+
+def test_ws_gate(monkeypatch):
+    """``sparse_attention.WS`` sends only what the kernel handles there: sm_90 on the jax-triton route, decode row
+    counts, V4's FP8 layout with a multiple of 64 heads; off by default."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import sparse_attention as sa
+    from dsv4_jax.modeling.quant import Fp8Cache
+
+    ring = Fp8Cache(codes=jnp.zeros((1, 8, 448), jnp.float8_e4m3fn), scales=jnp.zeros((1, 8, 7), jnp.uint8),
+                    rope=jnp.zeros((1, 8, 64), jnp.bfloat16))
+    monkeypatch.setattr(sa, "arch", lambda: "sm90")
+    monkeypatch.setattr(sa, "route_for", lambda tiled=False: "jax-triton")
+    assert not sa._use_ws(32, 64, 512, ring), "on without WS"
+    monkeypatch.setattr(sa, "WS", True)
+    assert sa._use_ws(32, 64, 512, ring) == (ws.gluon is not None)
+    assert not sa._use_ws(sa.AUTO_MAX_ROWS + 1, 64, 512, ring), "prefill rows"
+    assert not sa._use_ws(32, 32, 512, ring), "32 heads"
+    assert not sa._use_ws(32, 64, 512, jnp.zeros((1, 8, 512), jnp.bfloat16)), "plain layout"
+    monkeypatch.setattr(sa, "route_for", lambda tiled=False: "xla")
+    assert not sa._use_ws(32, 64, 512, ring), "XLA route"
+    monkeypatch.setattr(sa, "route_for", lambda tiled=False: "jax-triton")
+    monkeypatch.setattr(sa, "arch", lambda: "gfx950")
+    assert not sa._use_ws(32, 64, 512, ring), "not sm_90"
