@@ -61,7 +61,7 @@ except ImportError:  # pragma: no cover - a triton without Gluon
     gluon = gl = None
 
 BK = 32  # entries per block
-NDEC = 2  # bf16 tiles between the decoder and the consumers
+NBUF = 2  # bf16 tiles between the decoder and the consumers
 HEADS = 64  # heads per program (wgmma's M)
 DEC_WARPS = 4
 DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
@@ -187,7 +187,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NDEC: gl.constexpr, ACC_N: gl.constexpr):
+                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr):
         """The online softmax over the program's ``NB`` blocks -> ``(acc [64, DH], m [64], l [64])`` fp32."""
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, ACC_N, 16])
@@ -199,8 +199,8 @@ if gluon is not None:
         l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         s0 = gl.zeros([64, BK], gl.float32, s_l)
         for t in range(NB):
-            d = t % NDEC
-            mbarrier.wait(full.index(d), (t // NDEC) & 1)
+            d = t % NBUF
+            mbarrier.wait(full.index(d), (t // NBUF) & 1)
             kb = kbufs.index(d)
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -216,7 +216,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
-                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NDEC: gl.constexpr,
+                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
                      ACC_N: gl.constexpr):
         """One warpgroup of the ``WG2`` plan: the whole ``S = Q K^T`` of every block (both warpgroups form the same
         bits), its own online softmax (row reductions inside its warps: no shared memory, no barrier between the
@@ -232,8 +232,8 @@ if gluon is not None:
         l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         s0 = gl.zeros([64, BK], gl.float32, s_l)
         for t in range(NB):
-            d = t % NDEC
-            mbarrier.wait(full.index(d), (t // NDEC) & 1)
+            d = t % NBUF
+            mbarrier.wait(full.index(d), (t // NBUF) & 1)
             kb = kbufs.index(d)
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -257,7 +257,7 @@ if gluon is not None:
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
                                S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, H: gl.constexpr,
                                DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
-                               SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NDEC: gl.constexpr,
+                               SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NBUF: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
                                WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184,
                                ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168):
@@ -280,16 +280,16 @@ if gluon is not None:
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [64, DH],
                                            gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
         q_smem.store(qv)
-        kbufs = gl.allocate_shared_memory(gl.bfloat16, [NDEC, BK, DH],
+        kbufs = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DH],
                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-        idbufs = gl.allocate_shared_memory(gl.int32, [NDEC, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        idbufs = gl.allocate_shared_memory(gl.int32, [NBUF, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         rawcs = gl.allocate_shared_memory(gl.uint8, [3, BK, 8, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
         rawrs = gl.allocate_shared_memory(gl.bfloat16, [3, BK, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         idsts = gl.allocate_shared_memory(gl.int32, [3, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         scst = gl.allocate_shared_memory(gl.uint8, [BK, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        full = gl.allocate_shared_memory(gl.int64, [NDEC, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NDEC, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NDEC):
+        full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NBUF):
             mbarrier.init(full.index(i), count=1)
             mbarrier.init(empty.index(i), count=2 if WG2 else 1)
         fence_async_shared()
@@ -298,17 +298,17 @@ if gluon is not None:
         if WG2:  # two independent consumer warpgroups (the default partition is half 0)
             gl.warp_specialize([
                 (_consumer_wg, (0, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NDEC, ACC_N)),
+                                NBUF, ACC_N)),
                 (_consumer_wg, (1, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NDEC, ACC_N)),
+                                NBUF, ACC_N)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
-                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
+                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC))],
                 [4, DEC_WARPS], [WG_REGS, DEC_REGS])
         else:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NDEC, ACC_N)),
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
-                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NDEC, EC))],
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
@@ -330,7 +330,7 @@ def plan(rows: int, H: int, K: int, sms: int) -> dict:
     nb = math.ceil(K / BK)
     split = max(1, min(nb, sms // (rows * (H // HEADS))))
     bps = math.ceil(nb / split)
-    return dict(BK=BK, BPS=bps, SPLIT=math.ceil(nb / bps), NDEC=NDEC, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
+    return dict(BK=BK, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
                 MAXNREG=MAXNREG)
 
 
@@ -344,7 +344,7 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     import numpy as np
 
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
-                SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NDEC=p["NDEC"], DEC_WARPS=p["DEC_WARPS"],
+                SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
                 ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"])
 
