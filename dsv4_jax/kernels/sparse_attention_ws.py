@@ -46,6 +46,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 try:  # Gluon ships with triton >= 3.5; the model never needs it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -340,9 +342,9 @@ def num_warps(p: dict) -> int:
 
 
 def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst: int) -> dict:
+    """The kernel's constexprs for queries of ``q_shape`` over ``K``-entry lists under plan ``p`` (``sst``: bytes per
+    scale row)."""
     B, S, H, Dh = q_shape
-    import numpy as np
-
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
