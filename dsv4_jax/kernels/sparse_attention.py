@@ -369,7 +369,13 @@ def _meta(q_shape, W: int, NC: int, K: int, fp8: bool, DN: int, scale: float, p:
 def _grid(q_shape, p: dict) -> tuple[int, int]:
     """(main kernel programs, merge programs)."""
     B, S, H, Dh = q_shape
-    return B * S * p["SPLIT"] * -(-H // p["BH"]) * (Dh // p["DC"]), B * S * H * (Dh // p["DCC"])
+    return B * S * p["SPLIT"] * -(-H // p["BH"]) * (Dh // p["DC"]), _merge_grid(q_shape, p["DCC"])
+
+
+def _merge_grid(q_shape, dcc: int) -> int:
+    """Merge programs: one per (row, head, ``dcc`` output dims)."""
+    B, S, H, Dh = q_shape
+    return B * S * H * (Dh // dcc)
 
 
 def _parts(c, Dh: int):
@@ -415,9 +421,8 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
     if ws_plan is not None and ws_plan["SPLIT"] == 1:
         ws_plan = None  # rows that fill the card: the portable kernel writes the output directly
     sink = sink.astype(jnp.float32)
-    args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink]
-    for c in (ring, chunk, comp):
-        args += _parts(c, Dh)
+    parts = [a for c in (ring, chunk, comp) for a in _parts(c, Dh)]  # each source's arrays, ring first
+    args = [q.astype(jnp.bfloat16), idx.astype(jnp.int32), sink, *parts]
     meta = _meta(q.shape, W, comp.shape[1], K, fp8, ring.codes.shape[-1] if fp8 else Dh, scale, p,
                  ring.scales.shape[-1] if fp8 else None)
     n_main, n_merge = _grid(q.shape, p)
@@ -428,7 +433,7 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
         return o if out_rope is None else _rotate_back(o, out_rope)
     R, sp = B * S, p["SPLIT"]
     if ws_plan is not None:  # the warp-specialised Gluon kernel writes the same workspace
-        acc, m, l = sparse_attention_ws.launch_jax(args[0], args[1], args[3:], W, comp.shape[1], scale, ws_plan,
+        acc, m, l = sparse_attention_ws.launch_jax(args[0], args[1], parts, W, comp.shape[1], scale, ws_plan,
                                                    ring.scales.shape[-1])
         sp = ws_plan["SPLIT"]
         p = p | merge_tile(sp, Dh)
@@ -541,7 +546,7 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
     flat = [t for src in sources for t in src]
     DN = sources[0][0].shape[-1] if fp8 else Dh
     meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p, sources[0][1].shape[-1] if fp8 else None)
-    n_main, n_merge = _grid(q.shape, p)
+    n_main = _grid(q.shape, p)[0]
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt, device=q.device)  # noqa: E731
     R, sp = B * S, p["SPLIT"]
@@ -551,8 +556,20 @@ def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: fl
         return o
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
     _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, acc, m, l, INTERPRET=interp, **meta)
-    o = nan(B, S, H, Dh)
-    cs, sn = rope if rope is not None else (torch.zeros(1, device=q.device), torch.zeros(1, device=q.device))
-    _combine_kernel[(n_merge,)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=sp, SP2=p["SP2"], DCC=p["DCC"],
-                                RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4, num_stages=1)
+    return merge_torch(acc, m, l, sink, q.shape, p, rope)
+
+
+def merge_torch(acc, m, l, sink, q_shape, p: dict, rope=None):
+    """:func:`_combine_kernel` on torch tensors: the split workspace ``acc [B*S, SPLIT, H, Dh]``, ``m``, ``l`` ->
+    o ``[B, S, H, Dh]`` fp32, with the merge tile ``p["SP2"]``, ``p["DCC"]`` (:func:`merge_tile`) and the inverse
+    RoPE of ``rope`` (see :func:`run_torch`)."""
+    import torch
+
+    B, S, H, Dh = q_shape
+    o = torch.full((B, S, H, Dh), float("nan"), dtype=torch.float32, device=acc.device)
+    cs, sn = rope if rope is not None else (torch.zeros(1, device=acc.device), torch.zeros(1, device=acc.device))
+    _combine_kernel[(_merge_grid(q_shape, p["DCC"]),)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=acc.shape[1],
+                                                       SP2=p["SP2"], DCC=p["DCC"],
+                                                       RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4,
+                                                       num_stages=1)
     return o

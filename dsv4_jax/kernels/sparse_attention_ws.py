@@ -188,15 +188,14 @@ if gluon is not None:
         return p, alpha, m_new, l * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr):
-        """The online softmax over the program's ``NB`` blocks -> ``(acc [64, DH], m [64], l [64])`` fp32."""
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, ACC_N, 16])
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                      instr_shape=[16, BK // 2, 16])
+    def _attend(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, V0: gl.constexpr,
+                VN: gl.constexpr, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
+                NBUF: gl.constexpr):
+        """The consumers' loop over the program's ``NB`` blocks, in the layouts ``acc_l`` (``acc``) and ``s_l``
+        (scores): q.k, the online softmax, P.V over output dims ``[V0, V0 + VN)`` -> ``(acc [64, VN], m [64], l
+        [64])`` fp32; each tile is released (``empty``) once both dots are done."""
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        acc = gl.zeros([64, DH], gl.float32, acc_l)
+        acc = gl.zeros([64, VN], gl.float32, acc_l)
         m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         s0 = gl.zeros([64, BK], gl.float32, s_l)
@@ -210,11 +209,37 @@ if gluon is not None:
             p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
             pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-            acc = warpgroup_mma(pb, kb, acc, is_async=True)
+            if VN == DH:
+                acc = warpgroup_mma(pb, kb, acc, is_async=True)
+            else:
+                acc = warpgroup_mma(pb, kb.slice(V0, VN, dim=1), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(d), count=1)
             m = m_new
         return acc, m, l
+
+    @gluon.jit
+    def _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l: gl.constexpr, V0: gl.constexpr, VN: gl.constexpr,
+                  DH: gl.constexpr, ML: gl.constexpr):
+        """Workspace rows ``[ws, ws + 64)``: ``acc`` into dims ``[V0, V0 + VN)``, and ``m``, ``l`` if ``ML``."""
+        ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
+        da = V0 + gl.arange(0, VN, layout=gl.SliceLayout(0, acc_l))
+        gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
+        if ML:
+            hm = gl.arange(0, 64, layout=m.type.layout)
+            gl.store(m_ptr + ws + hm, m)
+            gl.store(l_ptr + ws + hm, l)
+
+    @gluon.jit
+    def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
+                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr):
+        """The 8 consumer warps (the default partition): each warpgroup half of a block's scores and half the output
+        dims -> ``(acc [64, DH], m [64], l [64])`` fp32."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, ACC_N, 16])
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, BK // 2, 16])
+        return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, 0, DH, SCALE, DH, BK, NB, NBUF)
 
     @gluon.jit
     def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
@@ -228,32 +253,8 @@ if gluon is not None:
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, ACC_N, 16])
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BK, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        acc = gl.zeros([64, HD], gl.float32, acc_l)
-        m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
-        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
-        s0 = gl.zeros([64, BK], gl.float32, s_l)
-        for t in range(NB):
-            d = t % NBUF
-            mbarrier.wait(full.index(d), (t // NBUF) & 1)
-            kb = kbufs.index(d)
-            s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
-            p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
-            pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-            acc = warpgroup_mma(pb, kb.slice(half * HD, HD, dim=1), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(d), count=1)
-            m = m_new
-        ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
-        da = half * HD + gl.arange(0, HD, layout=gl.SliceLayout(0, acc_l))
-        gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
-        if half == 0:
-            hm = gl.arange(0, 64, layout=gl.SliceLayout(1, s_l))
-            gl.store(m_ptr + ws + hm, m)
-            gl.store(l_ptr + ws + hm, l)
+        acc, m, l = _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, half * HD, HD, SCALE, DH, BK, NB, NBUF)
+        _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, half * HD, HD, DH, half == 0)
 
     @gluon.jit
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
@@ -314,12 +315,7 @@ if gluon is not None:
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
-            ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
-            da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
-            gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
-            hm = gl.arange(0, 64, layout=m.type.layout)
-            gl.store(m_ptr + ws + hm, m)
-            gl.store(l_ptr + ws + hm, l)
+            _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, 0, DH, DH, True)
 
 def supported(H: int, DN: int, DR: int, fp8: bool) -> bool:
     """Whether the kernel handles this layout: Gluon present, FP8 entries of V4's 448 + 64 dims, 64 heads a group."""
@@ -357,7 +353,7 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
     ``[B, S, H, Dh]`` fp32."""
     import torch
 
-    from dsv4_jax.kernels.sparse_attention import _combine_kernel, merge_tile
+    from dsv4_jax.kernels.sparse_attention import merge_tile, merge_torch
 
     B, S, H, Dh = q.shape
     K = idx.shape[-1]
@@ -369,13 +365,7 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
     acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
     _sparse_attn_ws_kernel[(R * sp * (H // HEADS),)](q, idx, *flat, acc, m, l, num_warps=num_warps(p),
                                                      maxnreg=p["MAXNREG"], **meta)
-    mt = merge_tile(sp, Dh)
-    o = nan(B, S, H, Dh)
-    cs, sn = rope if rope is not None else (torch.zeros(1, device=q.device), torch.zeros(1, device=q.device))
-    _combine_kernel[(R * H * (Dh // mt["DCC"]),)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=sp, **mt,
-                                                  RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4,
-                                                  num_stages=1)
-    return o
+    return merge_torch(acc, m, l, sink, q.shape, merge_tile(sp, Dh), rope)
 
 
 # ---------------------------------------------------------------------------------------------- jax launcher
