@@ -78,7 +78,7 @@ def attn_case(args, g):
         if over.pop("WS", 0):  # the warp-specialised Gluon kernel (sm_90), its own plan with these overrides
             from dsv4_jax.kernels import sparse_attention_ws as sa_ws
 
-            p = {**sa_ws.plan(B, H, K, 132), **over}
+            p = sa_ws.plan(B, H, K, 132, over)
             return (lambda: sa_ws.run_torch(q, sources, idx, sink, W, nc, DH**-0.5, p)), p
         p = sa.plan(H, DH, "sm90", rows=B, K=K, tiles=over)
         return (lambda: sa.run_torch(q, sources, True, idx, sink, W, nc, DH**-0.5, p)), p

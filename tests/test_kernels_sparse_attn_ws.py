@@ -22,15 +22,20 @@ from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  
 ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
-@pytest.mark.parametrize("over", [{}, {"WG2": 1}, {"DEC_WARPS": 8, "DEC_REGS": 64, "MAXNREG": 128, "ACC_N": 128}],
-                         ids=["8-warp-consumer", "two-consumer-warpgroups", "8-warp-decoder"])
+PLANS = [{}, {"WG2": 1}, {"DEC_WARPS": 8, "DEC_REGS": 64, "MAXNREG": 128, "ACC_N": 128}, {"PIPE": 1},
+         {"BK": 64, "SC": 16, "DEC_REGS": 112}, {"FAST": 1, "DEC_REGS": 128}]
+PLAN_IDS = ["8-warp-consumer", "two-consumer-warpgroups", "8-warp-decoder", "pipelined-consumer", "64-entry-tiles",
+            "fast-addresses"]
+
+
+@pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
 def test_sm90_build_fits_without_spills(over):
     """12 warps (8 consumers, 4 decoders) under a 168-register cap: no spill anywhere (the decoders' budget below
     ~88 registers spills) and ptxas keeps the partitions' budgets, the shared memory within an sm_90 block's 227 KB,
     the decoders' gathers ``cp.async`` (LDGSTS) and the dots wgmma (HGMMA)."""
     if ws.gluon is None:
         pytest.skip("this triton has no Gluon")
-    p = ws.plan(32, 64, 8320, 132) | over
+    p = ws.plan(32, 64, 8320, 132, over)
     meta = ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, p, 7)
     ptrs = dict(q_ptr="*bf16", idx_ptr="*i32", rc="*fp8e4nv", rs="*u8", rr="*bf16", cc="*fp8e4nv", cs="*u8",
                 cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16", o_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32")
@@ -73,8 +78,7 @@ def _torch(a):
     return torch.from_numpy(a.copy()).cuda()
 
 
-@pytest.mark.parametrize("over", [{}, {"WG2": 1}, {"DEC_WARPS": 8, "DEC_REGS": 64, "MAXNREG": 128, "ACC_N": 128}],
-                         ids=["8-warp-consumer", "two-consumer-warpgroups", "8-warp-decoder"])
+@pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
 def test_gpu_matches_reference(case, over):
     torch = pytest.importorskip("torch")
@@ -85,7 +89,7 @@ def test_gpu_matches_reference(case, over):
     ref, mag = _reference(q, caches, idx, sink, Nc)
     sources = [tuple(_torch(x) for x in (c.codes, c.scales, c.rope)) for c in caches]
     K = idx.shape[-1]
-    p = ws.plan(B, H, K, torch.cuda.get_device_properties(0).multi_processor_count) | over
+    p = ws.plan(B, H, K, torch.cuda.get_device_properties(0).multi_processor_count, over)
     got = ws.run_torch(_torch(q), sources, _torch(idx), _torch(sink), 128, Nc, 512**-0.5, p)
     torch.cuda.synchronize()
     got = got.to(torch.bfloat16).float().cpu().numpy()  # the model's output dtype

@@ -99,82 +99,130 @@ if gluon is not None:
         return in_r, in_c, r
 
     @gluon.jit
-    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
-               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
-               EC: gl.constexpr):
-        """Start a block's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
-        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
-        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row)."""
+    def _src(ids, pr, pc, pk, D: gl.constexpr, b, S: gl.constexpr, W: gl.constexpr, NC: gl.constexpr,
+             ONLY_C: gl.constexpr):
+        """Ids -> pointers to their rows (``D`` elements a row) in the ring ``pr``, the chunk ``pc`` or the compressed
+        cache ``pk``; ``ONLY_C``: every id is a compressed entry's (no selects)."""
+        if ONLY_C:
+            return pk + (b * NC + ids - W - S).to(gl.int64) * D
+        else:
+            in_r, in_c, r = _rows(ids, b, S, W, NC)
+            return gl.where(in_r, pr, gl.where(in_c, pc, pk)) + r * D
+
+    @gluon.jit
+    def _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
+                NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
+                EC: gl.constexpr, ONLY_C: gl.constexpr):
+        """:func:`_issue`'s copies (not committed) and scale loads, with the ids already in ``idst``."""
         L3: gl.constexpr = _layout3(gl.num_warps())
         LE: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        idst.store(ids)
-        gl.thread_barrier()
         g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, L3))  # [EC] entries of the RoPE rows' layout
         for c in gl.static_range(BK // EC):
             e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
-            in_r, in_c, r = _rows(e, b, S, W, NC)
-            cb = gl.where(_x3(in_r), rc, gl.where(_x3(in_c), cc, kc)) + _x3(r) * DN
-            async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0), cb + g * 64 + i,
+            async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0),
+                                                   _x3(_src(e, rc, cc, kc, DN, b, S, W, NC, ONLY_C)) + g * 64 + i,
                                                    mask=_x3(e >= 0) & (g * 64 < DN))
             e2 = idst.slice(c * EC, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
-            in_r2, in_c2, r2 = _rows(e2, b, S, W, NC)
-            rb = gl.where(gl.expand_dims(in_r2, 1), rr, gl.where(gl.expand_dims(in_c2, 1), cr, kr))
-            async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0),
-                                                   rb + gl.expand_dims(r2, 1) * DR + ir,
+            rb = gl.expand_dims(_src(e2, rr, cr, kr, DR, b, S, W, NC, ONLY_C), 1)
+            async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0), rb + ir,
                                                    mask=gl.expand_dims(e2 >= 0, 1))
-        async_copy.commit_group()
-        in_r, in_c, r = _rows(ids, b, S, W, NC)
         g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
-        sb = gl.where(gl.expand_dims(in_r, 1), rs, gl.where(gl.expand_dims(in_c, 1), cs, ks))
-        return gl.load(sb + gl.expand_dims(r, 1) * SST + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN),
-                       other=127)
+        sb = gl.expand_dims(_src(ids, rs, cs, ks, SST, b, S, W, NC, ONLY_C), 1)
+        return gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
+
+    @gluon.jit
+    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
+               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
+               EC: gl.constexpr, FAST: gl.constexpr):
+        """Start a block's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
+        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
+        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row). ``FAST``: a block of compressed entries
+        only (no masked id) takes addresses without the ring/chunk selects."""
+        idst.store(ids)
+        gl.thread_barrier()
+        if FAST:
+            if gl.min(ids, axis=0) >= W + S:
+                sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK,
+                             EC, True)
+            else:
+                sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK,
+                             EC, False)
+        else:
+            sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK, EC,
+                         False)
+        async_copy.commit_group()
+        return sc
 
     @gluon.jit
     def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
                  row, b, j0, S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr,
                  DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
-                 EC: gl.constexpr):
-        """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers: each gathered by ``cp.async`` two
-        blocks ahead into one of three staging buffers, then decoded (e4m3 code x its e8m0 scale, RoPE dims as they
-        are; exact in bf16) into a tile ``[BK, 512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros)."""
+                 EC: gl.constexpr, SC: gl.constexpr, FAST: gl.constexpr):
+        """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers, in chunks of ``SC`` entries (``SC``
+        divides ``BK``): each chunk gathered by ``cp.async`` two chunks ahead into one of three staging buffers, then
+        decoded (e4m3 code x its e8m0 scale, RoPE dims as they are; exact in bf16) into its rows of a tile ``[BK,
+        512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros); the tile is signalled full after its last
+        chunk. (Chunks smaller than the tile keep the staging within shared memory at 64-entry tiles.)"""
         L3: gl.constexpr = _layout3(gl.num_warps())
-        LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [BK, 64] RoPE dims
-        sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
-                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, BK, EC)
-        sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, BK, NB), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
-                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, BK, EC)
-        nxt = _load_ids(idx_ptr, row, 2, j0, K, BK, NB)
+        LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [SC, 64] RoPE dims
+        CPB: gl.constexpr = BK // SC  # chunks per block
+        NCH: gl.constexpr = NB * CPB
+        sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
+                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, SC,
+                             EC, FAST)
+        sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
+                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, SC,
+                             EC, FAST)
+        nxt = _load_ids(idx_ptr, row, 2, j0, K, SC, NCH)
         for n in range(NB):
-            st = n % 3
-            sc2 = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index((n + 2) % 3), rawrs.index((n + 2) % 3),
-                         idsts.index((n + 2) % 3), b, S, W, NC, DN, DR, SST, BK, EC)
-            nxt = _load_ids(idx_ptr, row, n + 3, j0, K, BK, NB)
-            scst.store(sc0)
-            async_copy.wait_group(2)  # block n's copies (this thread's) have landed ...
-            gl.thread_barrier()  # ... and every decoder thread's
             tb = n % NBUF
-            mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile buffer
-            kbuf = kbufs.index(tb)
-            rawc = rawcs.index(st)
-            rawr = rawrs.index(st)
-            idst = idsts.index(st)
-            for c in gl.static_range(BK // EC):  # codes x scales; a masked entry's bytes were zero-filled (0)
-                cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
-                f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
-                    gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
-                v = cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2)
-                kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
-            gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
-            kbuf.slice(DN, DR, dim=1).store(rawr.load(LRR))  # [BK, 64] bf16 as copied (masked entries: zeros)
-            idbufs.index(tb).store(idst.load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
+            kblk = kbufs.index(tb)
+            for j in gl.static_range(CPB):
+                ch = n * CPB + j  # the chunk
+                st = ch % 3
+                sc2 = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index((ch + 2) % 3),
+                             rawrs.index((ch + 2) % 3), idsts.index((ch + 2) % 3), b, S, W, NC, DN, DR, SST, SC,
+                             EC, FAST)
+                nxt = _load_ids(idx_ptr, row, ch + 3, j0, K, SC, NCH)
+                scst.store(sc0)
+                async_copy.wait_group(2)  # chunk ch's copies (this thread's) have landed ...
+                gl.thread_barrier()  # ... and every decoder thread's
+                if j == 0:
+                    mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile
+                kbuf = kblk.slice(j * SC, SC, dim=0)
+                rawc = rawcs.index(st)
+                for c in gl.static_range(SC // EC):  # codes x scales; a masked entry's bytes were zero-filled (0)
+                    cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
+                    f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
+                        gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
+                    v = cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2)
+                    kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
+                gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
+                kbuf.slice(DN, DR, dim=1).store(rawrs.index(st).load(LRR))  # [SC, 64] bf16 (masked entries: zeros)
+                idbufs.index(tb).slice(j * SC, SC, dim=0).store(
+                    idsts.index(st).load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
+                if j == CPB - 1:
+                    fence_async_shared()
+                    mbarrier.arrive(full.index(tb), count=1)
+                gl.thread_barrier()  # every thread is done with this stage before it is refilled
+                sc0 = sc1
+                sc1 = sc2
+
+    @gluon.jit
+    def _feeder(idx_ptr, idbufs, full, empty, row, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
+                NBUF: gl.constexpr):
+        """``PROBE = 2`` (timing only: the output is wrong): a decoder partition that hands the consumers each block's
+        ids and the tiles as they are, without gathering or decoding, so that a run times the consumers alone."""
+        for n in range(NB):
+            tb = n % NBUF
+            ids = _load_ids(idx_ptr, row, n, j0, K, BK, NB)
+            mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)
+            idbufs.index(tb).store(ids)
             fence_async_shared()
             mbarrier.arrive(full.index(tb), count=1)
-            gl.thread_barrier()  # every thread is done with this stage before it is refilled
-            sc0 = sc1
-            sc1 = sc2
 
     @gluon.jit
     def _online(s, ids, m, l, SCALE: gl.constexpr):
@@ -219,6 +267,52 @@ if gluon is not None:
         return acc, m, l
 
     @gluon.jit
+    def _attend_pipe(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr,
+                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+        """:func:`_attend` software-pipelined (``PIPE`` plan, all ``DH`` output dims): block ``t + 1``'s q.k is
+        issued before block ``t``'s P.V, so that block ``t + 1``'s softmax runs while the tensor cores do P.V
+        (wgmma groups complete in order: the q.k is waited for with the P.V still in flight). Two tiles live at a
+        time (``t`` for P.V, ``t + 1`` for q.k), which ``NBUF = 2`` holds. Same operations on the same values in the
+        same order per block as :func:`_attend`: the same bits."""
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        acc = gl.zeros([64, DH], gl.float32, acc_l)
+        m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
+        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
+        s0 = gl.zeros([64, BK], gl.float32, s_l)
+        mbarrier.wait(full.index(0), 0)
+        s = warpgroup_mma(q_smem, kbufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        p, alpha, m, l = _online(s, idbufs.index(0).load(gl.SliceLayout(0, s_l)), m, l, SCALE)
+        for t in range(NB - 1):
+            d = t % NBUF
+            dn = (t + 1) % NBUF
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
+            mbarrier.wait(full.index(dn), ((t + 1) // NBUF) & 1)
+            s = warpgroup_mma(q_smem, kbufs.index(dn).permute((1, 0)), s0, use_acc=False, is_async=True)
+            acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_l), kbufs.index(d), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the q.k; block t's P.V may still run
+            p, alpha, m, l = _online(s, idbufs.index(dn).load(gl.SliceLayout(0, s_l)), m, l, SCALE)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(d), count=1)
+        d = (NB - 1) % NBUF
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_l), kbufs.index(d), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(d), count=1)
+        return acc, m, l
+
+    @gluon.jit
+    def _idle(full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, DH: gl.constexpr, NB: gl.constexpr,
+              NBUF: gl.constexpr):
+        """``PROBE = 1`` (timing only: the output is wrong): consumers that only take and release the tiles, so
+        that a run times the decoders alone."""
+        for t in range(NB):
+            mbarrier.wait(full.index(t % NBUF), (t // NBUF) & 1)
+            mbarrier.arrive(empty.index(t % NBUF), count=1)
+        return (gl.zeros([64, DH], gl.float32, acc_l), gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l)),
+                gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l)))
+
+    @gluon.jit
     def _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l: gl.constexpr, V0: gl.constexpr, VN: gl.constexpr,
                   DH: gl.constexpr, ML: gl.constexpr):
         """Workspace rows ``[ws, ws + 64)``: ``acc`` into dims ``[V0, V0 + VN)``, and ``m``, ``l`` if ``ML``."""
@@ -232,14 +326,20 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr):
+                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr, PIPE: gl.constexpr,
+                  PROBE: gl.constexpr):
         """The 8 consumer warps (the default partition): each warpgroup half of a block's scores and half the output
         dims -> ``(acc [64, DH], m [64], l [64])`` fp32."""
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, ACC_N, 16])
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                       instr_shape=[16, BK // 2, 16])
-        return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, 0, DH, SCALE, DH, BK, NB, NBUF)
+        if PROBE == 1:
+            return _idle(full, empty, acc_l, s_l, DH, NB, NBUF)
+        elif PIPE:
+            return _attend_pipe(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, SCALE, DH, BK, NB, NBUF)
+        else:
+            return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, 0, DH, SCALE, DH, BK, NB, NBUF)
 
     @gluon.jit
     def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
@@ -263,7 +363,9 @@ if gluon is not None:
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NBUF: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
                                WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184,
-                               ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168):
+                               ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, PIPE: gl.constexpr = False,
+                               PROBE: gl.constexpr = 0, SC: gl.constexpr = 32,
+                               FAST: gl.constexpr = False):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -286,10 +388,10 @@ if gluon is not None:
         kbufs = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DH],
                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
         idbufs = gl.allocate_shared_memory(gl.int32, [NBUF, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        rawcs = gl.allocate_shared_memory(gl.uint8, [3, BK, 8, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-        rawrs = gl.allocate_shared_memory(gl.bfloat16, [3, BK, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        idsts = gl.allocate_shared_memory(gl.int32, [3, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        scst = gl.allocate_shared_memory(gl.uint8, [BK, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        rawcs = gl.allocate_shared_memory(gl.uint8, [3, SC, 8, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+        rawrs = gl.allocate_shared_memory(gl.bfloat16, [3, SC, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        idsts = gl.allocate_shared_memory(gl.int32, [3, SC], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        scst = gl.allocate_shared_memory(gl.uint8, [SC, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NBUF):
@@ -305,13 +407,18 @@ if gluon is not None:
                 (_consumer_wg, (1, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
                                 NBUF, ACC_N)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
-                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC))],
+                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
                 [4, DEC_WARPS], [WG_REGS, DEC_REGS])
+        elif PROBE == 2:
+            acc, m, l = gl.warp_specialize([
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PIPE, PROBE)),
+                (_feeder, (idx_ptr, idbufs, full, empty, row, j0, K, BK, BPS, NBUF))],
+                [DEC_WARPS], [DEC_REGS])
         else:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N)),
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PIPE, PROBE)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
-                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC))],
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
@@ -322,14 +429,17 @@ def supported(H: int, DN: int, DR: int, fp8: bool) -> bool:
     return gluon is not None and fp8 and H % HEADS == 0 and DN == 448 and DR == 64
 
 
-def plan(rows: int, H: int, K: int, sms: int) -> dict:
+def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict:
     """Blocks per program and splits: as :func:`sparse_attention.plan`'s decode split (one program per SM, one
-    wave), over :data:`BK`-entry blocks."""
-    nb = math.ceil(K / BK)
+    wave), over ``BK``-entry blocks (:data:`BK`, or ``tiles``' value); ``tiles``: plan knobs that override the
+    defaults (benchmarks, tests)."""
+    t = dict(tiles or {})
+    bk = t.get("BK", BK)
+    nb = math.ceil(K / bk)
     split = max(1, min(nb, sms // (rows * (H // HEADS))))
     bps = math.ceil(nb / split)
-    return dict(BK=BK, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
-                MAXNREG=MAXNREG)
+    return dict(BK=bk, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
+                MAXNREG=MAXNREG) | t
 
 
 def num_warps(p: dict) -> int:
@@ -344,7 +454,9 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
-                ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"])
+                ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"], PIPE=bool(p.get("PIPE", 0)),
+                PROBE=int(p.get("PROBE", 0)), SC=p.get("SC", p["BK"]),
+                FAST=bool(p.get("FAST", 0)))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
