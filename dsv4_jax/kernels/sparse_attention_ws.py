@@ -357,6 +357,71 @@ if gluon is not None:
         _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, half * HD, HD, DH, half == 0)
 
     @gluon.jit
+    def _consumer_x(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr,
+                    l_ptr, ws, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
+                    NBUF: gl.constexpr):
+        """One warpgroup of the ``XWG`` plan: ``S`` of its half of each block's entries (q.k, ``N = BK / 2``), row
+        statistics inside its warps; the two warpgroups exchange their row maxima (``xst [2 * parity + half, 64]``,
+        mbarrier ``stat``) and their ``P`` halves (``pbuf [2 * parity + half, 64, BK / 2]``, mbarrier ``pready``)
+        through shared memory: two waits per block instead of the 8-warp consumer's shared-memory reductions and
+        layout conversions. P.V reads ``P`` from shared memory (two ``k = BK / 2`` dots, one per half) into output
+        dims ``[half * DH/2, (half + 1) * DH/2)``. ``l`` is summed per half and added once at the end. Same values as
+        :func:`_attend` (P rounded to bf16 relative to the common running max); only ``l``'s fp32 summation order
+        differs. Buffers alternate by block parity: a warpgroup rewrites one only after the other has passed the
+        next block's exchange."""
+        HD: gl.constexpr = DH // 2
+        HB: gl.constexpr = BK // 2
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HD, 16])
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HB, 16])
+        r_l: gl.constexpr = gl.SliceLayout(1, s_l)
+        acc = gl.zeros([64, HD], gl.float32, acc_l)
+        m = gl.full([64], float("-inf"), gl.float32, r_l)
+        l = gl.zeros([64], gl.float32, r_l)
+        s0 = gl.zeros([64, HB], gl.float32, s_l)
+        for t in range(NB):
+            d = t % NBUF
+            x = t % 2
+            ph = (t // 2) & 1
+            mbarrier.wait(full.index(d), (t // NBUF) & 1)
+            kb = kbufs.index(d)
+            s = warpgroup_mma(q_smem, kb.slice(half * HB, HB, dim=0).permute((1, 0)), s0, use_acc=False,
+                              is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            ids = idbufs.index(d).slice(half * HB, HB, dim=0).load(gl.SliceLayout(0, s_l))
+            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
+            mh = gl.max(s, axis=1)
+            xst.index(2 * x + half).store(mh)
+            mbarrier.arrive(stat.index(x), count=1)
+            mbarrier.wait(stat.index(x), ph)
+            m_new = gl.maximum(m, gl.maximum(mh, xst.index(2 * x + 1 - half).load(r_l)))
+            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
+            alpha = gl.exp(m - m_ref)
+            p = gl.exp(s - gl.expand_dims(m_ref, 1))
+            l = l * alpha + gl.sum(p, axis=1)
+            pbuf.index(2 * x + half).store(p.to(gl.bfloat16))
+            fence_async_shared()
+            mbarrier.arrive(pready.index(x), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
+            mbarrier.wait(pready.index(x), ph)
+            acc = warpgroup_mma(pbuf.index(2 * x), kb.slice(0, HB, dim=0).slice(half * HD, HD, dim=1), acc,
+                                is_async=True)
+            acc = warpgroup_mma(pbuf.index(2 * x + 1), kb.slice(HB, HB, dim=0).slice(half * HD, HD, dim=1), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(d), count=1)
+            m = m_new
+        # l = l(half 0) + l(half 1), through the next exchange slot
+        x = NB % 2
+        if half == 1:
+            xst.index(2 * x + 1).store(l)
+        mbarrier.arrive(stat.index(x), count=1)
+        if half == 0:
+            mbarrier.wait(stat.index(x), (NB // 2) & 1)
+            l = l + xst.index(2 * x + 1).load(r_l)
+        _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, half * HD, HD, DH, half == 0)
+
+    @gluon.jit
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
                                S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, H: gl.constexpr,
                                DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
@@ -365,7 +430,7 @@ if gluon is not None:
                                WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184,
                                ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, PIPE: gl.constexpr = False,
                                PROBE: gl.constexpr = 0, SC: gl.constexpr = 32,
-                               FAST: gl.constexpr = False):
+                               FAST: gl.constexpr = False, XWG: gl.constexpr = False):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -396,11 +461,29 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NBUF):
             mbarrier.init(full.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2 if WG2 else 1)
+            mbarrier.init(empty.index(i), count=2 if WG2 or XWG else 1)
+        if XWG:  # the two consumer warpgroups' exchange: row maxima and P halves, by block parity
+            xst = gl.allocate_shared_memory(gl.float32, [4, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+            pbuf = gl.allocate_shared_memory(gl.bfloat16, [4, 64, BK // 2],
+                                             gl.NVMMASharedLayout(swizzle_byte_width=BK, element_bitwidth=16, rank=2))
+            stat = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(stat.index(i), count=2)
+                mbarrier.init(pready.index(i), count=2)
         fence_async_shared()
         j0 = sp * (BPS * BK)
         ws = (row * SPLIT + sp) * H + g * 64  # the program's first workspace row
-        if WG2:  # two independent consumer warpgroups (the default partition is half 0)
+        if XWG:  # two consumer warpgroups exchanging row maxima and P (the default partition is half 0)
+            gl.warp_specialize([
+                (_consumer_x, (0, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr, l_ptr,
+                               ws, SCALE, DH, BK, BPS, NBUF)),
+                (_consumer_x, (1, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr, l_ptr,
+                               ws, SCALE, DH, BK, BPS, NBUF)),
+                (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
+                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
+                [4, DEC_WARPS], [WG_REGS, DEC_REGS])
+        elif WG2:  # two independent consumer warpgroups (the default partition is half 0)
             gl.warp_specialize([
                 (_consumer_wg, (0, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
                                 NBUF, ACC_N)),
@@ -444,7 +527,7 @@ def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict
 
 def num_warps(p: dict) -> int:
     """The kernel's ``num_warps`` (its default partition): the 8 consumer warps, or one warpgroup with ``WG2``."""
-    return 4 if p.get("WG2") else 8
+    return 4 if p.get("WG2") or p.get("XWG") else 8
 
 
 def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst: int) -> dict:
@@ -456,7 +539,7 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
                 ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"], PIPE=bool(p.get("PIPE", 0)),
                 PROBE=int(p.get("PROBE", 0)), SC=p.get("SC", p["BK"]),
-                FAST=bool(p.get("FAST", 0)))
+                FAST=bool(p.get("FAST", 0)), XWG=bool(p.get("XWG", 0)))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
