@@ -19,10 +19,14 @@ range of its index list, as the portable kernel's split plan) has two partitions
   (running max, ``alpha = exp(m - m_new)``, P rounded to bf16 relative to the running max for P.V only), ``acc += P
   V`` (wgmma, P from registers, each warpgroup 256 of the 512 output dims), then ``empty``.
 
-Plan knobs (:func:`plan`, benchmarks): ``WG2`` makes the consumers two independent warpgroups (each forms the whole
-S, its own softmax and half the output dims: no shared-memory reductions or barriers between them, twice the q.k
-work); ``DEC_WARPS=8`` (with ``MAXNREG=128``, ``DEC_REGS=64``, ``ACC_N=128``) doubles the decoders: 16 warps leave
-ptxas 128 registers per instruction, so the accumulator's wgmma instructions are 128 wide instead of 256.
+Plan knobs (:func:`plan`, benchmarks): ``DEC_WARPS=8`` (with ``MAXNREG=128``, ``DEC_REGS=80``, ``ACC_N=128``)
+doubles the decoders: 16 warps leave ptxas 128 registers per instruction, so the accumulator's wgmma instructions
+are 128 wide instead of 256; ``BK=64`` with ``SC=16`` (staging chunks of 16 entries, so that two 64-entry tiles, Q
+and the staging fit 227 KB) halves the consumers' Q reads and softmax steps per entry; ``PROBE=1`` / ``PROBE=2``
+time the decoders or the consumers alone (the output is then wrong). Measured and removed (H200, 2026-12-07,
+``docs/performance.md``): two consumer warpgroups each forming the whole S, or exchanging row maxima and P through
+shared memory under mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for
+blocks of compressed entries only.
 
 Register budgets (sm_90a builds, ``tests/test_kernels_sparse_attn_ws.py``): ptxas checks each instruction against
 the kernel's average (65,536 / threads) whatever the ``setmaxnreg`` regions allow, and a 64 x 256 wgmma with an fp32
@@ -69,7 +73,6 @@ DEC_WARPS = 4
 DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
 EC = 8  # entries a decoder decodes at a time
-WG_REGS = 184  # WG2 plan: the second consumer warpgroup's registers (the sm_90a build spills from ~200)
 
 
 if gluon is not None:
@@ -99,68 +102,52 @@ if gluon is not None:
         return in_r, in_c, r
 
     @gluon.jit
-    def _src(ids, pr, pc, pk, D: gl.constexpr, b, S: gl.constexpr, W: gl.constexpr, NC: gl.constexpr,
-             ONLY_C: gl.constexpr):
+    def _src(ids, pr, pc, pk, D: gl.constexpr, b, S: gl.constexpr, W: gl.constexpr, NC: gl.constexpr):
         """Ids -> pointers to their rows (``D`` elements a row) in the ring ``pr``, the chunk ``pc`` or the compressed
-        cache ``pk``; ``ONLY_C``: every id is a compressed entry's (no selects)."""
-        if ONLY_C:
-            return pk + (b * NC + ids - W - S).to(gl.int64) * D
-        else:
-            in_r, in_c, r = _rows(ids, b, S, W, NC)
-            return gl.where(in_r, pr, gl.where(in_c, pc, pk)) + r * D
+        cache ``pk``."""
+        in_r, in_c, r = _rows(ids, b, S, W, NC)
+        return gl.where(in_r, pr, gl.where(in_c, pc, pk)) + r * D
 
     @gluon.jit
-    def _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
-                NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
-                EC: gl.constexpr, ONLY_C: gl.constexpr):
-        """:func:`_issue`'s copies (not committed) and scale loads, with the ids already in ``idst``."""
+    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
+               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
+               EC: gl.constexpr):
+        """Start a chunk's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
+        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
+        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row)."""
+        idst.store(ids)
+        gl.thread_barrier()
         L3: gl.constexpr = _layout3(gl.num_warps())
         LE: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, L3))  # [EC] entries of the RoPE rows' layout
+        e = idst.slice(0, EC, dim=0).load(LE)  # [EC]
+        e2 = idst.slice(0, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
         for c in gl.static_range(BK // EC):
-            e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
+            if c + 1 < BK // EC:  # the next piece's ids requested before this piece's address arithmetic
+                e_n = idst.slice((c + 1) * EC, EC, dim=0).load(LE)
+                e2_n = idst.slice((c + 1) * EC, EC, dim=0).load(LR)
             async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0),
-                                                   _x3(_src(e, rc, cc, kc, DN, b, S, W, NC, ONLY_C)) + g * 64 + i,
+                                                   _x3(_src(e, rc, cc, kc, DN, b, S, W, NC)) + g * 64 + i,
                                                    mask=_x3(e >= 0) & (g * 64 < DN))
-            e2 = idst.slice(c * EC, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
-            rb = gl.expand_dims(_src(e2, rr, cr, kr, DR, b, S, W, NC, ONLY_C), 1)
+            rb = gl.expand_dims(_src(e2, rr, cr, kr, DR, b, S, W, NC), 1)
             async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0), rb + ir,
                                                    mask=gl.expand_dims(e2 >= 0, 1))
-        g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
-        sb = gl.expand_dims(_src(ids, rs, cs, ks, SST, b, S, W, NC, ONLY_C), 1)
-        return gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
-
-    @gluon.jit
-    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
-               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
-               EC: gl.constexpr, FAST: gl.constexpr):
-        """Start a block's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
-        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
-        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row). ``FAST``: a block of compressed entries
-        only (no masked id) takes addresses without the ring/chunk selects."""
-        idst.store(ids)
-        gl.thread_barrier()
-        if FAST:
-            if gl.min(ids, axis=0) >= W + S:
-                sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK,
-                             EC, True)
-            else:
-                sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK,
-                             EC, False)
-        else:
-            sc = _gather(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S, W, NC, DN, DR, SST, BK, EC,
-                         False)
+            if c + 1 < BK // EC:
+                e = e_n
+                e2 = e2_n
         async_copy.commit_group()
-        return sc
+        g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
+        sb = gl.expand_dims(_src(ids, rs, cs, ks, SST, b, S, W, NC), 1)
+        return gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
 
     @gluon.jit
     def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
                  row, b, j0, S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr,
                  DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
-                 EC: gl.constexpr, SC: gl.constexpr, FAST: gl.constexpr):
+                 EC: gl.constexpr, SC: gl.constexpr):
         """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers, in chunks of ``SC`` entries (``SC``
         divides ``BK``): each chunk gathered by ``cp.async`` two chunks ahead into one of three staging buffers, then
         decoded (e4m3 code x its e8m0 scale, RoPE dims as they are; exact in bf16) into its rows of a tile ``[BK,
@@ -172,10 +159,10 @@ if gluon is not None:
         NCH: gl.constexpr = NB * CPB
         sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
                      rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, SC,
-                             EC, FAST)
+                             EC)
         sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
                      rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, SC,
-                             EC, FAST)
+                             EC)
         nxt = _load_ids(idx_ptr, row, 2, j0, K, SC, NCH)
         for n in range(NB):
             tb = n % NBUF
@@ -185,7 +172,7 @@ if gluon is not None:
                 st = ch % 3
                 sc2 = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index((ch + 2) % 3),
                              rawrs.index((ch + 2) % 3), idsts.index((ch + 2) % 3), b, S, W, NC, DN, DR, SST, SC,
-                             EC, FAST)
+                             EC)
                 nxt = _load_ids(idx_ptr, row, ch + 3, j0, K, SC, NCH)
                 scst.store(sc0)
                 async_copy.wait_group(2)  # chunk ch's copies (this thread's) have landed ...
@@ -194,12 +181,21 @@ if gluon is not None:
                     mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile
                 kbuf = kblk.slice(j * SC, SC, dim=0)
                 rawc = rawcs.index(st)
-                for c in gl.static_range(SC // EC):  # codes x scales; a masked entry's bytes were zero-filled (0)
-                    cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
-                    f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
-                        gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
+                # codes x scales, EC entries at a time (a masked entry's bytes were zero-filled: 0); the next
+                # piece's shared-memory loads are issued before this piece's arithmetic (a decoder warp is alone on
+                # its scheduler: nothing else hides their latency)
+                cv = rawc.slice(0, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
+                sv = scst.slice(0, EC, dim=0).load(gl.SliceLayout(2, L3))  # [EC, 8] scale bytes
+                for c in gl.static_range(SC // EC):
+                    if c + 1 < SC // EC:
+                        cv_n = rawc.slice((c + 1) * EC, EC, dim=0).load(L3)
+                        sv_n = scst.slice((c + 1) * EC, EC, dim=0).load(gl.SliceLayout(2, L3))
+                    f = (sv.to(gl.int32) << 23).to(gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
                     v = cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2)
                     kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
+                    if c + 1 < SC // EC:
+                        cv = cv_n
+                        sv = sv_n
                 gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
                 kbuf.slice(DN, DR, dim=1).store(rawrs.index(st).load(LRR))  # [SC, 64] bf16 (masked entries: zeros)
                 idbufs.index(tb).slice(j * SC, SC, dim=0).store(
@@ -236,14 +232,13 @@ if gluon is not None:
         return p, alpha, m_new, l * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _attend(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, V0: gl.constexpr,
-                VN: gl.constexpr, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
-                NBUF: gl.constexpr):
+    def _attend(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, SCALE: gl.constexpr,
+                DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
         """The consumers' loop over the program's ``NB`` blocks, in the layouts ``acc_l`` (``acc``) and ``s_l``
-        (scores): q.k, the online softmax, P.V over output dims ``[V0, V0 + VN)`` -> ``(acc [64, VN], m [64], l
-        [64])`` fp32; each tile is released (``empty``) once both dots are done."""
+        (scores): q.k, the online softmax, P.V -> ``(acc [64, DH], m [64], l [64])`` fp32; each tile is released
+        (``empty``) once both dots are done."""
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        acc = gl.zeros([64, VN], gl.float32, acc_l)
+        acc = gl.zeros([64, DH], gl.float32, acc_l)
         m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         s0 = gl.zeros([64, BK], gl.float32, s_l)
@@ -257,48 +252,10 @@ if gluon is not None:
             p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
             pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-            if VN == DH:
-                acc = warpgroup_mma(pb, kb, acc, is_async=True)
-            else:
-                acc = warpgroup_mma(pb, kb.slice(V0, VN, dim=1), acc, is_async=True)
+            acc = warpgroup_mma(pb, kb, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(d), count=1)
             m = m_new
-        return acc, m, l
-
-    @gluon.jit
-    def _attend_pipe(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr,
-                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
-        """:func:`_attend` software-pipelined (``PIPE`` plan, all ``DH`` output dims): block ``t + 1``'s q.k is
-        issued before block ``t``'s P.V, so that block ``t + 1``'s softmax runs while the tensor cores do P.V
-        (wgmma groups complete in order: the q.k is waited for with the P.V still in flight). Two tiles live at a
-        time (``t`` for P.V, ``t + 1`` for q.k), which ``NBUF = 2`` holds. Same operations on the same values in the
-        same order per block as :func:`_attend`: the same bits."""
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-        acc = gl.zeros([64, DH], gl.float32, acc_l)
-        m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
-        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
-        s0 = gl.zeros([64, BK], gl.float32, s_l)
-        mbarrier.wait(full.index(0), 0)
-        s = warpgroup_mma(q_smem, kbufs.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        p, alpha, m, l = _online(s, idbufs.index(0).load(gl.SliceLayout(0, s_l)), m, l, SCALE)
-        for t in range(NB - 1):
-            d = t % NBUF
-            dn = (t + 1) % NBUF
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-            mbarrier.wait(full.index(dn), ((t + 1) // NBUF) & 1)
-            s = warpgroup_mma(q_smem, kbufs.index(dn).permute((1, 0)), s0, use_acc=False, is_async=True)
-            acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_l), kbufs.index(d), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # the q.k; block t's P.V may still run
-            p, alpha, m, l = _online(s, idbufs.index(dn).load(gl.SliceLayout(0, s_l)), m, l, SCALE)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(d), count=1)
-        d = (NB - 1) % NBUF
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_l), kbufs.index(d), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(d), count=1)
         return acc, m, l
 
     @gluon.jit
@@ -313,21 +270,18 @@ if gluon is not None:
                 gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l)))
 
     @gluon.jit
-    def _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l: gl.constexpr, V0: gl.constexpr, VN: gl.constexpr,
-                  DH: gl.constexpr, ML: gl.constexpr):
-        """Workspace rows ``[ws, ws + 64)``: ``acc`` into dims ``[V0, V0 + VN)``, and ``m``, ``l`` if ``ML``."""
+    def _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l: gl.constexpr, DH: gl.constexpr):
+        """Workspace rows ``[ws, ws + 64)``: ``acc``, ``m`` and ``l``."""
         ha = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_l))
-        da = V0 + gl.arange(0, VN, layout=gl.SliceLayout(0, acc_l))
+        da = gl.arange(0, DH, layout=gl.SliceLayout(0, acc_l))
         gl.store(o_ptr + gl.expand_dims((ws + ha).to(gl.int64), 1) * DH + gl.expand_dims(da, 0), acc)
-        if ML:
-            hm = gl.arange(0, 64, layout=m.type.layout)
-            gl.store(m_ptr + ws + hm, m)
-            gl.store(l_ptr + ws + hm, l)
+        hm = gl.arange(0, 64, layout=m.type.layout)
+        gl.store(m_ptr + ws + hm, m)
+        gl.store(l_ptr + ws + hm, l)
 
     @gluon.jit
     def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr, PIPE: gl.constexpr,
-                  PROBE: gl.constexpr):
+                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr, PROBE: gl.constexpr):
         """The 8 consumer warps (the default partition): each warpgroup half of a block's scores and half the output
         dims -> ``(acc [64, DH], m [64], l [64])`` fp32."""
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -336,90 +290,8 @@ if gluon is not None:
                                                       instr_shape=[16, BK // 2, 16])
         if PROBE == 1:
             return _idle(full, empty, acc_l, s_l, DH, NB, NBUF)
-        elif PIPE:
-            return _attend_pipe(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, SCALE, DH, BK, NB, NBUF)
         else:
-            return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, 0, DH, SCALE, DH, BK, NB, NBUF)
-
-    @gluon.jit
-    def _consumer_wg(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws,
-                     SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
-                     ACC_N: gl.constexpr):
-        """One warpgroup of the ``WG2`` plan: the whole ``S = Q K^T`` of every block (both warpgroups form the same
-        bits), its own online softmax (row reductions inside its warps: no shared memory, no barrier between the
-        warpgroups) and output dims ``[half * DH/2, (half + 1) * DH/2)`` of ``acc``, written to the workspace (and
-        ``m``, ``l`` by half 0)."""
-        HD: gl.constexpr = DH // 2
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, ACC_N, 16])
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BK, 16])
-        acc, m, l = _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, half * HD, HD, SCALE, DH, BK, NB, NBUF)
-        _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, half * HD, HD, DH, half == 0)
-
-    @gluon.jit
-    def _consumer_x(half: gl.constexpr, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr,
-                    l_ptr, ws, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
-                    NBUF: gl.constexpr):
-        """One warpgroup of the ``XWG`` plan: ``S`` of its half of each block's entries (q.k, ``N = BK / 2``), row
-        statistics inside its warps; the two warpgroups exchange their row maxima (``xst [2 * parity + half, 64]``,
-        mbarrier ``stat``) and their ``P`` halves (``pbuf [2 * parity + half, 64, BK / 2]``, mbarrier ``pready``)
-        through shared memory: two waits per block instead of the 8-warp consumer's shared-memory reductions and
-        layout conversions. P.V reads ``P`` from shared memory (two ``k = BK / 2`` dots, one per half) into output
-        dims ``[half * DH/2, (half + 1) * DH/2)``. ``l`` is summed per half and added once at the end. Same values as
-        :func:`_attend` (P rounded to bf16 relative to the common running max); only ``l``'s fp32 summation order
-        differs. Buffers alternate by block parity: a warpgroup rewrites one only after the other has passed the
-        next block's exchange."""
-        HD: gl.constexpr = DH // 2
-        HB: gl.constexpr = BK // 2
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HD, 16])
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HB, 16])
-        r_l: gl.constexpr = gl.SliceLayout(1, s_l)
-        acc = gl.zeros([64, HD], gl.float32, acc_l)
-        m = gl.full([64], float("-inf"), gl.float32, r_l)
-        l = gl.zeros([64], gl.float32, r_l)
-        s0 = gl.zeros([64, HB], gl.float32, s_l)
-        for t in range(NB):
-            d = t % NBUF
-            x = t % 2
-            ph = (t // 2) & 1
-            mbarrier.wait(full.index(d), (t // NBUF) & 1)
-            kb = kbufs.index(d)
-            s = warpgroup_mma(q_smem, kb.slice(half * HB, HB, dim=0).permute((1, 0)), s0, use_acc=False,
-                              is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            ids = idbufs.index(d).slice(half * HB, HB, dim=0).load(gl.SliceLayout(0, s_l))
-            s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
-            mh = gl.max(s, axis=1)
-            xst.index(2 * x + half).store(mh)
-            mbarrier.arrive(stat.index(x), count=1)
-            mbarrier.wait(stat.index(x), ph)
-            m_new = gl.maximum(m, gl.maximum(mh, xst.index(2 * x + 1 - half).load(r_l)))
-            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
-            alpha = gl.exp(m - m_ref)
-            p = gl.exp(s - gl.expand_dims(m_ref, 1))
-            l = l * alpha + gl.sum(p, axis=1)
-            pbuf.index(2 * x + half).store(p.to(gl.bfloat16))
-            fence_async_shared()
-            mbarrier.arrive(pready.index(x), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
-            mbarrier.wait(pready.index(x), ph)
-            acc = warpgroup_mma(pbuf.index(2 * x), kb.slice(0, HB, dim=0).slice(half * HD, HD, dim=1), acc,
-                                is_async=True)
-            acc = warpgroup_mma(pbuf.index(2 * x + 1), kb.slice(HB, HB, dim=0).slice(half * HD, HD, dim=1), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(d), count=1)
-            m = m_new
-        # l = l(half 0) + l(half 1), through the next exchange slot
-        x = NB % 2
-        if half == 1:
-            xst.index(2 * x + 1).store(l)
-        mbarrier.arrive(stat.index(x), count=1)
-        if half == 0:
-            mbarrier.wait(stat.index(x), (NB // 2) & 1)
-            l = l + xst.index(2 * x + 1).load(r_l)
-        _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, half * HD, HD, DH, half == 0)
+            return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, SCALE, DH, BK, NB, NBUF)
 
     @gluon.jit
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
@@ -427,10 +299,8 @@ if gluon is not None:
                                DN: gl.constexpr, DR: gl.constexpr, SCALE: gl.constexpr, BK: gl.constexpr,
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NBUF: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
-                               WG2: gl.constexpr = False, WG_REGS: gl.constexpr = 184,
-                               ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, PIPE: gl.constexpr = False,
-                               PROBE: gl.constexpr = 0, SC: gl.constexpr = 32,
-                               FAST: gl.constexpr = False, XWG: gl.constexpr = False):
+                               ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, SC: gl.constexpr = 32,
+                               PROBE: gl.constexpr = 0):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -461,51 +331,24 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NBUF):
             mbarrier.init(full.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2 if WG2 or XWG else 1)
-        if XWG:  # the two consumer warpgroups' exchange: row maxima and P halves, by block parity
-            xst = gl.allocate_shared_memory(gl.float32, [4, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-            pbuf = gl.allocate_shared_memory(gl.bfloat16, [4, 64, BK // 2],
-                                             gl.NVMMASharedLayout(swizzle_byte_width=BK, element_bitwidth=16, rank=2))
-            stat = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(stat.index(i), count=2)
-                mbarrier.init(pready.index(i), count=2)
+            mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         j0 = sp * (BPS * BK)
         ws = (row * SPLIT + sp) * H + g * 64  # the program's first workspace row
-        if XWG:  # two consumer warpgroups exchanging row maxima and P (the default partition is half 0)
-            gl.warp_specialize([
-                (_consumer_x, (0, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr, l_ptr,
-                               ws, SCALE, DH, BK, BPS, NBUF)),
-                (_consumer_x, (1, q_smem, kbufs, idbufs, full, empty, xst, pbuf, stat, pready, o_ptr, m_ptr, l_ptr,
-                               ws, SCALE, DH, BK, BPS, NBUF)),
-                (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
-                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
-                [4, DEC_WARPS], [WG_REGS, DEC_REGS])
-        elif WG2:  # two independent consumer warpgroups (the default partition is half 0)
-            gl.warp_specialize([
-                (_consumer_wg, (0, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NBUF, ACC_N)),
-                (_consumer_wg, (1, q_smem, kbufs, idbufs, full, empty, o_ptr, m_ptr, l_ptr, ws, SCALE, DH, BK, BPS,
-                                NBUF, ACC_N)),
-                (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full,
-                            empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
-                [4, DEC_WARPS], [WG_REGS, DEC_REGS])
-        elif PROBE == 2:
+        if PROBE == 2:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PIPE, PROBE)),
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE)),
                 (_feeder, (idx_ptr, idbufs, full, empty, row, j0, K, BK, BPS, NBUF))],
                 [DEC_WARPS], [DEC_REGS])
         else:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PIPE, PROBE)),
+                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
-                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, FAST))],
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
-            _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, 0, DH, DH, True)
+            _store_ws(o_ptr, m_ptr, l_ptr, ws, acc, m, l, acc_l, DH)
 
 def supported(H: int, DN: int, DR: int, fp8: bool) -> bool:
     """Whether the kernel handles this layout: Gluon present, FP8 entries of V4's 448 + 64 dims, 64 heads a group."""
@@ -526,8 +369,8 @@ def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict
 
 
 def num_warps(p: dict) -> int:
-    """The kernel's ``num_warps`` (its default partition): the 8 consumer warps, or one warpgroup with ``WG2``."""
-    return 4 if p.get("WG2") or p.get("XWG") else 8
+    """The kernel's ``num_warps`` (its default partition): the 8 consumer warps."""
+    return 8
 
 
 def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst: int) -> dict:
@@ -536,10 +379,8 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     B, S, H, Dh = q_shape
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
-                DEC_REGS=p["DEC_REGS"], EC=p["EC"], WG2=bool(p.get("WG2", 0)), WG_REGS=p.get("WG_REGS", WG_REGS),
-                ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"], PIPE=bool(p.get("PIPE", 0)),
-                PROBE=int(p.get("PROBE", 0)), SC=p.get("SC", p["BK"]),
-                FAST=bool(p.get("FAST", 0)), XWG=bool(p.get("XWG", 0)))
+                DEC_REGS=p["DEC_REGS"], EC=p["EC"], ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"],
+                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
