@@ -24,13 +24,18 @@ ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 PLANS = [{}, {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}, {"BK": 64, "SC": 16, "DEC_REGS": 112}]
 PLAN_IDS = ["8-warp-consumer", "8-warp-decoder", "64-entry-tiles"]
+# the fastest plan measured (H200, 2026-12-07: 184 us at HCA 1M batch 32 against the default's 202); its sm_90a build
+# spills 8 bytes in the decoders, so it is checked on the GPU only
+GPU_PLANS = PLANS + [{"BK": 64, "SC": 16, "DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}]
+GPU_PLAN_IDS = PLAN_IDS + ["64-entry-tiles-8-warp-decoder"]
 
 
 @pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
 def test_sm90_build_fits_without_spills(over):
-    """12 warps (8 consumers, 4 decoders) under a 168-register cap: no spill anywhere (the decoders' budget below
-    ~88 registers spills) and ptxas keeps the partitions' budgets, the shared memory within an sm_90 block's 227 KB,
-    the decoders' gathers ``cp.async`` (LDGSTS) and the dots wgmma (HGMMA)."""
+    """Each plan's sm_90a build (12 warps under a 168-register cap, or 16 under 128): no spill anywhere (the
+    decoders' budget below ~88 registers spills at 4 decoder warps) and ptxas keeps the partitions' budgets, the
+    shared memory within an sm_90 block's 227 KB (64-entry tiles take 232,292 B of it), the decoders' gathers
+    ``cp.async`` (LDGSTS) and the dots wgmma (HGMMA)."""
     if ws.gluon is None:
         pytest.skip("this triton has no Gluon")
     p = ws.plan(32, 64, 8320, 132, over)
@@ -76,7 +81,7 @@ def _torch(a):
     return torch.from_numpy(a.copy()).cuda()
 
 
-@pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
+@pytest.mark.parametrize("over", GPU_PLANS, ids=GPU_PLAN_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
 def test_gpu_matches_reference(case, over):
     torch = pytest.importorskip("torch")

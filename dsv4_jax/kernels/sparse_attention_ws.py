@@ -123,25 +123,20 @@ if gluon is not None:
         i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, L3))  # [EC] entries of the RoPE rows' layout
-        e = idst.slice(0, EC, dim=0).load(LE)  # [EC]
-        e2 = idst.slice(0, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
         for c in gl.static_range(BK // EC):
-            if c + 1 < BK // EC:  # the next piece's ids requested before this piece's address arithmetic
-                e_n = idst.slice((c + 1) * EC, EC, dim=0).load(LE)
-                e2_n = idst.slice((c + 1) * EC, EC, dim=0).load(LR)
+            e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
             async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0),
                                                    _x3(_src(e, rc, cc, kc, DN, b, S, W, NC)) + g * 64 + i,
                                                    mask=_x3(e >= 0) & (g * 64 < DN))
+            e2 = idst.slice(c * EC, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
             rb = gl.expand_dims(_src(e2, rr, cr, kr, DR, b, S, W, NC), 1)
             async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0), rb + ir,
                                                    mask=gl.expand_dims(e2 >= 0, 1))
-            if c + 1 < BK // EC:
-                e = e_n
-                e2 = e2_n
-        async_copy.commit_group()
         g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
         sb = gl.expand_dims(_src(ids, rs, cs, ks, SST, b, S, W, NC), 1)
-        return gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
+        sc = gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
+        async_copy.commit_group()
+        return sc
 
     @gluon.jit
     def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
@@ -181,21 +176,12 @@ if gluon is not None:
                     mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile
                 kbuf = kblk.slice(j * SC, SC, dim=0)
                 rawc = rawcs.index(st)
-                # codes x scales, EC entries at a time (a masked entry's bytes were zero-filled: 0); the next
-                # piece's shared-memory loads are issued before this piece's arithmetic (a decoder warp is alone on
-                # its scheduler: nothing else hides their latency)
-                cv = rawc.slice(0, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
-                sv = scst.slice(0, EC, dim=0).load(gl.SliceLayout(2, L3))  # [EC, 8] scale bytes
-                for c in gl.static_range(SC // EC):
-                    if c + 1 < SC // EC:
-                        cv_n = rawc.slice((c + 1) * EC, EC, dim=0).load(L3)
-                        sv_n = scst.slice((c + 1) * EC, EC, dim=0).load(gl.SliceLayout(2, L3))
-                    f = (sv.to(gl.int32) << 23).to(gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
+                for c in gl.static_range(SC // EC):  # codes x scales; a masked entry's bytes were zero-filled (0)
+                    cv = rawc.slice(c * EC, EC, dim=0).load(L3)  # [EC, 8, 64] code bytes (group 7: zeros)
+                    f = (scst.slice(c * EC, EC, dim=0).load(gl.SliceLayout(2, L3)).to(gl.int32) << 23).to(
+                        gl.float32, bitcast=True)  # [EC, 8] 2**(s - 127)
                     v = cv.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(f, 2)
                     kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
-                    if c + 1 < SC // EC:
-                        cv = cv_n
-                        sv = sv_n
                 gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
                 kbuf.slice(DN, DR, dim=1).store(rawrs.index(st).load(LRR))  # [SC, 64] bf16 (masked entries: zeros)
                 idbufs.index(tb).slice(j * SC, SC, dim=0).store(
