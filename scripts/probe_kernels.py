@@ -5,9 +5,9 @@ The kernels are launched straight from torch through their torch launchers (``ru
 call), so ``ncu`` sees exactly the kernel's launches, and a CUDA graph replay times them without host launch cost.
 Inputs are random, at V4-Flash shapes:
 
-* ``--op attn``: sparse-attention decode (``sparse_attention.run_torch``), 64 heads of 512 dims over the stored FP8
-  cache layout (448 e4m3 codes + 7 e8m0 scales + 64 bf16 RoPE dims per entry), for a CSA layer (window 128 + 512
-  selected compressed entries) or an HCA layer (window 128 + every compressed entry) at ``--context``;
+* ``--op attn``: sparse-attention decode (``sparse_attention_torch.run_torch``), 64 heads of 512 dims over the
+  stored FP8 cache layout (448 e4m3 codes + 7 e8m0 scales + 64 bf16 RoPE dims per entry), for a CSA layer (window
+  128 + 512 selected compressed entries) or an HCA layer (window 128 + every compressed entry) at ``--context``;
 * ``--op mhc``: mHC's ``hc_pre`` with the block's norm (``mhc.run_torch``: split-K mixes, then the finish kernel),
   hc = 4 streams of 4096, ``--batch`` tokens;
 * ``--op moe``: the FP4 MoE decode GEMV (:func:`fp4_moe_gemv.launch_gemv_torch`: both stages, both activation
@@ -46,6 +46,7 @@ import triton.testing  # noqa: E402
 
 from dsv4_jax.kernels import fp4_moe_gemv, fp4_moe_mma, fp8_linear, mhc  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
+from dsv4_jax.kernels import sparse_attention_torch as sa_torch  # noqa: E402
 
 H, DH, DN, W = 64, 512, 448, 128  # V4-Flash attention
 HC, D, NMIX = 4, 4096, 24  # V4-Flash mHC
@@ -81,7 +82,7 @@ def attn_case(args, g):
             p = sa_ws.plan(B, H, K, 132, over)
             return (lambda: sa_ws.run_torch(q, sources, idx, sink, W, nc, DH**-0.5, p)), p
         p = sa.plan(H, DH, "sm90", rows=B, K=K, tiles=over)
-        return (lambda: sa.run_torch(q, sources, True, idx, sink, W, nc, DH**-0.5, p)), p
+        return (lambda: sa_torch.run_torch(q, sources, True, idx, sink, W, nc, DH**-0.5, p)), p
 
     nbytes = B * K * (DN + DN // 64 + 2 * (DH - DN))
     return launcher, nbytes, f"{args.kind} ctx {args.context} batch {B} K {K}"

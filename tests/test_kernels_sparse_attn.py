@@ -152,7 +152,7 @@ def _interpret_main(path: str) -> None:
     """Subprocess body: the kernel under the interpreter on every case stored in ``path``."""
     import torch
 
-    from dsv4_jax.kernels.sparse_attention import run_torch
+    from dsv4_jax.kernels.sparse_attention_torch import run_torch
 
     z = dict(np.load(path))
     res = {}

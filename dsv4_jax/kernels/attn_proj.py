@@ -51,7 +51,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton.language as tl
 
     from dsv4_jax.kernels.common import act_quant_block, pow2, round_bf16
-    from dsv4_jax.kernels.fp8_linear import fp8_gemv2_kernel
+    from dsv4_jax.kernels.fp8_gemv import fp8_gemv2_kernel
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 

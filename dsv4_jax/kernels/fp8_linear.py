@@ -23,10 +23,10 @@ Results are deterministic run to run: split-K partials go to an fp32 workspace `
 fixed order (no atomics).
 
 Kernels, by row count (:func:`plan`, per architecture, :func:`dsv4_jax.kernels.arch`): up to ``GEMV_ROWS`` the
-tensor-core-free :func:`fp8_gemv_kernel`; up to 64 :func:`fp8_gemm_kernel` (grid ``(m-n tiles, K splits, groups)``,
-a 16..64-row tile, 64-wide N tiles, K split so that about two programs per SM stream the weight); from
-``PREFILL_MIN_ROWS`` on :mod:`dsv4_jax.kernels.fp8_prefill` (the weight decoded in registers as the tensor cores' A
-operand, 128-row weight tiles swept across the row tiles).
+tensor-core-free :func:`fp8_gemv_kernel` (in :mod:`dsv4_jax.kernels.fp8_gemv`, with its two-weight form); up to 64
+:func:`fp8_gemm_kernel` (grid ``(m-n tiles, K splits, groups)``, a 16..64-row tile, 64-wide N tiles, K split so that
+about two programs per SM stream the weight); from ``PREFILL_MIN_ROWS`` on :mod:`dsv4_jax.kernels.fp8_prefill` (the
+weight decoded in registers as the tensor cores' A operand, 128-row weight tiles swept across the row tiles).
 
 Portability / ROCm: plain ``tl.load``/``tl.dot``, no inline PTX. ``tl.dot`` on e4m3 x e4m3 needs Hopper/Ada (sm89+)
 or CDNA3+ (whose native FP8 is the ``fnuz`` variant; OCP e4m3 needs gfx950): on other targets (Ampere, MI250,
@@ -76,6 +76,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton.language as tl
 
     from dsv4_jax.kernels.common import e8m0
+    from dsv4_jax.kernels.fp8_gemv import fp8_gemv2_kernel, fp8_gemv_kernel
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -162,105 +163,6 @@ if triton is not None:
             tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             part = pid_k.to(tl.int64) * M * G * N
-            tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
-
-
-if triton is not None:
-    @triton.jit
-    def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
-                        K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
-                        SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CW: tl.constexpr = 128):
-        """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
-
-        No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
-        activation in fp32 (exact products); each ``CW``-column sum is scaled by its 128x128 block's power-of-two
-        scale (exact) and summed in fp32. x ``[M, G, K]`` bf16 is used as it is: the FP8 linear passes the values of
-        ``quantize_act`` (exact in bf16, made once per activation: by XLA, or by the mHC kernel that holds the row),
-        ``wo_a`` its bf16 input. (Issuing the next step's loads before this step's arithmetic, a register double
-        buffer, measured 0-24 % slower at V4-Flash's weights: H200, 2026-12-02; ptxas had sunk those loads next to
-        their register copies. Two steps per trip with the loads kept 100-300 instructions ahead of their use,
-        ptxas's register cap raised to 96-128: 10-20 % slower at one row, ``wo_b`` 18.9 vs 17.1 us, ``wq_b`` 16.3
-        vs 14.1, ``wo_a`` 20.0 vs 17.6; H200, 2026-12-03.) (The activation
-        used to be quantized here, in every program and K step: that amax, with shuffles, shared memory and a barrier
-        in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
-        ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
-        ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
-        fp32 partials ``[SPLIT, M, G, N]``."""
-        _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-                   G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False)
-
-    @triton.jit
-    def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
-                         N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
-                         KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128):
-        """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
-        e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
-        tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
-        consumer (:mod:`dsv4_jax.kernels.attn_proj`) sums them with its epilogue. The same tile code and order as
-        :func:`fp8_gemv_kernel`."""
-        pid_n = tl.program_id(0)
-        NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        if pid_n < NT:
-            _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                       BLOCK_N, CW, N + N2, 0, SPLIT, True)
-        else:
-            _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                       NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
-
-    @triton.jit
-    def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
-                   N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
-                   NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
-                   COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr):
-        """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
-        group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
-        without a split)."""
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        n_ok = offs_n < N
-        wrow = g * N + offs_n
-        w_rows = w_ptr + wrow.to(tl.int64) * K  # [BN]
-        sw_rows = sw_ptr + (wrow // 128) * SWK  # [BN]
-        # a step's K range as NC chunks of CW columns. One row (CW 16): one 16-byte load per thread and chunk, so the
-        # 16-column sums stay in registers and per-chunk partial sums cross the K loop, reduced once at the end (no
-        # cross-lane reduction per step). Several rows (CW 128, 128-wide blocks), each step's partial reduced at once:
-        # ptxas sm_90a at 4 rows, wo_b: 96 registers, no spills; 16-column chunks there took 164 registers with
-        # per-row chunk sums, 96 and 8 B of spills without.
-        CPB: tl.constexpr = 128 // CW  # chunks per 128-wide K block
-        NC: tl.constexpr = NB * CPB
-        ch = tl.arange(0, NC)  # [NC] chunk c covers K block c // CPB, columns (c % CPB) * CW ...
-        cc = tl.arange(0, CW)
-        mrow = tl.arange(0, MP)
-        if M == 1:  # [BN, NC, 1]: the weight tile's layout, so the loop carries it without conversions
-            acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
-        else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
-            acc = tl.zeros((MP, BLOCK_N), tl.float32)
-        for i in range(KPS):
-            kb0 = (pid_k * KPS + i) * NB  # first 128-wide K block of this step
-            k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
-            k_ok = k < K
-            w = tl.load(w_rows[:, None, None] + k[None, :, :], mask=n_ok[:, None, None] & k_ok[None, :, :],
-                        other=0.0).to(tl.float32)  # [BN, NC, CW]
-            kb = kb0 + ch // CPB  # [NC]
-            sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
-                              other=127))  # [BN, NC]: the weight block's scale, per chunk
-            for m in tl.static_range(M):
-                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
-                # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
-                part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
-                if M == 1:
-                    acc += part
-                else:
-                    acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
-        if M == 1:
-            acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
-        out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
-        mask = (mrow < M)[:, None] & n_ok[None, :]
-        if SPLIT == 1 and not F32_OUT:
-            tl.store(out_ptr + out_rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = pid_k.to(tl.int64) * M * G * OUT_N
             tl.store(out_ptr + part + out_rows[:, None] + offs_n[None, :], acc, mask=mask)
 
 

@@ -78,6 +78,10 @@ lists at decode row counts and for every prefill row (:func:`use_kernel`); since
 Portability: plain ``tl.load``/``tl.dot``/integer ops (see :mod:`dsv4_jax.kernels.common`), no inline assembly:
 meant for ROCm as well (untried there).
 
+Beside this module: :mod:`sparse_attention_tiles` (the kernel's device functions: index blocks, row pointers into
+the sources, the gathered tiles' loads and decoding, the dots) and :mod:`sparse_attention_torch` (the torch
+launchers of the interpreter tests and the probes).
+
 Warp-specialised form (:mod:`sparse_attention_ws`, Gluon, sm_90 only): a decoder partition gathers and dequantizes
 while the consumer warpgroups run the dots; it writes this kernel's workspace and shares its merge. Opt-in
 (:data:`WS`): on an H100 (2026-12-07) 3-8 % faster than this kernel at batch 32 and 24 % slower at batch 1
@@ -87,7 +91,6 @@ while the consumer warpgroups run the dots; it writes this kernel's workspace an
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -112,89 +115,14 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e8m0, round_bf16
+    from dsv4_jax.kernels.common import round_bf16
+    from dsv4_jax.kernels.sparse_attention_tiles import _c0, _dot, _hload, _ids, _rows, _vtile
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 if triton is not None:
-    @triton.jit
-    def _vtile(codes, scales, rope, ok, c0, DN: tl.constexpr, DR: tl.constexpr, DW: tl.constexpr, FP8: tl.constexpr,
-               ROPE: tl.constexpr = True, S8: tl.constexpr = False):
-        """Dims ``[c0, c0 + DW)`` of the gathered entries, ``[BK, DW]`` bf16 (exact; masked entries 0).
-        ``codes/scales/rope``: ``[BK]`` row pointers already into the right source. FP8 layout: e4m3 code x its 1x64
-        e8m0 scale below DN, the bf16 RoPE dims above; plain layout: ``codes`` holds the values. The bytes load as
-        ``[BK, DW/64, 64]`` groups: ``c0`` and DN are multiples of 64, so a group lies in one scale group and is all
-        codes or all RoPE, and every mask and scale is per group (one scale byte per group and thread).
-        ``ROPE = False``: the tile holds no RoPE dims. ``S8`` (scale rows padded to at least ``c0 / 64 + DW / 64``
-        bytes, the ``S8`` plan): an entry's scale bytes load as one vector (a ``[BK, DW/64]`` tile masked per entry
-        only) instead of one byte per group and thread, so Triton's pipeliner can copy them ahead like the codes (a
-        byte load cannot be a ``cp.async``); the RoPE group reads a padding byte, unused."""
-        gd = c0 + 64 * tl.arange(0, DW // 64)[None, :, None]  # [1, NG, 1] each group's first dim
-        d = gd + tl.arange(0, 64)[None, None, :]  # [1, NG, 64]
-        ok3 = ok[:, None, None]
-        if FP8:
-            c = tl.load(codes[:, None, None] + d, mask=ok3 & (gd < DN), other=0.0)
-            if S8:
-                g8 = c0 // 64 + tl.arange(0, DW // 64)[None, :]  # [1, NG]
-                sc = tl.load(scales[:, None] + g8, mask=ok[:, None], other=127)[:, :, None]  # [BK, NG, 1]
-            else:
-                sc = tl.load(scales[:, None, None] + gd // 64, mask=ok3 & (gd < DN), other=127)
-            if not ROPE:
-                v = c.to(tl.float32) * e8m0(sc)
-            else:
-                if DR == 64:  # one RoPE group: [BK, 1, 64] (if the tile holds it), spread by the where
-                    i = tl.arange(0, 64)[None, None, :]
-                    r = tl.load(rope[:, None, None] + i, mask=ok3 & (c0 <= DN) & (DN < c0 + DW), other=0.0)
-                else:
-                    r = tl.load(rope[:, None, None] + (d - DN), mask=ok3 & (gd >= DN), other=0.0)
-                v = tl.where(c0 + 64 * tl.arange(0, DW // 64)[None, :, None] < DN, c.to(tl.float32) * e8m0(sc),
-                             r.to(tl.float32))
-        else:
-            v = tl.load(codes[:, None, None] + d, mask=ok3, other=0.0).to(tl.float32)
-        return tl.reshape(v, (v.shape[0], DW)).to(tl.bfloat16)
-
-    @triton.jit
-    def _ids(idx_ptr, row, j0, live, K: tl.constexpr, BK: tl.constexpr):
-        """Index block ``[j0, j0 + BK)`` of a row's list, ``[BK]`` (-1 past K, and everywhere unless ``live``)."""
-        jj = j0 + tl.arange(0, BK)
-        return tl.load(idx_ptr + row.to(tl.int64) * K + jj, mask=(jj < K) & live, other=-1)
-
-    @triton.jit
-    def _rows(ids, b, rc, rs, rr, cc, cs, cr, kc, ks, kr, S: tl.constexpr, W: tl.constexpr, NC: tl.constexpr,
-              DN: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr, SST: tl.constexpr):
-        """Ids -> ``(valid, codes, scales, rope)``: ``[BK]`` row pointers into each entry's source (the FP8 layout's
-        three arrays, or the values and two unused pointers)."""
-        DV: tl.constexpr = DN if FP8 else DN + DR  # row length of the codes / values array
-        in_r = ids < W
-        in_c = (ids >= W) & (ids < W + S)
-        r = tl.where(in_r, b * W + ids, tl.where(in_c, b * S + ids - W, b * NC + ids - W - S)).to(tl.int64)
-        codes = tl.where(in_r, rc, tl.where(in_c, cc, kc)) + r * DV  # [BK] row pointers, per source
-        scales = tl.where(in_r, rs, tl.where(in_c, cs, ks)) + r * SST  # scale rows: DN // 64 bytes, or padded
-        rope = tl.where(in_r, rr, tl.where(in_c, cr, kr)) + r * DR
-        return ids >= 0, codes, scales, rope
-
-    @triton.jit
-    def _c0(c, oc, DC: tl.constexpr):
-        """First dim of the 64-dim chunk at offset ``c`` of the dims outside the own dims ``[oc, oc + DC)``."""
-        return c + DC * (c >= oc).to(tl.int32)
-
-    @triton.jit
-    def _hload(ptrs, hm, PADH: tl.constexpr):
-        """A ``[BH, n]`` tile of q; rows of padded heads (``hm`` False) read as 0 where the head block is padded."""
-        if PADH:
-            return tl.load(ptrs, mask=hm[:, None], other=0.0)
-        return tl.load(ptrs)
-
-    @triton.jit
-    def _dot(a, b, INTERPRET: tl.constexpr):
-        """``a @ b`` of bf16-exact operands, fp32 accumulation (the interpreter's bf16 dots are not faithful: the
-        same exact products in fp32 there)."""
-        if INTERPRET:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))  # exact casts
-
     @triton.jit
     def _sparse_attn_kernel(q_ptr, idx_ptr, sink_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
                             S: tl.constexpr, K: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, H: tl.constexpr,
@@ -531,45 +459,3 @@ def sparse_attention(q, ring, chunk, comp, idx, sink, scale: float, p_dtype, *, 
         return sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale, out_rope=out_rope)
     o = sparse_attention_reference(q, ring, chunk, comp, idx, sink, scale, p_dtype)
     return o if out_rope is None else _rotate_back(o, out_rope)
-
-
-# ---------------------------------------------------------------------------------------------- torch launcher
-def run_torch(q, sources: list, fp8: bool, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
-    """Launch the kernel(s) on torch tensors (CI: under ``TRITON_INTERPRET=1``). ``sources``: three tuples
-    (codes, scales, rope) or (values, dummy, dummy) for ring, chunk, compressed; ``p``: a :func:`plan` for this
-    ``K``; ``rope``: ``(cos, sin)`` fp32 ``[B*S, rd/2]`` for the merge's inverse RoPE (split plans). Returns o
-    ``[B,S,H,Dh]`` fp32."""
-    import torch
-
-    B, S, H, Dh = q.shape
-    K = idx.shape[-1]
-    flat = [t for src in sources for t in src]
-    DN = sources[0][0].shape[-1] if fp8 else Dh
-    meta = _meta(q.shape, W, NC, K, fp8, DN, scale, p, sources[0][1].shape[-1] if fp8 else None)
-    n_main = _grid(q.shape, p)[0]
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    nan = lambda *s, dt=torch.float32: torch.full(s, float("nan"), dtype=dt, device=q.device)  # noqa: E731
-    R, sp = B * S, p["SPLIT"]
-    if sp == 1:
-        o = nan(B, S, H, Dh)
-        _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, o, o, o, INTERPRET=interp, **meta)
-        return o
-    acc, m, l = nan(R, sp, H, Dh), nan(R, sp, H), nan(R, sp, H)
-    _sparse_attn_kernel[(n_main,)](q, idx, sink, *flat, acc, m, l, INTERPRET=interp, **meta)
-    return merge_torch(acc, m, l, sink, q.shape, p, rope)
-
-
-def merge_torch(acc, m, l, sink, q_shape, p: dict, rope=None):
-    """:func:`_combine_kernel` on torch tensors: the split workspace ``acc [B*S, SPLIT, H, Dh]``, ``m``, ``l`` ->
-    o ``[B, S, H, Dh]`` fp32, with the merge tile ``p["SP2"]``, ``p["DCC"]`` (:func:`merge_tile`) and the inverse
-    RoPE of ``rope`` (see :func:`run_torch`)."""
-    import torch
-
-    B, S, H, Dh = q_shape
-    o = torch.full((B, S, H, Dh), float("nan"), dtype=torch.float32, device=acc.device)
-    cs, sn = rope if rope is not None else (torch.zeros(1, device=acc.device), torch.zeros(1, device=acc.device))
-    _combine_kernel[(_merge_grid(q_shape, p["DCC"]),)](acc, m, l, sink, cs, sn, o, H=H, DH=Dh, SPLIT=acc.shape[1],
-                                                       SP2=p["SP2"], DCC=p["DCC"],
-                                                       RD=0 if rope is None else 2 * cs.shape[-1], num_warps=4,
-                                                       num_stages=1)
-    return o

@@ -375,7 +375,8 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
     ``[B, S, H, Dh]`` fp32."""
     import torch
 
-    from dsv4_jax.kernels.sparse_attention import merge_tile, merge_torch
+    from dsv4_jax.kernels.sparse_attention import merge_tile
+    from dsv4_jax.kernels.sparse_attention_torch import merge_torch
 
     B, S, H, Dh = q.shape
     K = idx.shape[-1]
