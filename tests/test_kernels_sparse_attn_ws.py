@@ -22,10 +22,11 @@ from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  
 ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
-PLANS = [{}, {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}, {"BK": 64, "SC": 16, "DEC_REGS": 112}]
-PLAN_IDS = ["8-warp-consumer", "8-warp-decoder", "64-entry-tiles"]
-# the fastest plan measured (H200, 2026-12-07: 184 us at HCA 1M batch 32 against the default's 202); its sm_90a build
-# spills 8 bytes in the decoders, so it is checked on the GPU only
+PLANS = [{}, {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}, {"BK": 64, "SC": 16, "DEC_REGS": 112},
+         {"NST": 4}, {"EC": 16, "DEC_REGS": 128}]
+PLAN_IDS = ["8-warp-consumer", "8-warp-decoder", "64-entry-tiles", "4-stages", "16-entry-decode"]
+# 64-entry tiles with 8 decoder warps (fastest before the one-address gathers: H200, 2026-12-07, 184 us at HCA 1M
+# batch 32); its sm_90a build spills 56 bytes in the decoders, so it is checked on the GPU only
 GPU_PLANS = PLANS + [{"BK": 64, "SC": 16, "DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}]
 GPU_PLAN_IDS = PLAN_IDS + ["64-entry-tiles-8-warp-decoder"]
 

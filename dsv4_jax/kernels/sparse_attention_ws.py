@@ -10,10 +10,11 @@ range of its index list, as the portable kernel's split plan) has two partitions
 
 * a decoder partition (4 warps, 96 registers): per 32-entry block, in list order, it copies the entries' e4m3 codes
   and bf16 RoPE dims from the source they live in (ring, chunk or compressed) with ``cp.async`` two blocks ahead into
-  three staging buffers (a masked id's copy is zero-filled: its values read as 0), loads the 7-byte scale rows
-  (``cp.async`` copies 4 bytes at least, aligned), then decodes codes x 2**(s - 127) (exact in bf16) into one of two
-  ``[BK, 512]`` tiles, copies the RoPE dims into their columns and signals ``full``; ``empty`` tells it a tile is
-  free again.
+  three staging buffers (a masked id's copy is zero-filled: its values read as 0; a thread copies several 16-byte
+  pieces of one entry from one row address, whose arithmetic was most of the decoders' instructions when each piece
+  computed its own), loads the 7-byte scale rows (``cp.async`` copies 4 bytes at least, aligned), then decodes codes
+  x 2**(s - 127) (exact in bf16) into one of two ``[BK, 512]`` tiles, copies the RoPE dims into their columns and
+  signals ``full``; ``empty`` tells it a tile is free again.
 * the consumers (the default partition, 8 warps = 2 warpgroups): per block ``S = Q K^T`` (wgmma, Q ``[64, 512]``
   resident in shared memory, each warpgroup half of the block's entries), the online softmax of the portable kernel
   (running max, ``alpha = exp(m - m_new)``, P rounded to bf16 relative to the running max for P.V only), ``acc += P
@@ -23,10 +24,13 @@ Plan knobs (:func:`plan`, benchmarks): ``DEC_WARPS=8`` (with ``MAXNREG=128``, ``
 doubles the decoders: 16 warps leave ptxas 128 registers per instruction, so the accumulator's wgmma instructions
 are 128 wide instead of 256; ``BK=64`` with ``SC=16`` (staging chunks of 16 entries, so that two 64-entry tiles, Q
 and the staging fit 227 KB) halves the consumers' Q reads and softmax steps per entry; ``PROBE=1`` / ``PROBE=2``
-time the decoders or the consumers alone (the output is then wrong). Measured and removed (H200, 2026-12-07,
-``docs/performance.md``): two consumer warpgroups each forming the whole S, or exchanging row maxima and P through
-shared memory under mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for
-blocks of compressed entries only.
+time the decoders or the consumers alone (the output is then wrong); ``NST=4`` stages four staging chunks (three
+ahead) instead of three; ``EC`` entries decoded at a time. Measured and removed (2026-12-07, ``docs/performance.md``):
+two consumer warpgroups each forming the whole S, or exchanging row maxima and P through shared memory under
+mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for blocks of compressed
+entries only; a decode by integer bit moves and bf16 multiplies (exact, checked bit for bit on an H100, but no
+faster than the e4m3 -> f16 -> f32 -> bf16 conversions); rescaling the accumulator only when a row maximum has grown
+by more than e**8 (the branch made the consumers slower, 95 -> 107 us).
 
 Register budgets (sm_90a builds, ``tests/test_kernels_sparse_attn_ws.py``): ptxas checks each instruction against
 the kernel's average (65,536 / threads) whatever the ``setmaxnreg`` regions allow, and a 64 x 256 wgmma with an fp32
@@ -82,6 +86,28 @@ if gluon is not None:
         """The decoder's ``[entries, 8, 64]`` layout (groups of 64 dims, 16 bytes a thread)."""
         return gl.BlockedLayout([1, 1, 16], [1, 8, 4], [num_warps, 1, 1], [2, 1, 0])
 
+    @constexpr_function
+    def _layout_il(num_warps, n):
+        """The gathers' ``[n, 8, 64]`` layout in which a thread copies ``te`` of an entry's eight 64-byte
+        groups (every ``8 // te``-th, 16 bytes each; ``te`` entries per warp and pass, up to 4) from one row address,
+        so that the address arithmetic (id, source select, 64-bit row offset) is done once per ``te`` copies instead
+        of once per copy; each warp instruction still covers all 32 banks (``te`` entries x groups of both parities
+        x four 16-byte columns)."""
+        te = min(4, max(1, n // num_warps))
+        return gl.BlockedLayout([1, 1, 16], [te, 8 // te, 4], [num_warps, 1, 1], [2, 1, 0])
+
+    @constexpr_function
+    def _layout_rope(num_warps, n):
+        """The RoPE rows' ``[n, 64]`` bf16 layout, one pass per chunk: ``te`` entries per warp, a thread
+        copying ``2 te`` consecutive dims (one row address per thread)."""
+        te = min(8, max(1, n // num_warps))
+        return gl.BlockedLayout([1, 2 * te], [te, 32 // te], [num_warps, 1], [1, 0])
+
+    @constexpr_function
+    def _layout_sc(num_warps):
+        """The scale rows' ``[n, 8]`` layout: a thread loads one entry's bytes from one row address."""
+        return gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+
     @gluon.jit
     def _x3(v):
         """``[n]`` -> ``[n, 1, 1]``."""
@@ -110,67 +136,69 @@ if gluon is not None:
 
     @gluon.jit
     def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
-               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr,
-               EC: gl.constexpr):
+               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr):
         """Start a chunk's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
-        dims (``[BK, 64]`` bf16) by ``cp.async``, ``EC`` entries at a time; returns its scale bytes ``[BK, 8]``
-        (plain loads, in flight: ``cp.async`` cannot copy a 7-byte row)."""
+        dims (``[BK, 64]`` bf16) by ``cp.async``, each in one pass with one row address per thread and entry
+        (:func:`_layout_il`, :func:`_layout_rope`: the address arithmetic was most of the decoders' instructions when
+        every 16-byte copy computed its own); returns its scale bytes ``[BK, 8]`` (plain loads, in flight:
+        ``cp.async`` cannot copy a 7-byte row)."""
         idst.store(ids)
         gl.thread_barrier()
-        L3: gl.constexpr = _layout3(gl.num_warps())
-        LE: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
-        i = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
-        ir = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0)  # [1, 64]
-        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(1, L3))  # [EC] entries of the RoPE rows' layout
-        for c in gl.static_range(BK // EC):
-            e = idst.slice(c * EC, EC, dim=0).load(LE)  # [EC]
-            async_copy.async_copy_global_to_shared(rawc.slice(c * EC, EC, dim=0),
-                                                   _x3(_src(e, rc, cc, kc, DN, b, S, W, NC)) + g * 64 + i,
-                                                   mask=_x3(e >= 0) & (g * 64 < DN))
-            e2 = idst.slice(c * EC, EC, dim=0).load(LR)  # the same ids in the RoPE rows' layout (no shuffle)
-            rb = gl.expand_dims(_src(e2, rr, cr, kr, DR, b, S, W, NC), 1)
-            async_copy.async_copy_global_to_shared(rawr.slice(c * EC, EC, dim=0), rb + ir,
-                                                   mask=gl.expand_dims(e2 >= 0, 1))
-        g2 = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0)  # [1, 8]
-        sb = gl.expand_dims(_src(ids, rs, cs, ks, SST, b, S, W, NC), 1)
-        sc = gl.load(sb + g2, mask=gl.expand_dims(ids >= 0, 1) & (g2 * 64 < DN), other=127)
+        LI: gl.constexpr = _layout_il(gl.num_warps(), BK)
+        ei = idst.load(gl.SliceLayout(1, gl.SliceLayout(2, LI)))  # [BK]
+        gi = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LI))), 0), 2)
+        ii = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, LI))), 0), 1)
+        async_copy.async_copy_global_to_shared(rawc, _x3(_src(ei, rc, cc, kc, DN, b, S, W, NC)) + gi * 64 + ii,
+                                               mask=_x3(ei >= 0) & (gi * 64 < DN))
+        LRo: gl.constexpr = _layout_rope(gl.num_warps(), BK)
+        er = idst.load(gl.SliceLayout(1, LRo))  # [BK]
+        dr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, LRo)), 0)  # [1, 64]
+        async_copy.async_copy_global_to_shared(rawr, gl.expand_dims(_src(er, rr, cr, kr, DR, b, S, W, NC), 1) + dr,
+                                               mask=gl.expand_dims(er >= 0, 1))
         async_copy.commit_group()
-        return sc
+        LS: gl.constexpr = _layout_sc(gl.num_warps())
+        es = idst.load(gl.SliceLayout(1, LS))  # [BK]
+        gs = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LS)), 0)  # [1, 8]
+        return gl.load(gl.expand_dims(_src(es, rs, cs, ks, SST, b, S, W, NC), 1) + gs,
+                       mask=gl.expand_dims(es >= 0, 1) & (gs * 64 < DN), other=127)
 
     @gluon.jit
     def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
                  row, b, j0, S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr,
                  DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
-                 EC: gl.constexpr, SC: gl.constexpr):
+                 EC: gl.constexpr, SC: gl.constexpr, NST: gl.constexpr):
         """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers, in chunks of ``SC`` entries (``SC``
-        divides ``BK``): each chunk gathered by ``cp.async`` two chunks ahead into one of three staging buffers, then
-        decoded (e4m3 code x its e8m0 scale, RoPE dims as they are; exact in bf16) into its rows of a tile ``[BK,
-        512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros); the tile is signalled full after its last
-        chunk. (Chunks smaller than the tile keep the staging within shared memory at 64-entry tiles.)"""
+        divides ``BK``): each chunk gathered by ``cp.async`` ``NST - 1`` chunks ahead into one of ``NST`` (3 or 4)
+        staging buffers, then decoded (e4m3 code x its e8m0 scale, RoPE dims as they are; exact in bf16) into its
+        rows of a tile ``[BK, 512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros); the tile is signalled full
+        after its last chunk. (Chunks smaller than the tile keep the staging within shared memory at 64-entry
+        tiles.)"""
         L3: gl.constexpr = _layout3(gl.num_warps())
         LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [SC, 64] RoPE dims
         CPB: gl.constexpr = BK // SC  # chunks per block
         NCH: gl.constexpr = NB * CPB
         sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
-                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, SC,
-                             EC)
+                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, SC)
         sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
-                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, SC,
-                             EC)
-        nxt = _load_ids(idx_ptr, row, 2, j0, K, SC, NCH)
+                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, SC)
+        if NST == 4:
+            sc2 = _issue(_load_ids(idx_ptr, row, 2, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr,
+                         rawcs.index(2), rawrs.index(2), idsts.index(2), b, S, W, NC, DN, DR, SST, SC)
+        else:
+            sc2 = sc1  # unused
+        nxt = _load_ids(idx_ptr, row, NST - 1, j0, K, SC, NCH)
         for n in range(NB):
             tb = n % NBUF
             kblk = kbufs.index(tb)
             for j in gl.static_range(CPB):
                 ch = n * CPB + j  # the chunk
-                st = ch % 3
-                sc2 = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index((ch + 2) % 3),
-                             rawrs.index((ch + 2) % 3), idsts.index((ch + 2) % 3), b, S, W, NC, DN, DR, SST, SC,
-                             EC)
-                nxt = _load_ids(idx_ptr, row, ch + 3, j0, K, SC, NCH)
+                st = ch % NST
+                sn = (ch + NST - 1) % NST
+                new = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(sn), rawrs.index(sn),
+                             idsts.index(sn), b, S, W, NC, DN, DR, SST, SC)
+                nxt = _load_ids(idx_ptr, row, ch + NST, j0, K, SC, NCH)
                 scst.store(sc0)
-                async_copy.wait_group(2)  # chunk ch's copies (this thread's) have landed ...
+                async_copy.wait_group(NST - 1)  # chunk ch's copies (this thread's) have landed ...
                 gl.thread_barrier()  # ... and every decoder thread's
                 if j == 0:
                     mbarrier.wait(empty.index(tb), ((n // NBUF) & 1) ^ 1)  # the consumers are done with the tile
@@ -191,7 +219,11 @@ if gluon is not None:
                     mbarrier.arrive(full.index(tb), count=1)
                 gl.thread_barrier()  # every thread is done with this stage before it is refilled
                 sc0 = sc1
-                sc1 = sc2
+                if NST == 4:
+                    sc1 = sc2
+                    sc2 = new
+                else:
+                    sc1 = new
 
     @gluon.jit
     def _feeder(idx_ptr, idbufs, full, empty, row, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
@@ -286,7 +318,7 @@ if gluon is not None:
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NBUF: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
                                ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, SC: gl.constexpr = 32,
-                               PROBE: gl.constexpr = 0):
+                               PROBE: gl.constexpr = 0, NST: gl.constexpr = 3):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -309,9 +341,10 @@ if gluon is not None:
         kbufs = gl.allocate_shared_memory(gl.bfloat16, [NBUF, BK, DH],
                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
         idbufs = gl.allocate_shared_memory(gl.int32, [NBUF, BK], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        rawcs = gl.allocate_shared_memory(gl.uint8, [3, SC, 8, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-        rawrs = gl.allocate_shared_memory(gl.bfloat16, [3, SC, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        idsts = gl.allocate_shared_memory(gl.int32, [3, SC], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        rawcs = gl.allocate_shared_memory(gl.uint8, [NST, SC, 8, 64],
+                                          gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+        rawrs = gl.allocate_shared_memory(gl.bfloat16, [NST, SC, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        idsts = gl.allocate_shared_memory(gl.int32, [NST, SC], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         scst = gl.allocate_shared_memory(gl.uint8, [SC, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -330,7 +363,7 @@ if gluon is not None:
             acc, m, l = gl.warp_specialize([
                 (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
-                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC))],
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, NST))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
@@ -366,7 +399,7 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"],
-                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)))
+                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=int(p.get("NST", 3)))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
