@@ -124,9 +124,9 @@ def bench_decode(cfg, args, rates) -> list[dict]:
                     p = None if ws else plan_variant(cfg, args.batch, K, over)
                     op = lambda c, sc=sc, p=p: sparse_attention_triton(*c[:5], c[5], sc, p)  # noqa: E731
                 fn = jax.jit(lambda cs, op=op: [op(c) for c in cs])
-                sa_mod.WS = impl != "reference" and ws
+                ws_default, sa_mod.WS = sa_mod.WS, impl != "reference" and ws  # "triton" alone: the portable kernel
                 t = time_call(fn, cases, trials=args.trials, warmup=1) / n
-                sa_mod.WS = False
+                sa_mod.WS = ws_default
                 r = dict(context=ctx, layer=kind, impl=impl, entries=K, MB=nbytes / 1e6, us=t * 1e6,
                          frac_copy=nbytes / t / rates["copy_best"], device=rates["device"])
                 rows.append(r)

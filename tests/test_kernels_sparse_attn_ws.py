@@ -23,8 +23,8 @@ ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
 PLANS = [{}, {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}, {"BK": 64, "SC": 16, "DEC_REGS": 112},
-         {"NST": 4}, {"EC": 16, "DEC_REGS": 128}]
-PLAN_IDS = ["8-warp-consumer", "8-warp-decoder", "64-entry-tiles", "4-stages", "16-entry-decode"]
+         {"NST": 3}, {"EC": 16, "DEC_REGS": 128}]
+PLAN_IDS = ["8-warp-consumer", "8-warp-decoder", "64-entry-tiles", "3-stages", "16-entry-decode"]
 # 64-entry tiles with 8 decoder warps (fastest before the one-address gathers: H200, 2026-12-07, 184 us at HCA 1M
 # batch 32); its sm_90a build spills 56 bytes in the decoders, so it is checked on the GPU only
 GPU_PLANS = PLANS + [{"BK": 64, "SC": 16, "DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128}]
@@ -131,7 +131,7 @@ def test_gpu_jax_route_matches_reference(monkeypatch, case):
 
 def test_ws_gate(monkeypatch):
     """``sparse_attention.WS`` sends only what the kernel handles there: sm_90 on the jax-triton route, decode row
-    counts, V4's FP8 layout with a multiple of 64 heads; off by default."""
+    counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` rows on."""
     import jax.numpy as jnp
 
     from dsv4_jax.kernels import sparse_attention as sa
@@ -141,8 +141,13 @@ def test_ws_gate(monkeypatch):
                     rope=jnp.zeros((1, 8, 64), jnp.bfloat16))
     monkeypatch.setattr(sa, "arch", lambda: "sm90")
     monkeypatch.setattr(sa, "route_for", lambda tiled=False: "jax-triton")
-    assert not sa._use_ws(32, 64, 512, ring), "on without WS"
+    monkeypatch.setattr(sa, "WS", None)
+    assert sa._use_ws(sa.WS_MIN_ROWS, 64, 512, ring) == (ws.gluon is not None)
+    assert not sa._use_ws(sa.WS_MIN_ROWS - 1, 64, 512, ring), "auto below WS_MIN_ROWS"
+    monkeypatch.setattr(sa, "WS", False)
+    assert not sa._use_ws(32, 64, 512, ring), "on with WS False"
     monkeypatch.setattr(sa, "WS", True)
+    assert sa._use_ws(1, 64, 512, ring) == (ws.gluon is not None)
     assert sa._use_ws(32, 64, 512, ring) == (ws.gluon is not None)
     assert not sa._use_ws(sa.AUTO_MAX_ROWS + 1, 64, 512, ring), "prefill rows"
     assert not sa._use_ws(32, 32, 512, ring), "32 heads"

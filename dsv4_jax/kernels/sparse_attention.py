@@ -83,9 +83,9 @@ the sources, the gathered tiles' loads and decoding, the dots) and :mod:`sparse_
 launchers of the interpreter tests and the probes).
 
 Warp-specialised form (:mod:`sparse_attention_ws`, Gluon, sm_90 only): a decoder partition gathers and dequantizes
-while the consumer warpgroups run the dots; it writes this kernel's workspace and shares its merge. Opt-in
-(:data:`WS`): on an H100 (2026-12-07) 3-8 % faster than this kernel at batch 32 and 24 % slower at batch 1
-(``docs/performance.md``).
+while the consumer warpgroups run the dots; it writes this kernel's workspace and shares its merge. It takes decode
+calls of :data:`WS_MIN_ROWS` rows or more (:data:`WS`): on an H100 (2026-12-07) 9-20 % faster than this kernel at 8
+and 32 rows, 20 % slower at one row (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -405,14 +405,19 @@ PREFILL_AUTO = True  # ... which take it whatever their lists' length (measured 
 XLA_ROUTE_MAX_LIST = 0
 
 
-# Opt-in (a benchmark knob until measured): decode rows over V4's FP8 caches on sm_90 run the warp-specialised Gluon
-# kernel of :mod:`sparse_attention_ws` (launched through jax-triton) instead of the portable one.
-WS = False
+# Decode rows over V4's FP8 caches on sm_90 run the warp-specialised Gluon kernel of :mod:`sparse_attention_ws`
+# (launched through jax-triton) instead of the portable one: None = from WS_MIN_ROWS rows on (_use_ws), True / False
+WS: bool | None = None
+WS_MIN_ROWS = 8  # WS None ("auto"): decode calls of at least this many rows take the Gluon kernel
 
 
 def _use_ws(rows: int, H: int, Dh: int, ring) -> bool:
-    """Whether :data:`WS` applies: sm_90, decode rows, the FP8 layout the Gluon kernel handles, jax-triton."""
-    return (WS and arch() == "sm90" and rows <= AUTO_MAX_ROWS and isinstance(ring, Fp8Cache)
+    """Whether the Gluon kernel (:mod:`sparse_attention_ws`) takes these decode rows: :data:`WS` True (every decode
+    row count), None (auto: from :data:`WS_MIN_ROWS` rows on; on an H100, 2026-12-07, it was 9-20 % faster than this
+    kernel at 8 and 32 rows over 128K-1M-token contexts, 20 % slower at one row) or False (never); and sm_90, the FP8
+    layout the kernel handles, jax-triton."""
+    wanted = WS if WS is not None else rows >= WS_MIN_ROWS
+    return (wanted and arch() == "sm90" and rows <= AUTO_MAX_ROWS and isinstance(ring, Fp8Cache)
             and sparse_attention_ws.supported(H, ring.codes.shape[-1], Dh - ring.codes.shape[-1], True)
             and route_for(tiled=True) == "jax-triton")
 

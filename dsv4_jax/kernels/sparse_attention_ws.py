@@ -9,8 +9,8 @@ lower-level language, lets a kernel say which warps do what. Here one program (a
 range of its index list, as the portable kernel's split plan) has two partitions:
 
 * a decoder partition (4 warps, 96 registers): per 32-entry block, in list order, it copies the entries' e4m3 codes
-  and bf16 RoPE dims from the source they live in (ring, chunk or compressed) with ``cp.async`` two blocks ahead into
-  three staging buffers (a masked id's copy is zero-filled: its values read as 0; a thread copies several 16-byte
+  and bf16 RoPE dims from the source they live in (ring, chunk or compressed) with ``cp.async`` three blocks ahead
+  into four staging buffers (a masked id's copy is zero-filled: its values read as 0; a thread copies several 16-byte
   pieces of one entry from one row address, whose arithmetic was most of the decoders' instructions when each piece
   computed its own), loads the 7-byte scale rows (``cp.async`` copies 4 bytes at least, aligned), then decodes codes
   x 2**(s - 127) (exact in bf16) into one of two ``[BK, 512]`` tiles, copies the RoPE dims into their columns and
@@ -24,8 +24,8 @@ Plan knobs (:func:`plan`, benchmarks): ``DEC_WARPS=8`` (with ``MAXNREG=128``, ``
 doubles the decoders: 16 warps leave ptxas 128 registers per instruction, so the accumulator's wgmma instructions
 are 128 wide instead of 256; ``BK=64`` with ``SC=16`` (staging chunks of 16 entries, so that two 64-entry tiles, Q
 and the staging fit 227 KB) halves the consumers' Q reads and softmax steps per entry; ``PROBE=1`` / ``PROBE=2``
-time the decoders or the consumers alone (the output is then wrong); ``NST=4`` stages four staging chunks (three
-ahead) instead of three; ``EC`` entries decoded at a time. Measured and removed (2026-12-07, ``docs/performance.md``):
+time the decoders or the consumers alone (the output is then wrong); ``NST=3`` stages three staging chunks (two
+ahead) instead of four; ``EC`` entries decoded at a time. Measured and removed (2026-12-07, ``docs/performance.md``):
 two consumer warpgroups each forming the whole S, or exchanging row maxima and P through shared memory under
 mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for blocks of compressed
 entries only; a decode by integer bit moves and bf16 multiplies (exact, checked bit for bit on an H100, but no
@@ -77,6 +77,7 @@ DEC_WARPS = 4
 DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
 EC = 8  # entries a decoder decodes at a time
+NST = 4  # staging chunks (NST - 1 in flight ahead of the one decoded: 6 % faster than 3 at HCA 1M batch 32, H100)
 
 
 if gluon is not None:
@@ -384,7 +385,7 @@ def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict
     split = max(1, min(nb, sms // (rows * (H // HEADS))))
     bps = math.ceil(nb / split)
     return dict(BK=bk, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
-                MAXNREG=MAXNREG) | t
+                MAXNREG=MAXNREG, NST=NST if bk == 32 else 3) | t  # 64-entry tiles: 4 stages do not fit 227 KB
 
 
 def num_warps(p: dict) -> int:
