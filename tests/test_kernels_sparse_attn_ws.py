@@ -131,7 +131,8 @@ def test_gpu_jax_route_matches_reference(monkeypatch, case):
 
 def test_ws_gate(monkeypatch):
     """``sparse_attention.WS`` sends only what the kernel handles there: sm_90 on the jax-triton route, decode row
-    counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` rows on."""
+    counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` rows of one query
+    per sequence on."""
     import jax.numpy as jnp
 
     from dsv4_jax.kernels import sparse_attention as sa
@@ -144,6 +145,7 @@ def test_ws_gate(monkeypatch):
     monkeypatch.setattr(sa, "WS", None)
     assert sa._use_ws(sa.WS_MIN_ROWS, 64, 512, ring) == (ws.gluon is not None)
     assert not sa._use_ws(sa.WS_MIN_ROWS - 1, 64, 512, ring), "auto below WS_MIN_ROWS"
+    assert not sa._use_ws(32, 64, 512, ring, S=4), "auto with several queries per sequence"
     monkeypatch.setattr(sa, "WS", False)
     assert not sa._use_ws(32, 64, 512, ring), "on with WS False"
     monkeypatch.setattr(sa, "WS", True)
