@@ -100,6 +100,25 @@ def test_gpu_matches_reference(case, over):
     _close(got, ref, mag, name, ulps=1.0)
 
 
+@pytest.mark.parametrize("S", [2, 4])
+def test_gpu_several_queries_per_sequence(S):
+    """Rows of ``S`` queries per sequence (a speculative verify step: the chunk's own entries in the lists, ids in
+    ``[W, W + S)``), 8 sequences of V4-Flash CSA shape at different positions: the bound of the one-query cases. (The
+    auto rule of ``sparse_attention._use_ws`` keeps such rows on the portable kernel until this has run.)"""
+    torch = pytest.importorskip("torch")
+    if ws.gluon is None or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialised kernel needs an sm_90 GPU (Hopper) and Gluon")
+    B, H, Nc = 8, 64, 2048
+    q, caches, idx, sink = _inputs(B, S, H, 512, 128, Nc, 512, [5, 120, 127, 128, 700, 3000, 7000, 8000], True,
+                                   SEED + S)
+    ref, mag = _reference(q, caches, idx, sink, Nc)
+    sources = [tuple(_torch(x) for x in (c.codes, c.scales, c.rope)) for c in caches]
+    p = ws.plan(B * S, H, idx.shape[-1], torch.cuda.get_device_properties(0).multi_processor_count)
+    got = ws.run_torch(_torch(q), sources, _torch(idx), _torch(sink), 128, Nc, 512**-0.5, p)
+    torch.cuda.synchronize()
+    _close(got.to(torch.bfloat16).float().cpu().numpy(), ref, mag, f"verify-s{S}", ulps=1.0)
+
+
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] in ("csa-decode-b32", "masked-blocks")],
                          ids=lambda c: c[0])
 def test_gpu_jax_route_matches_reference(monkeypatch, case):
