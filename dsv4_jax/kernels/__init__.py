@@ -11,9 +11,9 @@ One module per op (``fp8_linear``, ``fp4_moe``, ``sparse_attention``, ``mhc``) h
 
 Where one op's module would pass ~500 lines, a part moves to a module beside it named after the op:
 ``sparse_attention_ref`` (the reference), ``sparse_attention_tiles`` (the kernel's helpers), ``sparse_attention_torch``
-(torch launchers), ``sparse_attention_ws`` (the opt-in Gluon kernel), ``fp8_prefill``, ``fp8_gemv`` (the decode GEMV
-kernels), ``fp4_moe_gemv`` / ``_wx`` / ``_mma`` / ``_scaled``, ``indexer_prefill`` (kernel forms), ``bf16_proj`` (the
-decode step's bf16 projections, an op of its own).
+(torch launchers), ``sparse_attention_ws`` (the Gluon kernel of sm_90 decode calls), ``fp8_prefill``, ``fp8_gemv``
+(the decode GEMV kernels), ``fp4_moe_gemv`` / ``_wx`` / ``_mma`` / ``_scaled``, ``indexer_prefill`` (kernel forms),
+``bf16_proj`` (the decode step's bf16 projections, an op of its own).
 
 ``Config.kernels`` chooses: ``"reference"`` never uses Triton; ``"triton"`` always does and fails loudly where it
 cannot (CPU backend, or the packages its launch route needs missing); ``"auto"`` uses Triton on a GPU backend when they
