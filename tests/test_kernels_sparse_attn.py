@@ -33,6 +33,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_shim  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _portable_kernel(monkeypatch):
+    """This file tests the portable kernel: the Gluon one (``sparse_attention.WS``, which by default takes decode
+    calls of 8+ rows on sm_90) is tested in ``test_kernels_sparse_attn_ws.py``."""
+    import dsv4_jax.kernels.sparse_attention as sa
+
+    monkeypatch.setattr(sa, "WS", False)
+
+
 # (name, B, S, H, Dh, W, Nc, n_comp index slots, positions, fp8, plan overrides): "bps" = index blocks per split
 # (else the CPU plan's choice), "BK" = entries per block (else 64), "DC" = output dims per program (else 64), "hole" =
 # list slots set to -1, "dr" = RoPE dims of the FP8 layout (else 64), "S8" = scale rows padded to 8 bytes and read as
