@@ -82,22 +82,27 @@ def _torch(a):
     return torch.from_numpy(a.copy()).cuda()
 
 
-@pytest.mark.parametrize("over", GPU_PLANS, ids=GPU_PLAN_IDS)
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
-def test_gpu_matches_reference(case, over):
+def _check_on_gpu(name, B, S, H, Nc, n_comp, positions, hole, over, seed):
+    """The kernel (torch launch, plan ``over``) on fresh inputs of ``B`` sequences of ``S`` queries against the XLA
+    reference, with the portable kernel's error bound (sm_90 GPU with Gluon, else skipped)."""
     torch = pytest.importorskip("torch")
     if ws.gluon is None or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialised kernel needs an sm_90 GPU (Hopper) and Gluon")
-    name, B, H, Nc, n_comp, positions, *hole = case
-    q, caches, idx, sink = _inputs(B, 1, H, 512, 128, Nc, n_comp, positions, True, SEED, hole[0] if hole else None)
+    q, caches, idx, sink = _inputs(B, S, H, 512, 128, Nc, n_comp, positions, True, seed, hole)
     ref, mag = _reference(q, caches, idx, sink, Nc)
     sources = [tuple(_torch(x) for x in (c.codes, c.scales, c.rope)) for c in caches]
-    K = idx.shape[-1]
-    p = ws.plan(B, H, K, torch.cuda.get_device_properties(0).multi_processor_count, over)
+    p = ws.plan(B * S, H, idx.shape[-1], torch.cuda.get_device_properties(0).multi_processor_count, over)
     got = ws.run_torch(_torch(q), sources, _torch(idx), _torch(sink), 128, Nc, 512**-0.5, p)
     torch.cuda.synchronize()
     got = got.to(torch.bfloat16).float().cpu().numpy()  # the model's output dtype
     _close(got, ref, mag, name, ulps=1.0)
+
+
+@pytest.mark.parametrize("over", GPU_PLANS, ids=GPU_PLAN_IDS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
+def test_gpu_matches_reference(case, over):
+    name, B, H, Nc, n_comp, positions, *hole = case
+    _check_on_gpu(name, B, 1, H, Nc, n_comp, positions, hole[0] if hole else None, over, SEED)
 
 
 @pytest.mark.parametrize("S", [2, 4])
@@ -105,18 +110,8 @@ def test_gpu_several_queries_per_sequence(S):
     """Rows of ``S`` queries per sequence (a speculative verify step: the chunk's own entries in the lists, ids in
     ``[W, W + S)``), 8 sequences of V4-Flash CSA shape at different positions: the bound of the one-query cases. (The
     auto rule of ``sparse_attention._use_ws`` keeps such rows on the portable kernel until this has run.)"""
-    torch = pytest.importorskip("torch")
-    if ws.gluon is None or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the warp-specialised kernel needs an sm_90 GPU (Hopper) and Gluon")
-    B, H, Nc = 8, 64, 2048
-    q, caches, idx, sink = _inputs(B, S, H, 512, 128, Nc, 512, [5, 120, 127, 128, 700, 3000, 7000, 8000], True,
-                                   SEED + S)
-    ref, mag = _reference(q, caches, idx, sink, Nc)
-    sources = [tuple(_torch(x) for x in (c.codes, c.scales, c.rope)) for c in caches]
-    p = ws.plan(B * S, H, idx.shape[-1], torch.cuda.get_device_properties(0).multi_processor_count)
-    got = ws.run_torch(_torch(q), sources, _torch(idx), _torch(sink), 128, Nc, 512**-0.5, p)
-    torch.cuda.synchronize()
-    _close(got.to(torch.bfloat16).float().cpu().numpy(), ref, mag, f"verify-s{S}", ulps=1.0)
+    _check_on_gpu(f"verify-s{S}", 8, S, 64, 2048, 512, [5, 120, 127, 128, 700, 3000, 7000, 8000], None, None,
+                  SEED + S)
 
 
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] in ("csa-decode-b32", "masked-blocks")],
@@ -146,6 +141,14 @@ def test_gpu_jax_route_matches_reference(monkeypatch, case):
     assert calls, f"{name}: the Gluon kernel did not run"
     ref, mag = _reference(q, caches, idx, sink, Nc)
     _close(np.asarray(got.astype(jnp.float32)), ref, mag, name, ulps=1.0)
+
+
+def test_plan_rejects_unsupported_stage_counts():
+    """The decoder is written for 3 or 4 staging chunks: any other count is refused when the launch is built."""
+    p = ws.plan(32, 64, 8320, 132, {"NST": 5})
+    with pytest.raises(ValueError, match="NST=5"):
+        ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, p, 7)
+    assert ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, ws.plan(32, 64, 8320, 132), 7)["NST"] == 4
 
 
 def test_ws_gate(monkeypatch):

@@ -397,10 +397,12 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     """The kernel's constexprs for queries of ``q_shape`` over ``K``-entry lists under plan ``p`` (``sst``: bytes per
     scale row)."""
     B, S, H, Dh = q_shape
+    if p["NST"] not in (3, 4):  # the decoder carries the in-flight chunks' scale rows for 3 or 4 stages only
+        raise ValueError(f"sparse_attention_ws plan: NST={p['NST']}, expected 3 or 4 staging chunks")
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=p["EC"], ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"],
-                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=int(p.get("NST", 3)))
+                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=p["NST"])
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
