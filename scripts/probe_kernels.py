@@ -14,9 +14,10 @@ Inputs are random, at V4-Flash shapes:
   kernels) for ``--batch`` tokens of 6 experts each; plan overrides are :func:`fp4_moe_gemv.gemv_tiles` entries;
   ``MMA=1`` takes the tensor-core GEMV of :mod:`fp4_moe_mma` instead (:func:`fp4_moe_mma.launch_mma_torch`, the
   same four launches; overrides are :func:`fp4_moe_mma.mma_tiles` entries, ``F8=1`` its e4m3 dots);
-* ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation; the split-K partials summed by
-  torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan overrides are
-  :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``, ``num_stages``).
+* ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation, ``x32=1`` an fp32 one; the
+  split-K partials summed by torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan
+  overrides are :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``,
+  ``num_stages``).
 
     python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --tiles ';num_stages=1'
     python scripts/probe_kernels.py --op attn --kind hca --context 1048576 --scale-stride 8 --tiles \
@@ -113,8 +114,9 @@ def fp8_case(args, g):
                        dtype=torch.uint8)
 
     def launcher(over):
+        xv = x.float() if over.pop("x32", 0) else x  # x32=1: the activation in fp32 (no bf16 -> fp32 per weight)
         p = fp8_linear.gemv_plan(args.batch, N, K, G, 132, **over)
-        return (lambda: fp8_linear.run_gemv_torch(x, wq, ws, G, torch.bfloat16, p)), p
+        return (lambda: fp8_linear.run_gemv_torch(xv, wq, ws, G, torch.bfloat16, p)), p
 
     return launcher, wq.numel() + ws.numel(), f"fp8 {args.weight} rows {args.batch} G {G} N {N} K {K}"
 

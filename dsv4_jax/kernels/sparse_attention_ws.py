@@ -8,7 +8,7 @@ Triton 3.6 does not warp-specialise a gather + dot loop on sm_90 (``docs/perform
 lower-level language, lets a kernel say which warps do what. Here one program (a query row's 64 heads over one
 range of its index list, as the portable kernel's split plan) has two partitions:
 
-* a decoder partition (4 warps, 96 registers): per 32-entry block, in list order, it copies the entries' e4m3 codes
+* a decoder partition (4 warps, 112 registers): per 32-entry block, in list order, it copies the entries' e4m3 codes
   and bf16 RoPE dims from the source they live in (ring, chunk or compressed) with ``cp.async`` three blocks ahead
   into four staging buffers (a masked id's copy is zero-filled: its values read as 0; a thread copies several 16-byte
   pieces of one entry from one row address, whose arithmetic was most of the decoders' instructions when each piece
@@ -30,13 +30,15 @@ two consumer warpgroups each forming the whole S, or exchanging row maxima and P
 mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for blocks of compressed
 entries only; a decode by integer bit moves and bf16 multiplies (exact, checked bit for bit on an H100, but no
 faster than the e4m3 -> f16 -> f32 -> bf16 conversions); rescaling the accumulator only when a row maximum has grown
-by more than e**8 (the branch made the consumers slower, 95 -> 107 us).
+by more than e**8 (the branch made the consumers slower, 95 -> 107 us); consumer warpgroups splitting the head dims
+(each reading half of Q, partial scores exchanged through shared memory: consumers alone 94 -> 140 us).
 
 Register budgets (sm_90a builds, ``tests/test_kernels_sparse_attn_ws.py``): ptxas checks each instruction against
 the kernel's average (65,536 / threads) whatever the ``setmaxnreg`` regions allow, and a 64 x 256 wgmma with an fp32
 accumulator needs 158: hence 12 warps under a 168 cap (Triton sizes the partitions' ``setmaxnreg`` from the cap,
-which a warp-specialised kernel must be given), or 16 with 128-wide instructions. The decoder spills below ~88
-registers.
+which a warp-specialised kernel must be given), or 16 with 128-wide instructions. The decoder decoding 8 entries at
+a time spills below ~88 registers, a whole 32-entry chunk (the default: 5 barriers a chunk instead of 9, decoders
+alone 9 % faster) fits 112.
 
 Same arithmetic as the portable kernel (exact bf16 x bf16 products, fp32 sums in the tensor cores' order), the
 same workspace ``(acc, m, l)`` per split, merged by :func:`sparse_attention._combine_kernel` (sink, division, the
@@ -74,9 +76,9 @@ BK = 32  # entries per block
 NBUF = 2  # bf16 tiles between the decoder and the consumers
 HEADS = 64  # heads per program (wgmma's M)
 DEC_WARPS = 4
-DEC_REGS = 96  # registers per decoder thread (setmaxnreg; the sm_90a build spills below ~88)
+DEC_REGS = 112  # registers per decoder thread (setmaxnreg; a whole 32-entry chunk decoded at once)
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
-EC = 8  # entries a decoder decodes at a time
+EC = 32  # entries a decoder decodes at a time (at most the chunk: one pass, fewer barriers)
 NST = 4  # staging chunks (NST - 1 in flight ahead of the one decoded: 6 % faster than 3 at HCA 1M batch 32, H100)
 
 
@@ -115,10 +117,23 @@ if gluon is not None:
         return gl.expand_dims(gl.expand_dims(v, 1), 2)
 
     @gluon.jit
-    def _load_ids(idx_ptr, row, t, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr):
-        """Block ``t``'s ids ``[BK]`` (-1 past K and past the program's range)."""
-        jj = j0 + t * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, gl.SliceLayout(2, _layout3(gl.num_warps()))))
+    def _load_ids(idx_ptr, row, t, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
+                  L: gl.constexpr = None):
+        """Block ``t``'s ids ``[BK]`` (-1 past K and past the program's range), in layout ``L`` (default: the
+        decoder's entries)."""
+        LL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, _layout3(gl.num_warps()))) if L is None else L
+        jj = j0 + t * BK + gl.arange(0, BK, layout=LL)
         return gl.load(idx_ptr + row * K + jj, mask=(jj < K) & (t < NB), other=-1)
+
+    @gluon.jit
+    def _chunk_ids(idx_ptr, row, t, j0, K: gl.constexpr, SC: gl.constexpr, NB: gl.constexpr):
+        """Chunk ``t``'s ids in each layout its gathers and decode use (read from global memory, cached, rather than
+        passed through shared memory: that took a barrier a chunk)."""
+        return (_load_ids(idx_ptr, row, t, j0, K, SC, NB),
+                _load_ids(idx_ptr, row, t, j0, K, SC, NB,
+                          gl.SliceLayout(1, gl.SliceLayout(2, _layout_il(gl.num_warps(), SC)))),
+                _load_ids(idx_ptr, row, t, j0, K, SC, NB, gl.SliceLayout(1, _layout_rope(gl.num_warps(), SC))),
+                _load_ids(idx_ptr, row, t, j0, K, SC, NB, gl.SliceLayout(1, _layout_sc(gl.num_warps()))))
 
     @gluon.jit
     def _rows(ids, b, S: gl.constexpr, W: gl.constexpr, NC: gl.constexpr):
@@ -136,29 +151,27 @@ if gluon is not None:
         return gl.where(in_r, pr, gl.where(in_c, pc, pk)) + r * D
 
     @gluon.jit
-    def _issue(ids, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr, W: gl.constexpr,
-               NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr):
-        """Start a chunk's gathers into one stage: its ids to ``idst``, its code bytes (``[BK, 8, 64]``) and RoPE
+    def _issue(ids, ei, er, es, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr,
+               W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr,
+               BK: gl.constexpr):
+        """Start a chunk's gathers into one stage (its ids in the layouts of :func:`_chunk_ids`): its ids to ``idst``
+        (for the tile's id row, read after the chunk has landed), its code bytes (``[BK, 8, 64]``) and RoPE
         dims (``[BK, 64]`` bf16) by ``cp.async``, each in one pass with one row address per thread and entry
         (:func:`_layout_il`, :func:`_layout_rope`: the address arithmetic was most of the decoders' instructions when
         every 16-byte copy computed its own); returns its scale bytes ``[BK, 8]`` (plain loads, in flight:
         ``cp.async`` cannot copy a 7-byte row)."""
         idst.store(ids)
-        gl.thread_barrier()
         LI: gl.constexpr = _layout_il(gl.num_warps(), BK)
-        ei = idst.load(gl.SliceLayout(1, gl.SliceLayout(2, LI)))  # [BK]
         gi = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LI))), 0), 2)
         ii = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, LI))), 0), 1)
         async_copy.async_copy_global_to_shared(rawc, _x3(_src(ei, rc, cc, kc, DN, b, S, W, NC)) + gi * 64 + ii,
                                                mask=_x3(ei >= 0) & (gi * 64 < DN))
         LRo: gl.constexpr = _layout_rope(gl.num_warps(), BK)
-        er = idst.load(gl.SliceLayout(1, LRo))  # [BK]
         dr = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, LRo)), 0)  # [1, 64]
         async_copy.async_copy_global_to_shared(rawr, gl.expand_dims(_src(er, rr, cr, kr, DR, b, S, W, NC), 1) + dr,
                                                mask=gl.expand_dims(er >= 0, 1))
         async_copy.commit_group()
         LS: gl.constexpr = _layout_sc(gl.num_warps())
-        es = idst.load(gl.SliceLayout(1, LS))  # [BK]
         gs = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LS)), 0)  # [1, 8]
         return gl.load(gl.expand_dims(_src(es, rs, cs, ks, SST, b, S, W, NC), 1) + gs,
                        mask=gl.expand_dims(es >= 0, 1) & (gs * 64 < DN), other=127)
@@ -178,16 +191,19 @@ if gluon is not None:
         LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [SC, 64] RoPE dims
         CPB: gl.constexpr = BK // SC  # chunks per block
         NCH: gl.constexpr = NB * CPB
-        sc0 = _issue(_load_ids(idx_ptr, row, 0, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0),
-                     rawrs.index(0), idsts.index(0), b, S, W, NC, DN, DR, SST, SC)
-        sc1 = _issue(_load_ids(idx_ptr, row, 1, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1),
-                     rawrs.index(1), idsts.index(1), b, S, W, NC, DN, DR, SST, SC)
+        i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 0, j0, K, SC, NCH)
+        sc0 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0), rawrs.index(0),
+                     idsts.index(0), b, S, W, NC, DN, DR, SST, SC)
+        i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 1, j0, K, SC, NCH)
+        sc1 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1), rawrs.index(1),
+                     idsts.index(1), b, S, W, NC, DN, DR, SST, SC)
         if NST == 4:
-            sc2 = _issue(_load_ids(idx_ptr, row, 2, j0, K, SC, NCH), rc, rs, rr, cc, cs, cr, kc, ks, kr,
-                         rawcs.index(2), rawrs.index(2), idsts.index(2), b, S, W, NC, DN, DR, SST, SC)
+            i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 2, j0, K, SC, NCH)
+            sc2 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(2), rawrs.index(2),
+                         idsts.index(2), b, S, W, NC, DN, DR, SST, SC)
         else:
             sc2 = sc1  # unused
-        nxt = _load_ids(idx_ptr, row, NST - 1, j0, K, SC, NCH)
+        i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, NST - 1, j0, K, SC, NCH)
         for n in range(NB):
             tb = n % NBUF
             kblk = kbufs.index(tb)
@@ -195,9 +211,9 @@ if gluon is not None:
                 ch = n * CPB + j  # the chunk
                 st = ch % NST
                 sn = (ch + NST - 1) % NST
-                new = _issue(nxt, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(sn), rawrs.index(sn),
+                new = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(sn), rawrs.index(sn),
                              idsts.index(sn), b, S, W, NC, DN, DR, SST, SC)
-                nxt = _load_ids(idx_ptr, row, ch + NST, j0, K, SC, NCH)
+                i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, ch + NST, j0, K, SC, NCH)
                 scst.store(sc0)
                 async_copy.wait_group(NST - 1)  # chunk ch's copies (this thread's) have landed ...
                 gl.thread_barrier()  # ... and every decoder thread's
@@ -401,8 +417,8 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
         raise ValueError(f"sparse_attention_ws plan: NST={p['NST']}, expected 3 or 4 staging chunks")
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
-                DEC_REGS=p["DEC_REGS"], EC=p["EC"], ACC_N=p.get("ACC_N", 256), MAXNREG=p["MAXNREG"],
-                SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=p["NST"])
+                DEC_REGS=p["DEC_REGS"], EC=min(p["EC"], p.get("SC", p["BK"])), ACC_N=p.get("ACC_N", 256),
+                MAXNREG=p["MAXNREG"], SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=p["NST"])
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
