@@ -108,8 +108,8 @@ def test_gpu_matches_reference(case, over):
 @pytest.mark.parametrize("S", [2, 4])
 def test_gpu_several_queries_per_sequence(S):
     """Rows of ``S`` queries per sequence (a speculative verify step: the chunk's own entries in the lists, ids in
-    ``[W, W + S)``), 8 sequences of V4-Flash CSA shape at different positions: the bound of the one-query cases. (The
-    auto rule of ``sparse_attention._use_ws`` keeps such rows on the portable kernel until this has run.)"""
+    ``[W, W + S)``), 8 sequences of V4-Flash CSA shape at different positions: the bound of the one-query cases (such
+    rows take this kernel by default from ``sparse_attention.WS_MIN_ROWS`` rows on)."""
     _check_on_gpu(f"verify-s{S}", 8, S, 64, 2048, 512, [5, 120, 127, 128, 700, 3000, 7000, 8000], None, None,
                   SEED + S)
 
@@ -153,8 +153,7 @@ def test_plan_rejects_unsupported_stage_counts():
 
 def test_ws_gate(monkeypatch):
     """``sparse_attention.WS`` sends only what the kernel handles there: sm_90 on the jax-triton route, decode row
-    counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` rows of one query
-    per sequence on."""
+    counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` query rows on."""
     import jax.numpy as jnp
 
     from dsv4_jax.kernels import sparse_attention as sa
@@ -167,7 +166,6 @@ def test_ws_gate(monkeypatch):
     monkeypatch.setattr(sa, "WS", None)
     assert sa._use_ws(sa.WS_MIN_ROWS, 64, 512, ring) == (ws.gluon is not None)
     assert not sa._use_ws(sa.WS_MIN_ROWS - 1, 64, 512, ring), "auto below WS_MIN_ROWS"
-    assert not sa._use_ws(32, 64, 512, ring, S=4), "auto with several queries per sequence"
     monkeypatch.setattr(sa, "WS", False)
     assert not sa._use_ws(32, 64, 512, ring), "on with WS False"
     monkeypatch.setattr(sa, "WS", True)

@@ -343,7 +343,7 @@ def sparse_attention_triton(q, ring, chunk, comp, idx, sink, scale: float, p: di
         comp = jax.tree_util.tree_map(lambda a: a[:, :1], ring)
     fp8 = isinstance(ring, Fp8Cache)
     ws_plan = None
-    if p is None and _use_ws(B * S, H, Dh, ring, S):
+    if p is None and _use_ws(B * S, H, Dh, ring):
         ws_plan = sparse_attention_ws.plan(B * S, H, K, SM_COUNT[arch()])
     p = p or plan(H, Dh, rows=B * S, K=K)
     if ws_plan is not None and ws_plan["SPLIT"] == 1:
@@ -406,19 +406,19 @@ XLA_ROUTE_MAX_LIST = 0
 
 
 # Decode rows over V4's FP8 caches on sm_90 run the warp-specialised Gluon kernel of :mod:`sparse_attention_ws`
-# (launched through jax-triton) instead of the portable one: None = from WS_MIN_ROWS rows of one query on (_use_ws),
+# (launched through jax-triton) instead of the portable one: None = from WS_MIN_ROWS query rows on (_use_ws),
 # True / False: always / never
 WS: bool | None = None
 WS_MIN_ROWS = 8  # WS None ("auto"): decode calls of at least this many rows take the Gluon kernel
 
 
-def _use_ws(rows: int, H: int, Dh: int, ring, S: int = 1) -> bool:
-    """Whether the Gluon kernel (:mod:`sparse_attention_ws`) takes these decode rows: :data:`WS` True (every decode
-    row count), None (auto: one query per sequence, ``S == 1``, from :data:`WS_MIN_ROWS` rows on; on an H100,
-    2026-12-07, it was 9-20 % faster than this kernel at 8 and 32 rows over 128K-1M-token contexts, 20 % slower at one
-    row; several queries per sequence, as in a speculative verify step, stay on this kernel: the Gluon one has no GPU
-    test with them yet) or False (never); and sm_90, the FP8 layout the kernel handles, jax-triton."""
-    wanted = WS if WS is not None else (rows >= WS_MIN_ROWS and S == 1)
+def _use_ws(rows: int, H: int, Dh: int, ring) -> bool:
+    """Whether the Gluon kernel (:mod:`sparse_attention_ws`) takes these decode rows (sequences x queries per
+    sequence; several queries in a speculative verify step, GPU-tested on an H100, 2026-12-07): :data:`WS` True
+    (every decode row count), None (auto: from :data:`WS_MIN_ROWS` rows on; on an H100, 2026-12-07, it was 9-20 %
+    faster than this kernel at 8 and 32 rows over 128K-1M-token contexts, 20 % slower at one row) or False (never);
+    and sm_90, the FP8 layout the kernel handles, jax-triton."""
+    wanted = WS if WS is not None else rows >= WS_MIN_ROWS
     return (wanted and arch() == "sm90" and rows <= AUTO_MAX_ROWS and isinstance(ring, Fp8Cache)
             and sparse_attention_ws.supported(H, ring.codes.shape[-1], Dh - ring.codes.shape[-1], True)
             and route_for(tiled=True) == "jax-triton")
