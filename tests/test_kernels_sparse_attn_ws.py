@@ -151,6 +151,35 @@ def test_plan_rejects_unsupported_stage_counts():
     assert ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, ws.plan(32, 64, 8320, 132), 7)["NST"] == 4
 
 
+def test_gluon_route_install(monkeypatch):
+    """``gluon_route.install`` wraps jax-triton's kernel builder once (a second call changes nothing), hands every
+    non-Gluon kernel to the original builder with its arguments as they were, and refuses a Gluon kernel for a
+    platform other than CUDA by name."""
+    jtl = pytest.importorskip("jax_triton.triton_lib")
+    from dsv4_jax.kernels import gluon_route
+
+    calls = []
+
+    def base(*args, **kw):
+        calls.append((args, kw))
+        return "built", {}
+
+    monkeypatch.setattr(jtl, "get_or_create_triton_kernel", base)
+    monkeypatch.setattr(jtl, "_dsv4_gluon_route", False, raising=False)
+    gluon_route.install()
+    patched = jtl.get_or_create_triton_kernel
+    assert patched is not base
+    gluon_route.install()
+    assert jtl.get_or_create_triton_kernel is patched, "a second install wrapped the builder again"
+    kw = dict(num_warps=4, num_stages=2, num_ctas=1, compute_capability=90, enable_fp_fusion=True,
+              metaparams={"BLOCK": 16}, dump=False)
+    assert patched("init", "cuda", "a-triton-fn", ["*fp32"], [], **kw) == ("built", {})
+    assert calls == [(("init", "cuda", "a-triton-fn", ["*fp32"], []), kw)]
+    if ws.gluon is not None:
+        with pytest.raises(ValueError, match="_sparse_attn_ws_kernel"):
+            patched("init", "rocm", ws._sparse_attn_ws_kernel, ["*bf16"], [], **kw)
+
+
 def test_ws_gate(monkeypatch):
     """``sparse_attention.WS`` sends only what the kernel handles there: sm_90 on the jax-triton route, decode row
     counts, V4's FP8 layout with a multiple of 64 heads; by default (None) from ``WS_MIN_ROWS`` query rows on."""

@@ -47,14 +47,13 @@ output's inverse RoPE): so the numerics contract of :mod:`sparse_attention` hold
 Scope: sm_90 only (wgmma, mbarriers, ``setmaxnreg``), no interpreter (Gluon has none): tested on the GPU against the
 XLA reference and compiled for sm_90a without a GPU in CI. V4's layout only: 64 heads per program (a multiple of 64
 heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (:func:`run_torch`) or inside ``jit``
-(:func:`launch_jax`: jax-triton, whose kernel builder :func:`_gluon_route` extends to Gluon functions), where
+(:func:`launch_jax`: jax-triton, whose kernel builder :mod:`gluon_route` extends to Gluon functions), where
 ``sparse_attention.WS`` (opt-in) sends decode rows.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -444,63 +443,17 @@ def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dic
 
 
 # ---------------------------------------------------------------------------------------------- jax launcher
-def _gluon_route() -> None:
-    """Teach jax-triton 0.3.1 to build this module's Gluon kernel: its ``get_or_create_triton_kernel`` lowers every
-    kernel as Triton IR (``ASTSource``), which a Gluon function is not; for Gluon functions the patched builder
-    compiles through ``GluonASTSource`` with the register cap its ``MAXNREG`` constexpr names (a warp-specialised
-    kernel must know its cap, jax-triton has no such option) and hands jax-triton the PTX, the kernel's real warp
-    count (consumers and decoders) and its shared memory. Other kernels go to jax-triton's own builder unchanged."""
-    import jax_triton.triton_lib as jtl
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
-
-    if getattr(jtl, "_dsv4_gluon_route", False):
-        return
-    base = jtl.get_or_create_triton_kernel
-    cache = {}
-
-    def build(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps, num_stages, num_ctas,
-              compute_capability, enable_fp_fusion, metaparams, dump):
-        if not isinstance(fn, GluonJITFunction):
-            return base(backend_init_func, platform, fn, arg_dtypes, scalar_args, num_warps=num_warps,
-                        num_stages=num_stages, num_ctas=num_ctas, compute_capability=compute_capability,
-                        enable_fp_fusion=enable_fp_fusion, metaparams=metaparams, dump=dump)
-        if platform != "cuda" or scalar_args:
-            raise ValueError(f"{fn.__name__}: the Gluon route builds CUDA kernels with array arguments only")
-        cc = compute_capability or jtl.triton_kernel_call_lib.get_compute_capability(0)
-        key = (fn, tuple(arg_dtypes), tuple(sorted(metaparams.items())), num_warps, cc)
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_dtypes))}
-        if key not in cache:
-            sig = {fn.arg_names[i]: t for i, t in enumerate(arg_dtypes)} | {k: "constexpr" for k in metaparams}
-            unset = os.environ.get("TRITON_CACHE_DIR") == ""  # jax-triton's import sets it so: Triton's own cache
-            if unset:
-                del os.environ["TRITON_CACHE_DIR"]
-            try:
-                k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
-                                   target=GPUTarget("cuda", cc, 32),
-                                   options=dict(num_warps=num_warps, num_stages=num_stages,
-                                                maxnreg=metaparams["MAXNREG"]))
-            finally:
-                if unset:
-                    os.environ["TRITON_CACHE_DIR"] = ""
-            cache[key] = jtl.triton_kernel_call_lib.TritonKernel(k.metadata.name, k.metadata.num_warps, num_ctas,
-                                                                 k.metadata.shared, k.asm["ptx"], "", cc)
-        return cache[key], attrs
-
-    jtl.get_or_create_triton_kernel = build
-    jtl._dsv4_gluon_route = True
-
-
 def launch_jax(q, idx, parts: list, W: int, NC: int, scale: float, p: dict, sst: int):
-    """The kernel inside ``jit`` (jax-triton, through :func:`_gluon_route`): ``q [B, S, H, Dh]`` bf16, ``idx [B, S,
-    K]`` int32, ``parts``: the ring's, chunk's and compressed cache's (codes, scales, rope) -> the workspace
-    ``(acc [B*S, SPLIT, H, Dh], m, l [B*S, SPLIT, H])`` fp32 for :func:`sparse_attention._combine_kernel`."""
+    """The kernel inside ``jit`` (jax-triton, through :func:`gluon_route.install`): ``q [B, S, H, Dh]`` bf16,
+    ``idx [B, S, K]`` int32, ``parts``: the ring's, chunk's and compressed cache's (codes, scales, rope) -> the
+    workspace ``(acc [B*S, SPLIT, H, Dh], m, l [B*S, SPLIT, H])`` fp32 for :func:`sparse_attention._combine_kernel`."""
     import jax
     import jax.numpy as jnp
     import jax_triton as jt
 
-    _gluon_route()
+    from dsv4_jax.kernels import gluon_route
+
+    gluon_route.install()
     B, S, H, Dh = q.shape
     K = idx.shape[-1]
     meta = _meta(q.shape, W, NC, K, parts[0].shape[-1], scale, p, sst)
