@@ -1,5 +1,5 @@
-"""Sparse attention at decode on Hopper (sm_90) with warp specialisation, in Gluon: an opt-in kernel beside the
-portable one of :mod:`sparse_attention`.
+"""Sparse attention at decode on Hopper (sm_90) with warp specialisation, in Gluon: a kernel beside the portable one
+of :mod:`sparse_attention`, which takes decode calls of ``sparse_attention.WS_MIN_ROWS`` query rows or more there.
 
 Why (issue 12): the portable kernel runs one dependent chain per 64-entry block (index load -> gather -> dequantize
 -> shared memory -> q.k wgmma -> softmax -> P.V wgmma) in one 8-warp program per SM, so the gathers, the CUDA-core
@@ -48,7 +48,7 @@ Scope: sm_90 only (wgmma, mbarriers, ``setmaxnreg``), no interpreter (Gluon has 
 XLA reference and compiled for sm_90a without a GPU in CI. V4's layout only: 64 heads per program (a multiple of 64
 heads), 448 FP8 dims with 1x64 scales + 64 bf16 RoPE dims. Launched from torch (:func:`run_torch`) or inside ``jit``
 (:func:`launch_jax`: jax-triton, whose kernel builder :mod:`gluon_route` extends to Gluon functions), where
-``sparse_attention.WS`` (opt-in) sends decode rows.
+``sparse_attention.WS`` (default: the rule above) sends decode rows.
 """
 
 from __future__ import annotations
