@@ -13,7 +13,8 @@ Inputs are random, at V4-Flash shapes:
 * ``--op moe``: the FP4 MoE decode GEMV (:func:`fp4_moe_gemv.launch_gemv_torch`: both stages, both activation
   kernels) for ``--batch`` tokens of 6 experts each; plan overrides are :func:`fp4_moe_gemv.gemv_tiles` entries;
   ``MMA=1`` takes the tensor-core GEMV of :mod:`fp4_moe_mma` instead (:func:`fp4_moe_mma.launch_mma_torch`, the
-  same four launches; overrides are :func:`fp4_moe_mma.mma_tiles` entries, ``F8=1`` its e4m3 dots);
+  same four launches; overrides are :func:`fp4_moe_mma.mma_tiles` entries, ``F8=1`` its e4m3 dots); ``ASYNC=1``
+  the Gluon GEMV of :mod:`fp4_moe_gemv_async` (overrides: ``NS``, ``NG1``, ``NG2``, ``num_warps``);
 * ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation, ``x32=1`` an fp32 one; the
   split-K partials summed by torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan
   overrides are :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``,
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from dsv4_jax.kernels import fp4_moe_gemv, fp4_moe_mma, fp8_linear, mhc  # noqa: E402
+from dsv4_jax.kernels import fp4_moe_gemv, fp4_moe_gemv_async, fp4_moe_mma, fp8_linear, mhc  # noqa: E402
 from dsv4_jax.kernels import sparse_attention as sa  # noqa: E402
 from dsv4_jax.kernels import sparse_attention_torch as sa_torch  # noqa: E402
 
@@ -140,6 +141,9 @@ def moe_case(args, g):
     touched = len(torch.unique(e))
 
     def launcher(over):
+        if over.pop("ASYNC", 0):  # the Gluon GEMV with its weights copied ahead (fp4_moe_gemv_async)
+            p1, p2 = fp4_moe_gemv_async.plans(D, I, T * k, over)
+            return (lambda: fp4_moe_gemv_async.launch_torch(x, tok, wt, e, w1, w2, w3, 10.0, p1, p2)), (p1, p2)
         if over.pop("MMA", 0):  # the tensor-core GEMV (both stages, both activation kernels)
             t = {**fp4_moe_mma.mma_tiles("sm90", D, I), **over}
             return (lambda: fp4_moe_mma.launch_mma_torch(x, tok, wt, e, w1, w2, w3, 10.0, t, interpret=False)), t

@@ -16,9 +16,10 @@ import os
 def install() -> None:
     """Teach jax-triton 0.3.1 to build Gluon kernels (idempotent): its ``get_or_create_triton_kernel`` lowers every
     kernel as Triton IR (``ASTSource``), which a Gluon function is not; for Gluon functions the patched builder
-    compiles through ``GluonASTSource`` with the register cap its ``MAXNREG`` constexpr names (a warp-specialised
-    kernel must know its cap, jax-triton has no such option) and hands jax-triton the PTX, the kernel's real warp
-    count (consumers and decoders) and its shared memory. Other kernels go to jax-triton's own builder unchanged."""
+    compiles through ``GluonASTSource`` with the register cap its ``MAXNREG`` constexpr names, if it has one (a
+    warp-specialised kernel must know its cap, jax-triton has no such option) and hands jax-triton the PTX, the
+    kernel's real warp count (consumers and decoders) and its shared memory. Other kernels go to jax-triton's own
+    builder unchanged."""
     import jax_triton.triton_lib as jtl
     import triton
     from triton.backends.compiler import GPUTarget
@@ -49,7 +50,7 @@ def install() -> None:
                 k = triton.compile(GluonASTSource(fn, sig, constexprs=dict(metaparams), attrs=attrs),
                                    target=GPUTarget("cuda", cc, 32),
                                    options=dict(num_warps=num_warps, num_stages=num_stages,
-                                                maxnreg=metaparams["MAXNREG"]))
+                                                maxnreg=metaparams.get("MAXNREG") or None))
             finally:
                 if unset:
                     os.environ["TRITON_CACHE_DIR"] = ""
