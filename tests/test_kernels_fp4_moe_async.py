@@ -35,6 +35,10 @@ def test_plans_and_their_errors():
     assert (p1["NG"], ga.rows(p1), p2["NG"], ga.rows(p2)) == (16, 8, 8, 16)
     p1, p2 = ga.plans(4096, 2048, 6, {"NG2": 16, "NS": 4})
     assert (p1["NS"], p2["NS"], p2["NG"], ga.rows(p2)) == (4, 4, 16, 8)
+    p1, p2 = ga.plans(4096, 2048, 6, {"GT": 2})
+    assert (ga.rows(p1), ga.rows(p2)) == (16, 32)
+    with pytest.raises(ValueError, match=r"GT 1 or 2"):
+        ga.check_plan("down", 2048, 4096, {**p2, "GT": 4})
     with pytest.raises(ValueError, match=r"tile keys \['BN'\] do not apply"):
         ga.plans(4096, 2048, 6, {"BN": 8})
     with pytest.raises(ValueError, match=r"\(down\): K=2000, N=4096"):

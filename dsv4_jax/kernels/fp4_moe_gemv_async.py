@@ -7,14 +7,15 @@ Compute, H200, 2026-12-03: 0.6 issued warps per scheduler, half the stall cycles
 1.93 TB/s, down 1.51). Triton pipelines no loads in a loop without a dot, and ptxas sinks a software prefetch next
 to its use to save registers (``fp4_moe_gemv``'s docstring). Here the copies go global -> shared memory without
 passing through registers, ``NS - 1`` steps ahead: each thread copies exactly the 16-byte word vectors it later
-reads (the copy's layout is the compute's), so a step needs ``cp.async.wait_group`` and no barrier.
+reads (the copy's layout is the compute's), so a step waits on its own copies (``cp.async.wait_group``) only.
 
 One program: ``BN`` weight rows of one (token, expert) pair over the whole K range, ``NG`` 32-column groups per K
-step, one group (4 int32 words = 32 nibbles) per thread and matrix and step: ``BN = num_warps * 32 / NG``. The grid
-and the outputs are :mod:`fp4_moe_gemv`'s (pairs as they come, another device's pair: no work in stage 1, zeros in
-stage 2); the activations are its :func:`fp4_moe_gemv.act_words` layout, read from global memory (L1 hits). A
-program's scale bytes (``[K / (32 NG), BN, NG]``, 1/16 of its weight bytes) are copied once before its K loop and
-shared through one barrier.
+step, ``GT`` groups (4 int32 words = 32 nibbles each) per thread and matrix and step: ``BN = num_warps * 32 * GT /
+NG``. The grid and the outputs are :mod:`fp4_moe_gemv`'s (pairs as they come, another device's pair: no work in stage
+1, zeros in stage 2); the activations are its :func:`fp4_moe_gemv.act_words` layout, read from global memory (L1
+hits). A program's scale bytes (``[K / (32 NG), BN, NG]``, 1/16 of its weight bytes) are copied once before its K
+loop and shared through one barrier. (Gluon's shared-memory analysis adds two barriers per K step, before a stage is
+refilled and after its copies land, though each thread reads only what it copied.)
 
 Numerics: :mod:`fp4_moe_gemv`'s, operation for operation (nibble x code products exact in fp32, each group's sum
 times its factors, the groups summed in the same order), so the outputs are the portable kernels' bit for bit.
@@ -50,17 +51,18 @@ def plan(stage: str, D: int, I: int, n_pairs: int = 1) -> dict:
     gate/up 512-column steps (8 rows a program), down 256-column steps (16 rows a program, 8 steps)."""
     del n_pairs
     ng = 16 if stage == "gate_up" and D % 512 == 0 else 8
-    return dict(NG=ng, NS=3, num_warps=4)
+    return dict(NG=ng, NS=3, GT=1, num_warps=4)
 
 
 def plans(D: int, I: int, n_pairs: int, over: dict | None = None) -> tuple[dict, dict]:
     """Both stages' plans with tile overrides (``fp4_moe``'s ``DSV4_MOE_TILE`` keys): ``NG1`` / ``NG2`` the stages'
     groups per K step, ``NS`` and ``num_warps`` both stages'. Other keys are refused."""
     over = dict(over or {})
-    unknown = set(over) - {"NS", "NG1", "NG2", "num_warps"}
+    unknown = set(over) - {"NS", "NG1", "NG2", "GT", "num_warps"}
     if unknown:
-        raise ValueError(f"fp4_moe_gemv_async: tile keys {sorted(unknown)} do not apply (NS, NG1, NG2, num_warps do)")
-    both = {k: over[k] for k in ("NS", "num_warps") if k in over}
+        raise ValueError(f"fp4_moe_gemv_async: tile keys {sorted(unknown)} do not apply (NS, NG1, NG2, GT, num_warps "
+                         "do)")
+    both = {k: over[k] for k in ("NS", "GT", "num_warps") if k in over}
     p1 = {**plan("gate_up", D, I, n_pairs), **both, **({"NG": over["NG1"]} if "NG1" in over else {})}
     p2 = {**plan("down", D, I, n_pairs), **both, **({"NG": over["NG2"]} if "NG2" in over else {})}
     return p1, p2
@@ -68,15 +70,15 @@ def plans(D: int, I: int, n_pairs: int, over: dict | None = None) -> tuple[dict,
 
 def rows(p: dict) -> int:
     """Weight rows per program of plan ``p``."""
-    return p["num_warps"] * 32 // p["NG"]
+    return p["num_warps"] * 32 * p["GT"] // p["NG"]
 
 
 def check_plan(stage: str, K: int, N: int, p: dict) -> None:
     """``K`` (the stage's reduction width) and ``N`` (its output width) must be tiled by the plan."""
     ng, bn = p["NG"], rows(p)
-    if ng not in (4, 8, 16, 32) or K % (32 * ng) or N % bn or p["NS"] < 2:
-        raise ValueError(f"fp4_moe_gemv_async ({stage}): K={K}, N={N} not tiled by {p} (need NG in 4..32, K a "
-                         f"multiple of 32*NG={32 * ng}, N of {bn} rows, NS >= 2)")
+    if ng not in (4, 8, 16, 32) or p["GT"] not in (1, 2) or ng < 4 * p["GT"] or K % (32 * ng) or N % bn or p["NS"] < 2:
+        raise ValueError(f"fp4_moe_gemv_async ({stage}): K={K}, N={N} not tiled by {p} (need NG in 4..32, GT 1 or 2, "
+                         f"K a multiple of 32*NG={32 * ng}, N of {bn} rows, NS >= 2)")
 
 
 if gluon is not None:
@@ -87,9 +89,9 @@ if gluon is not None:
         return 1 << (int(n) - 1).bit_length()
 
     @constexpr_function
-    def _layout(ng, num_warps):
-        """``[BN, NG, 4]`` int32 words: a thread holds one group's 4 words (16 bytes) of one row."""
-        return gl.BlockedLayout([1, 1, 4], [32 // ng, ng, 1], [num_warps, 1, 1], [2, 1, 0])
+    def _layout(ng, gt, num_warps):
+        """``[BN, NG, 4]`` int32 words: a thread holds ``gt`` groups' 4 words (16 bytes each) of one row."""
+        return gl.BlockedLayout([1, gt, 4], [32 * gt // ng, ng // gt, 1], [num_warps, 1, 1], [2, 1, 0])
 
     @gluon.jit
     def _x3(v):
@@ -154,11 +156,12 @@ if gluon is not None:
 
     @gluon.jit
     def _gate_up_kernel(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_ptr, D: gl.constexpr,
-                        I: gl.constexpr, LIMIT: gl.constexpr, NG: gl.constexpr, E: gl.constexpr, NS: gl.constexpr):
+                        I: gl.constexpr, LIMIT: gl.constexpr, NG: gl.constexpr, E: gl.constexpr, NS: gl.constexpr,
+                        GT: gl.constexpr):
         """:func:`fp4_moe_gemv._gate_up_gemv` (same arguments and output) with ``NS - 1`` K steps of both matrices'
         words in flight by ``cp.async``."""
-        L: gl.constexpr = _layout(NG, gl.num_warps())
-        BN: gl.constexpr = gl.num_warps() * 32 // NG
+        L: gl.constexpr = _layout(NG, GT, gl.num_warps())
+        BN: gl.constexpr = gl.num_warps() * 32 * GT // NG
         STEPS: gl.constexpr = D // (32 * NG)
         b = gl.program_id(0)
         ex = gl.load(e_ptr + b)
@@ -207,10 +210,10 @@ if gluon is not None:
 
     @gluon.jit
     def _down_kernel(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: gl.constexpr, I: gl.constexpr, NG: gl.constexpr,
-                     E: gl.constexpr, NS: gl.constexpr):
+                     E: gl.constexpr, NS: gl.constexpr, GT: gl.constexpr):
         """:func:`fp4_moe_gemv._down_gemv` (same arguments and output) with ``NS - 1`` K steps in flight."""
-        L: gl.constexpr = _layout(NG, gl.num_warps())
-        BN: gl.constexpr = gl.num_warps() * 32 // NG
+        L: gl.constexpr = _layout(NG, GT, gl.num_warps())
+        BN: gl.constexpr = gl.num_warps() * 32 * GT // NG
         STEPS: gl.constexpr = I // (32 * NG)
         b = gl.program_id(0)
         r1 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
@@ -245,7 +248,7 @@ if gluon is not None:
 
 
 def _grid_meta(p: dict, E: int) -> dict:
-    return dict(NG=p["NG"], E=E, NS=p["NS"])
+    return dict(NG=p["NG"], E=E, NS=p["NS"], GT=p["GT"])
 
 
 def launch_jax(x, tok, wt, e, w1, w2, w3, limit: float, p1: dict | None = None, p2: dict | None = None):
