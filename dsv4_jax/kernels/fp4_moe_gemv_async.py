@@ -18,7 +18,8 @@ loop and shared through one barrier. (Gluon's shared-memory analysis adds two ba
 refilled and after its copies land, though each thread reads only what it copied.)
 
 Numerics: :mod:`fp4_moe_gemv`'s, operation for operation (nibble x code products exact in fp32, each group's sum
-times its factors, the groups summed in the same order), so the outputs are the portable kernels' bit for bit.
+times its factors, the groups summed in the same order), so the outputs should be the portable kernels' bit for
+bit (the GPU test asserts it).
 
 Scope: CUDA only (Gluon's ``cp.async``); other targets and the interpreter run :mod:`fp4_moe_gemv`. Launched from
 torch (:func:`launch_torch`, the GPU tests) or inside ``jit`` (:func:`launch_jax`, jax-triton through
