@@ -91,7 +91,7 @@ def _case(model, T, seed):
 
 
 @pytest.mark.parametrize("model", ["flash", "pro"])
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4], ids=["T1", "T4"])
 def test_gpu_bit_for_bit_with_the_portable_gemv(model, T):
     """With the portable kernels' K step in both stages (``NG2 = 16``), ``h`` and ``y`` equal theirs bit for bit
     (the same products and sums in the same order); other devices' pairs: ``h`` unwritten, ``y`` zeros in both."""
@@ -115,7 +115,7 @@ def test_gpu_bit_for_bit_with_the_portable_gemv(model, T):
 
 
 @pytest.mark.parametrize("model", ["flash", "pro"])
-@pytest.mark.parametrize("T", [1, 4, 16])
+@pytest.mark.parametrize("T", [1, 4, 16], ids=["T1", "T4", "T16"])
 def test_gpu_jax_route_matches_reference(model, T):
     """``fp4_moe_pairs_triton`` with ``GEMV=4`` (the default plans, jax-triton through :mod:`gluon_route`) inside
     ``jit`` against the reference schedule: the GPU tests' bounds of ``tests/test_kernels_fp4_moe.py``."""
