@@ -49,7 +49,8 @@ except ImportError:  # pragma: no cover - a triton without Gluon
 def plan(stage: str, D: int, I: int, n_pairs: int = 1) -> dict:
     """Tiles of one stage (``"gate_up"`` or ``"down"``): ``NG`` groups per K step, ``num_warps``, ``NS`` stages.
     Both stages stream their weights in ~1,536 programs of 4 warps at one V4-Flash token (all resident at once):
-    gate/up 512-column steps (8 rows a program), down 256-column steps (16 rows a program, 8 steps)."""
+    gate/up 512-column steps (8 rows a program), down 256-column steps (16 rows a program, 8 steps). ``n_pairs``
+    (the call's pairs) is not used yet: the plans are for decode sizes, to be tuned on a GPU."""
     del n_pairs
     ng = 16 if stage == "gate_up" and D % 512 == 0 else 8
     return dict(NG=ng, NS=3, GT=1, num_warps=4)
@@ -107,13 +108,14 @@ if gluon is not None:
         g = gl.expand_dims(gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
         i = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
         ptr = wp.to(gl.pointer_type(gl.int32)) + n3 * (K // 8) + step * (4 * NG) + g * 4 + i
-        async_copy.async_copy_global_to_shared(dst, ptr, mask=(g < NG) & ok, cache_modifier=".cg")
+        async_copy.async_copy_global_to_shared(dst, ptr, mask=(g < NG) & ok, cache_modifier=".cg")  # g < NG: all
 
     @gluon.jit
     def _issue_scales(ws, n0, K: gl.constexpr, BN: gl.constexpr, NG: gl.constexpr):
         """Allocate and start filling a program's scale bytes (rows ``[n0, n0 + BN)`` of the ``[*, K/32]`` scale
         stack) -> their buffer viewed as ``[SP, BN, NG]`` (step ``s``, row ``r``, group ``g``: column ``s NG + g``;
-        ``SP``: the steps rounded up to a power of two). Copied as ``[SP * BN, NG]`` rows, 4 bytes per copy."""
+        ``SP``: the steps rounded up to a power of two). Copied as ``[SP * BN, NG]`` rows, 4 bytes per copy (where the
+        layout covers more rows than there are, Triton predicates the redundant warps' copies off: PTX checked)."""
         STEPS: gl.constexpr = K // (32 * NG)
         SP: gl.constexpr = _pow2(STEPS)  # aranges and buffers are powers of two; rows of steps past K: zeros
         SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
