@@ -135,3 +135,22 @@ def test_gpu_jax_route_matches_reference(model, T):
     ref = jax.jit(ex.pairs_gathered, static_argnums=0)(cfg, x, xq, tok, e, wt, w1, w2, w3)
     got = _assert_close(got, ref, f"{model} T={T} GEMV=4")
     assert (got[~(np.asarray(e) < 32)] == 0).all()
+
+
+def test_route_refuses_bad_input_before_launching():
+    """``fp4_moe_pairs_triton(..., tile={"GEMV": 4})`` names a plan key that does not apply and a token width that
+    does not match the experts before anything is launched (so it fails the same way without a GPU)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
+
+    cfg = d.Config.v4_flash(dim=256, moe_inter_dim=256, n_routed_experts=8, n_activated_experts=2)
+    w1, w2, w3 = _weights(np.random.default_rng(SEED), 8, 256, 256)
+    tok = e = jnp.zeros((2,), jnp.int32)
+    wt = jnp.ones((2,), jnp.float32)
+    x = jnp.zeros((1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"tile keys \['BM'\] do not apply"):
+        fp4_moe_pairs_triton(cfg, x, x, tok, e, wt, w1, w2, w3, tile={"GEMV": 4, "BM": 16})
+    x = jnp.zeros((1, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"x has 512 features, the experts take 256"):
+        fp4_moe_pairs_triton(cfg, x, x, tok, e, wt, w1, w2, w3, tile={"GEMV": 4})

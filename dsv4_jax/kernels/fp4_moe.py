@@ -307,7 +307,7 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
 
 
 TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "WX", "BFMUL", "BN", "NG", "NW1", "NW2", "F8", "ACC",
-             "NS", "NG1", "NG2", "maxnreg", "num_warps", "num_stages")
+             "NS", "NG1", "NG2", "GT", "maxnreg", "num_warps", "num_stages")
 
 
 def tile_override() -> dict:
@@ -342,7 +342,7 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma`, ``GEMV=3``
     the same with e4m3 dots (both opt-in: the fp16 form is slower than the FMA GEMV, the e4m3 one fails the golden
     criteria; see :mod:`fp4_moe_mma`), ``GEMV=4`` the FMA GEMV with its weights copied ahead by ``cp.async``
-    (:mod:`fp4_moe_gemv_async`, CUDA only; ``NS``, ``NG1``, ``NG2``, ``num_warps`` override its plans)). Decode
+    (:mod:`fp4_moe_gemv_async`, CUDA only; ``NS``, ``NG1``, ``NG2``, ``GT``, ``num_warps`` override its plans)). Decode
     sizes (:func:`use_gemv`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
@@ -352,6 +352,7 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         from dsv4_jax.kernels import fp4_moe_gemv_async as ga
 
         p1, p2 = ga.plans(D, I, R, tile)
+        check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=ga.rows(p1), BN2=ga.rows(p2), CODES=0))
         y = ga.launch_jax(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), e.astype(jnp.int32),
                           w1s, w2s, w3s, float(cfg.swiglu_limit), p1, p2)
         return y.astype(jnp.float32)  # [R, D]
