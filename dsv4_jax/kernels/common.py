@@ -235,16 +235,22 @@ def moe_block_pairs(rows_ptr, tok_ptr, wt_ptr, b, BM: tl.constexpr, R: tl.conste
 
 
 @triton.jit
-def swiglu_h(acc_g, acc_u, wt, LIMIT: tl.constexpr):
-    """The experts' hidden activation from the fp32 gate and up sums ``[BN, BM]`` and the slots' routing weights
-    ``wt [BM]``: ``bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g``, ``u`` rounded to bf16 first (the
-    reference's order; ``LIMIT`` 0: no clamp), as fp32 values."""
+def swiglu_act(acc_g, acc_u, wt, LIMIT: tl.constexpr):
+    """The experts' hidden activation from fp32 gate and up sums and routing weights ``wt`` (broadcast against
+    them): ``bf16(wt * silu(min(g, L)) * clip(u, -L, L))`` with ``g``, ``u`` rounded to bf16 first (the reference's
+    order; ``LIMIT`` 0: no clamp), as fp32 values. Elementwise, so the GEMV kernels (Gluon's too) call it as well."""
     g = round_bf16(acc_g)
     u = round_bf16(acc_u)
     if LIMIT > 0:
         u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
         g = tl.minimum(g, LIMIT)
-    return round_bf16(wt[None, :] * (g * tl.sigmoid(g) * u))
+    return round_bf16(wt * (g * tl.sigmoid(g) * u))
+
+
+@triton.jit
+def swiglu_h(acc_g, acc_u, wt, LIMIT: tl.constexpr):
+    """:func:`swiglu_act` of the tiled kernels' sums ``[BN, BM]`` and the slots' routing weights ``wt [BM]``."""
+    return swiglu_act(acc_g, acc_u, wt[None, :], LIMIT)
 
 
 def moe_launch_dims(w1_shape, tok, bexp, t: dict):

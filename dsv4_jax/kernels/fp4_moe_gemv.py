@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_quant_block, e2m1_factors, e2m1_nibble, pow2, round_bf16
+from dsv4_jax.kernels.common import act_quant_block, e2m1_factors, e2m1_nibble, pow2, round_bf16, swiglu_act
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -151,13 +151,7 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
         wu, su = _fetch(w3p, w3s, n, D, c0, NG)
         acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
         acc_u += _group_sums(wu, su, c0, xa, xf, BN, NG)
-    wt = tl.load(wt_ptr + b)
-    g = round_bf16(tl.sum(acc_g, axis=1))  # [BN]
-    u = round_bf16(tl.sum(acc_u, axis=1))
-    if LIMIT > 0:
-        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-        g = tl.minimum(g, LIMIT)
-    a = round_bf16(wt * (g * tl.sigmoid(g) * u))
+    a = swiglu_act(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), tl.load(wt_ptr + b), LIMIT)  # [BN]
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     tl.store(h_ptr + b.to(tl.int64) * I + col, a.to(h_ptr.dtype.element_ty))
 

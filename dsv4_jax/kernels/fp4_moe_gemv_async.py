@@ -23,8 +23,8 @@ bit (the GPU test asserts it).
 
 Scope: CUDA only (Gluon's ``cp.async``); other targets and the interpreter run :mod:`fp4_moe_gemv`. Launched from
 torch (:func:`launch_torch`, the GPU tests) or inside ``jit`` (:func:`launch_jax`, jax-triton through
-:mod:`gluon_route`), where ``fp4_moe``'s ``GEMV=4`` tile key sends decode calls. (Gluon functions cannot call
-``@triton.jit`` ones, so the few helpers of :mod:`common` it needs are restated here.)
+:mod:`gluon_route`), where ``fp4_moe``'s ``GEMV=4`` tile key sends decode calls. Its elementwise helpers are
+:mod:`common`'s (``e2m1_nibble``, ``e2m1_factors``, ``round_bf16``, ``swiglu_act``), called as they are.
 
 Status: opt-in (``DSV4_MOE_TILE=GEMV=4``), compiled for sm_90a here (no spills, 16-byte ``cp.async`` copies;
 ``tests/test_kernels_fp4_moe_async.py``); not yet run on a GPU (2026-12-07: no device came).
@@ -35,6 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax.kernels.common import e2m1_factors, e2m1_nibble, round_bf16, swiglu_act
 from dsv4_jax.kernels.fp4_moe_gemv import act_words_torch, act_words_triton
 
 try:  # Gluon ships with triton >= 3.5; the model never needs it
@@ -101,12 +102,18 @@ if gluon is not None:
         return gl.expand_dims(gl.expand_dims(v, 1), 2)
 
     @gluon.jit
+    def _words(L: gl.constexpr, NG: gl.constexpr):
+        """The ``[1, NG, 1]`` group and ``[1, 1, 4]`` word indices of a ``[BN, NG, 4]`` tile in layout ``L``."""
+        g = gl.expand_dims(gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
+        i = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
+        return g, i
+
+    @gluon.jit
     def _issue(wp, dst, n3, K: gl.constexpr, step, ok, L: gl.constexpr, NG: gl.constexpr):
         """Start K step ``step``'s copies: rows ``n3 [BN, 1, 1]`` (int64) of the packed ``[*, K/2]`` stack, columns
         ``[32 NG step, + 32 NG)``, as int32 words ``[BN, NG, 4]`` into ``dst`` (``ok`` false: zeros, nothing
         read)."""
-        g = gl.expand_dims(gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
-        i = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
+        g, i = _words(L, NG)
         ptr = wp.to(gl.pointer_type(gl.int32)) + n3 * (K // 8) + step * (4 * NG) + g * 4 + i
         async_copy.async_copy_global_to_shared(dst, ptr, mask=(g < NG) & ok, cache_modifier=".cg")  # g < NG: all
 
@@ -128,34 +135,20 @@ if gluon is not None:
         return buf._reinterpret(gl.uint8, [SP, BN, NG], SL)
 
     @gluon.jit
-    def _nibble(w, m: gl.constexpr):
-        """:func:`common.e2m1_nibble`: nibble ``m`` of int32 ``w`` -> its e2m1 value times 2**-126 (fp32)."""
-        return (((w << (28 - 4 * m)) >> 6) & -2118123520).to(gl.float32, bitcast=True)
-
-    @gluon.jit
     def _group_sums(w, sc, c0, xa, xf, L: gl.constexpr, NG: gl.constexpr):
         """:func:`fp4_moe_gemv._group_sums` in the ``[BN, NG, 4]`` layout: one K step of one matrix (words ``w``,
         scale bytes ``sc [BN, NG]`` int32) against the activation row ``xa``/``xf`` -> each group's sum of exact
         products times its weight and activation factors, ``[BN, NG]``."""
-        g = gl.expand_dims(gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
-        i = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
+        g, i = _words(L, NG)
         xo = xa + c0 + g * 4 + i  # [1, NG, 4]: nibble 0's activations (the same in every row)
-        p = _nibble(w, 0) * gl.load(xo)
+        p = e2m1_nibble(w, 0) * gl.load(xo)
         for m in gl.static_range(1, 8):
-            p += _nibble(w, m) * gl.load(xo + 4 * NG * m)
+            p += e2m1_nibble(w, m) * gl.load(xo + 4 * NG * m)
         s = gl.sum(p, axis=2)  # [BN, NG]: a group's 4 words lie in one thread
-        f1 = ((gl.minimum(sc, 128) + 126) << 23).to(gl.float32, bitcast=True)  # common.e2m1_factors
-        f2 = ((gl.maximum(sc, 128) - 1) << 23).to(gl.float32, bitcast=True)
+        f1, f2 = e2m1_factors(sc)
         gx = gl.expand_dims(gl.arange(0, NG, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0)  # [1, NG]
         fx = gl.load(xf + c0 // 32 + gx)
         return s * (f1 * fx) * f2
-
-    @gluon.jit
-    def _round_bf16(v):
-        """:func:`common.round_bf16`: fp32 -> nearest-even bf16 value, kept in fp32."""
-        b = v.to(gl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(gl.float32, bitcast=True)
 
     @gluon.jit
     def _gate_up_kernel(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_ptr, D: gl.constexpr,
@@ -202,12 +195,7 @@ if gluon is not None:
             acc_g += _group_sums(bg.index(st).load(L), sg.index(s).load(LSC).to(gl.int32), c0, xa, xf, L, NG)
             acc_u += _group_sums(bu.index(st).load(L), su.index(s).load(LSC).to(gl.int32), c0, xa, xf, L, NG)
         wt = gl.load(wt_ptr + b)
-        g = _round_bf16(gl.sum(acc_g, axis=1))  # [BN]
-        u = _round_bf16(gl.sum(acc_u, axis=1))
-        if LIMIT > 0:
-            u = gl.minimum(gl.maximum(u, -LIMIT), LIMIT)
-            g = gl.minimum(g, LIMIT)
-        a = _round_bf16(wt * (g * (1.0 / (1.0 + gl.exp(-g))) * u))
+        a = swiglu_act(gl.sum(acc_g, axis=1), gl.sum(acc_u, axis=1), wt, LIMIT)  # [BN]
         col = gl.program_id(1) * BN + r1
         gl.store(h_ptr + b.to(gl.int64) * I + col, a.to(h_ptr.dtype.element_ty))
 
@@ -246,7 +234,7 @@ if gluon is not None:
             async_copy.wait_group(NS - 1)
             acc += _group_sums(bw.index(s % NS).load(L), sw.index(s).load(gl.SliceLayout(2, L)).to(gl.int32),
                                s * 32 * NG, ha, hf, L, NG)
-        y = _round_bf16(gl.sum(acc, axis=1))  # [BN]
+        y = round_bf16(gl.sum(acc, axis=1))  # [BN]
         gl.store(y_ptr + b.to(gl.int64) * D + col, y.to(y_ptr.dtype.element_ty))
 
 

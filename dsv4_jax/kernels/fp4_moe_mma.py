@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, pow2, round_bf16
+from dsv4_jax.kernels.common import act_quant_block, e4m3_bits, pow2, round_bf16, swiglu_act
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -252,11 +252,7 @@ def _gate_up_mma(xc_ptr, xs_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_p
     tok = tl.load(tok_ptr + b).to(tl.int64)
     xc, xs = xc_ptr + tok * D, xs_ptr + tok * (D // 32)
     g, u = _row_sums(w1p, w1s, w3p, w3s, n, D, xc, xs, BN, NW8, True, F8, ACC, INTERPRET)  # [BN] each
-    g, u = round_bf16(g), round_bf16(u)
-    if LIMIT > 0:
-        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-        g = tl.minimum(g, LIMIT)
-    a = round_bf16(tl.load(wt_ptr + b) * (g * tl.sigmoid(g) * u))
+    a = swiglu_act(g, u, tl.load(wt_ptr + b), LIMIT)
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     tl.store(h_ptr + b.to(tl.int64) * I + col, a.to(h_ptr.dtype.element_ty))
 

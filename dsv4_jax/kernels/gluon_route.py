@@ -4,8 +4,8 @@ jax-triton lowers every kernel it is given as Triton IR (``ASTSource``); a Gluon
 language, e.g. the warp-specialised attention kernel of :mod:`sparse_attention_ws`) must be compiled through
 ``GluonASTSource`` instead, and a warp-specialised one with a register cap (jax-triton has no ``maxnreg`` option).
 :func:`install` wraps jax-triton's builder so that Gluon functions take that route, with the cap their ``MAXNREG``
-constexpr names; every other kernel goes to jax-triton's own builder unchanged. A module of its own so that every
-Gluon kernel's jax launcher shares it (CUDA only: Gluon's sm_90 kernels).
+constexpr names (none without one); every other kernel goes to jax-triton's own builder unchanged. A module of its
+own so that every Gluon kernel's jax launcher shares it (CUDA only: Gluon's sm_90 kernels).
 """
 
 from __future__ import annotations
