@@ -3,7 +3,7 @@
 # decode step (each stage time-boxed so a failing stage does not eat the others' time). Logs land in $OUT.
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
-#           prefillops bf16mul defaults fuse proj tiles streams
+#           prefillops bf16mul defaults fuse proj tiles streams moeasync
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -151,6 +151,19 @@ for x in r:
             --tune-rows "${TUNE_ROWS:-1,4,16,2048}" ;;
     ops) TAIL=80 run profile_ops "${OPS_BOX:-200}" python3 scripts/profile_ops.py --moe-tokens "${OPS_MOE:-1,16}" \
            --moe-tiles "${OPS_TILES:-}" --fp8 "${OPS_FP8:-wq_b,wo_b,wq_a}" --rows 1 ;;  # device time per kernel
+    moeasync) # forty-second session: the Gluon cp.async FP4 GEMV (GEMV=4) against the portable one, then its tests,
+              # the 3-layer batch-1 step alternated with it and the golden criteria with it
+              t="${ASYNC_TILES:-;ASYNC=1;ASYNC=1,NS=4;ASYNC=1,NS=2;ASYNC=1,GT=2;ASYNC=1,GT=2,NS=4;ASYNC=1,num_warps=8;;ASYNC=1}"
+              for b in ${ASYNC_BATCH:-1 4}; do TAIL=14 run "moe_async_b$b" "${ASYNCP_BOX:-90}" python3 \
+                scripts/probe_kernels.py --op moe --batch "$b" --copy --tiles "$t"; done
+              run moe_async_tests "${ASYNCT_BOX:-150}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+                tests/test_kernels_fp4_moe_async.py
+              TAIL=2 run decode_async "${ASYNCD_BOX:-240}" python3 scripts/bench_decode.py --model flash --layers 3 \
+                --batch 1 --kernels auto --iters 20 --out "$OUT/async.json" \
+                --variants "default;DSV4_MOE_TILE=GEMV=4;default;DSV4_MOE_TILE=GEMV=4"
+              variant_table "$OUT/async.json"
+              DSV4_MOE_TILE=GEMV=4 DSV4_KERNELS=auto run golden_async "${GOLDENA_BOX:-200}" python3 -m pytest -q -s \
+                -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;
