@@ -4,6 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
+#           attnws
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -164,6 +165,16 @@ for x in r:
               variant_table "$OUT/async.json"
               DSV4_MOE_TILE=GEMV=4 DSV4_KERNELS=auto run golden_async "${GOLDENA_BOX:-200}" python3 -m pytest -q -s \
                 -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated" ;;
+    attnws) # forty-third session: the attention kernel's opt-in knobs (LACC, MX: the consumers' barriers 9 -> 4 a
+            # block; IDREG: the decoders' ids in registers) against its defaults, then their GPU tests
+            W8="DEC_WARPS=8,DEC_REGS=80,MAXNREG=128,ACC_N=128,EC=8"
+            t=";WS=1;WS=1,LACC=1,MX=1;WS=1,IDREG=1;WS=1,LACC=1,MX=1,IDREG=1;WS=1,LACC=1;WS=1,MX=1;WS=1,$W8,IDREG=1"
+            t="${WS_TILES:-$t;WS=1,PROBE=2;WS=1,PROBE=2,LACC=1,MX=1;WS=1,PROBE=1;WS=1,PROBE=1,IDREG=1;WS=1}"
+            for c in ${WS_CASES:-hca,32,1048576 csa,32,131072 hca,8,1048576}; do IFS=, read -r k b n <<< "$c"
+              TAIL=16 run "attn_ws_${k}_b${b}_$n" "${WSP_BOX:-120}" python3 scripts/probe_kernels.py --op attn \
+                --kind "$k" --batch "$b" --context "$n" --copy --tiles "$t"; done
+            run attn_ws_tests "${WST_BOX:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+              tests/test_kernels_sparse_attn_ws.py -k "gpu_matches and (lacc or mx or idreg)" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;

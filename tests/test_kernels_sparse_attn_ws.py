@@ -8,6 +8,7 @@ is not a multiple of the block), with that file's error bound.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -22,13 +23,16 @@ from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  
 ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
-PLANS = [{}, {"BK": 64, "SC": 16, "EC": 8}, {"NST": 3}, {"EC": 8, "DEC_REGS": 96}]
-PLAN_IDS = ["default", "64-entry-tiles", "3-stages", "8-entry-decode"]
-# 8 decoder warps (DEC_REGS 80 at a 128 cap: spills 24 bytes since the gathers' ids come in four layouts) and 64-entry
-# tiles with them (session 39's fastest); checked on the GPU only
+_KNOBS = {"LACC": 1, "MX": 1, "IDREG": 1}  # the opt-in barrier and instruction cuts, together
+# 8 decoder warps (DEC_REGS 80 at a 128 cap; without IDREG it spills 24 bytes since the gathers' ids come in four
+# layouts) and 64-entry tiles with them (session 39's fastest)
 _W8 = {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128, "EC": 8}
-GPU_PLANS = PLANS + [_W8, _W8 | {"BK": 64, "SC": 16}]
-GPU_PLAN_IDS = PLAN_IDS + ["8-warp-decoder", "64-entry-tiles-8-warp-decoder"]
+PLANS = [{}, {"BK": 64, "SC": 16, "EC": 8}, {"NST": 3}, {"EC": 8, "DEC_REGS": 96}, _KNOBS, _W8 | {"IDREG": 1},
+         {"BK": 64, "SC": 16, "EC": 8, "IDREG": 1}]  # LACC at 64-entry tiles spills 4 bytes
+PLAN_IDS = ["default", "64-entry-tiles", "3-stages", "8-entry-decode", "lacc-mx-idreg", "8-warp-decoder-idreg",
+            "64-entry-tiles-idreg"]
+GPU_PLANS = PLANS + [_W8, _W8 | {"BK": 64, "SC": 16}, {"LACC": 1}, {"MX": 1}, _KNOBS | {"NST": 3}]
+GPU_PLAN_IDS = PLAN_IDS + ["8-warp-decoder", "64-entry-tiles-8-warp-decoder", "lacc", "mx", "lacc-mx-idreg-3-stages"]
 
 
 @pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
@@ -49,6 +53,60 @@ def test_sm90_build_fits_without_spills(over):
     assert spills == 0 and shared <= 232448, (spills, shared)
     code = "\n".join(sass)
     assert "LDGSTS" in code and "HGMMA" in code and "USETMAXREG" in code
+
+
+def _loops(sass: list) -> list[tuple[int, int, int]]:
+    """The SASS listing's loops (a branch back to a label): (instructions, BAR instructions, HGMMA instructions)."""
+    body, labels, out = [], {}, []
+    for line in sass:
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(body)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", line)
+        if m:
+            body.append(m.group(1))
+            b = re.search(r"BRA\s+`\((\.L_x_\d+)\)", m.group(1))
+            if b and labels.get(b.group(1), len(body)) < len(body) - 1:
+                loop = body[labels[b.group(1)]:]
+                ops = [re.sub(r"^@!?U?P\w+\s+", "", x).split(" ")[0].split(".")[0] for x in loop]
+                out.append((len(loop), ops.count("BAR"), ops.count("HGMMA")))
+    return out
+
+
+def _sm90_loops(over: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(instructions, barriers) of the sm_90a build's consumer loop (the one with the dots, innermost) and decoder loop
+    (the innermost loop with the most instructions among those without dots) under plan ``over``."""
+    p = ws.plan(32, 64, 8320, 132, over)
+    meta = ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, p, 7)
+    ptrs = dict(q_ptr="*bf16", idx_ptr="*i32", rc="*fp8e4nv", rs="*u8", rr="*bf16", cc="*fp8e4nv", cs="*u8",
+                cr="*bf16", kc="*fp8e4nv", ks="*u8", kr="*bf16", o_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32")
+    sass = []
+    _compile(ws._sparse_attn_ws_kernel, ptrs, meta, dict(num_warps=ws.num_warps(p), maxnreg=p["MAXNREG"]), sass,
+             gluon=True)
+    loops = _loops(sass)
+    consumer = min((x for x in loops if x[2]), key=lambda x: x[0])
+    decoder = min((x for x in loops if not x[2] and x[0] > 100), key=lambda x: x[0])
+    return consumer[:2], decoder[:2]
+
+
+def test_sm90_knobs_cut_barriers_and_instructions():
+    """What the opt-in knobs are for, in the sm_90a build (Triton 3.6): ``LACC`` + ``MX`` take the consumers' loop from
+    9 barriers a block to at most 4 (the row sum's and the row maximum's cross-warpgroup reductions) and fewer
+    instructions, ``IDREG`` the decoders' loop to fewer instructions with its barriers unchanged."""
+    if ws.gluon is None:
+        pytest.skip("this triton has no Gluon")
+    (ci, cb), (di, db) = _sm90_loops({})
+    (ki, kb), (ki2, kb2) = _sm90_loops(_KNOBS)
+    assert kb <= 4 < cb and ki < ci, ((ci, cb), (ki, kb))
+    assert ki2 < di and kb2 == db, ((di, db), (ki2, kb2))
+
+
+def test_plan_rejects_mx_at_64_entry_tiles():
+    """``MX``'s exchange buffer does not fit beside 64-entry tiles: refused when the launch is built, by name."""
+    p = ws.plan(32, 64, 8320, 132, {"BK": 64, "SC": 16, "EC": 8, "MX": 1})
+    with pytest.raises(ValueError, match="MX=1 with BK=64"):
+        ws._meta((32, 1, 64, 512), 128, 8192, 8320, 448, 512**-0.5, p, 7)
 
 
 def test_plan_splits_like_the_portable_kernel():

@@ -25,13 +25,11 @@ doubles the decoders: 16 warps leave ptxas 128 registers per instruction, so the
 are 128 wide instead of 256; ``BK=64`` with ``SC=16`` (staging chunks of 16 entries, so that two 64-entry tiles, Q
 and the staging fit 227 KB) halves the consumers' Q reads and softmax steps per entry; ``PROBE=1`` / ``PROBE=2``
 time the decoders or the consumers alone (the output is then wrong); ``NST=3`` stages three staging chunks (two
-ahead) instead of four; ``EC`` entries decoded at a time. Measured and removed (2026-12-07, ``docs/performance.md``):
-two consumer warpgroups each forming the whole S, or exchanging row maxima and P through shared memory under
-mbarriers; the next block's q.k issued before this block's P.V; select-free addresses for blocks of compressed
-entries only; a decode by integer bit moves and bf16 multiplies (exact, checked bit for bit on an H100, but no
-faster than the e4m3 -> f16 -> f32 -> bf16 conversions); rescaling the accumulator only when a row maximum has grown
-by more than e**8 (the branch made the consumers slower, 95 -> 107 us); consumer warpgroups splitting the head dims
-(each reading half of Q, partial scores exchanged through shared memory: consumers alone 94 -> 140 us).
+ahead) instead of four; ``EC`` entries decoded at a time; ``LACC``, ``MX`` (consumers) and ``IDREG`` (decoders):
+fewer barriers and instructions a block, opt-in until timed (the constants below). The variants measured and
+removed (sessions 38-41: whole-S warpgroups, maxima and P exchanged under mbarriers, the next q.k issued early,
+select-free addresses, an integer-move decode, lazy rescaling, head-dim-split consumers) are in
+``docs/performance.md`` with their numbers.
 
 Register budgets (sm_90a builds, ``tests/test_kernels_sparse_attn_ws.py``): ptxas checks each instruction against
 the kernel's average (65,536 / threads) whatever the ``setmaxnreg`` regions allow, and a 64 x 256 wgmma with an fp32
@@ -40,9 +38,10 @@ which a warp-specialised kernel must be given), or 16 with 128-wide instructions
 a time spills below ~88 registers, a whole 32-entry chunk (the default: 5 barriers a chunk instead of 9, decoders
 alone 9 % faster) fits 112.
 
-Same arithmetic as the portable kernel (exact bf16 x bf16 products, fp32 sums in the tensor cores' order), the
-same workspace ``(acc, m, l)`` per split, merged by :func:`sparse_attention._combine_kernel` (sink, division, the
-output's inverse RoPE): so the numerics contract of :mod:`sparse_attention` holds as it is.
+Same arithmetic as the portable kernel (exact bf16 x bf16 products, fp32 sums in the tensor cores' order; ``LACC``
+sums the softmax denominator in another fp32 order), the same workspace ``(acc, m, l)`` per split, merged by
+:func:`sparse_attention._combine_kernel` (sink, division, the output's inverse RoPE): so the numerics contract of
+:mod:`sparse_attention` holds as it is.
 
 Scope: sm_90 only (wgmma, mbarriers, ``setmaxnreg``), no interpreter (Gluon has none): tested on the GPU against the
 XLA reference and compiled for sm_90a without a GPU in CI. V4's layout only: 64 heads per program (a multiple of 64
@@ -79,6 +78,11 @@ DEC_REGS = 112  # registers per decoder thread (setmaxnreg; a whole 32-entry chu
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
 EC = 32  # entries a decoder decodes at a time (at most the chunk: one pass, fewer barriers)
 NST = 4  # staging chunks (NST - 1 in flight ahead of the one decoded: 6 % faster than 3 at HCA 1M batch 32, H100)
+# Opt-in until timed on a GPU (compiled for sm_90a: consumer loop 9 -> 4 barriers and 425 -> 402 instructions a block
+# with LACC and MX; decoder loop 678 -> 636 instructions a chunk with IDREG, and the 8-warp decoder without spills)
+LACC = 0  # l kept per score column, summed after the last block (:func:`_online`)
+MX = 0  # the row maxima exchanged between the consumer warpgroups under one barrier (:func:`_row_max`)
+IDREG = 0  # a chunk's ids carried in registers from its issue to its decode (:func:`_decoder`)
 
 
 if gluon is not None:
@@ -152,14 +156,15 @@ if gluon is not None:
     @gluon.jit
     def _issue(ids, ei, er, es, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawc, rawr, idst, b, S: gl.constexpr,
                W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr, DR: gl.constexpr, SST: gl.constexpr,
-               BK: gl.constexpr):
+               BK: gl.constexpr, IDREG: gl.constexpr = 0):
         """Start a chunk's gathers into one stage (its ids in the layouts of :func:`_chunk_ids`): its ids to ``idst``
         (for the tile's id row, read after the chunk has landed), its code bytes (``[BK, 8, 64]``) and RoPE
         dims (``[BK, 64]`` bf16) by ``cp.async``, each in one pass with one row address per thread and entry
         (:func:`_layout_il`, :func:`_layout_rope`: the address arithmetic was most of the decoders' instructions when
         every 16-byte copy computed its own); returns its scale bytes ``[BK, 8]`` (plain loads, in flight:
-        ``cp.async`` cannot copy a 7-byte row)."""
-        idst.store(ids)
+        ``cp.async`` cannot copy a 7-byte row). ``IDREG``: the ids stay in the caller's registers instead."""
+        if not IDREG:
+            idst.store(ids)
         LI: gl.constexpr = _layout_il(gl.num_warps(), BK)
         gi = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LI))), 0), 2)
         ii = gl.expand_dims(gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, LI))), 0), 1)
@@ -179,29 +184,34 @@ if gluon is not None:
     def _decoder(idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst, full, empty,
                  row, b, j0, S: gl.constexpr, K: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, DN: gl.constexpr,
                  DR: gl.constexpr, SST: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
-                 EC: gl.constexpr, SC: gl.constexpr, NST: gl.constexpr):
+                 EC: gl.constexpr, SC: gl.constexpr, NST: gl.constexpr, IDREG: gl.constexpr = 0):
         """The program's ``NB`` blocks, in order, into the ``NBUF`` tile buffers, in chunks of ``SC`` entries (``SC``
         divides ``BK``): each chunk gathered by ``cp.async`` ``NST - 1`` chunks ahead into one of ``NST`` (3 or 4)
         staging buffers, then decoded (e4m3 code x its e8m0 scale, RoPE dims as they are; exact in bf16) into its
         rows of a tile ``[BK, 512]``, entry ``e``'s dims at row ``e`` (masked ids: zeros); the tile is signalled full
         after its last chunk. (Chunks smaller than the tile keep the staging within shared memory at 64-entry
-        tiles.)"""
+        tiles.) ``IDREG``: a chunk's ids for the tile's id row travel in registers (one a lane, in the scale rows'
+        layout, rotated with them) from its issue to its decode instead of through a per-stage shared buffer."""
         L3: gl.constexpr = _layout3(gl.num_warps())
         LRR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])  # [SC, 64] RoPE dims
         CPB: gl.constexpr = BK // SC  # chunks per block
         NCH: gl.constexpr = NB * CPB
         i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 0, j0, K, SC, NCH)
         sc0 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(0), rawrs.index(0),
-                     idsts.index(0), b, S, W, NC, DN, DR, SST, SC)
+                     idsts.index(0), b, S, W, NC, DN, DR, SST, SC, IDREG)
+        d0 = i3  # IDREG: the chunks' ids in flight, rotated like their scale rows
         i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 1, j0, K, SC, NCH)
         sc1 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(1), rawrs.index(1),
-                     idsts.index(1), b, S, W, NC, DN, DR, SST, SC)
+                     idsts.index(1), b, S, W, NC, DN, DR, SST, SC, IDREG)
+        d1 = i3
         if NST == 4:
             i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, 2, j0, K, SC, NCH)
             sc2 = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(2), rawrs.index(2),
-                         idsts.index(2), b, S, W, NC, DN, DR, SST, SC)
+                         idsts.index(2), b, S, W, NC, DN, DR, SST, SC, IDREG)
+            d2 = i3
         else:
             sc2 = sc1  # unused
+            d2 = d1
         i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, NST - 1, j0, K, SC, NCH)
         for n in range(NB):
             tb = n % NBUF
@@ -211,7 +221,8 @@ if gluon is not None:
                 st = ch % NST
                 sn = (ch + NST - 1) % NST
                 new = _issue(i0, i1, i2, i3, rc, rs, rr, cc, cs, cr, kc, ks, kr, rawcs.index(sn), rawrs.index(sn),
-                             idsts.index(sn), b, S, W, NC, DN, DR, SST, SC)
+                             idsts.index(sn), b, S, W, NC, DN, DR, SST, SC, IDREG)
+                dnew = i3
                 i0, i1, i2, i3 = _chunk_ids(idx_ptr, row, ch + NST, j0, K, SC, NCH)
                 scst.store(sc0)
                 async_copy.wait_group(NST - 1)  # chunk ch's copies (this thread's) have landed ...
@@ -228,18 +239,25 @@ if gluon is not None:
                     kbuf.slice(c * EC, EC, dim=0).store(gl.reshape(v.to(gl.bfloat16), [EC, 512]))
                 gl.thread_barrier()  # the codes' tile rows are written before the RoPE dims overwrite their group 7
                 kbuf.slice(DN, DR, dim=1).store(rawrs.index(st).load(LRR))  # [SC, 64] bf16 (masked entries: zeros)
-                idbufs.index(tb).slice(j * SC, SC, dim=0).store(
-                    idsts.index(st).load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
+                if IDREG:
+                    idbufs.index(tb).slice(j * SC, SC, dim=0).store(d0)
+                else:
+                    idbufs.index(tb).slice(j * SC, SC, dim=0).store(
+                        idsts.index(st).load(gl.SliceLayout(1, gl.SliceLayout(2, L3))))
                 if j == CPB - 1:
                     fence_async_shared()
                     mbarrier.arrive(full.index(tb), count=1)
                 gl.thread_barrier()  # every thread is done with this stage before it is refilled
                 sc0 = sc1
+                d0 = d1
                 if NST == 4:
                     sc1 = sc2
                     sc2 = new
+                    d1 = d2
+                    d2 = dnew
                 else:
                     sc1 = new
+                    d1 = dnew
 
     @gluon.jit
     def _feeder(idx_ptr, idbufs, full, empty, row, j0, K: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
@@ -255,27 +273,55 @@ if gluon is not None:
             mbarrier.arrive(full.index(tb), count=1)
 
     @gluon.jit
-    def _online(s, ids, m, l, SCALE: gl.constexpr):
+    def _row_max(s, xb, t, BK: gl.constexpr):
+        """``MX``: the row maxima of ``s [64, BK]`` (each consumer warpgroup holding half of the columns) with one
+        barrier: each warpgroup reduces its own half within its warps (shuffles), writes it to the block's half of
+        ``xb [2, 128]`` (blocks alternate, so a later block never overwrites what a slower warp still reads),
+        and every thread reads both halves. Exact (a maximum), so nothing changes numerically."""
+        pm = gl.max(gl.reshape(s, [64, 2, BK // 2]), axis=2)  # [64, 2]: warpgroup w's maximum in column w
+        buf = xb.index(t % 2)  # [128]: warpgroup w's maxima at [64 w, 64 w + 64)
+        buf.reshape([2, 64]).permute((1, 0)).store(pm)
+        gl.thread_barrier()
+        rl: gl.constexpr = gl.SliceLayout(1, s.type.layout)
+        return gl.maximum(buf.slice(0, 64).load(rl), buf.slice(64, 64).load(rl))
+
+    @gluon.jit
+    def _online(s, ids, m, l, xb, t, SCALE: gl.constexpr, BK: gl.constexpr, LACC: gl.constexpr, MX: gl.constexpr):
         """One block of the portable kernel's online softmax: raw scores ``s [64, BK]``, the block's ids, the running
-        ``m``, ``l`` -> ``(p, alpha, m_new, l_new)``."""
+        ``m``, ``l`` -> ``(p, alpha, m_new, l_new)``. ``LACC``: ``l`` is kept per score column (``[64, BK]``,
+        rescaled by ``alpha``, the block's ``p`` added) and summed over a row's columns (a reduction across both
+        consumer warpgroups) once after the last block instead of every block: the same terms in another fp32
+        order. ``MX``: the row maxima through :func:`_row_max` (one barrier instead of Gluon's three)."""
         s = gl.where(gl.expand_dims(ids >= 0, 0), s * SCALE, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=1))
+        if MX:
+            m_new = gl.maximum(m, _row_max(s, xb, t, BK))
+        else:
+            m_new = gl.maximum(m, gl.max(s, axis=1))
         m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = alpha = 0, no NaN
         alpha = gl.exp(m - m_ref)
         p = gl.exp(s - gl.expand_dims(m_ref, 1))
-        return p, alpha, m_new, l * alpha + gl.sum(p, axis=1)
+        if LACC:
+            l = l * gl.expand_dims(alpha, 1) + p
+        else:
+            l = l * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l
 
     @gluon.jit
-    def _attend(q_smem, kbufs, idbufs, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, SCALE: gl.constexpr,
-                DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    def _attend(q_smem, kbufs, idbufs, xb, full, empty, acc_l: gl.constexpr, s_l: gl.constexpr,
+                SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
+                LACC: gl.constexpr, MX: gl.constexpr):
         """The consumers' loop over the program's ``NB`` blocks, in the layouts ``acc_l`` (``acc``) and ``s_l``
         (scores): q.k, the online softmax, P.V -> ``(acc [64, DH], m [64], l [64])`` fp32; each tile is released
-        (``empty``) once both dots are done."""
+        (``empty``) once both dots are done. ``LACC``: ``l`` accumulated per score column and summed after the last
+        block, ``MX``: the row maxima exchanged under one barrier (:func:`_online`)."""
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
         acc = gl.zeros([64, DH], gl.float32, acc_l)
         m = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
-        l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         s0 = gl.zeros([64, BK], gl.float32, s_l)
+        if LACC:
+            l = gl.zeros([64, BK], gl.float32, s_l)
+        else:
+            l = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_l))
         for t in range(NB):
             d = t % NBUF
             mbarrier.wait(full.index(d), (t // NBUF) & 1)
@@ -283,14 +329,17 @@ if gluon is not None:
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             ids = idbufs.index(d).load(gl.SliceLayout(0, s_l))
-            p, alpha, m_new, l = _online(s, ids, m, l, SCALE)
+            p, alpha, m_new, l = _online(s, ids, m, l, xb, t, SCALE, BK, LACC, MX)
             pb = gl.convert_layout(p.to(gl.bfloat16), p_l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc_l)), 1)
             acc = warpgroup_mma(pb, kb, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index(d), count=1)
             m = m_new
-        return acc, m, l
+        if LACC:
+            return acc, m, gl.sum(l, axis=1)
+        else:
+            return acc, m, l
 
     @gluon.jit
     def _idle(full, empty, acc_l: gl.constexpr, s_l: gl.constexpr, DH: gl.constexpr, NB: gl.constexpr,
@@ -314,8 +363,9 @@ if gluon is not None:
         gl.store(l_ptr + ws + hm, l)
 
     @gluon.jit
-    def _consumer(q_smem, kbufs, idbufs, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
-                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr, PROBE: gl.constexpr):
+    def _consumer(q_smem, kbufs, idbufs, xb, full, empty, SCALE: gl.constexpr, DH: gl.constexpr, BK: gl.constexpr,
+                  NB: gl.constexpr, NBUF: gl.constexpr, ACC_N: gl.constexpr, PROBE: gl.constexpr, LACC: gl.constexpr,
+                  MX: gl.constexpr):
         """The 8 consumer warps (the default partition): each warpgroup half of a block's scores and half the output
         dims -> ``(acc [64, DH], m [64], l [64])`` fp32."""
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -325,7 +375,7 @@ if gluon is not None:
         if PROBE == 1:
             return _idle(full, empty, acc_l, s_l, DH, NB, NBUF)
         else:
-            return _attend(q_smem, kbufs, idbufs, full, empty, acc_l, s_l, SCALE, DH, BK, NB, NBUF)
+            return _attend(q_smem, kbufs, idbufs, xb, full, empty, acc_l, s_l, SCALE, DH, BK, NB, NBUF, LACC, MX)
 
     @gluon.jit
     def _sparse_attn_ws_kernel(q_ptr, idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, o_ptr, m_ptr, l_ptr,
@@ -334,7 +384,8 @@ if gluon is not None:
                                SPLIT: gl.constexpr, BPS: gl.constexpr, SST: gl.constexpr, NBUF: gl.constexpr,
                                DEC_WARPS: gl.constexpr, DEC_REGS: gl.constexpr, EC: gl.constexpr,
                                ACC_N: gl.constexpr = 256, MAXNREG: gl.constexpr = 168, SC: gl.constexpr = 32,
-                               PROBE: gl.constexpr = 0, NST: gl.constexpr = 3):
+                               PROBE: gl.constexpr = 0, NST: gl.constexpr = 3, LACC: gl.constexpr = 0,
+                               MX: gl.constexpr = 0, IDREG: gl.constexpr = 0):
         """Program ``(row * SPLIT + sp) * (H / 64) + g``: heads ``[64 g, 64 g + 64)`` of query row ``row`` over
         blocks ``[sp * BPS, (sp + 1) * BPS)`` of its list -> the workspace ``acc [B*S, SPLIT, H, DH]``, ``m``,
         ``l [B*S, SPLIT, H]`` (fp32), as :func:`sparse_attention._sparse_attn_kernel` writes it."""
@@ -362,6 +413,11 @@ if gluon is not None:
         rawrs = gl.allocate_shared_memory(gl.bfloat16, [NST, SC, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         idsts = gl.allocate_shared_memory(gl.int32, [NST, SC], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         scst = gl.allocate_shared_memory(gl.uint8, [SC, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        xl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # rank 1: indexed per block
+        if MX:  # the row maxima's exchange: [block parity, warpgroup * 64 + row]
+            xb = gl.allocate_shared_memory(gl.float32, [2, 128], xl)
+        else:
+            xb = gl.allocate_shared_memory(gl.float32, [2, 1], xl)  # unused
         full = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NBUF):
@@ -372,14 +428,16 @@ if gluon is not None:
         ws = (row * SPLIT + sp) * H + g * 64  # the program's first workspace row
         if PROBE == 2:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE)),
+                (_consumer, (q_smem, kbufs, idbufs, xb, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE, LACC,
+                             MX)),
                 (_feeder, (idx_ptr, idbufs, full, empty, row, j0, K, BK, BPS, NBUF))],
                 [DEC_WARPS], [DEC_REGS])
         else:
             acc, m, l = gl.warp_specialize([
-                (_consumer, (q_smem, kbufs, idbufs, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE)),
+                (_consumer, (q_smem, kbufs, idbufs, xb, full, empty, SCALE, DH, BK, BPS, NBUF, ACC_N, PROBE, LACC,
+                             MX)),
                 (_decoder, (idx_ptr, rc, rs, rr, cc, cs, cr, kc, ks, kr, kbufs, idbufs, rawcs, rawrs, idsts, scst,
-                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, NST))],
+                            full, empty, row, b, j0, S, K, W, NC, DN, DR, SST, BK, BPS, NBUF, EC, SC, NST, IDREG))],
                 [DEC_WARPS], [DEC_REGS])
             acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                             instr_shape=[16, ACC_N, 16])
@@ -400,7 +458,8 @@ def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict
     split = max(1, min(nb, sms // (rows * (H // HEADS))))
     bps = math.ceil(nb / split)
     return dict(BK=bk, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
-                MAXNREG=MAXNREG, NST=NST if bk == 32 else 3) | t  # 64-entry tiles: 4 stages do not fit 227 KB
+                MAXNREG=MAXNREG, NST=NST if bk == 32 else 3,  # 64-entry tiles: 4 stages do not fit 227 KB
+                LACC=LACC, MX=MX, IDREG=IDREG) | t
 
 
 def num_warps(p: dict) -> int:
@@ -414,10 +473,14 @@ def _meta(q_shape, W: int, NC: int, K: int, DN: int, scale: float, p: dict, sst:
     B, S, H, Dh = q_shape
     if p["NST"] not in (3, 4):  # the decoder carries the in-flight chunks' scale rows for 3 or 4 stages only
         raise ValueError(f"sparse_attention_ws plan: NST={p['NST']}, expected 3 or 4 staging chunks")
+    if p.get("MX") and p["BK"] > 32:  # sm_90a build: 233,124 B of shared memory (and 8 B spilled) with BK=64, SC=16
+        raise ValueError(f"sparse_attention_ws plan: MX=1 with BK={p['BK']} needs more than an sm_90 block's 227 KB "
+                         "of shared memory; use 32-entry tiles")
     return dict(S=S, K=K, W=W, NC=NC, H=H, DN=DN, DR=Dh - DN, SCALE=float(np.float32(scale)), BK=p["BK"],
                 SPLIT=p["SPLIT"], BPS=p["BPS"], SST=sst, NBUF=p["NBUF"], DEC_WARPS=p["DEC_WARPS"],
                 DEC_REGS=p["DEC_REGS"], EC=min(p["EC"], p.get("SC", p["BK"])), ACC_N=p.get("ACC_N", 256),
-                MAXNREG=p["MAXNREG"], SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=p["NST"])
+                MAXNREG=p["MAXNREG"], SC=p.get("SC", p["BK"]), PROBE=int(p.get("PROBE", 0)), NST=p["NST"],
+                LACC=int(p.get("LACC", 0)), MX=int(p.get("MX", 0)), IDREG=int(p.get("IDREG", 0)))
 
 
 def run_torch(q, sources: list, idx, sink, W: int, NC: int, scale: float, p: dict, rope=None):
