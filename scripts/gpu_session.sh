@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           attnws
+#           moeasyncstep attnws
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -152,13 +152,14 @@ for x in r:
             --tune-rows "${TUNE_ROWS:-1,4,16,2048}" ;;
     ops) TAIL=80 run profile_ops "${OPS_BOX:-200}" python3 scripts/profile_ops.py --moe-tokens "${OPS_MOE:-1,16}" \
            --moe-tiles "${OPS_TILES:-}" --fp8 "${OPS_FP8:-wq_b,wo_b,wq_a}" --rows 1 ;;  # device time per kernel
-    moeasync) # forty-second session: the Gluon cp.async FP4 GEMV (GEMV=4) against the portable one, then its tests,
-              # the 3-layer batch-1 step alternated with it and the golden criteria with it
+    moeasync) # forty-second session: the Gluon cp.async FP4 GEMV (GEMV=4) against the portable one, then its tests
+              # (at most 330 s)
               t="${ASYNC_TILES:-;ASYNC=1;ASYNC=1,NS=4;ASYNC=1,NS=2;ASYNC=1,GT=2;ASYNC=1,GT=2,NS=4;ASYNC=1,num_warps=8;;ASYNC=1}"
               for b in ${ASYNC_BATCH:-1 4}; do TAIL=14 run "moe_async_b$b" "${ASYNCP_BOX:-90}" python3 \
                 scripts/probe_kernels.py --op moe --batch "$b" --copy --tiles "$t"; done
               run moe_async_tests "${ASYNCT_BOX:-150}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-                tests/test_kernels_fp4_moe_async.py
+                tests/test_kernels_fp4_moe_async.py ;;
+    moeasyncstep) # then the 3-layer batch-1 step alternated with GEMV=4 and the golden criteria with it (<= 440 s)
               TAIL=2 run decode_async "${ASYNCD_BOX:-240}" python3 scripts/bench_decode.py --model flash --layers 3 \
                 --batch 1 --kernels auto --iters 20 --out "$OUT/async.json" \
                 --variants "default;DSV4_MOE_TILE=GEMV=4;default;DSV4_MOE_TILE=GEMV=4"
@@ -166,12 +167,12 @@ for x in r:
               DSV4_MOE_TILE=GEMV=4 DSV4_KERNELS=auto run golden_async "${GOLDENA_BOX:-200}" python3 -m pytest -q -s \
                 -rf --tb=line -p no:cacheprovider tests/test_golden.py -k "all_positions or layer_isolated" ;;
     attnws) # forty-third session: the attention kernel's opt-in knobs (LACC, MX: the consumers' barriers 9 -> 4 a
-            # block; IDREG: the decoders' ids in registers) against its defaults, then their GPU tests
+            # block; IDREG: the decoders' ids in registers) against its defaults, then their GPU tests (<= 510 s)
             W8="DEC_WARPS=8,DEC_REGS=80,MAXNREG=128,ACC_N=128,EC=8"
             t=";WS=1;WS=1,LACC=1,MX=1;WS=1,IDREG=1;WS=1,LACC=1,MX=1,IDREG=1;WS=1,LACC=1;WS=1,MX=1;WS=1,$W8,IDREG=1"
             t="${WS_TILES:-$t;WS=1,PROBE=2;WS=1,PROBE=2,LACC=1,MX=1;WS=1,PROBE=1;WS=1,PROBE=1,IDREG=1;WS=1}"
             for c in ${WS_CASES:-hca,32,1048576 csa,32,131072 hca,8,1048576}; do IFS=, read -r k b n <<< "$c"
-              TAIL=16 run "attn_ws_${k}_b${b}_$n" "${WSP_BOX:-120}" python3 scripts/probe_kernels.py --op attn \
+              TAIL=16 run "attn_ws_${k}_b${b}_$n" "${WSP_BOX:-90}" python3 scripts/probe_kernels.py --op attn \
                 --kind "$k" --batch "$b" --context "$n" --copy --tiles "$t"; done
             run attn_ws_tests "${WST_BOX:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
               tests/test_kernels_sparse_attn_ws.py -k "gpu_matches and (lacc or mx or idreg)" ;;
