@@ -340,6 +340,47 @@ def test_gpu_matches_reference(model, T, kind, tile):
     assert (got[~(np.asarray(e) < E)] == 0).all()
 
 
+@gpu
+@pytest.mark.parametrize("model", ["flash", "pro"])
+@pytest.mark.parametrize("T,pf", [(1, 1), (1, 2), (4, 2), (16, 3)], ids=["T1-PF1", "T1-PF2", "T4-PF2", "T16-PF3"])
+def test_gpu_prefetch_changes_no_bit(model, T, pf):
+    """``PF`` (the FMA GEMV's L2 prefetches, CUDA only, opt-in) asks for lines and changes nothing else: the outputs
+    equal the same plan's without it bit for bit (other devices' pairs included: zeros)."""
+    from dsv4_jax.kernels import arch
+    from dsv4_jax.kernels.fp4_moe import fp4_moe_pairs_triton
+
+    if not arch().startswith("sm"):
+        pytest.skip("PF is PTX: NVIDIA GPUs only")
+    cfg = d.Config.v4_flash() if model == "flash" else d.Config.v4_pro()
+    rng = np.random.default_rng(SEED + 31 * T + pf)
+    E, D, I, k = 32, cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts
+    w1, w2, w3 = _weights(rng, E, I, D)
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    xq = quantized_input(x, True)
+    tok = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
+    e = jnp.asarray(rng.integers(0, E + E // 4, T * k), jnp.int32)
+    wt = jnp.asarray(rng.uniform(0.05, 2.0, T * k), jnp.float32)
+    run = lambda tile: np.asarray(jax.jit(functools.partial(fp4_moe_pairs_triton, cfg, tile=tile))(  # noqa: E731
+        x, xq, tok, e, wt, w1, w2, w3))
+    base, got = run({"GEMV": 1}), run({"GEMV": 1, "PF": pf})
+    assert np.isfinite(base).all() and np.array_equal(got, base), f"{model} T={T} PF={pf}: outputs differ"
+
+
+def test_prefetch_refused_off_nvidia():
+    """``PF`` is PTX inline assembly: the route refuses it, by name, where the target is not an NVIDIA GPU (here the
+    CPU), before anything is launched."""
+    from dsv4_jax.kernels import fp4_moe
+
+    cfg = d.Config.v4_flash(dim=256, moe_inter_dim=256, n_routed_experts=8, n_activated_experts=2)
+    rng = np.random.default_rng(SEED)
+    w1, w2, w3 = _weights(rng, 8, 256, 256)
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.bfloat16)
+    tok, e, wt = jnp.zeros(2, jnp.int32), jnp.asarray([1, 5], jnp.int32), jnp.ones(2, jnp.float32)
+    with pytest.raises(ValueError, match="PF=2 .*NVIDIA"):
+        fp4_moe.fp4_moe_pairs_triton(cfg, x, quantized_input(x, True), tok, e, wt, w1, w2, w3,
+                                     tile={"GEMV": 1, "PF": 2})
+
+
 def _assert_close(got, ref, what: str):
     """The GPU tests' bounds (module docstring): finite, normwise error <= 2e-2, fewer than 1 % of elements beyond
     one bf16 ulp of their row's largest value. Prints the errors (``-s``); returns ``got`` as float64."""

@@ -299,5 +299,47 @@ def test_gpu_sweep(rows, j):
     _check(None, y16, ref, mag, K, extra_rel=extra, what=f"{name} rows={rows}")
 
 
+@pytest.mark.parametrize("pf", [1, 2])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gpu_prefetch_changes_no_bit(monkeypatch, rows, pf):
+    """``PF`` (the GEMV's L2 prefetches, CUDA only, opt-in: ``DSV4_FP8_GEMV_TILE=PF=n``) asks for lines and changes
+    nothing else: V4-Flash's GEMV shapes (one weight, the grouped ``wo_a``) equal the default plan's outputs bit for
+    bit."""
+    _gpu_or_skip()
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import arch
+    from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
+
+    if not arch().startswith("sm"):
+        pytest.skip("PF is PTX: NVIDIA GPUs only")
+    for j, (name, G, N, K) in enumerate(gpu_shapes()[:8]):
+        x, w = _inputs(rows, G, N, K, G == 1, seed=77 * rows + j)
+        def run(x=x, w=w, G=G, K=K):
+            if G == 1:
+                return np.asarray(fp8_linear(x.reshape(rows, K), w, jnp.bfloat16, kernels="triton"))
+            return np.asarray(grouped_proj(x, w, jnp.bfloat16, kernels="triton"))
+
+        monkeypatch.delenv("DSV4_FP8_GEMV_TILE", raising=False)
+        base = run()
+        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", f"PF={pf}")
+        got = run()
+        assert np.isfinite(base.astype(np.float32)).all(), name
+        assert np.array_equal(got, base), f"{name} rows={rows} PF={pf}: outputs differ"
+
+
+def test_prefetch_refused_off_nvidia(monkeypatch):
+    """``PF`` is PTX inline assembly: the GEMV plans of other targets (the interpreter, AMD) refuse it by name."""
+    from dsv4_jax.kernels import fp8_linear as f
+
+    monkeypatch.setenv("DSV4_FP8_GEMV_TILE", "PF=2")
+    for target in ("cpu", "gfx950"):
+        with pytest.raises(ValueError, match=f"PF=2 .*not {target}"):
+            f.plan(1, 4096, 8192, target=target)
+        with pytest.raises(ValueError, match=f"PF=2 .*not {target}"):
+            f.gemv2_plan(1, 1024, 512, 4096, target=target)
+    assert f.plan(1, 4096, 8192, target="sm90")["PF"] == 2
+
+
 if __name__ == "__main__":  # the interpreter subprocess of `interpreted`
     _interpret_main(sys.argv[1])

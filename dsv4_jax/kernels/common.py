@@ -15,6 +15,9 @@ NVIDIA, on AMD and under Triton's CPU interpreter, and gives the same bits every
   (nearest even) after scaling by it.
 * :func:`fp4_exp`, :func:`e2m1_codes`, :func:`fp4_quant_block`: the reference's FP4 activation quantization
   (``fp4_act_quant``, spec 3.3) as e2m1 codes (4-bit integers, sign in bit 3) and power-of-two scale exponents.
+* :func:`l2_prefetch`: the one piece of inline assembly here, a CUDA cache hint (``prefetch.global.L2``) that the
+  decode GEMVs issue ahead of their loads behind an opt-in plan key (``PF``), never on AMD or the interpreter; it
+  changes no value.
 * :func:`moe_block_pairs`, :func:`swiglu_h`: the tiled FP4 MoE kernels' block prologue (a block's slots, tokens and
   routing weights) and their stage-1 epilogue (the clamped SwiGLU with the reference's roundings);
   :func:`moe_launch_dims`, their launchers' sizes (host side).
@@ -32,6 +35,16 @@ def round_bf16(v):
     b = v.to(tl.int32, bitcast=True)
     b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
     return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def l2_prefetch(ptr):
+    """Ask L2 for the cache line at each address of ``ptr`` (``prefetch.global.L2``, PTX; CUDA only): no register
+    receives it and nothing waits for it, so ptxas cannot sink it next to a use as it does a register prefetch. A
+    warp's prefetch is coalesced like a load (one request per line). Addresses must lie inside an allocation.
+    Returns a dummy int32 (inline assembly needs an output; not pure, so it is kept)."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit

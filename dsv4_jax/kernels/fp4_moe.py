@@ -307,7 +307,7 @@ def fp4_moe_pairs_reference(cfg, x, xq, tok, e, wt, w1s, w2s, w3s, grouped: bool
 
 
 TILE_KEYS = ("GEMV", "BM", "BN1", "BN2", "G", "CODES", "SCALED", "WX", "BFMUL", "BN", "NG", "NW1", "NW2", "F8", "ACC",
-             "NS", "NG1", "NG2", "GT", "maxnreg", "num_warps", "num_stages")
+             "NS", "NG1", "NG2", "GT", "PF", "maxnreg", "num_warps", "num_stages")
 
 
 def tile_override() -> dict:
@@ -342,8 +342,9 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     the tiled kernels, ``GEMV=1`` the GEMV ones, ``GEMV=2`` the tensor-core GEMV of :mod:`fp4_moe_mma`, ``GEMV=3``
     the same with e4m3 dots (both opt-in: the fp16 form is slower than the FMA GEMV, the e4m3 one fails the golden
     criteria; see :mod:`fp4_moe_mma`), ``GEMV=4`` the FMA GEMV with its weights copied ahead by ``cp.async``
-    (:mod:`fp4_moe_gemv_async`, CUDA only; ``NS``, ``NG1``, ``NG2``, ``GT``, ``num_warps`` override its plans)). Decode
-    sizes (:func:`use_gemv`) take the GEMV kernels."""
+    (:mod:`fp4_moe_gemv_async`, CUDA only; ``NS``, ``NG1``, ``NG2``, ``GT``, ``num_warps`` override its plans)); ``PF``
+    (FMA GEMV, CUDA only, opt-in): L2 prefetches of the weight words ``PF`` K steps ahead. Decode sizes
+    (:func:`use_gemv`) take the GEMV kernels."""
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
@@ -365,6 +366,9 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
         if not mma:
             check_gemv_shapes(D, I, t)
+            if t.get("PF") and not arch().startswith("sm"):  # PTX inline assembly: NVIDIA only
+                raise ValueError(f"fp4_moe (GEMV): PF={t['PF']} (L2 prefetch, PTX) needs an NVIDIA GPU, not "
+                                 f"{arch()}")
         launch = launch_mma_jax if mma else launch_gemv_jax
         y = launch(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), e.astype(jnp.int32), w1s,
                    w2s, w3s, float(cfg.swiglu_limit), t)

@@ -65,7 +65,15 @@ import triton
 import triton.language as tl
 
 from dsv4_jax.kernels import triton_call
-from dsv4_jax.kernels.common import act_quant_block, e2m1_factors, e2m1_nibble, pow2, round_bf16, swiglu_act
+from dsv4_jax.kernels.common import (
+    act_quant_block,
+    e2m1_factors,
+    e2m1_nibble,
+    l2_prefetch,
+    pow2,
+    round_bf16,
+    swiglu_act,
+)
 from dsv4_jax.modeling.quant import fp8_act_quant
 
 
@@ -117,6 +125,15 @@ def _fetch(wp, ws, n, K: tl.constexpr, c0, NG: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(wp, n, K: tl.constexpr, c0, NG: tl.constexpr, PF: tl.constexpr):
+    """``PF`` > 0 (CUDA only): ask L2 for the weight words of the K step ``PF`` steps after the one at ``c0`` (the
+    last step where that lies past K), one 16-byte vector per thread as :func:`_fetch` will load them."""
+    c1 = tl.minimum(c0 + PF * 32 * NG, K - 32 * NG)
+    g = tl.arange(0, NG)[None, :] * 4  # [1, NG] each group's first word (a group's 4 words lie in one thread)
+    l2_prefetch(wp.to(tl.pointer_type(tl.int32)) + n[:, None] * (K // 8) + c1 // 8 + g)
+
+
+@triton.jit
 def _group_sums(w, sc, c0, xa, xf, BN: tl.constexpr, NG: tl.constexpr):
     """One K step of one weight matrix (:func:`_fetch`'s words and scale bytes for columns ``[c0, c0 + 32 NG)``)
     against the activation row ``xa``/``xf`` (:func:`act_words` layout) -> ``[BN, NG]``: each group's sum of exact
@@ -133,9 +150,11 @@ def _group_sums(w, sc, c0, xa, xf, BN: tl.constexpr, NG: tl.constexpr):
 
 @triton.jit
 def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_ptr, D: tl.constexpr,
-                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr):
+                  I: tl.constexpr, LIMIT: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, E: tl.constexpr,
+                  PF: tl.constexpr = 0):
     """h[b, n] for pair ``b = program_id(0)`` and its BN columns n: ``xa/xf`` the tokens (:func:`act_words`),
-    ``tok/wt/e`` the pairs' token, routing weight and local expert id."""
+    ``tok/wt/e`` the pairs' token, routing weight and local expert id. ``PF`` > 0 (CUDA only): each step asks L2
+    for the words ``PF`` steps ahead (:func:`_prefetch`)."""
     b = tl.program_id(0)
     ex = tl.load(e_ptr + b)
     if ex < 0 or ex >= E:  # another device's expert: no work (stage 2 writes its zeros)
@@ -147,6 +166,9 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
     acc_g = tl.zeros((BN, NG), tl.float32)  # per-group partial sums, reduced over the groups after the K loop
     acc_u = tl.zeros((BN, NG), tl.float32)
     for c0 in range(0, D, 32 * NG):
+        if PF > 0:
+            _prefetch(w1p, n, D, c0, NG, PF)
+            _prefetch(w3p, n, D, c0, NG, PF)
         wg, sg = _fetch(w1p, w1s, n, D, c0, NG)
         wu, su = _fetch(w3p, w3s, n, D, c0, NG)
         acc_g += _group_sums(wg, sg, c0, xa, xf, BN, NG)
@@ -158,7 +180,7 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
 
 @triton.jit
 def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.constexpr, BN: tl.constexpr,
-               NG: tl.constexpr, E: tl.constexpr):
+               NG: tl.constexpr, E: tl.constexpr, PF: tl.constexpr = 0):
     """y[b, n] = bf16(act_quant(h[b]) @ w2[n].T) for pair b and BN output columns; ``ha/hf``: stage 1's h
     (:func:`act_words`). Another device's pair gets zeros."""
     b = tl.program_id(0)
@@ -172,6 +194,8 @@ def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.co
     hf = hf_ptr + b.to(tl.int64) * (I // 32)
     acc = tl.zeros((BN, NG), tl.float32)
     for c0 in range(0, I, 32 * NG):
+        if PF > 0:
+            _prefetch(w2p, n, I, c0, NG, PF)
         w, sc = _fetch(w2p, w2s, n, I, c0, NG)
         acc += _group_sums(w, sc, c0, ha, hf, BN, NG)
     y = round_bf16(tl.sum(acc, axis=1))  # [BN]
@@ -211,7 +235,8 @@ def check_gemv_shapes(D: int, I: int, t: dict) -> None:
 
 def _kw(t: dict, E: int) -> dict:
     reg = {"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}  # ptxas's register cap (a launch option)
-    return dict(BN=t["BN"], NG=t["NG"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"], **reg)
+    return dict(BN=t["BN"], NG=t["NG"], E=E, num_warps=t["num_warps"], num_stages=t["num_stages"], PF=t.get("PF", 0),
+                **reg)
 
 
 def act_plan(target: str, K: int) -> dict:

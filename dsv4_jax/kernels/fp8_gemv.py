@@ -16,14 +16,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dsv4_jax.kernels.common import e8m0
+from dsv4_jax.kernels.common import e8m0, l2_prefetch
 
 
 @triton.jit
 def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                     K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                     SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CW: tl.constexpr = 128):
+                    CW: tl.constexpr = 128, PF: tl.constexpr = 0):
     """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
     No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
@@ -39,15 +39,17 @@ def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.const
     in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
     ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
     ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
-    fp32 partials ``[SPLIT, M, G, N]``."""
+    fp32 partials ``[SPLIT, M, G, N]``. ``PF`` > 0 (CUDA only, opt-in): each step asks L2 for the weight bytes ``PF``
+    steps ahead (:func:`common.l2_prefetch`)."""
     _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False)
+               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF)
 
 
 @triton.jit
 def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
                      N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
-                     KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128):
+                     KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128,
+                     PF: tl.constexpr = 0):
     """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
     e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
     tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
@@ -57,17 +59,27 @@ def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.const
     NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if pid_n < NT:
         _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                   BLOCK_N, CW, N + N2, 0, SPLIT, True)
+                   BLOCK_N, CW, N + N2, 0, SPLIT, True, PF)
     else:
         _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True)
+                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF)
+
+
+@triton.jit
+def _prefetch_step(pf_rows, pid_k, i, KPS: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, CW: tl.constexpr):
+    """Ask L2 for step ``i``'s weight bytes of this program's rows ``pf_rows [BN]`` (pointers to rows inside the
+    weight), one address per ``CW`` columns (a 16-byte vector's start; coalesced per warp like the loads), columns
+    past K clamped to the row's last vector (no address outside the weight)."""
+    NC: tl.constexpr = NB * (128 // CW)
+    k = tl.minimum((pid_k * KPS + i) * NB * 128 + tl.arange(0, NC) * CW, K - 16)  # [NC]
+    l2_prefetch(pf_rows[:, None] + k[None, :])
 
 
 @triton.jit
 def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
-               COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr):
+               COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0):
     """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
     group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
     without a split)."""
@@ -91,7 +103,13 @@ def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, 
         acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
     else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
         acc = tl.zeros((MP, BLOCK_N), tl.float32)
+    pf_rows = w_ptr + (g * N + tl.minimum(offs_n, N - 1)).to(tl.int64) * K  # [BN] rows past N: the last one
+    if PF > 0:  # the first steps' lines (the loop asks PF steps ahead of each step it loads)
+        for j in tl.static_range(1, PF):
+            _prefetch_step(pf_rows, pid_k, min(j, KPS - 1), KPS, NB, K, CW)
     for i in range(KPS):
+        if PF > 0:
+            _prefetch_step(pf_rows, pid_k, tl.minimum(i + PF, KPS - 1), KPS, NB, K, CW)
         kb0 = (pid_k * KPS + i) * NB  # first 128-wide K block of this step
         k = (kb0 + ch // CPB)[:, None] * 128 + ((ch % CPB) * CW)[:, None] + cc[None, :]  # [NC, CW]
         k_ok = k < K

@@ -182,7 +182,7 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     """
     target = target or arch()
     if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
-        return gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+        return _nvidia_pf(gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16), target)
     if M < PREFILL_MIN_ROWS:
         if G == 1 and target == "sm90":
             return split_plan(M, N, K, G, SM_COUNT[target])
@@ -202,27 +202,37 @@ def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per
 
 
 GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kernel
-GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "num_warps", "num_stages")  # DSV4_FP8_GEMV_TILE (gemv_plan)
+GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "PF", "num_warps", "num_stages")  # DSV4_FP8_GEMV_TILE (gemv_plan)
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
-              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None) -> dict:
+              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, pf: int = 0) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
     split until about ``per_sm`` programs per SM stream the weight (no empty split); ``maxnreg``: ptxas's register
-    cap (probes). ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``num_warps``, ``num_stages``) overrides
+    cap (probes); ``pf`` > 0 (CUDA only, opt-in until timed): L2 prefetches ``pf`` steps ahead (:mod:`fp8_gemv`).
+    ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``PF``, ``num_warps``, ``num_stages``) overrides
     them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``). In the 3-layer batch-1
     step on an H100 (2026-12-07, alternated with the defaults' 1.002-1.017 ms in a loop) ``PER_SM=16`` 1.011 ms,
     ``NB=4`` 1.004, ``BLOCK_N=8`` 1.014: no plan beat these defaults."""
     env = env_tiles("DSV4_FP8_GEMV_TILE", GEMV_TILE_KEYS)
     block_n, nb, per_sm = env.get("BLOCK_N", block_n), env.get("NB", nb), env.get("PER_SM", per_sm)
     num_warps, num_stages = env.get("num_warps", num_warps), env.get("num_stages", num_stages)
+    pf = env.get("PF", pf)
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(steps / split)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, CW=16 if M == 1 else 128,
-                num_warps=num_warps, num_stages=num_stages, **extra)
+                PF=pf, num_warps=num_warps, num_stages=num_stages, **extra)
+
+
+def _nvidia_pf(p: dict, target: str) -> dict:
+    """``p`` as it is, unless it asks for L2 prefetches (PTX inline assembly) on a target that is not NVIDIA's."""
+    if p.get("PF") and not target.startswith("sm"):
+        raise ValueError(f"fp8_linear GEMV: PF={p['PF']} (L2 prefetch, PTX inline assembly) needs an NVIDIA GPU, "
+                         f"not {target}")
+    return p
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
@@ -378,7 +388,7 @@ def gemv2_ok(M: int, K: int, kernels: str, on_mesh: bool = False) -> bool:
 def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
     """:func:`gemv_plan` for two weights in one launch: the tiles of both count."""
     target = target or arch()
-    return gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+    return _nvidia_pf(gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16), target)
 
 
 def gemv2_meta(M: int, Na: int, Nb: int, K: int, p: dict) -> tuple[tuple[int, int, int], dict]:
