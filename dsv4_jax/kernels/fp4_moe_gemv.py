@@ -165,6 +165,9 @@ def _gate_up_gemv(xa_ptr, xf_ptr, tok_ptr, wt_ptr, e_ptr, w1p, w1s, w3p, w3s, h_
     xf = xf_ptr + tok * (D // 32)
     acc_g = tl.zeros((BN, NG), tl.float32)  # per-group partial sums, reduced over the groups after the K loop
     acc_u = tl.zeros((BN, NG), tl.float32)
+    for j in tl.static_range(1, PF):  # the first steps' lines (the loop asks PF steps ahead of each step)
+        _prefetch(w1p, n, D, 0, NG, j)
+        _prefetch(w3p, n, D, 0, NG, j)
     for c0 in range(0, D, 32 * NG):
         if PF > 0:
             _prefetch(w1p, n, D, c0, NG, PF)
@@ -193,6 +196,8 @@ def _down_gemv(ha_ptr, hf_ptr, e_ptr, w2p, w2s, y_ptr, D: tl.constexpr, I: tl.co
     ha = ha_ptr + b.to(tl.int64) * I
     hf = hf_ptr + b.to(tl.int64) * (I // 32)
     acc = tl.zeros((BN, NG), tl.float32)
+    for j in tl.static_range(1, PF):
+        _prefetch(w2p, n, I, 0, NG, j)
     for c0 in range(0, I, 32 * NG):
         if PF > 0:
             _prefetch(w2p, n, I, c0, NG, PF)
