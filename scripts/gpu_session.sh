@@ -176,19 +176,19 @@ for x in r:
                 --kind "$k" --batch "$b" --context "$n" --copy --tiles "$t"; done
             run attn_ws_tests "${WST_BOX:-240}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
               tests/test_kernels_sparse_attn_ws.py -k "gpu_matches and (lacc or mx or idreg)" ;;
-    prefetch) # forty-third session: the decode GEMVs' opt-in L2 prefetches (PF) against the same plans without them,
-              # their bit-identity tests, then the 3-layer batch-1 step alternated with them (<= 550 s)
-              for b in 1 4; do TAIL=8 run "moe_pf_b$b" "${PFP_BOX:-60}" python3 scripts/probe_kernels.py --op moe \
+    prefetch) # forty-third session: the decode GEMVs' opt-in L2 prefetches (PF; the FP8 GEMV's XL too) against the
+              # same plans without them, their bit-identity tests, then the 3-layer batch-1 step with them (<= 595 s)
+              for b in 1 4; do TAIL=8 run "moe_pf_b$b" "${PFP_BOX:-45}" python3 scripts/probe_kernels.py --op moe \
                 --batch "$b" --copy --tiles "${PF_MOE_TILES:-;PF=1;PF=2;PF=3;;PF=2}"; done
-              for w in ${PF_WEIGHTS:-wo_b wq_b wo_a w13}; do TAIL=6 run "fp8_pf_$w" "${PFP_BOX:-60}" python3 \
-                scripts/probe_kernels.py --op fp8 --batch 1 --weight "$w" --tiles "${PF_FP8_TILES:-;pf=1;pf=2;;pf=1}"
+              for w in ${PF_WEIGHTS:-wo_b wq_b wo_a}; do TAIL=6 run "fp8_pf_$w" "${PFP_BOX:-45}" python3 \
+                scripts/probe_kernels.py --op fp8 --batch 1 --weight "$w" --tiles "${PF_FP8_TILES:-;pf=1;pf=2;xl=1;pf=2,xl=1;;xl=1}"
               done
               run pf_tests "${PFT_BOX:-120}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                 tests/test_kernels_fp8.py tests/test_kernels_fp4_moe.py -k prefetch
-              B="DSV4_MOE_TILE=PF=2 DSV4_FP8_GEMV_TILE=PF=2"
+              B="DSV4_MOE_TILE=PF=2 DSV4_FP8_GEMV_TILE=PF=2"; X="DSV4_MOE_TILE=PF=2 DSV4_FP8_GEMV_TILE=PF=2,XL=1"
               TAIL=2 run decode_pf "${PFD_BOX:-250}" python3 scripts/bench_decode.py --model flash --layers 3 \
                 --batch 1 --kernels auto --iters 20 --out "$OUT/pf.json" \
-                --variants "${PF_VARIANTS:-default;$B;default;$B;DSV4_MOE_TILE=PF=2;DSV4_FP8_GEMV_TILE=PF=2}"
+                --variants "${PF_VARIANTS:-default;$B;default;$B;DSV4_MOE_TILE=PF=2;DSV4_FP8_GEMV_TILE=XL=1;$X}"
               variant_table "$OUT/pf.json" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \

@@ -116,6 +116,7 @@ def _interpret_main(path: str) -> None:
         xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)  # the quantized values or wo_a's raw input
         if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
             out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()
+            out[f"xl32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p | {"XL": 1}).numpy()
             out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, p).float().numpy()
         elif p.get("WX"):  # prefill: the same bf16 values
             out[f"y32_{i}"] = fp8_prefill.run_torch(xr, wq, ws, G, torch.float32, p).numpy()
@@ -181,6 +182,16 @@ def test_interpreter_prefill_kernel_split(interpreted, i):
     bound = K * 2.0**-24 * mag + 1e-30
     err = np.abs(out[f"s32_{i}"] - ref)
     assert (err <= bound).all(), f"case {CPU_CASES[i]}: split error {np.max(err / bound):.3g}x the reordering bound"
+
+
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CPU_CASES) if c[0] <= 8],
+                         ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES if c[0] <= 8])
+def test_interpreter_gemv_xl_same_bits(interpreted, i):
+    """The GEMV with ``XL`` (each thread loading the activations of its own weights) gives the default plan's fp32
+    outputs bit for bit: the same products summed in the same order, only where the activations come from differs."""
+    _, out = interpreted
+    assert np.isfinite(out[f"y32_{i}"]).all()
+    assert np.array_equal(out[f"xl32_{i}"], out[f"y32_{i}"]), f"case {CPU_CASES[i]}: XL changed the outputs"
 
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):
@@ -299,22 +310,23 @@ def test_gpu_sweep(rows, j):
     _check(None, y16, ref, mag, K, extra_rel=extra, what=f"{name} rows={rows}")
 
 
-@pytest.mark.parametrize("pf", [1, 2])
+@pytest.mark.parametrize("knob", ["PF=1", "PF=2", "XL=1", "PF=2,XL=1"])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_gpu_prefetch_changes_no_bit(monkeypatch, rows, pf):
+def test_gpu_prefetch_and_xl_change_no_bit(monkeypatch, rows, knob):
     """``PF`` (the GEMV's L2 prefetches, CUDA only, opt-in: ``DSV4_FP8_GEMV_TILE=PF=n``) asks for lines and changes
-    nothing else: V4-Flash's GEMV shapes (one weight, the grouped ``wo_a``) equal the default plan's outputs bit for
-    bit."""
+    nothing else, ``XL`` moves where the activations are loaded: V4-Flash's GEMV shapes (one weight, the grouped
+    ``wo_a``) equal the default plan's outputs bit for bit."""
     _gpu_or_skip()
     import jax.numpy as jnp
 
     from dsv4_jax.kernels import arch
     from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
 
-    if not arch().startswith("sm"):
+    if "PF" in knob and not arch().startswith("sm"):
         pytest.skip("PF is PTX: NVIDIA GPUs only")
     for j, (name, G, N, K) in enumerate(gpu_shapes()[:8]):
         x, w = _inputs(rows, G, N, K, G == 1, seed=77 * rows + j)
+
         def run(x=x, w=w, G=G, K=K):
             if G == 1:
                 return np.asarray(fp8_linear(x.reshape(rows, K), w, jnp.bfloat16, kernels="triton"))
@@ -322,10 +334,10 @@ def test_gpu_prefetch_changes_no_bit(monkeypatch, rows, pf):
 
         monkeypatch.delenv("DSV4_FP8_GEMV_TILE", raising=False)
         base = run()
-        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", f"PF={pf}")
+        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", knob)
         got = run()
         assert np.isfinite(base.astype(np.float32)).all(), name
-        assert np.array_equal(got, base), f"{name} rows={rows} PF={pf}: outputs differ"
+        assert np.array_equal(got, base), f"{name} rows={rows} {knob}: outputs differ"
 
 
 def test_prefetch_refused_off_nvidia(monkeypatch):

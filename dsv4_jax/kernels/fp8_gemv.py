@@ -23,7 +23,7 @@ from dsv4_jax.kernels.common import e8m0, l2_prefetch
 def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                     K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                     SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CW: tl.constexpr = 128, PF: tl.constexpr = 0):
+                    CW: tl.constexpr = 128, PF: tl.constexpr = 0, XL: tl.constexpr = 0):
     """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
     No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
@@ -40,16 +40,19 @@ def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.const
     ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
     ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
     fp32 partials ``[SPLIT, M, G, N]``. ``PF`` > 0 (CUDA only, opt-in): each step asks L2 for the weight bytes ``PF``
-    steps ahead (:func:`common.l2_prefetch`)."""
+    steps ahead (:func:`common.l2_prefetch`). ``XL`` (opt-in): each thread loads the activations of its own weights
+    (L1 hits) instead of one ``[NC, CW]`` load broadcast over the rows, whose relayout through shared memory took 2
+    barriers a step at one row (sm_90a: 0 with ``XL``, 2 more instructions; 4 rows: 16 -> 8); the same products and
+    sums."""
     _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF)
+               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF, XL)
 
 
 @triton.jit
 def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
                      N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
                      KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128,
-                     PF: tl.constexpr = 0):
+                     PF: tl.constexpr = 0, XL: tl.constexpr = 0):
     """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
     e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
     tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
@@ -59,10 +62,10 @@ def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.const
     NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if pid_n < NT:
         _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                   BLOCK_N, CW, N + N2, 0, SPLIT, True, PF)
+                   BLOCK_N, CW, N + N2, 0, SPLIT, True, PF, XL)
     else:
         _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF)
+                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF, XL)
 
 
 @triton.jit
@@ -79,7 +82,8 @@ def _prefetch_step(pf_rows, pid_k, i, KPS: tl.constexpr, NB: tl.constexpr, K: tl
 def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
-               COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0):
+               COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0,
+               XL: tl.constexpr = 0):
     """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
     group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
     without a split)."""
@@ -119,9 +123,13 @@ def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, 
         sw = e8m0(tl.load(sw_rows[:, None] + kb[None, :], mask=n_ok[:, None] & (kb * 128 < K)[None, :],
                           other=127))  # [BN, NC]: the weight block's scale, per chunk
         for m in tl.static_range(M):
-            xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [NC, CW]
+            if XL:  # [BN, NC, CW]: each thread loads the activations of its own weights (L1 hits), no relayout
+                xr = tl.load(x_ptr + (m * G + g) * K + k[None, :, :] + tl.zeros((BLOCK_N, 1, 1), tl.int32),
+                             mask=k_ok[None, :, :], other=0.0).to(tl.float32)
+            else:
+                xr = tl.load(x_ptr + (m * G + g) * K + k, mask=k_ok, other=0.0).to(tl.float32)[None, :, :]  # [NC, CW]
             # [BN, NC, 1]: exact products summed per chunk, scaled by the block's power of two
-            part = tl.sum(w * xr[None, :, :], axis=2, keep_dims=True) * sw[:, :, None]
+            part = tl.sum(w * xr, axis=2, keep_dims=True) * sw[:, :, None]
             if M == 1:
                 acc += part
             else:
