@@ -180,9 +180,9 @@ for x in r:
               # same plans without them, their bit-identity tests, then the 3-layer batch-1 step with them (<= 595 s)
               for b in 1 4; do TAIL=8 run "moe_pf_b$b" "${PFP_BOX:-45}" python3 scripts/probe_kernels.py --op moe \
                 --batch "$b" --copy --tiles "${PF_MOE_TILES:-;PF=1;PF=2;PF=3;;PF=2}"; done
+              t="${PF_FP8_TILES:-;pf=1;pf=2;xl=1;pf=2,xl=1;;xl=1}"
               for w in ${PF_WEIGHTS:-wo_b wq_b wo_a}; do TAIL=6 run "fp8_pf_$w" "${PFP_BOX:-45}" python3 \
-                scripts/probe_kernels.py --op fp8 --batch 1 --weight "$w" --tiles "${PF_FP8_TILES:-;pf=1;pf=2;xl=1;pf=2,xl=1;;xl=1}"
-              done
+                scripts/probe_kernels.py --op fp8 --batch 1 --weight "$w" --tiles "$t"; done
               run pf_tests "${PFT_BOX:-120}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                 tests/test_kernels_fp8.py tests/test_kernels_fp4_moe.py -k prefetch
               B="DSV4_MOE_TILE=PF=2 DSV4_FP8_GEMV_TILE=PF=2"; X="DSV4_MOE_TILE=PF=2 DSV4_FP8_GEMV_TILE=PF=2,XL=1"
