@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch
+#           moeasyncstep attnws prefetch fp8rows
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -190,6 +190,14 @@ for x in r:
                 --batch 1 --kernels auto --iters 20 --out "$OUT/pf.json" \
                 --variants "${PF_VARIANTS:-default;$B;default;$B;DSV4_MOE_TILE=PF=2;DSV4_FP8_GEMV_TILE=XL=1;$X}"
               variant_table "$OUT/pf.json" ;;
+    fp8rows) # forty-third session: the FP8 GEMV at 2-8 rows (batch 4, speculative verify rows) with XL, RA (one
+             # accumulator per row: no barrier in the K loop) and PF, then their GPU tests (<= 420 s)
+             t="${ROWS_FP8_TILES:-;xl=1;ra=1;xl=1,ra=1;xl=1,ra=1,pf=2;;xl=1,ra=1}"
+             for c in ${ROWS_CASES:-wo_b,4 wo_b,8 wq_b,4 wo_a,4 w13,2}; do IFS=, read -r w b <<< "$c"
+               TAIL=8 run "fp8_rows_${w}_b$b" "${ROWSP_BOX:-45}" python3 scripts/probe_kernels.py --op fp8 --batch "$b" \
+                 --weight "$w" --tiles "$t"; done
+             run fp8_rows_tests "${ROWST_BOX:-180}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+               tests/test_kernels_fp8.py -k "ra_rows or prefetch_and_xl" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;

@@ -117,6 +117,11 @@ def _interpret_main(path: str) -> None:
         if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
             out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()
             out[f"xl32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p | {"XL": 1}).numpy()
+            if M > 1:  # RA (one accumulator per row, 16-column chunks), and each row alone (the one-row plan)
+                out[f"ra32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p | {"RA": 1, "CW": 16}).numpy()
+                p1 = plan(1, N, K, G, target="cpu")
+                out[f"rows32_{i}"] = np.concatenate(
+                    [run_gemv_torch(xr[m:m + 1], wq, ws, G, torch.float32, p1).numpy() for m in range(M)])
             out[f"y16_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.bfloat16, p).float().numpy()
         elif p.get("WX"):  # prefill: the same bf16 values
             out[f"y32_{i}"] = fp8_prefill.run_torch(xr, wq, ws, G, torch.float32, p).numpy()
@@ -192,6 +197,22 @@ def test_interpreter_gemv_xl_same_bits(interpreted, i):
     _, out = interpreted
     assert np.isfinite(out[f"y32_{i}"]).all()
     assert np.array_equal(out[f"xl32_{i}"], out[f"y32_{i}"]), f"case {CPU_CASES[i]}: XL changed the outputs"
+
+
+@pytest.mark.parametrize("i", [i for i, c in enumerate(CPU_CASES) if 1 < c[0] <= 8],
+                         ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES if 1 < c[0] <= 8])
+def test_interpreter_gemv_ra_rows_as_one_row(interpreted, i):
+    """``RA`` (one accumulator per row): within the fp32 reordering bound of the reference, and every row of the
+    several-row call equal to that row computed alone (the one-row plan) bit for bit: the same chunk sums in the
+    same order, whatever the row count."""
+    cases, out = interpreted
+    M, G, N, K, fp8 = CPU_CASES[i]
+    ref, mag = _reference(*cases[i], fp8)
+    got = out[f"ra32_{i}"]
+    assert np.isfinite(got).all()
+    bound = K * 2.0**-24 * mag + 1e-30
+    assert (np.abs(got - ref) <= bound).all(), f"case {CPU_CASES[i]}: RA outside the reordering bound"
+    assert np.array_equal(got, out[f"rows32_{i}"].reshape(got.shape)), f"case {CPU_CASES[i]}: rows differ"
 
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):
@@ -310,7 +331,7 @@ def test_gpu_sweep(rows, j):
     _check(None, y16, ref, mag, K, extra_rel=extra, what=f"{name} rows={rows}")
 
 
-@pytest.mark.parametrize("knob", ["PF=1", "PF=2", "XL=1", "PF=2,XL=1"])
+@pytest.mark.parametrize("knob", ["PF=1", "PF=2", "XL=1", "PF=2,XL=1"])  # RA: test_gpu_ra_rows_as_one_row
 @pytest.mark.parametrize("rows", [1, 4])
 def test_gpu_prefetch_and_xl_change_no_bit(monkeypatch, rows, knob):
     """``PF`` (the GEMV's L2 prefetches, CUDA only, opt-in: ``DSV4_FP8_GEMV_TILE=PF=n``) asks for lines and changes
@@ -338,6 +359,36 @@ def test_gpu_prefetch_and_xl_change_no_bit(monkeypatch, rows, knob):
         got = run()
         assert np.isfinite(base.astype(np.float32)).all(), name
         assert np.array_equal(got, base), f"{name} rows={rows} {knob}: outputs differ"
+
+
+@pytest.mark.parametrize("knob", ["RA=1", "RA=1,XL=1", "RA=1,XL=1,PF=2"])
+@pytest.mark.parametrize("rows", [2, 4, 8])
+def test_gpu_ra_rows_as_one_row(monkeypatch, rows, knob):
+    """``RA`` on the GPU (V4-Flash's GEMV shapes): within the sweep's bound of the reference, and each row equal to
+    the one-row call on that row bit for bit (the same chunk sums in the same order and layout)."""
+    _gpu_or_skip()
+    import jax.numpy as jnp
+
+    from dsv4_jax.kernels import arch
+    from dsv4_jax.kernels.fp8_linear import fp8_linear, grouped_proj
+
+    if "PF" in knob and not arch().startswith("sm"):
+        pytest.skip("PF is PTX: NVIDIA GPUs only")
+    monkeypatch.setenv("DSV4_FP8_GEMV_TILE", knob)
+    for j, (name, G, N, K) in enumerate(gpu_shapes()[:8]):
+        x, w = _inputs(rows, G, N, K, G == 1, seed=91 * rows + j)
+
+        def run(x, w=w, G=G, K=K):
+            m = x.shape[0]
+            if G == 1:
+                return np.asarray(fp8_linear(x.reshape(m, K), w, jnp.float32, kernels="triton")).reshape(m, 1, -1)
+            return np.asarray(grouped_proj(x, w, jnp.float32, kernels="triton"))
+
+        got = run(x)
+        ref, mag = _reference(x, w, G == 1)
+        _check(got, got.astype(jnp.bfloat16).astype(np.float32), ref, mag, K, extra_rel=0.0, what=f"{name} {knob}")
+        alone = np.concatenate([run(x[m:m + 1]) for m in range(rows)])
+        assert np.array_equal(got, alone), f"{name} rows={rows} {knob}: a row differs from the one-row call"
 
 
 def test_prefetch_refused_off_nvidia(monkeypatch):

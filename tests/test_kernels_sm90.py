@@ -226,28 +226,30 @@ def test_gemv_prefetch_builds(pf):
         assert b1 == b0 and i0 < i1 <= i0 * 1.1, f"{name}: loop {i0} -> {i1} instructions, barriers {b0} -> {b1}"
 
 
-@pytest.mark.parametrize("M", [1, 4])
-def test_fp8_gemv_xl_drops_loop_barriers(M):
-    """``XL`` (the FP8 GEMV's activations loaded in its weights' layout) in the sm_90a build of ``wo_b``: no spills,
-    no barrier left in the one-row K loop (2 without it: the broadcast activation's relayout), half of them at 4
-    rows (the per-row partial sums keep theirs), a few instructions more."""
+@pytest.mark.parametrize("M", [1, 4, 8])
+def test_fp8_gemv_xl_ra_drop_loop_barriers(M):
+    """``XL`` (the FP8 GEMV's activations loaded in its weights' layout) and ``RA`` (one accumulator per row) in the
+    sm_90a build of ``wo_b``: no spills; ``XL`` leaves no barrier in the one-row K loop (2 without it: the broadcast
+    activation's relayout) and halves them at several rows (the per-row partial sums keep theirs), a few
+    instructions more; with ``RA`` too, none at any row count and fewer instructions than the default."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import fp8_linear as f
     from dsv4_jax.kernels import next_pow2
 
     loops = []
-    for xl in (0, 1):
-        p = f.gemv_plan(M, 4096, 8192, 1, 132, xl=xl)
+    for xl, ra in ((0, 0), (1, 0), (1, 1)):
+        p = f.gemv_plan(M, 4096, 8192, 1, 132, xl=xl, ra=ra)
         meta = dict(M=M, MP=next_pow2(M), N=4096, K=8192, G=1, SWK=64,
                     **{k: v for k, v in p.items() if k not in ("GEMV", "num_warps", "num_stages")})
         ptrs = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", sw_ptr="*u8", out_ptr="*fp32" if p["SPLIT"] > 1 else "*bf16")
         sass: list = []
         _, spill = _compile(f.fp8_gemv_kernel, ptrs, meta, dict(num_warps=p["num_warps"], num_stages=p["num_stages"]),
                             sass)
-        assert spill == 0, f"XL={xl}: {spill} B spilled"
+        assert spill == 0, f"XL={xl} RA={ra}: {spill} B spilled"
         loops.append((_loop_instructions(sass), _loop_barriers(sass)))
-    (i0, b0), (i1, b1) = loops
+    (i0, b0), (i1, b1), (i2, b2) = loops
     assert b0 > 0 and b1 == (0 if M == 1 else b0 // 2) and i1 <= i0 * 1.05, loops
+    assert b2 == 0 and (i2 <= i1 if M == 1 else i2 < i0), loops
 
 
 @pytest.mark.parametrize("f8", [0, 1], ids=["fp16", "e4m3"])

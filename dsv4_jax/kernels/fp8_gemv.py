@@ -23,7 +23,7 @@ from dsv4_jax.kernels.common import e8m0, l2_prefetch
 def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr, N: tl.constexpr,
                     K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr,
                     SPLIT: tl.constexpr, KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CW: tl.constexpr = 128, PF: tl.constexpr = 0, XL: tl.constexpr = 0):
+                    CW: tl.constexpr = 128, PF: tl.constexpr = 0, XL: tl.constexpr = 0, RA: tl.constexpr = 0):
     """Decode rows (few ``M``): ``BLOCK_N`` weight rows of group ``g`` over this program's K range, all M rows.
 
     No tensor cores: each weight element is decoded once (e4m3 -> fp32, exact) and multiplied by every row's
@@ -43,16 +43,19 @@ def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.const
     steps ahead (:func:`common.l2_prefetch`). ``XL`` (opt-in): each thread loads the activations of its own weights
     (L1 hits) instead of one ``[NC, CW]`` load broadcast over the rows, whose relayout through shared memory took 2
     barriers a step at one row (sm_90a: 0 with ``XL``, 2 more instructions; 4 rows: 16 -> 8); the same products and
-    sums."""
+    sums. ``RA`` (opt-in; rows 2-8, with ``CW`` 16): one chunk-sum accumulator per row in the weight tile's layout,
+    the chunks summed after the loop, as the one-row form does: with ``XL`` no barrier in the K loop at any row count
+    (4 rows: 514 instructions and 16 barriers a step -> 458 and 0, sm_90a), and every row's output the one-row
+    call's bit for bit (another fp32 order than ``RA=0``'s, within the same bound)."""
     _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
-               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF, XL)
+               G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF, XL, RA)
 
 
 @triton.jit
 def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.constexpr, MP: tl.constexpr,
                      N: tl.constexpr, N2: tl.constexpr, K: tl.constexpr, SWK: tl.constexpr, SPLIT: tl.constexpr,
                      KPS: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr = 128,
-                     PF: tl.constexpr = 0, XL: tl.constexpr = 0):
+                     PF: tl.constexpr = 0, XL: tl.constexpr = 0, RA: tl.constexpr = 0):
     """Two weights sharing the input ``x [M, K]`` in one launch: ``w [N, K]`` and ``w2 [N2, K]`` (e4m3, 128x128
     e8m0 scales ``sw``/``sw2``), each program one ``BLOCK_N`` tile of one weight (the first ``cdiv(N, BLOCK_N)``
     tiles are ``w``'s). Writes fp32 partials ``[SPLIT, M, N + N2]`` (``w``'s columns first), always: its
@@ -62,10 +65,10 @@ def fp8_gemv2_kernel(x_ptr, w_ptr, sw_ptr, w2_ptr, sw2_ptr, out_ptr, M: tl.const
     NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     if pid_n < NT:
         _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, tl.program_id(1), 0, M, MP, N, K, 1, SWK, KPS, NB,
-                   BLOCK_N, CW, N + N2, 0, SPLIT, True, PF, XL)
+                   BLOCK_N, CW, N + N2, 0, SPLIT, True, PF, XL, RA)
     else:
         _gemv_tile(x_ptr, w2_ptr, sw2_ptr, out_ptr, pid_n - NT, tl.program_id(1), 0, M, MP, N2, K, 1, SWK, KPS,
-                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF, XL)
+                   NB, BLOCK_N, CW, N + N2, N, SPLIT, True, PF, XL, RA)
 
 
 @triton.jit
@@ -79,11 +82,17 @@ def _prefetch_step(pf_rows, pid_k, i, KPS: tl.constexpr, NB: tl.constexpr, K: tl
 
 
 @triton.jit
+def _place(a, r: tl.constexpr, mrow):
+    """``RA``: row ``r``'s chunk sums ``a [BN, NC, 1]`` summed -> ``[MP, BN]``, them at row ``r``, zeros elsewhere."""
+    return tl.where((mrow == r)[:, None], tl.reshape(tl.sum(tl.sum(a, axis=2), axis=1), (1, a.shape[0])), 0.0)
+
+
+@triton.jit
 def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, MP: tl.constexpr,
                N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, SWK: tl.constexpr, KPS: tl.constexpr,
                NB: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, OUT_N: tl.constexpr,
                COL0: tl.constexpr, SPLIT: tl.constexpr, F32_OUT: tl.constexpr, PF: tl.constexpr = 0,
-               XL: tl.constexpr = 0):
+               XL: tl.constexpr = 0, RA: tl.constexpr = 0):
     """The body of :func:`fp8_gemv_kernel` for tile ``(pid_n, pid_k, g)`` of a weight with ``N`` rows (per
     group), written at columns ``COL0 + n`` of output rows ``OUT_N`` wide (``F32_OUT``: fp32 partials even
     without a split)."""
@@ -97,7 +106,8 @@ def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, 
     # 16-column sums stay in registers and per-chunk partial sums cross the K loop, reduced once at the end (no
     # cross-lane reduction per step). Several rows (CW 128, 128-wide blocks), each step's partial reduced at once:
     # ptxas sm_90a at 4 rows, wo_b: 96 registers, no spills; 16-column chunks there took 164 registers with
-    # per-row chunk sums, 96 and 8 B of spills without.
+    # per-row chunk sums held as one [MP, ...] tensor, 96 and 8 B of spills without. RA: one [BN, NC, 1] accumulator
+    # per row instead (separate tensors in the tile's layout: no layout conversion, no spill at 8 rows).
     CPB: tl.constexpr = 128 // CW  # chunks per 128-wide K block
     NC: tl.constexpr = NB * CPB
     ch = tl.arange(0, NC)  # [NC] chunk c covers K block c // CPB, columns (c % CPB) * CW ...
@@ -105,6 +115,10 @@ def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, 
     mrow = tl.arange(0, MP)
     if M == 1:  # [BN, NC, 1]: the weight tile's layout, so the loop carries it without conversions
         acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
+    elif RA:  # per-row chunk sums [BN, NC, 1] in the weight tile's layout (rows 0-7), the chunks summed after the loop
+        tl.static_assert(M <= 8, "RA keeps one accumulator per row: at most 8 rows")
+        acc = tl.zeros((BLOCK_N, NC, 1), tl.float32)
+        a1, a2, a3, a4, a5, a6, a7 = acc, acc, acc, acc, acc, acc, acc
     else:  # several rows: [MP, BN], each step's partial reduced at once (per-chunk sums per row cost registers)
         acc = tl.zeros((MP, BLOCK_N), tl.float32)
     pf_rows = w_ptr + (g * N + tl.minimum(offs_n, N - 1)).to(tl.int64) * K  # [BN] rows past N: the last one
@@ -132,10 +146,31 @@ def _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, pid_n, pid_k, g, M: tl.constexpr, 
             part = tl.sum(w * xr, axis=2, keep_dims=True) * sw[:, :, None]
             if M == 1:
                 acc += part
+            elif RA:
+                if m == 0:
+                    acc += part
+                elif m == 1:
+                    a1 += part
+                elif m == 2:
+                    a2 += part
+                elif m == 3:
+                    a3 += part
+                elif m == 4:
+                    a4 += part
+                elif m == 5:
+                    a5 += part
+                elif m == 6:
+                    a6 += part
+                else:
+                    a7 += part
             else:
                 acc = tl.where((mrow == m)[:, None], acc + tl.sum(tl.sum(part, axis=2), axis=1)[None, :], acc)
     if M == 1:
         acc = tl.reshape(tl.sum(tl.sum(acc, axis=2), axis=1), (1, BLOCK_N))  # [1, BN]
+    elif RA:  # [MP, BN]: row m's chunk sums summed, placed at row m
+        acc = _place(acc, 0, mrow) + _place(a1, 1, mrow) + _place(a2, 2, mrow) + _place(a3, 3, mrow)
+        if M > 4:
+            acc += _place(a4, 4, mrow) + _place(a5, 5, mrow) + _place(a6, 6, mrow) + _place(a7, 7, mrow)
     out_rows = (mrow.to(tl.int64) * G + g) * OUT_N + COL0  # [MP]
     mask = (mrow < M)[:, None] & n_ok[None, :]
     if SPLIT == 1 and not F32_OUT:

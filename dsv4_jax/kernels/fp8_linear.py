@@ -202,30 +202,33 @@ def decode_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 64, per
 
 
 GEMV_ROWS = 8  # decode rows up to this many take the tensor-core-free GEMV kernel
-GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "PF", "XL", "num_warps", "num_stages")  # DSV4_FP8_GEMV_TILE (gemv_plan)
+GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "PF", "XL", "RA", "num_warps", "num_stages")  # DSV4_FP8_GEMV_TILE
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
-              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, pf: int = 0, xl: int = 0) -> dict:
+              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, pf: int = 0, xl: int = 0,
+              ra: int = 0) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
     split until about ``per_sm`` programs per SM stream the weight (no empty split); ``maxnreg``: ptxas's register
     cap (probes); ``pf`` > 0 (CUDA only) L2 prefetches ``pf`` steps ahead, ``xl`` the activations loaded in the
-    weights' layout (both opt-in until timed: :mod:`fp8_gemv`). ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``,
-    ``PER_SM``, ``PF``, ``XL``, ``num_warps``, ``num_stages``) overrides
+    weights' layout, ``ra`` one accumulator per row in 16-column chunks (all opt-in until timed: :mod:`fp8_gemv`).
+    ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``PF``, ``XL``, ``RA``, ``num_warps``, ``num_stages``)
+    overrides
     them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``). In the 3-layer batch-1
     step on an H100 (2026-12-07, alternated with the defaults' 1.002-1.017 ms in a loop) ``PER_SM=16`` 1.011 ms,
     ``NB=4`` 1.004, ``BLOCK_N=8`` 1.014: no plan beat these defaults."""
     env = env_tiles("DSV4_FP8_GEMV_TILE", GEMV_TILE_KEYS)
     block_n, nb, per_sm = env.get("BLOCK_N", block_n), env.get("NB", nb), env.get("PER_SM", per_sm)
     num_warps, num_stages = env.get("num_warps", num_warps), env.get("num_stages", num_stages)
-    pf, xl = env.get("PF", pf), env.get("XL", xl)
+    pf, xl, ra = env.get("PF", pf), env.get("XL", xl), env.get("RA", ra)
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))
     kps = math.ceil(steps / split)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
-    return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps, CW=16 if M == 1 else 128,
-                PF=pf, XL=xl, num_warps=num_warps, num_stages=num_stages, **extra)
+    return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps,
+                CW=16 if M == 1 or ra else 128, PF=pf, XL=xl, RA=ra, num_warps=num_warps, num_stages=num_stages,
+                **extra)
 
 
 def _nvidia_pf(p: dict, target: str) -> dict:
