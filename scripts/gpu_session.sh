@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows
+#           moeasyncstep attnws prefetch fp8rows indexpf
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -198,6 +198,16 @@ for x in r:
                  --weight "$w" --tiles "$t"; done
              run fp8_rows_tests "${ROWST_BOX:-180}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                tests/test_kernels_fp8.py -k "ra_rows or prefetch_and_xl" ;;
+    indexpf) # forty-third session: the indexer's decode scoring kernel with L2 prefetches (PF) at batch 32 and 1,
+             # 128K and 1M tokens, then its bit-identity test (<= 400 s)
+             IFS=';' read -ra vs <<< "${INDEXPF_VARIANTS:-;PF=1;PF=2;PF=4;}"
+             for v in "${vs[@]}"; do for bc in "32 131072,1048576" "1 1048576"; do set -- $bc
+               DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b$1_${v//[=,]/_}" "${INDEXPF_BOX:-60}" python3 \
+                 scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
+                 --topk-blocks radix --calls 4 --trials 3
+             done; done
+             run indexer_pf_tests 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+               tests/test_kernels_indexer.py -k "prefetch" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;

@@ -243,6 +243,17 @@ def test_tile_override_is_checked(monkeypatch):
         ix.score_plan(64, 32, 262144, "sm90")
 
 
+def test_prefetch_only_on_nvidia(monkeypatch):
+    """The scoring kernel's ``PF`` (L2 prefetches, PTX inline assembly) is refused by name off NVIDIA GPUs (the
+    interpreter, AMD), taken on sm90; off by default."""
+    assert ix.score_plan(64, 32, 262144, "sm90")["PF"] == 0
+    monkeypatch.setenv("DSV4_INDEX_TILE", "PF=2")
+    assert ix.score_plan(64, 32, 262144, "sm90")["PF"] == 2
+    for target in ("cpu", "gfx950"):
+        with pytest.raises(ValueError, match=f"PF=2 .*not {target}"):
+            ix.score_plan(64, 32, 262144, target)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(triton_unavailable() is not None, reason=f"indexer kernel: {triton_unavailable()}")
 
@@ -260,6 +271,27 @@ def test_gpu_matches_reference(B, Nc):
     hws = ix.scale_head_weights(hw, HW_SCALE)  # the model's XLA form
     ids_ref = np.asarray(jax.jit(functools.partial(ix.indexer_topk_reference, k=512))(q, hws, keys, tt))
     _check(got, _ref_totals(q, hws, keys, tt), ids, ids_ref, f"B={B} Nc={Nc}")
+
+
+@gpu
+@pytest.mark.parametrize("pf", [1, 3])
+def test_gpu_prefetch_changes_no_bit(monkeypatch, pf):
+    """``PF`` asks L2 for lines and changes nothing else: the decode totals at 32 rows over 16K entries (rows at
+    different positions, a few seeing almost nothing) equal the plan's without it, bit for bit."""
+    from dsv4_jax.kernels import arch
+
+    if not arch().startswith("sm"):
+        pytest.skip("PF is PTX: NVIDIA GPUs only")
+    B, Nc = 32, 16384
+    t = np.linspace(20, 4 * Nc + 3, B).astype(np.int32)[:, None]
+    q, hw, keys, tt = _case(B, 1, 64, 128, Nc, t, SEED + 17)
+    run = lambda: np.asarray(jax.jit(ix.indexer_totals_triton)(q, hw, keys, tt))  # noqa: E731
+    monkeypatch.delenv("DSV4_INDEX_TILE", raising=False)
+    base = run()
+    monkeypatch.setenv("DSV4_INDEX_TILE", f"PF={pf}")
+    jax.clear_caches()  # the plan is read when the launch is traced
+    got = run()
+    assert np.array_equal(got, base), f"PF={pf}: totals differ"
 
 
 @gpu

@@ -475,6 +475,29 @@ def test_indexer_score_plan_fits(heads, target):
         assert sum(counts[1].values()) < sum(counts[0].values()) and counts[1].get("HMUL2.BF16_V2"), counts[1]
 
 
+@pytest.mark.parametrize("pf", [1, 2])
+def test_indexer_score_prefetch_builds(pf):
+    """The decode scoring kernel with its opt-in L2 prefetches (``PF``, CUDA only) at V4-Flash's indexer, batch 32
+    over 1M tokens: no spills, the prefetches (``CCTL.E.PF2``, one 16-byte piece of keys a thread) inside the block
+    loop, a few instructions more than without."""
+    pytest.importorskip("triton")
+    from dsv4_jax.kernels import indexer as ix
+
+    p = ix.score_plan(64, 32, 262144, "sm90")
+    pointers = dict(q_ptr="*bf16", hw_ptr="*bf16", kp_ptr="*u8", ks_ptr="*u8", lim_ptr="*i32", out_ptr="*bf16")
+    sizes = []
+    for f in (0, pf):
+        meta = dict(S=1, HI=64, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"], BF=1, INTERPRET=False,
+                    HWS=ix._hws(128**-0.5 * 64**-0.5), PF=f)
+        code: list = []
+        _, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
+                            code)
+        loop = _longest_loop(code)
+        assert spill == 0 and sum("CCTL.E.PF2" in line for line in loop) == (1 if f else 0), (f, spill)
+        sizes.append(_loop_instructions(code))
+    assert sizes[0] < sizes[1] <= sizes[0] * 1.1, sizes
+
+
 @pytest.mark.parametrize("heads", [64, 16])
 def test_indexer_prefill_plan_fits(heads, target):
     """The indexer's prefill scoring kernel at its plan for an 8,192-row chunk over a 128K-token prompt: no spills,

@@ -76,7 +76,7 @@ try:  # the model imports this module; triton is optional (kernels="reference" n
     import triton
     import triton.language as tl
 
-    from dsv4_jax.kernels.common import e2m1_factors, e2m1_factors16, e2m1_pair, e2m1_pair16, rn_bf16
+    from dsv4_jax.kernels.common import e2m1_factors, e2m1_factors16, e2m1_pair, e2m1_pair16, l2_prefetch, rn_bf16
 except ImportError:  # pragma: no cover - exercised only without the triton extra
     triton = tl = None
 
@@ -188,10 +188,18 @@ SHORT_AUTO = True
 if triton is not None:
 
     @triton.jit
+    def _prefetch_keys(kp_ptr, rb, j0, lim, NC: tl.constexpr, BLK: tl.constexpr, DI: tl.constexpr):
+        """``PF``: ask L2 for the packed key bytes of entries ``[j0, j0 + BLK)`` (one 16-byte piece per address,
+        ``[BLK, DI/32]``), clamped to the visible entries and the cache (no address outside it; nothing past ``lim``
+        is read)."""
+        j = tl.minimum(j0 + tl.arange(0, BLK), tl.maximum(tl.minimum(lim, NC) - 1, 0))  # [BLK]
+        l2_prefetch(kp_ptr + (rb + j)[:, None] * (DI // 2) + tl.arange(0, DI // 32)[None, :] * 16)
+
+    @triton.jit
     def _indexer_score_kernel(q_ptr, hw_ptr, kp_ptr, ks_ptr, lim_ptr, out_ptr, S: tl.constexpr, HI: tl.constexpr,
                               HP: tl.constexpr, DI: tl.constexpr, NC: tl.constexpr, BLK: tl.constexpr,
                               NB: tl.constexpr = 1, BF: tl.constexpr = 0, HWS: tl.constexpr = 0.0,
-                              INTERPRET: tl.constexpr = False):
+                              INTERPRET: tl.constexpr = False, PF: tl.constexpr = 0):
         """Totals of query row ``r = program_id(0)`` (batch row ``r // S``) over the ``NB`` entry blocks ``[BLK *
         (NB * program_id(1) + b), + BLK)``: :func:`_totals` on the FP4 keys (``kp [B, NC, DI/2]`` e2m1 pairs, ``ks
         [B, NC, DI/32]`` e8m0), -inf for entries at or past ``lim[r]`` (the visible count). ``q [B*S, HI, DI]`` and
@@ -201,7 +209,9 @@ if triton is not None:
         visible reads no key. ``BF`` (sm90's plan): the keys
         decoded straight to bf16 bit patterns and scaled by bf16 pair multiplies (the same values; as the FP4
         experts' ``BFMUL``, :mod:`dsv4_jax.kernels.fp4_moe_wx`; under the interpreter, whose bf16 arithmetic is not
-        the GPU's, the same bit patterns scaled in fp32)."""
+        the GPU's, the same bit patterns scaled in fp32). ``PF`` > 0 (CUDA only, opt-in): each block also asks L2
+        for the key bytes ``PF`` blocks ahead (:func:`common.l2_prefetch`; the kernel waits on load latency, not on
+        bytes or instructions: Nsight Compute, H200, 2026-12-03)."""
         r = tl.program_id(0)
         lim = tl.load(lim_ptr + r)
         h = tl.arange(0, HP)
@@ -215,8 +225,14 @@ if triton is not None:
         w = tl.load(hw_ptr + r.to(tl.int64) * HI + h, mask=hm, other=0.0).to(tl.float32)  # [HP]
         if HWS != 0.0:
             w = rn_bf16(w * HWS)
+        rb = (r // S).to(tl.int64) * NC  # the batch row's first cache row
+        if PF > 0:  # the first blocks' key bytes (the loop asks PF blocks ahead of each block it loads)
+            for pb in tl.static_range(1, PF):
+                _prefetch_keys(kp_ptr, rb, (tl.program_id(1) * NB + pb) * BLK, lim, NC, BLK, DI)
         for b in range(NB):
             j0 = (tl.program_id(1) * NB + b) * BLK
+            if PF > 0:
+                _prefetch_keys(kp_ptr, rb, j0 + PF * BLK, lim, NC, BLK, DI)
             j = j0 + tl.arange(0, BLK)  # [BLK] entry ids
             out = out_ptr + r.to(tl.int64) * NC + j
             jm = j < NC
@@ -262,12 +278,15 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     # BF (keys decoded through bf16 bit patterns, bf16 pair multiplies) on sm90: batch 32 at 128K / 1M tokens 214 /
     # 1,066 us per call against 231 / 1,142 (H200, bench_attention.py --mode indexer, 2026-12-05); elsewhere the fp32
     # decode (bf16 arithmetic on subnormal bit patterns is not known to be exact there)
-    p = dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), BF=int(target == "sm90"), num_warps=4, num_stages=1)
+    p = dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), BF=int(target == "sm90"), PF=0, num_warps=4,
+             num_stages=1)
     p.update(over)
+    if p["PF"] and not target.startswith("sm"):  # PTX inline assembly
+        raise ValueError(f"indexer kernel: PF={p['PF']} (L2 prefetch, PTX) needs an NVIDIA GPU, not {target}")
     return p
 
 
-SCORE_TILE_KEYS = ("BLK", "NB", "BF", "num_warps", "maxnreg", "tiled")
+SCORE_TILE_KEYS = ("BLK", "NB", "BF", "PF", "num_warps", "maxnreg", "tiled")
 
 
 def tile_override() -> dict:
@@ -298,7 +317,8 @@ def indexer_totals_triton(q: jax.Array, hw: jax.Array, keys: Fp4Tensor, t: jax.A
     out = triton_call(q.reshape(B * S, Hi, Di), hw.astype(jnp.bfloat16).reshape(B * S, Hi), keys.packed, keys.scale,
                       lim, kernel=_indexer_score_kernel, out_shape=jax.ShapeDtypeStruct((B * S, Nc), jnp.bfloat16),
                       grid=(B * S, -(-Nc // (p["BLK"] * p["NB"]))), S=S, HI=Hi, HP=p["HP"], DI=Di, NC=Nc,
-                      BLK=p["BLK"], NB=p["NB"], BF=p.get("BF", 0), HWS=_hws(hw_scale), num_warps=p["num_warps"],
+                      BLK=p["BLK"], NB=p["NB"], BF=p.get("BF", 0), HWS=_hws(hw_scale), PF=p["PF"],
+                      num_warps=p["num_warps"],
                       num_stages=p["num_stages"], maxnreg=p.get("maxnreg"),
                       tiled=bool(p.get("tiled", 0)))  # speed knobs, never a result's
     return out.reshape(B, S, Nc)
@@ -324,6 +344,6 @@ def totals_torch(q, hw, packed, scale, lim, S: int, tiles: dict | None = None, h
     _indexer_score_kernel[(R, -(-Nc // (p["BLK"] * p["NB"])))](q, hw, packed, scale, lim, out, S=S, HI=Hi,
                                                                HP=p["HP"], DI=Di, NC=Nc, BLK=p["BLK"], NB=p["NB"],
                                                                BF=p.get("BF", 0), HWS=_hws(hw_scale),
-                                                               INTERPRET=q.device.type == "cpu",
+                                                               PF=p.get("PF", 0), INTERPRET=q.device.type == "cpu",
                                                                num_warps=p["num_warps"], num_stages=p["num_stages"])
     return out
