@@ -199,13 +199,15 @@ for x in r:
              run fp8_rows_tests "${ROWST_BOX:-180}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                tests/test_kernels_fp8.py -k "ra_rows or prefetch_and_xl" ;;
     indexpf) # forty-third session: the indexer's decode scoring kernel with L2 prefetches (PF) at batch 32 and 1,
-             # 128K and 1M tokens, then its bit-identity test (<= 400 s)
-             IFS=';' read -ra vs <<< "${INDEXPF_VARIANTS:-;PF=1;PF=2;PF=4;}"
-             for v in "${vs[@]}"; do for bc in "32 131072,1048576" "1 1048576"; do set -- $bc
-               DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b$1_${v//[=,]/_}" "${INDEXPF_BOX:-60}" python3 \
-                 scripts/bench_attention.py --mode indexer --impls triton --batch "$1" --contexts "$2" \
-                 --topk-blocks radix --calls 4 --trials 3
-             done; done
+             # 128K and 1M tokens, then its bit-identity test (<= 540 s)
+             # (batch 1 also with fewer blocks a program: 512 programs of 16 sequential blocks at 1M)
+             for bcv in "32 131072,1048576 ${INDEXPF_B32:-;PF=1;PF=2;PF=4;}" \
+                        "1 1048576 ${INDEXPF_B1:-;PF=2;PF=4;NB=4;NB=8;NB=4,PF=2;}"; do
+               read -r b c v <<< "$bcv"; IFS=';' read -ra vs <<< "$v"
+               for v in "${vs[@]}"; do DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b${b}_${v//[=,]/_}" \
+                 "${INDEXPF_BOX:-45}" python3 scripts/bench_attention.py --mode indexer --impls triton --batch "$b" \
+                 --contexts "$c" --topk-blocks radix --calls 4 --trials 3; done
+             done
              run indexer_pf_tests 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                tests/test_kernels_indexer.py -k "prefetch" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
