@@ -14,11 +14,12 @@ Inputs are random, at V4-Flash shapes:
   kernels) for ``--batch`` tokens of 6 experts each; plan overrides are :func:`fp4_moe_gemv.gemv_tiles` entries;
   ``MMA=1`` takes the tensor-core GEMV of :mod:`fp4_moe_mma` instead (:func:`fp4_moe_mma.launch_mma_torch`, the
   same four launches; overrides are :func:`fp4_moe_mma.mma_tiles` entries, ``F8=1`` its e4m3 dots); ``ASYNC=1``
-  the Gluon GEMV of :mod:`fp4_moe_gemv_async` (overrides: ``NS``, ``NG1``, ``NG2``, ``GT``, ``num_warps``);
+  the Gluon GEMV of :mod:`fp4_moe_gemv_async` (overrides: ``NS``, ``NG1``, ``NG2``, ``GT``, ``num_warps``); ``PF=n``
+  the FMA GEMV's L2 prefetches ``n`` steps ahead;
 * ``--op fp8``: the FP8 GEMV (``fp8_linear.run_gemv_torch`` on a bf16 activation, ``x32=1`` an fp32 one; the
   split-K partials summed by torch) for ``--batch`` rows at the V4-Flash weights named by ``--weight``; plan
   overrides are :func:`fp8_linear.gemv_plan`'s keywords (``block_n``, ``nb``, ``per_sm``, ``num_warps``,
-  ``num_stages``).
+  ``num_stages``, and the opt-in ``pf``, ``xl``, ``ra``).
 
     python scripts/probe_kernels.py --op attn --batch 32 --context 131072 --kind csa --tiles ';num_stages=1'
     python scripts/probe_kernels.py --op attn --kind hca --context 1048576 --scale-stride 8 --tiles \
