@@ -191,13 +191,18 @@ for x in r:
                 --variants "${PF_VARIANTS:-default;$B;default;$B;DSV4_MOE_TILE=PF=2;DSV4_FP8_GEMV_TILE=XL=1;$X}"
               variant_table "$OUT/pf.json" ;;
     fp8rows) # forty-third session: the FP8 GEMV at 2-8 rows (batch 4, speculative verify rows) with XL, RA (one
-             # accumulator per row: no barrier in the K loop) and PF, then their GPU tests (<= 420 s)
+             # accumulator per row: no barrier in the K loop) and PF, their GPU tests, then the 3-layer step's
+             # speculative timing (verify of 4 rows) with RA + XL (<= 545 s; ROWS_SPEC= skips the last)
              t="${ROWS_FP8_TILES:-;xl=1;ra=1;xl=1,ra=1;xl=1,ra=1,pf=2;;xl=1,ra=1}"
              for c in ${ROWS_CASES:-wo_b,4 wo_b,8 wq_b,4 wo_a,4 w13,2}; do IFS=, read -r w b <<< "$c"
                TAIL=8 run "fp8_rows_${w}_b$b" "${ROWSP_BOX:-45}" python3 scripts/probe_kernels.py --op fp8 --batch "$b" \
                  --weight "$w" --tiles "$t"; done
-             run fp8_rows_tests "${ROWST_BOX:-180}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-               tests/test_kernels_fp8.py -k "ra_rows or prefetch_and_xl" ;;
+             run fp8_rows_tests "${ROWST_BOX:-150}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+               tests/test_kernels_fp8.py -k "ra_rows or prefetch_and_xl"
+             R="DSV4_FP8_GEMV_TILE=RA=1,XL=1"  # the speculative verify step: 4 rows through every FP8 GEMV
+             [ -n "${ROWS_SPEC-1}" ] && TAIL=4 run fp8_rows_spec "${ROWSS_BOX:-170}" python3 scripts/bench_decode.py \
+               --model flash --layers 3 --batch 1 --kernels auto --iters 10 --speculative 3 --out "$OUT/rows.json" \
+               --variants "default;$R;default;$R" ;;
     indexpf) # forty-third session: the indexer's decode scoring kernel with L2 prefetches (PF) at batch 32 and 1,
              # 128K and 1M tokens, then its bit-identity test (<= 540 s)
              # (batch 1 also with fewer blocks a program: 512 programs of 16 sequential blocks at 1M)
