@@ -179,7 +179,7 @@ for x in r:
     prefetch) # forty-third session: the decode GEMVs' opt-in L2 prefetches (PF; the FP8 GEMV's XL too) against the
               # same plans without them, their bit-identity tests, then the 3-layer batch-1 step with them (<= 595 s)
               for b in 1 4; do TAIL=8 run "moe_pf_b$b" "${PFP_BOX:-45}" python3 scripts/probe_kernels.py --op moe \
-                --batch "$b" --copy --tiles "${PF_MOE_TILES:-;PF=1;PF=2;PF=3;;PF=2}"; done
+                --batch "$b" --copy --tiles "${PF_MOE_TILES:-;PF=1;PF=2;PF=4;PF=8;;PF=2}"; done
               t="${PF_FP8_TILES:-;pf=1;pf=2;xl=1;pf=2,xl=1;;xl=1}"
               for w in ${PF_WEIGHTS:-wo_b wq_b wo_a}; do TAIL=6 run "fp8_pf_$w" "${PFP_BOX:-45}" python3 \
                 scripts/probe_kernels.py --op fp8 --batch 1 --weight "$w" --tiles "$t"; done
