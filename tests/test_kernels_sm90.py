@@ -464,7 +464,7 @@ def test_indexer_score_plan_fits(heads, target):
     counts = []
     for bf in (0, 1):
         meta = dict(S=1, HI=heads, HP=p["HP"], DI=128, NC=262144, BLK=p["BLK"], NB=p["NB"], BF=bf, INTERPRET=False,
-                    HWS=ix._hws(128**-0.5 * heads**-0.5))  # the model folds the head-weight scale in
+                    HWS=ix._hws(128**-0.5 * heads**-0.5), PF=p["PF"])  # the model folds the head-weight scale in
         code: list = []
         smem, spill = _compile(ix._indexer_score_kernel, pointers, meta, dict(num_warps=p["num_warps"], num_stages=1),
                                code, target=target)
