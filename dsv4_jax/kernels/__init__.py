@@ -211,6 +211,14 @@ def arch() -> str:
     return "gfx950" if "mi355" in name or "gfx950" in name else "gfx9"
 
 
+def check_prefetch(pf: int, target: str, what: str) -> None:
+    """Refuse the opt-in L2 prefetch plan key (``PF``: ``common.l2_prefetch``, PTX inline assembly) on a target
+    that is not an NVIDIA GPU (AMD, the interpreter), naming the kernel, the value and the target: the one check
+    every kernel with that key calls before it launches."""
+    if pf and not target.startswith("sm"):
+        raise ValueError(f"{what}: PF={pf} (L2 prefetch, PTX inline assembly) needs an NVIDIA GPU, not {target}")
+
+
 @functools.cache
 def fp8_dot_supported() -> bool:
     """Whether ``tl.dot`` takes OCP e4m3 (``float8_e4m3fn``) operands here: NVIDIA sm89+ (Ada, Hopper, Blackwell)

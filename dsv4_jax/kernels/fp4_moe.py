@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from dsv4_jax.kernels import arch, env_tiles, triton_call, use_triton
+from dsv4_jax.kernels import arch, check_prefetch, env_tiles, triton_call, use_triton
 from dsv4_jax.kernels.common import (
     act_exp,
     e2m1_factors,
@@ -366,9 +366,7 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
         check_shapes(x, w1s, w2s, w3s, dict(G=1, BN1=t["BN"], BN2=t["BN"], CODES=0))
         if not mma:
             check_gemv_shapes(D, I, t)
-            if t.get("PF") and not arch().startswith("sm"):  # PTX inline assembly: NVIDIA only
-                raise ValueError(f"fp4_moe (GEMV): PF={t['PF']} (L2 prefetch, PTX) needs an NVIDIA GPU, not "
-                                 f"{arch()}")
+            check_prefetch(t.get("PF", 0), arch(), "fp4_moe (GEMV)")
         launch = launch_mma_jax if mma else launch_gemv_jax
         y = launch(x.astype(jnp.bfloat16), tok.astype(jnp.int32), wt.astype(jnp.float32), e.astype(jnp.int32), w1s,
                    w2s, w3s, float(cfg.swiglu_limit), t)

@@ -50,6 +50,7 @@ from dsv4_jax.kernels import (
     SM_COUNT,
     TILED_MIN_ROWS,
     arch,
+    check_prefetch,
     env_tiles,
     fp8_dot_supported,
     next_pow2,
@@ -182,7 +183,9 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     """
     target = target or arch()
     if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
-        return _nvidia_pf(gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16), target)
+        p = gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+        check_prefetch(p["PF"], target, "fp8_linear GEMV")
+        return p
     if M < PREFILL_MIN_ROWS:
         if G == 1 and target == "sm90":
             return split_plan(M, N, K, G, SM_COUNT[target])
@@ -213,10 +216,9 @@ def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: i
     cap (probes); ``pf`` > 0 (CUDA only) L2 prefetches ``pf`` steps ahead, ``xl`` the activations loaded in the
     weights' layout, ``ra`` one accumulator per row in 16-column chunks (all opt-in until timed: :mod:`fp8_gemv`).
     ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``PF``, ``XL``, ``RA``, ``num_warps``, ``num_stages``)
-    overrides
-    them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``). In the 3-layer batch-1
-    step on an H100 (2026-12-07, alternated with the defaults' 1.002-1.017 ms in a loop) ``PER_SM=16`` 1.011 ms,
-    ``NB=4`` 1.004, ``BLOCK_N=8`` 1.014: no plan beat these defaults."""
+    overrides them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``). In the 3-layer
+    batch-1 step on an H100 (2026-12-07, alternated with the defaults' 1.002-1.017 ms in a loop) ``PER_SM=16`` 1.011
+    ms, ``NB=4`` 1.004, ``BLOCK_N=8`` 1.014: no plan beat these defaults."""
     env = env_tiles("DSV4_FP8_GEMV_TILE", GEMV_TILE_KEYS)
     block_n, nb, per_sm = env.get("BLOCK_N", block_n), env.get("NB", nb), env.get("PER_SM", per_sm)
     num_warps, num_stages = env.get("num_warps", num_warps), env.get("num_stages", num_stages)
@@ -229,14 +231,6 @@ def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: i
     return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps,
                 CW=16 if M == 1 or ra else 128, PF=pf, XL=xl, RA=ra, num_warps=num_warps, num_stages=num_stages,
                 **extra)
-
-
-def _nvidia_pf(p: dict, target: str) -> dict:
-    """``p`` as it is, unless it asks for L2 prefetches (PTX inline assembly) on a target that is not NVIDIA's."""
-    if p.get("PF") and not target.startswith("sm"):
-        raise ValueError(f"fp8_linear GEMV: PF={p['PF']} (L2 prefetch, PTX inline assembly) needs an NVIDIA GPU, "
-                         f"not {target}")
-    return p
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
@@ -392,7 +386,9 @@ def gemv2_ok(M: int, K: int, kernels: str, on_mesh: bool = False) -> bool:
 def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
     """:func:`gemv_plan` for two weights in one launch: the tiles of both count."""
     target = target or arch()
-    return _nvidia_pf(gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16), target)
+    p = gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+    check_prefetch(p["PF"], target, "fp8_linear GEMV")
+    return p
 
 
 def gemv2_meta(M: int, Na: int, Nb: int, K: int, p: dict) -> tuple[tuple[int, int, int], dict]:

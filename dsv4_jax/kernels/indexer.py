@@ -49,6 +49,7 @@ import numpy as np
 from dsv4_jax.kernels import (
     SM_COUNT,
     arch,
+    check_prefetch,
     env_tiles,
     indexer_prefill,
     next_pow2,
@@ -281,8 +282,7 @@ def score_plan(n_heads: int, rows: int = 1, n_c: int = 1, target: str | None = N
     p = dict(BLK=blk, NB=nb, HP=max(16, next_pow2(n_heads)), BF=int(target == "sm90"), PF=0, num_warps=4,
              num_stages=1)
     p.update(over)
-    if p["PF"] and not target.startswith("sm"):  # PTX inline assembly
-        raise ValueError(f"indexer kernel: PF={p['PF']} (L2 prefetch, PTX) needs an NVIDIA GPU, not {target}")
+    check_prefetch(p["PF"], target, "indexer kernel")
     return p
 
 
