@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows indexpf
+#           moeasyncstep attnws prefetch fp8rows indexpf survey
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -215,6 +215,22 @@ for x in r:
              done
              run indexer_pf_tests 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                tests/test_kernels_indexer.py -k "prefetch" ;;
+    survey) # forty-fourth session: every untimed knob of sessions 41-43 at kernel level in one call (<= 560 s), for
+            # when device time allows one call: PF on both GEMVs, XL/RA at 4 rows, LACC/MX/IDREG, the indexer's PF
+            for b in 1 4; do TAIL=8 run "moe_pf_b$b" 45 python3 scripts/probe_kernels.py --op moe --batch "$b" --copy \
+              --tiles ";PF=1;PF=2;PF=4;;PF=2"; done
+            for w in wo_b wq_b; do TAIL=7 run "fp8_pf_$w" 45 python3 scripts/probe_kernels.py --op fp8 --batch 1 \
+                --weight "$w" --tiles ";pf=2;xl=1;pf=2,xl=1;;xl=1"
+              TAIL=5 run "fp8_rows_${w}_b4" 45 python3 scripts/probe_kernels.py --op fp8 --batch 4 --weight "$w" \
+                --tiles ";xl=1,ra=1;xl=1,ra=1,pf=2;;xl=1,ra=1"; done
+            t=";WS=1;WS=1,LACC=1,MX=1;WS=1,IDREG=1;WS=1,LACC=1,MX=1,IDREG=1"
+            t="$t;WS=1,DEC_WARPS=8,DEC_REGS=80,MAXNREG=128,ACC_N=128,EC=8,IDREG=1;WS=1"
+            for c in hca,32,1048576 csa,32,131072; do IFS=, read -r k b n <<< "$c"
+              TAIL=10 run "attn_ws_${k}_b${b}_$n" 90 python3 scripts/probe_kernels.py --op attn \
+                --kind "$k" --batch "$b" --context "$n" --copy --tiles "$t"; done
+            for v in "" "PF=2"; do DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b32_${v//[=,]/_}" 45 python3 \
+              scripts/bench_attention.py --mode indexer --impls triton --batch 32 --contexts 1048576 \
+              --topk-blocks radix --calls 4 --trials 3; done ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;
