@@ -18,7 +18,8 @@ import sys
 import time
 
 from dsv4_jax.convert.safetensors_io import CheckpointError
-from dsv4_jax.convert.writer import ConversionError, Progress, convert, verify_converted
+from dsv4_jax.convert.verify import verify_converted
+from dsv4_jax.convert.writer import ConversionError, Progress, convert
 
 PROG = "dsv4-convert"
 
