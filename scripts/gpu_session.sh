@@ -215,7 +215,7 @@ for x in r:
              done
              run indexer_pf_tests 90 python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
                tests/test_kernels_indexer.py -k "prefetch" ;;
-    survey) # forty-fourth session: every untimed knob of sessions 41-43 at kernel level in one call (<= 560 s), for
+    survey) # forty-fourth session: every untimed knob of sessions 41-43 at kernel level in one call (<= 455 s), for
             # when device time allows one call: PF on both GEMVs, XL/RA at 4 rows, LACC/MX/IDREG, the indexer's PF
             for b in 1 4; do TAIL=8 run "moe_pf_b$b" 45 python3 scripts/probe_kernels.py --op moe --batch "$b" --copy \
               --tiles ";PF=1;PF=2;PF=4;;PF=2"; done
@@ -225,7 +225,7 @@ for x in r:
                 --tiles ";xl=1,ra=1;xl=1,ra=1,pf=2;;xl=1,ra=1"; done
             t=";WS=1;WS=1,LACC=1,MX=1;WS=1,IDREG=1;WS=1,LACC=1,MX=1,IDREG=1"
             t="$t;WS=1,DEC_WARPS=8,DEC_REGS=80,MAXNREG=128,ACC_N=128,EC=8,IDREG=1;WS=1"
-            for c in hca,32,1048576 csa,32,131072; do IFS=, read -r k b n <<< "$c"
+            for c in ${SURVEY_ATTN:-hca,32,1048576}; do IFS=, read -r k b n <<< "$c"
               TAIL=10 run "attn_ws_${k}_b${b}_$n" 90 python3 scripts/probe_kernels.py --op attn \
                 --kind "$k" --batch "$b" --context "$n" --copy --tiles "$t"; done
             for v in "" "PF=2"; do DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b32_${v//[=,]/_}" 45 python3 \
