@@ -115,10 +115,12 @@ def _interpret_main(path: str) -> None:
         out[f"p{i}"] = np.array([p.get("SPLIT", 1), 0 if p.get("GEMV") else -1 if p.get("WX") else p["BLOCK_M"]])
         xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)  # the quantized values or wo_a's raw input
         if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
-            out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()
-            out[f"xl32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p | {"XL": 1}).numpy()
-            if M > 1:  # RA (one accumulator per row, 16-column chunks), and each row alone (the one-row plan)
-                out[f"ra32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p | {"RA": 1, "CW": 16}).numpy()
+            out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()  # several rows: RA + XL
+            old = p | {"XL": 0, "RA": 0, "CW": 16 if M == 1 else 128}  # the plan before RA and XL were defaults
+            out[f"o32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, old).numpy()
+            out[f"xl32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, old | {"XL": 1}).numpy()
+            if M > 1:  # RA without XL (16-column chunks), and each row alone (the one-row plan)
+                out[f"ra32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, old | {"RA": 1, "CW": 16}).numpy()
                 p1 = plan(1, N, K, G, target="cpu")
                 out[f"rows32_{i}"] = np.concatenate(
                     [run_gemv_torch(xr[m:m + 1], wq, ws, G, torch.float32, p1).numpy() for m in range(M)])
@@ -192,27 +194,29 @@ def test_interpreter_prefill_kernel_split(interpreted, i):
 @pytest.mark.parametrize("i", [i for i, c in enumerate(CPU_CASES) if c[0] <= 8],
                          ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES if c[0] <= 8])
 def test_interpreter_gemv_xl_same_bits(interpreted, i):
-    """The GEMV with ``XL`` (each thread loading the activations of its own weights) gives the default plan's fp32
-    outputs bit for bit: the same products summed in the same order, only where the activations come from differs."""
+    """The GEMV with ``XL`` (each thread loading the activations of its own weights) gives the plan without it the
+    same fp32 outputs bit for bit: the same products summed in the same order, only where the activations come
+    from differs."""
     _, out = interpreted
-    assert np.isfinite(out[f"y32_{i}"]).all()
-    assert np.array_equal(out[f"xl32_{i}"], out[f"y32_{i}"]), f"case {CPU_CASES[i]}: XL changed the outputs"
+    assert np.isfinite(out[f"o32_{i}"]).all()
+    assert np.array_equal(out[f"xl32_{i}"], out[f"o32_{i}"]), f"case {CPU_CASES[i]}: XL changed the outputs"
 
 
 @pytest.mark.parametrize("i", [i for i, c in enumerate(CPU_CASES) if 1 < c[0] <= 8],
                          ids=[f"M{c[0]}-G{c[1]}-N{c[2]}-K{c[3]}" for c in CPU_CASES if 1 < c[0] <= 8])
 def test_interpreter_gemv_ra_rows_as_one_row(interpreted, i):
-    """``RA`` (one accumulator per row): within the fp32 reordering bound of the reference, and every row of the
-    several-row call equal to that row computed alone (the one-row plan) bit for bit: the same chunk sums in the
-    same order, whatever the row count."""
+    """``RA`` (one accumulator per row), without and with ``XL`` (the several-row default): within the fp32
+    reordering bound of the reference, and every row of the several-row call equal to that row computed alone (the
+    one-row plan) bit for bit: the same chunk sums in the same order, whatever the row count."""
     cases, out = interpreted
     M, G, N, K, fp8 = CPU_CASES[i]
     ref, mag = _reference(*cases[i], fp8)
-    got = out[f"ra32_{i}"]
-    assert np.isfinite(got).all()
     bound = K * 2.0**-24 * mag + 1e-30
-    assert (np.abs(got - ref) <= bound).all(), f"case {CPU_CASES[i]}: RA outside the reordering bound"
-    assert np.array_equal(got, out[f"rows32_{i}"].reshape(got.shape)), f"case {CPU_CASES[i]}: rows differ"
+    for key in ("ra32", "y32"):
+        got = out[f"{key}_{i}"]
+        assert np.isfinite(got).all()
+        assert (np.abs(got - ref) <= bound).all(), f"case {CPU_CASES[i]} {key}: RA outside the reordering bound"
+        assert np.array_equal(got, out[f"rows32_{i}"].reshape(got.shape)), f"case {CPU_CASES[i]} {key}: rows differ"
 
 
 def test_cpu_plans_cover_split_and_prefill(interpreted):
@@ -336,7 +340,8 @@ def test_gpu_sweep(rows, j):
 def test_gpu_prefetch_and_xl_change_no_bit(monkeypatch, rows, knob):
     """``PF`` (the GEMV's L2 prefetches, CUDA only, opt-in: ``DSV4_FP8_GEMV_TILE=PF=n``) asks for lines and changes
     nothing else, ``XL`` moves where the activations are loaded: V4-Flash's GEMV shapes (one weight, the grouped
-    ``wo_a``) equal the default plan's outputs bit for bit."""
+    ``wo_a``) equal the outputs of the plan without them (``RA=0``: at several rows the default takes ``RA`` with
+    ``XL``, whose rows :func:`test_gpu_ra_rows_as_one_row` checks) bit for bit."""
     _gpu_or_skip()
     import jax.numpy as jnp
 
@@ -353,9 +358,9 @@ def test_gpu_prefetch_and_xl_change_no_bit(monkeypatch, rows, knob):
                 return np.asarray(fp8_linear(x.reshape(rows, K), w, jnp.bfloat16, kernels="triton"))
             return np.asarray(grouped_proj(x, w, jnp.bfloat16, kernels="triton"))
 
-        monkeypatch.delenv("DSV4_FP8_GEMV_TILE", raising=False)
+        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", "RA=0")  # XL's and PF's own effect (RA + XL: the RA tests)
         base = run()
-        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", knob)
+        monkeypatch.setenv("DSV4_FP8_GEMV_TILE", f"RA=0,{knob}")
         got = run()
         assert np.isfinite(base.astype(np.float32)).all(), name
         assert np.array_equal(got, base), f"{name} rows={rows} {knob}: outputs differ"
@@ -377,7 +382,7 @@ def test_gpu_ra_rows_as_one_row(monkeypatch, rows, knob):
     if "PF" in knob and not arch().startswith("sm"):
         pytest.skip("PF is PTX: NVIDIA GPUs only")
     monkeypatch.delenv("DSV4_FP8_GEMV_TILE", raising=False)
-    kw = {k.lower(): int(v) for k, v in (e.split("=") for e in knob.split(","))}
+    kw = {"xl": 0} | {k.lower(): int(v) for k, v in (e.split("=") for e in knob.split(","))}
     for j, (name, G, N, K) in enumerate(gpu_shapes()[:8]):
         x, w = _inputs(rows, G, N, K, G == 1, seed=91 * rows + j)
         xv = quantize_act(x.reshape(rows, K)).dequant().astype(jnp.bfloat16).reshape(rows, 1, K) if G == 1 else x

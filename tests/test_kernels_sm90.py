@@ -309,7 +309,7 @@ def test_act_words_plan_fits(K, dtype, target):
                          ids=["wq_b-1", "wo_b-1", "wo_b-4", "wq_a-8"])
 def test_fp8_gemv_plans_fit(M, N, K, target):
     """The FP8 GEMV kernel at V4-Flash projection shapes and decode row counts (one row: 16-column chunks with
-    per-chunk accumulators; several rows: 128-wide blocks)."""
+    per-chunk accumulators; several rows: the same chunks with one accumulator per row, RA + XL)."""
     pytest.importorskip("triton")
     from dsv4_jax.kernels import fp8_linear as f
     from dsv4_jax.kernels import next_pow2

@@ -23,16 +23,15 @@ from test_kernels_sparse_attn import _POS32, SEED, _close, _inputs, _reference  
 ws = pytest.importorskip("dsv4_jax.kernels.sparse_attention_ws")
 
 
-_KNOBS = {"LACC": 1, "MX": 1, "IDREG": 1}  # the opt-in barrier and instruction cuts, together
+_OFF = {"LACC": 0, "MX": 0, "IDREG": 0}  # the plan before the barrier and instruction cuts became defaults
 # 8 decoder warps (DEC_REGS 80 at a 128 cap; without IDREG it spills 24 bytes since the gathers' ids come in four
 # layouts) and 64-entry tiles with them (session 39's fastest)
 _W8 = {"DEC_WARPS": 8, "DEC_REGS": 80, "MAXNREG": 128, "ACC_N": 128, "EC": 8}
-PLANS = [{}, {"BK": 64, "SC": 16, "EC": 8}, {"NST": 3}, {"EC": 8, "DEC_REGS": 96}, _KNOBS, _W8 | {"IDREG": 1},
-         {"BK": 64, "SC": 16, "EC": 8, "IDREG": 1}]  # LACC at 64-entry tiles spills 4 bytes
-PLAN_IDS = ["default", "64-entry-tiles", "3-stages", "8-entry-decode", "lacc-mx-idreg", "8-warp-decoder-idreg",
-            "64-entry-tiles-idreg"]
-GPU_PLANS = PLANS + [_W8, _W8 | {"BK": 64, "SC": 16}, {"LACC": 1}, {"MX": 1}, _KNOBS | {"NST": 3}]
-GPU_PLAN_IDS = PLAN_IDS + ["8-warp-decoder", "64-entry-tiles-8-warp-decoder", "lacc", "mx", "lacc-mx-idreg-3-stages"]
+PLANS = [{}, _OFF, {"BK": 64, "SC": 16, "EC": 8}, {"NST": 3}, {"EC": 8, "DEC_REGS": 96}, _W8]
+PLAN_IDS = ["default", "without-lacc-mx-idreg", "64-entry-tiles", "3-stages", "8-entry-decode", "8-warp-decoder"]
+GPU_PLANS = PLANS + [_W8 | {"BK": 64, "SC": 16}, {"MX": 0, "IDREG": 0}, {"LACC": 0, "IDREG": 0},
+                     {"LACC": 0, "MX": 0}]
+GPU_PLAN_IDS = PLAN_IDS + ["64-entry-tiles-8-warp-decoder", "lacc", "mx", "idreg"]
 
 
 @pytest.mark.parametrize("over", PLANS, ids=PLAN_IDS)
@@ -91,13 +90,13 @@ def _sm90_loops(over: dict) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def test_sm90_knobs_cut_barriers_and_instructions():
-    """What the opt-in knobs are for, in the sm_90a build (Triton 3.6): ``LACC`` + ``MX`` take the consumers' loop from
-    9 barriers a block to at most 4 (the row sum's and the row maximum's cross-warpgroup reductions) and fewer
+    """What the default knobs are for, in the sm_90a build (Triton 3.6): ``LACC`` + ``MX`` take the consumers' loop
+    from 9 barriers a block to at most 4 (the row sum's and the row maximum's cross-warpgroup reductions) and fewer
     instructions, ``IDREG`` the decoders' loop to fewer instructions with its barriers unchanged."""
     if ws.gluon is None:
         pytest.skip("this triton has no Gluon")
-    (ci, cb), (di, db) = _sm90_loops({})
-    (ki, kb), (ki2, kb2) = _sm90_loops(_KNOBS)
+    (ci, cb), (di, db) = _sm90_loops(_OFF)
+    (ki, kb), (ki2, kb2) = _sm90_loops({})
     assert kb <= 4 < cb and ki < ci, ((ci, cb), (ki, kb))
     assert ki2 < di and kb2 == db, ((di, db), (ki2, kb2))
 

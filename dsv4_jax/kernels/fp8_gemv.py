@@ -39,14 +39,14 @@ def fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, out_ptr, M: tl.constexpr, MP: tl.const
     in the K loop, made ``wo_b`` 24.6 us per call against 17.2 us now; H200, 2026-12-01,
     ``scripts/probe_kernels.py --op fp8``.) Each step covers ``NB`` 128-wide K blocks (a
     ``[BLOCK_N, NB*128/CW, CW]`` weight tile, 16-byte loads along K). out ``[M, G, N]`` (``SPLIT == 1``) or
-    fp32 partials ``[SPLIT, M, G, N]``. ``PF`` > 0 (CUDA only, opt-in): each step asks L2 for the weight bytes ``PF``
-    steps ahead (:func:`common.l2_prefetch`). ``XL`` (opt-in): each thread loads the activations of its own weights
-    (L1 hits) instead of one ``[NC, CW]`` load broadcast over the rows, whose relayout through shared memory took 2
-    barriers a step at one row (sm_90a: 0 with ``XL``, 2 more instructions; 4 rows: 16 -> 8); the same products and
-    sums. ``RA`` (opt-in; rows 2-8, with ``CW`` 16): one chunk-sum accumulator per row in the weight tile's layout,
-    the chunks summed after the loop, as the one-row form does: with ``XL`` no barrier in the K loop at any row count
-    (4 rows: 514 instructions and 16 barriers a step -> 458 and 0, sm_90a), and every row's output the one-row
-    call's bit for bit (another fp32 order than ``RA=0``'s, within the same bound)."""
+    fp32 partials ``[SPLIT, M, G, N]``. ``PF`` > 0 (CUDA only, opt-in): each step asks L2 for the weight bytes
+    ``PF`` steps ahead (:func:`common.l2_prefetch`). ``XL`` (default with ``RA``): each thread loads the activations
+    of its own weights (L1 hits) instead of one ``[NC, CW]`` load broadcast over the rows, whose relayout through
+    shared memory took 2 barriers a step at one row (sm_90a: 0 with ``XL``, 2 more instructions; 4 rows: 16 -> 8);
+    the same products and sums. ``RA`` (default at rows 2-8, with ``CW`` 16): one chunk-sum accumulator per row in
+    the weight tile's layout, the chunks summed after the loop, as the one-row form does: with ``XL`` no barrier in
+    the K loop at any row count (4 rows: 514 instructions and 16 barriers a step -> 458 and 0, sm_90a), and every
+    row's output the one-row call's bit for bit (another fp32 order than ``RA=0``'s, within the same bound)."""
     _gemv_tile(x_ptr, w_ptr, sw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), M, MP, N, K,
                G, SWK, KPS, NB, BLOCK_N, CW, N, 0, SPLIT, False, PF, XL, RA)
 

@@ -209,12 +209,15 @@ GEMV_TILE_KEYS = ("BLOCK_N", "NB", "PER_SM", "PF", "XL", "RA", "num_warps", "num
 
 
 def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: int = 2, per_sm: int = 8,
-              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, pf: int = 0, xl: int = 0,
-              ra: int = 0) -> dict:
+              num_warps: int = 4, num_stages: int = 3, maxnreg: int | None = None, pf: int = 0,
+              xl: int | None = None, ra: int | None = None) -> dict:
     """GEMV plan for ``M <= GEMV_ROWS`` rows: ``block_n``-row weight tiles, ``nb`` 128-wide K blocks per step, K
     split until about ``per_sm`` programs per SM stream the weight (no empty split); ``maxnreg``: ptxas's register
-    cap (probes); ``pf`` > 0 (CUDA only) L2 prefetches ``pf`` steps ahead, ``xl`` the activations loaded in the
-    weights' layout, ``ra`` one accumulator per row in 16-column chunks (all opt-in until timed: :mod:`fp8_gemv`).
+    cap (probes); ``pf`` > 0 (CUDA only, opt-in: no gain measured) L2 prefetches ``pf`` steps ahead, ``xl`` the
+    activations loaded in the weights' layout, ``ra`` one accumulator per row in 16-column chunks (:mod:`fp8_gemv`).
+    ``ra`` and ``xl`` default to 1 at 2-8 rows (no barrier in the K loop; each row's output then equals the one-row
+    call's bit for bit): ``wo_b`` 40.6 -> 32.6 us, ``wq_b`` 28.2 -> 25.4 at 4 rows (H100, 2026-12-08); at one row to 0
+    (``xl``: 17.4 -> 18.2 us for ``wo_b``, slower).
     ``DSV4_FP8_GEMV_TILE`` (``BLOCK_N``, ``NB``, ``PER_SM``, ``PF``, ``XL``, ``RA``, ``num_warps``, ``num_stages``)
     overrides them for every FP8 GEMV of a process: a benchmark knob (``bench_decode.py --variants``). In the 3-layer
     batch-1 step on an H100 (2026-12-07, alternated with the defaults' 1.002-1.017 ms in a loop) ``PER_SM=16`` 1.011
@@ -222,7 +225,8 @@ def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: i
     env = env_tiles("DSV4_FP8_GEMV_TILE", GEMV_TILE_KEYS)
     block_n, nb, per_sm = env.get("BLOCK_N", block_n), env.get("NB", nb), env.get("PER_SM", per_sm)
     num_warps, num_stages = env.get("num_warps", num_warps), env.get("num_stages", num_stages)
-    pf, xl, ra = env.get("PF", pf), env.get("XL", xl), env.get("RA", ra)
+    ra = env.get("RA", int(1 < M <= GEMV_ROWS) if ra is None else ra)
+    pf, xl = env.get("PF", pf), env.get("XL", ra if xl is None else xl)
     steps = math.ceil(K / (QBLOCK * nb))
     tiles = math.ceil(N / block_n) * G
     split = max(1, min(steps, math.ceil(per_sm * sms / tiles)))

@@ -26,7 +26,7 @@ are 128 wide instead of 256; ``BK=64`` with ``SC=16`` (staging chunks of 16 entr
 and the staging fit 227 KB) halves the consumers' Q reads and softmax steps per entry; ``PROBE=1`` / ``PROBE=2``
 time the decoders or the consumers alone (the output is then wrong); ``NST=3`` stages three staging chunks (two
 ahead) instead of four; ``EC`` entries decoded at a time; ``LACC``, ``MX`` (consumers) and ``IDREG`` (decoders):
-fewer barriers and instructions a block, opt-in until timed (the constants below). The variants measured and
+fewer barriers and instructions a block, on by default since timed (the constants below). The variants measured and
 removed (sessions 38-41: whole-S warpgroups, maxima and P exchanged under mbarriers, the next q.k issued early,
 select-free addresses, an integer-move decode, lazy rescaling, head-dim-split consumers) are in
 ``docs/performance.md`` with their numbers.
@@ -78,11 +78,12 @@ DEC_REGS = 112  # registers per decoder thread (setmaxnreg; a whole 32-entry chu
 MAXNREG = 168  # the kernel's register cap: 12 warps x 168 fit the 64K registers; the consumers get the rest
 EC = 32  # entries a decoder decodes at a time (at most the chunk: one pass, fewer barriers)
 NST = 4  # staging chunks (NST - 1 in flight ahead of the one decoded: 6 % faster than 3 at HCA 1M batch 32, H100)
-# Opt-in until timed on a GPU (compiled for sm_90a: consumer loop 9 -> 4 barriers and 425 -> 402 instructions a block
-# with LACC and MX; decoder loop 678 -> 636 instructions a chunk with IDREG, and the 8-warp decoder without spills)
-LACC = 0  # l kept per score column, summed after the last block (:func:`_online`)
-MX = 0  # the row maxima exchanged between the consumer warpgroups under one barrier (:func:`_row_max`)
-IDREG = 0  # a chunk's ids carried in registers from its issue to its decode (:func:`_decoder`)
+# Consumer loop 9 -> 4 barriers and 425 -> 402 instructions a block with LACC and MX, decoder loop 678 -> 636
+# instructions a chunk with IDREG (sm_90a): together 165.7 -> 152.3 us at HCA 1M batch 32, 2-5 % at CSA 128K b32,
+# HCA 128K b32 and HCA 1M b8 (H100, 2026-12-08). LACC and MX apply where they fit (:func:`plan`).
+LACC = 1  # l kept per score column, summed after the last block (:func:`_online`)
+MX = 1  # the row maxima exchanged between the consumer warpgroups under one barrier (:func:`_row_max`)
+IDREG = 1  # a chunk's ids carried in registers from its issue to its decode (:func:`_decoder`)
 
 
 if gluon is not None:
@@ -457,9 +458,10 @@ def plan(rows: int, H: int, K: int, sms: int, tiles: dict | None = None) -> dict
     nb = math.ceil(K / bk)
     split = max(1, min(nb, sms // (rows * (H // HEADS))))
     bps = math.ceil(nb / split)
+    cuts = bk == 32 and t.get("MAXNREG", MAXNREG) > 128  # LACC and MX spill at 64-entry tiles or a 128-register cap
     return dict(BK=bk, BPS=bps, SPLIT=math.ceil(nb / bps), NBUF=NBUF, DEC_WARPS=DEC_WARPS, DEC_REGS=DEC_REGS, EC=EC,
                 MAXNREG=MAXNREG, NST=NST if bk == 32 else 3,  # 64-entry tiles: 4 stages do not fit 227 KB
-                LACC=LACC, MX=MX, IDREG=IDREG) | t
+                LACC=LACC if cuts else 0, MX=MX if cuts else 0, IDREG=IDREG) | t
 
 
 def num_warps(p: dict) -> int:
