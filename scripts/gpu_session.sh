@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows indexpf survey
+#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -231,6 +231,18 @@ for x in r:
             for v in "" "PF=2"; do DSV4_INDEX_TILE=$v TAIL=3 run "indexer_pf_b32_${v//[=,]/_}" 45 python3 \
               scripts/bench_attention.py --mode indexer --impls triton --batch 32 --contexts 1048576 \
               --topk-blocks radix --calls 4 --trials 3; done ;;
+    defaults44) # forty-fourth session: the GPU tests of the defaults made then (the FP8 GEMV's RA + XL at 2-8 rows,
+                # the attention's LACC, MX, IDREG), GPU cases only, to the end (<= 560 s); then `golden`, `decode`
+                run fp8_ra_tests "${D44F_BOX:-200}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+                  tests/test_kernels_fp8.py -k "gpu_ra_rows or gpu_prefetch_and_xl or (gpu_sweep and (r0001 or r0004))"
+                run attn_default_tests "${D44A_BOX:-360}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+                  tests/test_kernels_sparse_attn_ws.py -k "gpu_matches and (default or lacc or mx or idreg)" ;;
+    step44) # the 3-layer step at batch 4 (FP8 GEMVs at 4 rows) and 32 (the Gluon attention) with the forty-fourth
+            # session's defaults against the plans before them, alternated (<= 330 s)
+            W=dsv4_jax.kernels.sparse_attention_ws; OLD="DSV4_FP8_GEMV_TILE=RA=0 $W:LACC=0 $W:MX=0 $W:IDREG=0"
+            TAIL=2 run decode_44 "${STEP44_BOX:-330}" python3 scripts/bench_decode.py --model flash --layers 3 \
+              --batch 4,32 --kernels auto --iters 10 --out "$OUT/step44.json" --variants "default;$OLD;default;$OLD"
+            variant_table "$OUT/step44.json" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;
