@@ -97,8 +97,8 @@ def _interpret_main(path: str) -> None:
     """Subprocess body: run the kernel under the interpreter on the arrays in ``path`` (npz), write outputs back."""
     import torch
 
-    from dsv4_jax.kernels import fp8_prefill
-    from dsv4_jax.kernels.fp8_linear import plan, run_gemv_torch, run_torch
+    from dsv4_jax.kernels import SM_COUNT, fp8_prefill
+    from dsv4_jax.kernels.fp8_linear import gemv_plan, plan, run_gemv_torch, run_torch
 
     data = dict(np.load(path))
     out = {}
@@ -116,7 +116,7 @@ def _interpret_main(path: str) -> None:
         xr = torch.from_numpy(data[f"xgemv{i}"]).view(torch.bfloat16)  # the quantized values or wo_a's raw input
         if p.get("GEMV"):  # bf16 values: the quantized activation (exact in bf16) or wo_a's raw input
             out[f"y32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, p).numpy()  # several rows: RA + XL
-            old = p | {"XL": 0, "RA": 0, "CW": 16 if M == 1 else 128}  # the plan before RA and XL were defaults
+            old = gemv_plan(M, N, K, G, SM_COUNT["cpu"], block_n=p["BLOCK_N"], xl=0, ra=0)  # before RA, XL defaults
             out[f"o32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, old).numpy()
             out[f"xl32_{i}"] = run_gemv_torch(xr, wq, ws, G, torch.float32, old | {"XL": 1}).numpy()
             if M > 1:  # RA without XL (16-column chunks), and each row alone (the one-row plan)

@@ -182,10 +182,8 @@ def plan(M: int, N: int, K: int, G: int = 1, target: str | None = None) -> dict:
     tiles (benchmarks: the former prefill kernel).
     """
     target = target or arch()
-    if M <= GEMV_ROWS:  # the interpreter pays per program: 64-row tiles there (the GPUs' 16 stream best)
-        p = gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
-        check_prefetch(p["PF"], target, "fp8_linear GEMV")
-        return p
+    if M <= GEMV_ROWS:
+        return _target_gemv_plan(M, N, K, G, target)
     if M < PREFILL_MIN_ROWS:
         if G == 1 and target == "sm90":
             return split_plan(M, N, K, G, SM_COUNT[target])
@@ -235,6 +233,14 @@ def gemv_plan(M: int, N: int, K: int, G: int, sms: int, block_n: int = 16, nb: i
     return dict(GEMV=True, BLOCK_N=block_n, NB=nb, SPLIT=math.ceil(steps / kps), KPS=kps,
                 CW=16 if M == 1 or ra else 128, PF=pf, XL=xl, RA=ra, num_warps=num_warps, num_stages=num_stages,
                 **extra)
+
+
+def _target_gemv_plan(M: int, N: int, K: int, G: int, target: str) -> dict:
+    """:func:`gemv_plan` on ``target``: the interpreter pays per program, so 64-row tiles there (the GPUs' 16 stream
+    best); ``PF`` refused off NVIDIA."""
+    p = gemv_plan(M, N, K, G, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
+    check_prefetch(p["PF"], target, "fp8_linear GEMV")
+    return p
 
 
 def grid(M: int, N: int, G: int, p: dict) -> tuple[int, int, int]:
@@ -389,10 +395,7 @@ def gemv2_ok(M: int, K: int, kernels: str, on_mesh: bool = False) -> bool:
 
 def gemv2_plan(M: int, Na: int, Nb: int, K: int, target: str | None = None) -> dict:
     """:func:`gemv_plan` for two weights in one launch: the tiles of both count."""
-    target = target or arch()
-    p = gemv_plan(M, Na + Nb, K, 1, SM_COUNT[target], block_n=64 if target == "cpu" else 16)
-    check_prefetch(p["PF"], target, "fp8_linear GEMV")
-    return p
+    return _target_gemv_plan(M, Na + Nb, K, 1, target or arch())
 
 
 def gemv2_meta(M: int, Na: int, Nb: int, K: int, p: dict) -> tuple[tuple[int, int, int], dict]:
