@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.quant import Fp4Tensor
-from dsv4_jax.modeling.weights import Decl, abstract_weights, decl_tree
+from dsv4_jax.modeling.weights import Decl, abstract_weights, attention_decls, component_tree, decl_tree
 
 DATA, MODEL = "data", "model"  # the mesh's axis names, defined here only
 EXPERT_AXES = (DATA, MODEL)  # routed experts are split over every device of the mesh
@@ -111,6 +111,21 @@ def weight_shardings(cfg: Config, mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, decl_tree(cfg), abstract_weights(cfg))
 
 
+def attention_specs(cfg: Config, mesh, ratio: int):
+    """``PartitionSpec`` of every leaf of one attention layer's weights (ratio ``ratio``) as :func:`weight_shardings`
+    places them, for the per-device attention of ``dsv4_jax.modeling.attention`` (one ``shard_map``: each device its
+    heads, output-LoRA groups and ``wo_b`` input features); ``None`` where the ``model`` axis does not split all of
+    them whole: heads, groups, and every FP8 weight's values together with its 128x128 scale blocks. Then the
+    attention stays with XLA's partitioner."""
+    m = mesh.shape[MODEL]
+    specs = component_tree(attention_decls(cfg, ratio), lambda d, shp: spec_for(d.axes, shp, mesh, d.key))
+    if m == 1:
+        return specs
+    split = (specs.attn_sink == P(MODEL) and cfg.n_heads % m == 0 and cfg.o_groups % m == 0
+             and all(t.q == t.scale and MODEL in tuple(t.q) for t in (specs.wq_b, specs.wo_a, specs.wo_b)))
+    return specs if split else None
+
+
 def shard_weights(weights, cfg: Config, mesh):
     """Place an existing weights pytree on ``mesh`` (each device receives only its shards)."""
     return jax.device_put(weights, weight_shardings(cfg, mesh))
@@ -152,6 +167,6 @@ def expert_bytes_per_device(w: Fp4Tensor) -> dict:
     return out
 
 
-__all__ = ["DATA", "EXPERT_AXES", "KNOWN_AXES", "MODEL", "REPLICATED", "RULES", "expert_bytes_per_device",
-           "make_mesh", "mesh_of", "shard_state", "shard_weights", "spec_for", "state_shardings", "use_mesh_of",
-           "validate_mesh", "weight_shardings"]
+__all__ = ["DATA", "EXPERT_AXES", "KNOWN_AXES", "MODEL", "REPLICATED", "RULES", "attention_specs",
+           "expert_bytes_per_device", "make_mesh", "mesh_of", "shard_state", "shard_weights", "spec_for",
+           "state_shardings", "use_mesh_of", "validate_mesh", "weight_shardings"]

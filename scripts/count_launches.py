@@ -62,23 +62,40 @@ device_description_str: "NVIDIA H200"
 # kAsyncStart holds an async region (a side stream: dsv4_jax.kernels.streams); its kAsyncDone launches nothing
 CONTAINERS = {"kCommandBuffer", "kSequential", "kWhile", "kConditional", "kWaitForStreams", "kAsyncStart"}
 MARKERS = {"kAsyncDone"}
+COLLECTIVES = ("AllReduce", "AllGather", "ReduceScatter", "AllToAll", "CollectivePermute", "Nccl", "Collective")
 _LINE = re.compile(r"^(\s*)(\d+): (k\w+)\s*\[[^\]]*\]\s*(\S*)")
 
 
-def compile_for_h200(fn, *args, dump: str | None = None, donate_argnums=(), options: dict | None = None):
-    """``fn`` jitted and compiled for an sm_90 device that is not here; ``args``: pytrees of ShapeDtypeStructs;
-    ``options``: more XLA compiler options. Returns ``(compiled, dump folder)``."""
+def h200_mesh(data: int = 1, model: int = 1):
+    """A ``(data, model)`` mesh (``dsv4_jax.sharding``'s axis names) of compile-only H200s: one host with ``data *
+    model`` of them, as ``jax.experimental.topologies`` describes it (no device needed)."""
     from jax.experimental import topologies
+
+    from dsv4_jax.sharding import DATA, MODEL
+
+    topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=H200,
+                                        topology=f"1x1x{data * model}")
+    return topologies.make_mesh(topo, (data, model), (DATA, MODEL))
+
+
+def compile_for_h200(fn, *args, dump: str | None = None, donate_argnums=(), options: dict | None = None,
+                     shardings=None, mesh=None):
+    """``fn`` jitted and compiled for an sm_90 device that is not here; ``args``: pytrees of ShapeDtypeStructs;
+    ``options``: more XLA compiler options. ``mesh`` (:func:`h200_mesh`) and ``shardings`` (a pytree of
+    ``NamedSharding`` per argument, or None for replicated): a multi-device compile under that mesh. Returns
+    ``(compiled, dump folder)``."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=H200, topology="1x1x1")
-    mesh = topologies.make_mesh(topo, (1,), ("x",))
+    mesh = mesh if mesh is not None else h200_mesh()
     rep = NamedSharding(mesh, P())
-    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
+    shardings = shardings if shardings is not None else tuple(jax.tree.map(lambda a: rep, a) for a in args)
+    args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, shardings)
     dump = dump or tempfile.mkdtemp(prefix="dsv4_launches_")
-    compiled = jax.jit(fn, donate_argnums=donate_argnums).trace(*args).lower(lowering_platforms=("cuda",)).compile(
-        compiler_options={"xla_dump_to": dump, **(options or {})})
+    with jax.set_mesh(mesh):
+        traced = jax.jit(fn, donate_argnums=donate_argnums).trace(*args)
+        compiled = traced.lower(lowering_platforms=("cuda",)).compile(
+            compiler_options={"xla_dump_to": dump, **(options or {})})
     return compiled, dump
 
 
@@ -260,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="reference,auto")
     ap.add_argument("--route", default="jax-triton,xla", help="kernel launch routes to count (dsv4_jax.kernels)")
     ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--meshes", default="1x1", help="DATAxMODEL meshes of compile-only H200s to count, e.g. 1x1,1x2")
     ap.add_argument("--scopes", type=int, default=15, help="named scopes to list (most kernels first)")
     ap.add_argument("--json", help="append each result as a JSON line to this file")
     ap.add_argument("--names", default="", help="list the kernels (HLO names) of the scopes containing this text")
@@ -284,10 +302,12 @@ def main(argv=None) -> int:
     hyper.UNROLL_SINKHORN = True  # as on a GPU backend (the default backend of this process is the CPU)
     base = (flash_layers if args.model == "flash" else pro_layers)(args.layers, "reference")
     import dsv4_jax.kernels as K
+    from dsv4_jax.sharding import state_shardings, weight_shardings
 
-    runs = [(k, r, v) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])
-            for v in parse_variants(args.variants)]
-    for kern, route, var in runs:
+    runs = [(k, r, v, m) for k in args.kernels.split(",") for r in (args.route.split(",") if k != "reference" else [""])
+            for v in parse_variants(args.variants) for m in args.meshes.split(",")]
+    for kern, route, var, mesh_name in runs:
+        mesh = h200_mesh(*(int(n) for n in mesh_name.split("x")))
         if kern != "reference":
             pretend_gpu()
             K.set_launch_route(route)
@@ -297,19 +317,26 @@ def main(argv=None) -> int:
             state = jax.eval_shape(lambda c=cfg, b=batch: d.init_state(c, b, args.max_len))
             tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
             t0 = time.perf_counter()
+            shardings = None
+            if mesh.size > 1:  # as dsv4_jax.sharding places them (tokens replicated, as generate's decode loop)
+                rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                shardings = (weight_shardings(cfg, mesh), rep, state_shardings(state, mesh))
             # the state donated, as bench_decode.py and the decode loop update it (else XLA copies every cache)
             with variant(var):
                 _, dump = compile_for_h200(lambda w, t, s, c=cfg: forward_jit(w, c, t, s, return_logits="last"),
-                                           w, tok, state, donate_argnums=2, options=PTX_DUMP if ptxas else None)
+                                           w, tok, state, donate_argnums=2, options=PTX_DUMP if ptxas else None,
+                                           shardings=shardings, mesh=mesh)
             res = summarize(dump)
-            res.update(model=args.model, layers=args.layers, batch=batch, mode=kern, route=route,
+            res.update(model=args.model, layers=args.layers, batch=batch, mode=kern, route=route, mesh=mesh_name,
                        variant=var or "default", max_len=args.max_len,
                        compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__, dump=dump)
             top = list(res["by_scope"].items())[:args.scopes]
             label = f" [{var}]" if var else ""
-            print(f"{args.model} x{args.layers} batch {batch} kernels={kern} {route}{label}: {res['kernels']} kernels, "
-                  f"{res['host_launches']} host launches ({res['graphs']} graphs), {res['host_syncs']} host syncs, "
-                  f"{res['legacy_custom_calls']} legacy custom calls; compiled in {res['compile_s']} s", flush=True)
+            coll = {k: v for k, v in res["by_kind"].items() if any(c in k for c in COLLECTIVES)}
+            print(f"{args.model} x{args.layers} mesh {mesh_name} batch {batch} kernels={kern} {route}{label}: "
+                  f"{res['kernels']} kernels, {res['host_launches']} host launches ({res['graphs']} graphs), "
+                  f"{res['host_syncs']} host syncs, {res['legacy_custom_calls']} legacy custom calls; collectives "
+                  f"{coll or 0}; compiled in {res['compile_s']} s", flush=True)
             print("  " + ", ".join(f"{k or '(top)'} {v}" for k, v in top), flush=True)
             if ptxas:
                 res["triton_builds"] = builds = triton_builds(dump, ptxas)

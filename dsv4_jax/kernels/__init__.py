@@ -188,10 +188,12 @@ def sum_splits(y, split: int, out_dtype):
 
 
 def single_device() -> bool:
-    """True unless a mesh of several devices is in context. The kernels are launched on one device's arrays; under a
-    multi-device mesh the callers keep the XLA path (which GSPMD partitions), see each op's docstring."""
+    """True unless a mesh of several devices is in context that XLA partitions. The kernels are launched on one
+    device's arrays; under a multi-device mesh the callers keep the XLA path (which GSPMD partitions), see each op's
+    docstring. Inside a ``shard_map`` over every axis of the mesh (all axes manual: each device runs the body on its
+    own shards, as ``modeling.attention`` and ``modeling.moe`` do) the code is one device's again: True."""
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
+    return mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names)
 
 
 SM_COUNT = {"sm90": 132, "sm80": 108, "gfx950": 256, "gfx9": 304, "cpu": 4}  # compute units per arch() family

@@ -18,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels import streams
+from dsv4_jax.kernels import single_device, streams
 from dsv4_jax.kernels.act_quant import grouped_proj_quant
 from dsv4_jax.kernels.attn_prep import prep_q_kv
 from dsv4_jax.kernels.attn_proj import q_kv_lora
@@ -33,6 +34,7 @@ from dsv4_jax.modeling.layers import rope_cos_sin
 from dsv4_jax.modeling.quant import linear, quantize_act
 from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
+from dsv4_jax.sharding import DATA, MODEL, attention_specs
 
 
 def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
@@ -66,10 +68,43 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
 
     Returns ``[B,S,D]``, the new layer state and, for CSA layers, the indexer's choice ``[B,S,k]`` (block ids, -1 =
     none; ``None`` for other layers).
+
+    Under a mesh of several devices the layer runs per device in one ``shard_map`` where the weights split whole
+    (``sharding.attention_specs``): each device its heads (``wq_b``, the sinks, the sparse attention), its output-LoRA
+    groups (``wo_a``) and ``wo_b``'s matching input features, whose fp32 partial products are summed over ``model``
+    and rounded once (the order XLA's partitioner gave them); the shared K=V head, the compressors and the indexer
+    computed whole on every device (their weights are replicated); batch rows over ``data`` where they divide. Inside,
+    the code is one device's, so the kernels run there as on one GPU (before, a mesh kept every attention op on XLA:
+    a 3-layer V4-Flash batch-1 step compiled for two H200s had 179 kernels against one H200's 112). Elsewhere, and
+    where the split would cut a head, a group or a scale block, XLA partitions the layer.
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    # (cpu_rsqrt_tail picks the heads that take the CPU reference's tail reciprocal by their index in the whole
+    # [rows x heads] array, which a device's share of the heads would change: XLA partitions that mode)
+    specs = None if single_device() or cfg.cpu_rsqrt_tail else attention_specs(cfg, mesh, ratio)
+    if specs is None:
+        return _attention(cfg, w, x, ls, pos, n_new, ratio, freqs, xq, reduce=False)
+    d = mesh.shape[DATA]
+    rows = P(DATA if d > 1 and x.shape[0] % d == 0 else None)  # batch-major arrays (state_shardings' layout)
+
+    def fn(w, x, ls, pos, n_new, xq):
+        return _attention(cfg, w, x, ls, pos, n_new, ratio, freqs, xq, reduce=True)
+
+    # check_vma off: the Triton custom calls inside have no replication rule (the psum'd output, the state and the
+    # indexer's choice are the same on every model device by construction: replicated inputs and weights)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(specs, rows, rows, rows, rows, rows), out_specs=(rows, rows, rows),
+                         check_vma=False)(w, x, ls, pos, n_new, xq)
+
+
+def _attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, pos: jax.Array, n_new: jax.Array,
+               ratio: int, freqs: np.ndarray, xq: jax.Array | None, reduce: bool
+               ) -> tuple[jax.Array, LayerState, jax.Array | None]:
+    """:func:`attention` on one device's heads and groups (all of them without a mesh): ``reduce`` (inside the
+    per-device ``shard_map``) sums ``wo_b``'s fp32 partial products over the ``model`` axis and rounds them once."""
     dt, sim, kn = cfg.act_dtype, cfg.simulate, cfg.kernels
     B, S, _ = x.shape
-    H, Dh, W, G = cfg.n_heads, cfg.head_dim, cfg.window_size, cfg.o_groups
+    Dh, W = cfg.head_dim, cfg.window_size
+    gw = cfg.n_heads * Dh // cfg.o_groups  # the width of an output-LoRA group
     t = pos[:, None] + jnp.arange(S)[None, :]  # [B,S]
     cos, sin = rope_cos_sin(freqs, t)  # [B,S,rd/2]
 
@@ -78,7 +113,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
             xq = quantize_act(x) if sim else None  # shared by wq_a and wkv
         # qr [B,S,q_lora], kv [B,S,Dh]: both normed; qrq: qr's FP8 quantization where the fused kernels make it
         qr, qrq, kv = q_kv_lora(x, xq, w.wq_a, w.wkv, w.q_norm, w.kv_norm, cfg.norm_eps, dt, sim, kernels=kn)
-        q = linear(qr, w.wq_b, dt, sim, qrq, kernels=kn, parallel="cols").reshape(B, S, H, Dh)
+        q = linear(qr, w.wq_b, dt, sim, qrq, kernels=kn, parallel="cols").reshape(B, S, -1, Dh)  # this device's
 
     with jax.named_scope("kv_proj"):
         # q: per-head RMS norm and RoPE; kv_values [B,S,Dh]: RoPE'd, before the snap (the ring write's kernel snaps
@@ -121,12 +156,15 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
         o, ring = jax.lax.optimization_barrier((o, ls.kv))
 
     with jax.named_scope("o_proj"):
-        o = o.reshape(B, S, G, H * Dh // G)
+        o = o.reshape(B, S, -1, gw)  # [B,S,G,gw]: this device's groups
         # z [B,S,G,R]: bf16 copy of wo_a, fp32 accumulation; zq: its FP8 quantization's values where the kernel
         # made them with the split-K sum (decode rows), else None (wo_b's linear quantizes)
         z, zq = grouped_proj_quant(o, w.wo_a, dt, kernels=kn)
-        # [B,S,D], or the kernel's split-K partials (quant.SplitSum): the block's next mHC kernel sums them
-        out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, zq, kernels=kn, parallel="rows", partials=True)
+        if reduce:  # this device's fp32 share of wo_b's sum, summed over the model axis, rounded once
+            out = linear(z.reshape(B, S, -1), w.wo_b, jnp.float32, sim, zq, kernels=kn, parallel="rows")
+            out = jax.lax.psum(out, MODEL).astype(dt)
+        else:  # [B,S,D], or the kernel's split-K partials (quant.SplitSum): the block's next mHC kernel sums them
+            out = linear(z.reshape(B, S, -1), w.wo_b, dt, sim, zq, kernels=kn, parallel="rows", partials=True)
 
     with jax.named_scope("kv_ring_write"):
         new["kv"] = ring_write(ring, kv, pos, n_new, kv_values, kernels=kn)  # slot t % W of the last W tokens

@@ -276,6 +276,18 @@ def abstract_weights(cfg: Config):
                                                               for k, (s, t) in storage_shapes(d).items()}))
 
 
+def attention_decls(cfg: Config, ratio: int) -> Node:
+    """The declaration node of one attention layer of compression ratio ``ratio`` (checkpoint keys unprefixed): what
+    the per-device attention on a mesh derives its weights' partition specs from (``sharding.attention_specs``)."""
+    return _attention(cfg, "", ratio)
+
+
+def component_tree(node, fn: Callable[[Decl, tuple[int, ...]], Any]):
+    """The weights tree of declaration ``node`` with ``fn(decl, component shape)`` at every stored component (an FP8
+    weight's ``q`` and ``scale``, an FP4 weight's ``packed`` and ``scale``, a plain array)."""
+    return materialize(node, lambda d: _wrap(d, {k: fn(d, shp) for k, (shp, _) in storage_shapes(d).items()}))
+
+
 def decl_tree(cfg: Config):
     """Tree of :class:`Decl` matching the weights tree leaf for leaf (each stored component gets its tensor's
     declaration): lets a consumer name the checkpoint tensor of any leaf, e.g. in an error."""
