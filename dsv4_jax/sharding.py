@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.modeling.quant import Fp4Tensor
-from dsv4_jax.modeling.weights import Decl, abstract_weights, attention_decls, component_tree, decl_tree
+from dsv4_jax.modeling.weights import Decl, abstract_weights, attention_decls, component_tree, decl_tree, moe_decls
 
 DATA, MODEL = "data", "model"  # the mesh's axis names, defined here only
 EXPERT_AXES = (DATA, MODEL)  # routed experts are split over every device of the mesh
@@ -118,12 +118,27 @@ def attention_specs(cfg: Config, mesh, ratio: int):
     them whole: heads, groups, and every FP8 weight's values together with its 128x128 scale blocks. Then the
     attention stays with XLA's partitioner."""
     m = mesh.shape[MODEL]
-    specs = component_tree(attention_decls(cfg, ratio), lambda d, shp: spec_for(d.axes, shp, mesh, d.key))
-    if m == 1:
-        return specs
-    split = (specs.attn_sink == P(MODEL) and cfg.n_heads % m == 0 and cfg.o_groups % m == 0
-             and all(t.q == t.scale and MODEL in tuple(t.q) for t in (specs.wq_b, specs.wo_a, specs.wo_b)))
+    specs = _specs(attention_decls(cfg, ratio), mesh)
+    split = m == 1 or (specs.attn_sink == P(MODEL) and cfg.n_heads % m == 0 and cfg.o_groups % m == 0
+                       and _whole_blocks(specs.wq_b, specs.wo_a, specs.wo_b))
     return specs if split else None
+
+
+def moe_specs(cfg: Config, mesh, hashed: bool):
+    """``PartitionSpec`` of every leaf of one MoE block's weights as :func:`weight_shardings` places them, for the
+    per-device MoE of ``dsv4_jax.modeling.moe`` (routed experts over every device, the shared expert's width over
+    ``model``); ``None`` where the ``model`` axis would cut one of the shared expert's 128x128 scale blocks."""
+    specs = _specs(moe_decls(cfg, hashed), mesh)
+    return specs if mesh.shape[MODEL] == 1 or _whole_blocks(specs.s1, specs.s2, specs.s3) else None
+
+
+def _specs(node, mesh):
+    return component_tree(node, lambda d, shp: spec_for(d.axes, shp, mesh, d.key))
+
+
+def _whole_blocks(*fp8_specs) -> bool:
+    """Whether each FP8 weight's values and scale blocks are split alike over ``model`` (no block cut)."""
+    return all(t.q == t.scale and MODEL in tuple(t.q) for t in fp8_specs)
 
 
 def shard_weights(weights, cfg: Config, mesh):
@@ -168,5 +183,5 @@ def expert_bytes_per_device(w: Fp4Tensor) -> dict:
 
 
 __all__ = ["DATA", "EXPERT_AXES", "KNOWN_AXES", "MODEL", "REPLICATED", "RULES", "attention_specs",
-           "expert_bytes_per_device", "make_mesh", "mesh_of", "shard_state", "shard_weights", "spec_for",
+           "expert_bytes_per_device", "make_mesh", "mesh_of", "moe_specs", "shard_state", "shard_weights", "spec_for",
            "state_shardings", "use_mesh_of", "validate_mesh", "weight_shardings"]

@@ -1,11 +1,12 @@
-"""The per-device attention on a mesh (``modeling.attention``'s ``shard_map``): each device its heads, one
-device's code inside, so the kernels run there as on one GPU.
+"""The per-device layers on a mesh (``modeling.attention``'s and ``modeling.moe``'s ``shard_map``s): each device its
+heads, experts and shared-expert columns, one device's code inside, so the kernels run there as on one GPU.
 
-Before it, a multi-device mesh kept every attention op on its XLA reference (the dispatchers refuse kernels where XLA
-partitions the program). CPU checks (8 simulated devices, ``tests/conftest.py``):
+Before them, a multi-device mesh kept every attention op on its XLA reference (the dispatchers refuse kernels where
+XLA partitions the program). CPU checks (8 simulated devices, ``tests/conftest.py``):
 
-* inside the layer, the dispatchers see one device (``kernels.single_device()``) and the sparse attention gets one
-  device's heads and sinks; a mesh whose ``model`` axis would cut a scale block keeps XLA's partitioning;
+* inside the layers, the dispatchers see one device (``kernels.single_device()``), the sparse attention gets one
+  device's heads and sinks, the shared expert its columns; a mesh whose ``model`` axis would cut a scale block keeps
+  XLA's partitioning;
 * with the reference numerics (bf16 activations, the FP8 simulations) a decode step's logits on 1 x 2 and 2 x 2
   meshes equal one device's within bf16 rounding: the two differ only in fp32 summation orders (``wo_b``'s partial
   sums added over the mesh, the MoE's psum), each rounded to bf16 once, i.e. one bf16 ulp (2**-8 relative) where a
@@ -73,24 +74,32 @@ def _check_equal(one, two, what):
     assert np.array_equal(two.argmax(-1), one.argmax(-1)), f"seed {SEED} {what}: argmax differs"
 
 
-def test_attention_runs_per_device(model, monkeypatch):
-    """On a 1 x 2 mesh the sparse attention is traced inside the per-device ``shard_map``: one device's view for the
-    dispatchers, half of the heads and sinks."""
+def test_layers_run_per_device(model, monkeypatch):
+    """On a 1 x 2 mesh the sparse attention and the MoE's shared expert are traced inside the per-device
+    ``shard_map``s: one device's view for the dispatchers, half of the heads and sinks, half of the shared expert's
+    width."""
     import dsv4_jax.modeling.attention as attn
+    import dsv4_jax.modeling.moe as moe
 
     cfg, w = model
     mesh = _mesh((1, 2))
-    seen = []
-    real = attn.sparse_attention
+    seen, shared = [], []
+    real_attn, real_swiglu = attn.sparse_attention, moe.swiglu
 
     def spy(q, ring, chunk, comp, idx, sink, *args, **kwargs):
         seen.append((single_device(), q.shape[2], sink.shape[0]))
-        return real(q, ring, chunk, comp, idx, sink, *args, **kwargs)
+        return real_attn(q, ring, chunk, comp, idx, sink, *args, **kwargs)
+
+    def spy_swiglu(c, x, xq, w1, *args, **kwargs):
+        shared.append((single_device(), w1.q.shape[0]))
+        return real_swiglu(c, x, xq, w1, *args, **kwargs)
 
     monkeypatch.setattr(attn, "sparse_attention", spy)
+    monkeypatch.setattr(moe, "swiglu", spy_swiglu)
     _decode_logits(cfg, w, mesh, batch=1)
     half = cfg.n_heads // 2
     assert seen and all(s == (True, half, half) for s in seen), seen
+    assert shared and all(s == (True, cfg.moe_inter_dim // 2) for s in shared), shared
 
 
 def test_a_split_that_cuts_a_scale_block_stays_partitioned():

@@ -8,7 +8,7 @@ path, bit for bit today's results). ``moe.routed_experts`` calls it per device i
 Layout (``experts.group_pairs``, built in JAX): pairs sorted by expert into blocks of ``BM`` slots that each belong
 to one expert; empty experts get no block; the grid has a static bound of blocks and programs past ``used_blocks``
 return at once. So a step reads only the touched experts' bytes (decode: 6 experts of 256).
-Decode sizes (:func:`use_gemv`: up to as many pairs as local experts) take the GEMV kernels of
+Decode sizes (:func:`use_gemv`: up to as many pairs as experts) take the GEMV kernels of
 :mod:`dsv4_jax.kernels.fp4_moe_gemv` instead (one pair per block row, the pairs as they come, no sort).
 
 Two kernels, both with fp32 accumulation of exact products and the reference's rounding points:
@@ -348,7 +348,10 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
-    gemv = tile.pop("GEMV", int(use_gemv(R, n_local)))
+    # pairs per expert decide, whatever the split: on a mesh every device sees all R pairs, ~R * n_local / E of them
+    # its own (the others cost the GEMV nothing), so R against all E experts (32 tokens on two GPUs: the GEMV, as on
+    # one; against the 128 local experts, the tiled kernels and their schedule's ~11 more kernels a layer)
+    gemv = tile.pop("GEMV", int(use_gemv(R, max(n_local, cfg.n_routed_experts))))
     if gemv == 4:  # the GEMV kernels with their weight words in flight by cp.async (Gluon, CUDA; opt-in)
         from dsv4_jax.kernels import fp4_moe_gemv_async as ga
 

@@ -24,21 +24,23 @@ from dsv4_jax.modeling.quant import linear, linear_pair
 
 
 def swiglu(cfg: Config, x: jax.Array, xq: jax.Array, w1, w2, w3, weight: jax.Array | None, clamp: bool,
-           shared: bool = False, partials: bool = False):
+           shared: bool = False, partials: bool = False, out_dtype=None):
     """One expert: ``w2(bf16(weight * silu(min(g, L)) * clip(u, -L, L)))`` with g = w1 x, u = w3 x (bf16 outputs).
     ``shared``: the shared expert, whose width is split over the mesh's ``model`` axis (w1/w3 by output, w2 by
     input features); routed experts are whole on the device that holds them. ``partials``: ``w2``'s output may come
-    as its kernel's split-K partials (:class:`dsv4_jax.modeling.quant.SplitSum`; ``quant.summed`` gives the value)."""
+    as its kernel's split-K partials (:class:`dsv4_jax.modeling.quant.SplitSum`; ``quant.summed`` gives the value).
+    ``out_dtype``: ``w2``'s output dtype (default the activations'; fp32 for a device's share of a split sum)."""
     dt, sim = cfg.act_dtype, cfg.simulate
+    out = out_dtype or dt
     kn = cfg.kernels  # FP8 weights (the shared expert) go through kernels.fp8_linear; FP4 ones stay on the reference
     cols, rows = ("cols", "rows") if shared else (None, None)
     lim = float(cfg.swiglu_limit) if clamp and cfg.swiglu_limit > 0 else 0.0  # 0: no clamp
     if weight is None:  # a and the values of its FP8 quantization in one launch where the kernel runs (decode rows)
         a, aq = swiglu_pair(x, w1, w3, xq, lim, dt, sim, kernels=kn, parallel=cols)  # [.., I], values or None
-        return linear(a, w2, dt, sim, aq, kernels=kn, parallel=rows, partials=partials)
+        return linear(a, w2, out, sim, aq, kernels=kn, parallel=rows, partials=partials)
     g, u = linear_pair(x, w1, w3, dt, sim, xq, kernels=kn, parallel=cols)  # bf16 [.., I] each
     a = weight[:, None] * swiglu_f32(g, u, lim)  # the routing weight on the fp32 activation
-    return linear(a.astype(dt), w2, dt, sim, kernels=kn, parallel=rows)
+    return linear(a.astype(dt), w2, out, sim, kernels=kn, parallel=rows)
 
 
 def _take(tree, i):

@@ -27,11 +27,11 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax.config import Config
 from dsv4_jax.kernels import router as kernels_router
-from dsv4_jax.kernels import streams, use_triton
+from dsv4_jax.kernels import single_device, streams, use_triton
 from dsv4_jax.modeling.experts import combine, pairs_gathered, pairs_grouped, swiglu
 from dsv4_jax.modeling.quant import quantized_input, summed
 from dsv4_jax.modeling.weights import MoEWeights
-from dsv4_jax.sharding import EXPERT_AXES
+from dsv4_jax.sharding import EXPERT_AXES, MODEL, moe_specs
 
 
 def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array):
@@ -47,7 +47,35 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
     its FP8 quantization when the caller has them (``mhc.hc_pre_norm_quant``), else computed here.
 
     Returns ``[B,S,D]`` and the chosen expert ids ``[B,S,k]``.
+
+    Under a mesh of several devices with the "gather" dispatch (decode sizes) the block runs per device in one
+    ``shard_map`` (``sharding.moe_specs``): every device routes every token (the router's weights are replicated),
+    runs its own experts' pairs and its share of the shared expert's width; the routed sums (fp32) are added over
+    every device and the shared expert's fp32 partial products over ``model``, rounded to bf16 once, as XLA's
+    partitioner ordered them. Inside, the code is one device's, so the router's, the FP8 GEMVs' and the split-K sum
+    kernels run there as on one GPU. Elsewhere (all-to-all dispatch, a split that would cut a scale block) the block
+    stays with the partitioner and the routed experts' own ``shard_map``.
     """
+    B, S, D = x.shape
+    if not single_device():
+        mesh = jax.sharding.get_abstract_mesh()
+        n_dev = int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
+        specs = moe_specs(cfg, mesh, hashed=w.tid2eid is not None)
+        if specs is not None and dispatch_strategy(cfg, B * S, n_dev) == "gather":
+            def fn(w, x, ids, xq):
+                return _moe(cfg, w, x, ids, xq, n_dev)
+
+            # check_vma off: the Triton custom calls have no replication rule (both outputs are psum'd or computed
+            # alike on every device)
+            return jax.shard_map(fn, mesh=mesh, in_specs=(specs, P(), P(), P()), out_specs=(P(), P()),
+                                 check_vma=False)(w, x, ids, xq)
+    return _moe(cfg, w, x, ids, xq)
+
+
+def _moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array | None, n_dev: int = 0
+         ) -> tuple[jax.Array, jax.Array]:
+    """:func:`moe` on one device; ``n_dev`` > 0: inside its per-device ``shard_map`` over ``n_dev`` expert-parallel
+    devices (this device's experts and shared-expert columns; the sums over devices here)."""
     B, S, D = x.shape
     xt = x.reshape(B * S, D)
     idx, wts, rank = route(cfg, w, xt, ids.reshape(-1))
@@ -59,7 +87,16 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
         return q.reshape(xt.shape).astype(jnp.float32) if given else q
 
     with jax.named_scope("routed_experts"):
-        y = routed_experts(cfg, w, xt, values(xq_in), idx, wts, rank)
+        if n_dev:  # this device's experts' pairs, added over every device
+            y = jax.lax.psum(_local_pairs(cfg, w, xt, values(xq_in), idx, wts, rank, n_dev), EXPERT_AXES)
+        else:
+            y = routed_experts(cfg, w, xt, values(xq_in), idx, wts, rank)
+    if n_dev:  # this device's columns of the shared expert: its fp32 share of w2's sum, added over model
+        with jax.named_scope("shared_expert"):
+            s = swiglu(cfg, xt, values(xq_in), w.s1, w.s2, w.s3, None, clamp=cfg.shared_expert_clamp, shared=True,
+                       out_dtype=jnp.float32)
+            y = y + jax.lax.psum(s, MODEL).astype(cfg.act_dtype).astype(jnp.float32)
+        return y.astype(cfg.act_dtype).reshape(B, S, D), idx.reshape(B, S, -1)
     side = streams.enabled("shared")
 
     def shared(xt, xq_in, s1, s2, s3):
@@ -99,9 +136,7 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank=None) -> j
     # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
     # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
     pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
-    # each pair's token; a literal at decode sizes (XLA folds no iota: as jnp.arange(T * k) // k it was a kernel of
-    # its own on GPUs, every layer and step)
-    tok = jnp.asarray(np.arange(T * k, dtype=np.int32) // k) if T * k <= 4096 else jnp.arange(T * k) // k
+    tok = _pair_tokens(T, k)
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
         return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx, rank)
@@ -125,6 +160,22 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank=None) -> j
     y = jax.shard_map(fn, mesh=mesh, in_specs=(ex, ex, ex, ex, ex, ex), out_specs=ex,
                       check_vma=False)(xt_p, idx_p, wts_p, w.w1, w.w2, w.w3)
     return y[:T]
+
+
+def _local_pairs(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank, n_dev: int) -> jax.Array:
+    """One device's share of :func:`routed_experts` (inside a ``shard_map`` over the expert axes): the pairs routed
+    to its own experts (the others give zeros), summed per token in ascending expert id, fp32 ``[T, D]``."""
+    T, k = idx.shape
+    pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
+    tok = _pair_tokens(T, k)
+    first = jax.lax.axis_index(EXPERT_AXES) * w.w1.packed.shape[0]
+    return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1) - first, wts.reshape(-1), w.w1, w.w2, w.w3), idx, rank)
+
+
+def _pair_tokens(T: int, k: int) -> jax.Array:
+    """Each pair's token ``[T * k]``; a literal at decode sizes (XLA folds no iota: as ``jnp.arange(T * k) // k`` it
+    was a kernel of its own on GPUs, every layer and step)."""
+    return jnp.asarray(np.arange(T * k, dtype=np.int32) // k) if T * k <= 4096 else jnp.arange(T * k) // k
 
 
 def _pairs_fn(cfg: Config, grouped: bool):

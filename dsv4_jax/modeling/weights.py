@@ -282,6 +282,12 @@ def attention_decls(cfg: Config, ratio: int) -> Node:
     return _attention(cfg, "", ratio)
 
 
+def moe_decls(cfg: Config, hashed: bool) -> Node:
+    """The declaration node of one MoE block (hash-routed or not; keys unprefixed): the per-device MoE's partition
+    specs (``sharding.moe_specs``)."""
+    return _moe(cfg, "", hashed)
+
+
 def component_tree(node, fn: Callable[[Decl, tuple[int, ...]], Any]):
     """The weights tree of declaration ``node`` with ``fn(decl, component shape)`` at every stored component (an FP8
     weight's ``q`` and ``scale``, an FP4 weight's ``packed`` and ``scale``, a plain array)."""
