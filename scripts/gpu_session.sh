@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44
+#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44 mesh45
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -243,6 +243,19 @@ for x in r:
             TAIL=2 run decode_44 "${STEP44_BOX:-330}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 4,32 --kernels auto --iters 10 --out "$OUT/step44.json" --variants "default;$OLD;default;$OLD"
             variant_table "$OUT/step44.json" ;;
+    mesh45) # two GPUs (a 2-GPU kind): the per-device attention and MoE of the forty-fifth session, GPU-tested,
+            # then the 3-layer step on one and two GPUs with them and without (XLA partitioning), alternated (<= 560 s)
+            run mesh45_tests "${MESH45_BOX:-200}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+              tests/test_mesh_kernels.py tests/test_on_mesh.py tests/test_moe_dispatch.py tests/test_kernels_sparse_attn.py \
+              -k "(gpu and not merge_rope and (mesh or two_gpus or 2gpu or 8gpu)) or kernel_moe_equals" 
+            OFF="dsv4_jax.modeling.attention:PER_DEVICE=False dsv4_jax.modeling.moe:PER_DEVICE=False"
+            TAIL=2 run decode_45 "${STEP45_BOX:-360}" python3 scripts/bench_decode.py --model flash --layers 3 \
+              --batch 1,32 --meshes 1x1,1x2 --kernels auto --iters 10 --out "$OUT/step45.json" \
+              --variants "default;$OFF;default;$OFF"
+            python3 -c "
+import json; r=json.load(open('$OUT/step45.json'))['bench']
+for x in r: print(x['mesh'], 'batch', x['batch'], x['variant'][:30], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;

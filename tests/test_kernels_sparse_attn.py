@@ -372,6 +372,12 @@ GPU_CASES = [  # V4-Flash: 64 heads, head_dim 512, window 128; CSA: top-512 comp
     # test failed on an H200 with the 4-head plan; 4 heads in a padded 16-head block (the plan now), and BH = 4
     ("tiny-prefill-padded", 1, 37, 4, 128, 16, 9, 4, [0], True, {}),
     ("tiny-prefill-bh4", 1, 37, 4, 128, 16, 9, 4, [0], True, dict(BH=4)),
+    # one device's heads on a mesh (modeling.attention's per-device layer): V4-Flash on 2 and 8 GPUs, V4-Pro on 8
+    ("flash-2gpu-decode-b1", 1, 1, 32, 512, 128, 2048, 512, [8000], True, {}),
+    ("flash-2gpu-decode-b32", 32, 1, 32, 512, 128, 2048, 512, _POS32, True, {}),
+    ("flash-8gpu-decode-b32", 32, 1, 8, 512, 128, 2048, 512, _POS32, True, {}),
+    ("pro-8gpu-decode-b32", 32, 1, 16, 512, 128, 2048, 512, _POS32, True, {}),
+    ("flash-2gpu-prefill", 1, 256, 32, 512, 128, 64, 512, [1000], True, {}),
 ]
 
 

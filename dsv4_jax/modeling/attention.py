@@ -36,6 +36,10 @@ from dsv4_jax.modeling.state import LayerState, in_layout
 from dsv4_jax.modeling.weights import AttentionWeights
 from dsv4_jax.sharding import DATA, MODEL, attention_specs
 
+# Under a multi-device mesh, run the layer per device (attention's docstring); False: XLA partitions it as before
+# (the mesh's kernels off). A benchmark knob (bench_decode.py --variants), not a result's: the same sums either way.
+PER_DEVICE = True
+
 
 def window_indices(pos: jax.Array, S: int, W: int) -> jax.Array:
     """``[B,S,W]`` buffer indices of each query's window, oldest first; ring slot ``p % W`` for positions before the
@@ -81,7 +85,7 @@ def attention(cfg: Config, w: AttentionWeights, x: jax.Array, ls: LayerState, po
     mesh = jax.sharding.get_abstract_mesh()
     # (cpu_rsqrt_tail picks the heads that take the CPU reference's tail reciprocal by their index in the whole
     # [rows x heads] array, which a device's share of the heads would change: XLA partitions that mode)
-    specs = None if single_device() or cfg.cpu_rsqrt_tail else attention_specs(cfg, mesh, ratio)
+    specs = None if single_device() or cfg.cpu_rsqrt_tail or not PER_DEVICE else attention_specs(cfg, mesh, ratio)
     if specs is None:
         return _attention(cfg, w, x, ls, pos, n_new, ratio, freqs, xq, reduce=False)
     d = mesh.shape[DATA]

@@ -33,6 +33,10 @@ from dsv4_jax.modeling.quant import quantized_input, summed
 from dsv4_jax.modeling.weights import MoEWeights
 from dsv4_jax.sharding import EXPERT_AXES, MODEL, moe_specs
 
+# Under a multi-device mesh, run the block per device at the gather dispatch (moe's docstring); False: the partitioner
+# and the routed experts' own shard_map, as before. A benchmark knob (bench_decode.py --variants).
+PER_DEVICE = True
+
 
 def route(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array):
     """Router: ``x [T,D]`` -> (expert ids ``[T,k]`` int32, weights ``[T,k]`` fp32, the choices' ranks ``[T,k]``
@@ -57,7 +61,7 @@ def moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array 
     stays with the partitioner and the routed experts' own ``shard_map``.
     """
     B, S, D = x.shape
-    if not single_device():
+    if PER_DEVICE and not single_device():
         mesh = jax.sharding.get_abstract_mesh()
         n_dev = int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
         specs = moe_specs(cfg, mesh, hashed=w.tid2eid is not None)
