@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44 mesh45
+#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44 mesh45 mesh45dp
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -15,7 +15,7 @@ run() { local name=$1 t=$2; shift 2; echo "=== $name"; timeout "$t" "$@" > "$OUT
         tail -n "${TAIL:-12}" "$OUT/$name.log"; }
 variant_table() { python3 -c "
 import json, sys; r=json.load(open(sys.argv[1]))['bench']
-for x in r: print('batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
+for x in r: print(x.get('mesh', ''), 'batch', x['batch'], x['variant'][:40], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
                   f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" "$1"; }
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(fp8 moe decode kern)
 [ -d .golden ] && export DSV4_GOLDEN=$PWD/.golden  # carried copy of ../shared/golden/tiny
@@ -252,10 +252,11 @@ for x in r:
             TAIL=2 run decode_45 "${STEP45_BOX:-360}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 1,32 --meshes 1x1,1x2 --kernels auto --iters 10 --out "$OUT/step45.json" \
               --variants "default;$OFF;default;$OFF"
-            python3 -c "
-import json; r=json.load(open('$OUT/step45.json'))['bench']
-for x in r: print(x['mesh'], 'batch', x['batch'], x['variant'][:30], f\"{x['median_step_s']*1e3:.3f} ms per call, \"
-                  f\"{x['loop_step_s']*1e3:.3f} ms in a loop; floor {x['floor_s_per_device']*1e3:.3f} ms\")" ;;
+            variant_table "$OUT/step45.json" ;;
+    mesh45dp) # two GPUs: the 3-layer step at batch 32 with the rows over data (2x1), beside 1x2 and 1x1 (<= 240 s)
+            TAIL=2 run decode_45dp "${STEP45DP_BOX:-240}" python3 scripts/bench_decode.py --model flash --layers 3 \
+              --batch 32 --meshes 1x1,1x2,2x1 --kernels auto --iters 10 --out "$OUT/step45dp.json"
+            variant_table "$OUT/step45dp.json" ;;
     moevar) TAIL=30 run "moe_variants${MOE_TAG:-}" "${MOEVAR_BOX:-120}" python3 scripts/bench_moe.py --models flash \
               --tokens "${MOE_T:-1,16}" \
               --impls triton --variants "${MOE_VARIANTS:-}" ;;
