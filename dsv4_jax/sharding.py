@@ -117,6 +117,8 @@ def attention_specs(cfg: Config, mesh, ratio: int):
     heads, output-LoRA groups and ``wo_b`` input features); ``None`` where the ``model`` axis does not split all of
     them whole: heads, groups, and every FP8 weight's values together with its 128x128 scale blocks. Then the
     attention stays with XLA's partitioner."""
+    if set(mesh.axis_names) != {DATA, MODEL}:  # not a mesh of make_mesh's: its partitioner's business
+        return None
     m = mesh.shape[MODEL]
     specs = _specs(attention_decls(cfg, ratio), mesh)
     split = m == 1 or (specs.attn_sink == P(MODEL) and cfg.n_heads % m == 0 and cfg.o_groups % m == 0
@@ -128,6 +130,8 @@ def moe_specs(cfg: Config, mesh, hashed: bool):
     """``PartitionSpec`` of every leaf of one MoE block's weights as :func:`weight_shardings` places them, for the
     per-device MoE of ``dsv4_jax.modeling.moe`` (routed experts over every device, the shared expert's width over
     ``model``); ``None`` where the ``model`` axis would cut one of the shared expert's 128x128 scale blocks."""
+    if set(mesh.axis_names) != {DATA, MODEL}:
+        return None
     specs = _specs(moe_decls(cfg, hashed), mesh)
     return specs if mesh.shape[MODEL] == 1 or _whole_blocks(specs.s1, specs.s2, specs.s3) else None
 
