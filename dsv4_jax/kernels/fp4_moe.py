@@ -317,14 +317,15 @@ def tile_override() -> dict:
     return env_tiles("DSV4_MOE_TILE", TILE_KEYS)
 
 
-def use_gemv(n_pairs: int, n_local: int) -> bool:
+def use_gemv(n_pairs: int, n_experts: int) -> bool:
     """Whether a call takes the GEMV kernels (:mod:`fp4_moe_gemv`, one pair per block row) rather than the tiled
-    ones: up to ``n_local`` pairs. Measured on an H200 (V4-Flash, 256 experts, ``scripts/bench_moe.py``, wall per
-    MoE call): 32 tokens (192 pairs) GEMV 1.70 ms vs tiled 2.10 ms (2026-11-30, the GEMV with per-group
-    accumulators); 64 tokens (384 pairs) GEMV 4.11 vs tiled 3.25 ms (2026-11-29, before them), so the crossover lies
-    between 192 and 384 pairs. Blocks of 2 or 4 pairs of one expert were slower than one pair at every size (the
-    padding slots cost FMAs) and are gone."""
-    return n_pairs <= max(1, n_local)
+    ones: up to ``n_experts`` pairs (the model's experts, all devices' together: pairs per expert decide, and on a
+    mesh a device's share of its pairs and of the experts shrink alike). Measured on an H200 (V4-Flash, 256
+    experts, ``scripts/bench_moe.py``, wall per MoE call): 32 tokens (192 pairs) GEMV 1.70 ms vs tiled 2.10 ms
+    (2026-11-30, the GEMV with per-group accumulators); 64 tokens (384 pairs) GEMV 4.11 vs tiled 3.25 ms
+    (2026-11-29, before them), so the crossover lies between 192 and 384 pairs. Blocks of 2 or 4 pairs of one expert
+    were slower than one pair at every size (the padding slots cost FMAs) and are gone."""
+    return n_pairs <= max(1, n_experts)
 
 
 def schedule(e: jax.Array, n_local: int, block: int):
@@ -348,9 +349,9 @@ def fp4_moe_pairs_triton(cfg, x, xq, tok, e, wt, w1s: Fp4Tensor, w2s: Fp4Tensor,
     R, n_local = tok.shape[0], w1s.packed.shape[0]
     D, I = x.shape[-1], w1s.packed.shape[1]
     tile = dict(tile or {})
-    # pairs per expert decide, whatever the split: on a mesh every device sees all R pairs, ~R * n_local / E of them
-    # its own (the others cost the GEMV nothing), so R against all E experts (32 tokens on two GPUs: the GEMV, as on
-    # one; against the 128 local experts, the tiled kernels and their schedule's ~11 more kernels a layer)
+    # on a mesh every device sees all R pairs, ~R * n_local / E of them its own (the others cost the GEMV nothing):
+    # R against all E experts (32 tokens on two GPUs: the GEMV, as on one; against the 128 local experts it was the
+    # tiled kernels and their schedule's ~11 more kernels a layer)
     gemv = tile.pop("GEMV", int(use_gemv(R, max(n_local, cfg.n_routed_experts))))
     if gemv == 4:  # the GEMV kernels with their weight words in flight by cp.async (Gluon, CUDA; opt-in)
         from dsv4_jax.kernels import fp4_moe_gemv_async as ga
