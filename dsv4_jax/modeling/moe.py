@@ -92,7 +92,8 @@ def _moe(cfg: Config, w: MoEWeights, x: jax.Array, ids: jax.Array, xq: jax.Array
 
     with jax.named_scope("routed_experts"):
         if n_dev:  # this device's experts' pairs, added over every device
-            y = jax.lax.psum(_local_pairs(cfg, w, xt, values(xq_in), idx, wts, rank, n_dev), EXPERT_AXES)
+            y = jax.lax.psum(_local_pairs(cfg, w.w1, w.w2, w.w3, xt, values(xq_in), idx, wts, rank, n_dev),
+                             EXPERT_AXES)
         else:
             y = routed_experts(cfg, w, xt, values(xq_in), idx, wts, rank)
     if n_dev:  # this device's columns of the shared expert: its fp32 share of w2's sum, added over model
@@ -135,21 +136,13 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank=None) -> j
     T, k = idx.shape
     mesh = jax.sharding.get_abstract_mesh()
     n_dev = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in EXPERT_AXES]))
-    # Fewer pairs than local experts (decode): gather each pair's expert weights in one batched op (on a mesh every
-    # device computes every pair, masking other devices' ones: the grouped schedule would read fewer bytes, but its
-    # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
-    # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
-    pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
-    tok = _pair_tokens(T, k)
     strategy = dispatch_strategy(cfg, T, n_dev)
     if strategy == "local":
-        return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1), wts.reshape(-1), w.w1, w.w2, w.w3), idx, rank)
+        return _local_pairs(cfg, w.w1, w.w2, w.w3, xt, xq, idx, wts, rank, 1)
     ex = P(EXPERT_AXES)
     if strategy == "gather":
         def local(xt, xq, idx, wts, w1, w2, w3):
-            first = jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
-            y = pairs(cfg, xt, xq, tok, idx.reshape(-1) - first, wts.reshape(-1), w1, w2, w3)
-            return jax.lax.psum(combine(y, idx), EXPERT_AXES)
+            return jax.lax.psum(_local_pairs(cfg, w1, w2, w3, xt, xq, idx, wts, None, n_dev), EXPERT_AXES)
 
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), ex, ex, ex), out_specs=P(),
                              check_vma=False)(xt, xq, idx, wts, w.w1, w.w2, w.w3)
@@ -166,14 +159,20 @@ def routed_experts(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank=None) -> j
     return y[:T]
 
 
-def _local_pairs(cfg: Config, w: MoEWeights, xt, xq, idx, wts, rank, n_dev: int) -> jax.Array:
-    """One device's share of :func:`routed_experts` (inside a ``shard_map`` over the expert axes): the pairs routed
-    to its own experts (the others give zeros), summed per token in ascending expert id, fp32 ``[T, D]``."""
+def _local_pairs(cfg: Config, w1, w2, w3, xt, xq, idx, wts, rank, n_dev: int) -> jax.Array:
+    """The pairs routed to the experts ``w1``/``w2``/``w3`` of this device (all of them for ``n_dev`` 1; inside a
+    ``shard_map`` over the expert axes at the gather dispatch, its own: the others' pairs give zeros), summed per
+    token in ascending expert id, fp32 ``[T, D]``; ``rank``: the router's order for the sum, or None."""
     T, k = idx.shape
+    # Fewer pairs than local experts (decode): gather each pair's expert weights in one batched op (on a mesh every
+    # device computes every pair, masking other devices' ones: the grouped schedule would read fewer bytes, but its
+    # loop and skip predicates cost a host round trip per block on GPUs, which measured slower at batch 1).
+    # Otherwise group the pairs by expert: each local expert's weights are read once, other devices' pairs skipped.
     pairs = _pairs_fn(cfg, grouped=T * k >= cfg.n_routed_experts // n_dev)
-    tok = _pair_tokens(T, k)
-    first = jax.lax.axis_index(EXPERT_AXES) * w.w1.packed.shape[0]
-    return combine(pairs(cfg, xt, xq, tok, idx.reshape(-1) - first, wts.reshape(-1), w.w1, w.w2, w.w3), idx, rank)
+    e = idx.reshape(-1)
+    if n_dev > 1:  # the device's first expert id: ids outside [0, local experts) are other devices'
+        e = e - jax.lax.axis_index(EXPERT_AXES) * w1.packed.shape[0]
+    return combine(pairs(cfg, xt, xq, _pair_tokens(T, k), e, wts.reshape(-1), w1, w2, w3), idx, rank)
 
 
 def _pair_tokens(T: int, k: int) -> jax.Array:
