@@ -4,7 +4,7 @@
 # Usage (device tool, carry .whl .golden): bash scripts/gpu_session.sh [stage ...]
 #   stages: fp8 moe mhc index mesh decode attn attnb prefill prefillvar kern profile ops golden tune moevar indexvar s8
 #           prefillops bf16mul defaults fuse proj tiles streams moeasync
-#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44 mesh45 mesh45dp
+#           moeasyncstep attnws prefetch fp8rows indexpf survey defaults44 step44 mesh45 mesh45dp check45
 #   (.golden: a copy of ../shared/golden/tiny, git-ignored)
 #   DSV4_TRITON_LAUNCH=xla runs every stage's kernels through XLA's Triton route (dsv4_jax.kernels.launch_route)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -253,6 +253,12 @@ for x in r:
               --batch 1,32 --meshes 1x1,1x2 --kernels auto --iters 10 --out "$OUT/step45.json" \
               --variants "default;$OFF;default;$OFF"
             variant_table "$OUT/step45.json" ;;
+    check45) # one GPU: the sparse attention at one device's heads (the per-device layers' head counts: 32, 16, 8),
+            # then the golden criteria with "auto" after the forty-fifth session's attention/MoE refactor (<= 420 s)
+            run attn_heads "${ATTNHEADS_BOX:-150}" python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+              tests/test_kernels_sparse_attn.py -k "gpu_matches and (2gpu or 8gpu)"
+            DSV4_KERNELS=auto run golden_auto "${GOLDEN_BOX:-270}" python3 -m pytest -q -s -rf --tb=line \
+              -p no:cacheprovider tests/test_golden.py -k "layer_isolated or all_positions" ;;
     mesh45dp) # two GPUs: the 3-layer step at batch 32 with the rows over data (2x1), beside 1x2 and 1x1 (<= 240 s)
             TAIL=2 run decode_45dp "${STEP45DP_BOX:-240}" python3 scripts/bench_decode.py --model flash --layers 3 \
               --batch 32 --meshes 1x1,1x2,2x1 --kernels auto --iters 10 --out "$OUT/step45dp.json"
